@@ -7,6 +7,8 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+mod cache;
 mod error;
 
+pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use error::{Error, Result};
