@@ -47,6 +47,83 @@ pub enum Error {
     /// Generation was cancelled by the caller.
     #[error("generation cancelled")]
     Cancelled,
+    /// A GGUF `tokenizer.*` metadata key is missing or malformed.
+    #[error("GGUF metadata `{key}`: {reason}")]
+    TokenizerMetadata {
+        /// The metadata key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tokenizer setting names something this crate does not support.
+    #[error("`{key}` = `{value}` is not supported (supported: {supported})")]
+    UnsupportedTokenizer {
+        /// The setting (a GGUF key).
+        key: String,
+        /// Its value.
+        value: String,
+        /// The supported values.
+        supported: &'static str,
+    },
+    /// The `tokenizers` library failed.
+    #[error("tokenizer: {context}: {source}")]
+    Tokenizers {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A `tokenizer_config.json` is malformed.
+    #[error("tokenizer config `{path}`: {reason}")]
+    TokenizerConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A JSON file could not be parsed.
+    #[error("cannot parse JSON file `{path}`: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A chat template failed to compile or render.
+    #[error("chat template `{name}`: {source:#}")]
+    ChatTemplate {
+        /// The template's name (`default`, `chatml` or a named template).
+        name: String,
+        /// The template engine's error, with its line.
+        #[source]
+        source: minijinja::Error,
+    },
+    /// A sampling parameter is out of range.
+    #[error("sampling parameter `{name}` = {value}: {expected}")]
+    InvalidSamplingParam {
+        /// The parameter.
+        name: &'static str,
+        /// The rejected value.
+        value: String,
+        /// The accepted range.
+        expected: &'static str,
+    },
+    /// The logits handed to the sampler cannot be sampled from.
+    #[error("sampler: {reason} ({vocab_size} logits)")]
+    InvalidLogits {
+        /// What is wrong.
+        reason: String,
+        /// The number of logits given.
+        vocab_size: usize,
+    },
+    /// A stop string is invalid (empty).
+    #[error("stop string {index} is empty")]
+    EmptyStopString {
+        /// Its position in the list.
+        index: usize,
+    },
 }
 
 /// The engine's result type.

@@ -8,7 +8,17 @@
 #![warn(missing_debug_implementations)]
 
 mod cache;
+mod chat;
 mod error;
+mod sampler;
+mod stream;
+mod tokenizer;
 
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
+pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
 pub use error::{Error, Result};
+pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
+pub use stream::{StopMatcher, StopStep, StreamDecoder};
+pub use tokenizer::{
+    BpePreTokenizer, GgufTokenizerMetadata, GgufTokenizerModel, TokenType, Tokenizer,
+};

@@ -1,0 +1,474 @@
+//! Sampling the next token from logits.
+//!
+//! [`Sampler::sample`] applies, in order:
+//!
+//! 1. the logit bias (`-inf` bans a token);
+//! 2. penalties over the history (the last `penalty_last_n` ids, or all): the
+//!    repetition penalty as in Hugging Face and llama.cpp (a positive logit is divided
+//!    by it, a negative one multiplied, once per distinct token), then OpenAI's
+//!    presence and frequency penalties (`logit -= presence * [count > 0] + frequency *
+//!    count`);
+//! 3. with temperature 0 (or `top_k == 1`), the arg-max (lowest id on ties);
+//! 4. otherwise temperature, then top-k, top-p and min-p, as `transformers` orders
+//!    them, and a draw from what is left.
+//!
+//! The work is linear in the vocabulary and allocation-free after the first call:
+//! top-k is a partial selection (`select_nth_unstable`), and top-p sorts only a growing
+//! head of the candidates until it holds the requested mass.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+/// Sampling parameters, validated. Build with [`SamplingParamsBuilder`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    penalty_last_n: Option<usize>,
+    logit_bias: Vec<(u32, f32)>,
+    seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    /// Plain sampling from the softmax: temperature 1, no filter, no penalty.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: None,
+            logit_bias: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// A builder with the defaults of [`SamplingParams::default`].
+    pub fn builder() -> SamplingParamsBuilder {
+        SamplingParamsBuilder::new()
+    }
+
+    /// Greedy decoding: always the most likely token.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// The temperature; 0 means greedy.
+    pub fn temperature(&self) -> f32 {
+        self.temperature
+    }
+    /// Top-k; 0 means disabled.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+    /// Top-p (nucleus); 1 means disabled.
+    pub fn top_p(&self) -> f32 {
+        self.top_p
+    }
+    /// Min-p; 0 means disabled.
+    pub fn min_p(&self) -> f32 {
+        self.min_p
+    }
+    /// The repetition penalty; 1 means none.
+    pub fn repetition_penalty(&self) -> f32 {
+        self.repetition_penalty
+    }
+    /// The presence penalty; 0 means none.
+    pub fn presence_penalty(&self) -> f32 {
+        self.presence_penalty
+    }
+    /// The frequency penalty; 0 means none.
+    pub fn frequency_penalty(&self) -> f32 {
+        self.frequency_penalty
+    }
+    /// How many of the latest history ids the penalties look at; `None` is all.
+    pub fn penalty_last_n(&self) -> Option<usize> {
+        self.penalty_last_n
+    }
+    /// The logit bias, one entry per token id, sorted by id.
+    pub fn logit_bias(&self) -> &[(u32, f32)] {
+        &self.logit_bias
+    }
+    /// The random seed; `None` seeds from the operating system.
+    pub fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+    /// Whether sampling always picks the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+}
+
+/// Builds [`SamplingParams`]; [`SamplingParamsBuilder::build`] checks every value.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingParamsBuilder {
+    params: SamplingParams,
+}
+
+impl SamplingParamsBuilder {
+    /// A builder with the defaults of [`SamplingParams::default`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Temperature, finite and `>= 0`; 0 is greedy. Default 1.
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.params.temperature = t;
+        self
+    }
+    /// Keep only the `k` most likely tokens; 0 disables. Default 0.
+    pub fn top_k(mut self, k: usize) -> Self {
+        self.params.top_k = k;
+        self
+    }
+    /// Keep the smallest set of most likely tokens whose probability reaches `p`, in
+    /// `(0, 1]`; 1 disables. Default 1.
+    pub fn top_p(mut self, p: f32) -> Self {
+        self.params.top_p = p;
+        self
+    }
+    /// Drop tokens less likely than `p` times the most likely one, in `[0, 1]`; 0
+    /// disables. Default 0.
+    pub fn min_p(mut self, p: f32) -> Self {
+        self.params.min_p = p;
+        self
+    }
+    /// Repetition penalty, finite and `> 0`; 1 disables. Default 1.
+    pub fn repetition_penalty(mut self, p: f32) -> Self {
+        self.params.repetition_penalty = p;
+        self
+    }
+    /// Presence penalty in `[-2, 2]` (OpenAI's range). Default 0.
+    pub fn presence_penalty(mut self, p: f32) -> Self {
+        self.params.presence_penalty = p;
+        self
+    }
+    /// Frequency penalty in `[-2, 2]` (OpenAI's range). Default 0.
+    pub fn frequency_penalty(mut self, p: f32) -> Self {
+        self.params.frequency_penalty = p;
+        self
+    }
+    /// Penalise only the last `n` ids of the history. Default: the whole history.
+    pub fn penalty_last_n(mut self, n: usize) -> Self {
+        self.params.penalty_last_n = Some(n);
+        self
+    }
+    /// Adds `bias` to token `id`'s logit (finite, or `-inf` to ban it); a second bias
+    /// for the same id replaces the first. Default: none.
+    pub fn logit_bias(mut self, id: u32, bias: f32) -> Self {
+        match self.params.logit_bias.iter_mut().find(|(t, _)| *t == id) {
+            Some(entry) => entry.1 = bias,
+            None => self.params.logit_bias.push((id, bias)),
+        }
+        self
+    }
+    /// Sets the whole logit bias map, replacing earlier entries.
+    pub fn logit_bias_map(mut self, map: &HashMap<u32, f32>) -> Self {
+        self.params.logit_bias = map.iter().map(|(&k, &v)| (k, v)).collect();
+        self
+    }
+    /// Seed for reproducible draws. Default: seeded from the operating system.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.params.seed = Some(seed);
+        self
+    }
+
+    /// Checks every value and returns the parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSamplingParam`] naming the first bad value.
+    pub fn build(self) -> Result<SamplingParams> {
+        let mut p = self.params;
+        let bad = |name: &'static str, value: f32, expected: &'static str| {
+            Err(Error::InvalidSamplingParam {
+                name,
+                value: value.to_string(),
+                expected,
+            })
+        };
+        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
+            return bad("temperature", p.temperature, "a finite number >= 0");
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return bad("top_p", p.top_p, "a number in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return bad("min_p", p.min_p, "a number in [0, 1]");
+        }
+        if !(p.repetition_penalty.is_finite() && p.repetition_penalty > 0.0) {
+            return bad(
+                "repetition_penalty",
+                p.repetition_penalty,
+                "a finite number > 0",
+            );
+        }
+        if !(-2.0..=2.0).contains(&p.presence_penalty) {
+            return bad(
+                "presence_penalty",
+                p.presence_penalty,
+                "a number in [-2, 2]",
+            );
+        }
+        if !(-2.0..=2.0).contains(&p.frequency_penalty) {
+            return bad(
+                "frequency_penalty",
+                p.frequency_penalty,
+                "a number in [-2, 2]",
+            );
+        }
+        for &(id, bias) in &p.logit_bias {
+            if !(bias.is_finite() || bias == f32::NEG_INFINITY) {
+                return Err(Error::InvalidSamplingParam {
+                    name: "logit_bias",
+                    value: format!("{bias} for token {id}"),
+                    expected: "a finite number, or -inf to ban the token",
+                });
+            }
+        }
+        p.logit_bias.sort_by_key(|&(id, _)| id);
+        Ok(p)
+    }
+}
+
+/// Orders candidates by probability (or logit), highest first, ties by lower id, so
+/// that the order, and therefore the draw, is reproducible.
+fn by_value_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Draws token ids from logits. Reuses its buffers across calls.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    logits: Vec<f32>,
+    candidates: Vec<(u32, f32)>,
+    counts: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    /// A sampler for `params`, seeded from [`SamplingParams::seed`].
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            params,
+            rng,
+            logits: Vec::new(),
+            candidates: Vec::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Restarts the random sequence from `seed`.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
+    }
+
+    /// Picks the next token from `logits` (one per vocabulary entry), given the ids
+    /// generated so far (and the prompt, if it should be penalised too) in `history`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidLogits`] when `logits` is empty, holds a NaN, has every token
+    /// banned, or is shorter than a biased or history id.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        let n = logits.len();
+        let invalid = |reason: String| Error::InvalidLogits {
+            reason,
+            vocab_size: n,
+        };
+        if n == 0 {
+            return Err(invalid("no logits".into()));
+        }
+        if u32::try_from(n).is_err() {
+            return Err(invalid("more than 2^32 logits".into()));
+        }
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+
+        for &(id, bias) in &self.params.logit_bias {
+            let slot = self.logits.get_mut(id as usize).ok_or_else(|| {
+                invalid(format!("logit bias names token {id}, past the vocabulary"))
+            })?;
+            *slot += bias;
+        }
+
+        if self.params.has_penalties() {
+            let window = match self.params.penalty_last_n {
+                Some(last) => &history[history.len().saturating_sub(last)..],
+                None => history,
+            };
+            self.counts.clear();
+            for &id in window {
+                *self.counts.entry(id).or_insert(0) += 1;
+            }
+            let p = &self.params;
+            for (&id, &count) in &self.counts {
+                let slot = self.logits.get_mut(id as usize).ok_or_else(|| {
+                    invalid(format!("history holds token {id}, past the vocabulary"))
+                })?;
+                if p.repetition_penalty != 1.0 {
+                    *slot = if *slot > 0.0 {
+                        *slot / p.repetition_penalty
+                    } else {
+                        *slot * p.repetition_penalty
+                    };
+                }
+                // Exact for any realistic count (< 2^24).
+                #[allow(clippy::cast_precision_loss)]
+                let c = count as f32;
+                *slot -= p.presence_penalty + p.frequency_penalty * c;
+            }
+        }
+
+        // Arg-max, checking for NaN on the way.
+        let mut best = 0usize;
+        let mut best_logit = f32::NEG_INFINITY;
+        for (i, &l) in self.logits.iter().enumerate() {
+            if l.is_nan() {
+                return Err(invalid(format!("logit {i} is NaN")));
+            }
+            if l > best_logit {
+                best_logit = l;
+                best = i;
+            }
+        }
+        if best_logit == f32::NEG_INFINITY {
+            return Err(invalid(
+                "every token is banned (all logits are -inf)".into(),
+            ));
+        }
+        let best = u32::try_from(best).map_err(|_| invalid("index overflow".into()))?;
+        if self.params.is_greedy() || best_logit == f32::INFINITY {
+            return Ok(best);
+        }
+
+        // Candidates: every token that is not banned.
+        self.candidates.clear();
+        self.candidates.extend(
+            self.logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l > f32::NEG_INFINITY)
+                .filter_map(|(i, &l)| Some((u32::try_from(i).ok()?, l))),
+        );
+
+        // Top-k: a partial selection, no sort.
+        let k = self.params.top_k;
+        if k > 0 && k < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(k - 1, by_value_desc);
+            self.candidates.truncate(k);
+        }
+
+        // Softmax numerators with temperature; the best token gets exactly 1.
+        let inv_t = 1.0 / self.params.temperature;
+        let mut total = 0.0f64;
+        for c in &mut self.candidates {
+            c.1 = ((c.1 - best_logit) * inv_t).exp();
+            total += f64::from(c.1);
+        }
+
+        // Min-p keeps the tokens with p >= min_p * p_max (p_max is 1 here); it keeps a
+        // head of the sorted order, as top-p does, so applying it first and then top-p
+        // against the full mass equals top-p followed by min-p.
+        if self.params.min_p > 0.0 {
+            let floor = self.params.min_p;
+            self.candidates.retain(|c| c.1 >= floor);
+        }
+
+        if self.params.top_p < 1.0 {
+            let target = f64::from(self.params.top_p) * total;
+            let cut = top_p_cut(&mut self.candidates, target);
+            self.candidates.truncate(cut);
+        }
+
+        let mass: f64 = self.candidates.iter().map(|c| f64::from(c.1)).sum();
+        let mut r = self.rng.random::<f64>() * mass;
+        for &(id, p) in &self.candidates {
+            r -= f64::from(p);
+            if r < 0.0 {
+                return Ok(id);
+            }
+        }
+        // Rounding left a sliver: the last candidate takes it.
+        Ok(self.candidates.last().map_or(best, |c| c.0))
+    }
+}
+
+/// Sorts a growing head of `candidates` (highest first) until its mass reaches
+/// `target`, and returns the head's length. Only the head is ever sorted.
+fn top_p_cut(candidates: &mut [(u32, f32)], target: f64) -> usize {
+    let n = candidates.len();
+    let mut sorted = 0usize;
+    let mut cumulative = 0.0f64;
+    let mut head = n.min(64);
+    while sorted < n {
+        let rest = &mut candidates[sorted..];
+        let want = head - sorted;
+        if want < rest.len() {
+            rest.select_nth_unstable_by(want - 1, by_value_desc);
+        }
+        let block = &mut rest[..want];
+        block.sort_unstable_by(by_value_desc);
+        for (i, c) in block.iter().enumerate() {
+            cumulative += f64::from(c.1);
+            if cumulative >= target {
+                return sorted + i + 1;
+            }
+        }
+        sorted = head;
+        head = n.min(head.saturating_mul(4));
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_p_cut;
+
+    #[test]
+    fn top_p_cut_grows_the_sorted_head() {
+        // 1000 candidates with decreasing mass; the cut lies past the first block.
+        let mut c: Vec<(u32, f32)> = (0..1000u32).map(|i| (i, 1.0 / (1.0 + i as f32))).collect();
+        c.reverse();
+        let total: f64 = c.iter().map(|x| f64::from(x.1)).sum();
+        let target = 0.9 * total;
+        let cut = top_p_cut(&mut c, target);
+        assert!(cut > 64, "the cut should need more than the first block");
+        let mass = |k: usize| c[..k].iter().map(|x| f64::from(x.1)).sum::<f64>();
+        assert!(mass(cut) >= target);
+        assert!(mass(cut - 1) < target);
+        assert!(c[..cut].windows(2).all(|w| w[0].1 >= w[1].1));
+        assert_eq!(c[0].0, 0);
+    }
+}
