@@ -44,6 +44,9 @@ pub enum Error {
         /// What the loading caller reported.
         reason: String,
     },
+    /// A generation was asked for with no prompt tokens.
+    #[error("the prompt is empty: generation needs at least one prompt token")]
+    EmptyPrompt,
     /// Generation was cancelled by the caller.
     #[error("generation cancelled")]
     Cancelled,

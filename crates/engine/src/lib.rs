@@ -10,6 +10,7 @@
 mod cache;
 mod chat;
 mod error;
+mod generate;
 mod sampler;
 mod stream;
 mod tokenizer;
@@ -17,6 +18,9 @@ mod tokenizer;
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
 pub use error::{Error, Result};
+pub use generate::{
+    Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, generate,
+};
 pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};
 pub use tokenizer::{
