@@ -530,9 +530,7 @@ mod tests {
     #[test]
     fn failed_load_is_reported_and_retried() {
         let cache: ModelCache<Fake> = ModelCache::new(100, None);
-        let err = cache
-            .acquire("m", 1, || Err(Error::Cancelled))
-            .unwrap_err();
+        let err = cache.acquire("m", 1, || Err(Error::Cancelled)).unwrap_err();
         assert!(matches!(err, Error::Cancelled));
         let ok = cache.acquire("m", 1, || Ok(Fake(1))).unwrap();
         assert!(!ok.hit);

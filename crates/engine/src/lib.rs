@@ -18,9 +18,7 @@ mod tokenizer;
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
 pub use error::{Error, Result};
-pub use generate::{
-    Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, generate,
-};
+pub use generate::{Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, generate};
 pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};
 pub use tokenizer::{
