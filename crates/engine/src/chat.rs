@@ -172,7 +172,7 @@ impl ChatTemplate {
             bos_token => self.bos_token,
             eos_token => self.eos_token,
         };
-        // Extra variables first so they cannot shadow the conversation itself.
+        // Earlier sources win a key: extra variables cannot replace the conversation.
         let ctx = context! { ..base, ..extra };
         template.render(ctx).map_err(err)
     }

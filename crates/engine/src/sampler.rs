@@ -12,9 +12,15 @@
 //! 4. otherwise temperature, then top-k, top-p and min-p, as `transformers` orders
 //!    them, and a draw from what is left.
 //!
-//! The work is linear in the vocabulary and allocation-free after the first call:
-//! top-k is a partial selection (`select_nth_unstable`), and top-p sorts only a growing
-//! head of the candidates until it holds the requested mass.
+//! Min-p keeps the tokens whose probability is at least `min_p` times the best one's;
+//! it keeps a head of the sorted order, as top-p does, so it is applied first, as a
+//! logit floor, and top-p is then measured against the mass before min-p, which gives
+//! the same result as top-p followed by min-p.
+//!
+//! The work is about one pass over the vocabulary and allocation-free after the first
+//! call: top-k is a bounded heap (most logits fail one comparison with its root), and
+//! top-p sorts only a head of the most likely tokens, growing it until it holds the
+//! requested mass.
 
 use std::collections::HashMap;
 
@@ -373,102 +379,210 @@ impl Sampler {
             return Ok(best);
         }
 
-        // Candidates: every token that is not banned.
-        self.candidates.clear();
-        self.candidates.extend(
-            self.logits
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| **l > f32::NEG_INFINITY)
-                .filter_map(|(i, &l)| Some((u32::try_from(i).ok()?, l))),
-        );
+        let temperature = self.params.temperature;
+        let inv_t = 1.0 / temperature;
+        // Min-p in logit space: p / p_max >= min_p  <=>  l >= best + T ln(min_p). Tokens
+        // below the floor are never exponentiated.
+        let floor = if self.params.min_p > 0.0 {
+            best_logit + temperature * self.params.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        let top_k = self.params.top_k;
+        let top_p = self.params.top_p;
 
-        // Top-k: a partial selection, no sort.
-        let k = self.params.top_k;
-        if k > 0 && k < self.candidates.len() {
-            self.candidates.select_nth_unstable_by(k - 1, by_value_desc);
-            self.candidates.truncate(k);
-        }
-
-        // Softmax numerators with temperature; the best token gets exactly 1.
-        let inv_t = 1.0 / self.params.temperature;
-        let mut total = 0.0f64;
-        for c in &mut self.candidates {
-            c.1 = ((c.1 - best_logit) * inv_t).exp();
-            total += f64::from(c.1);
-        }
-
-        // Min-p keeps the tokens with p >= min_p * p_max (p_max is 1 here); it keeps a
-        // head of the sorted order, as top-p does, so applying it first and then top-p
-        // against the full mass equals top-p followed by min-p.
-        if self.params.min_p > 0.0 {
-            let floor = self.params.min_p;
-            self.candidates.retain(|c| c.1 >= floor);
-        }
-
-        if self.params.top_p < 1.0 {
-            let target = f64::from(self.params.top_p) * total;
-            let cut = top_p_cut(&mut self.candidates, target);
-            self.candidates.truncate(cut);
+        // Top-p is measured against the mass before min-p (see the module docs), so
+        // with top-p every kept logit is exponentiated; without it, only those above
+        // the min-p floor.
+        let use_top_p = top_p < 1.0;
+        if top_k == 0 || top_k >= n {
+            // Softmax numerators in place (0 below the floor); the best token gets 1.
+            let mut total = 0.0f64;
+            let mut kept = 0.0f64;
+            for l in &mut self.logits {
+                if *l == f32::NEG_INFINITY || (*l < floor && !use_top_p) {
+                    *l = 0.0;
+                    continue;
+                }
+                let p = ((*l - best_logit) * inv_t).exp();
+                total += f64::from(p);
+                *l = if *l >= floor { p } else { 0.0 };
+                kept += f64::from(*l);
+            }
+            if !use_top_p {
+                return Ok(draw(
+                    &mut self.rng,
+                    self.logits.iter().enumerate().map(|(i, &p)| (i, p)),
+                    kept,
+                    best as usize,
+                ));
+            }
+            // Top-p: sort only a head of the most likely tokens, growing it until it
+            // holds the mass.
+            let target = f64::from(top_p) * total;
+            let mut m = 64usize;
+            loop {
+                top_m(&self.logits, 0.0, m, &mut self.candidates);
+                let cut = cumulative_cut(&self.candidates, target);
+                if cut.is_some() || self.candidates.len() < m || m >= n {
+                    let cut = cut.unwrap_or(self.candidates.len());
+                    self.candidates.truncate(cut);
+                    break;
+                }
+                m = m.saturating_mul(8);
+            }
+        } else {
+            // Top-k: a bounded heap over the logits, then probabilities for k tokens.
+            let above = if floor > f32::NEG_INFINITY && !use_top_p {
+                // `top_m` keeps values strictly above its floor.
+                floor.next_down()
+            } else {
+                f32::NEG_INFINITY
+            };
+            top_m(&self.logits, above, top_k, &mut self.candidates);
+            let mut total = 0.0f64;
+            for c in &mut self.candidates {
+                let l = c.1;
+                c.1 = ((l - best_logit) * inv_t).exp();
+                total += f64::from(c.1);
+                if l < floor {
+                    c.1 = 0.0;
+                }
+            }
+            if use_top_p {
+                // Min-p zeroed a tail of the sorted list; the cut cannot pass it.
+                let kept = self.candidates.iter().take_while(|c| c.1 > 0.0).count();
+                let cut = cumulative_cut(&self.candidates, f64::from(top_p) * total);
+                self.candidates.truncate(cut.unwrap_or(kept).min(kept));
+            }
         }
 
         let mass: f64 = self.candidates.iter().map(|c| f64::from(c.1)).sum();
-        let mut r = self.rng.random::<f64>() * mass;
-        for &(id, p) in &self.candidates {
-            r -= f64::from(p);
-            if r < 0.0 {
-                return Ok(id);
-            }
-        }
-        // Rounding left a sliver: the last candidate takes it.
-        Ok(self.candidates.last().map_or(best, |c| c.0))
+        Ok(draw(
+            &mut self.rng,
+            self.candidates.iter().map(|&(id, p)| (id as usize, p)),
+            mass,
+            best as usize,
+        ))
     }
 }
 
-/// Sorts a growing head of `candidates` (highest first) until its mass reaches
-/// `target`, and returns the head's length. Only the head is ever sorted.
-fn top_p_cut(candidates: &mut [(u32, f32)], target: f64) -> usize {
-    let n = candidates.len();
-    let mut sorted = 0usize;
-    let mut cumulative = 0.0f64;
-    let mut head = n.min(64);
-    while sorted < n {
-        let rest = &mut candidates[sorted..];
-        let want = head - sorted;
-        if want < rest.len() {
-            rest.select_nth_unstable_by(want - 1, by_value_desc);
+/// Draws an index with probability proportional to its weight; `mass` is the sum of
+/// the weights. Returns `fallback` only if every weight is zero.
+fn draw(
+    rng: &mut StdRng,
+    weights: impl Iterator<Item = (usize, f32)>,
+    mass: f64,
+    fallback: usize,
+) -> u32 {
+    let mut r = rng.random::<f64>() * mass;
+    let mut last = fallback;
+    for (i, p) in weights {
+        if p <= 0.0 {
+            continue;
         }
-        let block = &mut rest[..want];
-        block.sort_unstable_by(by_value_desc);
-        for (i, c) in block.iter().enumerate() {
-            cumulative += f64::from(c.1);
-            if cumulative >= target {
-                return sorted + i + 1;
+        last = i;
+        r -= f64::from(p);
+        if r < 0.0 {
+            break;
+        }
+    }
+    // Rounding can leave a sliver past the end: the last positive weight takes it.
+    u32::try_from(last).unwrap_or(u32::MAX)
+}
+
+/// The length of the shortest head of `sorted` (highest first) whose mass reaches
+/// `target`, or `None` when the whole list falls short.
+fn cumulative_cut(sorted: &[(u32, f32)], target: f64) -> Option<usize> {
+    let mut cumulative = 0.0f64;
+    for (i, c) in sorted.iter().enumerate() {
+        cumulative += f64::from(c.1);
+        if cumulative >= target {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Puts in `out` the `m` largest values above `floor` (with their ids), highest first,
+/// ties by lower id. A bounded min-heap: most values fail one comparison with the
+/// heap's root, so the cost is about one pass over `values`.
+fn top_m(values: &[f32], floor: f32, m: usize, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    if m == 0 {
+        return;
+    }
+    // `worse(a, b)`: a sorts after b.
+    let worse = |a: &(u32, f32), b: &(u32, f32)| by_value_desc(a, b).is_gt();
+    for (i, &v) in values.iter().enumerate() {
+        if v <= floor || v.is_nan() {
+            continue;
+        }
+        let Ok(id) = u32::try_from(i) else {
+            break;
+        };
+        let item = (id, v);
+        if out.len() < m {
+            out.push(item);
+            // Sift up: the root is the worst element kept.
+            let mut child = out.len() - 1;
+            while child > 0 {
+                let parent = (child - 1) / 2;
+                if worse(&out[child], &out[parent]) {
+                    out.swap(child, parent);
+                    child = parent;
+                } else {
+                    break;
+                }
+            }
+        } else if worse(&out[0], &item) {
+            out[0] = item;
+            let len = out.len();
+            let mut parent = 0;
+            loop {
+                let left = 2 * parent + 1;
+                if left >= len {
+                    break;
+                }
+                let right = left + 1;
+                let mut worst = left;
+                if right < len && worse(&out[right], &out[left]) {
+                    worst = right;
+                }
+                if worse(&out[worst], &out[parent]) {
+                    out.swap(worst, parent);
+                    parent = worst;
+                } else {
+                    break;
+                }
             }
         }
-        sorted = head;
-        head = n.min(head.saturating_mul(4));
     }
-    n
+    out.sort_unstable_by(by_value_desc);
 }
 
 #[cfg(test)]
 mod tests {
-    use super::top_p_cut;
+    use super::{by_value_desc, top_m};
 
     #[test]
-    fn top_p_cut_grows_the_sorted_head() {
-        // 1000 candidates with decreasing mass; the cut lies past the first block.
-        let mut c: Vec<(u32, f32)> = (0..1000u32).map(|i| (i, 1.0 / (1.0 + i as f32))).collect();
-        c.reverse();
-        let total: f64 = c.iter().map(|x| f64::from(x.1)).sum();
-        let target = 0.9 * total;
-        let cut = top_p_cut(&mut c, target);
-        assert!(cut > 64, "the cut should need more than the first block");
-        let mass = |k: usize| c[..k].iter().map(|x| f64::from(x.1)).sum::<f64>();
-        assert!(mass(cut) >= target);
-        assert!(mass(cut - 1) < target);
-        assert!(c[..cut].windows(2).all(|w| w[0].1 >= w[1].1));
-        assert_eq!(c[0].0, 0);
+    fn top_m_matches_a_full_sort() {
+        let values: Vec<f32> = (0..5000u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 16) % 1000) as f32 / 10.0)
+            .collect();
+        let mut all: Vec<(u32, f32)> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        all.sort_by(by_value_desc);
+        let mut out = Vec::new();
+        for m in [1, 7, 64, 1000, 5000, 9000] {
+            top_m(&values, f32::NEG_INFINITY, m, &mut out);
+            assert_eq!(out, all[..m.min(all.len())], "m = {m}");
+        }
+        top_m(&values, 50.0, 10_000, &mut out);
+        assert!(out.iter().all(|c| c.1 > 50.0));
+        assert_eq!(out.len(), all.iter().filter(|c| c.1 > 50.0).count());
     }
 }

@@ -147,4 +147,15 @@ fn extra_variables_reach_the_template() {
         )
         .unwrap();
     assert_eq!(text, "2 tools");
+
+    // Extra variables cannot replace the conversation.
+    let template = ChatTemplate::new("{{ messages | length }}", "", "").unwrap();
+    let text = template
+        .render_with(
+            &[Message::user("x")],
+            false,
+            minijinja::context! { messages => vec![1, 2, 3] },
+        )
+        .unwrap();
+    assert_eq!(text, "1");
 }
