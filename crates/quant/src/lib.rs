@@ -10,3 +10,5 @@
 
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
+
+pub mod kernels;

@@ -1,0 +1,377 @@
+//! GGML block formats (Q4_0, Q4_1, Q8_0) and the weight matrix that holds them.
+//!
+//! The byte layouts are GGML's, so the bytes of a GGUF tensor are used as they are:
+//!
+//! | format | bytes | layout | element `j` of the block |
+//! | --- | --- | --- | --- |
+//! | Q4_0 | 18 | `d: f16`, `qs: [u8; 16]` | `d * (nibble(j) - 8)` |
+//! | Q4_1 | 20 | `d: f16`, `m: f16`, `qs: [u8; 16]` | `d * nibble(j) + m` |
+//! | Q8_0 | 34 | `d: f16`, `qs: [i8; 32]` | `d * qs[j]` |
+//!
+//! where `nibble(j)` is the low nibble of `qs[j]` for `j < 16` and the high nibble of
+//! `qs[j - 16]` for `j >= 16`. All `f16` are little-endian.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+
+use super::error::{Error, Result};
+
+/// Number of elements in one block of every supported format.
+pub const BLOCK_ELEMS: usize = 32;
+
+/// A GGML block format the kernels handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum WeightDType {
+    /// 4-bit, one `f16` scale per block, nibbles offset by 8.
+    Q4_0,
+    /// 4-bit, one `f16` scale and one `f16` minimum per block.
+    Q4_1,
+    /// 8-bit, one `f16` scale per block.
+    Q8_0,
+}
+
+impl WeightDType {
+    /// All supported formats.
+    pub const ALL: [WeightDType; 3] = [WeightDType::Q4_0, WeightDType::Q4_1, WeightDType::Q8_0];
+
+    /// Size in bytes of one block of [`BLOCK_ELEMS`] elements.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            WeightDType::Q4_0 => 18,
+            WeightDType::Q4_1 => 20,
+            WeightDType::Q8_0 => 34,
+        }
+    }
+
+    /// The matching candle type.
+    pub const fn to_ggml(self) -> GgmlDType {
+        match self {
+            WeightDType::Q4_0 => GgmlDType::Q4_0,
+            WeightDType::Q4_1 => GgmlDType::Q4_1,
+            WeightDType::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// The format for a candle type, or [`Error::UnsupportedDType`].
+    pub fn from_ggml(dtype: GgmlDType) -> Result<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Ok(WeightDType::Q4_0),
+            GgmlDType::Q4_1 => Ok(WeightDType::Q4_1),
+            GgmlDType::Q8_0 => Ok(WeightDType::Q8_0),
+            other => Err(Error::UnsupportedDType { dtype: other }),
+        }
+    }
+
+    /// Decodes one block (exactly [`block_bytes`](Self::block_bytes) bytes) into 32 floats.
+    pub fn dequantize_block(self, block: &[u8], out: &mut [f32; BLOCK_ELEMS]) -> Result<()> {
+        if block.len() != self.block_bytes() {
+            return Err(Error::LengthMismatch {
+                what: "block",
+                expected: self.block_bytes(),
+                actual: block.len(),
+                unit: "bytes",
+            });
+        }
+        let (d, rest) = read_f16(block)?;
+        match self {
+            WeightDType::Q4_0 => {
+                let qs = nibbles(rest)?;
+                for (j, q) in qs.iter().enumerate() {
+                    out[j] = d * (f32::from(q & 0x0F) - 8.0);
+                    out[j + 16] = d * (f32::from(q >> 4) - 8.0);
+                }
+            }
+            WeightDType::Q4_1 => {
+                let (m, rest) = read_f16(rest)?;
+                let qs = nibbles(rest)?;
+                for (j, q) in qs.iter().enumerate() {
+                    out[j] = d * f32::from(q & 0x0F) + m;
+                    out[j + 16] = d * f32::from(q >> 4) + m;
+                }
+            }
+            WeightDType::Q8_0 => {
+                for (o, &q) in out.iter_mut().zip(rest) {
+                    *o = d * f32::from(q as i8);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_f16(bytes: &[u8]) -> Result<(f32, &[u8])> {
+    match bytes.split_first_chunk::<2>() {
+        Some((h, rest)) => Ok((f16::from_le_bytes(*h).to_f32(), rest)),
+        None => Err(Error::LengthMismatch {
+            what: "block header",
+            expected: 2,
+            actual: bytes.len(),
+            unit: "bytes",
+        }),
+    }
+}
+
+fn nibbles(bytes: &[u8]) -> Result<&[u8; 16]> {
+    bytes.try_into().map_err(|_| Error::LengthMismatch {
+        what: "block nibbles",
+        expected: 16,
+        actual: bytes.len(),
+        unit: "bytes",
+    })
+}
+
+impl fmt::Display for WeightDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WeightDType::Q4_0 => "q4_0",
+            WeightDType::Q4_1 => "q4_1",
+            WeightDType::Q8_0 => "q8_0",
+        })
+    }
+}
+
+impl FromStr for WeightDType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "q4_0" => Ok(WeightDType::Q4_0),
+            "q4_1" => Ok(WeightDType::Q4_1),
+            "q8_0" => Ok(WeightDType::Q8_0),
+            _ => Err(Error::UnknownName {
+                what: "weight format",
+                name: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// A borrowed, validated `[n_out, k]` matrix of GGML blocks, row-major, as stored in GGUF.
+///
+/// Row `r` (output feature `r`) is `k / 32` consecutive blocks. Build it over bytes
+/// that live elsewhere (a memory map, a candle `QTensor`) with [`GgmlMatrix::new`].
+#[derive(Clone, Copy)]
+pub struct GgmlMatrix<'a> {
+    dtype: WeightDType,
+    n_out: usize,
+    k: usize,
+    bytes: &'a [u8],
+}
+
+impl fmt::Debug for GgmlMatrix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgmlMatrix")
+            .field("dtype", &self.dtype)
+            .field("n_out", &self.n_out)
+            .field("k", &self.k)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// Checks `k` and returns the number of blocks per row.
+pub(crate) fn blocks_per_row(k: usize) -> Result<usize> {
+    if k == 0 {
+        return Err(Error::EmptyDimension { what: "k" });
+    }
+    if !k.is_multiple_of(BLOCK_ELEMS) {
+        return Err(Error::KNotMultipleOfBlock {
+            k,
+            block: BLOCK_ELEMS,
+        });
+    }
+    Ok(k / BLOCK_ELEMS)
+}
+
+impl<'a> GgmlMatrix<'a> {
+    /// Views GGML block bytes as a `[n_out, k]` matrix.
+    ///
+    /// Fails when `k` is not a multiple of 32, a dimension is zero, or `bytes` is not
+    /// exactly `n_out * k / 32 * dtype.block_bytes()` long.
+    pub fn new(dtype: WeightDType, n_out: usize, k: usize, bytes: &'a [u8]) -> Result<Self> {
+        if n_out == 0 {
+            return Err(Error::EmptyDimension { what: "n_out" });
+        }
+        let nb = blocks_per_row(k)?;
+        let expected = nb
+            .checked_mul(dtype.block_bytes())
+            .and_then(|row| row.checked_mul(n_out))
+            .ok_or(Error::Overflow {
+                what: "weight bytes",
+            })?;
+        if bytes.len() != expected {
+            return Err(Error::LengthMismatch {
+                what: "weight bytes",
+                expected,
+                actual: bytes.len(),
+                unit: "bytes",
+            });
+        }
+        Ok(Self {
+            dtype,
+            n_out,
+            k,
+            bytes,
+        })
+    }
+
+    /// The block format.
+    pub fn dtype(&self) -> WeightDType {
+        self.dtype
+    }
+
+    /// Number of output features (rows).
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Inner dimension (elements per row).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The raw GGML bytes, row-major; exactly `n_out * row_bytes()` long.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// Blocks per row (`k / 32`).
+    pub fn blocks_per_row(&self) -> usize {
+        self.k / BLOCK_ELEMS
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.blocks_per_row() * self.dtype.block_bytes()
+    }
+
+    /// Decodes row `row` into `out` (`k` floats).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        if out.len() != self.k {
+            return Err(Error::LengthMismatch {
+                what: "dequantized row",
+                expected: self.k,
+                actual: out.len(),
+                unit: "elements",
+            });
+        }
+        let rb = self.row_bytes();
+        let row_bytes = self
+            .bytes
+            .get(row * rb..(row + 1) * rb)
+            .ok_or(Error::LengthMismatch {
+                what: "weight rows (n_out)",
+                expected: self.n_out,
+                actual: row + 1,
+                unit: "rows",
+            })?;
+        let bb = self.dtype.block_bytes();
+        for (block, o) in row_bytes
+            .chunks_exact(bb)
+            .zip(out.chunks_exact_mut(BLOCK_ELEMS))
+        {
+            let mut tmp = [0.0f32; BLOCK_ELEMS];
+            self.dtype.dequantize_block(block, &mut tmp)?;
+            o.copy_from_slice(&tmp);
+        }
+        Ok(())
+    }
+
+    /// Decodes the whole matrix into `n_out * k` floats, row-major.
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; self.n_out * self.k];
+        for (row, o) in out.chunks_exact_mut(self.k).enumerate() {
+            self.dequantize_row(row, o)?;
+        }
+        Ok(out)
+    }
+}
+
+/// An owned `[n_out, k]` matrix of GGML blocks (shared bytes, cheap to clone).
+///
+/// [`matrix`](Self::matrix) borrows it as a [`GgmlMatrix`] for the kernels.
+#[derive(Clone)]
+pub struct GgmlWeights {
+    dtype: WeightDType,
+    n_out: usize,
+    k: usize,
+    bytes: Arc<[u8]>,
+}
+
+impl fmt::Debug for GgmlWeights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.matrix().fmt(f)
+    }
+}
+
+impl GgmlWeights {
+    /// Takes GGML block bytes of a `[n_out, k]` matrix; validated as in [`GgmlMatrix::new`].
+    pub fn new(
+        dtype: WeightDType,
+        n_out: usize,
+        k: usize,
+        bytes: impl Into<Arc<[u8]>>,
+    ) -> Result<Self> {
+        let bytes = bytes.into();
+        GgmlMatrix::new(dtype, n_out, k, &bytes)?;
+        Ok(Self {
+            dtype,
+            n_out,
+            k,
+            bytes,
+        })
+    }
+
+    /// Copies the bytes of a CPU candle `QTensor` of shape `[n_out, k]`.
+    pub fn from_qtensor(qtensor: &QTensor) -> Result<Self> {
+        let dtype = WeightDType::from_ggml(qtensor.dtype())?;
+        let dims = qtensor.shape().dims();
+        let &[n_out, k] = dims else {
+            return Err(Error::NotAMatrix {
+                dims: dims.to_vec(),
+            });
+        };
+        let data = qtensor.data()?;
+        Self::new(dtype, n_out, k, Arc::<[u8]>::from(&*data))
+    }
+
+    /// Borrows the matrix for the kernels.
+    pub fn matrix(&self) -> GgmlMatrix<'_> {
+        GgmlMatrix {
+            dtype: self.dtype,
+            n_out: self.n_out,
+            k: self.k,
+            bytes: &self.bytes,
+        }
+    }
+
+    /// The block format.
+    pub fn dtype(&self) -> WeightDType {
+        self.dtype
+    }
+
+    /// Number of output features (rows).
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Inner dimension (elements per row).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The raw GGML bytes, row-major.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Decodes the whole matrix into `n_out * k` floats, row-major.
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
+        self.matrix().dequantize()
+    }
+}

@@ -1,0 +1,224 @@
+//! Fast CPU matrix kernels for GGML block weights (Q4_0, Q4_1, Q8_0).
+//!
+//! `y = x · Wᵀ` for `m` activation rows `x` (`m x k`, f32) and a weight matrix `W`
+//! (`n_out x k`) kept in its GGUF bytes ([`GgmlMatrix`], [`GgmlWeights`]). The activation
+//! rows are quantized once per call to 8 bits per block of 32 ([`QuantizedActs`]), then
+//! each weight block is multiplied with integer dot products:
+//!
+//! - [`Kernel::Avx512Vnni`]: `vpdpbusd` on two blocks per 512-bit register;
+//! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0);
+//! - [`Kernel::Scalar`]: portable Rust.
+//!
+//! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
+//! independent of the compile-time target; [`gemm_with`] forces one (tests, benches).
+//! With several activation rows, each decoded weight block serves a register tile of 4
+//! rows x 2 outputs, so weights are read once per call; a single row streams the weight
+//! rows in order. Output columns are split across the current rayon pool when the work
+//! is large enough (`m * n_out * k >= 2^18`).
+//!
+//! # Accuracy
+//!
+//! Weights are used exactly as stored. Activations lose at most half a quantization
+//! step, `max|x_block| / 254`, per element, so `|y - y_exact|` is at most
+//! `sum over blocks of max|x_block| / 254 * sum|w_block|`, plus f32 rounding.
+//!
+//! ```
+//! use afo_quant::kernels::{self, GgmlWeights, WeightDType};
+//!
+//! // One Q8_0 block: d = 1.0 (f16 0x3c00), q = 0, 1, ..., 31.
+//! let mut bytes = vec![0x00, 0x3c];
+//! bytes.extend((0..32u8).map(|q| q));
+//! let w = GgmlWeights::new(WeightDType::Q8_0, 1, 32, bytes)?;
+//! let x = vec![1.0f32; 32];
+//! let mut y = [0.0f32; 1];
+//! kernels::gemm(&w, &x, 1, &mut y)?;
+//! assert_eq!(y[0], (0..32).sum::<i32>() as f32);
+//! # Ok::<(), kernels::Error>(())
+//! ```
+
+mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod blocks;
+mod driver;
+mod error;
+mod scalar;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+pub use acts::QuantizedActs;
+pub use blocks::{BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType};
+pub use error::{Error, Result};
+
+/// An implementation of the kernels, by instruction set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Kernel {
+    /// Portable Rust, any CPU.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C (Haswell, Zen 1 and later).
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL + VNNI (Ice Lake, Zen 4 and later).
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// Every kernel, slowest first.
+    pub const ALL: [Kernel; 3] = [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512Vnni];
+
+    /// The fastest kernel this CPU runs (detected once, then cached).
+    pub fn detect() -> Kernel {
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Kernel::ALL
+                .into_iter()
+                .rev()
+                .find(|k| k.is_available())
+                .unwrap_or(Kernel::Scalar)
+        })
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            Kernel::Avx2 => has_avx2(),
+            Kernel::Avx512Vnni => has_avx512_vnni(),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        has_avx2()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512_vnni() -> bool {
+    false
+}
+
+/// The kernels this CPU can run, slowest first (always starts with [`Kernel::Scalar`]).
+pub fn available_kernels() -> Vec<Kernel> {
+    Kernel::ALL
+        .into_iter()
+        .filter(|k| k.is_available())
+        .collect()
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512Vnni => "avx512vnni",
+        })
+    }
+}
+
+impl FromStr for Kernel {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Ok(Kernel::Scalar),
+            "avx2" => Ok(Kernel::Avx2),
+            "avx512vnni" | "avx512" => Ok(Kernel::Avx512Vnni),
+            _ => Err(Error::UnknownName {
+                what: "kernel",
+                name: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// `y = x · Wᵀ` with the detected kernel: `x` is `m x k`, `y` is `m x n_out`, row-major.
+pub fn gemm(weights: &GgmlWeights, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+    let acts = QuantizedActs::quantize(x, m, weights.k())?;
+    gemm_with(Kernel::detect(), weights.matrix(), &acts, y)
+}
+
+/// `y = x · Wᵀ` for activations already quantized, with the detected kernel.
+///
+/// Quantize once with [`QuantizedActs::quantize`] and call this for every matrix that
+/// reads the same input.
+pub fn gemm_quantized(weights: GgmlMatrix<'_>, acts: &QuantizedActs, y: &mut [f32]) -> Result<()> {
+    gemm_with(Kernel::detect(), weights, acts, y)
+}
+
+/// `y = x · Wᵀ` with a chosen kernel; [`Error::KernelUnavailable`] if the CPU lacks it.
+///
+/// Runs on the current rayon pool (use `ThreadPool::install` to choose the thread count).
+pub fn gemm_with(
+    kernel: Kernel,
+    weights: GgmlMatrix<'_>,
+    acts: &QuantizedActs,
+    y: &mut [f32],
+) -> Result<()> {
+    driver::run(kernel, weights, acts, y)
+}
+
+fn matmul_dtype(
+    dtype: WeightDType,
+    bytes: &[u8],
+    n_out: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let w = GgmlMatrix::new(dtype, n_out, k, bytes)?;
+    if !x.len().is_multiple_of(k) || x.is_empty() {
+        return Err(Error::LengthMismatch {
+            what: "x (a multiple of k)",
+            expected: x.len().div_ceil(k).max(1) * k,
+            actual: x.len(),
+            unit: "elements",
+        });
+    }
+    let acts = QuantizedActs::quantize(x, x.len() / k, k)?;
+    gemm_with(Kernel::detect(), w, &acts, y)
+}
+
+/// `y = x · Wᵀ` for Q4_0 GGUF bytes of a `[n_out, k]` matrix; `m = x.len() / k` rows.
+pub fn matmul_q4_0(bytes: &[u8], n_out: usize, k: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+    matmul_dtype(WeightDType::Q4_0, bytes, n_out, k, x, y)
+}
+
+/// `y = x · Wᵀ` for Q4_1 GGUF bytes of a `[n_out, k]` matrix; `m = x.len() / k` rows.
+pub fn matmul_q4_1(bytes: &[u8], n_out: usize, k: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+    matmul_dtype(WeightDType::Q4_1, bytes, n_out, k, x, y)
+}
+
+/// `y = x · Wᵀ` for Q8_0 GGUF bytes of a `[n_out, k]` matrix; `m = x.len() / k` rows.
+pub fn matmul_q8_0(bytes: &[u8], n_out: usize, k: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+    matmul_dtype(WeightDType::Q8_0, bytes, n_out, k, x, y)
+}

@@ -1,0 +1,348 @@
+//! Tests of the block layouts and of every kernel this machine can run.
+//!
+//! Error bound used for kernel results against `x · dequantize(W)ᵀ` computed in f64:
+//! the weights are exact, each activation element is off by at most half a
+//! quantization step (`max|x_block| / 254`), so
+//! `|y - y_exact| <= sum_b max|x_b| / 254 * sum_{i in b} |w_i|`, plus f32 rounding,
+//! allowed as `1e-4 * sum |w_i x_i| + 1e-6`.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1), with an occasional outlier (x 8) as in real activations.
+    fn f32(&mut self) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        if self.next_u64().is_multiple_of(97) {
+            u * 8.0
+        } else {
+            u
+        }
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+fn qtensor(dtype: WeightDType, n_out: usize, k: usize, seed: u64) -> QTensor {
+    let mut rng = Rng(seed);
+    let data = rng.vec(n_out * k);
+    let t = Tensor::from_vec(data, (n_out, k), &Device::Cpu).unwrap();
+    QTensor::quantize(&t, dtype.to_ggml()).unwrap()
+}
+
+/// `(exact, bound, sum |w x|)` per output.
+fn reference(wd: &[f32], x: &[f32], m: usize, n_out: usize, k: usize) -> Vec<(f64, f64, f64)> {
+    let mut out = Vec::with_capacity(m * n_out);
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        let amax: Vec<f64> = xr
+            .chunks(32)
+            .map(|b| b.iter().fold(0.0f64, |a, v| a.max(f64::from(v.abs()))))
+            .collect();
+        for c in 0..n_out {
+            let wr = &wd[c * k..(c + 1) * k];
+            let (mut exact, mut bound, mut mag) = (0.0f64, 0.0f64, 0.0f64);
+            for i in 0..k {
+                let (w, xv) = (f64::from(wr[i]), f64::from(xr[i]));
+                exact += w * xv;
+                mag += (w * xv).abs();
+                bound += amax[i / 32] / 254.0 * w.abs();
+            }
+            out.push((exact, bound, mag));
+        }
+    }
+    out
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn layouts_match_candle_dequantize() {
+    for dtype in WeightDType::ALL {
+        for (n_out, k) in [(1, 32), (3, 64), (17, 576), (5, 4128)] {
+            let qt = qtensor(dtype, n_out, k, 7 + k as u64);
+            let w = GgmlWeights::from_qtensor(&qt).unwrap();
+            assert_eq!(w.bytes().len(), n_out * k / 32 * dtype.block_bytes());
+            let ours = w.dequantize().unwrap();
+            let theirs: Vec<f32> = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(ours.len(), theirs.len());
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                    "{dtype} {n_out}x{k} element {i}: ours {a}, candle {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_1_nibble_order() {
+    // d = 1, m = 0; byte j = j (low nibble) | (15 - j) << 4 (high nibble).
+    let mut block = vec![0x00, 0x3c, 0x00, 0x00];
+    block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let mut out = [0.0f32; 32];
+    WeightDType::Q4_1
+        .dequantize_block(&block, &mut out)
+        .unwrap();
+    for j in 0..16 {
+        assert_eq!(out[j], j as f32);
+        assert_eq!(out[j + 16], (15 - j) as f32);
+    }
+}
+
+#[test]
+fn activation_quantization() {
+    let mut rng = Rng(3);
+    let x = rng.vec(2 * 96);
+    let acts = QuantizedActs::quantize(&x, 2, 96).unwrap();
+    for r in 0..2 {
+        let (q, d, ds) = acts.row(r).unwrap();
+        assert_eq!(q.len(), 96);
+        for b in 0..3 {
+            let xb = &x[r * 96 + b * 32..r * 96 + (b + 1) * 32];
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            assert!((d[b] - amax / 127.0).abs() <= 1e-7 * amax);
+            let qb = &q[b * 32..(b + 1) * 32];
+            assert!(qb.iter().all(|&v| v != -128));
+            let sum: i32 = qb.iter().map(|&v| i32::from(v)).sum();
+            assert_eq!(ds[b], d[b] * sum as f32);
+            for (xi, qi) in xb.iter().zip(qb) {
+                assert!((xi - d[b] * f32::from(*qi)).abs() <= d[b] / 2.0 * 1.0001);
+            }
+        }
+    }
+    assert!(acts.row(2).is_none());
+}
+
+#[test]
+fn every_kernel_matches_reference_and_candle() {
+    let kernels = available_kernels();
+    assert_eq!(kernels[0], Kernel::Scalar);
+    assert!(kernels.contains(&Kernel::detect()));
+    let pool = pool(3);
+    let mut rng = Rng(42);
+    let mut checked = 0usize;
+    for dtype in WeightDType::ALL {
+        for k in [32, 64, 576, 1536, 4096 + 32] {
+            for n_out in [1, 3, 17, 192, 576] {
+                let qt = qtensor(dtype, n_out, k, (k * 1000 + n_out) as u64);
+                let w = GgmlWeights::from_qtensor(&qt).unwrap();
+                let wd = w.dequantize().unwrap();
+                let qmm = QMatMul::from_qtensor(qt).unwrap();
+                for m in [1, 2, 3, 5, 8, 17] {
+                    let x = rng.vec(m * k);
+                    let refs = reference(&wd, &x, m, n_out, k);
+                    let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+                    let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+                    // candle's Q4_1 dot product needs an even block count (it asserts).
+                    let candle_ok = dtype != WeightDType::Q4_1 || (k / 32) % 2 == 0;
+                    let candle: Vec<f32> = if candle_ok {
+                        qmm.forward(&xt)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap()
+                    } else {
+                        vec![f32::NAN; m * n_out]
+                    };
+                    let mut scalar = vec![0.0f32; m * n_out];
+                    gemm_with(Kernel::Scalar, w.matrix(), &acts, &mut scalar).unwrap();
+                    for &kernel in &kernels {
+                        let mut y = vec![f32::NAN; m * n_out];
+                        pool.install(|| gemm_with(kernel, w.matrix(), &acts, &mut y))
+                            .unwrap();
+                        for (i, ((&got, &(exact, bound, mag)), (&s, &c))) in y
+                            .iter()
+                            .zip(&refs)
+                            .zip(scalar.iter().zip(&candle))
+                            .enumerate()
+                        {
+                            let what = format!("{kernel} {dtype} m={m} n_out={n_out} k={k} [{i}]");
+                            let slack = 1e-4 * mag + 1e-6;
+                            let err = (f64::from(got) - exact).abs();
+                            assert!(
+                                err <= bound + slack,
+                                "{what}: {got} vs exact {exact}, error {err} > bound {bound}"
+                            );
+                            let vs_scalar = (f64::from(got) - f64::from(s)).abs();
+                            assert!(vs_scalar <= slack, "{what}: {got} vs scalar {s}");
+                            // candle's activations carry f16 scales: allow 1e-3 relative more.
+                            let vs_candle = (f64::from(got) - f64::from(c)).abs();
+                            assert!(
+                                !candle_ok || vs_candle <= 2.0 * bound + 2e-3 * mag + 1e-5,
+                                "{what}: {got} vs candle {c}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 100_000);
+}
+
+#[test]
+fn gemm_entry_points_agree() {
+    let (n_out, k, m) = (70, 576, 3);
+    let mut rng = Rng(9);
+    let x = rng.vec(m * k);
+    for dtype in WeightDType::ALL {
+        let qt = qtensor(dtype, n_out, k, 11);
+        let w = GgmlWeights::from_qtensor(&qt).unwrap();
+        let mut y1 = vec![0.0f32; m * n_out];
+        gemm(&w, &x, m, &mut y1).unwrap();
+        let mut y2 = vec![0.0f32; m * n_out];
+        let f = match dtype {
+            WeightDType::Q4_0 => matmul_q4_0,
+            WeightDType::Q4_1 => matmul_q4_1,
+            WeightDType::Q8_0 => matmul_q8_0,
+        };
+        f(w.bytes(), n_out, k, &x, &mut y2).unwrap();
+        let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+        let mut y3 = vec![0.0f32; m * n_out];
+        gemm_quantized(w.matrix(), &acts, &mut y3).unwrap();
+        assert_eq!(y1, y2);
+        assert_eq!(y1, y3);
+    }
+}
+
+#[test]
+fn errors_not_panics() {
+    let bytes = vec![0u8; 4 * 2 * 20];
+    // k not a multiple of 32.
+    assert!(matches!(
+        GgmlMatrix::new(WeightDType::Q4_1, 4, 48, &bytes),
+        Err(Error::KNotMultipleOfBlock { k: 48, block: 32 })
+    ));
+    assert!(matches!(
+        QuantizedActs::quantize(&[0.0; 40], 1, 40),
+        Err(Error::KNotMultipleOfBlock { .. })
+    ));
+    // Zero dimensions.
+    assert!(matches!(
+        GgmlMatrix::new(WeightDType::Q4_1, 0, 64, &bytes),
+        Err(Error::EmptyDimension { what: "n_out" })
+    ));
+    assert!(GgmlMatrix::new(WeightDType::Q4_1, 4, 0, &bytes).is_err());
+    // Wrong byte counts.
+    assert!(matches!(
+        GgmlMatrix::new(WeightDType::Q4_1, 4, 64, &bytes[1..]),
+        Err(Error::LengthMismatch {
+            expected: 160,
+            actual: 159,
+            ..
+        })
+    ));
+    assert!(GgmlMatrix::new(WeightDType::Q8_0, 4, 64, &bytes).is_err());
+    assert!(
+        WeightDType::Q4_0
+            .dequantize_block(&bytes[..17], &mut [0.0; 32])
+            .is_err()
+    );
+    let w = GgmlWeights::new(WeightDType::Q4_1, 4, 64, bytes.clone()).unwrap();
+    assert!(w.matrix().dequantize_row(4, &mut [0.0; 64]).is_err());
+    assert!(w.matrix().dequantize_row(0, &mut [0.0; 63]).is_err());
+    // Wrong x and y lengths.
+    let mut y = vec![0.0f32; 8];
+    assert!(matches!(
+        gemm(&w, &[0.0; 127], 2, &mut y),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        gemm(&w, &[0.0; 128], 2, &mut y[..7]),
+        Err(Error::LengthMismatch {
+            expected: 8,
+            actual: 7,
+            ..
+        })
+    ));
+    assert!(gemm(&w, &[0.0; 0], 0, &mut []).is_err());
+    assert!(matmul_q4_1(&bytes, 4, 64, &[0.0; 100], &mut y).is_err());
+    assert!(matmul_q4_1(&bytes, 4, 48, &[0.0; 96], &mut y).is_err());
+    // Activations for another k.
+    let acts = QuantizedActs::quantize(&[0.0; 96], 1, 96).unwrap();
+    assert!(matches!(
+        gemm_with(Kernel::Scalar, w.matrix(), &acts, &mut y[..4]),
+        Err(Error::InnerDimensionMismatch {
+            acts_k: 96,
+            weights_k: 64,
+            ..
+        })
+    ));
+    // Kernels the CPU lacks.
+    for kernel in Kernel::ALL {
+        let acts = QuantizedActs::quantize(&[0.0; 64], 1, 64).unwrap();
+        let r = gemm_with(kernel, w.matrix(), &acts, &mut y[..4]);
+        if kernel.is_available() {
+            assert!(r.is_ok());
+        } else {
+            assert!(matches!(r, Err(Error::KernelUnavailable { .. })));
+        }
+    }
+    // Unsupported candle tensors.
+    let t = Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let f32_qt = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    assert!(matches!(
+        GgmlWeights::from_qtensor(&f32_qt),
+        Err(Error::UnsupportedDType { .. })
+    ));
+    let t3 = Tensor::zeros((2, 2, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q3 = QTensor::quantize(&t3, GgmlDType::Q8_0).unwrap();
+    assert!(matches!(
+        GgmlWeights::from_qtensor(&q3),
+        Err(Error::NotAMatrix { .. })
+    ));
+}
+
+#[test]
+fn names_round_trip() {
+    for kernel in Kernel::ALL {
+        assert_eq!(kernel.to_string().parse::<Kernel>().unwrap(), kernel);
+    }
+    for dtype in WeightDType::ALL {
+        assert_eq!(dtype.to_string().parse::<WeightDType>().unwrap(), dtype);
+        assert_eq!(WeightDType::from_ggml(dtype.to_ggml()).unwrap(), dtype);
+    }
+    assert!("sse2".parse::<Kernel>().is_err());
+    assert!("q5_k".parse::<WeightDType>().is_err());
+}
+
+#[test]
+fn nan_and_zero_activations() {
+    let qt = qtensor(WeightDType::Q4_1, 8, 64, 5);
+    let w = GgmlWeights::from_qtensor(&qt).unwrap();
+    for kernel in available_kernels() {
+        let acts = QuantizedActs::quantize(&[0.0; 64], 1, 64).unwrap();
+        let mut y = vec![1.0f32; 8];
+        gemm_with(kernel, w.matrix(), &acts, &mut y).unwrap();
+        assert!(y.iter().all(|&v| v == 0.0), "{kernel}: {y:?}");
+    }
+}
