@@ -47,11 +47,11 @@
 //! });
 //! record.status_badge = Some(StatusBadge::Safe);
 //! record.ttft_ms = Some(41.0);
-//! writer.append(&Record::V2(record.clone()))?;
+//! writer.append(&Record::from(record.clone()))?;
 //!
 //! let entries = LogReader::open(&path, ReadMode::Strict)?.read_all()?;
 //! assert_eq!(entries.len(), 1);
-//! assert_eq!(entries[0].record, Record::V2(record));
+//! assert_eq!(entries[0].record, Record::from(record));
 //! # std::fs::remove_dir_all(&dir).ok();
 //! # Ok(())
 //! # }

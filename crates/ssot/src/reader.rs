@@ -139,7 +139,7 @@ impl<R: BufRead> LogReader<R> {
                     }));
                 }
                 Err(reason) if !complete => {
-                    tracing::warn!(line = self.line, %reason, "SSOT log: torn last line skipped");
+                    tracing::debug!(line = self.line, %reason, "SSOT log: torn last line skipped");
                     self.skipped.push(Skipped {
                         line: self.line,
                         reason,
@@ -150,7 +150,7 @@ impl<R: BufRead> LogReader<R> {
                 }
                 Err(reason) => match self.mode {
                     ReadMode::Skip => {
-                        tracing::warn!(line = self.line, %reason, "SSOT log: malformed line skipped");
+                        tracing::debug!(line = self.line, %reason, "SSOT log: malformed line skipped");
                         self.skipped.push(Skipped {
                             line: self.line,
                             reason,

@@ -227,6 +227,7 @@ pub struct RecordV2 {
     pub base: RecordV1,
     /// Hits over all acquires of the lazy model cache so far, 0 to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub lazy_cache_hit_rate: Option<f64>,
     /// Time to re-acquire an already loaded model, in milliseconds (cache hits only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +256,7 @@ pub struct RecordV2 {
     pub status_badge: Option<StatusBadge>,
     /// Health score, 0 to 100 (see the guard's documented formula).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub health_score: Option<f64>,
     /// The peak memory predicted before the run, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,32 +317,22 @@ impl RecordV2 {
         rate("lazy_cache_hit_rate", self.lazy_cache_hit_rate)?;
         non_negative("reload_overhead_ms", self.reload_overhead_ms)?;
         non_negative("load_ms", self.load_ms)?;
-        if let Some(r) = self.compression_ratio {
-            if !(r.is_finite() && r > 0.0) {
-                return Err(out_of_range(
-                    "compression_ratio",
-                    r,
-                    "must be finite and > 0",
-                ));
-            }
+        if let Some(r) = self
+            .compression_ratio
+            .filter(|r| !(r.is_finite() && *r > 0.0))
+        {
+            return Err(out_of_range(
+                "compression_ratio",
+                r,
+                "must be finite and > 0",
+            ));
         }
-        if let Some(h) = self.health_score {
-            if !(h.is_finite() && (0.0..=100.0).contains(&h)) {
-                return Err(out_of_range("health_score", h, "must be within 0..=100"));
-            }
-        }
+        score("health_score", self.health_score)?;
         non_negative("ttft_ms", self.ttft_ms)?;
-        if let Some(sel) = &self.selection {
-            if let Some(s) = sel.trinity_score {
-                if !(s.is_finite() && (0.0..=100.0).contains(&s)) {
-                    return Err(out_of_range(
-                        "selection.trinity_score",
-                        s,
-                        "must be within 0..=100",
-                    ));
-                }
-            }
-        }
+        score(
+            "selection.trinity_score",
+            self.selection.as_ref().and_then(|s| s.trinity_score),
+        )?;
         for stage in self.stages.iter().flatten() {
             non_negative("stages.latency_ms", Some(stage.latency_ms))?;
         }
@@ -354,7 +346,7 @@ pub enum Record {
     /// A v1 line.
     V1(RecordV1),
     /// A v2 line.
-    V2(RecordV2),
+    V2(Box<RecordV2>),
 }
 
 impl Record {
@@ -434,7 +426,7 @@ impl Record {
                 up.base.schema_version = version;
                 up
             }
-            Record::V2(r) => r,
+            Record::V2(r) => *r,
         }
     }
 
@@ -455,7 +447,7 @@ impl Record {
 
 impl From<RecordV2> for Record {
     fn from(r: RecordV2) -> Self {
-        Record::V2(r)
+        Record::V2(Box::new(r))
     }
 }
 
@@ -493,6 +485,15 @@ fn non_negative(field: &'static str, value: Option<f64>) -> Result<()> {
     match value {
         Some(v) if !(v.is_finite() && v >= 0.0) => {
             Err(out_of_range(field, v, "must be finite and >= 0"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn score(field: &'static str, value: Option<f64>) -> Result<()> {
+    match value {
+        Some(v) if !(v.is_finite() && (0.0..=100.0).contains(&v)) => {
+            Err(out_of_range(field, v, "must be within 0..=100"))
         }
         _ => Ok(()),
     }

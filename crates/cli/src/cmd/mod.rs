@@ -1,0 +1,4 @@
+//! One module per subcommand family.
+
+pub(crate) mod schema;
+pub(crate) mod ssot;
