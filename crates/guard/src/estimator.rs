@@ -1,0 +1,236 @@
+//! Predicting a run's peak memory from facts, with a breakdown.
+
+use std::fmt;
+
+use crate::bytesize::ByteSize;
+
+/// The shape of a decoder model: what the KV cache and activations depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// Transformer layers.
+    pub layers: u64,
+    /// Hidden size.
+    pub hidden: u64,
+    /// MLP intermediate size.
+    pub intermediate: u64,
+    /// Attention (query) heads.
+    pub heads: u64,
+    /// Key/value heads.
+    pub kv_heads: u64,
+    /// Dimension of one head.
+    pub head_dim: u64,
+    /// Vocabulary size.
+    pub vocab: u64,
+}
+
+/// Where the weights' bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Weights {
+    /// Exact: the sum of the tensors' byte sizes (read from the model file).
+    Bytes(u64),
+    /// From a parameter count and the bits each parameter takes in its scheme
+    /// (32 for f32, 16 for f16/bf16, 8.5 for Q8_0, 5 for Q4_1, ...).
+    Params {
+        /// Number of parameters.
+        count: u64,
+        /// Bits per parameter, scales included.
+        bits_per_param: f64,
+    },
+}
+
+impl Weights {
+    /// The bytes.
+    pub fn bytes(&self) -> u64 {
+        match *self {
+            Weights::Bytes(b) => b,
+            Weights::Params {
+                count,
+                bits_per_param,
+            } => (count as f64 * bits_per_param / 8.0).ceil() as u64,
+        }
+    }
+}
+
+/// One planned run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPlan {
+    /// The weights (counted once: shared by every run of the model).
+    pub weights: Weights,
+    /// The model's shape.
+    pub shape: ModelShape,
+    /// Prompt tokens per sequence.
+    pub prompt_tokens: u64,
+    /// Tokens to generate per sequence.
+    pub max_new_tokens: u64,
+    /// Sequences run together.
+    pub batch: u64,
+    /// Bytes per KV-cache element (4 for f32, 2 for f16/bf16).
+    pub kv_dtype_bytes: u64,
+    /// The most prompt tokens run through the model in one forward pass.
+    pub prefill_chunk: u64,
+    /// Images, as (width x height) pixels after resizing, one entry per image.
+    pub image_pixels: Vec<u64>,
+    /// Vision tokens the images become, in total.
+    pub vision_tokens: u64,
+}
+
+/// A prediction, broken down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Estimate {
+    /// Weights.
+    pub weights: u64,
+    /// KV cache at its fullest.
+    pub kv_cache: u64,
+    /// Activations of the largest forward pass.
+    pub activations: u64,
+    /// Logits workspace.
+    pub logits: u64,
+    /// Image buffers.
+    pub images: u64,
+    /// Runtime overhead.
+    pub overhead: u64,
+    /// The sum: the predicted peak.
+    pub total: u64,
+}
+
+impl fmt::Display for Estimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "total {} = weights {} + kv {} + activations {} + logits {} + images {} + overhead {}",
+            ByteSize(self.total),
+            ByteSize(self.weights),
+            ByteSize(self.kv_cache),
+            ByteSize(self.activations),
+            ByteSize(self.logits),
+            ByteSize(self.images),
+            ByteSize(self.overhead)
+        )
+    }
+}
+
+/// Predicts peak bytes. The formulas, with `T = prompt_tokens + max_new_tokens`,
+/// `B = batch`, `C = min(prompt_tokens, prefill_chunk)` (at least 1), f32 = 4 bytes:
+///
+/// - **weights**: [`Weights::bytes`];
+/// - **KV cache**: `layers x 2 x kv_heads x head_dim x T x B x kv_dtype_bytes`;
+/// - **activations** (one layer's working set in the largest forward pass, buffers
+///   reused across layers): `B x C x (4 x hidden + 3 x intermediate + (heads + 2 x
+///   kv_heads) x head_dim) x 4` plus the attention scores `B x heads x C x T x 4`;
+/// - **logits**: `B x vocab x 4 x 2` (the logits and the sampler's working copy);
+/// - **images**: for each image `pixels x 3 x (1 + 4)` (the u8 buffer and its f32
+///   copy), plus `vision_tokens x hidden x 4 x 4` for the vision encoder's states;
+/// - **overhead**: [`Estimator::base_overhead`] (the runtime itself: code, tokenizer,
+///   allocator slack) plus [`Estimator::overhead_fraction`] of everything above.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimator {
+    /// Fixed bytes of the runtime. Default 48 MiB.
+    pub base_overhead: u64,
+    /// Fraction added for allocator fragmentation and temporaries. Default 0.05.
+    pub overhead_fraction: f64,
+}
+
+impl Default for Estimator {
+    fn default() -> Self {
+        Self {
+            base_overhead: 48 << 20,
+            overhead_fraction: 0.05,
+        }
+    }
+}
+
+impl Estimator {
+    /// The prediction for `plan`.
+    pub fn estimate(&self, plan: &RunPlan) -> Estimate {
+        let s = &plan.shape;
+        let b = plan.batch.max(1);
+        let t = plan.prompt_tokens + plan.max_new_tokens;
+        let c = plan.prompt_tokens.min(plan.prefill_chunk).max(1);
+        let weights = plan.weights.bytes();
+        let kv_cache = s.layers * 2 * s.kv_heads * s.head_dim * t * b * plan.kv_dtype_bytes;
+        let per_token = 4 * s.hidden + 3 * s.intermediate + (s.heads + 2 * s.kv_heads) * s.head_dim;
+        let activations = b * c * per_token * 4 + b * s.heads * c * t.max(1) * 4;
+        let logits = b * s.vocab * 4 * 2;
+        let images = plan.image_pixels.iter().map(|p| p * 3 * 5).sum::<u64>()
+            + plan.vision_tokens * s.hidden * 4 * 4;
+        let sum = weights + kv_cache + activations + logits + images;
+        let overhead = self.base_overhead + (sum as f64 * self.overhead_fraction) as u64;
+        Estimate {
+            weights,
+            kv_cache,
+            activations,
+            logits,
+            images,
+            overhead,
+            total: sum + overhead,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> ModelShape {
+        ModelShape {
+            layers: 30,
+            hidden: 576,
+            intermediate: 1536,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            vocab: 49152,
+        }
+    }
+
+    fn plan(prompt: u64, new: u64, batch: u64) -> RunPlan {
+        RunPlan {
+            weights: Weights::Bytes(100 << 20),
+            shape: smollm2(),
+            prompt_tokens: prompt,
+            max_new_tokens: new,
+            batch,
+            kv_dtype_bytes: 4,
+            prefill_chunk: 512,
+            image_pixels: Vec::new(),
+            vision_tokens: 0,
+        }
+    }
+
+    #[test]
+    fn kv_cache_formula() {
+        let e = Estimator::default().estimate(&plan(100, 28, 1));
+        // 30 layers x 2 x 3 heads x 64 x 128 tokens x 4 bytes.
+        assert_eq!(e.kv_cache, 30 * 2 * 3 * 64 * 128 * 4);
+        let e8 = Estimator::default().estimate(&plan(100, 28, 8));
+        assert_eq!(e8.kv_cache, 8 * e.kv_cache);
+        assert_eq!(e.weights, 100 << 20);
+        assert_eq!(
+            e.total,
+            e.weights + e.kv_cache + e.activations + e.logits + e.images + e.overhead
+        );
+    }
+
+    #[test]
+    fn grows_with_every_input() {
+        let est = Estimator::default();
+        let base = est.estimate(&plan(100, 100, 1)).total;
+        assert!(est.estimate(&plan(200, 100, 1)).total > base);
+        assert!(est.estimate(&plan(100, 200, 1)).total > base);
+        assert!(est.estimate(&plan(100, 100, 2)).total > base);
+        let mut with_image = plan(100, 100, 1);
+        with_image.image_pixels = vec![1024 * 1024];
+        with_image.vision_tokens = 1024;
+        let e = est.estimate(&with_image);
+        assert_eq!(e.images, 1024 * 1024 * 15 + 1024 * 576 * 16);
+    }
+
+    #[test]
+    fn params_weights() {
+        let w = Weights::Params {
+            count: 1000,
+            bits_per_param: 4.5,
+        };
+        assert_eq!(w.bytes(), 563);
+    }
+}
