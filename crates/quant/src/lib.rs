@@ -1,14 +1,45 @@
-//! Weight quantization for afo.
+//! Weight quantization for afo: the linear layer every decoder calls, and its kernels.
 //!
-//! `afo-quant` will own the weight quantization schemes (int8 per-channel weight-only,
-//! int4 grouped, the GGML block formats used by GGUF files), the quantized linear layer
-//! (`QLinear`) that every decoder layer calls, its fast CPU kernels with run-time CPU
-//! feature detection, on-load quantization, and per-tensor byte accounting used by the
-//! memory guard's estimator.
+//! [`QLinear`] is one linear type for every storage scheme ([`QuantScheme`]): dense
+//! f32/f16/bf16 weights, and the GGML block formats of GGUF files. Q4_0, Q4_1 and Q8_0
+//! weights run on this crate's own [`kernels`] (integer dot products with AVX-512 VNNI,
+//! AVX2 or portable code chosen at run time, split across threads by output rows);
+//! the other GGML types run on candle's quantized matmul. [`QLinear::rows`] is the
+//! embedding lookup that dequantizes only the rows asked for, and [`QLinear::bytes`]
+//! the byte accounting the memory guard's estimator uses.
 //!
-//! Status: planned. The crate exposes no items yet; each arrives when it works.
+//! The int8 per-channel and int4 grouped schemes and on-load quantization are planned;
+//! they are not exposed until they work.
+//!
+//! # Example
+//!
+//! ```
+//! use afo_quant::{QLinear, QuantScheme};
+//! use candle_core::quantized::{GgmlDType, QTensor};
+//! use candle_core::{Device, Tensor};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let w = Tensor::randn(0f32, 1.0, (64, 128), &Device::Cpu)?;
+//! let layer = QLinear::from_qtensor("w", QTensor::quantize(&w, GgmlDType::Q8_0)?, None)?;
+//! assert_eq!(layer.scheme(), QuantScheme::Ggml(GgmlDType::Q8_0));
+//! let y = layer.forward(&Tensor::ones((3, 128), candle_core::DType::F32, &Device::Cpu)?)?;
+//! assert_eq!(y.dims(), [3, 64]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Features
+//!
+//! None yet; the kernels pick their instruction set at run time.
 
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+mod error;
 pub mod kernels;
+mod linear;
+mod scheme;
+
+pub use error::{Error, Result};
+pub use linear::{QLinear, has_fast_kernel};
+pub use scheme::QuantScheme;

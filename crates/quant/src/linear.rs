@@ -1,0 +1,399 @@
+//! The linear layer every decoder calls, for every storage scheme.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kernels::{self, GgmlWeights, WeightDType};
+use crate::scheme::QuantScheme;
+
+/// `y = x · Wᵀ (+ b)` with `W` stored dense or quantized.
+///
+/// - Dense f32/f16/bf16 weights use candle's matmul.
+/// - GGML Q4_0, Q4_1 and Q8_0 weights use this crate's [`kernels`] (integer dot
+///   products with run-time SIMD dispatch), straight from the GGUF bytes.
+/// - Other GGML types (the k-quants) use candle's quantized matmul.
+///
+/// Inputs are `[..., in_features]` f32 tensors; outputs `[..., out_features]` f32.
+#[derive(Debug, Clone)]
+pub struct QLinear {
+    weight: Weight,
+    bias: Option<Tensor>,
+    in_features: usize,
+    out_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Fast(GgmlWeights),
+    Candle(QMatMul, GgmlDType),
+}
+
+fn shape_err(name: &str, reason: String) -> Error {
+    Error::Shape {
+        name: name.to_owned(),
+        reason,
+    }
+}
+
+impl QLinear {
+    /// A layer over a dense `[out_features, in_features]` weight (f32, f16 or bf16).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the weight is not 2-D, has another dtype, or the bias
+    /// does not match.
+    pub fn dense(name: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight
+            .dims2()
+            .map_err(|_| shape_err(name, format!("expected 2 dims, got {:?}", weight.dims())))?;
+        if QuantScheme::from_dtype(weight.dtype()).is_none() {
+            return Err(shape_err(
+                name,
+                format!("dtype {:?} is not f32, f16 or bf16", weight.dtype()),
+            ));
+        }
+        Self::check_bias(name, bias.as_ref(), out_features)?;
+        Ok(Self {
+            weight: Weight::Dense(weight),
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// A layer over a quantized `[out_features, in_features]` weight from a GGUF file.
+    /// F32/F16/BF16 "quantized" tensors become dense weights.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the tensor is not 2-D or the bias does not match.
+    pub fn from_qtensor(name: &str, qtensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = qtensor
+            .shape()
+            .dims2()
+            .map_err(|_| shape_err(name, format!("expected 2 dims, got {:?}", qtensor.shape())))?;
+        Self::check_bias(name, bias.as_ref(), out_features)?;
+        let dtype = qtensor.dtype();
+        let weight = match dtype {
+            GgmlDType::F32 => Weight::Dense(qtensor.dequantize(&candle_core::Device::Cpu)?),
+            GgmlDType::F16 => Weight::Dense(
+                qtensor
+                    .dequantize(&candle_core::Device::Cpu)?
+                    .to_dtype(DType::F16)?,
+            ),
+            GgmlDType::BF16 => Weight::Dense(
+                qtensor
+                    .dequantize(&candle_core::Device::Cpu)?
+                    .to_dtype(DType::BF16)?,
+            ),
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 if qtensor.device().is_cpu() => {
+                Weight::Fast(GgmlWeights::from_qtensor(&qtensor)?)
+            }
+            other => Weight::Candle(QMatMul::from_qtensor(qtensor)?, other),
+        };
+        Ok(Self {
+            weight,
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            in_features,
+            out_features,
+        })
+    }
+
+    fn check_bias(name: &str, bias: Option<&Tensor>, out: usize) -> Result<()> {
+        match bias {
+            Some(b) if b.dims() != [out] => Err(shape_err(
+                name,
+                format!("bias has shape {:?}, expected [{out}]", b.dims()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// The weight's storage scheme.
+    pub fn scheme(&self) -> QuantScheme {
+        match &self.weight {
+            Weight::Dense(w) => QuantScheme::from_dtype(w.dtype()).unwrap_or(QuantScheme::F32),
+            Weight::Fast(w) => QuantScheme::Ggml(w.dtype().to_ggml()),
+            Weight::Candle(_, t) => QuantScheme::Ggml(*t),
+        }
+    }
+
+    /// Bytes the weight and bias keep resident.
+    pub fn bytes(&self) -> u64 {
+        let weight = match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Fast(w) => w.bytes().len(),
+            Weight::Candle(_, t) => {
+                self.in_features * self.out_features / t.block_size() * t.type_size()
+            }
+        };
+        let bias = self.bias.as_ref().map_or(0, |b| b.elem_count() * 4);
+        (weight + bias) as u64
+    }
+
+    /// Applies the layer to `[..., in_features]` f32 input.
+    ///
+    /// # Errors
+    /// When the input's last dimension is not `in_features`, or a kernel fails.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some((&last, lead)) = dims.split_last() else {
+            return Err(shape_err("input", "a scalar is not a matrix".into()));
+        };
+        if last != self.in_features {
+            return Err(shape_err(
+                "input",
+                format!(
+                    "last dimension is {last}, the layer takes {}",
+                    self.in_features
+                ),
+            ));
+        }
+        let m: usize = lead.iter().product();
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features);
+        let y = match &self.weight {
+            Weight::Fast(w) => {
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut ys = vec![0f32; m * self.out_features];
+                kernels::gemm(w, &xs, m, &mut ys)?;
+                Tensor::from_vec(ys, out_dims, x.device())?
+            }
+            Weight::Dense(w) => {
+                let x2 = x.reshape((m, self.in_features))?.to_dtype(w.dtype())?;
+                x2.matmul(&w.t()?)?
+                    .to_dtype(DType::F32)?
+                    .reshape(out_dims)?
+            }
+            Weight::Candle(q, _) => {
+                let x2 = x.reshape((m, self.in_features))?.to_dtype(DType::F32)?;
+                q.forward(&x2)?.reshape(out_dims)?
+            }
+        };
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+
+    /// The rows `ids` of the weight as f32 `[ids.len(), in_features]`: an embedding
+    /// lookup that dequantizes only the rows asked for.
+    ///
+    /// # Errors
+    /// When an id is out of range.
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.out_features) {
+            return Err(shape_err(
+                "embedding",
+                format!(
+                    "token id {bad} is out of range (vocabulary {})",
+                    self.out_features
+                ),
+            ));
+        }
+        let device = candle_core::Device::Cpu;
+        match &self.weight {
+            Weight::Fast(w) => {
+                let m = w.matrix();
+                let mut out = vec![0f32; ids.len() * self.in_features];
+                for (row, chunk) in ids.iter().zip(out.chunks_exact_mut(self.in_features)) {
+                    m.dequantize_row(*row as usize, chunk)?;
+                }
+                Ok(Tensor::from_vec(
+                    out,
+                    (ids.len(), self.in_features),
+                    &device,
+                )?)
+            }
+            Weight::Dense(w) => {
+                let idx = Tensor::new(ids, w.device())?;
+                Ok(w.index_select(&idx, 0)?.to_dtype(DType::F32)?)
+            }
+            Weight::Candle(q, _) => {
+                let full = match q {
+                    QMatMul::QTensor(t) => t.dequantize(&device)?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+                };
+                let idx = Tensor::new(ids, &device)?;
+                Ok(full.index_select(&idx, 0)?.contiguous()?)
+            }
+        }
+    }
+
+    /// The whole weight as dense f32 `[out_features, in_features]`.
+    ///
+    /// # Errors
+    /// When dequantization fails.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let device = candle_core::Device::Cpu;
+        Ok(match &self.weight {
+            Weight::Dense(w) => w.to_dtype(DType::F32)?,
+            Weight::Fast(w) => Tensor::from_vec(
+                w.dequantize()?,
+                (self.out_features, self.in_features),
+                &device,
+            )?,
+            Weight::Candle(QMatMul::QTensor(t), _) => t.dequantize(&device)?,
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => {
+                t.to_dtype(DType::F32)?
+            }
+        })
+    }
+}
+
+/// Whether this crate's own kernels run a GGML type.
+pub fn has_fast_kernel(dtype: GgmlDType) -> bool {
+    WeightDType::from_ggml(dtype).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+                ((x >> 8) % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(w: &Tensor, x: &Tensor) -> Vec<f32> {
+        x.matmul(&w.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_scheme_matches_dequantize_then_matmul() {
+        let dev = Device::Cpu;
+        for (out, inp, m) in [(17, 64, 1), (3, 96, 5), (192, 576, 2), (1, 32, 3)] {
+            let w = Tensor::from_vec(data(out * inp, 1), (out, inp), &dev).unwrap();
+            let x = Tensor::from_vec(data(m * inp, 7), (m, inp), &dev).unwrap();
+            for t in [
+                GgmlDType::F32,
+                GgmlDType::F16,
+                GgmlDType::Q8_0,
+                GgmlDType::Q4_0,
+                GgmlDType::Q4_1,
+            ] {
+                let q = QTensor::quantize(&w, t).unwrap();
+                let deq = q.dequantize(&dev).unwrap();
+                let layer = QLinear::from_qtensor("w", q, None).unwrap();
+                assert_eq!(layer.in_features(), inp);
+                assert_eq!(layer.scheme(), QuantScheme::from_ggml(t));
+                let y: Vec<f32> = layer
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want = reference(&deq, &x);
+                // Activation quantization (8 bits per block of 32) bounds the error.
+                let tol = 0.02 * (inp as f32).sqrt();
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() <= tol, "{t:?} {out}x{inp} m={m}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quants_use_candle_and_match() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(data(8 * 256, 3), (8, 256), &dev).unwrap();
+        let x = Tensor::from_vec(data(2 * 256, 5), (2, 256), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let deq = q.dequantize(&dev).unwrap();
+        let layer = QLinear::from_qtensor("w", q, None).unwrap();
+        let y: Vec<f32> = layer
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in y.iter().zip(reference(&deq, &x)) {
+            assert!((a - b).abs() < 0.5, "{a} vs {b}");
+        }
+        assert_eq!(layer.rows(&[1, 7]).unwrap().dims(), [2, 256]);
+    }
+
+    #[test]
+    fn rows_dequantize_only_what_is_asked() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(data(10 * 64, 9), (10, 64), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let deq = q.dequantize(&dev).unwrap();
+        let layer = QLinear::from_qtensor("emb", q, None).unwrap();
+        let rows = layer.rows(&[3, 0, 3]).unwrap();
+        let want = deq
+            .index_select(&Tensor::new(&[3u32, 0, 3], &dev).unwrap(), 0)
+            .unwrap();
+        let diff = (rows - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        let err = layer.rows(&[10]).unwrap_err();
+        assert!(err.to_string().contains("token id 10"), "{err}");
+    }
+
+    #[test]
+    fn bias_and_shape_errors() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(data(4 * 8, 1), (4, 8), &dev).unwrap();
+        let b = Tensor::new(&[1f32, 2., 3., 4.], &dev).unwrap();
+        let layer = QLinear::dense("w", w.clone(), Some(b)).unwrap();
+        let x = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+        let y = layer.forward(&x).unwrap();
+        assert_eq!(y.dims(), [2, 3, 4]);
+        assert_eq!(y.i_last(), vec![1., 2., 3., 4.]);
+        let bad = Tensor::zeros((2, 7), DType::F32, &dev).unwrap();
+        assert!(
+            layer
+                .forward(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("takes 8")
+        );
+        let wrong_bias = Tensor::new(&[1f32, 2.], &dev).unwrap();
+        assert!(QLinear::dense("w", w, Some(wrong_bias)).is_err());
+    }
+
+    trait LastRow {
+        fn i_last(&self) -> Vec<f32>;
+    }
+    impl LastRow for Tensor {
+        fn i_last(&self) -> Vec<f32> {
+            let v: Vec<f32> = self.flatten_all().unwrap().to_vec1().unwrap();
+            v[v.len() - 4..].to_vec()
+        }
+    }
+
+    #[test]
+    fn layers_are_shareable_across_threads() {
+        fn check<T: Send + Sync>() {}
+        check::<QLinear>();
+    }
+}
