@@ -47,6 +47,74 @@ pub enum Error {
     /// A generation was asked for with no prompt tokens.
     #[error("the prompt is empty: generation needs at least one prompt token")]
     EmptyPrompt,
+    /// A model file names an architecture the engine does not run.
+    #[error("unsupported architecture `{name}` (supported: {supported})")]
+    UnsupportedArchitecture {
+        /// The name found.
+        name: String,
+        /// The supported names.
+        supported: String,
+    },
+    /// A model configuration is inconsistent.
+    #[error("invalid model configuration: {reason}")]
+    InvalidConfig {
+        /// What does not fit.
+        reason: String,
+    },
+    /// A GGUF metadata key is missing or has the wrong type.
+    #[error("GGUF metadata `{key}`: {reason}")]
+    GgufMetadata {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A model file is not a valid GGUF file.
+    #[error("`{path}` is not a valid GGUF file: {reason}")]
+    Gguf {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor's data lies outside the file.
+    #[error(
+        "tensor `{name}` in `{path}`: offset {offset} + {bytes} bytes is past the end of the file ({file_len} bytes)"
+    )]
+    TensorOutOfBounds {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The tensor.
+        name: String,
+        /// Where its data starts.
+        offset: u64,
+        /// Its size.
+        bytes: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// A tensor the architecture needs is missing.
+    #[error("tensor `{name}` is missing from the model")]
+    MissingTensor {
+        /// The tensor.
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        /// The tensor.
+        name: String,
+        /// The shape expected from the configuration.
+        expected: Vec<usize>,
+        /// The shape found.
+        got: Vec<usize>,
+    },
+    /// A linear layer failed.
+    #[error(transparent)]
+    Quant(#[from] afo_quant::Error),
+    /// The KV cache refused an operation.
+    #[error(transparent)]
+    KvCache(#[from] afo_kvcache::Error),
     /// Generation was cancelled by the caller.
     #[error("generation cancelled")]
     Cancelled,

@@ -9,16 +9,27 @@
 
 mod cache;
 mod chat;
+mod config;
 mod error;
+mod eval;
 mod generate;
+mod gguf;
+mod model;
 mod sampler;
 mod stream;
 mod tokenizer;
 
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
+pub use config::{
+    ARCHITECTURES, Architecture, ArchitectureInfo, ModelConfig, RopeScaling,
+    supported_architectures,
+};
 pub use error::{Error, Result};
+pub use eval::{Perplexity, perplexity};
 pub use generate::{Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, generate};
+pub use gguf::{GgufDescription, GgufFile, TypeCount};
+pub use model::{Logits, Model, WeightSource};
 pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};
 pub use tokenizer::{

@@ -7,6 +7,16 @@ use crate::error::{Error, Result};
 use crate::kernels::{self, GgmlWeights, WeightDType};
 use crate::scheme::QuantScheme;
 
+/// Which matmul runs GGML-quantized weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum KernelChoice {
+    /// This crate's kernels where they exist (Q4_0, Q4_1, Q8_0), candle's otherwise.
+    #[default]
+    Fastest,
+    /// candle's quantized matmul for every GGML type: the reference arithmetic.
+    Candle,
+}
+
 /// `y = x · Wᵀ (+ b)` with `W` stored dense or quantized.
 ///
 /// - Dense f32/f16/bf16 weights use candle's matmul.
@@ -68,6 +78,21 @@ impl QLinear {
     /// # Errors
     /// [`Error::Shape`] when the tensor is not 2-D or the bias does not match.
     pub fn from_qtensor(name: &str, qtensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::from_qtensor_with(name, qtensor, bias, KernelChoice::Fastest)
+    }
+
+    /// As [`QLinear::from_qtensor`], choosing which matmul runs quantized weights:
+    /// [`KernelChoice::Candle`] makes every GGML type use candle's quantized matmul
+    /// (the reference arithmetic of candle-transformers' models).
+    ///
+    /// # Errors
+    /// As [`QLinear::from_qtensor`].
+    pub fn from_qtensor_with(
+        name: &str,
+        qtensor: QTensor,
+        bias: Option<Tensor>,
+        kernels: KernelChoice,
+    ) -> Result<Self> {
         let (out_features, in_features) = qtensor
             .shape()
             .dims2()
@@ -86,7 +111,9 @@ impl QLinear {
                     .dequantize(&candle_core::Device::Cpu)?
                     .to_dtype(DType::BF16)?,
             ),
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 if qtensor.device().is_cpu() => {
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
+                if qtensor.device().is_cpu() && kernels == KernelChoice::Fastest =>
+            {
                 Weight::Fast(GgmlWeights::from_qtensor(&qtensor)?)
             }
             other => Weight::Candle(QMatMul::from_qtensor(qtensor)?, other),
@@ -395,5 +422,54 @@ mod tests {
     fn layers_are_shareable_across_threads() {
         fn check<T: Send + Sync>() {}
         check::<QLinear>();
+    }
+}
+
+#[cfg(test)]
+mod row_consistency {
+    use super::*;
+    use candle_core::Device;
+
+    /// A row's result must not depend on how many rows are multiplied with it.
+    #[test]
+    fn one_row_equals_the_same_row_in_a_batch() {
+        let dev = Device::Cpu;
+        for (t, n_out, k, m) in [
+            (GgmlDType::Q4_0, 64, 576, 9),
+            (GgmlDType::Q4_1, 1536, 576, 40),
+            (GgmlDType::Q4_1, 576, 1536, 40),
+            (GgmlDType::Q4_1, 192, 576, 2),
+            (GgmlDType::Q8_0, 49152, 576, 40),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (n_out, k), &dev).unwrap();
+            // Hidden states have a few huge channels: make some.
+            let mut xv: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for r in 0..m {
+                xv[r * k + 5] = 300.0;
+                xv[r * k + 400] = -150.0;
+            }
+            let x = Tensor::from_vec(xv, (m, k), &dev).unwrap();
+            let layer =
+                QLinear::from_qtensor("w", QTensor::quantize(&w, t).unwrap(), None).unwrap();
+            let all: Vec<Vec<f32>> = layer.forward(&x).unwrap().to_vec2().unwrap();
+            for (i, want) in all.iter().enumerate() {
+                let one: Vec<Vec<f32>> = layer
+                    .forward(&x.narrow(0, i, 1).unwrap())
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                let diff = one[0]
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-3, "{t:?} row {i}: {diff}");
+            }
+        }
     }
 }

@@ -1,0 +1,249 @@
+//! GGUF model files: open with checks, read the configuration and weights, describe.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use afo_quant::{KernelChoice, QLinear, QuantScheme};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{ModelConfig, meta_str};
+use crate::error::{Error, Result};
+use crate::model::{Model, WeightSource};
+
+/// An open GGUF file whose header and tensor table have been checked.
+#[derive(Debug)]
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+    file_len: u64,
+    kernels: KernelChoice,
+}
+
+impl GgufFile {
+    /// Opens and checks a GGUF file: the magic and version, the metadata and tensor
+    /// table, and that every tensor's data lies inside the file.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be opened, [`Error::Gguf`] for a file that
+    /// is not GGUF or has a corrupt or truncated header, [`Error::TensorOutOfBounds`]
+    /// naming the first tensor whose data is past the end.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::open(&path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut magic = [0u8; 4];
+        if file_len < 8 || file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+            return Err(Error::Gguf {
+                path,
+                reason: format!(
+                    "missing the `GGUF` magic at the start ({file_len} bytes, starts with {magic:02x?})"
+                ),
+            });
+        }
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| Error::Gguf {
+            path: path.clone(),
+            reason: format!("corrupt or truncated header: {e}"),
+        })?;
+        let mut tensors: Vec<_> = content.tensor_infos.iter().collect();
+        tensors.sort_by_key(|(_, info)| info.offset);
+        for (name, info) in tensors {
+            let dtype = info.ggml_dtype;
+            let elems = info.shape.elem_count();
+            if elems % dtype.block_size() != 0 {
+                return Err(Error::Gguf {
+                    path,
+                    reason: format!(
+                        "tensor `{name}`: {elems} elements are not a multiple of the {dtype:?} block size {}",
+                        dtype.block_size()
+                    ),
+                });
+            }
+            let bytes = (elems / dtype.block_size() * dtype.type_size()) as u64;
+            let offset = content.tensor_data_offset.saturating_add(info.offset);
+            if offset.saturating_add(bytes) > file_len {
+                return Err(Error::TensorOutOfBounds {
+                    path,
+                    name: name.clone(),
+                    offset,
+                    bytes,
+                    file_len,
+                });
+            }
+        }
+        Ok(Self {
+            path,
+            content,
+            reader,
+            file_len,
+            kernels: KernelChoice::default(),
+        })
+    }
+
+    /// Which matmul runs the quantized weights of models loaded from now on. Default
+    /// [`KernelChoice::Fastest`].
+    pub fn set_kernels(&mut self, kernels: KernelChoice) {
+        self.kernels = kernels;
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed header: metadata and tensor table.
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// The model configuration from the metadata.
+    ///
+    /// # Errors
+    /// As [`ModelConfig::from_gguf_metadata`].
+    pub fn config(&self) -> Result<ModelConfig> {
+        ModelConfig::from_gguf_metadata(&self.content.metadata)
+    }
+
+    /// Loads the decoder. Quantized tensors stay in their GGML type.
+    ///
+    /// # Errors
+    /// A bad configuration, a missing tensor or one of the wrong shape.
+    pub fn load_model(&mut self) -> Result<Model> {
+        let config = self.config()?;
+        Model::load(config, self)
+    }
+
+    /// Facts for `afo inspect`.
+    pub fn describe(&self) -> GgufDescription {
+        let mut by_type: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
+        let mut parameters = 0u64;
+        for info in self.content.tensor_infos.values() {
+            let elems = info.shape.elem_count() as u64;
+            let t = info.ggml_dtype;
+            let bytes = elems / t.block_size() as u64 * t.type_size() as u64;
+            let entry = by_type
+                .entry(QuantScheme::from_ggml(t).to_string())
+                .or_default();
+            entry.0 += 1;
+            entry.1 += elems;
+            entry.2 += bytes;
+            parameters += elems;
+        }
+        GgufDescription {
+            path: self.path.clone(),
+            file_bytes: self.file_len,
+            architecture: meta_str(&self.content.metadata, "general.architecture").ok(),
+            name: meta_str(&self.content.metadata, "general.name").ok(),
+            parameters,
+            tensors: self.content.tensor_infos.len(),
+            by_type: by_type
+                .into_iter()
+                .map(|(scheme, (tensors, parameters, bytes))| TypeCount {
+                    scheme,
+                    tensors,
+                    parameters,
+                    bytes,
+                })
+                .collect(),
+        }
+    }
+
+    fn shape_of(&self, name: &str) -> Result<Vec<usize>> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|i| i.shape.dims().to_vec())
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_owned(),
+            })
+    }
+
+    fn read(&mut self, name: &str, expected: &[usize]) -> Result<candle_core::quantized::QTensor> {
+        let got = self.shape_of(name)?;
+        if got != expected {
+            return Err(Error::TensorShape {
+                name: name.to_owned(),
+                expected: expected.to_vec(),
+                got,
+            });
+        }
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| Error::Gguf {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })
+    }
+}
+
+impl WeightSource for GgufFile {
+    fn contains(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn linear(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: Option<&str>,
+    ) -> Result<QLinear> {
+        let weight = self.read(name, &[out, inp])?;
+        let bias = match bias {
+            Some(b) => Some(self.vector(b, out)?),
+            None => None,
+        };
+        Ok(QLinear::from_qtensor_with(
+            name,
+            weight,
+            bias,
+            self.kernels,
+        )?)
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let q = self.read(name, &[len])?;
+        Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// What a GGUF file holds, for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufDescription {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub file_bytes: u64,
+    /// `general.architecture`.
+    pub architecture: Option<String>,
+    /// `general.name`.
+    pub name: Option<String>,
+    /// Total parameters.
+    pub parameters: u64,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Tensors, parameters and bytes per storage type.
+    pub by_type: Vec<TypeCount>,
+}
+
+/// Tensors of one storage type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeCount {
+    /// The scheme (`Q4_1`, `F32`, ...).
+    pub scheme: String,
+    /// Tensors.
+    pub tensors: usize,
+    /// Parameters.
+    pub parameters: u64,
+    /// Bytes.
+    pub bytes: u64,
+}

@@ -1,0 +1,418 @@
+//! Our own forward pass for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2,
+//! Qwen3) on candle-core ops.
+//!
+//! The model is immutable and shared (`Send + Sync`, behind an `Arc`); everything a
+//! sequence owns lives in its [`KvCache`]. Linear layers are [`QLinear`]s (dense or
+//! quantized), so the same code runs f32 safetensors and Q4_1 GGUF files.
+//!
+//! Weights are named as in GGUF files (`token_embd.weight`, `blk.N.attn_q.weight`,
+//! ...); other formats map their names onto these.
+
+use std::sync::RwLock;
+
+use afo_kvcache::{KvCache, KvCacheConfig};
+use afo_quant::QLinear;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::generate::Decode;
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's: `[1, vocab]`.
+    Last,
+    /// Every position's: `[tokens, vocab]` (perplexity, scoring).
+    All,
+}
+
+/// Where the model's weights come from, by GGUF tensor name.
+pub trait WeightSource {
+    /// Whether the source has a tensor.
+    fn contains(&self, name: &str) -> bool;
+    /// A `[out, inp]` weight as a linear layer, with its bias when `bias` names one.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`], [`Error::TensorShape`], or a read error.
+    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: Option<&str>)
+    -> Result<QLinear>;
+    /// A 1-D f32 vector of `len` values (a norm weight).
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`], [`Error::TensorShape`], or a read error.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor>;
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    q: QLinear,
+    k: QLinear,
+    v: QLinear,
+    o: QLinear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
+}
+
+/// A loaded decoder.
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embed: QLinear,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<QLinear>,
+    rope: Rope,
+    device: Device,
+}
+
+impl Model {
+    /// Builds the model from a weight source.
+    ///
+    /// # Errors
+    /// When a tensor is missing or has the wrong shape.
+    pub fn load(config: ModelConfig, source: &mut dyn WeightSource) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let embed = source.linear("token_embd.weight", c.vocab_size, h, None)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let name = |s: &str| format!("blk.{i}.{s}");
+            let bias = |s: &str| c.qkv_bias.then(|| format!("blk.{i}.{s}.bias"));
+            layers.push(Layer {
+                attn_norm: source.vector(&name("attn_norm.weight"), h)?,
+                q: source.linear(
+                    &name("attn_q.weight"),
+                    c.num_heads * hd,
+                    h,
+                    bias("attn_q").as_deref(),
+                )?,
+                k: source.linear(
+                    &name("attn_k.weight"),
+                    c.num_kv_heads * hd,
+                    h,
+                    bias("attn_k").as_deref(),
+                )?,
+                v: source.linear(
+                    &name("attn_v.weight"),
+                    c.num_kv_heads * hd,
+                    h,
+                    bias("attn_v").as_deref(),
+                )?,
+                o: source.linear(&name("attn_output.weight"), h, c.num_heads * hd, None)?,
+                q_norm: if c.qk_norm {
+                    Some(source.vector(&name("attn_q_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                k_norm: if c.qk_norm {
+                    Some(source.vector(&name("attn_k_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                ffn_norm: source.vector(&name("ffn_norm.weight"), h)?,
+                gate: source.linear(&name("ffn_gate.weight"), c.intermediate_size, h, None)?,
+                up: source.linear(&name("ffn_up.weight"), c.intermediate_size, h, None)?,
+                down: source.linear(&name("ffn_down.weight"), h, c.intermediate_size, None)?,
+            });
+        }
+        let norm = source.vector("output_norm.weight", h)?;
+        let lm_head = if source.contains("output.weight") {
+            Some(source.linear("output.weight", c.vocab_size, h, None)?)
+        } else {
+            None
+        };
+        let mut config = config;
+        config.tie_embeddings = lm_head.is_none();
+        let rope = Rope::new(&config);
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: Device::Cpu,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Bytes the weights keep resident.
+    pub fn weight_bytes(&self) -> u64 {
+        let vec_bytes = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|q| q.bytes())
+                    .sum::<u64>()
+                    + vec_bytes(&l.attn_norm)
+                    + vec_bytes(&l.ffn_norm)
+                    + l.q_norm.as_ref().map_or(0, vec_bytes)
+                    + l.k_norm.as_ref().map_or(0, vec_bytes)
+            })
+            .sum();
+        self.embed.bytes()
+            + layers
+            + vec_bytes(&self.norm)
+            + self.lm_head.as_ref().map_or(0, QLinear::bytes)
+    }
+
+    /// The storage scheme of the attention and MLP weights (of the first layer).
+    pub fn quant_scheme(&self) -> Option<afo_quant::QuantScheme> {
+        self.layers.first().map(|l| l.q.scheme())
+    }
+
+    /// A KV cache for one sequence of at most `max_tokens` (capped at the model's
+    /// context).
+    pub fn new_cache(&self, max_tokens: usize) -> KvCache {
+        let c = &self.config;
+        KvCache::new(
+            KvCacheConfig {
+                layers: c.num_layers,
+                kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                max_tokens: max_tokens.min(c.max_position).max(1),
+                block_tokens: 64,
+                dtype: DType::F32,
+            },
+            &self.device,
+        )
+    }
+
+    /// Runs `tokens` after what `cache` holds (their positions start at
+    /// `cache.len()`), appends their keys and values to it, and returns logits (f32).
+    ///
+    /// # Errors
+    /// [`Error::EmptyPrompt`] for no tokens, a token id out of range, a full cache.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        let c = &self.config;
+        let pos = cache.len();
+        let (cos, sin) = self.rope.tables(pos, t, &self.device)?;
+        let mask = (t > 1)
+            .then(|| causal_mask(t, pos, &self.device))
+            .transpose()?;
+        let mut x = self.embed.rows(tokens)?;
+        let eps = c.rms_norm_eps as f32;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let n_rep = c.num_heads / c.num_kv_heads;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = layer.q.forward(&h)?;
+            let k = layer.k.forward(&h)?;
+            let v = layer.v.forward(&h)?;
+            let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+                Ok(x.reshape((1, t, n, c.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let mut q = heads(q, c.num_heads)?;
+            let mut k = heads(k, c.num_kv_heads)?;
+            let v = heads(v, c.num_kv_heads)?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = candle_nn::ops::rms_norm(&q, qn, eps)?;
+                k = candle_nn::ops::rms_norm(&k, kn, eps)?;
+            }
+            let (q, k) = if c.rope_interleaved {
+                (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                )
+            } else {
+                (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                )
+            };
+            let (k_all, v_all) = cache.append(i, &k, &v)?;
+            let len = k_all.dim(2)?;
+            // Grouped-query attention without copying keys: the n_rep query heads of
+            // each kv head are stacked as rows of one matrix.
+            let q = q.reshape((1, c.num_kv_heads, n_rep * t, c.head_dim))?;
+            let scores = (q.matmul(&k_all.t()?)? * scale)?;
+            let scores = match &mask {
+                Some(m) => scores
+                    .reshape((1, c.num_kv_heads, n_rep, t, len))?
+                    .broadcast_add(m)?
+                    .reshape((1, c.num_kv_heads, n_rep * t, len))?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let attn = probs
+                .matmul(&v_all)?
+                .reshape((1, c.num_heads, t, c.head_dim))?
+                .transpose(1, 2)?
+                .reshape((t, c.num_heads * c.head_dim))?;
+            x = (x + layer.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let g = layer.gate.forward(&h)?;
+            let u = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+        }
+        cache.commit(t)?;
+        let x = match logits {
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self.lm_head.as_ref().unwrap_or(&self.embed).forward(&x)?)
+    }
+}
+
+/// The model as the generation loop sees it: last-position logits as a `Vec<f32>`.
+impl Decode for Model {
+    type State = KvCache;
+
+    fn new_state(&self) -> KvCache {
+        self.new_cache(self.config.max_position)
+    }
+
+    fn decode(&self, tokens: &[u32], state: &mut KvCache) -> Result<Vec<f32>> {
+        Ok(self
+            .forward(tokens, state, Logits::Last)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+}
+
+/// `[t, pos + t]`: 0 where query `i` (at position `pos + i`) may see key `j`, -inf after.
+fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let len = pos + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..len).map(move |j| if j <= pos + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, len), device)?)
+}
+
+/// RoPE cos/sin tables, grown on demand (never capped below the model's context).
+#[derive(Debug)]
+struct Rope {
+    inv_freq: Vec<f32>,
+    tables: RwLock<Option<(Tensor, Tensor)>>,
+}
+
+impl Rope {
+    fn new(c: &ModelConfig) -> Self {
+        let half = c.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim as f64);
+                scale_frequency(freq, c.rope_scaling) as f32
+            })
+            .collect();
+        Self {
+            inv_freq,
+            tables: RwLock::new(None),
+        }
+    }
+
+    /// cos and sin for positions `pos..pos + t`, each `[t, head_dim / 2]`.
+    fn tables(&self, pos: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let end = pos + t;
+        {
+            let guard = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            if let Some((cos, sin)) = guard
+                .as_ref()
+                .filter(|(c, _)| c.dim(0).is_ok_and(|n| n >= end))
+            {
+                return Ok((cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?));
+            }
+        }
+        let mut guard = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        let have = guard.as_ref().map_or(Ok(0), |(c, _)| c.dim(0))?;
+        if have < end {
+            let n = end.next_power_of_two().max(256);
+            let half = self.inv_freq.len();
+            let mut cos = Vec::with_capacity(n * half);
+            let mut sin = Vec::with_capacity(n * half);
+            for p in 0..n {
+                for f in &self.inv_freq {
+                    let angle = p as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+            *guard = Some((
+                Tensor::from_vec(cos, (n, half), device)?,
+                Tensor::from_vec(sin, (n, half), device)?,
+            ));
+        }
+        match guard.as_ref() {
+            Some((cos, sin)) => Ok((cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?)),
+            None => Err(Error::InvalidConfig {
+                reason: "RoPE tables could not be built".into(),
+            }),
+        }
+    }
+}
+
+/// Llama 3's frequency scaling: long wavelengths divided by `factor`, short kept, a
+/// smooth blend between.
+fn scale_frequency(freq: f64, scaling: RopeScaling) -> f64 {
+    match scaling {
+        RopeScaling::None => freq,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => {
+            let old = original_max_position as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / factor
+            } else {
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_after_a_prefix() {
+        let m = causal_mask(2, 3, &Device::Cpu).unwrap();
+        let v: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        assert_eq!(v[0][..4], [0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(v[0][4], f32::NEG_INFINITY);
+        assert_eq!(v[1], [0.0; 5]);
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_short_and_divides_long_wavelengths() {
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        };
+        assert_eq!(scale_frequency(1.0, s), 1.0);
+        let long = 2.0 * std::f64::consts::PI / 100_000.0;
+        assert!((scale_frequency(long, s) - long / 8.0).abs() < 1e-15);
+    }
+}
