@@ -8,12 +8,26 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "afo", version, about)]
 struct Cli {
+    /// Compute threads (default: the cores available to this process).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Generate text with a model, streamed to stdout; stats go to stderr.
+    Generate(cmd::generate::Args),
+    /// Describe a model file: architecture, parameters, types, tokenizer.
+    Inspect(cmd::inspect::Args),
+    /// Measure a model's quality.
+    Eval {
+        #[command(subcommand)]
+        command: cmd::eval::Command,
+    },
+    /// Measure prefill and decode speed, and cold load vs warm re-acquire.
+    Bench(cmd::bench::Args),
     /// Print the JSON Schema of an SSOT record version.
     Schema(cmd::schema::Args),
     /// Work with SSOT monitoring logs.
@@ -23,7 +37,22 @@ enum Command {
     },
 }
 
+/// Sets the compute thread count once, before any thread pool starts: rayon and
+/// candle both read `RAYON_NUM_THREADS` (candle re-reads the CPU list on every matmul
+/// when it is unset).
+fn set_threads(threads: Option<usize>) {
+    let n = threads
+        .or_else(|| std::env::var("RAYON_NUM_THREADS").ok()?.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // SAFETY: called first thing in `main`, before any other thread exists, so no
+    // other thread can read the environment concurrently.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    set_threads(cli.threads);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -31,8 +60,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
+        Command::Generate(args) => cmd::generate::run(&args),
+        Command::Inspect(args) => cmd::inspect::run(&args),
+        Command::Eval { command } => cmd::eval::run(&command),
+        Command::Bench(args) => cmd::bench::run(&args),
         Command::Schema(args) => cmd::schema::run(&args),
         Command::Ssot { command } => cmd::ssot::run(&command),
     }

@@ -1,17 +1,58 @@
-//! The afo runtime facade.
+//! The afo runtime facade: one builder, one call, one SSOT record per run.
 //!
-//! `afo-runtime` is the one crate other Rust programs embed. It re-exports the leaf
-//! crates under short names and will own the `Runtime` and its builder, which wire the
-//! memory guard, model selection, the engine and the SSOT log together.
+//! `afo-runtime` is the crate other Rust programs embed. [`Runtime`] wires the memory
+//! guard, the lazy model cache, the engine and the SSOT log together:
 //!
-//! Today it re-exports:
+//! 1. the model is acquired from the cache (loaded on first use, shared after);
+//! 2. the run's peak memory is predicted and admitted by the guard, which refuses a run
+//!    that would pass the cutline ([`Error::Refused`]);
+//! 3. the engine generates, streaming text deltas to the caller;
+//! 4. the real peak is measured, turned into a badge and a health score, and one v2
+//!    record is appended to the SSOT log.
 //!
-//! - [`ssot`]: the monitoring schema, its JSONL writer and reader, and log summaries;
-//! - [`guard`]: the memory budget, probes, peak estimator, badge and admission.
+//! The leaf crates are re-exported under short names: [`ssot`], [`guard`], [`quant`],
+//! [`kvcache`] and [`engine`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use afo_runtime::{GenerateRequest, Prompt, Runtime};
+//! use afo_runtime::engine::{GenerateOptions, Message, SamplingParams};
+//!
+//! # fn main() -> Result<(), afo_runtime::Error> {
+//! let runtime = Runtime::builder()
+//!     .cutline("8GiB".parse()?)
+//!     .ssot_log("logs/runs.jsonl")
+//!     .build()?;
+//! let response = runtime.generate(&GenerateRequest {
+//!     model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+//!     prompt: Prompt::Chat(vec![Message::user("Write a haiku about Rust")]),
+//!     options: GenerateOptions {
+//!         max_tokens: 64,
+//!         sampling: SamplingParams::greedy(),
+//!         ..GenerateOptions::default()
+//!     },
+//! })?;
+//! println!("{} ({} tokens, {:?})", response.text, response.completion_tokens, response.badge);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Features
+//!
+//! None yet.
 
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
+mod error;
+mod runtime;
+
+pub use afo_engine as engine;
 pub use afo_guard as guard;
+pub use afo_kvcache as kvcache;
+pub use afo_quant as quant;
 pub use afo_ssot as ssot;
+pub use error::{Error, Result};
+pub use runtime::{GenerateRequest, GenerateResponse, Health, Prompt, Runtime, RuntimeBuilder};

@@ -1,0 +1,127 @@
+//! `afo generate`: stream text from a model, stats on stderr.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use afo_runtime::engine::{GenerateOptions, Message, SamplingParams};
+use afo_runtime::guard::ByteSize;
+use afo_runtime::{GenerateRequest, Prompt, Runtime};
+
+/// Arguments of `afo generate`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The model: a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    prompt: String,
+    /// Continue the prompt as plain text instead of a chat turn.
+    #[arg(long)]
+    raw: bool,
+    /// A system message (chat mode).
+    #[arg(long)]
+    system: Option<String>,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Repetition penalty (1: none; the default keeps a small model from looping).
+    #[arg(long, default_value_t = 1.2)]
+    repetition_penalty: f32,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// The memory cutline, e.g. 8GiB.
+    #[arg(long, default_value = "20GiB")]
+    cutline: ByteSize,
+    /// Append an SSOT record of the run to this JSONL log.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let mut builder = Runtime::builder().cutline(args.cutline);
+    if let Some(log) = &args.log {
+        builder = builder.ssot_log(log);
+    }
+    let runtime = builder.build()?;
+    let mut sampling = SamplingParams::builder()
+        .temperature(args.temperature)
+        .top_k(args.top_k)
+        .top_p(args.top_p)
+        .min_p(args.min_p)
+        .repetition_penalty(args.repetition_penalty);
+    if let Some(seed) = args.seed {
+        sampling = sampling.seed(seed);
+    }
+    let prompt = if args.raw {
+        Prompt::Text(args.prompt.clone())
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::system(system.clone()));
+        }
+        messages.push(Message::user(args.prompt.clone()));
+        Prompt::Chat(messages)
+    };
+    let request = GenerateRequest {
+        model: args.model.clone(),
+        prompt,
+        options: GenerateOptions {
+            max_tokens: args.max_tokens,
+            stop: args.stop.clone(),
+            sampling: sampling.build()?,
+            ignore_eos: false,
+        },
+    };
+    eprintln!("loading {} ...", args.model.display());
+    let (_, load_ms) = runtime.preload(&args.model)?;
+    eprintln!("loaded in {load_ms:.0} ms");
+    let mut stdout = std::io::stdout().lock();
+    let response = runtime.generate_stream(&request, |delta| {
+        if stdout
+            .write_all(delta.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    writeln!(stdout)?;
+    let t = &response.timings;
+    eprintln!(
+        "\n[{}] {} prompt + {} generated tokens ({}); prefill {:.0} tok/s, decode {} tok/s, \
+         time to first token {} ms; peak {} of {} cutline ({}, health {:.0})",
+        response.model_id,
+        response.prompt_tokens,
+        response.completion_tokens,
+        response.finish.as_openai(),
+        t.prefill_tokens_per_s(response.prompt_tokens)
+            .unwrap_or(0.0),
+        response
+            .tokens_per_s
+            .map_or("-".into(), |v| format!("{v:.1}")),
+        t.ttft_ms.map_or("-".into(), |v| format!("{v:.0}")),
+        ByteSize(response.peak_memory_bytes),
+        ByteSize(response.cutline_bytes),
+        response.badge,
+        response.health_score,
+    );
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! A model ready to serve: decoder, tokenizer and chat template, loaded together.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::cache::CacheWeight;
+use crate::chat::{ChatTemplate, Message};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+
+/// A loaded model with everything needed to turn text into tokens and back.
+#[derive(Debug)]
+pub struct LoadedModel {
+    id: String,
+    path: PathBuf,
+    model: Model,
+    tokenizer: Tokenizer,
+    chat: ChatTemplate,
+    load_ms: f64,
+}
+
+impl LoadedModel {
+    /// Loads a GGUF model file: its decoder, its tokenizer and its chat template
+    /// (ChatML when the file has none).
+    ///
+    /// # Errors
+    /// Any error of opening the file, building the tokenizer, the template or the
+    /// decoder.
+    pub fn load_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        let start = Instant::now();
+        let path = path.as_ref().to_path_buf();
+        let mut gguf = GgufFile::open(&path)?;
+        let tokenizer = Tokenizer::from_gguf(gguf.content())?;
+        let chat = ChatTemplate::from_tokenizer(&tokenizer)?;
+        let model = gguf.load_model()?;
+        let id = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        Ok(Self {
+            id,
+            path,
+            model,
+            tokenizer,
+            chat,
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Loads a model from a path, choosing the format by what the path is.
+    ///
+    /// # Errors
+    /// [`Error::Io`] for a missing path, [`Error::Gguf`] for a file that is not GGUF,
+    /// and the loader's errors.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
+            });
+        }
+        Self::load_gguf(path)
+    }
+
+    /// A short id (the file name without extension).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The file it came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The decoder.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.chat
+    }
+
+    /// How long loading took, in milliseconds.
+    pub fn load_ms(&self) -> f64 {
+        self.load_ms
+    }
+
+    /// Renders `messages` with the chat template (adding the assistant prompt) and
+    /// encodes them.
+    ///
+    /// # Errors
+    /// Template and tokenizer errors.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.chat.render(messages, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// Encodes plain text, adding BOS when the tokenizer asks for it.
+    ///
+    /// # Errors
+    /// Tokenizer errors.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, true)
+    }
+}
+
+impl CacheWeight for LoadedModel {
+    fn resident_bytes(&self) -> u64 {
+        self.model.weight_bytes()
+    }
+}

@@ -1,0 +1,22 @@
+//! The runtime's error type: each crate's error keeps its kind.
+
+/// Everything that can go wrong in a run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The engine failed (loading, tokenizing, generating).
+    #[error(transparent)]
+    Engine(#[from] afo_engine::Error),
+    /// The memory guard failed (a probe could not be read).
+    #[error(transparent)]
+    Guard(#[from] afo_guard::Error),
+    /// The SSOT log could not be written.
+    #[error(transparent)]
+    Ssot(#[from] afo_ssot::Error),
+    /// The guard refused the run: it would pass the cutline.
+    #[error("run refused by the memory guard: {0}")]
+    Refused(afo_guard::Refusal),
+}
+
+/// The runtime's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

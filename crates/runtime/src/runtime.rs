@@ -1,0 +1,481 @@
+//! The `Runtime`: the memory guard, the model cache, the engine and the SSOT log,
+//! wired together for one call.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use afo_engine::{
+    FinishReason, GenerateOptions, GenerateTimings, LoadedModel, Message, ModelCache, generate,
+};
+use afo_guard::{
+    Admission, ByteSize, Estimator, Guard, HealthInputs, MemoryBudget, ModelShape, PeakTracker,
+    Probe, RunPlan, StatusBadge, SystemProbe, Weights, badge, health_score,
+};
+use afo_ssot::{
+    Durability, JsonlWriter, Record, RecordV1, RecordV2, RunStatus, Selection, Timestamp,
+};
+
+use crate::error::{Error, Result};
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Plain text, continued as it is.
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<Message>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The model: a path to a GGUF file.
+    pub model: PathBuf,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling, stops and the token budget.
+    pub options: GenerateOptions,
+}
+
+/// What a generation produced and cost.
+#[derive(Debug, Clone)]
+pub struct GenerateResponse {
+    /// The run's id (also in the SSOT record).
+    pub run_id: String,
+    /// The model's id.
+    pub model_id: String,
+    /// The generated text.
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Timings of the generation.
+    pub timings: GenerateTimings,
+    /// Generated tokens per second of decoding.
+    pub tokens_per_s: Option<f64>,
+    /// Whether the model was already loaded.
+    pub cache_hit: bool,
+    /// Cold load time (misses) or re-acquire time (hits), in milliseconds.
+    pub acquire_ms: f64,
+    /// The peak predicted before the run, in bytes.
+    pub predicted_peak_bytes: u64,
+    /// The measured peak resident memory, in bytes.
+    pub peak_memory_bytes: u64,
+    /// The cutline in force, in bytes.
+    pub cutline_bytes: u64,
+    /// The badge of the measured peak.
+    pub badge: StatusBadge,
+    /// The health score, 0-100.
+    pub health_score: f64,
+    /// Wall time of the whole call, in milliseconds.
+    pub latency_ms: f64,
+    /// The `max_tokens` the run was given.
+    pub token_budget: usize,
+    /// Bytes held by the run's KV cache at its end.
+    pub kv_cache_bytes: u64,
+}
+
+/// Time from `start` to the first token: the generation measured it from its own
+/// start, which came after the model was acquired and the prompt encoded.
+fn first_token_ms(start: Instant, timings: &GenerateTimings) -> Option<f64> {
+    let generation_ms = timings.total_ms;
+    let elapsed_before = start.elapsed().as_secs_f64() * 1e3 - generation_ms;
+    timings.ttft_ms.map(|t| t + elapsed_before.max(0.0))
+}
+
+/// The process's health, as `/health` and the dashboard show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// Badge of the current resident memory against the cutline.
+    pub badge: StatusBadge,
+    /// Health score of the current resident memory.
+    pub health_score: f64,
+    /// Resident memory now, in bytes.
+    pub rss_bytes: u64,
+    /// The cutline in force, in bytes.
+    pub cutline_bytes: u64,
+    /// Models loaded, with their resident bytes.
+    pub loaded_models: Vec<(String, u64)>,
+    /// Lazy model cache hit rate so far.
+    pub cache_hit_rate: Option<f64>,
+}
+
+/// Builds a [`Runtime`].
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeBuilder {
+    cutline: Option<ByteSize>,
+    warn_fraction: Option<f64>,
+    log_path: Option<PathBuf>,
+    durability: Durability,
+    keep_alive: Option<Duration>,
+}
+
+impl RuntimeBuilder {
+    /// The memory cutline. Default 20 GiB, lowered to the cgroup limit less a reserve
+    /// when the process runs in a container with a lower limit.
+    pub fn cutline(mut self, cutline: ByteSize) -> Self {
+        self.cutline = Some(cutline);
+        self
+    }
+
+    /// The warn fraction of the cutline. Default 0.9.
+    pub fn warn_fraction(mut self, fraction: f64) -> Self {
+        self.warn_fraction = Some(fraction);
+        self
+    }
+
+    /// Append one SSOT v2 record per run to this JSONL log. Default: no log.
+    pub fn ssot_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log_path = Some(path.into());
+        self
+    }
+
+    /// The log's durability. Default [`Durability::OsBuffered`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Drop idle models after this long. Default: keep them.
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = Some(keep_alive);
+        self
+    }
+
+    /// Builds the runtime: checks the budget, reads the cgroup limit, opens the log.
+    ///
+    /// # Errors
+    /// An invalid budget, an unreadable cgroup file, a log that cannot be opened.
+    pub fn build(self) -> Result<Runtime> {
+        let mut budget = MemoryBudget::builder();
+        if let Some(c) = self.cutline {
+            budget = budget.cutline(c);
+        }
+        if let Some(w) = self.warn_fraction {
+            budget = budget.warn_fraction(w);
+        }
+        let budget = budget.build()?;
+        let probe = SystemProbe::new();
+        let cgroup_limit = probe.snapshot()?.cgroup_limit();
+        let budget = budget.with_cutline(budget.effective_cutline(cgroup_limit));
+        let log = self
+            .log_path
+            .map(|p| JsonlWriter::open(p, self.durability))
+            .transpose()?;
+        Ok(Runtime {
+            budget,
+            guard: Guard::new(budget.cutline()),
+            cache: ModelCache::new(budget.cutline(), self.keep_alive),
+            log,
+            probe,
+            estimator: Estimator::default(),
+            runs: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The runtime other programs embed. See the crate docs.
+#[derive(Debug)]
+pub struct Runtime {
+    budget: MemoryBudget,
+    guard: Guard,
+    cache: ModelCache<LoadedModel>,
+    log: Option<JsonlWriter>,
+    probe: SystemProbe,
+    estimator: Estimator,
+    runs: AtomicU64,
+}
+
+impl Runtime {
+    /// A builder with the defaults.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    /// The memory budget in force (cutline already lowered to a cgroup limit).
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
+    /// Loads a model into the cache (or finds it there) and returns whether it was
+    /// already loaded and what the acquire cost, in milliseconds.
+    ///
+    /// # Errors
+    /// Loading errors, or a model too large for the cutline.
+    pub fn preload(&self, model: &Path) -> Result<(bool, f64)> {
+        let acquired = self.acquire(model)?;
+        Ok((acquired.hit, acquired.acquire_ms))
+    }
+
+    fn acquire(&self, model: &Path) -> Result<afo_engine::Acquired<LoadedModel>> {
+        let key = model
+            .canonicalize()
+            .unwrap_or_else(|_| model.to_path_buf())
+            .display()
+            .to_string();
+        let estimate = std::fs::metadata(model).map_or(0, |m| m.len());
+        Ok(self
+            .cache
+            .acquire(&key, estimate, || LoadedModel::load(model))?)
+    }
+
+    /// Generates without streaming.
+    ///
+    /// # Errors
+    /// As [`Runtime::generate_stream`].
+    pub fn generate(&self, request: &GenerateRequest) -> Result<GenerateResponse> {
+        self.generate_stream(request, |_| ControlFlow::Continue(()))
+    }
+
+    /// Generates, calling `on_text` with each text delta; `on_text` returns
+    /// [`ControlFlow::Break`] to cancel. Every call, successful or not, appends one
+    /// SSOT v2 record when a log is configured.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when the predicted peak does not fit under the cutline, and
+    /// the engine's errors.
+    pub fn generate_stream<F>(
+        &self,
+        request: &GenerateRequest,
+        on_text: F,
+    ) -> Result<GenerateResponse>
+    where
+        F: FnMut(&str) -> ControlFlow<()>,
+    {
+        let start = Instant::now();
+        let run_id = self.next_run_id();
+        let tracker = PeakTracker::start();
+        let result = self.run(request, &run_id, start, on_text);
+        let peak = tracker.finish();
+        match result {
+            Ok(mut response) => {
+                response.peak_memory_bytes = peak;
+                response.badge = badge(peak, &self.budget);
+                response.health_score = health_score(HealthInputs {
+                    peak_bytes: peak,
+                    cutline_bytes: self.budget.cutline(),
+                    error: false,
+                    fallback: false,
+                });
+                response.latency_ms = start.elapsed().as_secs_f64() * 1e3;
+                self.log_success(&response)?;
+                Ok(response)
+            }
+            Err(err) => {
+                self.log_failure(request, &run_id, start, peak, &err)?;
+                Err(err)
+            }
+        }
+    }
+
+    fn run<F>(
+        &self,
+        request: &GenerateRequest,
+        run_id: &str,
+        start: Instant,
+        on_text: F,
+    ) -> Result<GenerateResponse>
+    where
+        F: FnMut(&str) -> ControlFlow<()>,
+    {
+        let acquired = self.acquire(&request.model)?;
+        let loaded = &acquired.model;
+        let prompt = match &request.prompt {
+            Prompt::Text(text) => loaded.encode_text(text)?,
+            Prompt::Chat(messages) => loaded.encode_chat(messages)?,
+        };
+        let model = loaded.model();
+        let c = model.config();
+        let max_tokens = request.options.max_tokens;
+        let plan = RunPlan {
+            weights: Weights::Bytes(model.weight_bytes()),
+            shape: ModelShape {
+                layers: c.num_layers as u64,
+                hidden: c.hidden_size as u64,
+                intermediate: c.intermediate_size as u64,
+                heads: c.num_heads as u64,
+                kv_heads: c.num_kv_heads as u64,
+                head_dim: c.head_dim as u64,
+                vocab: c.vocab_size as u64,
+            },
+            prompt_tokens: prompt.len() as u64,
+            max_new_tokens: max_tokens as u64,
+            batch: 1,
+            kv_dtype_bytes: 4,
+            prefill_chunk: prompt.len() as u64,
+            image_pixels: Vec::new(),
+            vision_tokens: 0,
+        };
+        let estimate = self.estimator.estimate(&plan);
+        // The weights are already resident (counted in the RSS); the run adds the rest.
+        let snapshot = self.probe.snapshot()?;
+        let run_bytes = estimate.total.saturating_sub(estimate.weights);
+        let predicted_peak = snapshot.rss_bytes + run_bytes;
+        let _reservation = match self.guard.admit(run_bytes, snapshot.rss_bytes, &[]) {
+            Admission::Admit(r) => r,
+            Admission::Degrade { reason, .. } | Admission::Refuse(reason) => {
+                return Err(Error::Refused(reason));
+            }
+        };
+        tracing::debug!(%estimate, run_id, "admitted");
+
+        let mut cache = model.new_cache(prompt.len() + max_tokens);
+        let generation = generate(
+            model,
+            loaded.tokenizer(),
+            &prompt,
+            &request.options,
+            &mut cache,
+            on_text,
+        )?;
+        let tokens_per_s = generation.decode_tokens_per_s();
+        let mut timings = generation.timings;
+        // Time to first token counts from the request: model acquire included.
+        timings.ttft_ms = first_token_ms(start, &generation.timings);
+        Ok(GenerateResponse {
+            run_id: run_id.to_owned(),
+            model_id: loaded.id().to_owned(),
+            text: generation.text,
+            finish: generation.finish,
+            prompt_tokens: generation.prompt_tokens,
+            completion_tokens: generation.tokens.len(),
+            timings,
+            tokens_per_s,
+            cache_hit: acquired.hit,
+            acquire_ms: acquired.acquire_ms,
+            predicted_peak_bytes: predicted_peak,
+            peak_memory_bytes: 0,
+            cutline_bytes: self.budget.cutline(),
+            badge: StatusBadge::Safe,
+            health_score: 0.0,
+            latency_ms: 0.0,
+            token_budget: max_tokens,
+            kv_cache_bytes: cache.bytes(),
+        })
+    }
+
+    /// The process's health now.
+    ///
+    /// # Errors
+    /// When the memory probe fails.
+    pub fn health(&self) -> Result<Health> {
+        let snapshot = self.probe.snapshot()?;
+        let stats = self.cache.stats();
+        Ok(Health {
+            badge: badge(snapshot.rss_bytes, &self.budget),
+            health_score: health_score(HealthInputs {
+                peak_bytes: snapshot.rss_bytes,
+                cutline_bytes: self.budget.cutline(),
+                error: false,
+                fallback: false,
+            }),
+            rss_bytes: snapshot.rss_bytes,
+            cutline_bytes: self.budget.cutline(),
+            loaded_models: self
+                .cache
+                .loaded()
+                .into_iter()
+                .map(|e| (e.key, e.bytes))
+                .collect(),
+            cache_hit_rate: stats.hit_rate(),
+        })
+    }
+
+    fn next_run_id(&self) -> String {
+        let n = self.runs.fetch_add(1, Ordering::Relaxed);
+        let t = Timestamp::now().datetime().unix_timestamp_nanos();
+        format!("{:x}-{}-{n}", t, std::process::id())
+    }
+
+    fn base(
+        &self,
+        run_id: &str,
+        model_id: &str,
+        status: RunStatus,
+        error: Option<String>,
+    ) -> RecordV1 {
+        RecordV1 {
+            schema_version: 2,
+            ts: Timestamp::now(),
+            run_id: run_id.to_owned(),
+            chain: "generate".to_owned(),
+            model_id: model_id.to_owned(),
+            status,
+            error,
+            latency_ms: 0.0,
+            peak_memory_bytes: 0,
+            cutline_bytes: self.budget.cutline(),
+            tokens_in: 0,
+            tokens_out: 0,
+            tokens_per_s: 0.0,
+        }
+    }
+
+    fn log_success(&self, r: &GenerateResponse) -> Result<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let mut base = self.base(&r.run_id, &r.model_id, RunStatus::Ok, None);
+        base.latency_ms = r.latency_ms;
+        base.peak_memory_bytes = r.peak_memory_bytes;
+        base.tokens_in = r.prompt_tokens as u64;
+        base.tokens_out = r.completion_tokens as u64;
+        base.tokens_per_s = r.tokens_per_s.unwrap_or(0.0);
+        let mut record = RecordV2::new(base);
+        record.lazy_cache_hit_rate = self.cache.stats().hit_rate();
+        if r.cache_hit {
+            record.reload_overhead_ms = Some(r.acquire_ms);
+        } else {
+            record.load_ms = Some(r.acquire_ms);
+        }
+        record.token_budget = Some(r.token_budget as u64);
+        record.kv_cache_size = Some(r.kv_cache_bytes);
+        record.status_badge = Some(r.badge);
+        record.health_score = Some(r.health_score);
+        record.predicted_peak_bytes = Some(r.predicted_peak_bytes);
+        record.ttft_ms = r.timings.ttft_ms;
+        record.selection = Some(Selection {
+            model_id: r.model_id.clone(),
+            reason: "explicit".to_owned(),
+            fallback_from: None,
+            trinity_score: None,
+        });
+        log.append(&Record::from(record))?;
+        Ok(())
+    }
+
+    fn log_failure(
+        &self,
+        request: &GenerateRequest,
+        run_id: &str,
+        start: Instant,
+        peak: u64,
+        err: &Error,
+    ) -> Result<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let model_id = request
+            .model
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        let mut base = self.base(run_id, &model_id, RunStatus::Error, Some(err.to_string()));
+        base.latency_ms = start.elapsed().as_secs_f64() * 1e3;
+        base.peak_memory_bytes = peak;
+        let mut record = RecordV2::new(base);
+        record.status_badge = Some(badge(peak, &self.budget));
+        record.health_score = Some(health_score(HealthInputs {
+            peak_bytes: peak,
+            cutline_bytes: self.budget.cutline(),
+            error: true,
+            fallback: false,
+        }));
+        log.append(&Record::from(record))?;
+        Ok(())
+    }
+}
