@@ -1,0 +1,138 @@
+//! The runtime end to end on the real SmolLM2 model: generation, SSOT records, the
+//! model cache, and refusal under a tiny cutline.
+
+#![allow(clippy::unwrap_used)]
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use afo_runtime::engine::{FinishReason, GenerateOptions, SamplingParams};
+use afo_runtime::guard::ByteSize;
+use afo_runtime::ssot::{LogReader, ReadMode, Record, RunStatus, StatusBadge};
+use afo_runtime::{Error, GenerateRequest, Prompt, Runtime};
+
+fn model() -> PathBuf {
+    let dir = std::env::var_os("AFO_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
+        path.display()
+    );
+    path
+}
+
+fn request(max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        model: model(),
+        prompt: Prompt::Text("The capital of France is".into()),
+        options: GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            ..GenerateOptions::default()
+        },
+    }
+}
+
+#[test]
+fn generates_streams_and_records_each_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("logs/runs.jsonl");
+    let runtime = Runtime::builder()
+        .cutline("8GiB".parse::<ByteSize>().unwrap())
+        .ssot_log(&log)
+        .build()
+        .unwrap();
+
+    let mut streamed = String::new();
+    let first = runtime
+        .generate_stream(&request(24), |d| {
+            streamed.push_str(d);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(streamed, first.text);
+    assert!(first.text.contains("Paris"), "{:?}", first.text);
+    assert!(!first.cache_hit);
+    assert!(first.completion_tokens > 0 && first.completion_tokens <= 24);
+    assert_eq!(first.badge, StatusBadge::Safe);
+    assert!(
+        first.peak_memory_bytes > 50 << 20,
+        "peak {}",
+        first.peak_memory_bytes
+    );
+    assert!(first.predicted_peak_bytes > 0);
+    assert!((0.0..=100.0).contains(&first.health_score));
+
+    let second = runtime.generate(&request(8)).unwrap();
+    assert!(second.cache_hit);
+    assert_eq!(second.finish, FinishReason::Length);
+    assert_eq!(second.completion_tokens, 8);
+    // Re-acquiring a loaded model is far cheaper than loading it.
+    assert!(
+        second.acquire_ms * 10.0 < first.acquire_ms,
+        "{} vs {}",
+        second.acquire_ms,
+        first.acquire_ms
+    );
+
+    let entries = LogReader::open(&log, ReadMode::Strict)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+    let Record::V2(r1) = &entries[0].record else {
+        panic!("v2 expected")
+    };
+    assert_eq!(r1.base.run_id, first.run_id);
+    assert_eq!(r1.base.status, RunStatus::Ok);
+    assert_eq!(r1.base.tokens_out, first.completion_tokens as u64);
+    assert_eq!(r1.base.peak_memory_bytes, first.peak_memory_bytes);
+    assert!(r1.load_ms.is_some() && r1.reload_overhead_ms.is_none());
+    assert_eq!(r1.status_badge, Some(StatusBadge::Safe));
+    assert_eq!(r1.token_budget, Some(24));
+    assert!(r1.ttft_ms.unwrap() > 0.0 && r1.kv_cache_size.unwrap() > 0);
+    let Record::V2(r2) = &entries[1].record else {
+        panic!("v2 expected")
+    };
+    assert!(r2.reload_overhead_ms.is_some());
+    assert_eq!(r2.lazy_cache_hit_rate, Some(0.5));
+
+    let health = runtime.health().unwrap();
+    assert_eq!(health.loaded_models.len(), 1);
+    assert_eq!(health.cutline_bytes, 8 << 30);
+}
+
+#[test]
+fn a_run_that_would_pass_the_cutline_is_refused_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.jsonl");
+    // Enough for the weights, not for a run's working set on top of the process.
+    let runtime = Runtime::builder()
+        .cutline(ByteSize::mib(120))
+        .ssot_log(&log)
+        .build()
+        .unwrap();
+    let err = runtime.generate(&request(4000)).unwrap_err();
+    assert!(matches!(err, Error::Refused(_)), "{err}");
+    assert!(err.to_string().contains("cutline"), "{err}");
+    let entries = LogReader::open(&log, ReadMode::Strict)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    let v1 = entries[0].record.v1();
+    assert_eq!(v1.status, RunStatus::Error);
+    assert!(v1.error.as_deref().unwrap().contains("refused"));
+}
+
+#[test]
+fn a_missing_model_is_a_clear_error() {
+    let runtime = Runtime::builder().build().unwrap();
+    let mut req = request(4);
+    req.model = PathBuf::from("/nonexistent/model.gguf");
+    let err = runtime.generate(&req).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+}
