@@ -4,25 +4,11 @@
 // Helpers outside `#[test]` functions unwrap too: a failure is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
 
-use afo_engine::{CHATML_TEMPLATE, ChatTemplate, Message, Tokenizer};
-use candle_core::quantized::gguf_file;
+use afo_engine::{CHATML_TEMPLATE, ChatTemplate, Message};
 
-fn smollm2() -> Tokenizer {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    let mut file = std::fs::File::open(&path).unwrap();
-    let content = gguf_file::Content::read(&mut file).unwrap();
-    Tokenizer::from_gguf(&content).unwrap()
-}
+use common::smollm2_tokenizer as smollm2;
 
 #[test]
 fn smollm2_template_renders_chatml() {

@@ -3,27 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 
 use afo_engine::{
     Decode, Error, FinishReason, GenerateOptions, Result, SamplingParams, Tokenizer, generate,
 };
-use candle_core::quantized::gguf_file;
 
-fn tokenizer() -> Tokenizer {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    let mut file = std::fs::File::open(&path).unwrap();
-    Tokenizer::from_gguf(&gguf_file::Content::read(&mut file).unwrap()).unwrap()
-}
+use common::smollm2_tokenizer as tokenizer;
 
 /// A model that predicts a fixed script of tokens, one-hot, whatever the input.
 struct Scripted {

@@ -20,3 +20,10 @@ pub(crate) fn smollm2_path() -> PathBuf {
     );
     path
 }
+
+/// The real SmolLM2 tokenizer, built from the GGUF metadata.
+pub(crate) fn smollm2_tokenizer() -> afo_engine::Tokenizer {
+    let mut file = std::fs::File::open(smollm2_path()).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    afo_engine::Tokenizer::from_gguf(&content).unwrap()
+}
