@@ -90,8 +90,6 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         },
     };
     eprintln!("loading {} ...", args.model.display());
-    let (_, load_ms) = runtime.preload(&args.model)?;
-    eprintln!("loaded in {load_ms:.0} ms");
     let mut stdout = std::io::stdout().lock();
     let response = runtime.generate_stream(&request, |delta| {
         if stdout
@@ -106,9 +104,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     writeln!(stdout)?;
     let t = &response.timings;
     eprintln!(
-        "\n[{}] {} prompt + {} generated tokens ({}); prefill {:.0} tok/s, decode {} tok/s, \
-         time to first token {} ms; peak {} of {} cutline ({}, health {:.0})",
+        "\n[{}] load {:.0} ms; {} prompt + {} generated tokens ({}); prefill {:.0} tok/s, \
+         decode {} tok/s, time to first token {} ms; peak {} of {} cutline ({}, health {:.0})",
         response.model_id,
+        response.acquire_ms,
         response.prompt_tokens,
         response.completion_tokens,
         response.finish.as_openai(),
