@@ -115,6 +115,22 @@ pub enum Error {
     /// The KV cache refused an operation.
     #[error(transparent)]
     KvCache(#[from] afo_kvcache::Error),
+    /// A safetensors file is corrupt or unsupported.
+    #[error("`{path}` is not a valid safetensors file: {reason}")]
+    Safetensors {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A model is not in the Hugging Face cache.
+    #[error("model `{repo}` is not in the Hugging Face cache: {reason}")]
+    ModelNotCached {
+        /// The repository id.
+        repo: String,
+        /// What was looked for.
+        reason: String,
+    },
     /// Generation was cancelled by the caller.
     #[error("generation cancelled")]
     Cancelled,

@@ -65,7 +65,36 @@ impl LoadedModel {
                 ),
             });
         }
-        Self::load_gguf(path)
+        if path.is_dir() {
+            Self::load_hf_dir(path)
+        } else {
+            Self::load_gguf(path)
+        }
+    }
+
+    /// Loads a Hugging Face model directory: `config.json`, the safetensors weights
+    /// (memory-mapped; f32, f16 or bf16) and `tokenizer.json` with its configuration.
+    ///
+    /// # Errors
+    /// Any error of reading the configuration, the weights or the tokenizer.
+    pub fn load_hf_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let start = Instant::now();
+        let path = dir.as_ref().to_path_buf();
+        let tokenizer = Tokenizer::from_hf_dir(&path)?;
+        let chat = ChatTemplate::from_tokenizer(&tokenizer)?;
+        let model = crate::hf::SafetensorsDir::open(&path)?.load_model()?;
+        let id = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        Ok(Self {
+            id,
+            path,
+            model,
+            tokenizer,
+            chat,
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     /// A short id (the file name without extension).

@@ -11,7 +11,8 @@ use afo_runtime::{GenerateRequest, Prompt, Runtime};
 /// Arguments of `afo generate`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// The model: a GGUF file.
+    /// The model: a GGUF file, a Hugging Face model folder, or `ORG/NAME` in the
+    /// Hugging Face cache.
     #[arg(long)]
     model: PathBuf,
     /// The prompt.
@@ -80,7 +81,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         Prompt::Chat(messages)
     };
     let request = GenerateRequest {
-        model: args.model.clone(),
+        model: super::resolve_model(&args.model)?,
         prompt,
         options: GenerateOptions {
             max_tokens: args.max_tokens,
