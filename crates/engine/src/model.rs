@@ -310,10 +310,13 @@ struct Rope {
 impl Rope {
     fn new(c: &ModelConfig) -> Self {
         let half = c.head_dim / 2;
+        // In f32, as Hugging Face transformers and candle compute it: the tables then
+        // match theirs bit for bit.
+        let theta = c.rope_theta as f32;
         let inv_freq = (0..half)
             .map(|i| {
-                let freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim as f64);
-                scale_frequency(freq, c.rope_scaling) as f32
+                let freq = 1.0 / theta.powf((2 * i) as f32 / c.head_dim as f32);
+                scale_frequency(freq, c.rope_scaling)
             })
             .collect();
         Self {
@@ -364,7 +367,7 @@ impl Rope {
 
 /// Llama 3's frequency scaling: long wavelengths divided by `factor`, short kept, a
 /// smooth blend between.
-fn scale_frequency(freq: f64, scaling: RopeScaling) -> f64 {
+fn scale_frequency(freq: f32, scaling: RopeScaling) -> f32 {
     match scaling {
         RopeScaling::None => freq,
         RopeScaling::Llama3 {
@@ -373,17 +376,21 @@ fn scale_frequency(freq: f64, scaling: RopeScaling) -> f64 {
             high_freq_factor,
             original_max_position,
         } => {
-            let old = original_max_position as f64;
-            let low_wavelen = old / low_freq_factor;
-            let high_wavelen = old / high_freq_factor;
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let (factor, low, high) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+            );
+            let old = original_max_position as f32;
+            let low_wavelen = old / low;
+            let high_wavelen = old / high;
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
             if wavelen < high_wavelen {
                 freq
             } else if wavelen > low_wavelen {
                 freq / factor
             } else {
-                let smooth =
-                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth = (old / wavelen - low) / (high - low);
                 (1.0 - smooth) * freq / factor + smooth * freq
             }
         }
@@ -412,7 +419,7 @@ mod tests {
             original_max_position: 8192,
         };
         assert_eq!(scale_frequency(1.0, s), 1.0);
-        let long = 2.0 * std::f64::consts::PI / 100_000.0;
-        assert!((scale_frequency(long, s) - long / 8.0).abs() < 1e-15);
+        let long = 2.0 * std::f32::consts::PI / 100_000.0;
+        assert_eq!(scale_frequency(long, s), long / 8.0);
     }
 }

@@ -246,13 +246,32 @@ impl QLinear {
                 let idx = Tensor::new(ids, w.device())?;
                 Ok(w.index_select(&idx, 0)?.to_dtype(DType::F32)?)
             }
-            Weight::Candle(q, _) => {
-                let full = match q {
-                    QMatMul::QTensor(t) => t.dequantize(&device)?,
-                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
-                };
-                let idx = Tensor::new(ids, &device)?;
-                Ok(full.index_select(&idx, 0)?.contiguous()?)
+            Weight::Candle(QMatMul::QTensor(t), dtype) => {
+                // Gather the rows' blocks and dequantize only those.
+                let row_bytes = self.in_features / dtype.block_size() * dtype.type_size();
+                let data = t.data()?;
+                let mut picked = Vec::with_capacity(ids.len() * row_bytes);
+                for &id in ids {
+                    let start = id as usize * row_bytes;
+                    let row = data.get(start..start + row_bytes).ok_or_else(|| {
+                        shape_err(
+                            "embedding",
+                            format!("row {id} lies outside the weight's {} bytes", data.len()),
+                        )
+                    })?;
+                    picked.extend_from_slice(row);
+                }
+                let rows = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    *dtype,
+                    &picked,
+                    vec![ids.len(), self.in_features],
+                    &device,
+                )?;
+                Ok(rows.dequantize(&device)?)
+            }
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w), _) => {
+                let idx = Tensor::new(ids, w.device())?;
+                Ok(w.index_select(&idx, 0)?.to_dtype(DType::F32)?)
             }
         }
     }
@@ -359,7 +378,31 @@ mod tests {
         for (a, b) in y.iter().zip(reference(&deq, &x)) {
             assert!((a - b).abs() < 0.5, "{a} vs {b}");
         }
-        assert_eq!(layer.rows(&[1, 7]).unwrap().dims(), [2, 256]);
+        let rows = layer.rows(&[7, 1, 7]).unwrap();
+        let idx = Tensor::new(&[7u32, 1, 7], &dev).unwrap();
+        let want = deq.index_select(&idx, 0).unwrap();
+        let diff = (rows - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        // candle's kernels for a type we also run: the same rows.
+        let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let deq8 = q8.dequantize(&dev).unwrap();
+        let layer = QLinear::from_qtensor_with("w", q8, None, KernelChoice::Candle).unwrap();
+        let diff = (layer.rows(&[7, 1, 7]).unwrap() - deq8.index_select(&idx, 0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
     }
 
     #[test]
