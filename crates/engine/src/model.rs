@@ -5,8 +5,24 @@
 //! sequence owns lives in its [`KvCache`]. Linear layers are [`QLinear`]s (dense or
 //! quantized), so the same code runs f32 safetensors and Q4_1 GGUF files.
 //!
-//! Weights are named as in GGUF files (`token_embd.weight`, `blk.N.attn_q.weight`,
-//! ...); other formats map their names onto these.
+//! # Weight names
+//!
+//! A [`WeightSource`] is asked for tensors by their GGUF names; other formats map
+//! these onto theirs (see `gguf_to_hf_name` for Hugging Face checkpoints):
+//!
+//! | name | shape | notes |
+//! | --- | --- | --- |
+//! | `token_embd.weight` | `[vocab, hidden]` | also the LM head when `output.weight` is absent |
+//! | `blk.N.attn_norm.weight` | `[hidden]` | |
+//! | `blk.N.attn_q.weight` / `attn_k` / `attn_v` | `[heads * head_dim, hidden]` (k, v: kv heads) | `.bias` too for Qwen2 |
+//! | `blk.N.attn_q_norm.weight` / `attn_k_norm` | `[head_dim]` | Qwen3 |
+//! | `blk.N.attn_output.weight` | `[hidden, heads * head_dim]` | |
+//! | `blk.N.ffn_norm.weight` | `[hidden]` | |
+//! | `blk.N.ffn_gate.weight` / `ffn_up` | `[intermediate, hidden]` | |
+//! | `blk.N.ffn_down.weight` | `[hidden, intermediate]` | |
+//! | `output_norm.weight` | `[hidden]` | |
+//! | `output.weight` | `[vocab, hidden]` | optional (untied head) |
+//! | `rope_freqs.weight` | `[head_dim / 2]` | optional: llama.cpp's Llama 3 RoPE divisors |
 
 use std::sync::RwLock;
 
@@ -17,6 +33,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::generate::Decode;
+
+/// The optional tensor of RoPE frequency divisors (Llama 3 scaling in GGUF files).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// Which positions' logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +149,14 @@ impl Model {
         };
         let mut config = config;
         config.tie_embeddings = lm_head.is_none();
-        let rope = Rope::new(&config);
+        // llama.cpp writes Llama 3's RoPE scaling as per-frequency divisors.
+        let rope = if source.contains(ROPE_FREQS) {
+            let factors = source.vector(ROPE_FREQS, config.head_dim / 2)?;
+            config.rope_scaling = RopeScaling::None;
+            Rope::new(&config, Some(&factors.to_vec1::<f32>()?))
+        } else {
+            Rope::new(&config, None)
+        };
         Ok(Self {
             config,
             embed,
@@ -308,7 +334,9 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(c: &ModelConfig) -> Self {
+    /// `factors` divide the frequencies (GGUF `rope_freqs.weight`); they replace
+    /// `c.rope_scaling`.
+    fn new(c: &ModelConfig, factors: Option<&[f32]>) -> Self {
         let half = c.head_dim / 2;
         // In f32, as Hugging Face transformers and candle compute it: the tables then
         // match theirs bit for bit.
@@ -316,7 +344,10 @@ impl Rope {
         let inv_freq = (0..half)
             .map(|i| {
                 let freq = 1.0 / theta.powf((2 * i) as f32 / c.head_dim as f32);
-                scale_frequency(freq, c.rope_scaling)
+                match factors {
+                    Some(f) => freq / f[i],
+                    None => scale_frequency(freq, c.rope_scaling),
+                }
             })
             .collect();
         Self {
