@@ -72,3 +72,140 @@ pub fn perplexity(
         windows,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use afo_quant::QLinear;
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::config::{Architecture, ModelConfig, RopeScaling};
+    use crate::model::WeightSource;
+
+    const VOCAB: usize = 50;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            arch: Architecture::Llama,
+            vocab_size: VOCAB,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
+            rope_interleaved: false,
+            max_position: 256,
+            tie_embeddings: true,
+            qkv_bias: false,
+            qk_norm: false,
+        }
+    }
+
+    /// Weights from a seeded generator (`scale` 0: all zero), norms 1.
+    struct Seeded {
+        state: u64,
+        scale: f32,
+    }
+
+    impl Seeded {
+        fn values(&mut self, n: usize) -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    self.state ^= self.state << 13;
+                    self.state ^= self.state >> 7;
+                    self.state ^= self.state << 17;
+                    ((self.state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * self.scale
+                })
+                .collect()
+        }
+    }
+
+    impl WeightSource for Seeded {
+        fn contains(&self, name: &str) -> bool {
+            name != "output.weight" && name != "rope_freqs.weight"
+        }
+        fn linear(
+            &mut self,
+            name: &str,
+            out: usize,
+            inp: usize,
+            _bias: Option<&str>,
+        ) -> Result<QLinear> {
+            let w = Tensor::from_vec(self.values(out * inp), (out, inp), &Device::Cpu)?;
+            Ok(QLinear::dense(name, w, None)?)
+        }
+        fn vector(&mut self, _name: &str, len: usize) -> Result<Tensor> {
+            Ok(Tensor::ones(len, DType::F32, &Device::Cpu)?)
+        }
+    }
+
+    fn model(scale: f32) -> Model {
+        let mut source = Seeded {
+            state: 0x2545_F491_4F6C_DD1D,
+            scale,
+        };
+        Model::load(config(), &mut source).unwrap()
+    }
+
+    fn tokens(n: usize) -> Vec<u32> {
+        (0..n).map(|i| ((i * 31 + 7) % VOCAB) as u32).collect()
+    }
+
+    #[test]
+    fn a_model_that_knows_nothing_has_the_vocabulary_as_perplexity() {
+        // Zero weights: uniform next-token distributions.
+        let mut calls = Vec::new();
+        let p = perplexity(&model(0.0), &tokens(70), 16, |done, all, _| {
+            calls.push((done, all))
+        })
+        .unwrap();
+        assert_eq!((p.windows, p.tokens_scored), (4, 4 * 8));
+        assert!((p.ppl - VOCAB as f64).abs() < 1e-3, "{p:?}");
+        assert!((p.nll - (VOCAB as f64).ln()).abs() < 1e-5, "{p:?}");
+        assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+    }
+
+    #[test]
+    fn scores_the_second_half_of_each_window() {
+        // The same score computed another way: token by token through the cache,
+        // log-softmax in f64.
+        let m = model(0.3);
+        let (ids, ctx) = (tokens(2 * 12 + 5), 12);
+        let p = perplexity(&m, &ids, ctx, |_, _, _| {}).unwrap();
+        let mut nll = 0f64;
+        for chunk in ids.chunks_exact(ctx) {
+            let mut cache = m.new_cache(ctx);
+            for i in 0..ctx - 1 {
+                let logits: Vec<f32> = m
+                    .forward(&chunk[i..=i], &mut cache, Logits::Last)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                if i + 1 >= ctx / 2 {
+                    let max = logits.iter().fold(f64::MIN, |a, &b| a.max(f64::from(b)));
+                    let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+                    let target = f64::from(logits[chunk[i + 1] as usize]);
+                    nll -= target - max - sum.ln();
+                }
+            }
+        }
+        let want = nll / (2 * ctx / 2) as f64;
+        assert_eq!(p.tokens_scored, 12);
+        assert!((p.nll - want).abs() < 1e-4, "{} vs {want}", p.nll);
+        assert!(p.ppl > 1.0 && p.ppl < 10.0 * VOCAB as f64, "{p:?}");
+    }
+
+    #[test]
+    fn too_short_texts_and_contexts_are_errors() {
+        let m = model(0.0);
+        let err = perplexity(&m, &tokens(10), 16, |_, _, _| {}).unwrap_err();
+        assert!(err.to_string().contains("10 tokens"), "{err}");
+        assert!(perplexity(&m, &tokens(10), 1, |_, _, _| {}).is_err());
+    }
+}
