@@ -33,14 +33,23 @@ impl LoadedModel {
         let path = path.as_ref().to_path_buf();
         let mut gguf = GgufFile::open(&path)?;
         let tokenizer = Tokenizer::from_gguf(gguf.content())?;
-        let chat = ChatTemplate::from_tokenizer(&tokenizer)?;
         let model = gguf.load_model()?;
-        let id = path.file_stem().map_or_else(
-            || path.display().to_string(),
-            |s| s.to_string_lossy().into_owned(),
-        );
+        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        Self::assemble(path, id, model, tokenizer, start)
+    }
+
+    /// Puts the pieces together: the chat template comes from the tokenizer, the id
+    /// from the file name (or the whole path).
+    fn assemble(
+        path: PathBuf,
+        id: Option<String>,
+        model: Model,
+        tokenizer: Tokenizer,
+        start: Instant,
+    ) -> Result<Self> {
+        let chat = ChatTemplate::from_tokenizer(&tokenizer)?;
         Ok(Self {
-            id,
+            id: id.unwrap_or_else(|| path.display().to_string()),
             path,
             model,
             tokenizer,
@@ -81,20 +90,9 @@ impl LoadedModel {
         let start = Instant::now();
         let path = dir.as_ref().to_path_buf();
         let tokenizer = Tokenizer::from_hf_dir(&path)?;
-        let chat = ChatTemplate::from_tokenizer(&tokenizer)?;
         let model = crate::hf::SafetensorsDir::open(&path)?.load_model()?;
-        let id = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |s| s.to_string_lossy().into_owned(),
-        );
-        Ok(Self {
-            id,
-            path,
-            model,
-            tokenizer,
-            chat,
-            load_ms: start.elapsed().as_secs_f64() * 1e3,
-        })
+        let id = path.file_name().map(|s| s.to_string_lossy().into_owned());
+        Self::assemble(path, id, model, tokenizer, start)
     }
 
     /// A short id (the file name without extension).
