@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 pub enum Architecture {
     /// Llama 2/3 and their derivatives (SmolLM2, TinyLlama, ...).
     Llama,
-    /// Mistral (Llama layout, sliding-window attention ignored below the window).
+    /// Mistral (Llama layout, sliding-window attention).
     Mistral,
     /// Qwen2 / Qwen2.5 (bias on the q/k/v projections).
     Qwen2,
@@ -212,6 +212,9 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// RMSNorm on q and k heads.
     pub qk_norm: bool,
+    /// Sliding-window attention: a position sees itself and the `window - 1` before
+    /// it (Mistral). `None`: full causal attention.
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
@@ -238,6 +241,9 @@ impl ModelConfig {
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return bad("vocab, hidden and intermediate sizes must be positive".into());
+        }
+        if self.sliding_window == Some(0) {
+            return bad("a sliding window of 0 tokens sees nothing".into());
         }
         Ok(())
     }
@@ -304,6 +310,9 @@ impl ModelConfig {
             tie_embeddings: true,
             qkv_bias: info.qkv_bias,
             qk_norm: info.qk_norm,
+            sliding_window: meta_f64(md, &key("attention.sliding_window"))
+                .ok()
+                .map(|v| v as usize),
         };
         config.validate()?;
         Ok(config)

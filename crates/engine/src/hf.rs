@@ -45,6 +45,10 @@ pub struct HfConfig {
     pub max_position_embeddings: Option<usize>,
     /// `tie_word_embeddings`.
     pub tie_word_embeddings: Option<bool>,
+    /// `sliding_window` (Mistral; Qwen2/3 only with `use_sliding_window`).
+    pub sliding_window: Option<usize>,
+    /// `use_sliding_window` (Qwen2/3; off in every released checkpoint).
+    pub use_sliding_window: Option<bool>,
 }
 
 /// `rope_scaling` in `config.json`.
@@ -126,6 +130,21 @@ impl HfConfig {
             tie_embeddings: self.tie_word_embeddings.unwrap_or(false),
             qkv_bias: info.qkv_bias,
             qk_norm: info.qk_norm,
+            sliding_window: match arch {
+                Architecture::Mistral => self.sliding_window,
+                _ if self.use_sliding_window == Some(true) => {
+                    // Qwen's windowed variant applies the window to some layers only
+                    // (`max_window_layers`); running it with full attention everywhere
+                    // would silently change the model.
+                    return Err(Error::InvalidConfig {
+                        reason: format!(
+                            "{name}: use_sliding_window is not supported (only Mistral's \
+                             window applied to every layer is)"
+                        ),
+                    });
+                }
+                _ => None,
+            },
         };
         config.validate()?;
         Ok(config)

@@ -19,6 +19,8 @@ mod loaded;
 mod model;
 mod sampler;
 mod stream;
+#[cfg(test)]
+mod testing;
 mod tokenizer;
 
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};

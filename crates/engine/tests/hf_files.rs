@@ -189,3 +189,21 @@ fn config_errors_name_the_problem() {
     let err = HfConfig::read(&path).unwrap_err().to_string();
     assert!(err.contains("config.json"), "{err}");
 }
+
+#[test]
+fn sliding_windows_are_read_where_they_apply() {
+    let sizes = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "sliding_window": 4096"#;
+    let resolve = |json: String| serde_json::from_str::<HfConfig>(&json).unwrap().resolve();
+    let mistral = resolve(format!(r#"{{"model_type": "mistral", {sizes}}}"#)).unwrap();
+    assert_eq!(mistral.sliding_window, Some(4096));
+    // Qwen2 checkpoints carry a window they do not use.
+    let qwen = resolve(format!(r#"{{"model_type": "qwen2", {sizes}}}"#)).unwrap();
+    assert_eq!(qwen.sliding_window, None);
+    let err = resolve(format!(
+        r#"{{"model_type": "qwen2", "use_sliding_window": true, {sizes}}}"#
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("use_sliding_window"), "{err}");
+}
