@@ -90,9 +90,22 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             ignore_eos: false,
         },
     };
-    eprintln!("loading {} ...", args.model.display());
+    // A spinner on a terminal while the model loads and the prompt runs; a plain line
+    // when stderr is a file or a pipe.
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!(
+        "loading {} and reading the prompt",
+        args.model.display()
+    ));
+    if spinner.is_hidden() {
+        eprintln!("loading {} ...", args.model.display());
+    } else {
+        spinner.enable_steady_tick(std::time::Duration::from_millis(80));
+    }
     let mut stdout = std::io::stdout().lock();
     let response = runtime.generate_stream(&request, |delta| {
+        if !spinner.is_finished() {
+            spinner.finish_and_clear();
+        }
         if stdout
             .write_all(delta.as_bytes())
             .and_then(|()| stdout.flush())
@@ -102,6 +115,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     })?;
+    spinner.finish_and_clear();
     writeln!(stdout)?;
     let t = &response.timings;
     eprintln!(
