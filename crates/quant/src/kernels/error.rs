@@ -68,6 +68,37 @@ pub enum Error {
         /// The format of the weights.
         dtype: WeightDType,
     },
+    /// An int4 group size other than 32, 64 or 128.
+    #[error("int4 group size {group} is not supported (32, 64 or 128 are)")]
+    InvalidGroup {
+        /// The group size that was given.
+        group: usize,
+    },
+    /// The group size does not divide the row length.
+    #[error("group size {group} does not divide the {k} columns of the matrix")]
+    GroupDoesNotDivide {
+        /// Columns (input features).
+        k: usize,
+        /// The group size.
+        group: usize,
+    },
+    /// A weight, scale or minimum is NaN or infinite.
+    #[error("non-finite value at row {row}, column {col}")]
+    NonFinite {
+        /// Row of the value.
+        row: usize,
+        /// Column of the value (for a scale: the first column of its group).
+        col: usize,
+    },
+    /// Activations quantized for one inner dimension were used with integer weights of
+    /// another.
+    #[error("activations have k = {acts_k}, integer weights have k = {weights_k}")]
+    IntInnerDimensionMismatch {
+        /// The inner dimension of the activations.
+        acts_k: usize,
+        /// The inner dimension of the weights.
+        weights_k: usize,
+    },
     /// A size computation overflowed `usize`.
     #[error("{what}: size overflows usize")]
     Overflow {

@@ -44,6 +44,7 @@ mod avx512;
 mod blocks;
 mod driver;
 mod error;
+mod int;
 mod scalar;
 
 #[cfg(test)]
@@ -56,6 +57,7 @@ use std::sync::OnceLock;
 pub use acts::QuantizedActs;
 pub use blocks::{BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType};
 pub use error::{Error, Result};
+pub use int::{INT4_GROUPS, IntFormat, IntWeights, gemm_int, gemm_int_with};
 
 /// An implementation of the kernels, by instruction set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

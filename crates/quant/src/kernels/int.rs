@@ -1,0 +1,707 @@
+//! afo's own weight-only integer formats: int8 per output channel and int4 grouped.
+//!
+//! TorchAO semantics (`int8_weight_only`, `int4_weight_only`), laid out for the same
+//! integer dot products as the GGML formats:
+//!
+//! | format | quants | scales | element `c` of row `r` |
+//! | --- | --- | --- | --- |
+//! | [`IntFormat::Int8`] | `n_out * k` bytes, `i8`, row-major | `n_out` `f32`, one per row | `scale[r] * q[r][c]` |
+//! | [`IntFormat::Int4`] symmetric | `n_out * k / 2` bytes | `n_out * k / group` `f32` | `scale[r][c / group] * (nibble - 8)` |
+//! | [`IntFormat::Int4`] asymmetric | as symmetric | as symmetric, plus as many `min`s | `scale[r][c / group] * nibble + min[r][c / group]` |
+//!
+//! Int4 nibbles come in blocks of 32 elements, 16 bytes each, in GGML's order: byte `j`
+//! of block `b` holds element `32 b + j` in its low nibble and `32 b + j + 16` in its
+//! high nibble. Groups (32, 64 or 128 elements along a row) are whole blocks.
+//!
+//! Quantization (round half to even everywhere):
+//! - int8: `scale = max|w| / 127`, `q = clamp(round(w / scale), -127, 127)`;
+//! - int4 symmetric: `scale = max|w| / 7.5` over the group, `q = clamp(round(w / scale), -8, 7)`,
+//!   stored as `q + 8` (TorchAO's symmetric choice of `(qmax - qmin) / 2`);
+//! - int4 asymmetric: `scale = (max - min) / 15`, `nibble = clamp(round((w - min) / scale), 0, 15)`;
+//!   the zero point lives in the float domain (`min`), as TorchAO's
+//!   `ZeroPointDomain.FLOAT` (`min = zero - 8 * scale` in its terms).
+//!
+//! A group (or row) of zeros gets scale 0 and quants that decode to 0.
+
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
+use super::Kernel;
+use super::acts::QuantizedActs;
+use super::blocks::BLOCK_ELEMS;
+use super::error::{Error, Result};
+
+/// Group sizes the int4 format accepts.
+pub const INT4_GROUPS: [usize; 3] = [32, 64, 128];
+
+/// An integer weight-only format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IntFormat {
+    /// 8-bit, symmetric, one scale per output channel (row).
+    Int8,
+    /// 4-bit, one scale (and, asymmetric, one minimum) per `group` elements of a row.
+    Int4 {
+        /// Elements per group: 32, 64 or 128.
+        group: usize,
+        /// Whether each group has a minimum (zero point) besides its scale.
+        asymmetric: bool,
+    },
+}
+
+impl IntFormat {
+    /// Checks the group size.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGroup`] for a group other than 32, 64 or 128.
+    pub fn validate(self) -> Result<Self> {
+        match self {
+            IntFormat::Int4 { group, .. } if !INT4_GROUPS.contains(&group) => {
+                Err(Error::InvalidGroup { group })
+            }
+            _ => Ok(self),
+        }
+    }
+
+    /// Scale (and minimum) groups per row of `k` elements.
+    pub fn groups_per_row(self, k: usize) -> usize {
+        match self {
+            IntFormat::Int8 => 1,
+            IntFormat::Int4 { group, .. } => k / group.max(1),
+        }
+    }
+
+    /// Bytes of quants per row of `k` elements.
+    pub fn quant_bytes_per_row(self, k: usize) -> usize {
+        match self {
+            IntFormat::Int8 => k,
+            IntFormat::Int4 { .. } => k / 2,
+        }
+    }
+
+    /// Whether the format stores a minimum per group.
+    pub fn has_mins(self) -> bool {
+        matches!(
+            self,
+            IntFormat::Int4 {
+                asymmetric: true,
+                ..
+            }
+        )
+    }
+
+    /// Bytes a `[n_out, k]` matrix takes (quants, scales, minimums).
+    pub fn matrix_bytes(self, n_out: usize, k: usize) -> usize {
+        let groups = n_out * self.groups_per_row(k);
+        n_out * self.quant_bytes_per_row(k) + groups * 4 * (1 + usize::from(self.has_mins()))
+    }
+}
+
+impl fmt::Display for IntFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IntFormat::Int8 => f.write_str("int8"),
+            IntFormat::Int4 { group, asymmetric } => {
+                write!(f, "int4-g{group}{}", if *asymmetric { "-asym" } else { "" })
+            }
+        }
+    }
+}
+
+impl FromStr for IntFormat {
+    type Err = Error;
+
+    /// `int8`, `int4` (group 32, symmetric), `int4-g64`, `int4-g128-asym`, ...
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        if lower == "int8" {
+            return Ok(IntFormat::Int8);
+        }
+        let unknown = || Error::UnknownName {
+            what: "integer format",
+            name: s.to_owned(),
+        };
+        let rest = lower.strip_prefix("int4").ok_or_else(unknown)?;
+        let (rest, asymmetric) = match rest.strip_suffix("-asym") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let group = match rest {
+            "" => 32,
+            g => g
+                .strip_prefix("-g")
+                .and_then(|g| g.parse().ok())
+                .ok_or_else(unknown)?,
+        };
+        IntFormat::Int4 { group, asymmetric }.validate()
+    }
+}
+
+/// A `[n_out, k]` weight matrix in an [`IntFormat`], owned.
+#[derive(Clone, PartialEq)]
+pub struct IntWeights {
+    format: IntFormat,
+    n_out: usize,
+    k: usize,
+    quants: Vec<u8>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+}
+
+impl fmt::Debug for IntWeights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IntWeights")
+            .field("format", &self.format)
+            .field("n_out", &self.n_out)
+            .field("k", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_dims(format: IntFormat, n_out: usize, k: usize) -> Result<()> {
+    format.validate()?;
+    if n_out == 0 {
+        return Err(Error::EmptyDimension { what: "n_out" });
+    }
+    if k == 0 {
+        return Err(Error::EmptyDimension { what: "k" });
+    }
+    if !k.is_multiple_of(BLOCK_ELEMS) {
+        return Err(Error::KNotMultipleOfBlock {
+            k,
+            block: BLOCK_ELEMS,
+        });
+    }
+    if let IntFormat::Int4 { group, .. } = format
+        && !k.is_multiple_of(group)
+    {
+        return Err(Error::GroupDoesNotDivide { k, group });
+    }
+    n_out
+        .checked_mul(k)
+        .ok_or(Error::Overflow { what: "n_out * k" })?;
+    Ok(())
+}
+
+fn check_len<T>(what: &'static str, v: &[T], expected: usize, unit: &'static str) -> Result<()> {
+    if v.len() == expected {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what,
+            expected,
+            actual: v.len(),
+            unit,
+        })
+    }
+}
+
+impl IntWeights {
+    /// Quantizes a row-major `[n_out, k]` f32 matrix.
+    ///
+    /// # Errors
+    /// [`Error::EmptyDimension`], [`Error::KNotMultipleOfBlock`],
+    /// [`Error::GroupDoesNotDivide`], [`Error::InvalidGroup`], [`Error::LengthMismatch`]
+    /// for a `w` of another length, [`Error::NonFinite`] for NaN or infinite weights.
+    pub fn quantize(format: IntFormat, w: &[f32], n_out: usize, k: usize) -> Result<Self> {
+        check_dims(format, n_out, k)?;
+        check_len("w (n_out * k)", w, n_out * k, "elements")?;
+        if let Some(at) = w.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                row: at / k,
+                col: at % k,
+            });
+        }
+        let groups = format.groups_per_row(k);
+        let mut quants = vec![0u8; n_out * format.quant_bytes_per_row(k)];
+        let mut scales = vec![0f32; n_out * groups];
+        let mut mins = vec![0f32; if format.has_mins() { n_out * groups } else { 0 }];
+        match format {
+            IntFormat::Int8 => {
+                for ((row, q), s) in w
+                    .chunks_exact(k)
+                    .zip(quants.chunks_exact_mut(k))
+                    .zip(&mut scales)
+                {
+                    let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    for (qi, &v) in q.iter_mut().zip(row) {
+                        *qi = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8;
+                    }
+                    *s = scale;
+                }
+            }
+            IntFormat::Int4 { group, asymmetric } => {
+                for (g, chunk) in w.chunks_exact(group).enumerate() {
+                    let (scale, min, codes) = quantize_group4(chunk, asymmetric);
+                    scales[g] = scale;
+                    if asymmetric {
+                        mins[g] = min;
+                    }
+                    // The group's elements start at element g * group of the matrix,
+                    // which is byte g * group / 2 of the quants (rows are whole groups).
+                    let base = g * group / 2;
+                    for (b, block) in codes.chunks_exact(BLOCK_ELEMS).enumerate() {
+                        let out = &mut quants[base + b * 16..base + b * 16 + 16];
+                        for (j, o) in out.iter_mut().enumerate() {
+                            *o = block[j] | (block[j + 16] << 4);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            format,
+            n_out,
+            k,
+            quants,
+            scales,
+            mins,
+        })
+    }
+
+    /// Rebuilds a matrix from its stored parts (a saved file), checking every length
+    /// and that the scales are finite.
+    ///
+    /// # Errors
+    /// As [`IntWeights::quantize`] for the dimensions; [`Error::LengthMismatch`] for
+    /// parts of the wrong size; [`Error::NonFinite`] for a NaN or infinite scale or
+    /// minimum.
+    pub fn from_parts(
+        format: IntFormat,
+        n_out: usize,
+        k: usize,
+        quants: Vec<u8>,
+        scales: Vec<f32>,
+        mins: Vec<f32>,
+    ) -> Result<Self> {
+        check_dims(format, n_out, k)?;
+        let groups = format.groups_per_row(k);
+        check_len(
+            "quants",
+            &quants,
+            n_out * format.quant_bytes_per_row(k),
+            "bytes",
+        )?;
+        check_len("scales", &scales, n_out * groups, "elements")?;
+        check_len(
+            "mins",
+            &mins,
+            if format.has_mins() { n_out * groups } else { 0 },
+            "elements",
+        )?;
+        for (i, v) in scales.iter().chain(&mins).enumerate() {
+            if !v.is_finite() {
+                let i = i % scales.len().max(1);
+                return Err(Error::NonFinite {
+                    row: i / groups,
+                    col: (i % groups) * (k / groups),
+                });
+            }
+        }
+        Ok(Self {
+            format,
+            n_out,
+            k,
+            quants,
+            scales,
+            mins,
+        })
+    }
+
+    /// The format.
+    pub fn format(&self) -> IntFormat {
+        self.format
+    }
+
+    /// Output features (rows).
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Input features (columns).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The quants (layout in the [module docs](self)).
+    pub fn quants(&self) -> &[u8] {
+        &self.quants
+    }
+
+    /// The scales, row-major `[n_out, groups]`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// The minimums of the asymmetric int4 format (empty otherwise).
+    pub fn mins(&self) -> &[f32] {
+        &self.mins
+    }
+
+    /// Bytes held: quants, scales and minimums.
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + 4 * (self.scales.len() + self.mins.len())
+    }
+
+    /// Decodes rows `rows` into `out` (`rows.len() * k` floats).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when the rows are out of range or `out` has another
+    /// length.
+    pub fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
+        if rows.start > rows.end || rows.end > self.n_out {
+            return Err(Error::LengthMismatch {
+                what: "rows",
+                expected: self.n_out,
+                actual: rows.end,
+                unit: "rows",
+            });
+        }
+        let k = self.k;
+        check_len(
+            "out (rows * k)",
+            out,
+            (rows.end - rows.start) * k,
+            "elements",
+        )?;
+        let groups = self.format.groups_per_row(k);
+        for (r, o) in rows.zip(out.chunks_exact_mut(k)) {
+            match self.format {
+                IntFormat::Int8 => {
+                    let s = self.scales[r];
+                    for (v, &q) in o.iter_mut().zip(&self.quants[r * k..(r + 1) * k]) {
+                        *v = s * f32::from(q as i8);
+                    }
+                }
+                IntFormat::Int4 { group, asymmetric } => {
+                    let qrow = &self.quants[r * k / 2..(r + 1) * k / 2];
+                    for (b, (ob, qb)) in o
+                        .chunks_exact_mut(BLOCK_ELEMS)
+                        .zip(qrow.chunks_exact(16))
+                        .enumerate()
+                    {
+                        let g = r * groups + b * BLOCK_ELEMS / group;
+                        let s = self.scales[g];
+                        let m = if asymmetric { self.mins[g] } else { -8.0 * s };
+                        for (j, &q) in qb.iter().enumerate() {
+                            ob[j] = s * f32::from(q & 0x0F) + m;
+                            ob[j + 16] = s * f32::from(q >> 4) + m;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole matrix as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n_out * self.k];
+        // The range and length match by construction.
+        let _ = self.dequantize_rows(0..self.n_out, &mut out);
+        out
+    }
+}
+
+/// Scale, minimum and the 4-bit codes (`0..=15`, one per element) of one group.
+fn quantize_group4(w: &[f32], asymmetric: bool) -> (f32, f32, Vec<u8>) {
+    if asymmetric {
+        let lo = w.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let scale = (hi - lo) / 15.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let codes = w
+            .iter()
+            .map(|&v| ((v - lo) * inv).round_ties_even().clamp(0.0, 15.0) as u8)
+            .collect();
+        (scale, lo, codes)
+    } else {
+        let amax = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 7.5;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let codes = w
+            .iter()
+            .map(|&v| ((v * inv).round_ties_even().clamp(-8.0, 7.0) + 8.0) as u8)
+            .collect();
+        (scale, -8.0 * scale, codes)
+    }
+}
+
+/// `y = x · Wᵀ` for integer weights and quantized activations, with the detected
+/// kernel.
+///
+/// # Errors
+/// [`Error::InnerDimensionMismatch`], [`Error::LengthMismatch`] for `y`.
+pub fn gemm_int(weights: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) -> Result<()> {
+    gemm_int_with(Kernel::detect(), weights, acts, y)
+}
+
+/// `y = x · Wᵀ` for integer weights with a chosen kernel.
+///
+/// # Errors
+/// As [`gemm_int`]; [`Error::KernelUnavailable`] if the CPU lacks the kernel.
+pub fn gemm_int_with(
+    kernel: Kernel,
+    weights: &IntWeights,
+    acts: &QuantizedActs,
+    y: &mut [f32],
+) -> Result<()> {
+    if !kernel.is_available() {
+        return Err(Error::KernelUnavailable { kernel });
+    }
+    if acts.k() != weights.k {
+        return Err(Error::IntInnerDimensionMismatch {
+            acts_k: acts.k(),
+            weights_k: weights.k,
+        });
+    }
+    let m = acts.m();
+    check_len("y (m * n_out)", y, m * weights.n_out, "elements")?;
+    scalar_gemm(weights, acts, y);
+    Ok(())
+}
+
+/// The portable kernel: per block, an integer dot product of the activation quants
+/// with the weight quants, scaled by both scales; int4 adds `min * d_x * sum(q_x)`.
+fn scalar_gemm(w: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) {
+    let view = acts.view();
+    let (k, nb) = (w.k, w.k / BLOCK_ELEMS);
+    let groups = w.format.groups_per_row(k);
+    for (i, yr) in y.chunks_exact_mut(w.n_out).enumerate() {
+        let d = &view.d[i * view.stride..];
+        let ds = &view.ds[i * view.stride..];
+        for (r, out) in yr.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            match w.format {
+                IntFormat::Int8 => {
+                    let q = &w.quants[r * k..(r + 1) * k];
+                    for b in 0..nb {
+                        let x = view.block(i, b);
+                        let dot: i32 = q[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS]
+                            .iter()
+                            .zip(x)
+                            .map(|(&qw, &qx)| i32::from(qw as i8) * i32::from(qx))
+                            .sum();
+                        acc += d[b] * dot as f32;
+                    }
+                    acc *= w.scales[r];
+                }
+                IntFormat::Int4 { group, asymmetric } => {
+                    let q = &w.quants[r * k / 2..(r + 1) * k / 2];
+                    for b in 0..nb {
+                        let x = view.block(i, b);
+                        let (lo, hi) = x.split_at(16);
+                        let dot: i32 = q[b * 16..b * 16 + 16]
+                            .iter()
+                            .zip(lo.iter().zip(hi))
+                            .map(|(&qw, (&xl, &xh))| {
+                                i32::from(qw & 0x0F) * i32::from(xl)
+                                    + i32::from(qw >> 4) * i32::from(xh)
+                            })
+                            .sum();
+                        let g = r * groups + b * BLOCK_ELEMS / group;
+                        let s = w.scales[g];
+                        let m = if asymmetric { w.mins[g] } else { -8.0 * s };
+                        acc += s * d[b] * dot as f32 + m * ds[b];
+                    }
+                }
+            }
+            *out = acc;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    const FORMATS: [IntFormat; 7] = [
+        IntFormat::Int8,
+        IntFormat::Int4 {
+            group: 32,
+            asymmetric: false,
+        },
+        IntFormat::Int4 {
+            group: 64,
+            asymmetric: false,
+        },
+        IntFormat::Int4 {
+            group: 128,
+            asymmetric: false,
+        },
+        IntFormat::Int4 {
+            group: 32,
+            asymmetric: true,
+        },
+        IntFormat::Int4 {
+            group: 64,
+            asymmetric: true,
+        },
+        IntFormat::Int4 {
+            group: 128,
+            asymmetric: true,
+        },
+    ];
+
+    #[test]
+    fn names_round_trip() {
+        for f in FORMATS {
+            assert_eq!(f.to_string().parse::<IntFormat>().unwrap(), f);
+        }
+        assert_eq!("int4".parse::<IntFormat>().unwrap(), FORMATS[1]);
+        assert!("int4-g48".parse::<IntFormat>().is_err());
+        assert!("int3".parse::<IntFormat>().is_err());
+    }
+
+    #[test]
+    fn dequantized_weights_are_within_half_a_step() {
+        let (n, k) = (5, 256);
+        let w = seeded(n * k, 7);
+        for f in FORMATS {
+            let q = IntWeights::quantize(f, &w, n, k).unwrap();
+            assert_eq!(q.bytes(), f.matrix_bytes(n, k));
+            let back = q.dequantize();
+            let group = match f {
+                IntFormat::Int8 => k,
+                IntFormat::Int4 { group, .. } => group,
+            };
+            for (g, (a, b)) in w.chunks(group).zip(back.chunks(group)).enumerate() {
+                let scale = q.scales()[g];
+                for (x, y) in a.iter().zip(b) {
+                    // Half a step (the symmetric int4 top, +7.5 steps, clamps to 7:
+                    // also half a step).
+                    let bound = 0.5 * scale * (1.0 + 1e-5) + 1e-7;
+                    assert!((x - y).abs() <= bound, "{f}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_gemm_matches_dequantize_then_matmul() {
+        for (m, n, k) in [(1, 3, 32), (3, 7, 128), (5, 4, 256)] {
+            let w = seeded(n * k, 3);
+            let x = seeded(m * k, 11);
+            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+            for f in FORMATS {
+                if f.validate().is_err()
+                    || !k.is_multiple_of(match f {
+                        IntFormat::Int8 => 32,
+                        IntFormat::Int4 { group, .. } => group,
+                    })
+                {
+                    continue;
+                }
+                let q = IntWeights::quantize(f, &w, n, k).unwrap();
+                let wd = q.dequantize();
+                let mut y = vec![0f32; m * n];
+                gemm_int_with(Kernel::Scalar, &q, &acts, &mut y).unwrap();
+                for i in 0..m {
+                    for r in 0..n {
+                        let exact: f32 = (0..k).map(|c| x[i * k + c] * wd[r * k + c]).sum();
+                        // Activation rounding: at most max|x_block| / 254 per element.
+                        let bound: f32 = (0..k / 32)
+                            .map(|b| {
+                                let xb = &x[i * k + b * 32..i * k + b * 32 + 32];
+                                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                                let wsum: f32 = wd[r * k + b * 32..r * k + b * 32 + 32]
+                                    .iter()
+                                    .map(|v| v.abs())
+                                    .sum();
+                                amax / 254.0 * wsum
+                            })
+                            .sum::<f32>()
+                            + 1e-4;
+                        let got = y[i * n + r];
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{f} m{m} n{n} k{k}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let w = vec![0.5f32; 2 * 96];
+        let g64 = IntFormat::Int4 {
+            group: 64,
+            asymmetric: false,
+        };
+        assert!(matches!(
+            IntWeights::quantize(g64, &w, 2, 96),
+            Err(Error::GroupDoesNotDivide { k: 96, group: 64 })
+        ));
+        assert!(matches!(
+            IntWeights::quantize(IntFormat::Int8, &w[..2 * 40], 2, 40),
+            Err(Error::KNotMultipleOfBlock { .. })
+        ));
+        assert!(matches!(
+            IntWeights::quantize(
+                IntFormat::Int4 {
+                    group: 48,
+                    asymmetric: false
+                },
+                &w,
+                2,
+                96
+            ),
+            Err(Error::InvalidGroup { group: 48 })
+        ));
+        let mut nan = w.clone();
+        nan[100] = f32::NAN;
+        assert!(matches!(
+            IntWeights::quantize(IntFormat::Int8, &nan, 2, 96),
+            Err(Error::NonFinite { row: 1, col: 4 })
+        ));
+        let q = IntWeights::quantize(IntFormat::Int8, &w, 2, 96).unwrap();
+        assert!(
+            IntWeights::from_parts(
+                IntFormat::Int8,
+                2,
+                96,
+                q.quants().to_vec(),
+                vec![1.0],
+                vec![]
+            )
+            .is_err()
+        );
+        assert_eq!(
+            IntWeights::from_parts(
+                IntFormat::Int8,
+                2,
+                96,
+                q.quants().to_vec(),
+                q.scales().to_vec(),
+                vec![]
+            )
+            .unwrap(),
+            q
+        );
+    }
+
+    #[test]
+    fn zero_rows_decode_to_zero() {
+        let w = vec![0f32; 64];
+        for f in [FORMATS[0], FORMATS[1], FORMATS[4]] {
+            let q = IntWeights::quantize(f, &w, 1, 64).unwrap();
+            assert!(q.dequantize().iter().all(|&v| v == 0.0), "{f}");
+        }
+    }
+}
