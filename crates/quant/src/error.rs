@@ -20,9 +20,20 @@ pub enum Error {
     },
     /// A scheme name is unknown.
     #[error(
-        "unknown quantization scheme `{0}` (known: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
+        "unknown quantization scheme `{0}` (known: f32, f16, bf16, int8, int4[-g32|-g64|-g128][-asym], q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, q8_k)"
     )]
     UnknownScheme(String),
+    /// A tensor cannot be stored in a scheme (its row length does not fit the blocks or
+    /// groups, or it has NaN or infinite values).
+    #[error("tensor `{name}` cannot be quantized to {scheme}: {reason}")]
+    CannotQuantize {
+        /// The tensor's name.
+        name: String,
+        /// The scheme asked for.
+        scheme: crate::QuantScheme,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// The crate's result type.

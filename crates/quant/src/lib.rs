@@ -41,5 +41,5 @@ mod linear;
 mod scheme;
 
 pub use error::{Error, Result};
-pub use linear::{KernelChoice, QLinear, has_fast_kernel};
+pub use linear::{KernelChoice, QLinear, WeightData, has_fast_kernel};
 pub use scheme::QuantScheme;

@@ -1,10 +1,13 @@
 //! The linear layer every decoder calls, for every storage scheme.
 
+use std::borrow::Cow;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, GgmlWeights, WeightDType};
+use crate::kernels::{self, GgmlWeights, IntFormat, IntWeights, QuantizedActs, WeightDType};
 use crate::scheme::QuantScheme;
 
 /// Which matmul runs GGML-quantized weights.
@@ -23,6 +26,8 @@ pub enum KernelChoice {
 /// - GGML Q4_0, Q4_1 and Q8_0 weights use this crate's [`kernels`] (integer dot
 ///   products with run-time SIMD dispatch), straight from the GGUF bytes.
 /// - Other GGML types (the k-quants) use candle's quantized matmul.
+/// - afo's int8 per-channel and int4 grouped weights ([`IntWeights`]) use this crate's
+///   integer kernels ([`kernels::gemm_int`]).
 ///
 /// Inputs are `[..., in_features]` f32 tensors; outputs `[..., out_features]` f32.
 #[derive(Debug, Clone)]
@@ -38,7 +43,27 @@ enum Weight {
     Dense(Tensor),
     Fast(GgmlWeights),
     Candle(QMatMul, GgmlDType),
+    Int(IntWeights),
 }
+
+/// A borrowed view of a layer's stored weight, for writing it to a file.
+#[derive(Debug)]
+pub enum WeightData<'a> {
+    /// Dense f32, f16 or bf16 `[out, in]`.
+    Dense(&'a Tensor),
+    /// GGML blocks, as in a GGUF file.
+    Ggml {
+        /// The GGML type.
+        dtype: GgmlDType,
+        /// The blocks, row-major.
+        bytes: Cow<'a, [u8]>,
+    },
+    /// afo's integer formats.
+    Int(&'a IntWeights),
+}
+
+/// Rows per task when quantizing in parallel.
+const QUANTIZE_ROWS_PER_TASK: usize = 64;
 
 fn shape_err(name: &str, reason: String) -> Error {
     Error::Shape {
@@ -126,6 +151,94 @@ impl QLinear {
         })
     }
 
+    /// A layer over integer weights (a saved int8/int4 model).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the bias does not match.
+    pub fn from_int(name: &str, weight: IntWeights, bias: Option<Tensor>) -> Result<Self> {
+        Self::check_bias(name, bias.as_ref(), weight.n_out())?;
+        Ok(Self {
+            in_features: weight.k(),
+            out_features: weight.n_out(),
+            weight: Weight::Int(weight),
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+
+    /// Quantizes a dense `[out_features, in_features]` weight (any float dtype) into
+    /// `scheme`, rows in parallel on the current rayon pool. Dense schemes convert the
+    /// dtype; GGML types use candle's quantizer; int8/int4 use [`IntWeights::quantize`].
+    ///
+    /// # Errors
+    /// [`Error::CannotQuantize`] naming the tensor when its row length does not fit the
+    /// scheme's blocks or groups or it holds NaN or infinite values; [`Error::Shape`]
+    /// for a weight that is not 2-D or a bias that does not match.
+    pub fn quantize(
+        name: &str,
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        scheme: QuantScheme,
+    ) -> Result<Self> {
+        let (n_out, k) = weight
+            .dims2()
+            .map_err(|_| shape_err(name, format!("expected 2 dims, got {:?}", weight.dims())))?;
+        let cannot = |reason: String| Error::CannotQuantize {
+            name: name.to_owned(),
+            scheme,
+            reason,
+        };
+        match scheme {
+            QuantScheme::F32 => Self::dense(name, weight.to_dtype(DType::F32)?, bias),
+            QuantScheme::F16 => Self::dense(name, weight.to_dtype(DType::F16)?, bias),
+            QuantScheme::BF16 => Self::dense(name, weight.to_dtype(DType::BF16)?, bias),
+            QuantScheme::Ggml(t) => {
+                if !k.is_multiple_of(t.block_size()) {
+                    return Err(cannot(format!(
+                        "its {k} columns are not a multiple of the {} block size {}",
+                        scheme,
+                        t.block_size()
+                    )));
+                }
+                let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, t)
+                    .map_err(|e| cannot(e.to_string()))?;
+                Self::from_qtensor(name, q, bias)
+            }
+            QuantScheme::Int(format) => {
+                let w = weight
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let q = quantize_rows(format, &w, n_out, k).map_err(|e| cannot(e.to_string()))?;
+                Self::from_int(name, q, bias)
+            }
+        }
+    }
+
+    /// The stored weight, borrowed where it can be.
+    ///
+    /// # Errors
+    /// When candle cannot hand out a quantized tensor's bytes.
+    pub fn weight_data(&self) -> Result<WeightData<'_>> {
+        Ok(match &self.weight {
+            Weight::Dense(w) => WeightData::Dense(w),
+            Weight::Fast(w) => WeightData::Ggml {
+                dtype: w.dtype().to_ggml(),
+                bytes: Cow::Borrowed(w.bytes()),
+            },
+            Weight::Candle(QMatMul::QTensor(t), dtype) => WeightData::Ggml {
+                dtype: *dtype,
+                bytes: Cow::Owned(t.data()?.into_owned()),
+            },
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w), _) => WeightData::Dense(w),
+            Weight::Int(w) => WeightData::Int(w),
+        })
+    }
+
+    /// The bias, f32, when the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     fn check_bias(name: &str, bias: Option<&Tensor>, out: usize) -> Result<()> {
         match bias {
             Some(b) if b.dims() != [out] => Err(shape_err(
@@ -152,6 +265,7 @@ impl QLinear {
             Weight::Dense(w) => QuantScheme::from_dtype(w.dtype()).unwrap_or(QuantScheme::F32),
             Weight::Fast(w) => QuantScheme::Ggml(w.dtype().to_ggml()),
             Weight::Candle(_, t) => QuantScheme::Ggml(*t),
+            Weight::Int(w) => QuantScheme::Int(w.format()),
         }
     }
 
@@ -163,6 +277,7 @@ impl QLinear {
             Weight::Candle(_, t) => {
                 self.in_features * self.out_features / t.block_size() * t.type_size()
             }
+            Weight::Int(w) => w.bytes(),
         };
         let bias = self.bias.as_ref().map_or(0, |b| b.elem_count() * 4);
         (weight + bias) as u64
@@ -205,6 +320,13 @@ impl QLinear {
             Weight::Candle(q, _) => {
                 let x2 = x.reshape((m, self.in_features))?.to_dtype(DType::F32)?;
                 q.forward(&x2)?.reshape(out_dims)?
+            }
+            Weight::Int(w) => {
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let acts = QuantizedActs::quantize(&xs, m, self.in_features)?;
+                let mut ys = vec![0f32; m * self.out_features];
+                kernels::gemm_int(w, &acts, &mut ys)?;
+                Tensor::from_vec(ys, out_dims, x.device())?
             }
         };
         match &self.bias {
@@ -273,6 +395,18 @@ impl QLinear {
                 let idx = Tensor::new(ids, w.device())?;
                 Ok(w.index_select(&idx, 0)?.to_dtype(DType::F32)?)
             }
+            Weight::Int(w) => {
+                let mut out = vec![0f32; ids.len() * self.in_features];
+                for (&id, chunk) in ids.iter().zip(out.chunks_exact_mut(self.in_features)) {
+                    let r = id as usize;
+                    w.dequantize_rows(r..r + 1, chunk)?;
+                }
+                Ok(Tensor::from_vec(
+                    out,
+                    (ids.len(), self.in_features),
+                    &device,
+                )?)
+            }
         }
     }
 
@@ -293,8 +427,46 @@ impl QLinear {
             Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t), _) => {
                 t.to_dtype(DType::F32)?
             }
+            Weight::Int(w) => Tensor::from_vec(
+                w.dequantize(),
+                (self.out_features, self.in_features),
+                &device,
+            )?,
         })
     }
+}
+
+/// [`IntWeights::quantize`] over blocks of rows in parallel, the parts joined.
+fn quantize_rows(
+    format: IntFormat,
+    w: &[f32],
+    n_out: usize,
+    k: usize,
+) -> std::result::Result<IntWeights, kernels::Error> {
+    if n_out <= QUANTIZE_ROWS_PER_TASK || k == 0 {
+        return IntWeights::quantize(format, w, n_out, k);
+    }
+    let parts = w
+        .par_chunks(QUANTIZE_ROWS_PER_TASK * k)
+        .enumerate()
+        .map(|(i, rows)| {
+            IntWeights::quantize(format, rows, rows.len() / k, k).map_err(|e| match e {
+                kernels::Error::NonFinite { row, col } => kernels::Error::NonFinite {
+                    row: row + i * QUANTIZE_ROWS_PER_TASK,
+                    col,
+                },
+                e => e,
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
+    for p in &parts {
+        quants.extend_from_slice(p.quants());
+        scales.extend_from_slice(p.scales());
+        mins.extend_from_slice(p.mins());
+    }
+    drop(parts);
+    IntWeights::from_parts(format, n_out, k, quants, scales, mins)
 }
 
 /// Whether this crate's own kernels run a GGML type.
@@ -358,6 +530,118 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn quantized_layers_match_their_dequantized_weights() {
+        let dev = Device::Cpu;
+        for (out, inp, m) in [(130, 128, 1), (7, 256, 4), (200, 64, 2)] {
+            let w = Tensor::from_vec(data(out * inp, 5), (out, inp), &dev).unwrap();
+            let x = Tensor::from_vec(data(m * inp, 8), (m, inp), &dev).unwrap();
+            for name in [
+                "int8",
+                "int4-g32",
+                "int4-g64-asym",
+                "q8_0",
+                "q4_k",
+                "f16",
+                "bf16",
+            ] {
+                let scheme: QuantScheme = name.parse().unwrap();
+                if let QuantScheme::Int(IntFormat::Int4 { group, .. }) = scheme
+                    && inp % group != 0
+                {
+                    continue;
+                }
+                if scheme == QuantScheme::Ggml(GgmlDType::Q4K) && inp % 256 != 0 {
+                    continue;
+                }
+                let layer = QLinear::quantize("w", &w, None, scheme).unwrap();
+                assert_eq!(layer.scheme(), scheme, "{name}");
+                assert_eq!(
+                    layer.bytes(),
+                    scheme.matrix_bytes(out, inp),
+                    "{name}: bytes"
+                );
+                let deq = layer.dequantize().unwrap();
+                // The stored weights are close to the originals...
+                let werr = (&deq - &w)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let step = match scheme {
+                    QuantScheme::Int(IntFormat::Int8) => 1.0 / 127.0,
+                    QuantScheme::F16 | QuantScheme::BF16 => 1.0 / 128.0,
+                    QuantScheme::Ggml(GgmlDType::Q8_0) => 1.0 / 127.0,
+                    _ => 2.0 / 15.0,
+                };
+                assert!(werr <= step * 0.55 + 1e-6, "{name}: weight error {werr}");
+                // ...and the layer computes with exactly those.
+                let y: Vec<f32> = layer
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want = reference(&deq, &x);
+                let tol = 0.02 * (inp as f32).sqrt();
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() <= tol, "{name} {out}x{inp} m={m}: {a} vs {b}");
+                }
+                let rows = layer.rows(&[3, 0]).unwrap();
+                let picked = deq
+                    .index_select(&Tensor::new(&[3u32, 0], &dev).unwrap(), 0)
+                    .unwrap();
+                let diff = (rows - picked)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{name}: rows");
+                assert!(matches!(
+                    (layer.weight_data().unwrap(), scheme.is_dense()),
+                    (WeightData::Dense(_), true)
+                        | (WeightData::Ggml { .. } | WeightData::Int(_), false)
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn tensors_that_do_not_fit_a_scheme_are_named_errors() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(data(4 * 96, 1), (4, 96), &dev).unwrap();
+        let err = QLinear::quantize("blk.0.ffn_up.weight", &w, None, "int4-g64".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("blk.0.ffn_up.weight") && err.contains("64"),
+            "{err}"
+        );
+        let small = Tensor::from_vec(data(4 * 8, 1), (4, 8), &dev).unwrap();
+        let err = QLinear::quantize("tiny", &small, None, QuantScheme::INT8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tiny") && err.contains("32"), "{err}");
+        let err = QLinear::quantize("tiny", &small, None, "q8_0".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tiny"), "{err}");
+        let mut v = data(200 * 64, 2);
+        v[130 * 64 + 3] = f32::INFINITY;
+        let bad = Tensor::from_vec(v, (200, 64), &dev).unwrap();
+        let err = QLinear::quantize("inf", &bad, None, QuantScheme::INT8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 130, column 3"), "{err}");
     }
 
     #[test]

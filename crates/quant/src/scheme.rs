@@ -7,6 +7,7 @@ use candle_core::DType;
 use candle_core::quantized::GgmlDType;
 
 use crate::error::{Error, Result};
+use crate::kernels::IntFormat;
 
 /// How a weight matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,6 +21,8 @@ pub enum QuantScheme {
     BF16,
     /// A GGML block format, as stored in GGUF files.
     Ggml(GgmlDType),
+    /// afo's int8 per-channel or int4 grouped weight-only format (TorchAO semantics).
+    Int(IntFormat),
 }
 
 impl QuantScheme {
@@ -43,13 +46,43 @@ impl QuantScheme {
         }
     }
 
-    /// Bits per weight, scales included.
+    /// The int8 per-channel scheme.
+    pub const INT8: QuantScheme = QuantScheme::Int(IntFormat::Int8);
+
+    /// Bits per weight, scales included (int8: the per-row scale is left out, as it
+    /// depends on the row length; see [`matrix_bytes`](Self::matrix_bytes)).
     pub fn bits_per_weight(self) -> f64 {
         match self {
             QuantScheme::F32 => 32.0,
             QuantScheme::F16 | QuantScheme::BF16 => 16.0,
             QuantScheme::Ggml(t) => t.type_size() as f64 * 8.0 / t.block_size() as f64,
+            QuantScheme::Int(IntFormat::Int8) => 8.0,
+            QuantScheme::Int(f @ IntFormat::Int4 { group, .. }) => {
+                4.0 + 32.0 * (1.0 + f64::from(u8::from(f.has_mins()))) / group as f64
+            }
         }
+    }
+
+    /// Bytes a `[n_out, k]` weight matrix takes in this scheme (rounded up to whole
+    /// blocks for the GGML formats): the byte accounting of the memory estimator.
+    pub fn matrix_bytes(self, n_out: usize, k: usize) -> u64 {
+        let n = n_out as u64 * k as u64;
+        match self {
+            QuantScheme::F32 => 4 * n,
+            QuantScheme::F16 | QuantScheme::BF16 => 2 * n,
+            QuantScheme::Ggml(t) => {
+                n_out as u64 * k.div_ceil(t.block_size()) as u64 * t.type_size() as u64
+            }
+            QuantScheme::Int(f) => f.matrix_bytes(n_out, k) as u64,
+        }
+    }
+
+    /// Whether weights of this scheme are dense floats.
+    pub fn is_dense(self) -> bool {
+        matches!(
+            self,
+            QuantScheme::F32 | QuantScheme::F16 | QuantScheme::BF16
+        )
     }
 }
 
@@ -76,6 +109,7 @@ impl fmt::Display for QuantScheme {
                 GgmlDType::F16 => "F16",
                 GgmlDType::BF16 => "BF16",
             }),
+            QuantScheme::Int(format) => format.fmt(f),
         }
     }
 }
@@ -83,7 +117,15 @@ impl fmt::Display for QuantScheme {
 impl FromStr for QuantScheme {
     type Err = Error;
 
+    /// `f32`, `f16`, `bf16`, `int8`, `int4`, `int4-g128`, `int4-g64-asym`, or a GGML
+    /// type (`q8_0`, `q4_k`, ...), in any case.
     fn from_str(s: &str) -> Result<Self> {
+        if s.trim().to_ascii_lowercase().starts_with("int") {
+            return s
+                .parse::<IntFormat>()
+                .map(QuantScheme::Int)
+                .map_err(|_| Error::UnknownScheme(s.to_owned()));
+        }
         let t = match s.trim().to_ascii_uppercase().replace('-', "_").as_str() {
             "F32" => return Ok(QuantScheme::F32),
             "F16" => return Ok(QuantScheme::F16),
@@ -114,6 +156,23 @@ mod tests {
         for name in ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"] {
             assert_eq!(name.parse::<QuantScheme>().unwrap().to_string(), name);
         }
+        for name in ["int8", "int4-g32", "int4-g128-asym"] {
+            assert_eq!(name.parse::<QuantScheme>().unwrap().to_string(), name);
+        }
+        assert!("int4-g100".parse::<QuantScheme>().is_err());
+        assert_eq!("INT8".parse::<QuantScheme>().unwrap(), QuantScheme::INT8);
+        assert_eq!(QuantScheme::INT8.matrix_bytes(2, 64), 2 * 64 + 8);
+        assert_eq!(
+            "int4-g64-asym"
+                .parse::<QuantScheme>()
+                .unwrap()
+                .bits_per_weight(),
+            5.0
+        );
+        assert_eq!(
+            QuantScheme::Ggml(GgmlDType::Q8_0).matrix_bytes(3, 64),
+            3 * 2 * 34
+        );
         assert!("Q9".parse::<QuantScheme>().is_err());
         assert_eq!(QuantScheme::Ggml(GgmlDType::Q4_1).bits_per_weight(), 5.0);
         assert_eq!(QuantScheme::Ggml(GgmlDType::Q8_0).bits_per_weight(), 8.5);
