@@ -38,8 +38,10 @@
 mod error;
 pub mod kernels;
 mod linear;
+mod policy;
 mod scheme;
 
 pub use error::{Error, Result};
 pub use linear::{KernelChoice, QLinear, WeightData, has_fast_kernel};
+pub use policy::{QuantPolicy, TensorRole};
 pub use scheme::QuantScheme;

@@ -65,6 +65,9 @@ pub enum WeightData<'a> {
 /// Rows per task when quantizing in parallel.
 const QUANTIZE_ROWS_PER_TASK: usize = 64;
 
+/// Rows per block when converting a layer from one scheme to another.
+const REQUANTIZE_ROWS: usize = 512;
+
 fn shape_err(name: &str, reason: String) -> Error {
     Error::Shape {
         name: name.to_owned(),
@@ -210,6 +213,82 @@ impl QLinear {
                     .to_vec1::<f32>()?;
                 let q = quantize_rows(format, &w, n_out, k).map_err(|e| cannot(e.to_string()))?;
                 Self::from_int(name, q, bias)
+            }
+        }
+    }
+
+    /// This layer's weight stored in another scheme, converted a block of rows at a
+    /// time (in parallel on the current rayon pool): besides the source and the result,
+    /// only the f32 rows of the blocks in flight are held, never the whole matrix in
+    /// f32. Returns a clone when the scheme is already `scheme`.
+    ///
+    /// # Errors
+    /// As [`QLinear::quantize`].
+    pub fn requantize(&self, name: &str, scheme: QuantScheme) -> Result<Self> {
+        if self.scheme() == scheme {
+            return Ok(self.clone());
+        }
+        let (n_out, k) = (self.out_features, self.in_features);
+        let bias = self.bias.clone();
+        let chunks: Vec<std::ops::Range<usize>> = (0..n_out)
+            .step_by(REQUANTIZE_ROWS)
+            .map(|r| r..(r + REQUANTIZE_ROWS).min(n_out))
+            .collect();
+        // One layer per block of rows, then the parts joined in the target's layout.
+        let parts = chunks
+            .par_iter()
+            .map(|rows| {
+                let ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
+                let w = self.rows(&ids)?;
+                Self::quantize(name, &w, None, scheme)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cannot = |reason: String| Error::CannotQuantize {
+            name: name.to_owned(),
+            scheme,
+            reason,
+        };
+        match scheme {
+            QuantScheme::F32 | QuantScheme::F16 | QuantScheme::BF16 => {
+                let mut dense = Vec::with_capacity(parts.len());
+                for p in &parts {
+                    if let Weight::Dense(w) = &p.weight {
+                        dense.push(w.clone());
+                    }
+                }
+                drop(parts);
+                Self::dense(name, Tensor::cat(&dense, 0)?, bias)
+            }
+            QuantScheme::Ggml(dtype) => {
+                let mut bytes = Vec::with_capacity(scheme.matrix_bytes(n_out, k) as usize);
+                for p in &parts {
+                    match p.weight_data()? {
+                        WeightData::Ggml { bytes: b, .. } => bytes.extend_from_slice(&b),
+                        _ => return Err(cannot("a block of rows was not quantized".into())),
+                    }
+                }
+                drop(parts);
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &bytes,
+                    vec![n_out, k],
+                    &candle_core::Device::Cpu,
+                )?;
+                Self::from_qtensor(name, q, bias)
+            }
+            QuantScheme::Int(format) => {
+                let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
+                for p in &parts {
+                    if let Weight::Int(w) = &p.weight {
+                        quants.extend_from_slice(w.quants());
+                        scales.extend_from_slice(w.scales());
+                        mins.extend_from_slice(w.mins());
+                    }
+                }
+                drop(parts);
+                let w = IntWeights::from_parts(format, n_out, k, quants, scales, mins)
+                    .map_err(|e| cannot(e.to_string()))?;
+                Self::from_int(name, w, bias)
             }
         }
     }
@@ -612,6 +691,35 @@ mod tests {
                         | (WeightData::Ggml { .. } | WeightData::Int(_), false)
                 ));
             }
+        }
+    }
+
+    #[test]
+    fn requantizing_equals_quantizing_the_dequantized_weight() {
+        let dev = Device::Cpu;
+        // More rows than one block, and a last block that is not full.
+        let (out, inp) = (1100, 64);
+        let w = Tensor::from_vec(data(out * inp, 4), (out, inp), &dev).unwrap();
+        let b = Tensor::from_vec(data(out, 6), out, &dev).unwrap();
+        let src = QLinear::quantize("w", &w, Some(b), "q4_1".parse().unwrap()).unwrap();
+        let deq = src.dequantize().unwrap();
+        for name in ["int8", "int4-g64-asym", "q8_0", "f16", "f32"] {
+            let scheme: QuantScheme = name.parse().unwrap();
+            let direct = QLinear::quantize("w", &deq, None, scheme).unwrap();
+            let re = src.requantize("w", scheme).unwrap();
+            assert_eq!(re.scheme(), scheme);
+            assert_eq!(re.bytes(), direct.bytes() + out as u64 * 4, "{name}");
+            let (a, b) = (re.dequantize().unwrap(), direct.dequantize().unwrap());
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+            assert!(re.bias().is_some());
         }
     }
 
