@@ -8,6 +8,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// Saving a model failed.
+    #[error("cannot save the model: {reason}")]
+    Export {
+        /// What went wrong.
+        reason: String,
+    },
     /// A file could not be read.
     #[error("cannot read `{path}`: {source}")]
     Io {

@@ -167,6 +167,28 @@ impl GgufFile {
             })
     }
 
+    /// A tensor as stored, whatever its shape.
+    pub(crate) fn read_raw(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Err(Error::MissingTensor {
+                name: name.to_owned(),
+            });
+        }
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| Error::Gguf {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })
+    }
+
+    /// Whether `name` is stored in afo's integer layout (see [`crate::save_gguf`]).
+    fn is_int_weight(&self, name: &str) -> bool {
+        self.content
+            .tensor_infos
+            .contains_key(&format!("{name}{}", crate::quantize::QUANTS_SUFFIX))
+    }
+
     fn read(&mut self, name: &str, expected: &[usize]) -> Result<candle_core::quantized::QTensor> {
         let got = self.shape_of(name)?;
         if got != expected {
@@ -187,7 +209,7 @@ impl GgufFile {
 
 impl WeightSource for GgufFile {
     fn contains(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.is_int_weight(name)
     }
 
     fn linear(
@@ -197,11 +219,15 @@ impl WeightSource for GgufFile {
         inp: usize,
         bias: Option<&str>,
     ) -> Result<QLinear> {
-        let weight = self.read(name, &[out, inp])?;
         let bias = match bias {
             Some(b) => Some(self.vector(b, out)?),
             None => None,
         };
+        if !self.content.tensor_infos.contains_key(name) && self.is_int_weight(name) {
+            let w = crate::quantize::read_int_weight(self, name, out, inp)?;
+            return Ok(QLinear::from_int(name, w, bias)?);
+        }
+        let weight = self.read(name, &[out, inp])?;
         Ok(QLinear::from_qtensor_with(
             name,
             weight,

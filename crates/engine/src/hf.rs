@@ -292,8 +292,16 @@ impl SafetensorsDir {
     /// # Errors
     /// Configuration and tensor errors.
     pub fn load_model(&mut self) -> Result<Model> {
-        let config = HfConfig::read(&self.dir.join("config.json"))?.resolve()?;
+        let config = self.config()?;
         Model::load(config, self)
+    }
+
+    /// The resolved `config.json`.
+    ///
+    /// # Errors
+    /// Reading or resolving the configuration.
+    pub fn config(&self) -> Result<crate::config::ModelConfig> {
+        HfConfig::read(&self.dir.join("config.json"))?.resolve()
     }
 }
 

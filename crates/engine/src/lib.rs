@@ -14,9 +14,11 @@ mod error;
 mod eval;
 mod generate;
 mod gguf;
+mod gguf_write;
 mod hf;
 mod loaded;
 mod model;
+mod quantize;
 mod sampler;
 mod stream;
 #[cfg(test)]
@@ -36,6 +38,10 @@ pub use gguf::{GgufDescription, GgufFile, TypeCount};
 pub use hf::{HfCache, HfConfig, HfRopeScaling, SafetensorsDir, gguf_to_hf_name};
 pub use loaded::LoadedModel;
 pub use model::{Logits, Model, WeightSource};
+pub use quantize::{
+    AFO_QUANT_VERSION, QuantizeProgress, QuantizingSource, SaveReport, linear_weight_count,
+    save_gguf,
+};
 pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};
 pub use tokenizer::{

@@ -7,7 +7,10 @@ use crate::cache::CacheWeight;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::model::Model;
+use afo_quant::QuantPolicy;
+
+use crate::model::{Model, WeightSource};
+use crate::quantize::{QuantizeProgress, QuantizingSource, linear_weight_count};
 use crate::tokenizer::Tokenizer;
 
 /// A loaded model with everything needed to turn text into tokens and back.
@@ -93,6 +96,42 @@ impl LoadedModel {
         let model = crate::hf::SafetensorsDir::open(&path)?.load_model()?;
         let id = path.file_name().map(|s| s.to_string_lossy().into_owned());
         Self::assemble(path, id, model, tokenizer, start)
+    }
+
+    /// Loads a model (GGUF file or Hugging Face directory) and quantizes its weights
+    /// by `policy` while loading, one weight at a time (see [`QuantizingSource`]);
+    /// `progress` is called after each weight.
+    ///
+    /// # Errors
+    /// As [`LoadedModel::load`], and [`afo_quant::Error::CannotQuantize`] (wrapped)
+    /// naming a weight that does not fit the scheme.
+    pub fn load_quantized(
+        path: impl AsRef<Path>,
+        policy: QuantPolicy,
+        progress: impl FnMut(QuantizeProgress<'_>),
+    ) -> Result<Self> {
+        let start = Instant::now();
+        let path = path.as_ref().to_path_buf();
+        let quantize = |config: crate::config::ModelConfig,
+                        source: &mut dyn WeightSource|
+         -> Result<Model> {
+            let total = linear_weight_count(config.num_layers, source.contains("output.weight"));
+            let mut q = QuantizingSource::new(source, policy, total, progress);
+            Model::load(config, &mut q)
+        };
+        if path.is_dir() {
+            let tokenizer = Tokenizer::from_hf_dir(&path)?;
+            let mut dir = crate::hf::SafetensorsDir::open(&path)?;
+            let model = quantize(dir.config()?, &mut dir)?;
+            let id = path.file_name().map(|s| s.to_string_lossy().into_owned());
+            Self::assemble(path, id, model, tokenizer, start)
+        } else {
+            let mut gguf = GgufFile::open(&path)?;
+            let tokenizer = Tokenizer::from_gguf(gguf.content())?;
+            let model = quantize(gguf.config()?, &mut gguf)?;
+            let id = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            Self::assemble(path, id, model, tokenizer, start)
+        }
     }
 
     /// A short id (the file name without extension).

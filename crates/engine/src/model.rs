@@ -196,6 +196,47 @@ impl Model {
             + self.lm_head.as_ref().map_or(0, QLinear::bytes)
     }
 
+    /// Every linear layer by its GGUF name, in file order (the tied head is not
+    /// repeated).
+    pub fn linears(&self) -> Vec<(String, &QLinear)> {
+        let mut out = vec![("token_embd.weight".to_owned(), &self.embed)];
+        for (i, l) in self.layers.iter().enumerate() {
+            for (part, q) in [
+                ("attn_q", &l.q),
+                ("attn_k", &l.k),
+                ("attn_v", &l.v),
+                ("attn_output", &l.o),
+                ("ffn_gate", &l.gate),
+                ("ffn_up", &l.up),
+                ("ffn_down", &l.down),
+            ] {
+                out.push((format!("blk.{i}.{part}.weight"), q));
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            out.push(("output.weight".to_owned(), h));
+        }
+        out
+    }
+
+    /// Every vector (norm weights) by its GGUF name. Biases belong to their
+    /// [`QLinear`]; RoPE frequency factors are folded into the RoPE tables.
+    pub fn vectors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((format!("blk.{i}.attn_norm.weight"), &l.attn_norm));
+            if let Some(t) = &l.q_norm {
+                out.push((format!("blk.{i}.attn_q_norm.weight"), t));
+            }
+            if let Some(t) = &l.k_norm {
+                out.push((format!("blk.{i}.attn_k_norm.weight"), t));
+            }
+            out.push((format!("blk.{i}.ffn_norm.weight"), &l.ffn_norm));
+        }
+        out.push(("output_norm.weight".to_owned(), &self.norm));
+        out
+    }
+
     /// The storage scheme of the attention and MLP weights (of the first layer).
     pub fn quant_scheme(&self) -> Option<afo_quant::QuantScheme> {
         self.layers.first().map(|l| l.q.scheme())

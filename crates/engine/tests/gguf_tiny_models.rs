@@ -424,3 +424,139 @@ fn llama3_rope_freqs_match_the_configured_scaling() {
     assert!(same < 1e-4, "{same}");
     assert!(unscaled > 1e-2, "the divisors change nothing: {unscaled}");
 }
+
+/// Quantizing while loading, saving as GGUF and loading the file again gives the same
+/// model, for every scheme; GGML schemes stay readable by candle-transformers.
+#[test]
+fn quantize_save_load_round_trips() {
+    use afo_engine::{QuantizingSource, linear_weight_count, save_gguf};
+    use afo_quant::{QuantPolicy, QuantScheme, TensorRole};
+
+    let dir = tempfile::tempdir().unwrap();
+    for extras in [
+        Extras {
+            arch: "qwen2",
+            qkv_bias: true,
+            qk_norm: false,
+            matrices: GgmlDType::F32,
+            rope_freqs: false,
+        },
+        Extras {
+            arch: "llama",
+            qkv_bias: false,
+            qk_norm: false,
+            matrices: GgmlDType::F32,
+            rope_freqs: true,
+        },
+    ] {
+        let src = write_gguf(dir.path(), extras);
+        let baseline = ours(&GgufFile::open(&src).unwrap().load_model().unwrap(), &STEPS);
+        let mut drifts = BTreeMap::new();
+        // Tolerances relative to the largest logit of the f32 model.
+        for (name, tolerance) in [
+            ("int8", 0.03),
+            ("int4-g32", 0.25),
+            ("int4-g32-asym", 0.25),
+            ("q8_0", 0.03),
+            ("q4_0", 0.25),
+            ("f16", 0.002),
+        ] {
+            let scheme: QuantScheme = name.parse().unwrap();
+            let policy = QuantPolicy::new(scheme);
+            let mut gguf = GgufFile::open(&src).unwrap();
+            let config = gguf.config().unwrap();
+            let total = linear_weight_count(config.num_layers, gguf.contains("output.weight"));
+            let mut seen = Vec::new();
+            let model = {
+                let mut q = QuantizingSource::new(&mut gguf, policy, total, |p| {
+                    seen.push((p.done, p.total, p.name.to_owned(), p.scheme));
+                });
+                Model::load(config, &mut q).unwrap()
+            };
+            assert_eq!(seen.len(), total, "{name}");
+            assert_eq!(seen.last().unwrap().0, total);
+            for (tensor, layer) in model.linears() {
+                let role = TensorRole::of_gguf_name(&tensor).unwrap();
+                assert_eq!(layer.scheme(), policy.scheme_for(role), "{name} {tensor}");
+            }
+            let got = ours(&model, &STEPS);
+            let drift = max_diff(&got, &baseline);
+            eprintln!(
+                "{} {name}: max abs logit difference to f32 {drift:.3}",
+                extras.arch
+            );
+            let scale = baseline.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
+            assert!(
+                drift < tolerance * scale,
+                "{name}: {drift} (logits up to {scale})"
+            );
+            drifts.insert(name, drift);
+
+            let out = dir.path().join(format!("{}-{name}.gguf", extras.arch));
+            let report = save_gguf(&model, &mut gguf, Some(&policy), &out).unwrap();
+            assert_eq!(report.file_bytes, std::fs::metadata(&out).unwrap().len());
+            let reloaded = GgufFile::open(&out).unwrap().load_model().unwrap();
+            assert_eq!(reloaded.weight_bytes(), model.weight_bytes(), "{name}");
+            assert_eq!(reloaded.config(), model.config(), "{name}");
+            // The same weights, not re-quantized: the same logits, bit for bit.
+            assert_eq!(max_diff(&ours(&reloaded, &STEPS), &got), 0.0, "{name}");
+
+            if extras.arch == "qwen2" && name == "q8_0" {
+                // Everything in the file is a GGML type: a reader that knows nothing
+                // of afo runs it.
+                let (content, mut file) = reader(&out);
+                assert!(content.metadata.contains_key("afo.quantization.policy"));
+                let mut r = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+                    content,
+                    &mut file,
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let theirs = theirs(|x, p| r.forward(x, p).unwrap(), &STEPS);
+                // The same file through candle's matmul under our decoder.
+                let mut same = GgufFile::open(&out).unwrap();
+                same.set_kernels(KernelChoice::Candle);
+                let diff = max_diff(&theirs, &ours(&same.load_model().unwrap(), &STEPS));
+                eprintln!("exported Q8_0 in quantized_qwen2: {diff:.2e}");
+                // (up to the f16 head, which each side multiplies in its own order)
+                assert!(diff < 2e-2, "{diff}");
+            }
+        }
+        // Our integer formats are as accurate as GGML's of the same width.
+        assert!(drifts["int8"] <= 1.5 * drifts["q8_0"], "{drifts:?}");
+        assert!(drifts["int4-g32"] <= 1.5 * drifts["q4_0"], "{drifts:?}");
+        assert!(
+            drifts["int4-g32-asym"] <= 1.5 * drifts["q4_0"],
+            "{drifts:?}"
+        );
+    }
+}
+
+#[test]
+fn schemes_that_do_not_fit_the_model_are_named_errors() {
+    use afo_engine::{QuantizingSource, linear_weight_count};
+    use afo_quant::{QuantPolicy, QuantScheme};
+
+    let dir = tempfile::tempdir().unwrap();
+    let src = write_gguf(
+        dir.path(),
+        Extras {
+            arch: "llama",
+            qkv_bias: false,
+            qk_norm: false,
+            matrices: GgmlDType::F32,
+            rope_freqs: false,
+        },
+    );
+    // The MLP's down projection has 96 inputs: not a multiple of 64.
+    let scheme: QuantScheme = "int4-g64".parse().unwrap();
+    let mut gguf = GgufFile::open(&src).unwrap();
+    let config = gguf.config().unwrap();
+    let total = linear_weight_count(config.num_layers, false);
+    let mut q = QuantizingSource::new(&mut gguf, QuantPolicy::new(scheme), total, |_| {});
+    let err = Model::load(config, &mut q).unwrap_err().to_string();
+    assert!(
+        err.contains("blk.0.ffn_down.weight") && err.contains("64") && err.contains("96"),
+        "{err}"
+    );
+}
