@@ -26,6 +26,8 @@ enum Command {
         #[command(subcommand)]
         command: cmd::eval::Command,
     },
+    /// Quantize a model by a policy and save it as GGUF.
+    Quantize(cmd::quantize::Args),
     /// Measure prefill and decode speed, and cold load vs warm re-acquire.
     Bench(cmd::bench::Args),
     /// Print the JSON Schema of an SSOT record version.
@@ -64,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Eval { command } => cmd::eval::run(&command),
+        Command::Quantize(args) => cmd::quantize::run(&args),
         Command::Bench(args) => cmd::bench::run(&args),
         Command::Schema(args) => cmd::schema::run(&args),
         Command::Ssot { command } => cmd::ssot::run(&command),

@@ -73,6 +73,96 @@ pub fn perplexity(
     })
 }
 
+/// How closely one model's next-token distributions follow another's: the result of
+/// [`compare_models`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agreement {
+    /// Fraction of positions where both models' most likely next token is the same.
+    pub top1: f64,
+    /// Mean `KL(p_reference || p_other)` over positions, in nats.
+    pub mean_kl: f64,
+    /// Largest KL divergence at one position.
+    pub max_kl: f64,
+    /// Positions compared.
+    pub positions: usize,
+}
+
+/// Compares `other` against `reference` on every position of every sequence (one
+/// forward pass each, all positions' logits): top-1 agreement and the KL divergence
+/// of the next-token distributions, in f64.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] when the vocabularies differ or nothing is compared, and
+/// the models' errors.
+pub fn compare_models(
+    reference: &Model,
+    other: &Model,
+    sequences: &[Vec<u32>],
+) -> Result<Agreement> {
+    let (mut same, mut kl_sum, mut kl_max, mut n) = (0usize, 0f64, 0f64, 0usize);
+    for seq in sequences.iter().filter(|s| !s.is_empty()) {
+        let logits = |m: &Model| -> Result<Vec<Vec<f32>>> {
+            let mut cache = m.new_cache(seq.len());
+            Ok(m.forward(seq, &mut cache, Logits::All)?.to_vec2::<f32>()?)
+        };
+        let (a, b) = (logits(reference)?, logits(other)?);
+        for (ra, rb) in a.iter().zip(&b) {
+            if ra.len() != rb.len() {
+                return Err(Error::InvalidConfig {
+                    reason: format!(
+                        "cannot compare models with different vocabularies: {} vs {}",
+                        ra.len(),
+                        rb.len()
+                    ),
+                });
+            }
+            let (pa, pb) = (log_softmax64(ra), log_softmax64(rb));
+            let kl: f64 = pa
+                .iter()
+                .zip(&pb)
+                .map(|(la, lb)| la.exp() * (la - lb))
+                .sum();
+            kl_sum += kl.max(0.0);
+            kl_max = kl_max.max(kl);
+            same += usize::from(argmax(ra) == argmax(rb));
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(Error::InvalidConfig {
+            reason: "no positions to compare: every sequence is empty".into(),
+        });
+    }
+    Ok(Agreement {
+        top1: same as f64 / n as f64,
+        mean_kl: kl_sum / n as f64,
+        max_kl: kl_max,
+        positions: n,
+    })
+}
+
+fn log_softmax64(x: &[f32]) -> Vec<f64> {
+    let max = x
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+    let lse = x
+        .iter()
+        .map(|&v| (f64::from(v) - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    x.iter().map(|&v| f64::from(v) - lse).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv { (i, v) } else { (bi, bv) }
+        })
+        .0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +212,23 @@ mod tests {
         assert_eq!(p.tokens_scored, 12);
         assert!((p.nll - want).abs() < 1e-4, "{} vs {want}", p.nll);
         assert!(p.ppl > 1.0 && p.ppl < 10.0 * VOCAB as f64, "{p:?}");
+    }
+
+    #[test]
+    fn a_model_agrees_with_itself_and_not_with_a_blank_one() {
+        let (m, blank) = (model(0.5), model(0.0));
+        let seqs = vec![tokens(9), tokens(4)];
+        let same = compare_models(&m, &m, &seqs).unwrap();
+        assert_eq!((same.top1, same.positions), (1.0, 13));
+        assert!(same.mean_kl.abs() < 1e-9, "{same:?}");
+        let other = compare_models(&m, &blank, &seqs).unwrap();
+        // The blank model is uniform: KL = ln(V) - H(p) > 0, and its argmax is token 0.
+        assert!(
+            other.mean_kl > 0.01 && other.max_kl >= other.mean_kl,
+            "{other:?}"
+        );
+        assert!(other.top1 < 1.0, "{other:?}");
+        assert!(compare_models(&m, &m, &[vec![]]).is_err());
     }
 
     #[test]

@@ -1,10 +1,9 @@
 //! Writing GGUF files (version 3), one tensor at a time.
 //!
 //! candle's writer wants every tensor as a `QTensor` at once, which would hold a second
-//! copy of the model while saving it; this one asks for each tensor's bytes only when
-//! it writes them, so saving costs one tensor of extra memory.
+//! copy of the model while saving it; this one asks each tensor to write itself when
+//! its turn comes, so saving costs at most a block of rows of extra memory.
 
-use std::borrow::Cow;
 use std::io::{Seek, Write};
 
 use candle_core::quantized::GgmlDType;
@@ -15,13 +14,31 @@ use crate::error::Result;
 /// Alignment of the tensor data (GGUF's default; `general.alignment` is not written).
 pub(crate) const ALIGNMENT: u64 = 32;
 
+/// Writes a tensor's bytes and returns how many it wrote.
+pub(crate) type WriteFn<'a> = Box<dyn Fn(&mut dyn Write) -> Result<u64> + 'a>;
+
 /// A tensor to write: its name, GGML type, dimensions (outermost first, as candle
-/// reports them) and a way to produce its bytes when they are written.
+/// reports them) and a function that writes its bytes when their turn comes.
 pub(crate) struct TensorEntry<'a> {
     pub(crate) name: String,
     pub(crate) dtype: GgmlDType,
     pub(crate) dims: Vec<usize>,
-    pub(crate) bytes: Box<dyn Fn() -> Result<Cow<'a, [u8]>> + 'a>,
+    pub(crate) write: WriteFn<'a>,
+}
+
+/// A [`WriteFn`] for bytes at hand.
+pub(crate) fn bytes_writer<'a>(bytes: impl AsRef<[u8]> + 'a) -> WriteFn<'a> {
+    Box::new(move |w| {
+        let b = bytes.as_ref();
+        w.write_all(b).map_err(write_err)?;
+        Ok(b.len() as u64)
+    })
+}
+
+pub(crate) fn write_err(e: std::io::Error) -> crate::error::Error {
+    crate::error::Error::Export {
+        reason: format!("writing failed: {e}"),
+    }
 }
 
 impl TensorEntry<'_> {
@@ -119,9 +136,7 @@ pub(crate) fn write_gguf<W: Write + Seek>(
     metadata: &[(String, Value)],
     tensors: &[TensorEntry<'_>],
 ) -> Result<()> {
-    let io = |e: std::io::Error| crate::error::Error::Export {
-        reason: format!("writing failed: {e}"),
-    };
+    let io = write_err;
     w.write_all(b"GGUF").map_err(io)?;
     w.write_all(&3u32.to_le_bytes()).map_err(io)?;
     w.write_all(&(tensors.len() as u64).to_le_bytes())
@@ -150,21 +165,22 @@ pub(crate) fn write_gguf<W: Write + Seek>(
     let pos = w.stream_position().map_err(io)?;
     pad(w, pos).map_err(io)?;
     for t in tensors {
-        let bytes = (t.bytes)()?;
-        if bytes.len() as u64 != t.size() {
+        let start = w.stream_position().map_err(io)?;
+        let written = (t.write)(&mut *w)?;
+        let end = w.stream_position().map_err(io)?;
+        if written != t.size() || end - start != written {
             return Err(crate::error::Error::Export {
                 reason: format!(
-                    "tensor `{}`: {} bytes, its type {:?} and shape {:?} call for {}",
+                    "tensor `{}`: {} bytes written, its type {:?} and shape {:?} call for {}",
                     t.name,
-                    bytes.len(),
+                    end - start,
                     t.dtype,
                     t.dims,
                     t.size()
                 ),
             });
         }
-        w.write_all(&bytes).map_err(io)?;
-        pad(w, bytes.len() as u64).map_err(io)?;
+        pad(w, written).map_err(io)?;
     }
     w.flush().map_err(io)?;
     Ok(())
@@ -206,13 +222,13 @@ mod tests {
                 name: "a".into(),
                 dtype: GgmlDType::F32,
                 dims: vec![2, 3],
-                bytes: Box::new(|| Ok(Cow::Borrowed(&f32_bytes[..]))),
+                write: bytes_writer(&f32_bytes),
             },
             TensorEntry {
                 name: "b".into(),
                 dtype: GgmlDType::Q8_0,
                 dims: vec![2, 32],
-                bytes: Box::new(|| Ok(Cow::Borrowed(&q8_bytes[..]))),
+                write: bytes_writer(&q8_bytes),
             },
         ];
         let mut buf = Cursor::new(Vec::new());
@@ -237,7 +253,7 @@ mod tests {
             name: "c".into(),
             dtype: GgmlDType::F32,
             dims: vec![4],
-            bytes: Box::new(|| Ok(Cow::Owned(vec![0u8; 3]))),
+            write: bytes_writer(vec![0u8; 3]),
         }];
         let err = write_gguf(&mut Cursor::new(Vec::new()), &[], &bad)
             .unwrap_err()

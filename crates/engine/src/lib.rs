@@ -32,7 +32,7 @@ pub use config::{
     supported_architectures,
 };
 pub use error::{Error, Result};
-pub use eval::{Perplexity, perplexity};
+pub use eval::{Agreement, Perplexity, compare_models, perplexity};
 pub use generate::{Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, generate};
 pub use gguf::{GgufDescription, GgufFile, TypeCount};
 pub use hf::{HfCache, HfConfig, HfRopeScaling, SafetensorsDir, gguf_to_hf_name};

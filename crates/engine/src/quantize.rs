@@ -20,10 +20,9 @@
 //! with the metadata `afo.tensor.NAME.format` (`int8`, `int4-g32`, `int4-g128-asym`,
 //! ...) and `afo.quantization.version = 1`.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use afo_quant::kernels::{IntFormat, IntWeights};
@@ -34,7 +33,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::gguf_write::{TensorEntry, write_gguf};
+use crate::gguf_write::{TensorEntry, WriteFn, bytes_writer, write_err, write_gguf};
 use crate::model::{Model, WeightSource};
 
 /// Version of afo's integer tensor layout in GGUF files.
@@ -159,25 +158,37 @@ fn export_err(reason: String) -> Error {
     Error::Export { reason }
 }
 
-fn dense_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let flat = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F16 => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        _ => flat
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+/// Rows per block when writing a dense tensor.
+const WRITE_ROWS: usize = 1024;
+
+/// Writes a dense tensor in its dtype (f32 for anything but f16/bf16), a block of
+/// rows at a time.
+fn dense_writer<'a>(t: Tensor) -> WriteFn<'a> {
+    Box::new(move |w: &mut dyn Write| {
+        let rows = t.dims().first().copied().unwrap_or(1);
+        let t2 = t.reshape((rows, ()))?;
+        let mut written = 0u64;
+        for start in (0..rows).step_by(WRITE_ROWS) {
+            let block = t2
+                .narrow(0, start, WRITE_ROWS.min(rows - start))?
+                .flatten_all()?;
+            let bytes: Vec<u8> = match t.dtype() {
+                DType::F16 => block
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                DType::BF16 => block
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+                _ => f32_bytes(&block.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            };
+            w.write_all(&bytes).map_err(write_err)?;
+            written += bytes.len() as u64;
+        }
+        Ok(written)
     })
 }
 
@@ -232,12 +243,11 @@ pub fn save_gguf(
                     DType::BF16 => GgmlDType::BF16,
                     _ => GgmlDType::F32,
                 };
-                let t = t.clone();
                 entries.push(TensorEntry {
                     name: name.clone(),
                     dtype,
                     dims: vec![out, inp],
-                    bytes: Box::new(move || Ok(Cow::Owned(dense_bytes(&t)?))),
+                    write: dense_writer(t.clone()),
                 });
             }
             WeightData::Ggml { dtype, .. } => {
@@ -247,8 +257,11 @@ pub fn save_gguf(
                     name: name.clone(),
                     dtype,
                     dims: vec![out, inp],
-                    bytes: Box::new(move || match l.weight_data()? {
-                        WeightData::Ggml { bytes, .. } => Ok(bytes),
+                    write: Box::new(move |w: &mut dyn Write| match l.weight_data()? {
+                        WeightData::Ggml { bytes, .. } => {
+                            w.write_all(&bytes).map_err(write_err)?;
+                            Ok(bytes.len() as u64)
+                        }
                         _ => Err(export_err(format!("tensor `{n}` changed while saving"))),
                     }),
                 });
@@ -261,20 +274,28 @@ pub fn save_gguf(
                     name: format!("{name}{QUANTS_SUFFIX}"),
                     dtype: GgmlDType::F32,
                     dims: vec![out, row_bytes / 4],
-                    bytes: Box::new(move || Ok(Cow::Borrowed(w.quants()))),
+                    write: bytes_writer(w.quants()),
                 });
                 entries.push(TensorEntry {
                     name: format!("{name}{SCALES_SUFFIX}"),
                     dtype: GgmlDType::F32,
                     dims: vec![out, groups],
-                    bytes: Box::new(move || Ok(Cow::Owned(f32_bytes(w.scales())))),
+                    write: Box::new(move |out: &mut dyn Write| {
+                        let b = f32_bytes(w.scales());
+                        out.write_all(&b).map_err(write_err)?;
+                        Ok(b.len() as u64)
+                    }),
                 });
                 if w.format().has_mins() {
                     entries.push(TensorEntry {
                         name: format!("{name}{MINS_SUFFIX}"),
                         dtype: GgmlDType::F32,
                         dims: vec![out, groups],
-                        bytes: Box::new(move || Ok(Cow::Owned(f32_bytes(w.mins())))),
+                        write: Box::new(move |out: &mut dyn Write| {
+                            let b = f32_bytes(w.mins());
+                            out.write_all(&b).map_err(write_err)?;
+                            Ok(b.len() as u64)
+                        }),
                     });
                 }
             }
@@ -282,23 +303,21 @@ pub fn save_gguf(
         written.insert(name.clone());
         if let Some(b) = layer.bias() {
             let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
-            let b = b.clone();
             entries.push(TensorEntry {
                 name: bias_name.clone(),
                 dtype: GgmlDType::F32,
                 dims: vec![out],
-                bytes: Box::new(move || Ok(Cow::Owned(dense_bytes(&b)?))),
+                write: dense_writer(b.to_dtype(DType::F32)?),
             });
             written.insert(bias_name);
         }
     }
     for (name, t) in &vectors {
-        let t = (*t).clone();
         entries.push(TensorEntry {
             name: name.clone(),
             dtype: GgmlDType::F32,
             dims: t.dims().to_vec(),
-            bytes: Box::new(move || Ok(Cow::Owned(dense_bytes(&t)?))),
+            write: dense_writer(t.to_dtype(DType::F32)?),
         });
         written.insert(name.clone());
     }
@@ -318,7 +337,7 @@ pub fn save_gguf(
             name,
             dtype: q.dtype(),
             dims: q.shape().dims().to_vec(),
-            bytes: Box::new(move || Ok(Cow::Owned(bytes.clone()))),
+            write: bytes_writer(bytes),
         });
     }
 

@@ -234,58 +234,60 @@ impl QLinear {
             .step_by(REQUANTIZE_ROWS)
             .map(|r| r..(r + REQUANTIZE_ROWS).min(n_out))
             .collect();
-        // One layer per block of rows, then the parts joined in the target's layout.
-        let parts = chunks
-            .par_iter()
-            .map(|rows| {
-                let ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
-                let w = self.rows(&ids)?;
-                Self::quantize(name, &w, None, scheme)
-            })
-            .collect::<Result<Vec<_>>>()?;
         let cannot = |reason: String| Error::CannotQuantize {
             name: name.to_owned(),
             scheme,
             reason,
         };
+        // Blocks of rows converted in parallel, a batch of one block per thread at a
+        // time, each batch appended to the result in the target's layout: the f32
+        // rows in flight are at most one batch.
+        let batch = rayon::current_num_threads().max(1);
+        let mut dense = DenseRows::default();
+        let mut bytes: Vec<u8> = Vec::new();
+        let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
+        if let QuantScheme::Ggml(_) = scheme {
+            bytes.reserve_exact(scheme.matrix_bytes(n_out, k) as usize);
+        }
+        for group in chunks.chunks(batch) {
+            let parts = group
+                .par_iter()
+                .map(|rows| {
+                    let ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
+                    let w = self.rows(&ids)?;
+                    Self::quantize(name, &w, None, scheme)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for p in parts {
+                match (&p.weight, p.weight_data()?) {
+                    (Weight::Int(w), _) => {
+                        quants.extend_from_slice(w.quants());
+                        scales.extend_from_slice(w.scales());
+                        mins.extend_from_slice(w.mins());
+                    }
+                    (_, WeightData::Dense(t)) => dense.push(t)?,
+                    (_, WeightData::Ggml { bytes: b, .. }) => bytes.extend_from_slice(&b),
+                    (_, WeightData::Int(_)) => {
+                        return Err(cannot("a block of rows was not converted".into()));
+                    }
+                }
+            }
+        }
         match scheme {
             QuantScheme::F32 | QuantScheme::F16 | QuantScheme::BF16 => {
-                let mut dense = Vec::with_capacity(parts.len());
-                for p in &parts {
-                    if let Weight::Dense(w) = &p.weight {
-                        dense.push(w.clone());
-                    }
-                }
-                drop(parts);
-                Self::dense(name, Tensor::cat(&dense, 0)?, bias)
+                Self::dense(name, dense.into_tensor(n_out, k)?, bias)
             }
             QuantScheme::Ggml(dtype) => {
-                let mut bytes = Vec::with_capacity(scheme.matrix_bytes(n_out, k) as usize);
-                for p in &parts {
-                    match p.weight_data()? {
-                        WeightData::Ggml { bytes: b, .. } => bytes.extend_from_slice(&b),
-                        _ => return Err(cannot("a block of rows was not quantized".into())),
-                    }
-                }
-                drop(parts);
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     dtype,
                     &bytes,
                     vec![n_out, k],
                     &candle_core::Device::Cpu,
                 )?;
+                drop(bytes);
                 Self::from_qtensor(name, q, bias)
             }
             QuantScheme::Int(format) => {
-                let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
-                for p in &parts {
-                    if let Weight::Int(w) = &p.weight {
-                        quants.extend_from_slice(w.quants());
-                        scales.extend_from_slice(w.scales());
-                        mins.extend_from_slice(w.mins());
-                    }
-                }
-                drop(parts);
                 let w = IntWeights::from_parts(format, n_out, k, quants, scales, mins)
                     .map_err(|e| cannot(e.to_string()))?;
                 Self::from_int(name, w, bias)
@@ -511,6 +513,47 @@ impl QLinear {
                 (self.out_features, self.in_features),
                 &device,
             )?,
+        })
+    }
+}
+
+/// Dense rows appended in their dtype, to become one tensor without another copy.
+#[derive(Default)]
+enum DenseRows {
+    #[default]
+    Empty,
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+}
+
+impl DenseRows {
+    fn push(&mut self, t: &Tensor) -> Result<()> {
+        let flat = t.flatten_all()?;
+        match (&mut *self, t.dtype()) {
+            (DenseRows::F32(v), DType::F32) => v.extend(flat.to_vec1::<f32>()?),
+            (DenseRows::F16(v), DType::F16) => v.extend(flat.to_vec1::<half::f16>()?),
+            (DenseRows::BF16(v), DType::BF16) => v.extend(flat.to_vec1::<half::bf16>()?),
+            (DenseRows::Empty, DType::F16) => *self = DenseRows::F16(flat.to_vec1()?),
+            (DenseRows::Empty, DType::BF16) => *self = DenseRows::BF16(flat.to_vec1()?),
+            (DenseRows::Empty, _) => *self = DenseRows::F32(flat.to_dtype(DType::F32)?.to_vec1()?),
+            (_, other) => {
+                return Err(shape_err(
+                    "requantize",
+                    format!("blocks of rows came back as {other:?} and another dtype"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn into_tensor(self, n_out: usize, k: usize) -> Result<Tensor> {
+        let dev = candle_core::Device::Cpu;
+        Ok(match self {
+            DenseRows::F32(v) => Tensor::from_vec(v, (n_out, k), &dev)?,
+            DenseRows::F16(v) => Tensor::from_vec(v, (n_out, k), &dev)?,
+            DenseRows::BF16(v) => Tensor::from_vec(v, (n_out, k), &dev)?,
+            DenseRows::Empty => Tensor::zeros((n_out, k), DType::F32, &dev)?,
         })
     }
 }

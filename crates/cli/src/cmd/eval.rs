@@ -1,9 +1,27 @@
-//! `afo eval perplexity`: perplexity of a model on a text file.
+//! `afo eval perplexity`: perplexity of a model on a text file; `afo eval quality`: the
+//! quality of quantization schemes against the f32 model.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use afo_runtime::engine::{LoadedModel, perplexity};
+use afo_runtime::engine::{LoadedModel, Logits, Model, compare_models, perplexity};
+use afo_runtime::guard::ByteSize;
+use afo_runtime::quant::{QuantPolicy, QuantScheme};
+
+/// The fixed prompts of `afo eval quality` (each continued greedily by the f32 model).
+const PROMPTS: [&str; 8] = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "Photosynthesis is the process by which",
+    "The three primary colors are",
+    "Once upon a time, in a small village,",
+    "To make a cup of tea, first",
+    "The GNU General Public License is",
+];
+
+/// Tokens of greedy continuation added to each prompt.
+const CONTINUATION: usize = 48;
 
 /// Subcommands of `afo eval`.
 #[derive(Debug, clap::Subcommand)]
@@ -21,10 +39,120 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 512)]
         ctx: usize,
     },
+    /// Each scheme against the model dequantized to f32: weight bytes, perplexity,
+    /// greedy top-1 agreement and mean KL divergence of the next-token distributions
+    /// over fixed prompts.
+    Quality {
+        /// The model (GGUF file or Hugging Face directory).
+        #[arg(long)]
+        model: PathBuf,
+        /// Schemes of the attention and MLP weights, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "f32,f16,int8,int4,int4-g128-asym,q8_0,q4_0"
+        )]
+        schemes: Vec<QuantScheme>,
+        /// Scheme of the embedding and head (default: one step more precise than each
+        /// scheme, see `afo quantize`).
+        #[arg(long)]
+        embeddings: Option<QuantScheme>,
+        /// Text file for perplexity.
+        #[arg(long)]
+        file: PathBuf,
+        /// Perplexity window in tokens.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Use only the first N windows of the file for perplexity (all when absent).
+        #[arg(long)]
+        windows: Option<usize>,
+    },
+}
+
+/// The greedy continuation of `ids` by `model`, appended.
+fn continue_greedily(model: &Model, ids: &[u32], n: usize) -> anyhow::Result<Vec<u32>> {
+    let mut cache = model.new_cache(ids.len() + n + 1);
+    let mut out = ids.to_vec();
+    let mut logits = model.forward(ids, &mut cache, Logits::Last)?;
+    for _ in 0..n {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(next);
+        logits = model.forward(&[next], &mut cache, Logits::Last)?;
+    }
+    Ok(out)
+}
+
+fn quality(
+    model: &std::path::Path,
+    schemes: &[QuantScheme],
+    embeddings: Option<QuantScheme>,
+    file: &std::path::Path,
+    ctx: usize,
+    windows: Option<usize>,
+) -> anyhow::Result<()> {
+    let path = super::resolve_model(model)?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    eprintln!("loading {} as f32 (the baseline)", path.display());
+    let base = LoadedModel::load_quantized(&path, QuantPolicy::uniform(QuantScheme::F32), |_| {})?;
+    let mut tokens = base.tokenizer().encode(&text, false)?;
+    if let Some(w) = windows {
+        tokens.truncate(w * ctx);
+    }
+    let sequences = PROMPTS
+        .iter()
+        .map(|p| {
+            let ids = base.encode_text(p)?;
+            continue_greedily(base.model(), &ids, CONTINUATION)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let f32_bytes = base.model().weight_bytes();
+    println!(
+        "| scheme (attention, MLP) | embedding / head | weights | of f32 | perplexity (ctx {ctx}) | top-1 agreement | mean KL (nats) | max KL |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for &scheme in schemes {
+        let policy = super::quantize::policy(scheme, embeddings);
+        let loaded = if scheme == QuantScheme::F32 && policy == QuantPolicy::uniform(scheme) {
+            None
+        } else {
+            Some(LoadedModel::load_quantized(&path, policy, |_| {})?)
+        };
+        let m = loaded.as_ref().map_or(base.model(), |l| l.model());
+        let start = Instant::now();
+        let ppl = perplexity(m, &tokens, ctx, |_, _, _| {})?;
+        let agree = compare_models(base.model(), m, &sequences)?;
+        let bytes = m.weight_bytes();
+        println!(
+            "| {scheme} | {} | {} | {:.1}% | {:.4} | {:.2}% | {:.5} | {:.4} |",
+            policy.embedding,
+            ByteSize(bytes),
+            100.0 * bytes as f64 / f32_bytes as f64,
+            ppl.ppl,
+            100.0 * agree.top1,
+            agree.mean_kl,
+            agree.max_kl,
+        );
+        eprintln!(
+            "  {scheme}: {} positions compared, {} tokens scored, {:.1} s",
+            agree.positions,
+            ppl.tokens_scored,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
     match command {
+        Command::Quality {
+            model,
+            schemes,
+            embeddings,
+            file,
+            ctx,
+            windows,
+        } => quality(model, schemes, *embeddings, file, *ctx, *windows),
         Command::Perplexity { model, file, ctx } => {
             let loaded = LoadedModel::load(model)?;
             let text = std::fs::read_to_string(file)

@@ -4,6 +4,7 @@ pub(crate) mod bench;
 pub(crate) mod eval;
 pub(crate) mod generate;
 pub(crate) mod inspect;
+pub(crate) mod quantize;
 pub(crate) mod schema;
 pub(crate) mod ssot;
 
