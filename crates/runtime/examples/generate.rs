@@ -11,6 +11,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = Runtime::builder().ssot_log("logs/example.jsonl").build()?;
     let request = GenerateRequest {
         model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+        scheme: None,
         prompt: Prompt::Chat(vec![Message::user("Name three uses of the Rust language.")]),
         options: GenerateOptions {
             max_tokens: 96,

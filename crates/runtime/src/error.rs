@@ -16,6 +16,20 @@ pub enum Error {
     /// The guard refused the run: it would pass the cutline.
     #[error("run refused by the memory guard: {0}")]
     Refused(afo_guard::Refusal),
+    /// Model selection failed (no model qualifies, no smaller variant fits).
+    #[error(transparent)]
+    Select(#[from] afo_select::Error),
+    /// [`Runtime::query`](crate::Runtime::query) needs a catalog.
+    #[error("no model catalog: give the runtime one with RuntimeBuilder::catalog")]
+    NoCatalog,
+    /// A catalog card names no file to load, or a scheme the runtime cannot load.
+    #[error("model `{id}` cannot be loaded: {reason}")]
+    CardNotLoadable {
+        /// The card's id.
+        id: String,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// The runtime's result type.

@@ -26,6 +26,7 @@
 //!     .build()?;
 //! let response = runtime.generate(&GenerateRequest {
 //!     model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+//!     scheme: None,
 //!     prompt: Prompt::Chat(vec![Message::user("Write a haiku about Rust")]),
 //!     options: GenerateOptions {
 //!         max_tokens: 64,
@@ -47,12 +48,15 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod query;
 mod runtime;
 
 pub use afo_engine as engine;
 pub use afo_guard as guard;
 pub use afo_kvcache as kvcache;
 pub use afo_quant as quant;
+pub use afo_select as select;
 pub use afo_ssot as ssot;
 pub use error::{Error, Result};
+pub use query::{QueryRequest, QueryResponse};
 pub use runtime::{GenerateRequest, GenerateResponse, Health, Prompt, Runtime, RuntimeBuilder};

@@ -13,6 +13,8 @@ use afo_guard::{
     Admission, ByteSize, Estimator, Guard, HealthInputs, MemoryBudget, ModelShape, PeakTracker,
     Probe, RunPlan, StatusBadge, SystemProbe, Weights, badge, health_score,
 };
+use afo_quant::{QuantPolicy, QuantScheme};
+use afo_select::{Catalog, PolicyRouter, Router};
 use afo_ssot::{
     Durability, JsonlWriter, Record, RecordV1, RecordV2, RunStatus, Selection, Timestamp,
 };
@@ -31,8 +33,11 @@ pub enum Prompt {
 /// One generation request.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    /// The model: a path to a GGUF file.
+    /// The model: a GGUF file or a Hugging Face model directory.
     pub model: PathBuf,
+    /// Quantize the attention and MLP weights to this scheme while loading (by
+    /// [`QuantPolicy::new`]); `None` runs the weights as stored.
+    pub scheme: Option<QuantScheme>,
     /// The prompt.
     pub prompt: Prompt,
     /// Sampling, stops and the token budget.
@@ -78,6 +83,22 @@ pub struct GenerateResponse {
     pub token_budget: usize,
     /// Bytes held by the run's KV cache at its end.
     pub kv_cache_bytes: u64,
+    /// How the model was chosen (written to the SSOT record's `selection`); `None`
+    /// for an explicit model.
+    pub selection: Option<Selection>,
+}
+
+/// The cache key of a model file loaded in a scheme.
+fn cache_key(model: &Path, scheme: Option<QuantScheme>) -> String {
+    let path = model
+        .canonicalize()
+        .unwrap_or_else(|_| model.to_path_buf())
+        .display()
+        .to_string();
+    match scheme {
+        None => path,
+        Some(s) => format!("{path}#{s}"),
+    }
 }
 
 /// Time from `start` to the first token: the generation measured it from its own
@@ -106,13 +127,27 @@ pub struct Health {
 }
 
 /// Builds a [`Runtime`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RuntimeBuilder {
     cutline: Option<ByteSize>,
     warn_fraction: Option<f64>,
     log_path: Option<PathBuf>,
     durability: Durability,
     keep_alive: Option<Duration>,
+    catalog: Option<Catalog>,
+    router: Option<std::sync::Arc<dyn Router + Send + Sync>>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("cutline", &self.cutline)
+            .field("warn_fraction", &self.warn_fraction)
+            .field("log_path", &self.log_path)
+            .field("keep_alive", &self.keep_alive)
+            .field("catalog", &self.catalog.as_ref().map(Catalog::len))
+            .finish_non_exhaustive()
+    }
 }
 
 impl RuntimeBuilder {
@@ -138,6 +173,18 @@ impl RuntimeBuilder {
     /// The log's durability. Default [`Durability::OsBuffered`].
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
+        self
+    }
+
+    /// The model catalog [`Runtime::query`] routes over. Default: none.
+    pub fn catalog(mut self, catalog: Catalog) -> Self {
+        self.catalog = Some(catalog);
+        self
+    }
+
+    /// The router [`Runtime::query`] uses. Default: [`PolicyRouter::default`].
+    pub fn router(mut self, router: impl Router + Send + Sync + 'static) -> Self {
+        self.router = Some(std::sync::Arc::new(router));
         self
     }
 
@@ -175,12 +222,15 @@ impl RuntimeBuilder {
             probe,
             estimator: Estimator::default(),
             runs: AtomicU64::new(0),
+            catalog: self.catalog,
+            router: self
+                .router
+                .unwrap_or_else(|| std::sync::Arc::new(PolicyRouter::default())),
         })
     }
 }
 
 /// The runtime other programs embed. See the crate docs.
-#[derive(Debug)]
 pub struct Runtime {
     budget: MemoryBudget,
     guard: Guard,
@@ -189,6 +239,18 @@ pub struct Runtime {
     probe: SystemProbe,
     estimator: Estimator,
     runs: AtomicU64,
+    pub(crate) catalog: Option<Catalog>,
+    pub(crate) router: std::sync::Arc<dyn Router + Send + Sync>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("budget", &self.budget)
+            .field("cache", &self.cache)
+            .field("catalog", &self.catalog.as_ref().map(Catalog::len))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Runtime {
@@ -208,20 +270,36 @@ impl Runtime {
     /// # Errors
     /// Loading errors, or a model too large for the cutline.
     pub fn preload(&self, model: &Path) -> Result<(bool, f64)> {
-        let acquired = self.acquire(model)?;
+        let acquired = self.acquire(model, None, None)?;
         Ok((acquired.hit, acquired.acquire_ms))
     }
 
-    fn acquire(&self, model: &Path) -> Result<afo_engine::Acquired<LoadedModel>> {
-        let key = model
-            .canonicalize()
-            .unwrap_or_else(|_| model.to_path_buf())
-            .display()
-            .to_string();
-        let estimate = std::fs::metadata(model).map_or(0, |m| m.len());
-        Ok(self
-            .cache
-            .acquire(&key, estimate, || LoadedModel::load(model))?)
+    /// The current resident memory of the process, in bytes.
+    pub(crate) fn rss_bytes(&self) -> Result<u64> {
+        Ok(self.probe.snapshot()?.rss_bytes)
+    }
+
+    /// Whether a model is in the cache already.
+    pub(crate) fn is_loaded(&self, model: &Path, scheme: Option<QuantScheme>) -> bool {
+        let key = cache_key(model, scheme);
+        self.cache.loaded().iter().any(|e| e.key == key)
+    }
+
+    /// Loads (or finds) a model. `estimate` is the resident size expected (default:
+    /// the file's size, scaled by the scheme's bits when quantizing on load).
+    pub(crate) fn acquire(
+        &self,
+        model: &Path,
+        scheme: Option<QuantScheme>,
+        estimate: Option<u64>,
+    ) -> Result<afo_engine::Acquired<LoadedModel>> {
+        let key = cache_key(model, scheme);
+        let file = std::fs::metadata(model).map_or(0, |m| m.len());
+        let estimate = estimate.unwrap_or(file);
+        Ok(self.cache.acquire(&key, estimate, || match scheme {
+            None => LoadedModel::load(model),
+            Some(s) => LoadedModel::load_quantized(model, QuantPolicy::new(s), |_| {}),
+        })?)
     }
 
     /// Generates without streaming.
@@ -247,6 +325,20 @@ impl Runtime {
     where
         F: FnMut(&str) -> ControlFlow<()>,
     {
+        self.generate_selected(request, None, on_text)
+    }
+
+    /// [`Runtime::generate_stream`] with the selection that chose the model, for the
+    /// record.
+    pub(crate) fn generate_selected<F>(
+        &self,
+        request: &GenerateRequest,
+        selection: Option<Selection>,
+        on_text: F,
+    ) -> Result<GenerateResponse>
+    where
+        F: FnMut(&str) -> ControlFlow<()>,
+    {
         let start = Instant::now();
         let run_id = self.next_run_id();
         let tracker = PeakTracker::start();
@@ -254,6 +346,7 @@ impl Runtime {
         let peak = tracker.finish();
         match result {
             Ok(mut response) => {
+                response.selection = selection;
                 response.peak_memory_bytes = peak;
                 response.badge = badge(peak, &self.budget);
                 response.health_score = health_score(HealthInputs {
@@ -267,7 +360,7 @@ impl Runtime {
                 Ok(response)
             }
             Err(err) => {
-                self.log_failure(request, &run_id, start, peak, &err)?;
+                self.log_failure(request, selection, &run_id, start, peak, &err)?;
                 Err(err)
             }
         }
@@ -283,7 +376,7 @@ impl Runtime {
     where
         F: FnMut(&str) -> ControlFlow<()>,
     {
-        let acquired = self.acquire(&request.model)?;
+        let acquired = self.acquire(&request.model, request.scheme, None)?;
         let loaded = &acquired.model;
         let prompt = match &request.prompt {
             Prompt::Text(text) => loaded.encode_text(text)?,
@@ -356,6 +449,7 @@ impl Runtime {
             latency_ms: 0.0,
             token_budget: max_tokens,
             kv_cache_bytes: cache.bytes(),
+            selection: None,
         })
     }
 
@@ -439,12 +533,12 @@ impl Runtime {
         record.health_score = Some(r.health_score);
         record.predicted_peak_bytes = Some(r.predicted_peak_bytes);
         record.ttft_ms = r.timings.ttft_ms;
-        record.selection = Some(Selection {
+        record.selection = Some(r.selection.clone().unwrap_or_else(|| Selection {
             model_id: r.model_id.clone(),
             reason: "explicit".to_owned(),
             fallback_from: None,
             trinity_score: None,
-        });
+        }));
         log.append(&Record::from(record))?;
         Ok(())
     }
@@ -452,6 +546,7 @@ impl Runtime {
     fn log_failure(
         &self,
         request: &GenerateRequest,
+        selection: Option<Selection>,
         run_id: &str,
         start: Instant,
         peak: u64,
@@ -468,6 +563,7 @@ impl Runtime {
         base.latency_ms = start.elapsed().as_secs_f64() * 1e3;
         base.peak_memory_bytes = peak;
         let mut record = RecordV2::new(base);
+        record.selection = selection;
         record.status_badge = Some(badge(peak, &self.budget));
         record.health_score = Some(health_score(HealthInputs {
             peak_bytes: peak,

@@ -27,6 +27,7 @@ fn model() -> PathBuf {
 fn request(max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         model: model(),
+        scheme: None,
         prompt: Prompt::Text("The capital of France is".into()),
         options: GenerateOptions {
             max_tokens,

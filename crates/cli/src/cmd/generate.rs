@@ -82,6 +82,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     };
     let request = GenerateRequest {
         model: super::resolve_model(&args.model)?,
+        scheme: None,
         prompt,
         options: GenerateOptions {
             max_tokens: args.max_tokens,
