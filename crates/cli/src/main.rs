@@ -26,6 +26,8 @@ enum Command {
         #[command(subcommand)]
         command: cmd::eval::Command,
     },
+    /// Show which catalog model a query would run on, and why, without running it.
+    Route(cmd::route::Args),
     /// Quantize a model by a policy and save it as GGUF.
     Quantize(cmd::quantize::Args),
     /// Measure prefill and decode speed, and cold load vs warm re-acquire.
@@ -66,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Eval { command } => cmd::eval::run(&command),
+        Command::Route(args) => cmd::route::run(&args),
         Command::Quantize(args) => cmd::quantize::run(&args),
         Command::Bench(args) => cmd::bench::run(&args),
         Command::Schema(args) => cmd::schema::run(&args),

@@ -5,6 +5,7 @@ pub(crate) mod eval;
 pub(crate) mod generate;
 pub(crate) mod inspect;
 pub(crate) mod quantize;
+pub(crate) mod route;
 pub(crate) mod schema;
 pub(crate) mod ssot;
 
