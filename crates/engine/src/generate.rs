@@ -54,6 +54,9 @@ impl Default for GenerateOptions {
     }
 }
 
+/// The most prompt tokens [`generate`] runs in one forward pass.
+pub const PREFILL_CHUNK: usize = 512;
+
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FinishReason {
@@ -167,7 +170,12 @@ where
         on_text(delta)
     };
 
-    let mut logits = model.decode(prompt, state)?;
+    // The prompt in chunks: the attention scores of one pass are `chunk x context`,
+    // not `prompt x prompt`, which bounds prefill memory on long prompts.
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = model.decode(chunk, state)?;
+    }
     timings.prefill_ms = ms_since(start);
     let mut first_token_at = None;
     let mut finish = FinishReason::Length;

@@ -33,7 +33,9 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use eval::{Agreement, Perplexity, compare_models, perplexity};
-pub use generate::{Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, generate};
+pub use generate::{
+    Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, PREFILL_CHUNK, generate,
+};
 pub use gguf::{GgufDescription, GgufFile, TypeCount};
 pub use hf::{HfCache, HfConfig, HfRopeScaling, SafetensorsDir, gguf_to_hf_name};
 pub use loaded::LoadedModel;

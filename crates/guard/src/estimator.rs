@@ -116,7 +116,8 @@ impl fmt::Display for Estimate {
 /// - **KV cache**: `layers x 2 x kv_heads x head_dim x T x B x kv_dtype_bytes`;
 /// - **activations** (one layer's working set in the largest forward pass, buffers
 ///   reused across layers): `B x C x (4 x hidden + 3 x intermediate + (heads + 2 x
-///   kv_heads) x head_dim) x 4` plus the attention scores `B x heads x C x T x 4`;
+///   kv_heads) x head_dim) x 4` plus the attention scores `B x heads x C x T x 4`
+///   twice (the scores and their softmax are alive together);
 /// - **logits**: `B x vocab x 4 x 2` (the logits and the sampler's working copy);
 /// - **images**: for each image `pixels x 3 x (1 + 4)` (the u8 buffer and its f32
 ///   copy), plus `vision_tokens x hidden x 4 x 4` for the vision encoder's states;
@@ -149,7 +150,7 @@ impl Estimator {
         let weights = plan.weights.bytes();
         let kv_cache = s.layers * 2 * s.kv_heads * s.head_dim * t * b * plan.kv_dtype_bytes;
         let per_token = 4 * s.hidden + 3 * s.intermediate + (s.heads + 2 * s.kv_heads) * s.head_dim;
-        let activations = b * c * per_token * 4 + b * s.heads * c * t.max(1) * 4;
+        let activations = b * c * per_token * 4 + 2 * b * s.heads * c * t.max(1) * 4;
         let logits = b * s.vocab * 4 * 2;
         let images = plan.image_pixels.iter().map(|p| p * 3 * 5).sum::<u64>()
             + plan.vision_tokens * s.hidden * 4 * 4;

@@ -400,14 +400,18 @@ impl Runtime {
             max_new_tokens: max_tokens as u64,
             batch: 1,
             kv_dtype_bytes: 4,
-            prefill_chunk: prompt.len() as u64,
+            prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
             image_pixels: Vec::new(),
             vision_tokens: 0,
         };
         let estimate = self.estimator.estimate(&plan);
-        // The weights are already resident (counted in the RSS); the run adds the rest.
+        // The weights and the runtime itself are already resident (counted in the
+        // RSS); the run adds its KV cache, activations and logits, with the
+        // estimator's allowance for allocator slack.
         let snapshot = self.probe.snapshot()?;
-        let run_bytes = estimate.total.saturating_sub(estimate.weights);
+        let run_bytes =
+            ((estimate.kv_cache + estimate.activations + estimate.logits + estimate.images) as f64
+                * (1.0 + self.estimator.overhead_fraction)) as u64;
         let predicted_peak = snapshot.rss_bytes + run_bytes;
         let _reservation = match self.guard.admit(run_bytes, snapshot.rss_bytes, &[]) {
             Admission::Admit(r) => r,

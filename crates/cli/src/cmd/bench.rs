@@ -21,6 +21,51 @@ pub(crate) struct Args {
     /// Rounds; medians are reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Quantize the attention and MLP weights to this scheme while loading.
+    #[arg(long)]
+    scheme: Option<afo_runtime::quant::QuantScheme>,
+    /// Instead of speed: the memory guard's predicted peak against the measured one,
+    /// for prompts of these lengths (tokens, comma-separated), through the runtime.
+    #[arg(long, value_delimiter = ',')]
+    predict: Vec<usize>,
+}
+
+/// Predicted against measured peak memory, one warm run per prompt length.
+fn predict(args: &Args) -> anyhow::Result<()> {
+    use afo_runtime::engine::{GenerateOptions, SamplingParams};
+    use afo_runtime::guard::ByteSize;
+    use afo_runtime::{GenerateRequest, Prompt};
+
+    let runtime = Runtime::builder().build()?;
+    let request = |prompt: String| GenerateRequest {
+        model: args.model.clone(),
+        scheme: args.scheme,
+        prompt: Prompt::Text(prompt),
+        options: GenerateOptions {
+            max_tokens: args.generate,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: true,
+            ..GenerateOptions::default()
+        },
+    };
+    // Load first: the table is about runs, not loading.
+    runtime.generate(&request("Hello".into()))?;
+    println!("| prompt tokens | generated | predicted peak | measured peak | error |");
+    println!("| --- | --- | --- | --- | --- |");
+    for &n in &args.predict {
+        // " the" is one token in GPT-2 style vocabularies.
+        let r = runtime.generate(&request(" the".repeat(n)))?;
+        let (p, m) = (r.predicted_peak_bytes as f64, r.peak_memory_bytes as f64);
+        println!(
+            "| {} | {} | {} | {} | {:+.1}% |",
+            r.prompt_tokens,
+            r.completion_tokens,
+            ByteSize(r.predicted_peak_bytes),
+            ByteSize(r.peak_memory_bytes),
+            100.0 * (p - m) / m
+        );
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -29,6 +74,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    if !args.predict.is_empty() {
+        return predict(args);
+    }
     let runtime = Runtime::builder().build()?;
     let (_, cold_ms) = runtime.preload(&args.model)?;
     let warm: Vec<f64> = (0..args.rounds.max(1) * 20)
@@ -41,7 +89,14 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         cold_ms / warm_ms
     );
 
-    let loaded = LoadedModel::load(&args.model)?;
+    let loaded = match args.scheme {
+        Some(s) => LoadedModel::load_quantized(
+            &args.model,
+            afo_runtime::quant::QuantPolicy::new(s),
+            |_| {},
+        )?,
+        None => LoadedModel::load(&args.model)?,
+    };
     let model = loaded.model();
     let vocab = model.config().vocab_size as u32;
     // Deterministic, varied token ids.
