@@ -1,15 +1,16 @@
 //! Weight quantization for afo: the linear layer every decoder calls, and its kernels.
 //!
 //! [`QLinear`] is one linear type for every storage scheme ([`QuantScheme`]): dense
-//! f32/f16/bf16 weights, and the GGML block formats of GGUF files. Q4_0, Q4_1 and Q8_0
-//! weights run on this crate's own [`kernels`] (integer dot products with AVX-512 VNNI,
-//! AVX2 or portable code chosen at run time, split across threads by output rows);
-//! the other GGML types run on candle's quantized matmul. [`QLinear::rows`] is the
-//! embedding lookup that dequantizes only the rows asked for, and [`QLinear::bytes`]
-//! the byte accounting the memory guard's estimator uses.
-//!
-//! The int8 per-channel and int4 grouped schemes and on-load quantization are planned;
-//! they are not exposed until they work.
+//! f32/f16/bf16 weights, afo's int8 per-channel and int4 grouped weight-only formats
+//! ([`kernels::IntWeights`], TorchAO semantics), and the GGML block formats of GGUF
+//! files. The int formats and Q4_0, Q4_1 and Q8_0 run on this crate's own [`kernels`]
+//! (integer dot products with AVX-512 VNNI, AVX2 or portable code chosen at run time,
+//! split across threads by output rows); the other GGML types run on candle's
+//! quantized matmul. [`QLinear::quantize`] and [`QLinear::requantize`] convert weights
+//! between schemes (a block of rows at a time, in parallel), [`QuantPolicy`] picks the
+//! scheme of each weight by its [`TensorRole`], [`QLinear::rows`] is the embedding
+//! lookup that dequantizes only the rows asked for, and [`QLinear::bytes`] /
+//! [`QuantScheme::matrix_bytes`] the byte accounting the memory guard's estimator uses.
 //!
 //! # Example
 //!
