@@ -220,6 +220,12 @@ pub fn save_gguf(
         .filter(|(k, _)| !k.starts_with("afo.") && k.as_str() != "general.alignment")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // `general.file_type` names the scheme of most weights (llama.cpp's ftype): set
+    // it from the layers as saved, or drop it for schemes it has no number for.
+    metadata.retain(|(k, _)| k != "general.file_type");
+    if let Some(ftype) = model.quant_scheme().and_then(llama_ftype) {
+        metadata.push(("general.file_type".into(), Value::U32(ftype)));
+    }
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
     metadata.push((
         "afo.quantization.version".into(),
@@ -377,6 +383,21 @@ pub fn save_gguf(
         file_bytes,
         tensors: entries.len(),
     })
+}
+
+/// llama.cpp's `general.file_type` number of a scheme, where it has one.
+fn llama_ftype(scheme: QuantScheme) -> Option<u32> {
+    match scheme {
+        QuantScheme::F32 => Some(0),
+        QuantScheme::F16 => Some(1),
+        QuantScheme::BF16 => Some(32),
+        QuantScheme::Ggml(GgmlDType::Q4_0) => Some(2),
+        QuantScheme::Ggml(GgmlDType::Q4_1) => Some(3),
+        QuantScheme::Ggml(GgmlDType::Q8_0) => Some(7),
+        QuantScheme::Ggml(GgmlDType::Q5_0) => Some(8),
+        QuantScheme::Ggml(GgmlDType::Q5_1) => Some(9),
+        _ => None,
+    }
 }
 
 fn is_afo_part(name: &str) -> bool {
