@@ -73,6 +73,49 @@ pub fn perplexity(
     })
 }
 
+/// Perplexity of `model` on `tokens` read as one long sequence through `cache` (which
+/// may prune itself), `chunk` tokens per forward pass; every token after the first is
+/// scored. Comparing a pruned cache's result with a full cache's measures what the
+/// pruning loses.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] for fewer than 2 tokens or a zero chunk, and the model's
+/// and the cache's errors.
+pub fn streaming_perplexity(
+    model: &Model,
+    tokens: &[u32],
+    chunk: usize,
+    cache: &mut afo_kvcache::KvCache,
+) -> Result<Perplexity> {
+    if tokens.len() < 2 || chunk == 0 {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "streaming perplexity needs at least 2 tokens and a chunk of at least 1 (got {} and {chunk})",
+                tokens.len()
+            ),
+        });
+    }
+    let (mut nll_sum, mut scored) = (0f64, 0usize);
+    let mut start = 0;
+    while start < tokens.len() - 1 {
+        let end = (start + chunk).min(tokens.len() - 1);
+        let logits = model.forward(&tokens[start..end], cache, Logits::All)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::new(&tokens[start + 1..=end], logits.device())?.unsqueeze(1)?;
+        let picked: Vec<f32> = log_probs.gather(&targets, 1)?.flatten_all()?.to_vec1()?;
+        nll_sum -= picked.iter().map(|&x| f64::from(x)).sum::<f64>();
+        scored += picked.len();
+        start = end;
+    }
+    let nll = nll_sum / scored as f64;
+    Ok(Perplexity {
+        ppl: nll.exp(),
+        nll,
+        tokens_scored: scored,
+        windows: 1,
+    })
+}
+
 /// How closely one model's next-token distributions follow another's: the result of
 /// [`compare_models`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -229,6 +272,29 @@ mod tests {
         );
         assert!(other.top1 < 1.0, "{other:?}");
         assert!(compare_models(&m, &m, &[vec![]]).is_err());
+    }
+
+    #[test]
+    fn streaming_perplexity_of_a_full_cache_matches_token_by_token_scoring() {
+        let m = model(0.3);
+        let ids = tokens(30);
+        let full = |chunk| {
+            let mut cache = m.new_cache(64);
+            streaming_perplexity(&m, &ids, chunk, &mut cache).unwrap()
+        };
+        let (a, b) = (full(1), full(7));
+        assert_eq!(a.tokens_scored, 29);
+        assert!((a.nll - b.nll).abs() < 1e-4, "{a:?} {b:?}");
+        // A pruned cache loses context: a different (here: any) score, same count.
+        let mut small = m.new_pruned_cache(
+            64,
+            Some(8),
+            afo_kvcache::PrunePolicy::SlidingWindow { window: 8 },
+        );
+        let p = streaming_perplexity(&m, &ids, 2, &mut small).unwrap();
+        assert_eq!(p.tokens_scored, 29);
+        assert!((p.nll - a.nll).abs() > 1e-6, "{p:?} {a:?}");
+        assert!(small.len() <= 8);
     }
 
     #[test]

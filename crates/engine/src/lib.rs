@@ -32,7 +32,7 @@ pub use config::{
     supported_architectures,
 };
 pub use error::{Error, Result};
-pub use eval::{Agreement, Perplexity, compare_models, perplexity};
+pub use eval::{Agreement, Perplexity, compare_models, perplexity, streaming_perplexity};
 pub use generate::{
     Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, PREFILL_CHUNK, generate,
 };

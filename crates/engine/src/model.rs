@@ -26,7 +26,7 @@
 
 use std::sync::RwLock;
 
-use afo_kvcache::{KvCache, KvCacheConfig};
+use afo_kvcache::{KvCache, KvCacheConfig, PrunePolicy};
 use afo_quant::QLinear;
 use candle_core::{DType, Device, Tensor};
 
@@ -245,6 +245,18 @@ impl Model {
     /// A KV cache for one sequence of at most `max_tokens` (capped at the model's
     /// context).
     pub fn new_cache(&self, max_tokens: usize) -> KvCache {
+        self.new_pruned_cache(max_tokens, None, PrunePolicy::None)
+    }
+
+    /// A KV cache that holds at most `budget` tokens, pruned by `policy` (see
+    /// [`afo_kvcache`]); the sequence itself may run to `max_tokens` positions (capped
+    /// at the model's context).
+    pub fn new_pruned_cache(
+        &self,
+        max_tokens: usize,
+        budget: Option<usize>,
+        policy: PrunePolicy,
+    ) -> KvCache {
         let c = &self.config;
         KvCache::new(
             KvCacheConfig {
@@ -254,6 +266,8 @@ impl Model {
                 max_tokens: max_tokens.min(c.max_position).max(1),
                 block_tokens: 64,
                 dtype: DType::F32,
+                budget_tokens: budget,
+                policy,
             },
             &self.device,
         )
@@ -283,12 +297,23 @@ impl Model {
             return Err(Error::EmptyPrompt);
         }
         let c = &self.config;
-        let pos = cache.len();
+        cache.make_room(t)?;
+        // Positions count every token seen; a pruned cache holds fewer.
+        let pos = cache.position();
+        let held = cache.len();
         let (cos, sin) = self.rope.tables(pos, t, &self.device)?;
-        let window = c.sliding_window.unwrap_or(usize::MAX);
-        let mask = (t > 1 || pos + t > window)
-            .then(|| causal_mask(t, pos, window, &self.device))
-            .transpose()?;
+        let mask = if held == pos {
+            let window = c.sliding_window.unwrap_or(usize::MAX);
+            (t > 1 || pos + t > window)
+                .then(|| causal_mask(t, pos, window, &self.device))
+                .transpose()?
+        } else {
+            // Pruned: every held key is in the past of every new token.
+            (t > 1)
+                .then(|| causal_mask(t, held, usize::MAX, &self.device))
+                .transpose()?
+        };
+        let observe = cache.config().policy.needs_attention();
         let mut x = self.embed.rows(tokens)?;
         let eps = c.rms_norm_eps as f32;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
@@ -335,6 +360,9 @@ impl Model {
                 None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            if observe {
+                cache.observe(i, &probs)?;
+            }
             let attn = probs
                 .matmul(&v_all)?
                 .reshape((1, c.num_heads, t, c.head_dim))?
@@ -554,6 +582,34 @@ mod tests {
                 .unwrap();
         }
         assert!(max_diff(&last, &expect) < 1e-4);
+    }
+
+    #[test]
+    fn a_pruned_cache_runs_on_the_tokens_it_kept() {
+        // One layer: the kept keys and values are what a fresh run over the kept
+        // tokens computes (RoPE scores depend on relative positions only).
+        let mut c = testing::config();
+        c.num_layers = 1;
+        let m = testing::model_with(c, 0.5);
+        let ids = testing::tokens(40);
+        let mut cache = m.new_pruned_cache(64, Some(12), PrunePolicy::SlidingWindow { window: 12 });
+        let mut last = Vec::new();
+        for id in &ids {
+            last = m
+                .forward(&[*id], &mut cache, Logits::Last)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(cache.len() <= 12);
+        }
+        assert_eq!(cache.position(), 40);
+        assert!(cache.evicted_tokens() > 0);
+        let kept = &ids[ids.len() - cache.len()..];
+        assert!(max_diff(&last, &last_logits(&m, kept)) < 1e-4);
+        // And it differs from the full context.
+        assert!(max_diff(&last, &last_logits(&m, &ids)) > 1e-3);
     }
 
     #[test]

@@ -8,8 +8,28 @@
 //! reuse); [`KvCache::bytes`] is the memory held. A cache refuses to grow past its
 //! token capacity with a clear error rather than silently dropping context.
 //!
-//! Pruning policies (sliding window, attention sinks, heavy hitters) and the prefix
-//! cache are planned; they are not exposed until they work.
+//! A cache with a [`KvCacheConfig::budget_tokens`] prunes itself by its
+//! [`PrunePolicy`] before an append would pass the budget: [`PrunePolicy::SlidingWindow`]
+//! keeps the most recent tokens, [`PrunePolicy::Sinks`] also the first few (StreamingLLM's
+//! attention sinks), [`PrunePolicy::HeavyHitters`] the tokens that received the most
+//! attention so far plus a recent window (H2O; the forward pass reports the attention
+//! weights through [`KvCache::observe`]). Pruning frees [`KvCacheConfig::block_tokens`]
+//! slots at a time (at most a quarter of the budget) so that decoding does not compact
+//! the cache at every step.
+//!
+//! # Positions after pruning
+//!
+//! Keys are cached after RoPE, rotated for the position they were computed at, and they
+//! keep it: a pruned cache is a set of past tokens at their original positions. New
+//! tokens take position [`KvCache::position`] (tokens seen, not tokens held), so the
+//! relative distance between a new query and every kept key stays true. The
+//! alternative (StreamingLLM's re-positioning inside the cache) would need the keys
+//! before RoPE and a re-rotation at every prune; keeping true positions costs nothing
+//! and is what H2O does. Past the model's trained context the positions themselves
+//! run out, so pruning extends how long a sequence can run at a fixed memory, not the
+//! positions a model can handle.
+//!
+//! The prefix cache is planned; it is not exposed until it works.
 //!
 //! # Example
 //!
@@ -19,7 +39,8 @@
 //!
 //! # fn main() -> Result<(), afo_kvcache::Error> {
 //! let config = KvCacheConfig { layers: 2, kv_heads: 3, head_dim: 64, max_tokens: 1024,
-//!                              block_tokens: 32, dtype: DType::F32 };
+//!                              block_tokens: 32, dtype: DType::F32,
+//!                              budget_tokens: None, policy: Default::default() };
 //! let mut cache = KvCache::new(config, &Device::Cpu);
 //! let k = Tensor::zeros((1, 3, 5, 64), DType::F32, &Device::Cpu)?;
 //! let (keys, values) = cache.append(0, &k, &k)?;
@@ -77,6 +98,25 @@ pub enum Error {
         /// Head dimension.
         head_dim: usize,
     },
+    /// A prune policy string does not parse.
+    #[error("prune policy `{text}` is not `none`, `window:N`, `sinks:S+N` or `h2o:BUDGET/RECENT`")]
+    Policy {
+        /// The text given.
+        text: String,
+    },
+    /// The budget cannot hold a chunk: pruning cannot make room for it.
+    #[error(
+        "KV budget of {budget} tokens cannot take {adding} new tokens after keeping {kept} \
+         (run the prompt in smaller chunks or raise the budget)"
+    )]
+    BudgetTooSmall {
+        /// The budget.
+        budget: usize,
+        /// Tokens the policy keeps.
+        kept: usize,
+        /// Tokens being added.
+        adding: usize,
+    },
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -100,6 +140,106 @@ pub struct KvCacheConfig {
     pub block_tokens: usize,
     /// Storage dtype (f32, f16 or bf16).
     pub dtype: DType,
+    /// The most tokens held at once; above it the cache prunes by `policy`. `None`:
+    /// never prune (appending past `max_tokens` is an error).
+    pub budget_tokens: Option<usize>,
+    /// How to prune when over budget.
+    pub policy: PrunePolicy,
+}
+
+/// Which tokens a full cache keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PrunePolicy {
+    /// Never prune.
+    #[default]
+    None,
+    /// The most recent `window` tokens.
+    SlidingWindow {
+        /// Tokens kept.
+        window: usize,
+    },
+    /// The first `sink_tokens` tokens and the most recent `window` (StreamingLLM).
+    Sinks {
+        /// Initial tokens always kept.
+        sink_tokens: usize,
+        /// Recent tokens kept.
+        window: usize,
+    },
+    /// The `budget - recent` tokens with the largest attention received so far, and
+    /// the `recent` most recent ones (H2O), chosen per layer.
+    HeavyHitters {
+        /// Tokens kept in all.
+        budget: usize,
+        /// Recent tokens always kept.
+        recent: usize,
+    },
+}
+
+impl PrunePolicy {
+    /// Tokens the policy keeps at most.
+    pub fn kept(&self) -> Option<usize> {
+        match *self {
+            PrunePolicy::None => None,
+            PrunePolicy::SlidingWindow { window } => Some(window),
+            PrunePolicy::Sinks {
+                sink_tokens,
+                window,
+            } => Some(sink_tokens + window),
+            PrunePolicy::HeavyHitters { budget, .. } => Some(budget),
+        }
+    }
+
+    /// Whether the forward pass must report attention weights ([`KvCache::observe`]).
+    pub fn needs_attention(&self) -> bool {
+        matches!(self, PrunePolicy::HeavyHitters { .. })
+    }
+}
+
+impl std::fmt::Display for PrunePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            PrunePolicy::None => f.write_str("none"),
+            PrunePolicy::SlidingWindow { window } => write!(f, "window:{window}"),
+            PrunePolicy::Sinks {
+                sink_tokens,
+                window,
+            } => write!(f, "sinks:{sink_tokens}+{window}"),
+            PrunePolicy::HeavyHitters { budget, recent } => write!(f, "h2o:{budget}/{recent}"),
+        }
+    }
+}
+
+impl std::str::FromStr for PrunePolicy {
+    type Err = Error;
+
+    /// `none`, `window:N`, `sinks:S+N`, `h2o:BUDGET/RECENT`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Policy { text: s.to_owned() };
+        let num = |x: &str| x.trim().parse::<usize>().map_err(|_| bad());
+        let lower = s.trim().to_ascii_lowercase();
+        let (name, args) = lower.split_once(':').unwrap_or((lower.as_str(), ""));
+        match name {
+            "none" => Ok(PrunePolicy::None),
+            "window" => Ok(PrunePolicy::SlidingWindow { window: num(args)? }),
+            "sinks" => {
+                let (a, b) = args.split_once('+').ok_or_else(bad)?;
+                Ok(PrunePolicy::Sinks {
+                    sink_tokens: num(a)?,
+                    window: num(b)?,
+                })
+            }
+            "h2o" => {
+                let (a, b) = args.split_once('/').ok_or_else(bad)?;
+                let (budget, recent) = (num(a)?, num(b)?);
+                if recent > budget {
+                    return Err(bad());
+                }
+                Ok(PrunePolicy::HeavyHitters { budget, recent })
+            }
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl KvCacheConfig {
@@ -123,6 +263,12 @@ pub struct KvCache {
     layers: Vec<Option<Layer>>,
     capacity: usize,
     len: usize,
+    /// Tokens committed since the start (the position of the next one).
+    position: usize,
+    /// Tokens dropped by pruning so far.
+    evicted: usize,
+    /// Heavy hitters: attention received by each held token, per layer.
+    scores: Vec<Vec<f32>>,
 }
 
 impl KvCache {
@@ -134,7 +280,149 @@ impl KvCache {
             layers: vec![None; config.layers],
             capacity: 0,
             len: 0,
+            position: 0,
+            evicted: 0,
+            scores: vec![Vec::new(); config.layers],
         }
+    }
+
+    /// The position of the next token: tokens committed since the start, pruned or
+    /// not.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Tokens pruned so far.
+    pub fn evicted_tokens(&self) -> usize {
+        self.evicted
+    }
+
+    /// Makes room for `t` new tokens when the budget would be passed, by the policy.
+    /// Call it before appending a chunk's keys at any layer. Does nothing without a
+    /// budget or when there is room.
+    ///
+    /// # Errors
+    /// [`Error::BudgetTooSmall`] when the policy keeps too much to add `t` tokens.
+    pub fn make_room(&mut self, t: usize) -> Result<()> {
+        let Some(budget) = self.config.budget_tokens else {
+            return Ok(());
+        };
+        if self.len + t <= budget || self.config.policy == PrunePolicy::None {
+            if self.len + t > budget {
+                return Err(Error::BudgetTooSmall {
+                    budget,
+                    kept: self.len,
+                    adding: t,
+                });
+            }
+            return Ok(());
+        }
+        // Keep at most the policy's count, and leave a block of free slots (or the
+        // chunk) so that the next steps append without pruning again.
+        let slack = self.config.block_tokens.min(budget / 4).max(t);
+        let target = budget
+            .saturating_sub(slack)
+            .min(self.config.policy.kept().unwrap_or(budget));
+        if target + t > budget {
+            return Err(Error::BudgetTooSmall {
+                budget,
+                kept: target,
+                adding: t,
+            });
+        }
+        let n = self.len;
+        for layer in 0..self.config.layers {
+            let keep = self.keep(layer, n, target);
+            self.compact(layer, &keep)?;
+        }
+        self.evicted += n - target.min(n);
+        self.len = target.min(n);
+        Ok(())
+    }
+
+    /// Adds attention weights `probs` (`[1, kv_heads, queries, len + t]`, softmaxed,
+    /// where `len + t` are the keys [`KvCache::append`] returned) to the attention each
+    /// held token has received at `layer`. Only [`PrunePolicy::HeavyHitters`] uses it.
+    ///
+    /// # Errors
+    /// [`Error::Layer`], or a shape that does not match.
+    pub fn observe(&mut self, layer: usize, probs: &Tensor) -> Result<()> {
+        if !self.config.policy.needs_attention() {
+            return Ok(());
+        }
+        let layers = self.config.layers;
+        let acc = self
+            .scores
+            .get_mut(layer)
+            .ok_or(Error::Layer { layer, layers })?;
+        let received: Vec<f32> = probs
+            .to_dtype(DType::F32)?
+            .sum(2)?
+            .sum(1)?
+            .flatten_all()?
+            .to_vec1()?;
+        if acc.len() < received.len() {
+            acc.resize(received.len(), 0.0);
+        }
+        for (a, r) in acc.iter_mut().zip(&received) {
+            *a += r;
+        }
+        Ok(())
+    }
+
+    /// Indices of the held tokens to keep at `layer`, ascending.
+    fn keep(&self, layer: usize, n: usize, target: usize) -> Vec<usize> {
+        if target >= n {
+            return (0..n).collect();
+        }
+        match self.config.policy {
+            PrunePolicy::None | PrunePolicy::SlidingWindow { .. } => (n - target..n).collect(),
+            PrunePolicy::Sinks { sink_tokens, .. } => {
+                let sinks = sink_tokens.min(target);
+                (0..sinks).chain(n - (target - sinks)..n).collect()
+            }
+            PrunePolicy::HeavyHitters { recent, .. } => {
+                let recent = recent.min(target);
+                let old = n - recent;
+                let scores = &self.scores[layer];
+                let mut idx: Vec<usize> = (0..old).collect();
+                idx.sort_by(|&a, &b| {
+                    let (sa, sb) = (
+                        scores.get(a).copied().unwrap_or(0.0),
+                        scores.get(b).copied().unwrap_or(0.0),
+                    );
+                    sb.total_cmp(&sa).then(a.cmp(&b))
+                });
+                idx.truncate(target - recent);
+                idx.sort_unstable();
+                idx.extend(old..n);
+                idx
+            }
+        }
+    }
+
+    /// Moves the tokens `keep` (ascending) of `layer` to the front of its buffers.
+    fn compact(&mut self, layer: usize, keep: &[usize]) -> Result<()> {
+        if let Some(scores) = self.scores.get_mut(layer)
+            && !scores.is_empty()
+        {
+            *scores = keep
+                .iter()
+                .map(|&i| scores.get(i).copied().unwrap_or(0.0))
+                .collect();
+        }
+        let Some(Some(buffers)) = self.layers.get_mut(layer) else {
+            return Ok(());
+        };
+        let idx = Tensor::new(
+            keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            &self.device,
+        )?;
+        let k = buffers.k.index_select(&idx, 2)?;
+        let v = buffers.v.index_select(&idx, 2)?;
+        buffers.k.slice_set(&k, 2, 0)?;
+        buffers.v.slice_set(&v, 2, 0)?;
+        Ok(())
     }
 
     /// The configuration.
@@ -186,11 +474,14 @@ impl KvCache {
             });
         }
         let end = self.len + t;
-        if end > c.max_tokens {
+        let limit = c
+            .budget_tokens
+            .map_or(c.max_tokens, |b| b.min(c.max_tokens));
+        if end > limit {
             return Err(Error::Full {
                 len: self.len,
                 adding: t,
-                max_tokens: c.max_tokens,
+                max_tokens: limit,
             });
         }
         if end > self.capacity {
@@ -233,19 +524,32 @@ impl KvCache {
             });
         }
         self.len += t;
+        self.position += t;
+        for s in self.scores.iter_mut().filter(|s| !s.is_empty()) {
+            s.resize(self.len, 0.0);
+        }
         Ok(())
     }
 
-    /// Keeps only the first `n` tokens (the buffers stay allocated).
+    /// Keeps only the first `n` tokens (the buffers stay allocated). On a pruned
+    /// cache the position moves back by as many tokens.
     pub fn truncate(&mut self, n: usize) {
-        self.len = self.len.min(n);
+        let dropped = self.len.saturating_sub(n);
+        self.len -= dropped;
+        self.position -= dropped;
+        for s in &mut self.scores {
+            s.truncate(self.len);
+        }
     }
 
     /// Drops every token and frees the buffers.
     pub fn reset(&mut self) {
         self.len = 0;
+        self.position = 0;
+        self.evicted = 0;
         self.capacity = 0;
         self.layers.iter_mut().for_each(|l| *l = None);
+        self.scores.iter_mut().for_each(Vec::clear);
     }
 
     fn grow(&mut self, needed: usize) -> Result<()> {
@@ -253,7 +557,10 @@ impl KvCache {
         let block = c.block_tokens.max(1);
         let doubled = (self.capacity * 2).max(needed);
         let new_cap = doubled.div_ceil(block) * block;
-        let new_cap = new_cap.min(c.max_tokens).max(needed);
+        let limit = c
+            .budget_tokens
+            .map_or(c.max_tokens, |b| b.min(c.max_tokens));
+        let new_cap = new_cap.min(limit).max(needed);
         for layer in self.layers.iter_mut().flatten() {
             let k = Tensor::zeros((1, c.kv_heads, new_cap, c.head_dim), c.dtype, &self.device)?;
             let v = Tensor::zeros((1, c.kv_heads, new_cap, c.head_dim), c.dtype, &self.device)?;
@@ -289,6 +596,8 @@ mod tests {
             max_tokens: max,
             block_tokens: 8,
             dtype: DType::F32,
+            budget_tokens: None,
+            policy: PrunePolicy::None,
         }
     }
 
@@ -354,6 +663,96 @@ mod tests {
         assert_eq!(ks.dims(), [1, 2, 5, 4]);
         cache.reset();
         assert_eq!((cache.len(), cache.bytes()), (0, 0));
+    }
+
+    /// Appends `n` one-token steps whose keys hold their position, pruning as needed.
+    fn run(cache: &mut KvCache, n: usize) {
+        for p in 0..n {
+            cache.make_room(1).unwrap();
+            let k = Tensor::full(p as f32, (1, 2, 1, 4), &Device::Cpu).unwrap();
+            for layer in 0..2 {
+                let (ks, _) = cache.append(layer, &k, &k).unwrap();
+                // H2O: token 3 gets all the attention.
+                let len = ks.dim(2).unwrap();
+                let probs: Vec<f32> = (0..2 * len)
+                    .map(|i| if i % len == 3 { 1.0 } else { 0.0 })
+                    .collect();
+                let probs = Tensor::from_vec(probs, (1, 2, 1, len), &Device::Cpu).unwrap();
+                cache.observe(layer, &probs).unwrap();
+            }
+            cache.commit(1).unwrap();
+        }
+    }
+
+    fn held(cache: &mut KvCache) -> Vec<f32> {
+        let t = Tensor::full(-1f32, (1, 2, 1, 4), &Device::Cpu).unwrap();
+        let (ks, _) = cache.append(0, &t, &t).unwrap();
+        let n = ks.dim(2).unwrap() - 1;
+        let v: Vec<f32> = ks
+            .narrow(2, 0, n)
+            .unwrap()
+            .i((0, 0, .., 0))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v
+    }
+
+    use candle_core::IndexOp;
+
+    #[test]
+    fn policies_keep_what_they_promise_within_the_budget() {
+        let budget = 16;
+        let with = |policy| {
+            let mut c = config(1000);
+            c.budget_tokens = Some(budget);
+            c.policy = policy;
+            let mut cache = KvCache::new(c, &Device::Cpu);
+            run(&mut cache, 50);
+            assert!(
+                cache.len() <= budget && cache.capacity() <= budget,
+                "{policy}"
+            );
+            assert_eq!(cache.position(), 50);
+            assert_eq!(cache.evicted_tokens() + cache.len(), 50);
+            assert!(cache.bytes() <= budget as u64 * cache.config().bytes_per_token());
+            held(&mut cache)
+        };
+        let w = with(PrunePolicy::SlidingWindow { window: 12 });
+        // The most recent tokens, in order, ending with the last one.
+        assert_eq!(*w.last().unwrap(), 49.0);
+        assert!(w.windows(2).all(|p| p[1] == p[0] + 1.0), "{w:?}");
+        let s = with(PrunePolicy::Sinks {
+            sink_tokens: 2,
+            window: 10,
+        });
+        assert_eq!(&s[..2], &[0.0, 1.0], "{s:?}");
+        assert_eq!(*s.last().unwrap(), 49.0);
+        let h = with(PrunePolicy::HeavyHitters {
+            budget: 12,
+            recent: 4,
+        });
+        assert!(h.contains(&3.0), "the heavy hitter is kept: {h:?}");
+        assert_eq!(*h.last().unwrap(), 49.0);
+        // Without a policy, the budget is a hard limit.
+        let mut c = config(1000);
+        c.budget_tokens = Some(4);
+        let mut cache = KvCache::new(c, &Device::Cpu);
+        cache.make_room(4).unwrap();
+        assert!(matches!(
+            cache.make_room(5),
+            Err(Error::BudgetTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn policies_parse_and_print() {
+        for text in ["none", "window:512", "sinks:4+508", "h2o:512/128"] {
+            let p: PrunePolicy = text.parse().unwrap();
+            assert_eq!(p.to_string(), text);
+        }
+        assert!("h2o:10/20".parse::<PrunePolicy>().is_err());
+        assert!("lru:5".parse::<PrunePolicy>().is_err());
     }
 
     #[test]

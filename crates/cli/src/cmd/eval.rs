@@ -4,8 +4,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use afo_runtime::engine::{LoadedModel, Logits, Model, compare_models, perplexity};
+use afo_runtime::engine::{
+    LoadedModel, Logits, Model, compare_models, perplexity, streaming_perplexity,
+};
 use afo_runtime::guard::ByteSize;
+use afo_runtime::kvcache::PrunePolicy;
 use afo_runtime::quant::{QuantPolicy, QuantScheme};
 
 /// The fixed prompts of `afo eval quality` (each continued greedily by the f32 model).
@@ -38,6 +41,29 @@ pub(crate) enum Command {
         /// Window size in tokens.
         #[arg(long, default_value_t = 512)]
         ctx: usize,
+    },
+    /// Perplexity over one long context with the KV cache limited to a budget, for
+    /// each pruning policy, against the full cache.
+    Kv {
+        /// The model.
+        #[arg(long)]
+        model: PathBuf,
+        /// Text file (its first `--tokens` tokens are read as one sequence).
+        #[arg(long)]
+        file: PathBuf,
+        /// Context length in tokens.
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
+        /// KV budget in tokens (default: a quarter of `--tokens`).
+        #[arg(long)]
+        budget: Option<usize>,
+        /// Policies: `window:N`, `sinks:S+N`, `h2o:BUDGET/RECENT` (default: each at
+        /// the budget; h2o with a quarter of it recent).
+        #[arg(long, value_delimiter = ',')]
+        policies: Vec<PrunePolicy>,
+        /// Tokens per forward pass.
+        #[arg(long, default_value_t = 16)]
+        chunk: usize,
     },
     /// Each scheme against the model dequantized to f32: weight bytes, perplexity,
     /// greedy top-1 agreement and mean KL divergence of the next-token distributions
@@ -143,8 +169,84 @@ fn quality(
     Ok(())
 }
 
+fn kv(
+    model: &std::path::Path,
+    file: &std::path::Path,
+    n: usize,
+    budget: Option<usize>,
+    policies: &[PrunePolicy],
+    chunk: usize,
+) -> anyhow::Result<()> {
+    let loaded = LoadedModel::load(super::resolve_model(model)?)?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let mut tokens = loaded.tokenizer().encode(&text, false)?;
+    anyhow::ensure!(
+        tokens.len() >= n,
+        "{} has {} tokens, fewer than {n}",
+        file.display(),
+        tokens.len()
+    );
+    tokens.truncate(n);
+    let budget = budget.unwrap_or(n / 4);
+    let policies = if policies.is_empty() {
+        vec![
+            PrunePolicy::SlidingWindow { window: budget },
+            PrunePolicy::Sinks {
+                sink_tokens: 4,
+                window: budget - 4,
+            },
+            PrunePolicy::HeavyHitters {
+                budget,
+                recent: budget / 4,
+            },
+        ]
+    } else {
+        policies.to_vec()
+    };
+    let m = loaded.model();
+    let start = Instant::now();
+    let mut full_cache = m.new_cache(n);
+    let full = streaming_perplexity(m, &tokens, chunk, &mut full_cache)?;
+    println!(
+        "{n} tokens of {}, chunks of {chunk}, KV budget {budget} tokens ({:.0}%)",
+        file.display(),
+        100.0 * budget as f64 / n as f64
+    );
+    println!("| cache | perplexity | vs full | KV bytes held at the end | tokens evicted | time |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| full ({n} tokens) | {:.4} | - | {} | 0 | {:.1} s |",
+        full.ppl,
+        ByteSize(full_cache.bytes()),
+        start.elapsed().as_secs_f64()
+    );
+    for policy in policies {
+        let start = Instant::now();
+        let mut cache = m.new_pruned_cache(n, Some(budget), policy);
+        let p = streaming_perplexity(m, &tokens, chunk, &mut cache)?;
+        println!(
+            "| {policy} | {:.4} | {:+.2}% | {} | {} | {:.1} s |",
+            p.ppl,
+            100.0 * (p.ppl / full.ppl - 1.0),
+            ByteSize(cache.bytes()),
+            cache.evicted_tokens(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
     match command {
+        Command::Kv {
+            model,
+            file,
+            tokens,
+            budget,
+            policies,
+            chunk,
+        } => kv(model, file, *tokens, *budget, policies, *chunk),
         Command::Quality {
             model,
             schemes,
