@@ -83,6 +83,8 @@ pub struct GenerateResponse {
     pub token_budget: usize,
     /// Bytes held by the run's KV cache at its end.
     pub kv_cache_bytes: u64,
+    /// Tokens the KV cache pruned during the run.
+    pub kv_evicted_tokens: u64,
     /// How the model was chosen (written to the SSOT record's `selection`); `None`
     /// for an explicit model.
     pub selection: Option<Selection>,
@@ -136,6 +138,7 @@ pub struct RuntimeBuilder {
     keep_alive: Option<Duration>,
     catalog: Option<Catalog>,
     router: Option<std::sync::Arc<dyn Router + Send + Sync>>,
+    kv: Option<(usize, afo_kvcache::PrunePolicy)>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -188,6 +191,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Limit each run's KV cache to `budget` tokens, pruned by `policy` (see
+    /// [`afo_kvcache`]). Default: a full cache for the prompt and `max_tokens`.
+    pub fn kv_budget(mut self, budget: usize, policy: afo_kvcache::PrunePolicy) -> Self {
+        self.kv = Some((budget, policy));
+        self
+    }
+
     /// Drop idle models after this long. Default: keep them.
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
         self.keep_alive = Some(keep_alive);
@@ -223,6 +233,7 @@ impl RuntimeBuilder {
             estimator: Estimator::default(),
             runs: AtomicU64::new(0),
             catalog: self.catalog,
+            kv: self.kv,
             router: self
                 .router
                 .unwrap_or_else(|| std::sync::Arc::new(PolicyRouter::default())),
@@ -241,6 +252,7 @@ pub struct Runtime {
     runs: AtomicU64,
     pub(crate) catalog: Option<Catalog>,
     pub(crate) router: std::sync::Arc<dyn Router + Send + Sync>,
+    kv: Option<(usize, afo_kvcache::PrunePolicy)>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -421,7 +433,12 @@ impl Runtime {
         };
         tracing::debug!(%estimate, run_id, "admitted");
 
-        let mut cache = model.new_cache(prompt.len() + max_tokens);
+        let mut cache = match self.kv {
+            Some((budget, policy)) => {
+                model.new_pruned_cache(prompt.len() + max_tokens, Some(budget), policy)
+            }
+            None => model.new_cache(prompt.len() + max_tokens),
+        };
         let generation = generate(
             model,
             loaded.tokenizer(),
@@ -453,6 +470,7 @@ impl Runtime {
             latency_ms: 0.0,
             token_budget: max_tokens,
             kv_cache_bytes: cache.bytes(),
+            kv_evicted_tokens: cache.evicted_tokens() as u64,
             selection: None,
         })
     }
@@ -533,6 +551,7 @@ impl Runtime {
         }
         record.token_budget = Some(r.token_budget as u64);
         record.kv_cache_size = Some(r.kv_cache_bytes);
+        record.kv_evicted_tokens = Some(r.kv_evicted_tokens);
         record.status_badge = Some(r.badge);
         record.health_score = Some(r.health_score);
         record.predicted_peak_bytes = Some(r.predicted_peak_bytes);

@@ -137,3 +137,41 @@ fn a_missing_model_is_a_clear_error() {
     let err = runtime.generate(&req).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/model.gguf"), "{err}");
 }
+
+#[test]
+fn a_kv_budget_prunes_and_is_recorded() {
+    use afo_runtime::kvcache::PrunePolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.jsonl");
+    let runtime = Runtime::builder()
+        .kv_budget(
+            64,
+            PrunePolicy::Sinks {
+                sink_tokens: 4,
+                window: 60,
+            },
+        )
+        .ssot_log(&log)
+        .build()
+        .unwrap();
+    let mut req = request(80);
+    req.options.ignore_eos = true;
+    let r = runtime.generate(&req).unwrap();
+    assert_eq!(r.completion_tokens, 80);
+    assert!(r.kv_evicted_tokens > 0, "{}", r.kv_evicted_tokens);
+    // 30 layers x 2 x 3 kv heads x 64 x 4 bytes per token, at most 64 tokens.
+    assert!(
+        r.kv_cache_bytes <= 64 * 30 * 2 * 3 * 64 * 4,
+        "{}",
+        r.kv_cache_bytes
+    );
+    let entries = LogReader::open(&log, ReadMode::Strict)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let Record::V2(rec) = &entries[0].record else {
+        panic!("v2 expected")
+    };
+    assert_eq!(rec.kv_evicted_tokens, Some(r.kv_evicted_tokens));
+    assert_eq!(rec.kv_cache_size, Some(r.kv_cache_bytes));
+}
