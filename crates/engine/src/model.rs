@@ -297,82 +297,19 @@ impl Model {
             return Err(Error::EmptyPrompt);
         }
         let c = &self.config;
-        cache.make_room(t)?;
-        // Positions count every token seen; a pruned cache holds fewer.
-        let pos = cache.position();
-        let held = cache.len();
-        let (cos, sin) = self.rope.tables(pos, t, &self.device)?;
-        let mask = if held == pos {
-            let window = c.sliding_window.unwrap_or(usize::MAX);
-            (t > 1 || pos + t > window)
-                .then(|| causal_mask(t, pos, window, &self.device))
-                .transpose()?
-        } else {
-            // Pruned: every held key is in the past of every new token.
-            (t > 1)
-                .then(|| causal_mask(t, held, usize::MAX, &self.device))
-                .transpose()?
-        };
-        let observe = cache.config().policy.needs_attention();
+        let mut seq = SeqStep::new(self, cache, t)?;
         let mut x = self.embed.rows(tokens)?;
         let eps = c.rms_norm_eps as f32;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let n_rep = c.num_heads / c.num_kv_heads;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.q.forward(&h)?;
-            let k = layer.k.forward(&h)?;
-            let v = layer.v.forward(&h)?;
-            let heads = |x: Tensor, n: usize| -> Result<Tensor> {
-                Ok(x.reshape((1, t, n, c.head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let mut q = heads(q, c.num_heads)?;
-            let mut k = heads(k, c.num_kv_heads)?;
-            let v = heads(v, c.num_kv_heads)?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = candle_nn::ops::rms_norm(&q, qn, eps)?;
-                k = candle_nn::ops::rms_norm(&k, kn, eps)?;
-            }
-            let (q, k) = if c.rope_interleaved {
-                (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-                )
-            } else {
-                (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-                )
-            };
-            let (k_all, v_all) = cache.append(i, &k, &v)?;
-            let len = k_all.dim(2)?;
-            // Grouped-query attention without copying keys: the n_rep query heads of
-            // each kv head are stacked as rows of one matrix.
-            let q = q.reshape((1, c.num_kv_heads, n_rep * t, c.head_dim))?;
-            let scores = (q.matmul(&k_all.t()?)? * scale)?;
-            let scores = match &mask {
-                Some(m) => scores
-                    .reshape((1, c.num_kv_heads, n_rep, t, len))?
-                    .broadcast_add(m)?
-                    .reshape((1, c.num_kv_heads, n_rep * t, len))?,
-                None => scores,
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            if observe {
-                cache.observe(i, &probs)?;
-            }
-            let attn = probs
-                .matmul(&v_all)?
-                .reshape((1, c.num_heads, t, c.head_dim))?
-                .transpose(1, 2)?
-                .reshape((t, c.num_heads * c.head_dim))?;
+            let (q, k, v) = (
+                layer.q.forward(&h)?,
+                layer.k.forward(&h)?,
+                layer.v.forward(&h)?,
+            );
+            let attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
             x = (x + layer.o.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = layer.gate.forward(&h)?;
-            let u = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+            x = (&x + self.mlp(layer, &x)?)?;
         }
         cache.commit(t)?;
         let x = match logits {
@@ -381,6 +318,167 @@ impl Model {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         Ok(self.lm_head.as_ref().unwrap_or(&self.embed).forward(&x)?)
+    }
+
+    /// One decode step for many sequences at once: `tokens[i]` follows what
+    /// `caches[i]` holds. The linear layers run once over all rows (each weight is read
+    /// once per step, not once per sequence); attention runs per sequence over its own
+    /// cache. Returns the logits `[sequences, vocab]`.
+    ///
+    /// # Errors
+    /// [`Error::EmptyPrompt`] for no sequences or a count mismatch, and the errors of
+    /// [`Model::forward`].
+    pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            return Err(Error::EmptyPrompt);
+        }
+        rayon::scope(|_| self.forward_batch_in_pool(tokens, caches))
+    }
+
+    fn forward_batch_in_pool(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let c = &self.config;
+        let b = tokens.len();
+        let mut steps = caches
+            .iter_mut()
+            .map(|cache| SeqStep::new(self, cache, 1))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = self.embed.rows(tokens)?;
+        let eps = c.rms_norm_eps as f32;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (q, k, v) = (
+                layer.q.forward(&h)?,
+                layer.k.forward(&h)?,
+                layer.v.forward(&h)?,
+            );
+            let mut rows = Vec::with_capacity(b);
+            for (s, (cache, step)) in caches.iter_mut().zip(&mut steps).enumerate() {
+                let row = |t: &Tensor| t.narrow(0, s, 1);
+                rows.push(self.attend(i, layer, &row(&q)?, &row(&k)?, &row(&v)?, cache, step)?);
+            }
+            let attn = Tensor::cat(&rows, 0)?;
+            x = (x + layer.o.forward(&attn)?)?;
+            x = (&x + self.mlp(layer, &x)?)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.commit(1)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self.lm_head.as_ref().unwrap_or(&self.embed).forward(&x)?)
+    }
+
+    /// The MLP block's output for `x` (before the residual).
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.config.rms_norm_eps as f32)?;
+        let g = layer.gate.forward(&h)?;
+        let u = layer.up.forward(&h)?;
+        Ok(layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)
+    }
+
+    /// Self-attention of one sequence's `t` new tokens (`q`, `k`, `v` are their
+    /// projections, `[t, heads x head_dim]`): RoPE at the sequence's positions, the
+    /// keys and values appended to its cache, attention over everything the cache
+    /// holds. Returns `[t, heads x head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        i: usize,
+        layer: &Layer,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        seq: &mut SeqStep,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let t = seq.t;
+        let eps = c.rms_norm_eps as f32;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let n_rep = c.num_heads / c.num_kv_heads;
+        let heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((1, t, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let mut q = heads(q, c.num_heads)?;
+        let mut k = heads(k, c.num_kv_heads)?;
+        let v = heads(v, c.num_kv_heads)?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = candle_nn::ops::rms_norm(&q, qn, eps)?;
+            k = candle_nn::ops::rms_norm(&k, kn, eps)?;
+        }
+        let (q, k) = if c.rope_interleaved {
+            (
+                candle_nn::rotary_emb::rope_i(&q, &seq.cos, &seq.sin)?,
+                candle_nn::rotary_emb::rope_i(&k, &seq.cos, &seq.sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, &seq.cos, &seq.sin)?,
+                candle_nn::rotary_emb::rope(&k, &seq.cos, &seq.sin)?,
+            )
+        };
+        let (k_all, v_all) = cache.append(i, &k, &v)?;
+        let len = k_all.dim(2)?;
+        // Grouped-query attention without copying keys: the n_rep query heads of
+        // each kv head are stacked as rows of one matrix.
+        let q = q.reshape((1, c.num_kv_heads, n_rep * t, c.head_dim))?;
+        let scores = (q.matmul(&k_all.t()?)? * scale)?;
+        let scores = match &seq.mask {
+            Some(m) => scores
+                .reshape((1, c.num_kv_heads, n_rep, t, len))?
+                .broadcast_add(m)?
+                .reshape((1, c.num_kv_heads, n_rep * t, len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        if seq.observe {
+            cache.observe(i, &probs)?;
+        }
+        Ok(probs
+            .matmul(&v_all)?
+            .reshape((1, c.num_heads, t, c.head_dim))?
+            .transpose(1, 2)?
+            .reshape((t, c.num_heads * c.head_dim))?)
+    }
+}
+
+/// What one sequence's step needs in every layer: its RoPE rows and its mask.
+struct SeqStep {
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    observe: bool,
+}
+
+impl SeqStep {
+    /// Makes room in `cache` for `t` tokens and prepares their positions and mask.
+    fn new(model: &Model, cache: &mut KvCache, t: usize) -> Result<Self> {
+        let c = &model.config;
+        cache.make_room(t)?;
+        // Positions count every token seen; a pruned cache holds fewer.
+        let pos = cache.position();
+        let held = cache.len();
+        let (cos, sin) = model.rope.tables(pos, t, &model.device)?;
+        let mask = if held == pos {
+            let window = c.sliding_window.unwrap_or(usize::MAX);
+            (t > 1 || pos + t > window)
+                .then(|| causal_mask(t, pos, window, &model.device))
+                .transpose()?
+        } else {
+            // Pruned: every held key is in the past of every new token.
+            (t > 1)
+                .then(|| causal_mask(t, held, usize::MAX, &model.device))
+                .transpose()?
+        };
+        Ok(Self {
+            t,
+            cos,
+            sin,
+            mask,
+            observe: cache.config().policy.needs_attention(),
+        })
     }
 }
 
@@ -610,6 +708,50 @@ mod tests {
         assert!(max_diff(&last, &last_logits(&m, kept)) < 1e-4);
         // And it differs from the full context.
         assert!(max_diff(&last, &last_logits(&m, &ids)) > 1e-3);
+    }
+
+    #[test]
+    fn a_batched_step_equals_each_sequence_alone() {
+        let m = testing::model(0.5);
+        let prompts = [
+            testing::tokens(5),
+            testing::tokens(9)[3..].to_vec(),
+            vec![7],
+        ];
+        let next = [11u32, 4, 29];
+        let mut alone = Vec::new();
+        let mut caches = Vec::new();
+        for (p, n) in prompts.iter().zip(next) {
+            let mut a = m.new_cache(32);
+            m.forward(p, &mut a, Logits::Last).unwrap();
+            let mut b = a.clone();
+            alone.push(
+                m.forward(&[n], &mut a, Logits::Last)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            b.truncate(p.len());
+            caches.push(b);
+        }
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let batched: Vec<Vec<f32>> = m
+            .forward_batch(&next, &mut refs)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (a, b) in alone.iter().zip(&batched) {
+            assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
+        }
+        for (c, p) in caches.iter().zip(&prompts) {
+            assert_eq!(c.len(), p.len() + 1);
+        }
+        assert!(
+            m.forward_batch(&next[..2], &mut caches.iter_mut().collect::<Vec<_>>())
+                .is_err()
+        );
     }
 
     #[test]

@@ -256,7 +256,9 @@ struct Layer {
 }
 
 /// The per-sequence KV cache. See the crate docs.
-#[derive(Debug, Clone)]
+///
+/// Cloning copies the buffers: appends to one copy never show in another.
+#[derive(Debug)]
 pub struct KvCache {
     config: KvCacheConfig,
     device: Device,
@@ -269,6 +271,32 @@ pub struct KvCache {
     evicted: usize,
     /// Heavy hitters: attention received by each held token, per layer.
     scores: Vec<Vec<f32>>,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        // candle tensors share storage on clone and `slice_set` writes in place: copy.
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|l| Layer {
+                    k: l.k.copy().unwrap_or_else(|_| l.k.clone()),
+                    v: l.v.copy().unwrap_or_else(|_| l.v.clone()),
+                })
+            })
+            .collect();
+        Self {
+            config: self.config,
+            device: self.device.clone(),
+            layers,
+            capacity: self.capacity,
+            len: self.len,
+            position: self.position,
+            evicted: self.evicted,
+            scores: self.scores.clone(),
+        }
+    }
 }
 
 impl KvCache {
@@ -743,6 +771,21 @@ mod tests {
             cache.make_room(5),
             Err(Error::BudgetTooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn clones_do_not_share_buffers() {
+        let mut a = KvCache::new(config(50), &Device::Cpu);
+        for layer in 0..2 {
+            a.append(layer, &tok(3, 0.0), &tok(3, 0.0)).unwrap();
+        }
+        a.commit(3).unwrap();
+        let mut b = a.clone();
+        a.append(0, &tok(1, 500.0), &tok(1, 500.0)).unwrap();
+        let (kb, _) = b.append(0, &tok(1, 7.0), &tok(1, 7.0)).unwrap();
+        let (ka, _) = a.append(0, &tok(1, 500.0), &tok(1, 500.0)).unwrap();
+        let last = |k: &Tensor| -> f32 { k.i((0, 0, 3, 0)).unwrap().to_scalar().unwrap() };
+        assert_eq!((last(&ka), last(&kb)), (500.0, 7.0));
     }
 
     #[test]
