@@ -8,6 +8,16 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A batched request needs more KV memory than the scheduler's whole budget.
+    #[error(
+        "the request needs {needed_bytes} bytes of KV cache, more than the whole budget of {budget_bytes}"
+    )]
+    RequestTooLarge {
+        /// Bytes it needs (prompt and `max_tokens`).
+        needed_bytes: u64,
+        /// The scheduler's budget.
+        budget_bytes: u64,
+    },
     /// Saving a model failed.
     #[error("cannot save the model: {reason}")]
     Export {

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+mod batch;
 mod cache;
 mod chat;
 mod config;
@@ -25,6 +26,7 @@ mod stream;
 mod testing;
 mod tokenizer;
 
+pub use batch::{RequestId, Scheduler, StepOutput};
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
 pub use config::{

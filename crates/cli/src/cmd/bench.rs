@@ -28,6 +28,54 @@ pub(crate) struct Args {
     /// for prompts of these lengths (tokens, comma-separated), through the runtime.
     #[arg(long, value_delimiter = ',')]
     predict: Vec<usize>,
+    /// Instead of speed of one sequence: aggregate decode tokens/s of this many
+    /// sequences decoded together by the batching scheduler (comma-separated counts).
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
+}
+
+/// Aggregate decode speed of `n` sequences batched, for each `n`.
+fn batch(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
+    use afo_runtime::engine::{GenerateOptions, SamplingParams, Scheduler};
+    let model = loaded.model();
+    let vocab = model.config().vocab_size as u32;
+    println!("| sequences | decode tok/s (all sequences) | per sequence | vs 1 sequence |");
+    println!("| --- | --- | --- | --- |");
+    let mut single = None;
+    for &n in &args.batch {
+        let mut rates = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            let mut s = Scheduler::new(model, loaded.tokenizer(), n, u64::MAX);
+            for i in 0..n as u32 {
+                let prompt: Vec<u32> = (0..16).map(|j| (i * 7919 + j * 31 + 13) % vocab).collect();
+                s.add_request(
+                    prompt,
+                    GenerateOptions {
+                        max_tokens: args.generate,
+                        sampling: SamplingParams::greedy(),
+                        ignore_eos: true,
+                        ..GenerateOptions::default()
+                    },
+                )?;
+            }
+            // The first step admits every sequence and runs the prompts.
+            s.step()?;
+            let t = Instant::now();
+            let mut tokens = 0usize;
+            while s.has_unfinished() {
+                tokens += s.step()?.iter().filter(|o| o.token.is_some()).count();
+            }
+            rates.push(tokens as f64 / t.elapsed().as_secs_f64());
+        }
+        let rate = median(rates);
+        let base = *single.get_or_insert(rate);
+        println!(
+            "| {n} | {rate:.1} | {:.1} | {:.2}x |",
+            rate / n as f64,
+            rate / base
+        );
+    }
+    Ok(())
 }
 
 /// Predicted against measured peak memory, one warm run per prompt length.
@@ -89,6 +137,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         cold_ms / warm_ms
     );
 
+    let loaded_for_batch = !args.batch.is_empty();
     let loaded = match args.scheme {
         Some(s) => LoadedModel::load_quantized(
             &args.model,
@@ -97,6 +146,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         )?,
         None => LoadedModel::load(&args.model)?,
     };
+    if loaded_for_batch {
+        return batch(args, &loaded);
+    }
     let model = loaded.model();
     let vocab = model.config().vocab_size as u32;
     // Deterministic, varied token ids.

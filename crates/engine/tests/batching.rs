@@ -1,0 +1,109 @@
+//! Continuous batching on the real SmolLM2 model: batched requests produce what each
+//! would alone, requests wait for room in the KV budget, cancellation ends one cleanly.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use afo_engine::{FinishReason, GenerateOptions, LoadedModel, SamplingParams, Scheduler, generate};
+
+fn options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    }
+}
+
+#[test]
+fn batched_requests_match_their_single_runs_and_respect_the_budget() {
+    let loaded = LoadedModel::load(common::smollm2_path()).unwrap();
+    let (model, tok) = (loaded.model(), loaded.tokenizer());
+    let prompts = [
+        "The capital of France is",
+        "List three colors:",
+        "def square(x):",
+        "Once upon a time",
+    ];
+    let lens = [12, 20, 8, 16];
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| loaded.encode_text(p).unwrap())
+        .collect();
+    let alone: Vec<String> = ids
+        .iter()
+        .zip(lens)
+        .map(|(p, n)| {
+            let mut cache = model.new_cache(p.len() + n);
+            generate(model, tok, p, &options(n), &mut cache, |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap()
+            .text
+        })
+        .collect();
+
+    // Room for three requests' KV at a time, and a batch of at most three.
+    let per_token = 30 * 2 * 3 * 64 * 4;
+    let budget = 3 * (12 + 20) * per_token;
+    let mut s = Scheduler::new(model, tok, 3, budget);
+    let mut texts: HashMap<u64, String> = HashMap::new();
+    let mut finish: HashMap<u64, FinishReason> = HashMap::new();
+    let rid: Vec<u64> = ids
+        .iter()
+        .zip(lens)
+        .map(|(p, n)| s.add_request(p.clone(), options(n)).unwrap())
+        .collect();
+    let mut steps = 0;
+    while s.has_unfinished() {
+        for o in s.step().unwrap() {
+            texts.entry(o.id).or_default().push_str(&o.text);
+            if let Some(f) = o.finish {
+                finish.insert(o.id, f);
+            }
+        }
+        assert!(s.running() <= 3 && s.reserved_bytes() <= budget);
+        steps += 1;
+        assert!(steps < 200);
+    }
+    for (i, id) in rid.iter().enumerate() {
+        assert_eq!(texts[id], alone[i], "request {i}");
+        assert!(matches!(
+            finish[id],
+            FinishReason::Length | FinishReason::Eos
+        ));
+    }
+    // A request larger than the whole budget is refused at once.
+    assert!(s.add_request(ids[0].clone(), options(1_000_000)).is_err());
+}
+
+#[test]
+fn a_cancelled_request_ends_and_the_others_go_on() {
+    let loaded = LoadedModel::load(common::smollm2_path()).unwrap();
+    let mut s = Scheduler::new(loaded.model(), loaded.tokenizer(), 4, u64::MAX);
+    let a = s
+        .add_request(loaded.encode_text("Hello").unwrap(), options(10))
+        .unwrap();
+    let b = s
+        .add_request(loaded.encode_text("Rust is").unwrap(), options(10))
+        .unwrap();
+    s.step().unwrap();
+    assert!(s.cancel(a));
+    assert!(!s.cancel(a));
+    let mut ended = HashMap::new();
+    while s.has_unfinished() {
+        for o in s.step().unwrap() {
+            if let Some(f) = o.finish {
+                ended.insert(o.id, f);
+            }
+        }
+    }
+    assert_eq!(ended[&a], FinishReason::Cancelled);
+    assert!(matches!(
+        ended[&b],
+        FinishReason::Length | FinishReason::Eos
+    ));
+    assert_eq!(s.reserved_bytes(), 0);
+}
