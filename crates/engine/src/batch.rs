@@ -47,7 +47,14 @@ struct Sequence<'t> {
     /// Logits for the next token (after the prompt, or after the last step).
     logits: Vec<f32>,
     reserved_bytes: u64,
+    /// Whatever the admission hook handed out (a memory guard's reservation), held
+    /// while the request runs and dropped when it ends.
+    _ticket: Option<Box<dyn std::any::Any>>,
 }
+
+/// Decides whether a request needing `bytes` of KV memory may start now; `Some` holds
+/// whatever it reserved (dropped when the request ends), `None` leaves it waiting.
+pub type AdmitFn<'m> = Box<dyn FnMut(u64) -> Option<Box<dyn std::any::Any>> + 'm>;
 
 /// The batching scheduler over one model. See the module docs.
 pub struct Scheduler<'m> {
@@ -60,6 +67,7 @@ pub struct Scheduler<'m> {
     running: Vec<Sequence<'m>>,
     finished: Vec<StepOutput>,
     next_id: RequestId,
+    admit_hook: Option<AdmitFn<'m>>,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -94,7 +102,15 @@ impl<'m> Scheduler<'m> {
             running: Vec::new(),
             finished: Vec::new(),
             next_id: 0,
+            admit_hook: None,
         }
+    }
+
+    /// Asks `hook` before starting each request, after the scheduler's own budget
+    /// check: a memory guard reserves the request's bytes there, or says no (the
+    /// request waits for a later step).
+    pub fn set_admission(&mut self, hook: impl FnMut(u64) -> Option<Box<dyn std::any::Any>> + 'm) {
+        self.admit_hook = Some(Box::new(hook));
     }
 
     /// KV bytes one token takes in this model's cache.
@@ -252,6 +268,13 @@ impl<'m> Scheduler<'m> {
             if self.reserved_bytes + need > self.kv_budget_bytes {
                 break;
             }
+            let ticket = match &mut self.admit_hook {
+                Some(hook) => match hook(need) {
+                    Some(t) => Some(t),
+                    None => break,
+                },
+                None => None,
+            };
             let Some((id, prompt, options)) = self.waiting.pop_front() else {
                 break;
             };
@@ -273,6 +296,7 @@ impl<'m> Scheduler<'m> {
                 generated: 0,
                 logits,
                 reserved_bytes: need,
+                _ticket: ticket,
                 cache,
                 options,
             };

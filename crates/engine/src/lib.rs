@@ -26,7 +26,7 @@ mod stream;
 mod testing;
 mod tokenizer;
 
-pub use batch::{RequestId, Scheduler, StepOutput};
+pub use batch::{AdmitFn, RequestId, Scheduler, StepOutput};
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
 pub use config::{

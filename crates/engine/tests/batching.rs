@@ -83,6 +83,16 @@ fn batched_requests_match_their_single_runs_and_respect_the_budget() {
 fn a_cancelled_request_ends_and_the_others_go_on() {
     let loaded = LoadedModel::load(common::smollm2_path()).unwrap();
     let mut s = Scheduler::new(loaded.model(), loaded.tokenizer(), 4, u64::MAX);
+    // An admission hook (a memory guard) that lets two requests hold tickets at once.
+    let tickets = std::rc::Rc::new(());
+    let counter = tickets.clone();
+    s.set_admission(move |_bytes| {
+        (std::rc::Rc::strong_count(&counter) < 4)
+            .then(|| Box::new(counter.clone()) as Box<dyn std::any::Any>)
+    });
+    let c = s
+        .add_request(loaded.encode_text("Third").unwrap(), options(3))
+        .unwrap();
     let a = s
         .add_request(loaded.encode_text("Hello").unwrap(), options(10))
         .unwrap();
@@ -101,6 +111,12 @@ fn a_cancelled_request_ends_and_the_others_go_on() {
         }
     }
     assert_eq!(ended[&a], FinishReason::Cancelled);
+    // The third waited for a ticket, then ran; every ticket came back.
+    assert!(matches!(
+        ended[&c],
+        FinishReason::Length | FinishReason::Eos
+    ));
+    assert_eq!(std::rc::Rc::strong_count(&tickets), 2);
     assert!(matches!(
         ended[&b],
         FinishReason::Length | FinishReason::Eos
