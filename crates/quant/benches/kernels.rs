@@ -1,20 +1,30 @@
-//! GEMV / GEMM with GGML block weights: each of our kernels against candle's `QMatMul`
-//! on the same bytes, for SmolLM2-135M's shapes.
+//! GEMV / GEMM with quantized weights, for SmolLM2-135M's shapes.
 //!
-//! Throughput is the weight bytes read per call, so criterion's rate is the effective
-//! weight bandwidth. The thread count is `RAYON_NUM_THREADS` (default: all cores); set
-//! it explicitly so that candle's pool uses the same count:
+//! - Groups `Q4_1_…`, `Q8_0_…`: each of our GGML kernels against candle's `QMatMul` on
+//!   the same bytes.
+//! - Groups `int_k…_n…_m…`: afo's integer formats (`int8`, `int4-g32`, and asymmetric
+//!   int4 with the largest group of 128, 64, 32 that divides `k`) with each kernel,
+//!   next to candle's Q8_0 `QMatMul` of the same matrix.
+//!
+//! Throughput is the weight bytes read per call (quants, scales, minimums), so
+//! criterion's rate is the effective weight bandwidth of each format. Every timed call
+//! quantizes its activations, ours and candle's alike. IDs name the format, the kernel
+//! and the threads (`int8/avx2/t1`). The thread count is `RAYON_NUM_THREADS` (default:
+//! all cores); set it explicitly so that candle's pool uses the same count:
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo bench -p afo-quant --bench kernels -- --warm-up-time 1 --measurement-time 3
+//! RAYON_NUM_THREADS=1 cargo bench -p afo-quant --bench kernels -- int_ --warm-up-time 1 --measurement-time 3
 //! ```
 
 #![allow(clippy::expect_used)]
 
 use std::hint::black_box;
 
-use afo_quant::kernels::{self, GgmlWeights, Kernel, QuantizedActs, WeightDType};
-use candle_core::quantized::{QMatMul, QTensor};
+use afo_quant::kernels::{
+    self, GgmlWeights, IntFormat, IntWeights, Kernel, QuantizedActs, WeightDType,
+};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -88,5 +98,77 @@ fn bench_kernels(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_kernels);
+/// `(n_out, k)`: FFN up/gate, FFN down, tied LM head.
+const INT_SHAPES: [(usize, usize); 3] = [(1536, 576), (576, 1536), (49152, 576)];
+
+/// The integer formats benchmarked for a row of `k` elements.
+fn int_formats(k: usize) -> [IntFormat; 3] {
+    let group = [128, 64, 32]
+        .into_iter()
+        .find(|g| k.is_multiple_of(*g))
+        .unwrap_or(32);
+    [
+        IntFormat::Int8,
+        IntFormat::Int4 {
+            group: 32,
+            asymmetric: false,
+        },
+        IntFormat::Int4 {
+            group,
+            asymmetric: true,
+        },
+    ]
+}
+
+fn bench_int(c: &mut Criterion) {
+    // The global pool, which reads RAYON_NUM_THREADS as candle's does: no `install`
+    // hop from the bench thread into another pool in the timed calls.
+    let t = threads();
+    for (n_out, k) in INT_SHAPES {
+        let wf = data(n_out * k, 1);
+        let formats = int_formats(k);
+        let weights: Vec<IntWeights> = formats
+            .iter()
+            .map(|&f| IntWeights::quantize(f, &wf, n_out, k).expect("quantize"))
+            .collect();
+        let w = Tensor::from_vec(wf, (n_out, k), &Device::Cpu).expect("tensor");
+        let qt = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
+        let q8_bytes = (n_out * k / 32 * 34) as u64;
+        let qmm = QMatMul::from_qtensor(qt).expect("qmatmul");
+        for m in [1usize, 64] {
+            let mut group = c.benchmark_group(format!("int_k{k}_n{n_out}_m{m}"));
+            let big = m * n_out * k > 100_000_000;
+            if big {
+                group.sample_size(10);
+            }
+            let x = data(m * k, 2);
+            let mut y = vec![0.0f32; m * n_out];
+            for (f, w) in formats.iter().zip(&weights) {
+                group.throughput(Throughput::Bytes(w.bytes() as u64));
+                for kernel in kernels::available_kernels() {
+                    if kernel == Kernel::Scalar && (big || m > 1) {
+                        continue;
+                    }
+                    let id = BenchmarkId::new(format!("{f}/{kernel}"), format!("t{t}"));
+                    group.bench_function(id, |b| {
+                        b.iter(|| {
+                            let acts = QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
+                            kernels::gemm_int_with(kernel, w, &acts, &mut y).expect("gemm");
+                            black_box(&y);
+                        })
+                    });
+                }
+            }
+            group.throughput(Throughput::Bytes(q8_bytes));
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
+            let id = BenchmarkId::new("candle-q8_0", format!("t{t}"));
+            group.bench_function(id, |b| {
+                b.iter(|| black_box(qmm.forward(black_box(&xt)).expect("forward")))
+            });
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench_kernels, bench_int);
 criterion_main!(benches);

@@ -112,19 +112,36 @@ pub(super) fn run(
     }
     let f = range_fn(kernel, w.dtype());
     let a = acts.view();
+    split_columns(m, n_out, w.k(), y, |cols, out, ld| {
+        f(w, a, m, cols, out, ld)
+    });
+    Ok(())
+}
+
+/// Runs `f(cols, out, ld)`, which fills `out[r * ld + (c - cols.start)]` for every
+/// activation row `r < m` and column `c` in `cols`, over all `n_out` columns of the
+/// row-major `m x n_out` output `y`: in one call when the work (`m * n_out * k`) is
+/// small, otherwise in chunks of columns across the current rayon pool.
+///
+/// Every column is computed by the same code whatever the split (chunks start at
+/// multiples of 8), so the result does not depend on the thread count.
+pub(super) fn split_columns<F>(m: usize, n_out: usize, k: usize, y: &mut [f32], f: F)
+where
+    F: Fn(Range<usize>, &mut [f32], usize) + Sync,
+{
     let threads = rayon::current_num_threads();
-    let work = m.saturating_mul(n_out).saturating_mul(w.k());
+    let work = m.saturating_mul(n_out).saturating_mul(k);
     if threads <= 1 || work < PAR_MIN_WORK || n_out < 32 {
-        f(w, a, m, 0..n_out, y, n_out);
-        return Ok(());
+        f(0..n_out, y, n_out);
+        return;
     }
     let chunk = cols_per_task(n_out, threads);
     if m == 1 {
         y.par_chunks_mut(chunk).enumerate().for_each(|(t, yc)| {
             let c0 = t * chunk;
-            f(w, a, 1, c0..c0 + yc.len(), yc, yc.len());
+            f(c0..c0 + yc.len(), yc, yc.len());
         });
-        return Ok(());
+        return;
     }
     // Each task fills an `m x ncols` tile of a scratch buffer; the tiles are then copied
     // into `y`'s rows.
@@ -135,7 +152,7 @@ pub(super) fn run(
         .for_each(|(t, tile)| {
             let c0 = t * chunk;
             let ncols = tile.len() / m;
-            f(w, a, m, c0..c0 + ncols, tile, ncols);
+            f(c0..c0 + ncols, tile, ncols);
         });
     for (t, tile) in scratch.chunks(chunk * m).enumerate() {
         let c0 = t * chunk;
@@ -144,7 +161,6 @@ pub(super) fn run(
             yr[c0..c0 + ncols].copy_from_slice(tr);
         }
     }
-    Ok(())
 }
 
 /// Writes an `MR x NR` tile of results at row `r`, tile column `cc` of `out`.

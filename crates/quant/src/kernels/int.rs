@@ -1,31 +1,17 @@
-//! afo's own weight-only integer formats: int8 per output channel and int4 grouped.
-//!
-//! TorchAO semantics (`int8_weight_only`, `int4_weight_only`), laid out for the same
-//! integer dot products as the GGML formats:
-//!
-//! | format | quants | scales | element `c` of row `r` |
-//! | --- | --- | --- | --- |
-//! | [`IntFormat::Int8`] | `n_out * k` bytes, `i8`, row-major | `n_out` `f32`, one per row | `scale[r] * q[r][c]` |
-//! | [`IntFormat::Int4`] symmetric | `n_out * k / 2` bytes | `n_out * k / group` `f32` | `scale[r][c / group] * (nibble - 8)` |
-//! | [`IntFormat::Int4`] asymmetric | as symmetric | as symmetric, plus as many `min`s | `scale[r][c / group] * nibble + min[r][c / group]` |
-//!
-//! Int4 nibbles come in blocks of 32 elements, 16 bytes each, in GGML's order: byte `j`
-//! of block `b` holds element `32 b + j` in its low nibble and `32 b + j + 16` in its
-//! high nibble. Groups (32, 64 or 128 elements along a row) are whole blocks.
-//!
-//! Quantization (round half to even everywhere):
-//! - int8: `scale = max|w| / 127`, `q = clamp(round(w / scale), -127, 127)`;
-//! - int4 symmetric: `scale = max|w| / 7.5` over the group, `q = clamp(round(w / scale), -8, 7)`,
-//!   stored as `q + 8` (TorchAO's symmetric choice of `(qmax - qmin) / 2`);
-//! - int4 asymmetric: `scale = (max - min) / 15`, `nibble = clamp(round((w - min) / scale), 0, 15)`;
-//!   the zero point lives in the float domain (`min`), as TorchAO's
-//!   `ZeroPointDomain.FLOAT` (`min = zero - 8 * scale` in its terms).
-//!
-//! A group (or row) of zeros gets scale 0 and quants that decode to 0.
+//! afo's own weight-only integer formats: int8 per output channel and int4 grouped
+//! ([`IntFormat`], [`IntWeights`]), their quantization, and the integer kernels
+//! ([`gemm_int`]).
 
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod driver;
+mod scalar;
+#[cfg(test)]
+mod tests;
 
 use super::Kernel;
 use super::acts::QuantizedActs;
@@ -138,6 +124,33 @@ impl FromStr for IntFormat {
 }
 
 /// A `[n_out, k]` weight matrix in an [`IntFormat`], owned.
+///
+/// TorchAO semantics (`int8_weight_only`, `int4_weight_only`), laid out for the same
+/// integer dot products as the GGML formats.
+///
+/// # Layout
+///
+/// | format | quants | scales | element `c` of row `r` |
+/// | --- | --- | --- | --- |
+/// | [`IntFormat::Int8`] | `n_out * k` bytes, `i8`, row-major | `n_out` `f32`, one per row | `scale[r] * q[r][c]` |
+/// | [`IntFormat::Int4`] symmetric | `n_out * k / 2` bytes | `n_out * k / group` `f32` | `scale[r][c / group] * (nibble - 8)` |
+/// | [`IntFormat::Int4`] asymmetric | as symmetric | as symmetric, plus as many `min`s | `scale[r][c / group] * nibble + min[r][c / group]` |
+///
+/// Int4 nibbles come in blocks of 32 elements, 16 bytes each, in GGML's order: byte `j`
+/// of block `b` holds element `32 b + j` in its low nibble and `32 b + j + 16` in its
+/// high nibble. Groups (32, 64 or 128 elements along a row) are whole blocks.
+///
+/// # Quantization
+///
+/// Round half to even everywhere:
+/// - int8: `scale = max|w| / 127`, `q = clamp(round(w / scale), -127, 127)`;
+/// - int4 symmetric: `scale = max|w| / 7.5` over the group, `q = clamp(round(w / scale), -8, 7)`,
+///   stored as `q + 8` (TorchAO's symmetric choice of `(qmax - qmin) / 2`);
+/// - int4 asymmetric: `scale = (max - min) / 15`, `nibble = clamp(round((w - min) / scale), 0, 15)`;
+///   the zero point lives in the float domain (`min`), as TorchAO's
+///   `ZeroPointDomain.FLOAT` (`min = zero - 8 * scale` in its terms).
+///
+/// A group (or row) of zeros gets scale 0 and quants that decode to 0.
 #[derive(Clone, PartialEq)]
 pub struct IntWeights {
     format: IntFormat,
@@ -325,7 +338,7 @@ impl IntWeights {
         self.k
     }
 
-    /// The quants (layout in the [module docs](self)).
+    /// The quants (see the [layout](IntWeights#layout)).
     pub fn quants(&self) -> &[u8] {
         &self.quants
     }
@@ -430,10 +443,56 @@ fn quantize_group4(w: &[f32], asymmetric: bool) -> (f32, f32, Vec<u8>) {
 }
 
 /// `y = x · Wᵀ` for integer weights and quantized activations, with the detected
-/// kernel.
+/// kernel: `acts` holds `m` rows of `k`, `y` is `m x n_out`, row-major.
+///
+/// Runs on the current rayon pool (use `ThreadPool::install` to choose the thread
+/// count).
+///
+/// # Kernels
+///
+/// This multiplies by activations quantized to 8 bits per block of 32
+/// ([`QuantizedActs`], shared with the GGML kernels) with integer dot products:
+///
+/// - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd`; int8 with the sign trick and its row
+///   scale applied once per row, int4 two blocks per register with `scale_g * d_x` per
+///   block and the minimum term `min_g * d_x * sum(q_x)` (`min_g = -8 scale_g`
+///   symmetric, folded in as an integer);
+/// - [`Kernel::Avx512Vnni`] runs the same AVX2 code for these formats (every such CPU
+///   has AVX2): there is no VNNI kernel for them yet, as the machines they were
+///   developed on lack AVX-512 and could not have tested one;
+/// - [`Kernel::Scalar`]: portable Rust, the reference the others are tested against.
+///
+/// One activation row (decode) reads four weight rows per step when the matrix fits in
+/// cache (up to 1 MiB of quants), otherwise streams the rows one at a time with
+/// prefetching; several activation rows use register tiles (int8: 4 activation rows x 2
+/// weight rows, int4: 6 x 1) over blocks of weight rows that stay in L2, so weights
+/// come from memory once per call. Output rows are split across the current rayon
+/// pool as for the GGML kernels (when `m * n_out * k >= 2^18`); the result does not
+/// depend on the thread count.
+///
+/// Accuracy: as for the GGML formats, weights are used exactly as stored and each
+/// activation element is off by at most `max|x_block| / 254`, so `|y - y_exact|` is at
+/// most `sum over blocks of max|x_block| / 254 * sum|w_block|`, plus f32 rounding.
+///
+/// ```
+/// use afo_quant::kernels::{self, IntFormat, IntWeights, QuantizedActs};
+///
+/// let (n_out, k) = (3, 64);
+/// let w: Vec<f32> = (0..n_out * k).map(|i| (i % 7) as f32 - 3.0).collect();
+/// let format: IntFormat = "int4-g32".parse()?;
+/// let weights = IntWeights::quantize(format, &w, n_out, k)?;
+/// let x = vec![0.5f32; k];
+/// let acts = QuantizedActs::quantize(&x, 1, k)?;
+/// let mut y = vec![0.0f32; n_out];
+/// kernels::gemm_int(&weights, &acts, &mut y)?;
+/// let exact: f32 = w[..k].iter().map(|v| v * 0.5).sum();
+/// assert!((y[0] - exact).abs() < 0.05 * w[..k].iter().map(|v| v.abs() * 0.5).sum::<f32>());
+/// # Ok::<(), kernels::Error>(())
+/// ```
 ///
 /// # Errors
-/// [`Error::InnerDimensionMismatch`], [`Error::LengthMismatch`] for `y`.
+/// [`Error::IntInnerDimensionMismatch`] when `acts` has another `k`,
+/// [`Error::LengthMismatch`] for a `y` of another length than `m * n_out`.
 pub fn gemm_int(weights: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) -> Result<()> {
     gemm_int_with(Kernel::detect(), weights, acts, y)
 }
@@ -448,260 +507,5 @@ pub fn gemm_int_with(
     acts: &QuantizedActs,
     y: &mut [f32],
 ) -> Result<()> {
-    if !kernel.is_available() {
-        return Err(Error::KernelUnavailable { kernel });
-    }
-    if acts.k() != weights.k {
-        return Err(Error::IntInnerDimensionMismatch {
-            acts_k: acts.k(),
-            weights_k: weights.k,
-        });
-    }
-    let m = acts.m();
-    check_len("y (m * n_out)", y, m * weights.n_out, "elements")?;
-    scalar_gemm(weights, acts, y);
-    Ok(())
-}
-
-/// The portable kernel: per block, an integer dot product of the activation quants
-/// with the weight quants, scaled by both scales; int4 adds `min * d_x * sum(q_x)`.
-fn scalar_gemm(w: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) {
-    let view = acts.view();
-    let (k, nb) = (w.k, w.k / BLOCK_ELEMS);
-    let groups = w.format.groups_per_row(k);
-    for (i, yr) in y.chunks_exact_mut(w.n_out).enumerate() {
-        let d = &view.d[i * view.stride..];
-        let ds = &view.ds[i * view.stride..];
-        for (r, out) in yr.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            match w.format {
-                IntFormat::Int8 => {
-                    let q = &w.quants[r * k..(r + 1) * k];
-                    for b in 0..nb {
-                        let x = view.block(i, b);
-                        let dot: i32 = q[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS]
-                            .iter()
-                            .zip(x)
-                            .map(|(&qw, &qx)| i32::from(qw as i8) * i32::from(qx))
-                            .sum();
-                        acc += d[b] * dot as f32;
-                    }
-                    acc *= w.scales[r];
-                }
-                IntFormat::Int4 { group, asymmetric } => {
-                    let q = &w.quants[r * k / 2..(r + 1) * k / 2];
-                    for b in 0..nb {
-                        let x = view.block(i, b);
-                        let (lo, hi) = x.split_at(16);
-                        let dot: i32 = q[b * 16..b * 16 + 16]
-                            .iter()
-                            .zip(lo.iter().zip(hi))
-                            .map(|(&qw, (&xl, &xh))| {
-                                i32::from(qw & 0x0F) * i32::from(xl)
-                                    + i32::from(qw >> 4) * i32::from(xh)
-                            })
-                            .sum();
-                        let g = r * groups + b * BLOCK_ELEMS / group;
-                        let s = w.scales[g];
-                        let m = if asymmetric { w.mins[g] } else { -8.0 * s };
-                        acc += s * d[b] * dot as f32 + m * ds[b];
-                    }
-                }
-            }
-            *out = acc;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn seeded(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    const FORMATS: [IntFormat; 7] = [
-        IntFormat::Int8,
-        IntFormat::Int4 {
-            group: 32,
-            asymmetric: false,
-        },
-        IntFormat::Int4 {
-            group: 64,
-            asymmetric: false,
-        },
-        IntFormat::Int4 {
-            group: 128,
-            asymmetric: false,
-        },
-        IntFormat::Int4 {
-            group: 32,
-            asymmetric: true,
-        },
-        IntFormat::Int4 {
-            group: 64,
-            asymmetric: true,
-        },
-        IntFormat::Int4 {
-            group: 128,
-            asymmetric: true,
-        },
-    ];
-
-    #[test]
-    fn names_round_trip() {
-        for f in FORMATS {
-            assert_eq!(f.to_string().parse::<IntFormat>().unwrap(), f);
-        }
-        assert_eq!("int4".parse::<IntFormat>().unwrap(), FORMATS[1]);
-        assert!("int4-g48".parse::<IntFormat>().is_err());
-        assert!("int3".parse::<IntFormat>().is_err());
-    }
-
-    #[test]
-    fn dequantized_weights_are_within_half_a_step() {
-        let (n, k) = (5, 256);
-        let w = seeded(n * k, 7);
-        for f in FORMATS {
-            let q = IntWeights::quantize(f, &w, n, k).unwrap();
-            assert_eq!(q.bytes(), f.matrix_bytes(n, k));
-            let back = q.dequantize();
-            let group = match f {
-                IntFormat::Int8 => k,
-                IntFormat::Int4 { group, .. } => group,
-            };
-            for (g, (a, b)) in w.chunks(group).zip(back.chunks(group)).enumerate() {
-                let scale = q.scales()[g];
-                for (x, y) in a.iter().zip(b) {
-                    // Half a step (the symmetric int4 top, +7.5 steps, clamps to 7:
-                    // also half a step).
-                    let bound = 0.5 * scale * (1.0 + 1e-5) + 1e-7;
-                    assert!((x - y).abs() <= bound, "{f}: {x} vs {y}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn scalar_gemm_matches_dequantize_then_matmul() {
-        for (m, n, k) in [(1, 3, 32), (3, 7, 128), (5, 4, 256)] {
-            let w = seeded(n * k, 3);
-            let x = seeded(m * k, 11);
-            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
-            for f in FORMATS {
-                if f.validate().is_err()
-                    || !k.is_multiple_of(match f {
-                        IntFormat::Int8 => 32,
-                        IntFormat::Int4 { group, .. } => group,
-                    })
-                {
-                    continue;
-                }
-                let q = IntWeights::quantize(f, &w, n, k).unwrap();
-                let wd = q.dequantize();
-                let mut y = vec![0f32; m * n];
-                gemm_int_with(Kernel::Scalar, &q, &acts, &mut y).unwrap();
-                for i in 0..m {
-                    for r in 0..n {
-                        let exact: f32 = (0..k).map(|c| x[i * k + c] * wd[r * k + c]).sum();
-                        // Activation rounding: at most max|x_block| / 254 per element.
-                        let bound: f32 = (0..k / 32)
-                            .map(|b| {
-                                let xb = &x[i * k + b * 32..i * k + b * 32 + 32];
-                                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                                let wsum: f32 = wd[r * k + b * 32..r * k + b * 32 + 32]
-                                    .iter()
-                                    .map(|v| v.abs())
-                                    .sum();
-                                amax / 254.0 * wsum
-                            })
-                            .sum::<f32>()
-                            + 1e-4;
-                        let got = y[i * n + r];
-                        assert!(
-                            (got - exact).abs() <= bound,
-                            "{f} m{m} n{n} k{k}: {got} vs {exact}"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn bad_shapes_are_errors() {
-        let w = vec![0.5f32; 2 * 96];
-        let g64 = IntFormat::Int4 {
-            group: 64,
-            asymmetric: false,
-        };
-        assert!(matches!(
-            IntWeights::quantize(g64, &w, 2, 96),
-            Err(Error::GroupDoesNotDivide { k: 96, group: 64 })
-        ));
-        assert!(matches!(
-            IntWeights::quantize(IntFormat::Int8, &w[..2 * 40], 2, 40),
-            Err(Error::KNotMultipleOfBlock { .. })
-        ));
-        assert!(matches!(
-            IntWeights::quantize(
-                IntFormat::Int4 {
-                    group: 48,
-                    asymmetric: false
-                },
-                &w,
-                2,
-                96
-            ),
-            Err(Error::InvalidGroup { group: 48 })
-        ));
-        let mut nan = w.clone();
-        nan[100] = f32::NAN;
-        assert!(matches!(
-            IntWeights::quantize(IntFormat::Int8, &nan, 2, 96),
-            Err(Error::NonFinite { row: 1, col: 4 })
-        ));
-        let q = IntWeights::quantize(IntFormat::Int8, &w, 2, 96).unwrap();
-        assert!(
-            IntWeights::from_parts(
-                IntFormat::Int8,
-                2,
-                96,
-                q.quants().to_vec(),
-                vec![1.0],
-                vec![]
-            )
-            .is_err()
-        );
-        assert_eq!(
-            IntWeights::from_parts(
-                IntFormat::Int8,
-                2,
-                96,
-                q.quants().to_vec(),
-                q.scales().to_vec(),
-                vec![]
-            )
-            .unwrap(),
-            q
-        );
-    }
-
-    #[test]
-    fn zero_rows_decode_to_zero() {
-        let w = vec![0f32; 64];
-        for f in [FORMATS[0], FORMATS[1], FORMATS[4]] {
-            let q = IntWeights::quantize(f, &w, 1, 64).unwrap();
-            assert!(q.dequantize().iter().all(|&v| v == 0.0), "{f}");
-        }
-    }
+    driver::run(kernel, weights, acts, y)
 }

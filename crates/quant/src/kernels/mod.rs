@@ -1,20 +1,28 @@
-//! Fast CPU matrix kernels for GGML block weights (Q4_0, Q4_1, Q8_0).
+//! Fast CPU matrix kernels for quantized weights: GGML blocks (Q4_0, Q4_1, Q8_0) and
+//! afo's own integer formats (int8 per row, int4 grouped).
 //!
 //! `y = x · Wᵀ` for `m` activation rows `x` (`m x k`, f32) and a weight matrix `W`
-//! (`n_out x k`) kept in its GGUF bytes ([`GgmlMatrix`], [`GgmlWeights`]). The activation
-//! rows are quantized once per call to 8 bits per block of 32 ([`QuantizedActs`]), then
-//! each weight block is multiplied with integer dot products:
+//! (`n_out x k`), kept either in its GGUF bytes ([`GgmlMatrix`], [`GgmlWeights`]) or as
+//! [`IntWeights`] ([`IntFormat::Int8`], [`IntFormat::Int4`] with groups of 32, 64 or 128,
+//! symmetric or with a minimum). The activation rows are quantized once per call to 8
+//! bits per block of 32 ([`QuantizedActs`]), then each weight block is multiplied with
+//! integer dot products:
 //!
-//! - [`Kernel::Avx512Vnni`]: `vpdpbusd` on two blocks per 512-bit register;
-//! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0);
+//! - [`Kernel::Avx512Vnni`]: `vpdpbusd` on two blocks per 512-bit register for the GGML
+//!   formats; the integer formats run the AVX2 code (no VNNI kernel for them yet);
+//! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
 //! - [`Kernel::Scalar`]: portable Rust.
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
-//! independent of the compile-time target; [`gemm_with`] forces one (tests, benches).
-//! With several activation rows, each decoded weight block serves a register tile of 4
-//! rows x 2 outputs, so weights are read once per call; a single row streams the weight
-//! rows in order. Output columns are split across the current rayon pool when the work
-//! is large enough (`m * n_out * k >= 2^18`).
+//! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
+//! (tests, benches). With several activation rows, each decoded weight block serves a
+//! register tile (GGML: 4 rows x 2 outputs; int8: 4 x 2; int4: 6 x 1), so weights are
+//! read once per call; a single row streams the weight rows in order (the integer
+//! formats take four rows at a time when the matrix fits in cache). Output columns are
+//! split across the current rayon pool when the work is large enough
+//! (`m * n_out * k >= 2^18`); results do not depend on the thread count. The tests run
+//! every kernel the machine has, so the AVX-512 kernel is exercised only on CPUs with
+//! AVX-512 VNNI.
 //!
 //! # Accuracy
 //!
