@@ -6,9 +6,23 @@ use std::time::Instant;
 use afo_runtime::Runtime;
 use afo_runtime::engine::{LoadedModel, Logits};
 
+/// What `afo bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Mode {
+    /// Prefill and decode of one sequence, and cold load vs warm re-acquire.
+    Speed,
+    /// Aggregate decode speed of many sequences batched (`--concurrency`).
+    Batching,
+    /// Predicted against measured peak memory (`--predict`).
+    Memory,
+}
+
 /// Arguments of `afo bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    /// What to measure.
+    #[arg(value_enum, default_value = "speed")]
+    mode: Mode,
     /// The model: a GGUF file.
     #[arg(long)]
     model: PathBuf,
@@ -24,14 +38,13 @@ pub(crate) struct Args {
     /// Quantize the attention and MLP weights to this scheme while loading.
     #[arg(long)]
     scheme: Option<afo_runtime::quant::QuantScheme>,
-    /// Instead of speed: the memory guard's predicted peak against the measured one,
-    /// for prompts of these lengths (tokens, comma-separated), through the runtime.
-    #[arg(long, value_delimiter = ',')]
+    /// `memory`: prompt lengths (tokens) of the runs whose predicted peak is compared
+    /// with the measured one.
+    #[arg(long, value_delimiter = ',', default_value = "16,128,512,1024,2048")]
     predict: Vec<usize>,
-    /// Instead of speed of one sequence: aggregate decode tokens/s of this many
-    /// sequences decoded together by the batching scheduler (comma-separated counts).
-    #[arg(long, value_delimiter = ',')]
-    batch: Vec<usize>,
+    /// `batching`: sequence counts decoded together by the batching scheduler.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    concurrency: Vec<usize>,
 }
 
 /// Aggregate decode speed of `n` sequences batched, for each `n`.
@@ -42,7 +55,7 @@ fn batch(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
     println!("| sequences | decode tok/s (all sequences) | per sequence | vs 1 sequence |");
     println!("| --- | --- | --- | --- |");
     let mut single = None;
-    for &n in &args.batch {
+    for &n in &args.concurrency {
         let mut rates = Vec::new();
         for _ in 0..args.rounds.max(1) {
             let mut s = Scheduler::new(model, loaded.tokenizer(), n, u64::MAX);
@@ -122,7 +135,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    if !args.predict.is_empty() {
+    if args.mode == Mode::Memory {
         return predict(args);
     }
     let runtime = Runtime::builder().build()?;
@@ -137,7 +150,6 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         cold_ms / warm_ms
     );
 
-    let loaded_for_batch = !args.batch.is_empty();
     let loaded = match args.scheme {
         Some(s) => LoadedModel::load_quantized(
             &args.model,
@@ -146,7 +158,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         )?,
         None => LoadedModel::load(&args.model)?,
     };
-    if loaded_for_batch {
+    if args.mode == Mode::Batching {
         return batch(args, &loaded);
     }
     let model = loaded.model();

@@ -41,6 +41,14 @@ pub(crate) enum Command {
         /// Window size in tokens.
         #[arg(long, default_value_t = 512)]
         ctx: usize,
+        /// KV cache policy within each window: full, window, sinks (4 sink tokens) or
+        /// heavy-hitters (a quarter of the budget recent). With a policy other than
+        /// full, each window is read as one stream and every token is scored.
+        #[arg(long, default_value = "full")]
+        kv_policy: String,
+        /// KV budget in tokens for the policy (default: a quarter of `--ctx`).
+        #[arg(long)]
+        kv_budget: Option<usize>,
     },
     /// Perplexity over one long context with the KV cache limited to a budget, for
     /// each pruning policy, against the full cache.
@@ -255,7 +263,31 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             ctx,
             windows,
         } => quality(model, schemes, *embeddings, file, *ctx, *windows),
-        Command::Perplexity { model, file, ctx } => {
+        Command::Perplexity {
+            model,
+            file,
+            ctx,
+            kv_policy,
+            kv_budget,
+        } if kv_policy != "full" => {
+            let budget = kv_budget.unwrap_or(ctx / 4);
+            let policy = match kv_policy.as_str() {
+                "window" => PrunePolicy::SlidingWindow { window: budget },
+                "sinks" => PrunePolicy::Sinks {
+                    sink_tokens: 4,
+                    window: budget.saturating_sub(4),
+                },
+                "heavy-hitters" | "h2o" => PrunePolicy::HeavyHitters {
+                    budget,
+                    recent: budget / 4,
+                },
+                other => other.parse()?,
+            };
+            kv(model, file, *ctx, Some(budget), &[policy], 16)
+        }
+        Command::Perplexity {
+            model, file, ctx, ..
+        } => {
             let loaded = LoadedModel::load(model)?;
             let text = std::fs::read_to_string(file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
