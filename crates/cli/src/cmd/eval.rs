@@ -84,7 +84,7 @@ pub(crate) enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "f32,f16,int8,int4,int4-g128-asym,q8_0,q4_0"
+            default_value = "f32,f16,int8,int4,int4-g32-asym,int4-g64-asym,q8_0,q4_0"
         )]
         schemes: Vec<QuantScheme>,
         /// Scheme of the embedding and head (default: one step more precise than each
