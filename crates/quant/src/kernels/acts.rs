@@ -95,12 +95,21 @@ impl QuantizedActs {
         self.ds.clear();
         self.ds.resize(m * stride, 0.0);
 
+        #[cfg(target_arch = "x86_64")]
+        let simd = super::Kernel::Avx2.is_available();
         for (row, xr) in x.chunks_exact(k).enumerate() {
             let lines = &mut self.lines[row * stride / 2..(row + 1) * stride / 2];
             let d = &mut self.d[row * stride..(row + 1) * stride];
             let ds = &mut self.ds[row * stride..(row + 1) * stride];
             for (b, xb) in xr.chunks_exact(BLOCK_ELEMS).enumerate() {
                 let q = &mut lines[b / 2].0[b % 2];
+                #[cfg(target_arch = "x86_64")]
+                let (scale, sum) = if simd {
+                    quantize_block_avx2(xb, q)
+                } else {
+                    quantize_block(xb, q)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
                 let (scale, sum) = quantize_block(xb, q);
                 d[b] = scale;
                 ds[b] = scale * sum as f32;
@@ -178,4 +187,118 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
         sum += i32::from(v);
     }
     (d, sum)
+}
+
+/// [`quantize_block`] with AVX2, bit for bit the same results (NaN quantizes to 0, the
+/// maximum ignores NaN, rounding is to nearest even); falls back to it when the CPU lacks
+/// AVX2 or the block is not 32 floats.
+#[cfg(target_arch = "x86_64")]
+fn quantize_block_avx2(x: &[f32], q: &mut [i8; BLOCK_ELEMS]) -> (f32, i32) {
+    match <&[f32; BLOCK_ELEMS]>::try_from(x) {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        Ok(x) if super::Kernel::Avx2.is_available() => unsafe { quantize_block_avx2_impl(x, q) },
+        _ => quantize_block(x, q),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_block_avx2_impl(x: &[f32; BLOCK_ELEMS], q: &mut [i8; BLOCK_ELEMS]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let p = x.as_ptr();
+    // SAFETY: `x` is 32 floats: four unaligned loads of 8.
+    let v = unsafe {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    };
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    // `max(a, m)` returns `m` when `a` is NaN, as `f32::max` ignores NaN.
+    let mut m = _mm256_setzero_ps();
+    for vi in v {
+        m = _mm256_max_ps(_mm256_and_ps(vi, abs_mask), m);
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (idv, hi, lo) = (
+        _mm256_set1_ps(id),
+        _mm256_set1_ps(127.0),
+        _mm256_set1_ps(-127.0),
+    );
+    let mut qi = [_mm256_setzero_si256(); 4];
+    for (o, vi) in qi.iter_mut().zip(v) {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(vi, idv),
+        );
+        let c = _mm256_max_ps(_mm256_min_ps(r, hi), lo);
+        // NaN (from NaN or infinite inputs) becomes 0, as `NaN as i8` does.
+        let c = _mm256_and_ps(c, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+        *o = _mm256_cvtps_epi32(c);
+    }
+    // i32 -> i16 -> i8 packs work within 128-bit lanes; the permute restores the order.
+    let w01 = _mm256_packs_epi32(qi[0], qi[1]);
+    let w23 = _mm256_packs_epi32(qi[2], qi[3]);
+    let b = _mm256_packs_epi16(w01, w23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `q` is 32 bytes.
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), b) };
+    let s = _mm256_add_epi32(
+        _mm256_add_epi32(qi[0], qi[1]),
+        _mm256_add_epi32(qi[2], qi[3]),
+    );
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2)));
+    (d, sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_block_quantization_is_bit_exact() {
+        let mut s = 0x1234_5678_9ABC_DEF0u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let specials = [
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::MAX,
+        ];
+        for case in 0..20_000 {
+            let mut x = [0f32; BLOCK_ELEMS];
+            for v in &mut x {
+                let r = next();
+                *v = match case % 5 {
+                    // Halves of the step: exercise ties.
+                    0 => ((r % 255) as f32 - 127.0) * 0.5,
+                    1 => f32::from_bits(r as u32),
+                    2 if r % 7 == 0 => specials[(r >> 8) as usize % specials.len()],
+                    _ => ((r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 3.0,
+                };
+            }
+            let (mut q1, mut q2) = ([0i8; BLOCK_ELEMS], [0i8; BLOCK_ELEMS]);
+            let (d1, s1) = quantize_block(&x, &mut q1);
+            let (d2, s2) = quantize_block_avx2(&x, &mut q2);
+            assert_eq!(q1, q2, "{x:?}");
+            assert_eq!((d1.to_bits(), s1), (d2.to_bits(), s2), "{x:?}");
+        }
+    }
 }

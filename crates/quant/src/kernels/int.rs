@@ -462,9 +462,8 @@ fn quantize_group4(w: &[f32], asymmetric: bool) -> (f32, f32, Vec<u8>) {
 ///   developed on lack AVX-512 and could not have tested one;
 /// - [`Kernel::Scalar`]: portable Rust, the reference the others are tested against.
 ///
-/// One activation row (decode) reads four weight rows per step when the matrix fits in
-/// cache (up to 1 MiB of quants), otherwise streams the rows one at a time with
-/// prefetching; several activation rows use register tiles (int8: 4 activation rows x 2
+/// One activation row (decode) reads four weight rows per step for matrices up to
+/// 1 MiB of quants, otherwise streams the rows one at a time, both with prefetching; several activation rows use register tiles (int8: 4 activation rows x 2
 /// weight rows, int4: 6 x 1) over blocks of weight rows that stay in L2, so weights
 /// come from memory once per call. Output rows are split across the current rayon
 /// pool as for the GGML kernels (when `m * n_out * k >= 2^18`); the result does not

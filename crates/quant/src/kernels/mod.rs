@@ -18,7 +18,7 @@
 //! (tests, benches). With several activation rows, each decoded weight block serves a
 //! register tile (GGML: 4 rows x 2 outputs; int8: 4 x 2; int4: 6 x 1), so weights are
 //! read once per call; a single row streams the weight rows in order (the integer
-//! formats take four rows at a time when the matrix fits in cache). Output columns are
+//! formats take four rows at a time for matrices up to 1 MiB). Output columns are
 //! split across the current rayon pool when the work is large enough
 //! (`m * n_out * k >= 2^18`); results do not depend on the thread count. The tests run
 //! every kernel the machine has, so the AVX-512 kernel is exercised only on CPUs with

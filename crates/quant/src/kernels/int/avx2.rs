@@ -16,9 +16,9 @@
 //!   FMA.
 //!
 //! Loops:
-//! - one activation row (decode), matrix in cache (up to [`DECODE_CACHED_BYTES`] of
-//!   quants): tiles of 1 x [`DECODE_NR`] weight rows, independent sums that hide the
-//!   latency of each row's chain;
+//! - one activation row (decode), matrix up to [`DECODE_CACHED_BYTES`] of quants:
+//!   tiles of 1 x [`DECODE_NR`] weight rows, independent sums that hide the latency of
+//!   each row's chain, prefetching rows ahead;
 //! - one activation row, larger matrix: each weight row streamed on its own with
 //!   several accumulators and prefetching [`PF`] bytes ahead, which reads memory
 //!   fastest;
@@ -86,11 +86,24 @@ unsafe fn range_impl<const F: u8, const G: usize>(
     ld: usize,
 ) {
     let c0 = cols.start;
-    // By the whole matrix, not this range, so that the split does not change the sums.
+    // By the whole matrix, not this range, so that the split does not change the sums
+    // (the two decode loops add in different orders).
     let cached = w.quants.len() <= DECODE_CACHED_BYTES;
     if a.m == 1 && cached {
+        let rb = w.format.quant_bytes_per_row(w.k);
+        let groups = w.format.groups_per_row(w.k);
+        let ahead = (2 * PF).div_ceil(rb).max(DECODE_NR);
         let mut c = c0;
         while c + DECODE_NR <= cols.end {
+            let next = c + ahead;
+            prefetch_lines(w.quants.as_ptr().wrapping_add(next * rb), DECODE_NR * rb);
+            if F != I8 {
+                let bytes = DECODE_NR * groups * 4;
+                prefetch_lines(w.scales.as_ptr().wrapping_add(next * groups).cast(), bytes);
+                if F == I4_ASYM {
+                    prefetch_lines(w.mins.as_ptr().wrapping_add(next * groups).cast(), bytes);
+                }
+            }
             // SAFETY: weight rows c..c + DECODE_NR are below n_out (checked).
             let t = unsafe { tile::<F, G, 1, DECODE_NR>(w, c, a, 0) };
             store(&t, out, ld, 0, c - c0);
@@ -153,11 +166,14 @@ unsafe fn range_impl<const F: u8, const G: usize>(
     }
 }
 
-/// Weight rows per tile with one activation row, when the rows are small enough to
-/// be in cache: four independent sums hide the latency of each row's chain.
+/// Weight rows per tile with one activation row (matrices up to
+/// [`DECODE_CACHED_BYTES`]): four independent sums hide the latency of each row's chain.
 const DECODE_NR: usize = 4;
-/// How far ahead (bytes of quants) the row-streaming loops prefetch: about 4 KiB
-/// ahead took the int8 LM head from 2.1 ms to 1.4-1.8 ms (one thread, noisy machine).
+
+/// How far ahead (bytes of quants) the row-streaming loops prefetch; the 1 x
+/// [`DECODE_NR`] tiles prefetch whole rows twice as far ahead. Measured on a Zen 3,
+/// one thread: the int8 LM head (28 MB) from 2.1 ms to about 1.4 ms; a 0.9 MB int8
+/// matrix read from memory, in tiles, from 130 us to about 63 us.
 const PF: usize = 4096;
 
 /// A hint to load the cache line at `p` (any address: prefetches never fault).
@@ -168,9 +184,22 @@ fn prefetch(p: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(p.cast())
 }
 
+/// Prefetches the cache lines of `bytes` bytes from `p` (any address).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch_lines(p: *const u8, bytes: usize) {
+    let mut off = 0;
+    while off < bytes {
+        prefetch(p.wrapping_add(off));
+        off += 64;
+    }
+}
+
 /// Above this many bytes of weight quants, one activation row streams the weight rows
-/// one at a time instead, which measured fastest for rows read from memory (the
-/// SmolLM2 LM head in int8: 2.1 ms against 4.2 ms with four rows per tile, one thread).
+/// one at a time instead of in 1 x [`DECODE_NR`] tiles. Both prefetch; for matrices
+/// read from memory they measured about the same up to this size (tiles faster when
+/// the matrix is in cache), and streaming faster for larger ones (the int8 LM head:
+/// 1.3-1.6 ms against 1.3-2.0 ms, a noisy machine).
 const DECODE_CACHED_BYTES: usize = 1 << 20;
 
 /// Bytes of weight quants per block of rows in the batched loop.
