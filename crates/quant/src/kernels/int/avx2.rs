@@ -463,6 +463,9 @@ unsafe fn tile_i4<const F: u8, const G: usize, const MR2: usize, const NR: usize
     let rb = w.k / 2;
     let groups = w.k / (32 * G);
     let mut acc = [[_mm256_setzero_ps(); NR]; MR2];
+    // With one activation row (decode), the minimums get their own sums so that each
+    // chain of dependent FMAs is half as long; larger tiles have no registers to spare.
+    let mut macc = [_mm256_setzero_ps(); NR];
     for p in 0..nb.div_ceil(2) {
         let full = 2 * p + 1 < nb;
         let mut lo = [_mm256_setzero_si256(); NR];
@@ -498,7 +501,9 @@ unsafe fn tile_i4<const F: u8, const G: usize, const MR2: usize, const NR: usize
                 let p32 = unsafe { dot_i4::<F>(lo[j], hi[j], a, idx) };
                 let s = _mm256_mul_ps(sv[j], dx);
                 acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), s, acc[i][j]);
-                if F == I4_ASYM {
+                if F == I4_ASYM && MR2 == 1 {
+                    macc[j] = _mm256_fmadd_ps(mv[j], ds, macc[j]);
+                } else if F == I4_ASYM {
                     acc[i][j] = _mm256_fmadd_ps(mv[j], ds, acc[i][j]);
                 }
             }
@@ -507,7 +512,11 @@ unsafe fn tile_i4<const F: u8, const G: usize, const MR2: usize, const NR: usize
     let mut res = [[0.0f32; NR]; MR2];
     for i in 0..MR2 {
         for j in 0..NR {
-            res[i][j] = hsum256(acc[i][j]);
+            res[i][j] = if F == I4_ASYM && MR2 == 1 {
+                hsum256(_mm256_add_ps(acc[i][j], macc[j]))
+            } else {
+                hsum256(acc[i][j])
+            };
         }
     }
     res
