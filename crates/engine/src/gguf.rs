@@ -126,17 +126,37 @@ impl GgufFile {
     pub fn describe(&self) -> GgufDescription {
         let mut by_type: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
         let mut parameters = 0u64;
-        for info in self.content.tensor_infos.values() {
+        use crate::quantize::{MINS_SUFFIX, QUANTS_SUFFIX, SCALES_SUFFIX, format_key};
+        // afo's int8/int4 weights are three tensors each: count them as one weight of
+        // their scheme, with the parameters of the matrix they hold.
+        let int_scheme = |base: &str| -> Option<String> {
+            match self.content.metadata.get(&format_key(base)) {
+                Some(candle_core::quantized::gguf_file::Value::String(f)) => Some(f.clone()),
+                _ => None,
+            }
+        };
+        for (name, info) in &self.content.tensor_infos {
             let elems = info.shape.elem_count() as u64;
             let t = info.ggml_dtype;
             let bytes = elems / t.block_size() as u64 * t.type_size() as u64;
-            let entry = by_type
-                .entry(QuantScheme::from_ggml(t).to_string())
-                .or_default();
-            entry.0 += 1;
-            entry.1 += elems;
+            let part = |suffix: &str| {
+                name.strip_suffix(suffix)
+                    .and_then(|b| int_scheme(b).map(|f| (b, f)))
+            };
+            let (scheme, count, params) = if let Some((_, f)) = part(QUANTS_SUFFIX) {
+                // Quant bytes per weight: 1 for int8, 1/2 for int4.
+                let per_byte = if f == "int8" { 1 } else { 2 };
+                (f, 1, bytes * per_byte)
+            } else if let Some((_, f)) = part(SCALES_SUFFIX).or_else(|| part(MINS_SUFFIX)) {
+                (f, 0, 0)
+            } else {
+                (QuantScheme::from_ggml(t).to_string(), 1, elems)
+            };
+            let entry = by_type.entry(scheme).or_default();
+            entry.0 += count;
+            entry.1 += params;
             entry.2 += bytes;
-            parameters += elems;
+            parameters += params;
         }
         GgufDescription {
             path: self.path.clone(),
@@ -144,7 +164,7 @@ impl GgufFile {
             architecture: meta_str(&self.content.metadata, "general.architecture").ok(),
             name: meta_str(&self.content.metadata, "general.name").ok(),
             parameters,
-            tensors: self.content.tensor_infos.len(),
+            tensors: by_type.values().map(|e| e.0).sum(),
             by_type: by_type
                 .into_iter()
                 .map(|(scheme, (tensors, parameters, bytes))| TypeCount {

@@ -495,6 +495,21 @@ fn quantize_save_load_round_trips() {
             let out = dir.path().join(format!("{}-{name}.gguf", extras.arch));
             let report = save_gguf(&model, &mut gguf, Some(&policy), &out).unwrap();
             assert_eq!(report.file_bytes, std::fs::metadata(&out).unwrap().len());
+            // `afo inspect`: afo's three tensors per int weight count as one weight of
+            // its scheme, with the matrix's parameters.
+            let (before, after) = (
+                GgufFile::open(&src).unwrap().describe(),
+                GgufFile::open(&out).unwrap().describe(),
+            );
+            assert_eq!(after.parameters, before.parameters, "{name}");
+            assert_eq!(after.tensors, before.tensors, "{name}");
+            if name.starts_with("int") {
+                assert!(
+                    after.by_type.iter().any(|t| t.scheme == name),
+                    "{name}: {:?}",
+                    after.by_type
+                );
+            }
             let reloaded = GgufFile::open(&out).unwrap().load_model().unwrap();
             assert_eq!(reloaded.weight_bytes(), model.weight_bytes(), "{name}");
             assert_eq!(reloaded.config(), model.config(), "{name}");

@@ -50,6 +50,10 @@ pub(crate) struct Args {
     /// The memory cutline, e.g. 8GiB.
     #[arg(long, default_value = "20GiB")]
     cutline: ByteSize,
+    /// Quantize the attention and MLP weights to this scheme while loading (int8,
+    /// int4, int4-g32-asym, q8_0, f16, ...; see `afo quantize`).
+    #[arg(long)]
+    quantize: Option<afo_runtime::quant::QuantScheme>,
     /// Append an SSOT record of the run to this JSONL log.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -82,7 +86,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     };
     let request = GenerateRequest {
         model: super::resolve_model(&args.model)?,
-        scheme: None,
+        scheme: args.quantize,
         prompt,
         options: GenerateOptions {
             max_tokens: args.max_tokens,
