@@ -1,5 +1,6 @@
 //! The `afo` command-line tool.
 
+#[macro_use]
 mod cmd;
 
 use clap::{Parser, Subcommand};
@@ -64,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
+    let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Eval { command } => cmd::eval::run(&command),
@@ -73,5 +74,15 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => cmd::bench::run(&args),
         Command::Schema(args) => cmd::schema::run(&args),
         Command::Ssot { command } => cmd::ssot::run(&command),
+    };
+    match result {
+        // The reader of our output went away (`afo inspect M | head`): not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }

@@ -52,8 +52,8 @@ fn batch(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
     use afo_runtime::engine::{GenerateOptions, SamplingParams, Scheduler};
     let model = loaded.model();
     let vocab = model.config().vocab_size as u32;
-    println!("| sequences | decode tok/s (all sequences) | per sequence | vs 1 sequence |");
-    println!("| --- | --- | --- | --- |");
+    out!("| sequences | decode tok/s (all sequences) | per sequence | vs 1 sequence |");
+    out!("| --- | --- | --- | --- |");
     let mut single = None;
     for &n in &args.concurrency {
         let mut rates = Vec::new();
@@ -82,7 +82,7 @@ fn batch(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
         }
         let rate = median(rates);
         let base = *single.get_or_insert(rate);
-        println!(
+        out!(
             "| {n} | {rate:.1} | {:.1} | {:.2}x |",
             rate / n as f64,
             rate / base
@@ -111,13 +111,13 @@ fn predict(args: &Args) -> anyhow::Result<()> {
     };
     // Load first: the table is about runs, not loading.
     runtime.generate(&request("Hello".into()))?;
-    println!("| prompt tokens | generated | predicted peak | measured peak | error |");
-    println!("| --- | --- | --- | --- | --- |");
+    out!("| prompt tokens | generated | predicted peak | measured peak | error |");
+    out!("| --- | --- | --- | --- | --- |");
     for &n in &args.predict {
         // " the" is one token in GPT-2 style vocabularies.
         let r = runtime.generate(&request(" the".repeat(n)))?;
         let (p, m) = (r.predicted_peak_bytes as f64, r.peak_memory_bytes as f64);
-        println!(
+        out!(
             "| {} | {} | {} | {} | {:+.1}% |",
             r.prompt_tokens,
             r.completion_tokens,
@@ -144,7 +144,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .map(|_| runtime.preload(&args.model).map(|(_, ms)| ms))
         .collect::<Result<_, _>>()?;
     let warm_ms = median(warm);
-    println!(
+    out!(
         "load: cold {cold_ms:.1} ms, warm re-acquire {:.4} ms (median), ratio {:.0}x",
         warm_ms,
         cold_ms / warm_ms
@@ -183,7 +183,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         }
         tg.push(args.generate as f64 / t.elapsed().as_secs_f64());
     }
-    println!(
+    out!(
         "prefill pp{}: {:.1} tok/s (median of {}), decode tg{}: {:.1} tok/s (median of {}), threads {}",
         args.prompt,
         median(pp),

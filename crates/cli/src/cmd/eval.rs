@@ -141,10 +141,10 @@ fn quality(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let f32_bytes = base.model().weight_bytes();
-    println!(
+    out!(
         "| scheme (attention, MLP) | embedding / head | weights | of f32 | perplexity (ctx {ctx}) | top-1 agreement | mean KL (nats) | max KL |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    out!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for &scheme in schemes {
         let policy = super::quantize::policy(scheme, embeddings);
         let loaded = if scheme == QuantScheme::F32 && policy == QuantPolicy::uniform(scheme) {
@@ -157,7 +157,7 @@ fn quality(
         let ppl = perplexity(m, &tokens, ctx, |_, _, _| {})?;
         let agree = compare_models(base.model(), m, &sequences)?;
         let bytes = m.weight_bytes();
-        println!(
+        out!(
             "| {scheme} | {} | {} | {:.1}% | {:.4} | {:.2}% | {:.5} | {:.4} |",
             policy.embedding,
             ByteSize(bytes),
@@ -216,14 +216,14 @@ fn kv(
     let start = Instant::now();
     let mut full_cache = m.new_cache(n);
     let full = streaming_perplexity(m, &tokens, chunk, &mut full_cache)?;
-    println!(
+    out!(
         "{n} tokens of {}, chunks of {chunk}, KV budget {budget} tokens ({:.0}%)",
         file.display(),
         100.0 * budget as f64 / n as f64
     );
-    println!("| cache | perplexity | vs full | KV bytes held at the end | tokens evicted | time |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    println!(
+    out!("| cache | perplexity | vs full | KV bytes held at the end | tokens evicted | time |");
+    out!("| --- | --- | --- | --- | --- | --- |");
+    out!(
         "| full ({n} tokens) | {:.4} | - | {} | 0 | {:.1} s |",
         full.ppl,
         ByteSize(full_cache.bytes()),
@@ -233,7 +233,7 @@ fn kv(
         let start = Instant::now();
         let mut cache = m.new_pruned_cache(n, Some(budget), policy);
         let p = streaming_perplexity(m, &tokens, chunk, &mut cache)?;
-        println!(
+        out!(
             "| {policy} | {:.4} | {:+.2}% | {} | {} | {:.1} s |",
             p.ppl,
             100.0 * (p.ppl / full.ppl - 1.0),
@@ -303,7 +303,7 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             })?;
             eprintln!();
             let secs = start.elapsed().as_secs_f64();
-            println!(
+            out!(
                 "perplexity {:.4} (nll {:.4}) over {} scored tokens in {} windows of {ctx}; {:.1} s, {:.0} tokens/s",
                 p.ppl,
                 p.nll,

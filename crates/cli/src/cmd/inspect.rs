@@ -15,23 +15,23 @@ pub(crate) struct Args {
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let gguf = GgufFile::open(&args.model)?;
     let d = gguf.describe();
-    println!(
+    out!(
         "file          {} ({})",
         d.path.display(),
         ByteSize(d.file_bytes)
     );
     if let Some(name) = &d.name {
-        println!("name          {name}");
+        out!("name          {name}");
     }
-    println!("architecture  {}", d.architecture.as_deref().unwrap_or("-"));
-    println!(
+    out!("architecture  {}", d.architecture.as_deref().unwrap_or("-"));
+    out!(
         "parameters    {} ({:.1} M) in {} tensors",
         d.parameters,
         d.parameters as f64 / 1e6,
         d.tensors
     );
     for t in &d.by_type {
-        println!(
+        out!(
             "  {:<6} {:>4} tensors {:>12} params {:>12}",
             t.scheme,
             t.tensors,
@@ -40,7 +40,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     match gguf.config() {
-        Ok(c) => println!(
+        Ok(c) => out!(
             "config        {} layers, hidden {}, ffn {}, {} heads / {} kv heads x {}, vocab {}, \
              context {}, rope base {}, rms eps {:e}",
             c.num_layers,
@@ -54,7 +54,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             c.rope_theta,
             c.rms_norm_eps
         ),
-        Err(e) => println!("config        not runnable here: {e}"),
+        Err(e) => out!("config        not runnable here: {e}"),
     }
     match Tokenizer::from_gguf(gguf.content()) {
         Ok(t) => {
@@ -62,7 +62,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 id.and_then(|i| t.id_to_token(i).map(|s| format!("{i} {s}")))
                     .unwrap_or_else(|| "-".into())
             };
-            println!(
+            out!(
                 "tokenizer     {} tokens, bos {}, eos {:?}, add_bos {}, chat template {}",
                 t.vocab_size(),
                 name(t.bos_id()),
@@ -75,7 +75,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
                 }
             );
         }
-        Err(e) => println!("tokenizer     unavailable: {e}"),
+        Err(e) => out!("tokenizer     unavailable: {e}"),
     }
     Ok(())
 }

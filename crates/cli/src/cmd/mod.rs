@@ -1,5 +1,14 @@
 //! One module per subcommand family.
 
+/// `println!` that returns an error instead of panicking when stdout is closed (a
+/// reader such as `head` went away); `main` ends quietly on that error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 pub(crate) mod bench;
 pub(crate) mod eval;
 pub(crate) mod generate;

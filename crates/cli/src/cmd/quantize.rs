@@ -78,7 +78,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let mut source = GgufFile::open(&path)?;
     let report = save_gguf(loaded.model(), &mut source, Some(&policy), &args.out)?;
     let save_peak = tracker.finish();
-    println!(
+    out!(
         "wrote {} ({}, {} tensors) in {:.1} s; quantized in {quantize_s:.1} s to weights of {} \
          in memory",
         report.path.display(),
@@ -87,7 +87,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64() - quantize_s,
         ByteSize(weights),
     );
-    println!(
+    out!(
         "peak resident while quantizing {} = {} before + weights + {} (tokenizer, file \
          header, the source tensor, rows in flight; the largest weight in f32 would be {}); \
          while saving {}",

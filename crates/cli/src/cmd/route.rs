@@ -41,7 +41,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let mut selection =
         PolicyRouter::default().route(&query, &catalog, &RouteContext::new(available))?;
     let report = &selection.complexity;
-    println!(
+    out!(
         "complexity: {} (score {:.3}), task {}, {} tokens, task words {:?}",
         report.level,
         report.score,
@@ -49,7 +49,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         report.features.tokens,
         report.features.task_words
     );
-    println!(
+    out!(
         "memory: {available} available under a cutline of {}",
         ByteSize(cutline)
     );
@@ -60,18 +60,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         } else {
             why.join("; ")
         };
-        println!(
+        out!(
             "  {:<24} score {:>5.1} {:>11}  {verdict}",
             c.id,
             c.score,
             ByteSize(c.bytes).to_string()
         );
     }
-    println!("chosen: {} ({})", selection.model_id, selection.reason_text);
+    out!("chosen: {} ({})", selection.model_id, selection.reason_text);
     let card = catalog.card(&selection.model_id)?;
     if card.estimated_bytes() > available {
         let step = fallback(&catalog, card.id(), available)?;
-        println!("fallback: {}", step.reason_text);
+        out!("fallback: {}", step.reason_text);
         selection.apply_fallback(step);
     }
     let card = catalog.card(&selection.model_id)?;
@@ -80,9 +80,13 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         selection.complexity.features.tokens,
         card.context_length(),
     ))?;
-    println!(
+    out!(
         "would run: {} (trinity score {}), max_tokens {} ({}), temperature {}",
-        selection.model_id, selection.trinity_score, plan.max_tokens, plan.bound, plan.temperature
+        selection.model_id,
+        selection.trinity_score,
+        plan.max_tokens,
+        plan.bound,
+        plan.temperature
     );
     Ok(())
 }

@@ -42,9 +42,9 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             let summary =
                 Summary::from_records(entries.iter().map(|e| &e.record), reader.skipped().len());
             if *json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                out!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
-                println!("{summary}");
+                out!("{summary}");
             }
             Ok(())
         }
