@@ -109,7 +109,8 @@ impl Runtime {
                 id: card.id().to_owned(),
                 reason: "the card has no `source` file".into(),
             })?);
-            let scheme = stored_or(card_scheme(card)?, &path);
+            // `None` (run as stored) when the file's layers are in the card's scheme.
+            let scheme = card_scheme(card)?.filter(|&s| self.stored_scheme(&path) != Some(s));
             let bytes = card.estimated_bytes().0;
             let loaded = self.is_loaded(&path, scheme);
             if !loaded && bytes > headroom {
@@ -195,16 +196,4 @@ impl Runtime {
             self.generate_selected(&generate, Some(record), |_| ControlFlow::Continue(()))?;
         Ok((response, budget))
     }
-}
-
-/// `None` (run as stored) when the file's layers are stored in `scheme` already.
-fn stored_or(scheme: Option<QuantScheme>, path: &std::path::Path) -> Option<QuantScheme> {
-    let s = scheme?;
-    let stored = afo_engine::GgufFile::open(path).ok().and_then(|f| {
-        f.content()
-            .tensor_infos
-            .get("blk.0.attn_q.weight")
-            .map(|i| QuantScheme::from_ggml(i.ggml_dtype))
-    });
-    if stored == Some(s) { None } else { Some(s) }
 }

@@ -234,6 +234,7 @@ impl RuntimeBuilder {
             runs: AtomicU64::new(0),
             catalog: self.catalog,
             kv: self.kv,
+            stored_schemes: Default::default(),
             router: self
                 .router
                 .unwrap_or_else(|| std::sync::Arc::new(PolicyRouter::default())),
@@ -253,6 +254,8 @@ pub struct Runtime {
     pub(crate) catalog: Option<Catalog>,
     pub(crate) router: std::sync::Arc<dyn Router + Send + Sync>,
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
+    /// The scheme each model file's layers are stored in, read once per file.
+    stored_schemes: std::sync::Mutex<std::collections::HashMap<PathBuf, Option<QuantScheme>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -289,6 +292,24 @@ impl Runtime {
     /// The current resident memory of the process, in bytes.
     pub(crate) fn rss_bytes(&self) -> Result<u64> {
         Ok(self.probe.snapshot()?.rss_bytes)
+    }
+
+    /// The scheme `model`'s layers are stored in (`blk.0.attn_q.weight` of a GGUF
+    /// file; `None` for anything else), parsed once per file and remembered: the
+    /// header of a GGUF holds the whole vocabulary, too much to read per request.
+    pub(crate) fn stored_scheme(&self, model: &Path) -> Option<QuantScheme> {
+        let mut known = self
+            .stored_schemes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *known.entry(model.to_path_buf()).or_insert_with(|| {
+            afo_engine::GgufFile::open(model).ok().and_then(|f| {
+                f.content()
+                    .tensor_infos
+                    .get("blk.0.attn_q.weight")
+                    .map(|i| QuantScheme::from_ggml(i.ggml_dtype))
+            })
+        })
     }
 
     /// Whether a model is in the cache already.
