@@ -274,17 +274,27 @@ impl SafetensorsDir {
         let hf = gguf_to_hf_name(gguf_name).ok_or_else(|| Error::MissingTensor {
             name: gguf_name.to_owned(),
         })?;
-        let (_, _, got) = self.tensors.get(&hf).ok_or_else(|| Error::MissingTensor {
+        self.checked_hf(&hf, shape)
+    }
+
+    /// Whether the directory holds a tensor of this Hugging Face name.
+    pub(crate) fn contains_hf(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// A tensor by its Hugging Face name, checked to have `shape`.
+    pub(crate) fn checked_hf(&self, hf: &str, shape: &[usize]) -> Result<Tensor> {
+        let (_, _, got) = self.tensors.get(hf).ok_or_else(|| Error::MissingTensor {
             name: format!("{hf} (in {})", self.dir.display()),
         })?;
         if got != shape {
             return Err(Error::TensorShape {
-                name: hf,
+                name: hf.to_owned(),
                 expected: shape.to_vec(),
                 got: got.clone(),
             });
         }
-        self.tensor(&hf)
+        self.tensor(hf)
     }
 
     /// Loads the decoder described by `config.json`.

@@ -25,6 +25,7 @@ mod stream;
 #[cfg(test)]
 mod testing;
 mod tokenizer;
+mod vlm;
 
 pub use batch::{AdmitFn, RequestId, Scheduler, StepOutput};
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
@@ -50,4 +51,9 @@ pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};
 pub use tokenizer::{
     BpePreTokenizer, GgufTokenizerMetadata, GgufTokenizerModel, TokenType, Tokenizer,
+};
+pub use vlm::{
+    IMAGE_PLACEHOLDER, QWEN3_VL_NAMES, TinyVlm, VisionActivation, VisionConfig, VisionEncoder,
+    VisionFileConfig, VisionInput, VisionLanguageModel, VlmConfig, VlmDecoder, VlmFileConfig,
+    VlmPrompt, image_tokens,
 };

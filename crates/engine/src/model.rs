@@ -292,13 +292,51 @@ impl Model {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
-        let t = tokens.len();
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let x = self.embed.rows(tokens)?;
+        self.forward_rows(RowInputs::plain(x), cache, logits)
+    }
+
+    /// The token embeddings of `tokens`, `[tokens, hidden]` (f32).
+    ///
+    /// # Errors
+    /// A token id out of range.
+    pub(crate) fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor> {
+        Ok(self.embed.rows(tokens)?)
+    }
+
+    /// Runs prepared input rows (see [`RowInputs`]) after what `cache` holds: the
+    /// multimodal path, where some rows are image features rather than token
+    /// embeddings, positions are multi-axis, and features are added after early layers.
+    pub(crate) fn forward_embeds(
+        &self,
+        inputs: RowInputs<'_>,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        rayon::scope(|_| self.forward_rows(inputs, cache, logits))
+    }
+
+    fn forward_rows(
+        &self,
+        inputs: RowInputs<'_>,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        let RowInputs { x, rope, inject } = inputs;
+        let t = x.dim(0)?;
         if t == 0 {
             return Err(Error::EmptyPrompt);
         }
         let c = &self.config;
         let mut seq = SeqStep::new(self, cache, t)?;
-        let mut x = self.embed.rows(tokens)?;
+        if let Some((cos, sin)) = rope {
+            seq.cos = cos;
+            seq.sin = sin;
+        }
+        let mut x = x;
         let eps = c.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -310,6 +348,11 @@ impl Model {
             let attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
             x = (x + layer.o.forward(&attn)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
+            if let Some((rows, features)) = inject
+                && let Some(f) = features.get(i)
+            {
+                x = x.index_add(rows, f, 0)?;
+            }
         }
         cache.commit(t)?;
         let x = match logits {
@@ -440,6 +483,64 @@ impl Model {
             .reshape((1, c.num_heads, t, c.head_dim))?
             .transpose(1, 2)?
             .reshape((t, c.num_heads * c.head_dim))?)
+    }
+}
+
+/// Input rows of a forward pass, beyond plain tokens.
+pub(crate) struct RowInputs<'a> {
+    /// The rows, `[t, hidden]`.
+    pub(crate) x: Tensor,
+    /// RoPE cos and sin for the rows (`[t, head_dim / 2]` each); `None`: the
+    /// positions that follow the cache.
+    pub(crate) rope: Option<(Tensor, Tensor)>,
+    /// Row indices (u32) and, per early layer, features added at those rows after the
+    /// layer (Qwen3-VL's DeepStack).
+    pub(crate) inject: Option<(&'a Tensor, &'a [Tensor])>,
+}
+
+impl RowInputs<'_> {
+    /// Rows at the positions that follow the cache, nothing injected.
+    pub(crate) fn plain(x: Tensor) -> Self {
+        Self {
+            x,
+            rope: None,
+            inject: None,
+        }
+    }
+}
+
+impl Model {
+    /// RoPE cos and sin for tokens at multi-axis positions (`[temporal, height,
+    /// width]` each), interleaved as Qwen3-VL's M-RoPE lays them out: frequency `j`
+    /// takes the height position when `j % 3 == 1` and `j < 3 * sections[1]`, the
+    /// width position when `j % 3 == 2` and `j < 3 * sections[2]`, the temporal one
+    /// otherwise. With the three positions equal this is plain RoPE.
+    pub(crate) fn mrope_tables(
+        &self,
+        positions: &[[i64; 3]],
+        sections: [usize; 3],
+    ) -> Result<(Tensor, Tensor)> {
+        let freqs = &self.rope.inv_freq;
+        let half = freqs.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            for (j, f) in freqs.iter().enumerate() {
+                let axis = match j % 3 {
+                    1 if j < 3 * sections[1] => 1,
+                    2 if j < 3 * sections[2] => 2,
+                    _ => 0,
+                };
+                let angle = p[axis] as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let t = positions.len();
+        Ok((
+            Tensor::from_vec(cos, (t, half), &self.device)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?,
+        ))
     }
 }
 
