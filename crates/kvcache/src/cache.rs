@@ -1,0 +1,648 @@
+//! The per-sequence KV cache.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::policy::PrunePolicy;
+
+/// The shape and limits of a cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvCacheConfig {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dimension of a head.
+    pub head_dim: usize,
+    /// The most tokens the cache holds (the model's context, or less).
+    pub max_tokens: usize,
+    /// Growth granularity, in tokens.
+    pub block_tokens: usize,
+    /// Storage dtype (f32, f16 or bf16).
+    pub dtype: DType,
+    /// The most tokens held at once; above it the cache prunes by `policy`. `None`:
+    /// never prune (appending past `max_tokens` is an error).
+    pub budget_tokens: Option<usize>,
+    /// How to prune when over budget.
+    pub policy: PrunePolicy,
+}
+
+impl KvCacheConfig {
+    /// Bytes one token takes across all layers (keys and values).
+    pub fn bytes_per_token(&self) -> u64 {
+        (self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()) as u64
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The per-sequence KV cache. See the crate docs.
+///
+/// Cloning copies the buffers: appends to one copy never show in another.
+#[derive(Debug)]
+pub struct KvCache {
+    config: KvCacheConfig,
+    device: Device,
+    layers: Vec<Option<Layer>>,
+    capacity: usize,
+    len: usize,
+    /// Tokens committed since the start (the position of the next one).
+    position: usize,
+    /// Tokens dropped by pruning so far.
+    evicted: usize,
+    /// Heavy hitters: attention received by each held token, per layer.
+    scores: Vec<Vec<f32>>,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        // candle tensors share storage on clone and `slice_set` writes in place: copy.
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|l| Layer {
+                    k: l.k.copy().unwrap_or_else(|_| l.k.clone()),
+                    v: l.v.copy().unwrap_or_else(|_| l.v.clone()),
+                })
+            })
+            .collect();
+        Self {
+            config: self.config,
+            device: self.device.clone(),
+            layers,
+            capacity: self.capacity,
+            len: self.len,
+            position: self.position,
+            evicted: self.evicted,
+            scores: self.scores.clone(),
+        }
+    }
+}
+
+impl KvCache {
+    /// An empty cache; nothing is allocated until the first append.
+    pub fn new(config: KvCacheConfig, device: &Device) -> Self {
+        Self {
+            config,
+            device: device.clone(),
+            layers: vec![None; config.layers],
+            capacity: 0,
+            len: 0,
+            position: 0,
+            evicted: 0,
+            scores: vec![Vec::new(); config.layers],
+        }
+    }
+
+    /// The position of the next token: tokens committed since the start, pruned or
+    /// not.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Tokens pruned so far.
+    pub fn evicted_tokens(&self) -> usize {
+        self.evicted
+    }
+
+    /// Makes room for `t` new tokens when the budget would be passed, by the policy.
+    /// Call it before appending a chunk's keys at any layer. Does nothing without a
+    /// budget or when there is room.
+    ///
+    /// # Errors
+    /// [`Error::BudgetTooSmall`] when the policy keeps too much to add `t` tokens.
+    pub fn make_room(&mut self, t: usize) -> Result<()> {
+        let Some(budget) = self.config.budget_tokens else {
+            return Ok(());
+        };
+        if self.len + t <= budget || self.config.policy == PrunePolicy::None {
+            if self.len + t > budget {
+                return Err(Error::BudgetTooSmall {
+                    budget,
+                    kept: self.len,
+                    adding: t,
+                });
+            }
+            return Ok(());
+        }
+        // Keep at most the policy's count, and leave a block of free slots (or the
+        // chunk) so that the next steps append without pruning again.
+        let slack = self.config.block_tokens.min(budget / 4).max(t);
+        let target = budget
+            .saturating_sub(slack)
+            .min(self.config.policy.kept().unwrap_or(budget));
+        if target + t > budget {
+            return Err(Error::BudgetTooSmall {
+                budget,
+                kept: target,
+                adding: t,
+            });
+        }
+        let n = self.len;
+        for layer in 0..self.config.layers {
+            let keep = self.keep(layer, n, target);
+            self.compact(layer, &keep)?;
+        }
+        self.evicted += n - target.min(n);
+        self.len = target.min(n);
+        Ok(())
+    }
+
+    /// Adds attention weights `probs` (`[1, kv_heads, queries, len + t]`, softmaxed,
+    /// where `len + t` are the keys [`KvCache::append`] returned) to the attention each
+    /// held token has received at `layer`. Only [`PrunePolicy::HeavyHitters`] uses it.
+    ///
+    /// # Errors
+    /// [`Error::Layer`], or a shape that does not match.
+    pub fn observe(&mut self, layer: usize, probs: &Tensor) -> Result<()> {
+        if !self.config.policy.needs_attention() {
+            return Ok(());
+        }
+        let layers = self.config.layers;
+        let acc = self
+            .scores
+            .get_mut(layer)
+            .ok_or(Error::Layer { layer, layers })?;
+        let received: Vec<f32> = probs
+            .to_dtype(DType::F32)?
+            .sum(2)?
+            .sum(1)?
+            .flatten_all()?
+            .to_vec1()?;
+        if acc.len() < received.len() {
+            acc.resize(received.len(), 0.0);
+        }
+        for (a, r) in acc.iter_mut().zip(&received) {
+            *a += r;
+        }
+        Ok(())
+    }
+
+    /// Indices of the held tokens to keep at `layer`, ascending.
+    fn keep(&self, layer: usize, n: usize, target: usize) -> Vec<usize> {
+        if target >= n {
+            return (0..n).collect();
+        }
+        match self.config.policy {
+            PrunePolicy::None | PrunePolicy::SlidingWindow { .. } => (n - target..n).collect(),
+            PrunePolicy::Sinks { sink_tokens, .. } => {
+                let sinks = sink_tokens.min(target);
+                (0..sinks).chain(n - (target - sinks)..n).collect()
+            }
+            PrunePolicy::HeavyHitters { recent, .. } => {
+                let recent = recent.min(target);
+                let old = n - recent;
+                let scores = &self.scores[layer];
+                let mut idx: Vec<usize> = (0..old).collect();
+                idx.sort_by(|&a, &b| {
+                    let (sa, sb) = (
+                        scores.get(a).copied().unwrap_or(0.0),
+                        scores.get(b).copied().unwrap_or(0.0),
+                    );
+                    sb.total_cmp(&sa).then(a.cmp(&b))
+                });
+                idx.truncate(target - recent);
+                idx.sort_unstable();
+                idx.extend(old..n);
+                idx
+            }
+        }
+    }
+
+    /// Moves the tokens `keep` (ascending) of `layer` to the front of its buffers.
+    fn compact(&mut self, layer: usize, keep: &[usize]) -> Result<()> {
+        if let Some(scores) = self.scores.get_mut(layer)
+            && !scores.is_empty()
+        {
+            *scores = keep
+                .iter()
+                .map(|&i| scores.get(i).copied().unwrap_or(0.0))
+                .collect();
+        }
+        let Some(Some(buffers)) = self.layers.get_mut(layer) else {
+            return Ok(());
+        };
+        let idx = Tensor::new(
+            keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            &self.device,
+        )?;
+        let k = buffers.k.index_select(&idx, 2)?;
+        let v = buffers.v.index_select(&idx, 2)?;
+        buffers.k.slice_set(&k, 2, 0)?;
+        buffers.v.slice_set(&v, 2, 0)?;
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.config
+    }
+
+    /// Tokens held (committed).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens the buffers can hold before growing.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes allocated (all layers, keys and values).
+    pub fn bytes(&self) -> u64 {
+        self.capacity as u64 * self.config.bytes_per_token()
+    }
+
+    /// Bytes used by the tokens held.
+    pub fn used_bytes(&self) -> u64 {
+        self.len as u64 * self.config.bytes_per_token()
+    }
+
+    /// Writes `k` and `v` (`[1, kv_heads, t, head_dim]`) for `layer` after the tokens
+    /// held, and returns the keys and values of all `len + t` positions. Call it for
+    /// every layer, then [`KvCache::commit`] with `t`.
+    ///
+    /// # Errors
+    /// [`Error::Full`] past `max_tokens`, [`Error::Shape`], [`Error::Layer`].
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let end = self.write_at(layer, 0, k, v)?;
+        let buffers = self.layers[layer].as_ref().ok_or(Error::Layer {
+            layer,
+            layers: self.config.layers,
+        })?;
+        Ok((buffers.k.narrow(2, 0, end)?, buffers.v.narrow(2, 0, end)?))
+    }
+
+    /// Writes `k` and `v` (`[1, kv_heads, t, head_dim]`) for `layer` at `offset` slots
+    /// after the tokens held (growing the buffers as needed, which keeps only the
+    /// committed tokens: see [`KvCache::reserve`]), and returns the end of what was
+    /// written (`len + offset + t`). Nothing is committed.
+    pub(crate) fn write_at(
+        &mut self,
+        layer: usize,
+        offset: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<usize> {
+        let c = self.config;
+        let (b, h, t, d) = k.dims4().map_err(|_| self.shape_err(k))?;
+        if b != 1 || h != c.kv_heads || d != c.head_dim || v.dims() != k.dims() {
+            return Err(self.shape_err(if v.dims() != k.dims() { v } else { k }));
+        }
+        if layer >= c.layers {
+            return Err(Error::Layer {
+                layer,
+                layers: c.layers,
+            });
+        }
+        let at = self.len + offset;
+        let end = at + t;
+        let limit = c
+            .budget_tokens
+            .map_or(c.max_tokens, |b| b.min(c.max_tokens));
+        if end > limit {
+            return Err(Error::Full {
+                len: self.len,
+                adding: offset + t,
+                max_tokens: limit,
+            });
+        }
+        if end > self.capacity {
+            self.grow(end)?;
+        }
+        let buffers = match &mut self.layers[layer] {
+            Some(l) => l,
+            slot => slot.insert(Layer {
+                k: Tensor::zeros(
+                    (1, c.kv_heads, self.capacity, c.head_dim),
+                    c.dtype,
+                    &self.device,
+                )?,
+                v: Tensor::zeros(
+                    (1, c.kv_heads, self.capacity, c.head_dim),
+                    c.dtype,
+                    &self.device,
+                )?,
+            }),
+        };
+        buffers
+            .k
+            .slice_set(&k.to_dtype(c.dtype)?.contiguous()?, 2, at)?;
+        buffers
+            .v
+            .slice_set(&v.to_dtype(c.dtype)?.contiguous()?, 2, at)?;
+        Ok(end)
+    }
+
+    /// Makes room for `t` tokens after the ones held without growing again (growing
+    /// keeps only the committed tokens: reserve before writing at offsets).
+    pub(crate) fn reserve(&mut self, t: usize) -> Result<()> {
+        let c = self.config;
+        let end = self.len + t;
+        let limit = c
+            .budget_tokens
+            .map_or(c.max_tokens, |b| b.min(c.max_tokens));
+        if end > limit {
+            return Err(Error::Full {
+                len: self.len,
+                adding: t,
+                max_tokens: limit,
+            });
+        }
+        if end > self.capacity {
+            self.grow(end)?;
+        }
+        Ok(())
+    }
+
+    /// Views of the keys and values held at `layer` (`[1, kv_heads, len, head_dim]`);
+    /// `None` before the layer's first append. The views share the cache's buffers:
+    /// copy them before keeping them past the next write.
+    pub(crate) fn held(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let layers = self.config.layers;
+        match self
+            .layers
+            .get(layer)
+            .ok_or(Error::Layer { layer, layers })?
+        {
+            Some(l) if self.len > 0 => Ok(Some((
+                l.k.narrow(2, 0, self.len)?,
+                l.v.narrow(2, 0, self.len)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Marks `t` appended tokens as held (after every layer has appended them).
+    ///
+    /// # Errors
+    /// [`Error::Full`] if that passes the capacity.
+    pub fn commit(&mut self, t: usize) -> Result<()> {
+        if self.len + t > self.capacity {
+            return Err(Error::Full {
+                len: self.len,
+                adding: t,
+                max_tokens: self.config.max_tokens,
+            });
+        }
+        self.len += t;
+        self.position += t;
+        for s in self.scores.iter_mut().filter(|s| !s.is_empty()) {
+            s.resize(self.len, 0.0);
+        }
+        Ok(())
+    }
+
+    /// Keeps only the first `n` tokens (the buffers stay allocated). On a pruned
+    /// cache the position moves back by as many tokens.
+    pub fn truncate(&mut self, n: usize) {
+        let dropped = self.len.saturating_sub(n);
+        self.len -= dropped;
+        self.position -= dropped;
+        for s in &mut self.scores {
+            s.truncate(self.len);
+        }
+    }
+
+    /// Drops every token and frees the buffers.
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.position = 0;
+        self.evicted = 0;
+        self.capacity = 0;
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.scores.iter_mut().for_each(Vec::clear);
+    }
+
+    fn grow(&mut self, needed: usize) -> Result<()> {
+        let c = self.config;
+        let block = c.block_tokens.max(1);
+        let doubled = (self.capacity * 2).max(needed);
+        let new_cap = doubled.div_ceil(block) * block;
+        let limit = c
+            .budget_tokens
+            .map_or(c.max_tokens, |b| b.min(c.max_tokens));
+        let new_cap = new_cap.min(limit).max(needed);
+        for layer in self.layers.iter_mut().flatten() {
+            let k = Tensor::zeros((1, c.kv_heads, new_cap, c.head_dim), c.dtype, &self.device)?;
+            let v = Tensor::zeros((1, c.kv_heads, new_cap, c.head_dim), c.dtype, &self.device)?;
+            if self.len > 0 {
+                k.slice_set(&layer.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                v.slice_set(&layer.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            *layer = Layer { k, v };
+        }
+        tracing::trace!(from = self.capacity, to = new_cap, "KV cache grown");
+        self.capacity = new_cap;
+        Ok(())
+    }
+
+    fn shape_err(&self, t: &Tensor) -> Error {
+        Error::Shape {
+            got: t.dims().to_vec(),
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max: usize) -> KvCacheConfig {
+        KvCacheConfig {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            max_tokens: max,
+            block_tokens: 8,
+            dtype: DType::F32,
+            budget_tokens: None,
+            policy: PrunePolicy::None,
+        }
+    }
+
+    fn tok(t: usize, base: f32) -> Tensor {
+        let data: Vec<f32> = (0..2 * t * 4).map(|i| base + i as f32).collect();
+        Tensor::from_vec(data, (1, 2, t, 4), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn appends_grow_in_blocks_and_keep_content() {
+        let mut cache = KvCache::new(config(100), &Device::Cpu);
+        let mut all = Vec::new();
+        for step in 0..20 {
+            let t = if step == 0 { 5 } else { 1 };
+            let k = tok(t, step as f32 * 100.0);
+            for layer in 0..2 {
+                let (ks, vs) = cache.append(layer, &k, &k).unwrap();
+                assert_eq!(ks.dims(), [1, 2, cache.len() + t, 4]);
+                assert_eq!(vs.dims(), ks.dims());
+            }
+            cache.commit(t).unwrap();
+            all.push(k);
+            assert_eq!(cache.capacity() % 8, 0);
+            assert!(cache.capacity() >= cache.len());
+        }
+        assert_eq!(cache.len(), 24);
+        let want = Tensor::cat(&all, 2).unwrap();
+        let (ks, _) = cache.append(0, &tok(1, 0.0), &tok(1, 0.0)).unwrap();
+        let got = ks.narrow(2, 0, 24).unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        assert_eq!(cache.bytes(), cache.capacity() as u64 * 2 * 2 * 2 * 4 * 4);
+    }
+
+    #[test]
+    fn refuses_to_pass_capacity() {
+        let mut cache = KvCache::new(config(6), &Device::Cpu);
+        cache.append(0, &tok(5, 0.0), &tok(5, 0.0)).unwrap();
+        cache.append(1, &tok(5, 0.0), &tok(5, 0.0)).unwrap();
+        cache.commit(5).unwrap();
+        let err = cache.append(0, &tok(2, 0.0), &tok(2, 0.0)).unwrap_err();
+        assert!(err.to_string().contains("capacity of 6"), "{err}");
+        assert!(cache.capacity() <= 6);
+    }
+
+    #[test]
+    fn truncate_and_reset() {
+        let mut cache = KvCache::new(config(50), &Device::Cpu);
+        for layer in 0..2 {
+            cache.append(layer, &tok(10, 0.0), &tok(10, 0.0)).unwrap();
+        }
+        cache.commit(10).unwrap();
+        cache.truncate(4);
+        assert_eq!(cache.len(), 4);
+        let (ks, _) = cache.append(0, &tok(1, 9.0), &tok(1, 9.0)).unwrap();
+        assert_eq!(ks.dims(), [1, 2, 5, 4]);
+        cache.reset();
+        assert_eq!((cache.len(), cache.bytes()), (0, 0));
+    }
+
+    /// Appends `n` one-token steps whose keys hold their position, pruning as needed.
+    fn run(cache: &mut KvCache, n: usize) {
+        for p in 0..n {
+            cache.make_room(1).unwrap();
+            let k = Tensor::full(p as f32, (1, 2, 1, 4), &Device::Cpu).unwrap();
+            for layer in 0..2 {
+                let (ks, _) = cache.append(layer, &k, &k).unwrap();
+                // H2O: token 3 gets all the attention.
+                let len = ks.dim(2).unwrap();
+                let probs: Vec<f32> = (0..2 * len)
+                    .map(|i| if i % len == 3 { 1.0 } else { 0.0 })
+                    .collect();
+                let probs = Tensor::from_vec(probs, (1, 2, 1, len), &Device::Cpu).unwrap();
+                cache.observe(layer, &probs).unwrap();
+            }
+            cache.commit(1).unwrap();
+        }
+    }
+
+    fn held(cache: &mut KvCache) -> Vec<f32> {
+        let t = Tensor::full(-1f32, (1, 2, 1, 4), &Device::Cpu).unwrap();
+        let (ks, _) = cache.append(0, &t, &t).unwrap();
+        let n = ks.dim(2).unwrap() - 1;
+        let v: Vec<f32> = ks
+            .narrow(2, 0, n)
+            .unwrap()
+            .i((0, 0, .., 0))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v
+    }
+
+    use candle_core::IndexOp;
+
+    #[test]
+    fn policies_keep_what_they_promise_within_the_budget() {
+        let budget = 16;
+        let with = |policy| {
+            let mut c = config(1000);
+            c.budget_tokens = Some(budget);
+            c.policy = policy;
+            let mut cache = KvCache::new(c, &Device::Cpu);
+            run(&mut cache, 50);
+            assert!(
+                cache.len() <= budget && cache.capacity() <= budget,
+                "{policy}"
+            );
+            assert_eq!(cache.position(), 50);
+            assert_eq!(cache.evicted_tokens() + cache.len(), 50);
+            assert!(cache.bytes() <= budget as u64 * cache.config().bytes_per_token());
+            held(&mut cache)
+        };
+        let w = with(PrunePolicy::SlidingWindow { window: 12 });
+        // The most recent tokens, in order, ending with the last one.
+        assert_eq!(*w.last().unwrap(), 49.0);
+        assert!(w.windows(2).all(|p| p[1] == p[0] + 1.0), "{w:?}");
+        let s = with(PrunePolicy::Sinks {
+            sink_tokens: 2,
+            window: 10,
+        });
+        assert_eq!(&s[..2], &[0.0, 1.0], "{s:?}");
+        assert_eq!(*s.last().unwrap(), 49.0);
+        let h = with(PrunePolicy::HeavyHitters {
+            budget: 12,
+            recent: 4,
+        });
+        assert!(h.contains(&3.0), "the heavy hitter is kept: {h:?}");
+        assert_eq!(*h.last().unwrap(), 49.0);
+        // Without a policy, the budget is a hard limit.
+        let mut c = config(1000);
+        c.budget_tokens = Some(4);
+        let mut cache = KvCache::new(c, &Device::Cpu);
+        cache.make_room(4).unwrap();
+        assert!(matches!(
+            cache.make_room(5),
+            Err(Error::BudgetTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn clones_do_not_share_buffers() {
+        let mut a = KvCache::new(config(50), &Device::Cpu);
+        for layer in 0..2 {
+            a.append(layer, &tok(3, 0.0), &tok(3, 0.0)).unwrap();
+        }
+        a.commit(3).unwrap();
+        let mut b = a.clone();
+        a.append(0, &tok(1, 500.0), &tok(1, 500.0)).unwrap();
+        let (kb, _) = b.append(0, &tok(1, 7.0), &tok(1, 7.0)).unwrap();
+        let (ka, _) = a.append(0, &tok(1, 500.0), &tok(1, 500.0)).unwrap();
+        let last = |k: &Tensor| -> f32 { k.i((0, 0, 3, 0)).unwrap().to_scalar().unwrap() };
+        assert_eq!((last(&ka), last(&kb)), (500.0, 7.0));
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let mut cache = KvCache::new(config(50), &Device::Cpu);
+        let bad = Tensor::zeros((1, 3, 1, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            cache.append(0, &bad, &bad),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            cache.append(5, &tok(1, 0.0), &tok(1, 0.0)),
+            Err(Error::Layer { .. })
+        ));
+    }
+}
