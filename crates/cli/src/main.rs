@@ -33,6 +33,9 @@ enum Command {
     Quantize(cmd::quantize::Args),
     /// Measure prefill and decode speed, and cold load vs warm re-acquire.
     Bench(cmd::bench::Args),
+    /// Serve models over an OpenAI-compatible HTTP API, with /health, /metrics and a
+    /// live dashboard.
+    Serve(cmd::serve::Args),
     /// Print the JSON Schema of an SSOT record version.
     Schema(cmd::schema::Args),
     /// Work with SSOT monitoring logs.
@@ -72,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Route(args) => cmd::route::run(&args),
         Command::Quantize(args) => cmd::quantize::run(&args),
         Command::Bench(args) => cmd::bench::run(&args),
+        Command::Serve(args) => cmd::serve::run(&args),
         Command::Schema(args) => cmd::schema::run(&args),
         Command::Ssot { command } => cmd::ssot::run(&command),
     };

@@ -50,6 +50,7 @@
 mod error;
 mod query;
 mod runtime;
+mod serving;
 
 pub use afo_engine as engine;
 pub use afo_guard as guard;
@@ -60,3 +61,4 @@ pub use afo_ssot as ssot;
 pub use error::{Error, Result};
 pub use query::{QueryRequest, QueryResponse};
 pub use runtime::{GenerateRequest, GenerateResponse, Health, Prompt, Runtime, RuntimeBuilder};
+pub use serving::Routed;

@@ -245,10 +245,10 @@ impl RuntimeBuilder {
 /// The runtime other programs embed. See the crate docs.
 pub struct Runtime {
     budget: MemoryBudget,
-    guard: Guard,
+    pub(crate) guard: Guard,
     cache: ModelCache<LoadedModel>,
-    log: Option<JsonlWriter>,
-    probe: SystemProbe,
+    pub(crate) log: Option<JsonlWriter>,
+    pub(crate) probe: SystemProbe,
     estimator: Estimator,
     runs: AtomicU64,
     pub(crate) catalog: Option<Catalog>,

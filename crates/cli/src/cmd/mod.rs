@@ -16,6 +16,7 @@ pub(crate) mod inspect;
 pub(crate) mod quantize;
 pub(crate) mod route;
 pub(crate) mod schema;
+pub(crate) mod serve;
 pub(crate) mod ssot;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,143 @@
+//! `afo serve`: the OpenAI-compatible server with `/health`, `/metrics` and the
+//! dashboard, until Ctrl-C or SIGTERM (then a graceful shutdown).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use afo_runtime::Runtime;
+use afo_runtime::guard::ByteSize;
+use afo_server::Server;
+
+/// Arguments of `afo serve`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// A model to serve (a GGUF file, a Hugging Face folder, or `ORG/NAME` in the
+    /// Hugging Face cache); repeat for several. Its id is the file name without
+    /// extension; `auto` routes through the selector.
+    #[arg(long = "model", required = true)]
+    models: Vec<PathBuf>,
+    /// The address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// The port (0 picks a free one, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer TOKEN` on `/v1/*` (also read from
+    /// `AFO_API_KEY`).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The memory cutline, e.g. 8GiB.
+    #[arg(long, default_value = "20GiB")]
+    cutline: ByteSize,
+    /// The warn fraction of the cutline.
+    #[arg(long)]
+    warn_fraction: Option<f64>,
+    /// Append one SSOT record per request to this JSONL log.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// A model catalog (TOML or JSON) for model `auto`.
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Quantize the served models' weights to this scheme while loading.
+    #[arg(long)]
+    quantize: Option<afo_runtime::quant::QuantScheme>,
+    /// The most requests one model decodes together.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// The most requests one model holds, waiting and running (429 above).
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// The longest one request may take, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// `max_tokens` of a request that gives none.
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: usize,
+    /// Load models on their first request instead of at start.
+    #[arg(long)]
+    lazy: bool,
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    let mut builder = Runtime::builder().cutline(args.cutline);
+    if let Some(w) = args.warn_fraction {
+        builder = builder.warn_fraction(w);
+    }
+    if let Some(log) = &args.log {
+        builder = builder.ssot_log(log);
+    }
+    if let Some(catalog) = &args.catalog {
+        builder = builder.catalog(afo_runtime::select::Catalog::from_path(catalog)?);
+    }
+    let runtime = Arc::new(builder.build()?);
+    let mut server = Server::builder(Arc::clone(&runtime))
+        .max_batch(args.max_batch)
+        .max_queue(args.max_queue)
+        .request_timeout(Duration::from_secs(args.timeout))
+        .default_max_tokens(args.default_max_tokens);
+    for spec in &args.models {
+        let path = super::resolve_model(spec)?;
+        let id = spec.file_stem().map_or_else(
+            || spec.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        server = server.model_as(id, path, args.quantize);
+    }
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("AFO_API_KEY").ok().filter(|k| !k.is_empty()));
+    if let Some(key) = api_key {
+        server = server.api_key(key);
+    } else if !args.host.is_loopback() {
+        eprintln!(
+            "warning: serving on {} without --api-key: anyone who reaches it can use it",
+            args.host
+        );
+    }
+    let server = server.build()?;
+    if !args.lazy {
+        eprintln!("loading {} ...", server.model_ids().join(", "));
+        server.preload()?;
+    }
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    tokio.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host, args.port)).await?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "afo serve: listening on http://{addr} (models: {}, auto; cutline {}; dashboard at /)",
+            server.model_ids().join(", "),
+            ByteSize(runtime.budget().cutline()),
+        );
+        server.serve(listener, shutdown_signal()).await?;
+        eprintln!("afo serve: stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// Completes at Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("afo serve: shutting down (finishing requests in flight)");
+}

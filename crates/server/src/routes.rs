@@ -1,0 +1,584 @@
+//! The HTTP routes: the OpenAI endpoints, `/health`, `/metrics`, the dashboard.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use afo_runtime::engine::{GenerateOptions, SamplingParams};
+use afo_runtime::guard::{StatusBadge, badge};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+
+use crate::error::ApiError;
+use crate::metrics::Gauges;
+use crate::openai::{Endpoint, ParsedRequest, PromptInput, Usage, parse_chat, parse_completion};
+use crate::state::Shared;
+use crate::worker::{Event, Job, request_bytes};
+
+/// The dashboard page.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The router over `shared`.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), auth));
+    Router::new()
+        .merge(api)
+        .route("/", get(dashboard))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/runs", get(runs))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(Arc::clone(&shared), count))
+        .layer(DefaultBodyLimit::max(shared.config.max_body_bytes))
+        .with_state(shared)
+}
+
+/// Counts every response by route and status.
+async fn count(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    s.metrics.http(&route, response.status().as_u16());
+    response
+}
+
+/// Checks the bearer token of `/v1/*` when the server has one.
+async fn auth(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &s.config.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no route for {} {}", request.method(), request.uri().path()),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("unknown_url"),
+        retry_after_s: None,
+    }
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn models(State(s): State<Arc<Shared>>) -> Response {
+    let created = unix_now();
+    let mut data: Vec<Value> = s
+        .models
+        .iter()
+        .map(|m| json!({"id": m.id, "object": "model", "created": created, "owned_by": "afo"}))
+        .collect();
+    data.push(json!({"id": "auto", "object": "model", "created": created, "owned_by": "afo"}));
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// The badge's level, for the metrics gauge.
+fn badge_level(b: StatusBadge) -> u8 {
+    match b {
+        StatusBadge::Safe => 0,
+        StatusBadge::Warn => 1,
+        _ => 2,
+    }
+}
+
+/// The `/health` body.
+fn health_value(s: &Shared) -> Result<Value, ApiError> {
+    let h = s
+        .runtime
+        .health()
+        .map_err(|e| ApiError::internal(format!("reading the memory probe: {e}")))?;
+    let budget = s.runtime.budget();
+    let workers = s.workers();
+    let models: Vec<Value> = s
+        .models
+        .iter()
+        .map(|m| {
+            let w = workers.iter().find(|w| w.id == m.id);
+            let queued = w.map_or(0, |w| w.queued.load(Ordering::SeqCst));
+            let running = w.map_or(0, |w| w.running.load(Ordering::SeqCst));
+            json!({
+                "id": m.id,
+                "path": m.path.display().to_string(),
+                "scheme": m.scheme.map(|s| s.to_string()),
+                "loaded": w.is_some(),
+                "running": running,
+                "waiting": queued.saturating_sub(running),
+            })
+        })
+        .collect();
+    let loaded: Vec<Value> = h
+        .loaded_models
+        .iter()
+        .map(|(key, bytes)| json!({"key": key, "bytes": bytes}))
+        .collect();
+    Ok(json!({
+        "status": if s.accepting.load(Ordering::SeqCst) { "ok" } else { "shutting_down" },
+        "badge": h.badge,
+        "health_score": h.health_score,
+        "memory": {
+            "resident_bytes": h.rss_bytes,
+            "cutline_bytes": h.cutline_bytes,
+            "warn_bytes": budget.warn_bytes(),
+            "reserved_bytes": s.runtime.guard().reserved(),
+        },
+        "models": models,
+        "loaded_models": loaded,
+        "model_cache_hit_rate": h.cache_hit_rate,
+        "uptime_s": s.started.elapsed().as_secs_f64(),
+        "ssot_log": s.runtime.ssot_log_path().map(|p| p.display().to_string()),
+    }))
+}
+
+async fn health(State(s): State<Arc<Shared>>) -> Response {
+    match health_value(&s) {
+        Ok(v) => (
+            [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+            axum::Json(v),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn runs(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        axum::Json(json!({"runs": s.recent()})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let budget = s.runtime.budget();
+    let h = s.runtime.health().ok();
+    let rss = h.as_ref().map_or(0, |h| h.rss_bytes);
+    let g = Gauges {
+        resident_bytes: rss,
+        cutline_bytes: budget.cutline(),
+        warn_bytes: budget.warn_bytes(),
+        reserved_bytes: s.runtime.guard().reserved(),
+        health_score: h.as_ref().map_or(0.0, |h| h.health_score),
+        badge_level: badge_level(badge(rss, budget)),
+        model_cache_hit_rate: h.and_then(|h| h.cache_hit_rate),
+        models: s
+            .workers()
+            .iter()
+            .map(|w| {
+                let running = w.running.load(Ordering::SeqCst);
+                (
+                    w.id.clone(),
+                    running,
+                    w.queued.load(Ordering::SeqCst).saturating_sub(running),
+                )
+            })
+            .collect(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        s.metrics.render(&g),
+    )
+        .into_response()
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::invalid(format!("the request body could not be read: {r}"))
+        }
+    })
+}
+
+async fn chat(State(s): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let received = Instant::now();
+    let result = match body_or_error(body, s.config.max_body_bytes)
+        .and_then(|b| parse_chat(&b, &s.config.limits))
+    {
+        Ok(req) => generate(s, req, received).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let received = Instant::now();
+    let result =
+        match body_or_error(body, s.config.max_body_bytes).and_then(|b| parse_completion(&b)) {
+            Ok(req) => generate(s, req, received).await,
+            Err(e) => Err(e),
+        };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn sampling(req: &ParsedRequest) -> Result<SamplingParams, ApiError> {
+    let p = &req.sampling;
+    // OpenAI's defaults: temperature 1, top_p 1, no penalties.
+    let mut b = SamplingParams::builder()
+        .temperature(p.temperature.unwrap_or(1.0))
+        .top_p(p.top_p.unwrap_or(1.0))
+        .presence_penalty(p.presence_penalty.unwrap_or(0.0))
+        .frequency_penalty(p.frequency_penalty.unwrap_or(0.0));
+    if let Some(seed) = p.seed {
+        b = b.seed(seed);
+    }
+    b.build()
+        .map_err(|e| ApiError::invalid(format!("sampling parameters: {e}")))
+}
+
+/// Runs a checked request: picks the model, admits it, queues it on the model's
+/// worker, and answers with a completion object or an SSE stream.
+async fn generate(
+    s: Arc<Shared>,
+    req: ParsedRequest,
+    received: Instant,
+) -> Result<Response, ApiError> {
+    if !s.accepting.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable(
+            "the server is shutting down",
+            "shutting_down",
+            5,
+        ));
+    }
+    let images = req.prompt.images().count();
+    let text = req.prompt.routing_text().to_owned();
+    let s2 = Arc::clone(&s);
+    let model = req.model.clone();
+    let (target, worker) = tokio::task::spawn_blocking(move || {
+        let target = s2.resolve(&model, &text, images)?;
+        let worker = s2.worker(&target.spec)?;
+        Ok::<_, ApiError>((target, worker))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("model task failed: {e}")))??;
+    if images > 0 && !worker.accepts_images() {
+        return Err(ApiError::invalid(format!(
+            "model `{}` does not accept images; send text only, or ask for a vision-language model",
+            worker.id
+        ))
+        .param("messages")
+        .code("model_not_vision"));
+    }
+    let loaded = &worker.model;
+    let prompt = match &req.prompt {
+        PromptInput::Chat(messages) => {
+            let messages: Vec<_> = messages
+                .iter()
+                .map(|m| afo_runtime::engine::Message::new(m.role.clone(), m.text.clone()))
+                .collect();
+            loaded.encode_chat(&messages)
+        }
+        PromptInput::Text(t) => loaded.encode_text(t),
+    }
+    .map_err(|e| ApiError::invalid(format!("the prompt could not be encoded: {e}")))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("the prompt encodes to no tokens"));
+    }
+    let context = loaded.model().config().max_position;
+    if prompt.len() >= context {
+        return Err(ApiError::invalid(format!(
+            "the prompt has {} tokens; model `{}` takes at most {context} in all",
+            prompt.len(),
+            worker.id
+        ))
+        .code("context_length_exceeded"));
+    }
+    let max_tokens = req
+        .sampling
+        .max_tokens
+        .unwrap_or(s.config.default_max_tokens)
+        .min(context - prompt.len());
+    let options = GenerateOptions {
+        max_tokens,
+        stop: req.sampling.stop.clone(),
+        sampling: sampling(&req)?,
+        ignore_eos: false,
+    };
+    // Admission: the queue limit, then memory, before anything is queued.
+    if worker.queued.load(Ordering::SeqCst) >= s.config.max_queue {
+        s.metrics.rejected("queue_full");
+        return Err(ApiError::busy(
+            format!(
+                "model `{}` has {} requests queued (the limit); retry shortly",
+                worker.id, s.config.max_queue
+            ),
+            "queue_full",
+            1,
+        ));
+    }
+    let need = request_bytes(loaded, prompt.len(), max_tokens);
+    let guard = s.runtime.guard();
+    let rss = s
+        .runtime
+        .resident_bytes()
+        .map_err(|e| ApiError::internal(format!("reading the memory probe: {e}")))?;
+    let cutline = guard.cutline();
+    let reserved = guard.reserved();
+    if rss.saturating_add(reserved).saturating_add(need) > cutline {
+        s.metrics.rejected("memory");
+        let msg = format!(
+            "the request needs about {need} bytes but only {} are left under the cutline of {cutline} bytes ({rss} resident, {reserved} reserved by runs in flight)",
+            cutline.saturating_sub(rss.saturating_add(reserved))
+        );
+        return Err(if reserved > 0 {
+            ApiError::busy(msg, "memory_busy", 2)
+        } else {
+            ApiError::unavailable(msg, "memory_unavailable", 10)
+        });
+    }
+    let run_id = s.next_run_id();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let prompt_tokens = prompt.len();
+    worker.submit(Job {
+        run_id: run_id.clone(),
+        endpoint: req.endpoint,
+        prompt,
+        options,
+        events: tx,
+        received,
+        deadline: received + s.config.request_timeout,
+        admit_by: received + s.config.admission_timeout,
+        predicted_bytes: need,
+        selection: target.selection,
+    })?;
+    // The first event decides the status: an error before the first token is still
+    // an HTTP error, not a broken stream.
+    match rx.recv().await {
+        Some(Event::Started) => {}
+        Some(Event::Failed(e)) => return Err(e),
+        Some(other) => {
+            return Err(ApiError::internal(format!(
+                "the worker sent {other:?} before starting"
+            )));
+        }
+        None => return Err(ApiError::internal("the worker went away")),
+    }
+    let meta = Meta {
+        id: match req.endpoint {
+            Endpoint::Chat => format!("chatcmpl-{run_id}"),
+            Endpoint::Completion => format!("cmpl-{run_id}"),
+        },
+        created: unix_now(),
+        model: worker.id.clone(),
+        endpoint: req.endpoint,
+        include_usage: req.include_usage,
+        prompt_tokens,
+    };
+    if req.stream {
+        Ok(stream_response(meta, rx))
+    } else {
+        collect_response(meta, rx).await
+    }
+}
+
+/// What every response object of one request repeats.
+#[derive(Debug, Clone)]
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    include_usage: bool,
+    prompt_tokens: usize,
+}
+
+async fn collect_response(
+    meta: Meta,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Started) => {}
+            Some(Event::Failed(e)) => return Err(e),
+            None => return Err(ApiError::internal("the worker went away")),
+            Some(Event::Done(d)) => {
+                let usage = Usage::new(d.prompt_tokens as u64, d.completion_tokens as u64);
+                let finish = d.finish.as_openai();
+                let body = match meta.endpoint {
+                    Endpoint::Chat => json!({
+                        "id": meta.id, "object": "chat.completion", "created": meta.created,
+                        "model": meta.model, "system_fingerprint": null,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "logprobs": null, "finish_reason": finish}],
+                        "usage": usage,
+                    }),
+                    Endpoint::Completion => json!({
+                        "id": meta.id, "object": "text_completion", "created": meta.created,
+                        "model": meta.model, "system_fingerprint": null,
+                        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+                        "usage": usage,
+                    }),
+                };
+                return Ok(axum::Json(body).into_response());
+            }
+        }
+    }
+}
+
+impl Meta {
+    /// One chunk object with one choice; `usage: null` when usage was asked for.
+    fn chunk(&self, choice: Value) -> String {
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        };
+        let mut v = json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "system_fingerprint": null, "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        sse(&v)
+    }
+
+    fn text_chunk(&self, text: &str, finish: Option<&str>) -> String {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let delta = if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                self.chunk(
+                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}),
+                )
+            }
+            Endpoint::Completion => self.chunk(
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+            ),
+        }
+    }
+
+    fn usage_chunk(&self, usage: Usage) -> String {
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        };
+        sse(&json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "system_fingerprint": null, "choices": [], "usage": usage,
+        }))
+    }
+}
+
+fn sse(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+struct StreamState {
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+    queue: VecDeque<String>,
+    ended: bool,
+}
+
+/// The SSE response: a first chunk with the role, one chunk per text delta, a last
+/// chunk with `finish_reason`, a usage chunk when asked for, then `data: [DONE]`.
+/// Dropping the body (the client went away) drops the receiver, which the worker
+/// sees and cancels the request.
+fn stream_response(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
+    let mut queue = VecDeque::new();
+    if meta.endpoint == Endpoint::Chat {
+        queue.push_back(meta.chunk(json!({
+            "index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null
+        })));
+    }
+    let state = StreamState {
+        meta,
+        rx,
+        queue,
+        ended: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(chunk) = st.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(chunk), st));
+            }
+            if st.ended {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Event::Started) => {}
+                Some(Event::Text(t)) => {
+                    let c = st.meta.text_chunk(&t, None);
+                    st.queue.push_back(c);
+                }
+                Some(Event::Done(d)) => {
+                    let c = st.meta.text_chunk("", Some(d.finish.as_openai()));
+                    st.queue.push_back(c);
+                    if st.meta.include_usage {
+                        let u =
+                            Usage::new(st.meta.prompt_tokens as u64, d.completion_tokens as u64);
+                        let c = st.meta.usage_chunk(u);
+                        st.queue.push_back(c);
+                    }
+                    st.queue.push_back("data: [DONE]\n\n".to_owned());
+                    st.ended = true;
+                }
+                Some(Event::Failed(e)) => {
+                    st.queue.push_back(format!("data: {}\n\n", e.body()));
+                    st.ended = true;
+                }
+                None => {
+                    let e = ApiError::internal("the worker went away");
+                    st.queue.push_back(format!("data: {}\n\n", e.body()));
+                    st.ended = true;
+                }
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| ApiError::internal("building the stream response").into_response())
+}

@@ -1,0 +1,252 @@
+//! [`Server`] and its builder.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use afo_runtime::Runtime;
+use afo_runtime::quant::QuantScheme;
+
+use crate::error::{Error, Result};
+use crate::openai::ParseLimits;
+use crate::state::{Config, ModelSpec, Shared};
+
+/// Builds a [`Server`]. See each setter for its default.
+#[derive(Debug)]
+pub struct ServerBuilder {
+    runtime: Arc<Runtime>,
+    models: Vec<ModelSpec>,
+    config: Config,
+}
+
+impl ServerBuilder {
+    /// Serves the model at `path` (a GGUF file or a Hugging Face folder) as stored,
+    /// under the id of its file name without extension.
+    pub fn model(self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let id = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        self.model_as(id, path, None)
+    }
+
+    /// Serves the model at `path` under `id`, quantized to `scheme` while loading
+    /// when one is given.
+    pub fn model_as(
+        mut self,
+        id: impl Into<String>,
+        path: impl Into<PathBuf>,
+        scheme: Option<QuantScheme>,
+    ) -> Self {
+        self.models.push(ModelSpec {
+            id: id.into(),
+            path: path.into(),
+            scheme,
+        });
+        self
+    }
+
+    /// Require `Authorization: Bearer <key>` on `/v1/*`. Default: no key.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.config.api_key = Some(key.into());
+        self
+    }
+
+    /// The largest request body, in bytes (413 above). Default 16 MiB.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_body_bytes = bytes;
+        self
+    }
+
+    /// The largest decoded image, in bytes (400 above). Default 8 MiB.
+    pub fn max_image_bytes(mut self, bytes: usize) -> Self {
+        self.config.limits.max_image_bytes = bytes;
+        self
+    }
+
+    /// The most requests one model holds, waiting and running (429 above).
+    /// Default 64.
+    pub fn max_queue(mut self, requests: usize) -> Self {
+        self.config.max_queue = requests;
+        self
+    }
+
+    /// The most requests one model decodes together. Default 8.
+    pub fn max_batch(mut self, requests: usize) -> Self {
+        self.config.max_batch = requests;
+        self
+    }
+
+    /// The longest a request may take from arrival to its last token; past it the
+    /// run is cancelled (504, or an error event in a stream). Default 10 minutes.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// The longest a request waits for memory under the cutline before it starts;
+    /// past it the request is refused (503 with `Retry-After`). Default 30 s.
+    pub fn admission_timeout(mut self, timeout: Duration) -> Self {
+        self.config.admission_timeout = timeout;
+        self
+    }
+
+    /// `max_tokens` of a chat request that gives none (cut to the context left).
+    /// Default 256.
+    pub fn default_max_tokens(mut self, tokens: usize) -> Self {
+        self.config.default_max_tokens = tokens;
+        self
+    }
+
+    /// How many recent runs `/api/runs` and the dashboard show. Default 50.
+    pub fn recent_runs(mut self, runs: usize) -> Self {
+        self.config.recent_runs = runs;
+        self
+    }
+
+    /// Checks the settings and builds the server. Models load on their first request
+    /// (or at [`Server::preload`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a zero limit or an empty API key,
+    /// [`Error::DuplicateModel`] for two models under one id.
+    pub fn build(self) -> Result<Server> {
+        let c = &self.config;
+        let zero = |name: &'static str, v: usize| -> Result<()> {
+            if v == 0 {
+                return Err(Error::InvalidConfig {
+                    name,
+                    value: v.to_string(),
+                    reason: "must be at least 1",
+                });
+            }
+            Ok(())
+        };
+        zero("max_body_bytes", c.max_body_bytes)?;
+        zero("max_image_bytes", c.limits.max_image_bytes)?;
+        zero("max_queue", c.max_queue)?;
+        zero("max_batch", c.max_batch)?;
+        zero("default_max_tokens", c.default_max_tokens)?;
+        if c.api_key.as_deref().is_some_and(str::is_empty) {
+            return Err(Error::InvalidConfig {
+                name: "api_key",
+                value: String::new(),
+                reason: "an empty key would let anyone in; give none or a real one",
+            });
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if m.id == "auto" {
+                return Err(Error::InvalidConfig {
+                    name: "model id",
+                    value: m.id.clone(),
+                    reason: "`auto` is reserved for routing through the selector",
+                });
+            }
+            if let Some(first) = self.models[..i].iter().find(|o| o.id == m.id) {
+                return Err(Error::DuplicateModel {
+                    id: m.id.clone(),
+                    first: first.path.clone(),
+                    second: m.path.clone(),
+                });
+            }
+        }
+        Ok(Server {
+            shared: Arc::new(Shared::new(self.runtime, self.config, self.models)),
+        })
+    }
+}
+
+/// The OpenAI-compatible server over one [`Runtime`]. Cloning shares it.
+///
+/// [`Server::router`] is an [`axum::Router`] another program can mount or nest;
+/// [`Server::serve`] runs it on a listener until a shutdown signal.
+#[derive(Debug, Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// A builder over `runtime`.
+    pub fn builder(runtime: Arc<Runtime>) -> ServerBuilder {
+        ServerBuilder {
+            runtime,
+            models: Vec::new(),
+            config: Config {
+                api_key: None,
+                max_body_bytes: 16 << 20,
+                limits: ParseLimits::default(),
+                max_queue: 64,
+                max_batch: 8,
+                request_timeout: Duration::from_secs(600),
+                admission_timeout: Duration::from_secs(30),
+                default_max_tokens: 256,
+                recent_runs: 50,
+            },
+        }
+    }
+
+    /// The runtime the server runs on.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.shared.runtime
+    }
+
+    /// The ids of the models served (besides `auto`).
+    pub fn model_ids(&self) -> Vec<String> {
+        self.shared.models.iter().map(|m| m.id.clone()).collect()
+    }
+
+    /// The routes: `POST /v1/chat/completions`, `POST /v1/completions`,
+    /// `GET /v1/models`, `GET /health`, `GET /metrics`, `GET /api/runs` and the
+    /// dashboard at `GET /`.
+    pub fn router(&self) -> axum::Router {
+        crate::routes::router(Arc::clone(&self.shared))
+    }
+
+    /// Loads every model and starts its worker now rather than at its first
+    /// request. Blocks while the models load.
+    ///
+    /// # Errors
+    /// [`Error::Load`] naming the first model that fails to load.
+    pub fn preload(&self) -> Result<()> {
+        for m in &self.shared.models {
+            self.shared.worker(m).map_err(|e| Error::Load {
+                model: m.id.clone(),
+                path: m.path.clone(),
+                reason: e.message,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then shuts down gracefully:
+    /// stops accepting connections, lets in-flight requests finish, stops the model
+    /// workers (every record is in the SSOT log by then).
+    ///
+    /// # Errors
+    /// [`Error::Serve`] when the socket fails.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let addr = listener.local_addr().map_err(|source| Error::Serve {
+            addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let served = axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        let shared = Arc::clone(&self.shared);
+        // Joining the workers blocks: off the async threads.
+        let _ = tokio::task::spawn_blocking(move || shared.stop_workers()).await;
+        served.map_err(|source| Error::Serve { addr, source })
+    }
+
+    /// Stops the model workers after they finish the jobs they hold; new requests
+    /// get 503. [`Server::serve`] calls it after its shutdown signal.
+    pub fn shutdown(&self) {
+        self.shared.stop_workers();
+    }
+}

@@ -1,0 +1,234 @@
+//! The state every handler and worker shares: the runtime, the settings, the
+//! workers, the metrics and the recent runs.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use afo_runtime::Runtime;
+use afo_runtime::quant::QuantScheme;
+use afo_runtime::ssot::Record;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::openai::ParseLimits;
+use crate::worker::Worker;
+
+/// The server's settings (see [`crate::ServerBuilder`] for each default).
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub limits: ParseLimits,
+    pub max_queue: usize,
+    pub max_batch: usize,
+    pub request_timeout: Duration,
+    pub admission_timeout: Duration,
+    pub default_max_tokens: usize,
+    pub recent_runs: usize,
+}
+
+/// A model the server offers by id.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ModelSpec {
+    pub id: String,
+    pub path: PathBuf,
+    pub scheme: Option<QuantScheme>,
+}
+
+/// The model a request runs on, with how it was chosen.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub spec: ModelSpec,
+    pub selection: afo_runtime::ssot::Selection,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub runtime: Arc<Runtime>,
+    pub config: Config,
+    pub metrics: Metrics,
+    pub models: Vec<ModelSpec>,
+    workers: Mutex<HashMap<String, Arc<Worker>>>,
+    recent: Mutex<VecDeque<serde_json::Value>>,
+    pub started: Instant,
+    pub accepting: AtomicBool,
+    runs: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(runtime: Arc<Runtime>, config: Config, models: Vec<ModelSpec>) -> Self {
+        Self {
+            runtime,
+            config,
+            metrics: Metrics::default(),
+            models,
+            workers: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::new()),
+            started: Instant::now(),
+            accepting: AtomicBool::new(true),
+            runs: AtomicU64::new(0),
+        }
+    }
+
+    /// A fresh run id: the time in hex, the process and a counter.
+    pub(crate) fn next_run_id(&self) -> String {
+        let n = self.runs.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{t:x}-{}-{n}", std::process::id())
+    }
+
+    /// The model a request for `model` runs on: a served id, or `auto` (the
+    /// selector over the runtime's catalog, or the first served model without one).
+    pub(crate) fn resolve(
+        &self,
+        model: &str,
+        text: &str,
+        images: usize,
+    ) -> Result<Target, ApiError> {
+        if model == "auto" {
+            if self.runtime.has_catalog() {
+                let routed = self.runtime.route(text, images).map_err(|e| {
+                    ApiError::unavailable(
+                        format!("model selection failed: {e}"),
+                        "selection_failed",
+                        5,
+                    )
+                })?;
+                let id = self
+                    .models
+                    .iter()
+                    .find(|m| m.path == routed.path && m.scheme == routed.scheme)
+                    .map_or(routed.card_id.clone(), |m| m.id.clone());
+                return Ok(Target {
+                    spec: ModelSpec {
+                        id,
+                        path: routed.path,
+                        scheme: routed.scheme,
+                    },
+                    selection: routed.selection,
+                });
+            }
+            let Some(first) = self.models.first() else {
+                return Err(ApiError::model_not_found(model));
+            };
+            return Ok(Target {
+                spec: first.clone(),
+                selection: afo_runtime::ssot::Selection {
+                    model_id: first.id.clone(),
+                    reason: "auto without a catalog: the first model served".to_owned(),
+                    fallback_from: None,
+                    trinity_score: None,
+                },
+            });
+        }
+        let spec = self
+            .models
+            .iter()
+            .find(|m| m.id == model)
+            .ok_or_else(|| ApiError::model_not_found(model))?;
+        Ok(Target {
+            spec: spec.clone(),
+            selection: afo_runtime::ssot::Selection {
+                model_id: spec.id.clone(),
+                reason: "explicit".to_owned(),
+                fallback_from: None,
+                trinity_score: None,
+            },
+        })
+    }
+
+    fn worker_key(spec: &ModelSpec) -> String {
+        match spec.scheme {
+            Some(s) => format!("{}#{s}", spec.path.display()),
+            None => spec.path.display().to_string(),
+        }
+    }
+
+    /// The worker of `spec`, loading the model and starting its thread on first use.
+    /// Blocks while a model loads: call it off the async threads.
+    pub(crate) fn worker(self: &Arc<Self>, spec: &ModelSpec) -> Result<Arc<Worker>, ApiError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable(
+                "the server is shutting down",
+                "shutting_down",
+                5,
+            ));
+        }
+        let key = Self::worker_key(spec);
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = workers.get(&key) {
+            return Ok(Arc::clone(w));
+        }
+        let acquired = self
+            .runtime
+            .acquire_model(&spec.path, spec.scheme)
+            .map_err(|e| match e {
+                afo_runtime::Error::Engine(afo_runtime::engine::Error::ModelTooLarge {
+                    ..
+                }) => ApiError::unavailable(
+                    format!("model `{}` does not fit under the cutline: {e}", spec.id),
+                    "memory_unavailable",
+                    30,
+                ),
+                e => ApiError::internal(format!("loading model `{}`: {e}", spec.id)),
+            })?;
+        let worker = Worker::start(self, spec.id.clone(), acquired.model)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        workers.insert(key, Arc::clone(&worker));
+        Ok(worker)
+    }
+
+    /// The workers started so far.
+    pub(crate) fn workers(&self) -> Vec<Arc<Worker>> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Stops taking jobs, lets every worker finish what it holds, and joins them.
+    pub(crate) fn stop_workers(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let workers: Vec<Arc<Worker>> = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        for w in workers {
+            w.stop();
+        }
+    }
+
+    /// Remembers a record for the dashboard's list of recent runs.
+    pub(crate) fn push_recent(&self, record: &Record) {
+        let Some(value) = record
+            .to_json()
+            .ok()
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+        else {
+            return;
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.push_front(value);
+        recent.truncate(self.config.recent_runs);
+    }
+
+    /// The recent runs, newest first.
+    pub(crate) fn recent(&self) -> Vec<serde_json::Value> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
