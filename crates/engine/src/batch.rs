@@ -7,14 +7,19 @@
 //! [`Scheduler::has_unfinished`] says whether to go on. Each request has its own
 //! sampling parameters, stop strings and token budget; each step returns every
 //! request's new text, so callers stream; [`Scheduler::cancel`] ends one cleanly.
+//!
+//! With [`Scheduler::set_prefix_cache`], each admitted request starts from the longest
+//! cached prefix of its prompt and publishes its prompt's blocks after its prefill, so
+//! a request admitted after another with the same system prompt or history (in the
+//! same step too) runs only what differs; see [`crate::generate_with_prefix`].
 
 use std::collections::VecDeque;
 
 use afo_kvcache::KvCache;
 
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerateOptions, PREFILL_CHUNK};
-use crate::model::{Logits, Model};
+use crate::generate::{FinishReason, GenerateOptions, PrefixReuse, prefill_with_prefix};
+use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::stream::{StopMatcher, StreamDecoder};
 use crate::tokenizer::Tokenizer;
@@ -33,6 +38,9 @@ pub struct StepOutput {
     pub token: Option<u32>,
     /// Set when the request ended this step.
     pub finish: Option<FinishReason>,
+    /// In a request's first output: its prompt tokens reused from the prefix cache (0
+    /// without one, or on a miss). `None` in later outputs.
+    pub prefix_hit_tokens: Option<usize>,
 }
 
 struct Sequence<'t> {
@@ -47,6 +55,8 @@ struct Sequence<'t> {
     /// Logits for the next token (after the prompt, or after the last step).
     logits: Vec<f32>,
     reserved_bytes: u64,
+    /// Prompt tokens reused from the prefix cache, until reported.
+    prefix_hit: Option<usize>,
     /// Whatever the admission hook handed out (a memory guard's reservation), held
     /// while the request runs and dropped when it ends.
     _ticket: Option<Box<dyn std::any::Any>>,
@@ -68,6 +78,7 @@ pub struct Scheduler<'m> {
     finished: Vec<StepOutput>,
     next_id: RequestId,
     admit_hook: Option<AdmitFn<'m>>,
+    prefix: Option<PrefixReuse<'m>>,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -103,6 +114,7 @@ impl<'m> Scheduler<'m> {
             finished: Vec::new(),
             next_id: 0,
             admit_hook: None,
+            prefix: None,
         }
     }
 
@@ -111,6 +123,12 @@ impl<'m> Scheduler<'m> {
     /// request waits for a later step).
     pub fn set_admission(&mut self, hook: impl FnMut(u64) -> Option<Box<dyn std::any::Any>> + 'm) {
         self.admit_hook = Some(Box::new(hook));
+    }
+
+    /// Reuse prompt prefixes from `prefix` (and publish them there) when admitting
+    /// requests. Default: no prefix cache.
+    pub fn set_prefix_cache(&mut self, prefix: PrefixReuse<'m>) {
+        self.prefix = Some(prefix);
     }
 
     /// KV bytes one token takes in this model's cache.
@@ -177,6 +195,7 @@ impl<'m> Scheduler<'m> {
             text: String::new(),
             token: None,
             finish: Some(FinishReason::Cancelled),
+            prefix_hit_tokens: None,
         });
         true
     }
@@ -199,6 +218,7 @@ impl<'m> Scheduler<'m> {
                 text: String::new(),
                 token: Some(id),
                 finish: None,
+                prefix_hit_tokens: seq.prefix_hit.take(),
             };
             if !seq.options.ignore_eos && self.tokenizer.is_eos(id) {
                 o.finish = Some(FinishReason::Eos);
@@ -279,14 +299,8 @@ impl<'m> Scheduler<'m> {
                 break;
             };
             let mut cache = self.model.new_cache(prompt.len() + options.max_tokens);
-            let mut logits = Vec::new();
-            for chunk in prompt.chunks(PREFILL_CHUNK) {
-                logits = self
-                    .model
-                    .forward(chunk, &mut cache, Logits::Last)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-            }
+            let (logits, reused) =
+                prefill_with_prefix(self.model, &prompt, &mut cache, self.prefix)?;
             let seq = Sequence {
                 id,
                 sampler: Sampler::new(options.sampling.clone()),
@@ -296,6 +310,7 @@ impl<'m> Scheduler<'m> {
                 generated: 0,
                 logits,
                 reserved_bytes: need,
+                prefix_hit: Some(reused),
                 _ticket: ticket,
                 cache,
                 options,

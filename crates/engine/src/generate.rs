@@ -5,11 +5,31 @@
 //! cuts the text at the first stop string with a [`StopMatcher`], and hands every
 //! delta to a callback that may cancel. It stops at an end-of-sequence token, a stop
 //! string, `max_tokens`, or cancellation, and reports timings measured on the way.
+//!
+//! [`generate_with_prefix`] does the same with a [`PrefixCache`]: the longest cached
+//! block-aligned prefix of the prompt seeds the sequence's KV cache, only the rest of
+//! the prompt runs through the model, and the prompt's new full blocks are published
+//! for the next request. The output equals a run without the prefix cache: the cached
+//! keys and values are the ones the same model computed for the same tokens at the same
+//! positions (up to float rounding between prefill chunks of different sizes, far
+//! below what changes a sampled token in practice; the tests check it on SmolLM2).
+//!
+//! ## Prefix reuse and pruning
+//!
+//! The prefix cache is used only where pruning cannot make the two runs differ: a
+//! sequence cache with a token budget looks up a prefix only when the budget holds the
+//! whole prompt (the prefill then never prunes) and its policy does not rank tokens by
+//! the attention they received (a seeded prefix has received none from the prompt's
+//! own queries, so heavy hitters would be chosen differently). A cache that pruned
+//! during the prefill publishes nothing: its slots no longer hold positions `0..len`.
 
 use std::ops::ControlFlow;
 use std::time::Instant;
 
+use afo_kvcache::{KvCache, PrefixCache, Salt};
+
 use crate::error::{Error, Result};
+use crate::model::Model;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stream::{StopMatcher, StreamDecoder};
 use crate::tokenizer::Tokenizer;
@@ -111,6 +131,9 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// Number of prompt tokens.
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from a prefix cache instead of the
+    /// forward pass (0 without one).
+    pub prefix_hit_tokens: usize,
     /// Why the generation ended.
     pub finish: FinishReason,
     /// What it cost.
@@ -125,6 +148,16 @@ impl Generation {
         (n >= 2 && self.timings.decode_ms > 0.0)
             .then(|| (n - 1) as f64 / (self.timings.decode_ms / 1e3))
     }
+}
+
+/// A prefix cache to reuse prompt prefixes from and publish them to, and the salt that
+/// keys the model's (and the prompt's non-token inputs') blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefixReuse<'a> {
+    /// The cache (one per loaded model).
+    pub cache: &'a PrefixCache,
+    /// The model's id and weight scheme, mixed with the prompt's images if any.
+    pub salt: Salt,
 }
 
 /// Generates a continuation of `prompt` (token ids) with `model`, calling `on_text`
@@ -143,10 +176,129 @@ pub fn generate<M, F>(
     prompt: &[u32],
     options: &GenerateOptions,
     state: &mut M::State,
+    on_text: F,
+) -> Result<Generation>
+where
+    M: Decode + ?Sized,
+    F: FnMut(&str) -> ControlFlow<()>,
+{
+    run(
+        model,
+        tokenizer,
+        prompt,
+        options,
+        state,
+        |model, state| Ok((prefill_chunks(model, prompt, state)?, 0)),
+        on_text,
+    )
+}
+
+/// [`generate`] with a prefix cache: the longest cached prefix of `prompt` seeds
+/// `cache`, the rest of the prompt runs through the model, and the prompt's new full
+/// blocks are published after the prefill (see the module docs for when pruning
+/// turns this off). [`Generation::prefix_hit_tokens`] says how many prompt tokens were
+/// reused; the time to first token counts the lookup and the seeding.
+///
+/// `cache` must be empty; a cache that already holds tokens runs without the prefix
+/// cache.
+///
+/// # Errors
+/// As [`generate`], and the prefix cache's errors (a block that does not fit the
+/// model's cache).
+pub fn generate_with_prefix<F>(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    cache: &mut KvCache,
+    prefix: PrefixReuse<'_>,
+    on_text: F,
+) -> Result<Generation>
+where
+    F: FnMut(&str) -> ControlFlow<()>,
+{
+    run(
+        model,
+        tokenizer,
+        prompt,
+        options,
+        cache,
+        |model, cache| prefill_with_prefix(model, prompt, cache, Some(prefix)),
+        on_text,
+    )
+}
+
+/// Runs `prompt` in chunks of [`PREFILL_CHUNK`] and returns the last logits: the
+/// attention scores of one pass are `chunk x context`, not `prompt x prompt`, which
+/// bounds prefill memory on long prompts.
+fn prefill_chunks<M: Decode + ?Sized>(
+    model: &M,
+    prompt: &[u32],
+    state: &mut M::State,
+) -> Result<Vec<f32>> {
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = model.decode(chunk, state)?;
+    }
+    Ok(logits)
+}
+
+/// Whether a prefix may seed `cache` for `prompt_tokens` without changing what the
+/// run computes (see the module docs).
+fn may_reuse(cache: &KvCache, prompt_tokens: usize) -> bool {
+    let c = cache.config();
+    cache.is_empty()
+        && cache.position() == 0
+        && c.budget_tokens.is_none_or(|b| b >= prompt_tokens)
+        && !(c.budget_tokens.is_some() && c.policy.needs_attention())
+}
+
+/// The prefill of one sequence with an optional prefix cache: seeds `cache` with the
+/// longest cached prefix, runs the rest of `prompt`, publishes its new full blocks.
+/// Returns the last logits and the prompt tokens reused.
+pub(crate) fn prefill_with_prefix(
+    model: &Model,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    prefix: Option<PrefixReuse<'_>>,
+) -> Result<(Vec<f32>, usize)> {
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let Some(p) = prefix.filter(|_| may_reuse(cache, prompt.len())) else {
+        return Ok((prefill_chunks(model, prompt, cache)?, 0));
+    };
+    // At least the last prompt token runs: its logits are the first token's.
+    let hit = p.cache.lookup(p.salt, &prompt[..prompt.len() - 1]);
+    if !hit.is_empty() {
+        hit.seed(cache)?;
+    }
+    let reused = hit.tokens();
+    let logits = prefill_chunks(model, &prompt[reused..], cache)?;
+    let added = p.cache.insert(p.salt, prompt, cache)?;
+    tracing::debug!(
+        prompt = prompt.len(),
+        reused,
+        published_blocks = added,
+        "prefill with prefix cache"
+    );
+    Ok((logits, reused))
+}
+
+/// The generation loop, after `prefill` has run the prompt into `state` (returning the
+/// last logits and the prompt tokens reused from a prefix cache).
+fn run<M, P, F>(
+    model: &M,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    state: &mut M::State,
+    prefill: P,
     mut on_text: F,
 ) -> Result<Generation>
 where
     M: Decode + ?Sized,
+    P: FnOnce(&M, &mut M::State) -> Result<(Vec<f32>, usize)>,
     F: FnMut(&str) -> ControlFlow<()>,
 {
     if prompt.is_empty() {
@@ -170,12 +322,7 @@ where
         on_text(delta)
     };
 
-    // The prompt in chunks: the attention scores of one pass are `chunk x context`,
-    // not `prompt x prompt`, which bounds prefill memory on long prompts.
-    let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = model.decode(chunk, state)?;
-    }
+    let (mut logits, prefix_hit_tokens) = prefill(model, state)?;
     timings.prefill_ms = ms_since(start);
     let mut first_token_at = None;
     let mut finish = FinishReason::Length;
@@ -229,6 +376,7 @@ where
         text,
         tokens,
         prompt_tokens: prompt.len(),
+        prefix_hit_tokens,
         finish,
         timings,
     })

@@ -37,7 +37,8 @@ pub use config::{
 pub use error::{Error, Result};
 pub use eval::{Agreement, Perplexity, compare_models, perplexity, streaming_perplexity};
 pub use generate::{
-    Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, PREFILL_CHUNK, generate,
+    Decode, FinishReason, GenerateOptions, GenerateTimings, Generation, PREFILL_CHUNK, PrefixReuse,
+    generate, generate_with_prefix,
 };
 pub use gguf::{GgufDescription, GgufFile, TypeCount};
 pub use hf::{HfCache, HfConfig, HfRopeScaling, SafetensorsDir, gguf_to_hf_name};
