@@ -16,6 +16,17 @@ pub enum Error {
     /// The guard refused the run: it would pass the cutline.
     #[error("run refused by the memory guard: {0}")]
     Refused(afo_guard::Refusal),
+    /// An image (or the model's preprocessor configuration) could not be used.
+    #[error("image `{name}`: {source}")]
+    Image {
+        /// The image's name (or the configuration file's path).
+        name: String,
+        /// What went wrong.
+        source: afo_image::Error,
+    },
+    /// A chain was asked to run on no image.
+    #[error("the chain needs at least one image")]
+    NoImages,
     /// Model selection failed (no model qualifies, no smaller variant fits).
     #[error(transparent)]
     Select(#[from] afo_select::Error),

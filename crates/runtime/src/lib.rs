@@ -47,6 +47,7 @@
 #![warn(missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
+mod chain;
 mod error;
 mod query;
 mod runtime;
@@ -54,10 +55,12 @@ mod serving;
 
 pub use afo_engine as engine;
 pub use afo_guard as guard;
+pub use afo_image as image;
 pub use afo_kvcache as kvcache;
 pub use afo_quant as quant;
 pub use afo_select as select;
 pub use afo_ssot as ssot;
+pub use chain::{ChainImage, ChainRequest, ChainResponse, DEFAULT_SUMMARY_PROMPT, ImageReport};
 pub use error::{Error, Result};
 pub use query::{QueryRequest, QueryResponse};
 pub use runtime::{GenerateRequest, GenerateResponse, Health, Prompt, Runtime, RuntimeBuilder};

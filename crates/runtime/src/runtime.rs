@@ -228,6 +228,7 @@ impl RuntimeBuilder {
             budget,
             guard: Guard::new(budget.cutline()),
             cache: ModelCache::new(budget.cutline(), self.keep_alive),
+            vlm_cache: ModelCache::new(budget.cutline(), self.keep_alive),
             log,
             probe,
             estimator: Estimator::default(),
@@ -247,9 +248,11 @@ pub struct Runtime {
     budget: MemoryBudget,
     pub(crate) guard: Guard,
     cache: ModelCache<LoadedModel>,
+    /// Vision-language models, cached apart from text models (their own type).
+    pub(crate) vlm_cache: ModelCache<afo_engine::VisionLanguageModel>,
     pub(crate) log: Option<JsonlWriter>,
     pub(crate) probe: SystemProbe,
-    estimator: Estimator,
+    pub(crate) estimator: Estimator,
     runs: AtomicU64,
     pub(crate) catalog: Option<Catalog>,
     pub(crate) router: std::sync::Arc<dyn Router + Send + Sync>,
@@ -523,13 +526,13 @@ impl Runtime {
         })
     }
 
-    fn next_run_id(&self) -> String {
+    pub(crate) fn next_run_id(&self) -> String {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         let t = Timestamp::now().datetime().unix_timestamp_nanos();
         format!("{:x}-{}-{n}", t, std::process::id())
     }
 
-    fn base(
+    pub(crate) fn base(
         &self,
         run_id: &str,
         model_id: &str,

@@ -413,3 +413,9 @@ impl Decode for VlmDecoder<'_> {
         Ok(self.step(tokens, state)?.flatten_all()?.to_vec1::<f32>()?)
     }
 }
+
+impl crate::cache::CacheWeight for VisionLanguageModel {
+    fn resident_bytes(&self) -> u64 {
+        self.weight_bytes()
+    }
+}
