@@ -1,18 +1,27 @@
 //! The `Runtime`: the memory guard, the model cache, the engine and the SSOT log,
 //! wired together for one call.
+//!
+//! Each loaded model has a prefix cache ([`afo_kvcache::PrefixCache`]): a prompt that
+//! starts like an earlier one (a system prompt, a chat history) reuses that prompt's
+//! keys and values and runs only the rest. The caches' limits come from
+//! [`RuntimeBuilder::prefix_cache`]; a model's cache is dropped with the model.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use afo_engine::{
-    FinishReason, GenerateOptions, GenerateTimings, LoadedModel, Message, ModelCache, generate,
+    FinishReason, GenerateOptions, GenerateTimings, LoadedModel, Message, ModelCache, PrefixReuse,
+    generate_with_prefix,
 };
 use afo_guard::{
     Admission, ByteSize, Estimator, Guard, HealthInputs, MemoryBudget, ModelShape, PeakTracker,
     Probe, RunPlan, StatusBadge, SystemProbe, Weights, badge, health_score,
 };
+use afo_kvcache::{PrefixCache, PrefixCacheConfig, PrefixCacheStats, Salt};
 use afo_quant::{QuantPolicy, QuantScheme};
 use afo_select::{Catalog, PolicyRouter, Router};
 use afo_ssot::{
@@ -85,6 +94,9 @@ pub struct GenerateResponse {
     pub kv_cache_bytes: u64,
     /// Tokens the KV cache pruned during the run.
     pub kv_evicted_tokens: u64,
+    /// Prompt tokens whose keys and values came from the model's prefix cache (their
+    /// prefill was skipped).
+    pub prefix_cache_hit_tokens: u64,
     /// How the model was chosen (written to the SSOT record's `selection`); `None`
     /// for an explicit model.
     pub selection: Option<Selection>,
@@ -139,6 +151,7 @@ pub struct RuntimeBuilder {
     catalog: Option<Catalog>,
     router: Option<std::sync::Arc<dyn Router + Send + Sync>>,
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
+    prefix: Option<PrefixCacheConfig>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -198,6 +211,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The limits of each loaded model's prefix cache: block size, byte budget, and
+    /// the time-to-live of unused blocks. Default [`PrefixCacheConfig::default`]:
+    /// blocks of 16 tokens, 256 MiB per model, 10 minutes. A budget of 0 turns prefix
+    /// reuse off.
+    pub fn prefix_cache(mut self, config: PrefixCacheConfig) -> Self {
+        self.prefix = Some(config);
+        self
+    }
+
     /// Drop idle models after this long. Default: keep them.
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
         self.keep_alive = Some(keep_alive);
@@ -207,8 +229,12 @@ impl RuntimeBuilder {
     /// Builds the runtime: checks the budget, reads the cgroup limit, opens the log.
     ///
     /// # Errors
-    /// An invalid budget, an unreadable cgroup file, a log that cannot be opened.
+    /// An invalid budget or prefix cache block size, an unreadable cgroup file, a log
+    /// that cannot be opened.
     pub fn build(self) -> Result<Runtime> {
+        let prefix = self.prefix.unwrap_or_default();
+        // Checks the configuration once (the per-model caches are made on first use).
+        PrefixCache::new(prefix).map_err(afo_engine::Error::from)?;
         let mut budget = MemoryBudget::builder();
         if let Some(c) = self.cutline {
             budget = budget.cutline(c);
@@ -235,6 +261,8 @@ impl RuntimeBuilder {
             runs: AtomicU64::new(0),
             catalog: self.catalog,
             kv: self.kv,
+            prefix,
+            prefix_caches: Mutex::default(),
             stored_schemes: Default::default(),
             router: self
                 .router
@@ -257,6 +285,9 @@ pub struct Runtime {
     pub(crate) catalog: Option<Catalog>,
     pub(crate) router: std::sync::Arc<dyn Router + Send + Sync>,
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
+    prefix: PrefixCacheConfig,
+    /// Each loaded model's prefix cache, by model cache key.
+    prefix_caches: Mutex<HashMap<String, Arc<PrefixCache>>>,
     /// The scheme each model file's layers are stored in, read once per file.
     stored_schemes: std::sync::Mutex<std::collections::HashMap<PathBuf, Option<QuantScheme>>>,
 }
@@ -313,6 +344,41 @@ impl Runtime {
                     .map(|i| QuantScheme::from_ggml(i.ggml_dtype))
             })
         })
+    }
+
+    /// The prefix cache of `model` loaded in `scheme`, and the salt of its blocks, for
+    /// a caller that prefills itself (a batching scheduler:
+    /// [`afo_engine::Scheduler::set_prefix_cache`]). `None` when prefix reuse is off.
+    /// Caches of models no longer loaded are dropped on the way.
+    pub fn prefix_cache(
+        &self,
+        model: &Path,
+        scheme: Option<QuantScheme>,
+    ) -> Option<(Arc<PrefixCache>, Salt)> {
+        if self.prefix.budget_bytes == 0 {
+            return None;
+        }
+        let key = cache_key(model, scheme);
+        let loaded: Vec<String> = self.cache.loaded().into_iter().map(|e| e.key).collect();
+        let mut caches = self.prefix_caches.lock().unwrap_or_else(|e| e.into_inner());
+        caches.retain(|k, _| *k == key || loaded.contains(k));
+        let cache = match caches.get(&key) {
+            Some(c) => Arc::clone(c),
+            None => {
+                let c = Arc::new(PrefixCache::new(self.prefix).ok()?);
+                caches.insert(key.clone(), Arc::clone(&c));
+                c
+            }
+        };
+        Some((cache, Salt::new(key.as_bytes())))
+    }
+
+    /// Each model's prefix cache counters and holdings, by model cache key.
+    pub fn prefix_cache_stats(&self) -> Vec<(String, PrefixCacheStats)> {
+        let caches = self.prefix_caches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = caches.iter().map(|(k, c)| (k.clone(), c.stats())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Whether a model is in the cache already.
@@ -463,14 +529,29 @@ impl Runtime {
             }
             None => model.new_cache(prompt.len() + max_tokens),
         };
-        let generation = generate(
-            model,
-            loaded.tokenizer(),
-            &prompt,
-            &request.options,
-            &mut cache,
-            on_text,
-        )?;
+        let prefix = self.prefix_cache(&request.model, request.scheme);
+        let generation = match &prefix {
+            Some((prefixes, salt)) => generate_with_prefix(
+                model,
+                loaded.tokenizer(),
+                &prompt,
+                &request.options,
+                &mut cache,
+                PrefixReuse {
+                    cache: prefixes,
+                    salt: *salt,
+                },
+                on_text,
+            )?,
+            None => afo_engine::generate(
+                model,
+                loaded.tokenizer(),
+                &prompt,
+                &request.options,
+                &mut cache,
+                on_text,
+            )?,
+        };
         let tokens_per_s = generation.decode_tokens_per_s();
         let mut timings = generation.timings;
         // Time to first token counts from the request: model acquire included.
@@ -495,6 +576,7 @@ impl Runtime {
             token_budget: max_tokens,
             kv_cache_bytes: cache.bytes(),
             kv_evicted_tokens: cache.evicted_tokens() as u64,
+            prefix_cache_hit_tokens: generation.prefix_hit_tokens as u64,
             selection: None,
         })
     }
@@ -576,6 +658,7 @@ impl Runtime {
         record.token_budget = Some(r.token_budget as u64);
         record.kv_cache_size = Some(r.kv_cache_bytes);
         record.kv_evicted_tokens = Some(r.kv_evicted_tokens);
+        record.prefix_cache_hit_tokens = Some(r.prefix_cache_hit_tokens);
         record.status_badge = Some(r.badge);
         record.health_score = Some(r.health_score);
         record.predicted_peak_bytes = Some(r.predicted_peak_bytes);
