@@ -283,13 +283,13 @@ fn mrope_section(text: &serde_json::Value) -> Result<[usize; 3]> {
 
 fn vision_checks(v: &VisionConfig, text: &ModelConfig) -> Result<()> {
     let bad = |reason: String| Err(Error::InvalidConfig { reason });
-    if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 {
+    if v.num_heads == 0 || !v.hidden_size.is_multiple_of(v.num_heads) {
         return bad(format!(
             "vision_config: hidden_size {} is not a multiple of num_heads {}",
             v.hidden_size, v.num_heads
         ));
     }
-    if (v.hidden_size / v.num_heads) % 4 != 0 {
+    if !(v.hidden_size / v.num_heads).is_multiple_of(4) {
         return bad(format!(
             "vision_config: head size {} is not a multiple of 4 (2-D rotary halves)",
             v.hidden_size / v.num_heads

@@ -88,6 +88,9 @@ fn seeded(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Adds one seeded tensor: name, shape, scale, offset.
+type AddTensor<'a> = dyn FnMut(String, &[usize], f32, f32) -> Result<()> + 'a;
+
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|source| Error::Io {
         path: path.to_path_buf(),
@@ -113,16 +116,20 @@ impl TinyVlm {
         let id = |name: &str| 256 + SPECIALS.iter().position(|s| *s == name).unwrap_or(0) as u32;
         let (h, heads, kv_heads, head_dim, ffn) = (self.hidden, 4usize, 2usize, 16usize, 96usize);
         let (vh, v_heads, v_ffn, patch, merge) = (self.vision_hidden, 2usize, 64usize, 16usize, 2);
+        // No `video_token_id`: the vocabulary has no video token, and naming the image
+        // token there makes transformers 4.57 read every image as a video too. The
+        // tie is stated in `text_config` as well, where transformers 4.x looks for it
+        // (5.x reads the top level).
         let config = json!({
             "architectures": ["Qwen3VLForConditionalGeneration"],
             "model_type": "qwen3_vl",
             "image_token_id": id("<|image_pad|>"),
-            "video_token_id": id("<|image_pad|>"),
             "vision_start_token_id": id("<|vision_start|>"),
             "vision_end_token_id": id("<|vision_end|>"),
             "tie_word_embeddings": true,
             "text_config": {
                 "model_type": "qwen3_vl_text",
+                "tie_word_embeddings": true,
                 "vocab_size": self.vocab_size(),
                 "hidden_size": h,
                 "intermediate_size": ffn,
@@ -219,18 +226,12 @@ impl TinyVlm {
         )?;
         add(format!("{v}.patch_embed.proj.bias"), &[vh], 0.1, 0.0)?;
         add(format!("{v}.pos_embed.weight"), &[16, vh], 0.5, 0.0)?;
-        let linear = |add: &mut dyn FnMut(String, &[usize], f32, f32) -> Result<()>,
-                      name: String,
-                      out: usize,
-                      inp: usize|
-         -> Result<()> {
-            add(format!("{name}.weight"), &[out, inp], 0.2, 0.0)?;
-            add(format!("{name}.bias"), &[out], 0.05, 0.0)
-        };
-        let norm = |add: &mut dyn FnMut(String, &[usize], f32, f32) -> Result<()>,
-                    name: String,
-                    dim: usize|
-         -> Result<()> {
+        let linear =
+            |add: &mut AddTensor<'_>, name: String, out: usize, inp: usize| -> Result<()> {
+                add(format!("{name}.weight"), &[out, inp], 0.2, 0.0)?;
+                add(format!("{name}.bias"), &[out], 0.05, 0.0)
+            };
+        let norm = |add: &mut AddTensor<'_>, name: String, dim: usize| -> Result<()> {
             add(format!("{name}.weight"), &[dim], 0.1, 1.0)?;
             add(format!("{name}.bias"), &[dim], 0.05, 0.0)
         };
