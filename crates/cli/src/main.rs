@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Generate text with a model, streamed to stdout; stats go to stderr.
     Generate(cmd::generate::Args),
+    /// Analyse images with a vision-language model, then summarise with a text model.
+    Chain(cmd::chain::Args),
     /// Describe a model file: architecture, parameters, types, tokenizer.
     Inspect(cmd::inspect::Args),
     /// Measure a model's quality.
@@ -70,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(&args),
+        Command::Chain(args) => cmd::chain::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Eval { command } => cmd::eval::run(&command),
         Command::Route(args) => cmd::route::run(&args),

@@ -10,6 +10,7 @@ macro_rules! out {
 }
 
 pub(crate) mod bench;
+pub(crate) mod chain;
 pub(crate) mod eval;
 pub(crate) mod generate;
 pub(crate) mod inspect;

@@ -409,8 +409,22 @@ impl Decode for VlmDecoder<'_> {
         self.model.text.new_cache(c.max_position)
     }
 
+    /// Logits of the next token. The image tokens (`<|image_pad|>`, the vision start
+    /// and end markers) are input-only: their logits are set to -inf, so no sampler
+    /// can emit them.
     fn decode(&self, tokens: &[u32], state: &mut KvCache) -> Result<Vec<f32>> {
-        Ok(self.step(tokens, state)?.flatten_all()?.to_vec1::<f32>()?)
+        let mut logits = self.step(tokens, state)?.flatten_all()?.to_vec1::<f32>()?;
+        let c = &self.model.config;
+        for id in [
+            c.image_token_id,
+            c.vision_start_token_id,
+            c.vision_end_token_id,
+        ] {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(logits)
     }
 }
 
