@@ -58,12 +58,13 @@ mod decode;
 mod encode;
 mod error;
 mod patchify;
+mod pil;
 mod preprocess;
 mod resize;
 
 pub use batch::{BatchOptions, estimate_peak_bytes, preprocess_batch};
 pub use config::{
-    CLIP_MEAN, CLIP_STD, PreprocessorConfig, PreprocessorConfigFile, Resample, SizeFile,
+    CLIP_MEAN, CLIP_STD, PreprocessorConfig, PreprocessorConfigFile, Resample, Resampler, SizeFile,
 };
 pub use decode::{DecodeLimits, ImageFormat, ImageInfo, probe};
 pub use encode::{Encoded, Encoding, encode_rgb8};

@@ -76,7 +76,7 @@ pub fn prepare(
     } else {
         (w, h)
     };
-    let image = resize::resample_rgb8(decoded.rgb, tw, th, config.resample)?;
+    let image = resize::resample_rgb8(decoded.rgb, tw, th, config.resample, config.resampler)?;
     Ok(Prepared {
         image,
         info: decoded.info,

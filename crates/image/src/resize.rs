@@ -3,7 +3,7 @@
 use fast_image_resize as fr;
 use image::RgbImage;
 
-use crate::{Error, Resample, Result};
+use crate::{Error, Resample, Resampler, Result};
 
 /// The largest aspect ratio the reference accepts.
 const MAX_ASPECT_RATIO: f64 = 200.0;
@@ -80,19 +80,29 @@ fn filter(resample: Resample) -> fr::ResizeAlg {
     }
 }
 
-/// Resamples an RGB8 image to `width x height` in u8 with SIMD convolution (as PIL:
-/// the filter's support widens with the downscale ratio). Returns the input unchanged
-/// when the size already matches.
+/// Resamples an RGB8 image to `width x height` in u8 (as PIL: the filter's support
+/// widens with the downscale ratio). Returns the input unchanged when the size already
+/// matches.
 pub(crate) fn resample_rgb8(
     src: RgbImage,
     width: u32,
     height: u32,
     resample: Resample,
+    resampler: Resampler,
 ) -> Result<RgbImage> {
     if src.dimensions() == (width, height) {
         return Ok(src);
     }
     let (sw, sh) = src.dimensions();
+    if resampler == Resampler::Exact {
+        return crate::pil::resize(src, width, height, resample).ok_or_else(|| Error::Resample {
+            from_width: sw,
+            from_height: sh,
+            to_width: width,
+            to_height: height,
+            reason: "resampler returned a buffer of the wrong size".into(),
+        });
+    }
     let err = |reason: String| Error::Resample {
         from_width: sw,
         from_height: sh,
@@ -169,9 +179,11 @@ mod tests {
     #[test]
     fn resample_keeps_a_flat_image_flat() -> Result<()> {
         let src = RgbImage::from_pixel(97, 61, image::Rgb([10, 200, 77]));
-        let out = resample_rgb8(src, 32, 64, Resample::Bicubic)?;
-        assert_eq!(out.dimensions(), (32, 64));
-        assert!(out.pixels().all(|p| p.0 == [10, 200, 77]));
+        for r in [Resampler::Exact, Resampler::Simd] {
+            let out = resample_rgb8(src.clone(), 32, 64, Resample::Bicubic, r)?;
+            assert_eq!(out.dimensions(), (32, 64));
+            assert!(out.pixels().all(|p| p.0 == [10, 200, 77]));
+        }
         Ok(())
     }
 }
