@@ -35,6 +35,8 @@ pub struct TinyVlm {
     pub hidden: usize,
     /// Decoder layers.
     pub layers: usize,
+    /// Decoder MLP width.
+    pub intermediate: usize,
     /// Encoder width.
     pub vision_hidden: usize,
     /// Encoder blocks.
@@ -49,6 +51,7 @@ impl Default for TinyVlm {
             seed: 7,
             hidden: 64,
             layers: 2,
+            intermediate: 96,
             vision_hidden: 32,
             vision_depth: 2,
             max_pixels: 512 * 512,
@@ -99,6 +102,46 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl TinyVlm {
+    /// Writes the checkpoint's language model alone, as a text-only Qwen3 checkpoint
+    /// (`Qwen3ForCausalLM`, the same weights and tokenizer): a second, separate copy
+    /// of the model the VLM already holds, for measuring what sharing one instance
+    /// saves.
+    ///
+    /// # Errors
+    /// As [`TinyVlm::write`].
+    pub fn write_language_model(&self, dir: &Path) -> Result<()> {
+        self.write(dir)?;
+        let st = dir.join("model.safetensors");
+        let all = candle_core::safetensors::load(&st, &Device::Cpu)?;
+        let text: HashMap<String, Tensor> = all
+            .into_iter()
+            .filter_map(|(name, t)| {
+                name.strip_prefix("model.language_model.")
+                    .map(|rest| (format!("model.{rest}"), t))
+            })
+            .collect();
+        candle_core::safetensors::save(&text, &st)?;
+        let config_path = dir.join("config.json");
+        let text_config = std::fs::read_to_string(&config_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("text_config").cloned());
+        let Some(serde_json::Value::Object(mut config)) = text_config else {
+            return Err(Error::InvalidConfig {
+                reason: format!("{}: no text_config written", config_path.display()),
+            });
+        };
+        config.insert("architectures".into(), json!(["Qwen3ForCausalLM"]));
+        config.insert("model_type".into(), json!("qwen3"));
+        config.remove("rope_scaling");
+        write(
+            &config_path,
+            serde_json::Value::Object(config).to_string().as_bytes(),
+        )?;
+        let pre = dir.join("preprocessor_config.json");
+        std::fs::remove_file(&pre).map_err(|source| Error::Io { path: pre, source })
+    }
+
     /// The vocabulary: 256 byte tokens and the specials.
     pub fn vocab_size(&self) -> usize {
         256 + SPECIALS.len()
@@ -114,7 +157,8 @@ impl TinyVlm {
             source,
         })?;
         let id = |name: &str| 256 + SPECIALS.iter().position(|s| *s == name).unwrap_or(0) as u32;
-        let (h, heads, kv_heads, head_dim, ffn) = (self.hidden, 4usize, 2usize, 16usize, 96usize);
+        let (h, heads, kv_heads, head_dim, ffn) =
+            (self.hidden, 4usize, 2usize, 16usize, self.intermediate);
         let (vh, v_heads, v_ffn, patch, merge) = (self.vision_hidden, 2usize, 64usize, 16usize, 2);
         // No `video_token_id`: the vocabulary has no video token, and naming the image
         // token there makes transformers 4.57 read every image as a video too. The
