@@ -221,6 +221,46 @@ fn swaps_sides(o: Orientation) -> bool {
     )
 }
 
+/// Whether a JPEG's marker structure reaches its end-of-image marker: segments are
+/// followed by their lengths and entropy-coded scans skipped to the next marker. The
+/// decoder itself fills a truncated scan with grey instead of failing.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let n = bytes.len();
+    let mut i = 2;
+    while i + 1 < n {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xFF => i += 1,
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => i += 2,
+            _ => {
+                if i + 3 >= n {
+                    return false;
+                }
+                let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+                i += 2 + len;
+                if marker == 0xDA {
+                    // Entropy-coded data: up to the next marker that is not a stuffed
+                    // 0xFF00 or a restart marker.
+                    while i + 1 < n {
+                        if bytes[i] == 0xFF
+                            && bytes[i + 1] != 0
+                            && !(0xD0..=0xD7).contains(&bytes[i + 1])
+                        {
+                            break;
+                        }
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
 /// Opens a decoder, checks the declared size against the limits, and reads the
 /// orientation.
 fn open<'a>(
@@ -228,15 +268,24 @@ fn open<'a>(
     limits: &DecodeLimits,
 ) -> Result<(impl ImageDecoder + 'a, ImageInfo, Orientation)> {
     let format = sniff(bytes, limits)?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(Error::Decode {
+            format,
+            reason: format!(
+                "no end-of-image marker in {} bytes (the file is cut short)",
+                bytes.len()
+            ),
+        });
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image());
     reader.limits(limits.image_limits());
     let mut decoder = reader.into_decoder().map_err(|e| {
         // The decoder checks the limits on its header; name the sizes ourselves when
         // we can, by reading them without limits.
-        if let image::ImageError::Limits(_) = e {
-            if let Some(err) = declared_size_error(bytes, format, limits) {
-                return err;
-            }
+        if let image::ImageError::Limits(_) = e
+            && let Some(err) = declared_size_error(bytes, format, limits)
+        {
+            return err;
         }
         decode_err(format)(e)
     })?;
@@ -324,13 +373,16 @@ pub(crate) struct Decoded {
     pub(crate) info: ImageInfo,
 }
 
+/// Maps a displayed `(width, height)` to the size it will be resized to.
+pub(crate) type TargetFn<'a> = &'a dyn Fn(u32, u32) -> Result<(u32, u32)>;
+
 /// Decodes to RGB8 with the orientation applied. `target`, given the displayed
 /// `(width, height)`, returns the size the image will be resized to; a JPEG whose
 /// reduced-scale decode still covers that size is decoded at 1/2, 1/4 or 1/8 scale.
 pub(crate) fn decode_rgb8(
     bytes: &[u8],
     limits: &DecodeLimits,
-    target: Option<&dyn Fn(u32, u32) -> Result<(u32, u32)>>,
+    target: Option<TargetFn<'_>>,
 ) -> Result<Decoded> {
     let (decoder, info, orientation) = open(bytes, limits)?;
     if let (ImageFormat::Jpeg, Some(target)) = (info.format, target) {

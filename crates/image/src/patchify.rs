@@ -101,14 +101,14 @@ mod tests {
             for bw in 0..gw / m {
                 for mh in 0..m {
                     for mw in 0..m {
-                        for ch in 0..3 {
+                        for (ch, table) in lut.iter().enumerate() {
                             for _ in 0..t {
                                 for py in 0..p {
                                     for px in 0..p {
                                         let y = (bh * m + mh) * p + py;
                                         let x = (bw * m + mw) * p + px;
                                         let v = rgb.get_pixel(x as u32, y as u32).0[ch];
-                                        out.push(lut[ch][usize::from(v)]);
+                                        out.push(table[usize::from(v)]);
                                     }
                                 }
                             }
