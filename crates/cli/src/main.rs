@@ -22,6 +22,9 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Analyse images with a vision-language model, then summarise with a text model.
     Chain(cmd::chain::Args),
+    /// Preprocess images for a vision-language model: sizes, patch grid, pixels,
+    /// compression ratio, time and peak memory per image.
+    Image(cmd::image::Args),
     /// Describe a model file: architecture, parameters, types, tokenizer.
     Inspect(cmd::inspect::Args),
     /// Measure a model's quality.
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(&args),
         Command::Chain(args) => cmd::chain::run(&args),
+        Command::Image(args) => cmd::image::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Eval { command } => cmd::eval::run(&command),
         Command::Route(args) => cmd::route::run(&args),

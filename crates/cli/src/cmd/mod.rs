@@ -13,6 +13,7 @@ pub(crate) mod bench;
 pub(crate) mod chain;
 pub(crate) mod eval;
 pub(crate) mod generate;
+pub(crate) mod image;
 pub(crate) mod inspect;
 pub(crate) mod quantize;
 pub(crate) mod route;
