@@ -1,12 +1,11 @@
 //! Hugging Face model directories (`config.json` + `*.safetensors`, sharded or not,
-//! memory-mapped) and the Hugging Face cache layout.
+//! read tensor by tensor) and the Hugging Face cache layout.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use afo_quant::QLinear;
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -189,12 +188,17 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
-/// A Hugging Face model directory's weights, memory-mapped after their headers were
-/// checked.
+/// A Hugging Face model directory's weights, read tensor by tensor after their headers
+/// were checked.
+///
+/// Not memory-mapped: every tensor is copied into its own buffer anyway (converted to
+/// the dtype the layer keeps), and the mapped pages a copy touches stay in the
+/// process's resident set until the map goes, so a map would hold the file twice while
+/// a model loads. Reading each tensor's bytes with a positioned read keeps the load's
+/// peak at the weights plus one tensor.
 pub struct SafetensorsDir {
     dir: PathBuf,
-    tensors: HashMap<String, (PathBuf, DType, Vec<usize>)>,
-    mmap: MmapedSafetensors,
+    tensors: HashMap<String, TensorEntry>,
 }
 
 impl std::fmt::Debug for SafetensorsDir {
@@ -238,18 +242,11 @@ impl SafetensorsDir {
         };
         let mut tensors = HashMap::new();
         for file in &files {
-            for (name, dtype, shape) in check_header(file)? {
-                tensors.insert(name, (file.clone(), dtype, shape));
+            for entry in check_header(file)? {
+                tensors.insert(entry.name.clone(), entry);
             }
         }
-        // SAFETY: the files are memory-mapped read-only; as with every memory-mapped
-        // model loader, they must not be truncated or rewritten while the model is in
-        // use. Their headers and data ranges were checked above.
-        let mmap = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Safetensors {
-            path: dir.clone(),
-            reason: format!("cannot map the safetensors files: {e}"),
-        })?;
-        Ok(Self { dir, tensors, mmap })
+        Ok(Self { dir, tensors })
     }
 
     /// Tensor names.
@@ -262,12 +259,25 @@ impl SafetensorsDir {
     /// # Errors
     /// [`Error::MissingTensor`].
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        if !self.tensors.contains_key(name) {
+        let Some(e) = self.tensors.get(name) else {
             return Err(Error::MissingTensor {
                 name: format!("{name} (in {})", self.dir.display()),
             });
-        }
-        Ok(self.mmap.load(name, &Device::Cpu)?)
+        };
+        let io = |source| Error::Io {
+            path: e.file.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&e.file).map_err(io)?;
+        file.seek(SeekFrom::Start(e.offset)).map_err(io)?;
+        let mut bytes = vec![0u8; e.len];
+        file.read_exact(&mut bytes).map_err(io)?;
+        Ok(Tensor::from_raw_buffer(
+            &bytes,
+            e.dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
     }
 
     fn checked(&self, gguf_name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -284,14 +294,14 @@ impl SafetensorsDir {
 
     /// A tensor by its Hugging Face name, checked to have `shape`.
     pub(crate) fn checked_hf(&self, hf: &str, shape: &[usize]) -> Result<Tensor> {
-        let (_, _, got) = self.tensors.get(hf).ok_or_else(|| Error::MissingTensor {
+        let entry = self.tensors.get(hf).ok_or_else(|| Error::MissingTensor {
             name: format!("{hf} (in {})", self.dir.display()),
         })?;
-        if got != shape {
+        if entry.shape != shape {
             return Err(Error::TensorShape {
                 name: hf.to_owned(),
                 expected: shape.to_vec(),
-                got: got.clone(),
+                got: entry.shape.clone(),
             });
         }
         self.tensor(hf)
@@ -340,8 +350,21 @@ impl WeightSource for SafetensorsDir {
     }
 }
 
+/// Where one tensor's bytes lie.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    name: String,
+    file: PathBuf,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte offset of the data in the file.
+    offset: u64,
+    /// Bytes of data.
+    len: usize,
+}
+
 /// Checks one safetensors file's header: length, JSON, dtypes, data ranges.
-fn check_header(path: &Path) -> Result<Vec<(String, DType, Vec<usize>)>> {
+fn check_header(path: &Path) -> Result<Vec<TensorEntry>> {
     let bad = |reason: String| Error::Safetensors {
         path: path.to_path_buf(),
         reason,
@@ -411,7 +434,20 @@ fn check_header(path: &Path) -> Result<Vec<(String, DType, Vec<usize>)>> {
                 "tensor `{name}`: data ends at byte {end}, past the end of the data ({data_len} bytes)"
             )));
         }
-        out.push((name, dtype, entry.shape));
+        let len = usize::try_from(end - start).map_err(|_| {
+            bad(format!(
+                "tensor `{name}`: {} bytes do not fit in memory",
+                end - start
+            ))
+        })?;
+        out.push(TensorEntry {
+            name,
+            file: path.to_path_buf(),
+            dtype,
+            shape: entry.shape,
+            offset: 8 + header_len + start,
+            len,
+        });
     }
     Ok(out)
 }

@@ -85,7 +85,7 @@ impl LoadedModel {
     }
 
     /// Loads a Hugging Face model directory: `config.json`, the safetensors weights
-    /// (memory-mapped; f32, f16 or bf16) and `tokenizer.json` with its configuration.
+    /// (read tensor by tensor; f32, f16 or bf16) and `tokenizer.json` with its configuration.
     ///
     /// # Errors
     /// Any error of reading the configuration, the weights or the tokenizer.
