@@ -2,7 +2,10 @@
 //!
 //! `afo-engine` owns model formats (GGUF, safetensors directories, the Hugging Face
 //! cache layout), tokenizers and chat templates, the decoder forward passes, sampling,
-//! generation and streaming, and the lazy model cache.
+//! generation and streaming, the continuous-batching scheduler, the lazy model cache,
+//! and the vision-language path ([`VisionLanguageModel`]: Qwen3-VL's encoder and its
+//! M-RoPE / DeepStack decoder on the same forward pass, with [`TinyVlm`] writing a
+//! seeded test checkpoint).
 
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]

@@ -10,8 +10,14 @@
 //! 4. the real peak is measured, turned into a badge and a health score, and one v2
 //!    record is appended to the SSOT log.
 //!
+//! [`Runtime::chain`] runs the image-analysis -> summary chain: [`image`] preprocesses
+//! the images, a vision-language model ([`engine::VisionLanguageModel`]) describes
+//! them, and a text model (or the VLM's own language model, on the same loaded
+//! instance) summarises, with one record carrying each stage's time, the image pixels,
+//! the compression ratio and the predicted and measured peak.
+//!
 //! The leaf crates are re-exported under short names: [`ssot`], [`guard`], [`quant`],
-//! [`kvcache`] and [`engine`].
+//! [`kvcache`], [`image`] and [`engine`].
 //!
 //! # Example
 //!
@@ -35,6 +41,23 @@
 //!     },
 //! })?;
 //! println!("{} ({} tokens, {:?})", response.text, response.completion_tokens, response.badge);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A chain, with the tiny seeded test VLM standing in for a real checkpoint:
+//!
+//! ```no_run
+//! use afo_runtime::{ChainImage, ChainRequest, Runtime};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let vlm = std::env::temp_dir().join("afo-doc-tiny-vlm");
+//! afo_runtime::engine::TinyVlm::default().write(&vlm)?;
+//! let image = ChainImage { name: "photo.jpg".into(), bytes: std::fs::read("photo.jpg")? };
+//! let mut request = ChainRequest::new(&vlm, vec![image], "Describe the image.");
+//! request.llm = Some("models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+//! let r = Runtime::builder().build()?.chain(&request)?;
+//! println!("{}\n{}\npeak {} bytes", r.analysis, r.summary, r.peak_memory_bytes);
 //! # Ok(())
 //! # }
 //! ```
