@@ -355,8 +355,30 @@ impl Runtime {
         let run_bytes =
             ((estimate.kv_cache + estimate.activations + estimate.logits + estimate.images) as f64
                 * (1.0 + self.estimator.overhead_fraction)) as u64;
-        let predicted_peak = snapshot.rss_bytes + run_bytes;
-        let reservation = match self.guard.admit(run_bytes, snapshot.rss_bytes, &[]) {
+        // A separate summary model not loaded yet adds its weights later in the call
+        // (its file size stands for its resident size); the analysis's working set
+        // is released before the summary runs, so the summary's is covered by it.
+        let shared = request
+            .llm
+            .as_deref()
+            .is_none_or(|l| same_path(l, &request.vlm));
+        let llm_load = match request.llm.as_deref() {
+            Some(l) if !shared && !self.is_loaded(l, None) => std::fs::metadata(l)
+                .map(|m| {
+                    if m.is_dir() {
+                        safetensors_bytes(l)
+                    } else {
+                        m.len()
+                    }
+                })
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let predicted_peak = snapshot.rss_bytes + run_bytes + llm_load;
+        let reservation = match self
+            .guard
+            .admit(run_bytes + llm_load, snapshot.rss_bytes, &[])
+        {
             Admission::Admit(r) => r,
             Admission::Degrade { reason, .. } | Admission::Refuse(reason) => {
                 return Err(Error::Refused(reason));
@@ -404,10 +426,6 @@ impl Runtime {
             "{}\n\n{}",
             request.summary_prompt, analysis.text
         ))];
-        let shared = request
-            .llm
-            .as_deref()
-            .is_none_or(|l| same_path(l, &request.vlm));
         let (summary, llm_id) = if shared {
             let tokens = {
                 let text = vlm.chat_template().render(&messages, true)?;

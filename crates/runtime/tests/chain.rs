@@ -98,7 +98,10 @@ fn tiny_vlm_then_smollm2_gives_both_texts_and_one_record() {
             .sum::<u64>()
     );
     assert_eq!(r.original_pixels, 480 * 320 + 300 * 200);
-    assert!(r.peak_memory_bytes > 0 && r.predicted_peak_bytes > 0);
+    assert!(r.peak_memory_bytes > 0);
+    // The summary model loads inside the call: its weights are in the prediction.
+    let file = std::fs::metadata(smollm2()).unwrap().len();
+    assert!(r.predicted_peak_bytes > file, "{} <= {file}", r.predicted_peak_bytes);
 
     let records: Vec<Record> = LogReader::open(&log, ReadMode::Strict)
         .unwrap()
