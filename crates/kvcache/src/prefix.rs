@@ -379,9 +379,11 @@ impl PrefixCache {
                 let Some((k, v)) = h else {
                     return Ok(added);
                 };
+                // A compact copy of the block's own slots (`copy` would clone the whole
+                // buffer, and `contiguous` may share it).
                 layers.push((
-                    k.narrow(2, i * bt, bt)?.copy()?,
-                    v.narrow(2, i * bt, bt)?.copy()?,
+                    k.narrow(2, i * bt, bt)?.force_contiguous()?,
+                    v.narrow(2, i * bt, bt)?.force_contiguous()?,
                 ));
             }
             let block = Arc::new(Block {
@@ -694,6 +696,15 @@ mod tests {
             "only the new block"
         );
         assert_eq!(pc.stats().blocks, 3);
+        // Each block holds its own compact storage, not a view of a sequence's buffer.
+        for e in pc.lock().entries.values() {
+            for (k, v) in &e.block.layers {
+                for t in [k, v] {
+                    assert!(t.is_contiguous() && t.layout().start_offset() == 0);
+                    assert_eq!(t.elem_count(), 2 * BT * 3);
+                }
+            }
+        }
         // The first blocks are still the original ones.
         let mut c = KvCache::new(kv_config(), &Device::Cpu);
         pc.lookup(salt(), &longer).seed(&mut c).unwrap();

@@ -1,4 +1,5 @@
-//! `afo bench`: prefill and decode speed of a model, and cold load vs warm re-acquire.
+//! `afo bench`: prefill and decode speed of a model, cold load vs warm re-acquire,
+//! batching, memory prediction, and the prefix cache's time to first token.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,6 +16,9 @@ pub(crate) enum Mode {
     Batching,
     /// Predicted against measured peak memory (`--predict`).
     Memory,
+    /// Time to first token with a cached prompt prefix against without
+    /// (`--prefix-tokens`, `--text`).
+    Prefix,
 }
 
 /// Arguments of `afo bench`.
@@ -45,6 +49,150 @@ pub(crate) struct Args {
     /// `batching`: sequence counts decoded together by the batching scheduler.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     concurrency: Vec<usize>,
+    /// `prefix`: tokens of the shared prompt prefix.
+    #[arg(long, default_value_t = 1000)]
+    prefix_tokens: usize,
+    /// `prefix`: the text the prefix is cut from.
+    #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
+    text: PathBuf,
+}
+
+/// Time to first token of prompts that start with the same `--prefix-tokens` of
+/// `--text` and end with a different question each round: cold (no prefix cache), the
+/// first run with the prefix cache (a miss that publishes the prefix), and cached.
+fn prefix(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
+    use afo_runtime::engine::{
+        GenerateOptions, PrefixReuse, SamplingParams, generate, generate_with_prefix,
+    };
+    use afo_runtime::kvcache::{PrefixCache, PrefixCacheConfig, Salt};
+    use std::ops::ControlFlow;
+
+    let text = std::fs::read_to_string(&args.text)
+        .map_err(|e| anyhow::anyhow!("prefix text {}: {e}", args.text.display()))?;
+    let mut prefix = loaded.encode_text(&text)?;
+    anyhow::ensure!(
+        prefix.len() >= args.prefix_tokens,
+        "{} has {} tokens, fewer than --prefix-tokens {}",
+        args.text.display(),
+        prefix.len(),
+        args.prefix_tokens
+    );
+    prefix.truncate(args.prefix_tokens);
+    let model = loaded.model();
+    let options = GenerateOptions {
+        max_tokens: 1,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    let prompt = |round: usize| -> anyhow::Result<Vec<u32>> {
+        let mut p = prefix.clone();
+        let question = format!(
+            "\n\nQuestion {round}: what does section {} of this license say?\nAnswer:",
+            round + 1
+        );
+        p.extend(loaded.encode_text(&question)?);
+        Ok(p)
+    };
+    let ttft = |g: afo_runtime::engine::Generation| g.timings.ttft_ms.unwrap_or(f64::NAN);
+    let rounds = args.rounds.max(1);
+    let (mut cold, mut first, mut cached, mut hit) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut publish, mut seed) = (Vec::new(), Vec::new());
+    let salt = Salt::new(loaded.id().as_bytes());
+    for round in 0..rounds {
+        let p = prompt(round)?;
+        // A fresh prefix cache each round: the first run misses and publishes, the
+        // next (another question after the same prefix) hits.
+        let prefixes = PrefixCache::new(PrefixCacheConfig::default())?;
+        let reuse = PrefixReuse {
+            cache: &prefixes,
+            salt,
+        };
+        let run_cold = || -> anyhow::Result<(f64, afo_runtime::kvcache::KvCache)> {
+            let mut cache = model.new_cache(p.len() + 1);
+            let g = generate(model, loaded.tokenizer(), &p, &options, &mut cache, |_| {
+                ControlFlow::Continue(())
+            })?;
+            Ok((ttft(g), cache))
+        };
+        let run_first = || -> anyhow::Result<f64> {
+            let mut cache = model.new_cache(p.len() + 1);
+            Ok(ttft(generate_with_prefix(
+                model,
+                loaded.tokenizer(),
+                &p,
+                &options,
+                &mut cache,
+                reuse,
+                |_| ControlFlow::Continue(()),
+            )?))
+        };
+        // Alternate which of the two goes first: the machine drifts.
+        let (c, cache, f) = if round % 2 == 0 {
+            let (c, cache) = run_cold()?;
+            (c, cache, run_first()?)
+        } else {
+            let f = run_first()?;
+            let (c, cache) = run_cold()?;
+            (c, cache, f)
+        };
+        cold.push(c);
+        first.push(f);
+        // What publishing and seeding cost alone, on the cold run's cache.
+        let alone = PrefixCache::new(PrefixCacheConfig::default())?;
+        let t = Instant::now();
+        alone.insert(salt, &p, &cache)?;
+        publish.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        alone
+            .lookup(salt, &p[..p.len() - 1])
+            .seed(&mut model.new_cache(p.len() + 1))?;
+        seed.push(t.elapsed().as_secs_f64() * 1e3);
+        let p = prompt(round + rounds)?;
+        let mut cache = model.new_cache(p.len() + 1);
+        let g = generate_with_prefix(
+            model,
+            loaded.tokenizer(),
+            &p,
+            &options,
+            &mut cache,
+            reuse,
+            |_| ControlFlow::Continue(()),
+        )?;
+        hit = g.prefix_hit_tokens;
+        cached.push(ttft(g));
+    }
+    let (cold, first, cached) = (median(cold), median(first), median(cached));
+    let ratio = cached / cold;
+    out!(
+        "prefix {} tokens of {}, {} rounds, threads {}",
+        prefix.len(),
+        args.text.display(),
+        rounds,
+        rayon_threads()
+    );
+    out!("| run | TTFT (median) | vs cold |");
+    out!("| --- | --- | --- |");
+    out!("| cold (no prefix cache) | {cold:.1} ms | 100% |");
+    out!(
+        "| first with the prefix cache (miss, publishes) | {first:.1} ms | {:.1}% |",
+        100.0 * first / cold
+    );
+    out!(
+        "| cached ({hit} prefix tokens reused) | {cached:.1} ms | {:.1}% |",
+        100.0 * ratio
+    );
+    out!(
+        "publishing the prefix alone: {:.1} ms, seeding a cache from it: {:.1} ms (medians)",
+        median(publish),
+        median(seed)
+    );
+    out!(
+        "cached / cold = {:.1}% (goal <= 20%: {})",
+        100.0 * ratio,
+        if ratio <= 0.2 { "met" } else { "not met" }
+    );
+    Ok(())
 }
 
 /// Aggregate decode speed of `n` sequences batched, for each `n`.
@@ -160,6 +308,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     };
     if args.mode == Mode::Batching {
         return batch(args, &loaded);
+    }
+    if args.mode == Mode::Prefix {
+        return prefix(args, &loaded);
     }
     let model = loaded.model();
     let vocab = model.config().vocab_size as u32;
