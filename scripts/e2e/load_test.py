@@ -109,6 +109,7 @@ async def main() -> None:
     after = sum(1 for _ in open(log))
     lines = [json.loads(l) for l in open(log)][before:]
     ok_lines = sum(1 for l in lines if l["status"] == "ok")
+    decode = [l["tokens_per_s"] for l in lines if l["status"] == "ok" and l["tokens_per_s"] > 0]
     tokens = sum(r["tokens"] for r in results)
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results]
@@ -120,6 +121,7 @@ async def main() -> None:
         "latency_p50_s": round(statistics.median(lat), 3), "latency_p95_s": round(pct(lat, 95), 3),
         "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(pct(ttft, 95), 3),
         "peak_resident_mib": round(peak["resident"] / 2**20, 1), "cutline_mib": round(peak["cutline"] / 2**20, 1),
+        "server_decode_tok_s_per_request_p50": round(statistics.median(decode), 1) if decode else None,
         "badges_seen": sorted(peak["badges"]), "ssot_lines": after - before, "ssot_ok_lines": ok_lines,
     }
     print(json.dumps(summary, indent=2))
