@@ -303,6 +303,19 @@ async fn generate(
         .param("messages")
         .code("model_not_vision"));
     }
+    // Admission, first the queue limit (before the prompt is even encoded, so that
+    // refusals stay cheap under load).
+    if worker.queued.load(Ordering::SeqCst) >= s.config.max_queue {
+        s.metrics.rejected("queue_full");
+        return Err(ApiError::busy(
+            format!(
+                "model `{}` has {} requests queued (the limit); retry shortly",
+                worker.id, s.config.max_queue
+            ),
+            "queue_full",
+            1,
+        ));
+    }
     let loaded = &worker.model;
     let prompt = match &req.prompt {
         PromptInput::Chat(messages) => {
@@ -338,18 +351,7 @@ async fn generate(
         sampling: sampling(&req)?,
         ignore_eos: false,
     };
-    // Admission: the queue limit, then memory, before anything is queued.
-    if worker.queued.load(Ordering::SeqCst) >= s.config.max_queue {
-        s.metrics.rejected("queue_full");
-        return Err(ApiError::busy(
-            format!(
-                "model `{}` has {} requests queued (the limit); retry shortly",
-                worker.id, s.config.max_queue
-            ),
-            "queue_full",
-            1,
-        ));
-    }
+    // Then memory, before anything is queued.
     let need = request_bytes(loaded, prompt.len(), max_tokens);
     let guard = s.runtime.guard();
     let rss = s
