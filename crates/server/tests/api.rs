@@ -572,3 +572,103 @@ async fn body_limit_streams_are_not_buffered_past_the_limit() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error_of(&v)["code"], "request_too_large");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_its_socket_cancels_a_non_streaming_request() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = builder(dir.path(), "20GiB").build().unwrap();
+    server.preload().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener, std::future::pending()).await })
+    };
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Tell a very long story."}],
+                      "max_tokens": 3000, "temperature": 0.8, "seed": 1})
+    .to_string();
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(body.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(socket);
+    let start = Instant::now();
+    let record = loop {
+        if let Some(r) = records(dir.path()).pop() {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the abandoned request never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(record["status"], "error", "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .unwrap()
+            .contains("client went away"),
+        "{record}"
+    );
+    assert!(record["tokens_out"].as_u64().unwrap() < 3000, "{record}");
+    serving.abort();
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_routes_through_the_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = smollm2_path().display().to_string().replace('\\', "/");
+    let catalog = afo_runtime::select::Catalog::from_toml_str(&format!(
+        r#"
+        [[models]]
+        id = "smollm2-f32"
+        family = "smollm2-135m"
+        params = 134515008
+        quant = "f32"
+        trinity_score = 97.5
+        context_length = 8192
+        estimated_bytes = "600MB"
+        source = "{source}"
+        "#
+    ))
+    .unwrap();
+    let runtime = std::sync::Arc::new(
+        afo_runtime::Runtime::builder()
+            .catalog(catalog)
+            .ssot_log(dir.path().join("runs.jsonl"))
+            .build()
+            .unwrap(),
+    );
+    let server = afo_server::Server::builder(runtime).build().unwrap();
+    let router = server.router();
+    let (status, _, v) = send_json(
+        &router,
+        post("/v1/chat/completions", &json!({"model": "auto", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["model"], "smollm2-f32",
+        "the catalog card's id names the model"
+    );
+    let r = records(dir.path());
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["selection"]["model_id"], "smollm2-f32");
+    assert_eq!(r[0]["selection"]["trinity_score"], 97.5);
+    assert_ne!(r[0]["selection"]["reason"], "explicit");
+    // A served id that is not in the catalog is unknown here.
+    let (status, _, _) = send_json(
+        &router,
+        post("/v1/chat/completions", &chat_body("Hi", 2, false)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.shutdown();
+}
