@@ -142,3 +142,37 @@ fn preprocessor_config_reads_from_a_file() -> Result<()> {
     assert!(matches!(missing, Err(Error::Io { .. })));
     Ok(())
 }
+
+#[test]
+fn simd_resampler_stays_within_a_few_levels_of_the_exact_one() -> Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images");
+    let limits = DecodeLimits::default();
+    let mut worst = 0u8;
+    for name in ["odd.png", "photo.jpg", "lossless.webp"] {
+        let bytes = std::fs::read(dir.join(name))?;
+        for config in [
+            PreprocessorConfig::qwen3_vl(),
+            PreprocessorConfig::qwen2_vl().with_pixels(3136, 12_544),
+        ] {
+            let exact = prepare(&bytes, &config, &limits)?;
+            let simd = prepare(
+                &bytes,
+                &config.clone().with_resampler(afo_image::Resampler::Simd),
+                &limits,
+            )?;
+            assert_eq!(exact.image.dimensions(), simd.image.dimensions());
+            let max = exact
+                .image
+                .as_raw()
+                .iter()
+                .zip(simd.image.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            worst = worst.max(max);
+        }
+    }
+    eprintln!("simd vs exact: max {worst} levels");
+    assert!(worst <= 8, "simd differs from exact by {worst} levels");
+    Ok(())
+}
