@@ -672,3 +672,41 @@ async fn auto_routes_through_the_catalog() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_time_limit_is_cancelled_with_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = builder(dir.path(), "20GiB")
+        .request_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    server.preload().unwrap();
+    let router = server.router();
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Tell a very long story."}],
+                      "max_tokens": 3000, "temperature": 0.8, "seed": 3});
+    let start = Instant::now();
+    let (status, _, v) = send_json(&router, post("/v1/chat/completions", &body)).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{v}");
+    assert_eq!(error_of(&v)["code"], "timeout");
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let r = records(dir.path());
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["status"], "error");
+    assert!(r[0]["tokens_out"].as_u64().unwrap() < 3000);
+    // A stream that runs out of time ends with an error event, not [DONE].
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let (status, _, text) = send(&router, post("/v1/chat/completions", &stream_body)).await;
+    if status == StatusCode::OK {
+        let events = sse_events(&text);
+        let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+        assert_eq!(last["error"]["code"], "timeout", "{text}");
+        assert!(!events.iter().any(|e| e == "[DONE]"), "{text}");
+    } else {
+        // The time ran out before the first token (a busy machine): a plain 504.
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error_of(&v)["code"], "timeout");
+    }
+    server.shutdown();
+}
