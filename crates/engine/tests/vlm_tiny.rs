@@ -196,7 +196,7 @@ fn inconsistent_images_are_refused_with_a_reason() {
         grid_thw: [1, 2, 2],
     };
     let err = vlm.prepare("x", &[narrow]).unwrap_err().to_string();
-    assert!(err.contains("1536"), "{err}");
+    assert!(err.contains("1536") && err.contains("768"), "{err}");
     // An instruction smuggling an image token does not line up with the images.
     let err = vlm
         .prepare("<|image_pad|>", &[image([1, 2, 2], 1)])
@@ -267,4 +267,57 @@ fn the_language_model_alone_is_the_same_decoder() {
     let (a, b) = (run(vlm.text_model()), run(loaded.model()));
     assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
     assert!(!VisionLanguageModel::is_vlm_dir(text_dir.path()));
+}
+
+#[test]
+fn a_still_image_in_one_frame_encodes_as_its_repeated_frames() {
+    // Rows of C x T x P x P whose frames are equal, against the same rows with one
+    // frame: the same features (the kernel summed over frames).
+    let (_dir, vlm) = tiny();
+    let (patches, c, p) = (64usize, 3usize, 16usize);
+    let frame: Vec<f32> = (0..patches * c * p * p)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let mut full = Vec::with_capacity(frame.len() * 2);
+    for row in frame.chunks(c * p * p) {
+        for ch in row.chunks(p * p) {
+            full.extend_from_slice(ch); // t = 0
+            full.extend_from_slice(ch); // t = 1
+        }
+    }
+    let full = Tensor::from_vec(full, (patches, c * 2 * p * p), &Device::Cpu).unwrap();
+    let still = Tensor::from_vec(frame, (patches, c * p * p), &Device::Cpu).unwrap();
+    let (a, da) = vlm.vision().forward(&full, &[[1, 8, 8]]).unwrap();
+    let (b, db) = vlm.vision().forward(&still, &[[1, 8, 8]]).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(
+        max_diff(&flat(&a), &flat(&b)) < 1e-4,
+        "{}",
+        max_diff(&flat(&a), &flat(&b))
+    );
+    assert!(max_diff(&flat(&da[0]), &flat(&db[0])) < 1e-4);
+    // And a prompt from the one-frame rows gives the full rows' logits.
+    let x = last_logits(
+        &vlm,
+        "Describe.",
+        &[VisionInput {
+            pixel_values: full,
+            grid_thw: [1, 8, 8],
+        }],
+    );
+    let y = last_logits(
+        &vlm,
+        "Describe.",
+        &[VisionInput {
+            pixel_values: still,
+            grid_thw: [1, 8, 8],
+        }],
+    );
+    let finite = |v: &[f32]| {
+        v.iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect::<Vec<_>>()
+    };
+    assert!(max_diff(&finite(&x), &finite(&y)) < 1e-4);
 }

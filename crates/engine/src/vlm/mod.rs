@@ -51,7 +51,9 @@ use crate::tokenizer::Tokenizer;
 pub const IMAGE_PLACEHOLDER: &str = "<|vision_start|><|image_pad|><|vision_end|>";
 
 /// One preprocessed image: `pixel_values` `[patches, C x T x P x P]` (f32, patches in
-/// merge-window order) and its grid `[t, h, w]` in patches.
+/// merge-window order) and its grid `[t, h, w]` in patches. A still image may also
+/// come as `[patches, C x P x P]`, one frame standing for its `T` identical frames
+/// (half the memory at `T = 2`; the encoder sums its kernel over the frames instead).
 #[derive(Debug, Clone)]
 pub struct VisionInput {
     /// The patches.

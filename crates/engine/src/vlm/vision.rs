@@ -61,6 +61,9 @@ struct Merger {
 pub struct VisionEncoder {
     config: VisionConfig,
     patch_embed: QLinear,
+    /// The patch kernel summed over its frames: a still image's patch rows may hold one
+    /// frame (`C x P x P`), the other frames being the same.
+    still_embed: QLinear,
     pos_embed: Tensor,
     blocks: Vec<Block>,
     merger: Merger,
@@ -134,10 +137,19 @@ impl VisionEncoder {
         )?;
         // A convolution whose kernel and stride are the patch, over exactly one patch,
         // is a matrix product with the flattened kernel (same C, T, P, P order).
+        let bias = w.get("patch_embed.proj.bias", &[h])?;
         let patch_embed = QLinear::dense(
             &format!("{prefix}patch_embed.proj.weight"),
             conv.reshape((h, c.patch_values()))?,
-            Some(w.get("patch_embed.proj.bias", &[h])?),
+            Some(bias.clone()),
+        )?;
+        // T identical frames through the kernel: one frame through the kernel's sum
+        // over T.
+        let still_embed = QLinear::dense(
+            &format!("{prefix}patch_embed.proj.weight (summed over frames)"),
+            conv.sum(2)?
+                .reshape((h, c.in_channels * c.patch_size * c.patch_size))?,
+            Some(bias),
         )?;
         let pos_embed = w.get("pos_embed.weight", &[c.num_position_embeddings, h])?;
         let mut blocks = Vec::with_capacity(c.depth);
@@ -165,6 +177,7 @@ impl VisionEncoder {
         Ok(Self {
             config,
             patch_embed,
+            still_embed,
             pos_embed,
             blocks,
             merger,
@@ -184,6 +197,7 @@ impl VisionEncoder {
         let n = |n: &Norm| t(&n.weight) + t(&n.bias);
         let m = |m: &Merger| n(&m.norm) + m.fc1.bytes() + m.fc2.bytes();
         self.patch_embed.bytes()
+            + self.still_embed.bytes()
             + t(&self.pos_embed)
             + self
                 .blocks
@@ -202,8 +216,10 @@ impl VisionEncoder {
     }
 
     /// Checks `pixel_values` against the grids: one row of `C x T x P x P` values per
-    /// patch, `t x h x w` patches per image, `h` and `w` multiples of the merge size.
-    fn check_inputs(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<usize> {
+    /// patch (or `C x P x P`: a still image's one frame), `t x h x w` patches per
+    /// image, `h` and `w` multiples of the merge size. Returns whether the rows hold
+    /// one frame.
+    fn check_inputs(&self, pixel_values: &Tensor, grids: &[[usize; 3]]) -> Result<bool> {
         let c = &self.config;
         let bad = |reason: String| Err(Error::InvalidConfig { reason });
         let (rows, cols) = pixel_values.dims2().map_err(|_| Error::InvalidConfig {
@@ -213,9 +229,10 @@ impl VisionEncoder {
                 c.patch_values()
             ),
         })?;
-        if cols != c.patch_values() {
+        let one_frame = c.in_channels * c.patch_size * c.patch_size;
+        if cols != c.patch_values() && cols != one_frame {
             return bad(format!(
-                "pixel_values rows hold {cols} values; this encoder takes {} (channels {} x frames {} x patch {}²)",
+                "pixel_values rows hold {cols} values; this encoder takes {} (channels {} x frames {} x patch {}²) or {one_frame} (one frame of a still image)",
                 c.patch_values(),
                 c.in_channels,
                 c.temporal_patch_size,
@@ -237,7 +254,7 @@ impl VisionEncoder {
                 "pixel_values hold {rows} patches but the grids {grids:?} describe {total}"
             ));
         }
-        Ok(rows)
+        Ok(cols != c.patch_values())
     }
 
     /// Encodes images: returns the merged features `[patches / merge², out_hidden]`
@@ -251,11 +268,14 @@ impl VisionEncoder {
         pixel_values: &Tensor,
         grids: &[[usize; 3]],
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        self.check_inputs(pixel_values, grids)?;
+        let one_frame = self.check_inputs(pixel_values, grids)?;
         let device = pixel_values.device();
-        let x = self
-            .patch_embed
-            .forward(&pixel_values.to_dtype(DType::F32)?)?;
+        let embed = if one_frame {
+            &self.still_embed
+        } else {
+            &self.patch_embed
+        };
+        let x = embed.forward(&pixel_values.to_dtype(DType::F32)?)?;
         let mut x = (x + self.position_embeddings(grids, device)?)?;
         let (cos, sin) = self.rotary(grids, device)?;
         let mut deepstack = Vec::with_capacity(self.deepstack.len());
