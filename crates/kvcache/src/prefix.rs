@@ -46,8 +46,9 @@
 //!
 //! # Time
 //!
-//! Every operation has an `_at` form taking the current [`Instant`], so expiry is
-//! testable without waiting; the plain forms use [`Instant::now`].
+//! Lookups and inserts have an `_at` form taking the current [`Instant`], so expiry is
+//! testable without waiting; the plain forms use [`Instant::now`]. The times given
+//! should not go backwards (a block counts as fresh from its latest use).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -478,8 +479,18 @@ impl Inner {
         let Some(ttl) = ttl else {
             return;
         };
-        // Least recent first: children come before their parents.
-        let ticks: Vec<u64> = self.lru.keys().copied().collect();
+        // Least recent first (children come before their parents), up to the first
+        // block still fresh: every later one was used later.
+        let ticks: Vec<u64> = self
+            .lru
+            .iter()
+            .take_while(|&(_, hash)| {
+                self.entries
+                    .get(hash)
+                    .is_some_and(|e| now.saturating_duration_since(e.last_used) >= ttl)
+            })
+            .map(|(&tick, _)| tick)
+            .collect();
         for tick in ticks {
             if self.remove_if(tick, |e| now.saturating_duration_since(e.last_used) >= ttl) {
                 self.stats.expired_blocks += 1;
