@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 artifacts="$root/target/e2e-artifacts"
 mkdir -p "$artifacts"
+rm -f "$artifacts"/runs-*.jsonl "$artifacts"/*.png
 model="${AFO_MODEL_DIR:-$root/models}/SmolLM2-135M-Instruct.Q4_1.gguf"
 model_id="SmolLM2-135M-Instruct.Q4_1"
 say() { printf '\n==> %s\n' "$*"; }
