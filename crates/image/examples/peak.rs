@@ -3,18 +3,21 @@
 //! process:
 //!
 //! ```sh
-//! cargo run --release -p afo-image --example peak -- ours  PHOTO.jpg [qwen3-vl|qwen2-vl]
+//! cargo run --release -p afo-image --example peak -- ours    PHOTO.jpg [qwen3-vl|qwen2-vl]
+//! cargo run --release -p afo-image --example peak -- compact PHOTO.jpg [qwen3-vl|qwen2-vl]
 //! cargo run --release -p afo-image --example peak -- naive PHOTO.jpg [qwen3-vl|qwen2-vl] [MAX_PIXELS]
 //! ```
 //!
 //! The naive path is what a straightforward port of the reference does: decode at full
 //! size, convert the whole image to f32, resize in f32 (the same SIMD resizer, in
 //! float), then normalise and patchify. Ours decodes (at reduced scale where a JPEG
-//! allows), resizes in u8 and writes floats only into the output tensor.
+//! allows), resizes in u8 and writes floats only into the output tensor. `compact` is
+//! ours with [`PixelLayout::Compact`]: the still image's frame stored once instead of
+//! `temporal_patch_size` times.
 
 use std::time::Instant;
 
-use afo_image::{DecodeLimits, PreprocessorConfig, preprocess, smart_resize};
+use afo_image::{DecodeLimits, PixelLayout, PreprocessorConfig, preprocess, smart_resize};
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use fast_image_resize as fr;
@@ -104,7 +107,7 @@ fn naive(bytes: &[u8], c: &PreprocessorConfig) -> Result<(Tensor, [usize; 3])> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        bail!("usage: peak naive|ours FILE [qwen3-vl|qwen2-vl] [MAX_PIXELS]");
+        bail!("usage: peak naive|ours|compact FILE [qwen3-vl|qwen2-vl] [MAX_PIXELS]");
     }
     let mut config = match args.get(3).map(String::as_str) {
         None | Some("qwen3-vl") => PreprocessorConfig::qwen3_vl(),
@@ -122,11 +125,16 @@ fn main() -> Result<()> {
             let p = preprocess(&bytes, &config, &DecodeLimits::default())?;
             (p.pixel_values.dims()[0], p.grid_thw)
         }
+        "compact" => {
+            let config = config.clone().with_pixel_layout(PixelLayout::Compact);
+            let p = preprocess(&bytes, &config, &DecodeLimits::default())?;
+            (p.pixel_values.dims()[0], p.grid_thw)
+        }
         "naive" => {
             let (t, g) = naive(&bytes, &config)?;
             (t.dims()[0], g)
         }
-        other => bail!("unknown path {other}: naive or ours"),
+        other => bail!("unknown path {other}: naive, ours or compact"),
     };
     let ms = start.elapsed().as_secs_f64() * 1e3;
     let peak = vm_hwm()?;

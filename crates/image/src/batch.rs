@@ -34,7 +34,7 @@ impl BatchOptions {
 
 /// Upper estimate of the memory one image takes while it is preprocessed: the
 /// full-size decoded buffer as its header declares it, the resized RGB8 copy, and the
-/// f32 `pixel_values`.
+/// f32 `pixel_values` in the configured layout.
 pub fn estimate_peak_bytes(info: &decode::ImageInfo, config: &PreprocessorConfig) -> u64 {
     let resized = crate::resize::smart_resize(
         info.height as usize,
@@ -45,7 +45,7 @@ pub fn estimate_peak_bytes(info: &decode::ImageInfo, config: &PreprocessorConfig
     )
     .map(|(h, w)| (h * w) as u64)
     .unwrap_or_else(|_| info.pixels());
-    let floats = resized * 3 * config.temporal_patch_size as u64 * 4;
+    let floats = resized * 3 * config.frames() as u64 * 4;
     info.decoded_bytes + resized * 3 + floats
 }
 

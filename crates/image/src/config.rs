@@ -180,6 +180,48 @@ impl FromStr for Resampler {
     }
 }
 
+/// How a still image's frames are stored in `pixel_values`.
+///
+/// The reference processor repeats a still image `temporal_patch_size` (T) times, so
+/// each row holds `3 x T x P x P` values (channel, frame, patch row, patch column) of
+/// which the T frames are equal. The compact layout stores one frame: rows of
+/// `3 x P x P` values (channel, patch row, patch column), the other frames implied
+/// identical. A vision encoder whose patch embedding is a convolution over T frames
+/// gets the same result from the compact row with its kernel summed over the frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum PixelLayout {
+    /// `[patches, 3 * T * P * P]`, exactly as the reference processor. The default.
+    #[default]
+    Full,
+    /// `[patches, 3 * P * P]`: frame 0 only, 1/T of the memory.
+    Compact,
+}
+
+impl fmt::Display for PixelLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Full => "full",
+            Self::Compact => "compact",
+        })
+    }
+}
+
+impl FromStr for PixelLayout {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(Self::Full),
+            "compact" => Ok(Self::Compact),
+            _ => Err(Error::Config {
+                field: "pixel_layout",
+                reason: format!("`{s}` is not full or compact"),
+            }),
+        }
+    }
+}
+
 /// The resolved preprocessing parameters of a Qwen-VL style image processor.
 ///
 /// Build one with [`qwen2_vl`](Self::qwen2_vl), [`qwen3_vl`](Self::qwen3_vl), or from
@@ -221,6 +263,9 @@ pub struct PreprocessorConfig {
     /// from a full-size decode (the reference processor always decodes at full size).
     /// Default true; has no effect when no such reduction fits.
     pub reduced_jpeg_decode: bool,
+    /// How still-image frames are stored in `pixel_values` (not part of the file).
+    /// Default [`PixelLayout::Full`], the reference layout.
+    pub pixel_layout: PixelLayout,
 }
 
 impl PreprocessorConfig {
@@ -244,6 +289,7 @@ impl PreprocessorConfig {
             image_mean: CLIP_MEAN,
             image_std: CLIP_STD,
             reduced_jpeg_decode: true,
+            pixel_layout: PixelLayout::Full,
         }
     }
 
@@ -305,12 +351,35 @@ impl PreprocessorConfig {
         self
     }
 
+    /// Sets [`pixel_layout`](Self::pixel_layout) (builder style).
+    pub fn with_pixel_layout(mut self, layout: PixelLayout) -> Self {
+        self.pixel_layout = layout;
+        self
+    }
+
+    /// Frames stored per `pixel_values` row: `temporal_patch_size` in the full layout,
+    /// 1 in the compact one.
+    pub fn frames(&self) -> usize {
+        match self.pixel_layout {
+            PixelLayout::Full => self.temporal_patch_size,
+            PixelLayout::Compact => 1,
+        }
+    }
+
+    /// Values per row of `pixel_values` in the configured layout:
+    /// `3 * frames() * patch_size²` (equal to [`patch_dim`](Self::patch_dim) in the full
+    /// layout).
+    pub fn row_dim(&self) -> usize {
+        3 * self.frames() * self.patch_size * self.patch_size
+    }
+
     /// The side multiple of resized images: `patch_size * merge_size`.
     pub fn factor(&self) -> usize {
         self.patch_size * self.merge_size
     }
 
-    /// Values per patch row of `pixel_values`: `3 * temporal_patch_size * patch_size²`.
+    /// Values per patch row of the full (reference) layout:
+    /// `3 * temporal_patch_size * patch_size²`, the vision encoder's patch input.
     pub fn patch_dim(&self) -> usize {
         3 * self.temporal_patch_size * self.patch_size * self.patch_size
     }
@@ -450,6 +519,7 @@ impl PreprocessorConfigFile {
                 .unwrap_or(d.image_std),
             resampler: d.resampler,
             reduced_jpeg_decode: d.reduced_jpeg_decode,
+            pixel_layout: d.pixel_layout,
         };
         config.validate()?;
         Ok(config)

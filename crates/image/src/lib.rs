@@ -14,7 +14,9 @@
 //!    so a 24-megapixel photo never becomes a full-size float buffer;
 //! 3. **normalise and patchify** straight into [`Preprocessed::pixel_values`], a
 //!    `[patches, 3 * T * P * P]` candle tensor in Qwen2-VL merge-window order, with
-//!    its `grid_thw`;
+//!    its `grid_thw`; or, with [`PixelLayout::Compact`], `[patches, 3 * P * P]`: the
+//!    still image's frame once instead of T times, for an encoder that folds its
+//!    patch-embedding kernel over time;
 //! 4. **batch** ([`preprocess_batch`]) in parallel under a byte budget, and
 //!    **re-encode** ([`Prepared::encode`]) as JPEG or lossless WebP with a
 //!    [`compression_ratio`](Encoded::compression_ratio).
@@ -64,7 +66,8 @@ mod resize;
 
 pub use batch::{BatchOptions, estimate_peak_bytes, preprocess_batch};
 pub use config::{
-    CLIP_MEAN, CLIP_STD, PreprocessorConfig, PreprocessorConfigFile, Resample, Resampler, SizeFile,
+    CLIP_MEAN, CLIP_STD, PixelLayout, PreprocessorConfig, PreprocessorConfigFile, Resample,
+    Resampler, SizeFile,
 };
 pub use decode::{DecodeLimits, ImageFormat, ImageInfo, probe};
 pub use encode::{Encoded, Encoding, encode_rgb8};

@@ -26,18 +26,15 @@ fn lut(config: &PreprocessorConfig) -> [[f32; 256]; 3] {
 /// Normalises an RGB8 image and lays it out as Qwen-VL `pixel_values` rows: one row
 /// per patch of `P x P` pixels, patches ordered by merge window (window row, window
 /// column, then the `M x M` patches inside a window row-major), each row holding
-/// channel, then frame (the image repeated `T` times), then patch row and column.
+/// channel, then frame (the image repeated `config.frames()` times: `T` in the full
+/// layout, once in the compact one), then patch row and column.
 /// Returns the flat buffer and `[grid_h, grid_w]` in patches.
 pub(crate) fn patchify(
     rgb: &RgbImage,
     config: &PreprocessorConfig,
 ) -> Result<(Vec<f32>, [usize; 2])> {
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-    let (p, m, t) = (
-        config.patch_size,
-        config.merge_size,
-        config.temporal_patch_size,
-    );
+    let (p, m, t) = (config.patch_size, config.merge_size, config.frames());
     let factor = p * m;
     if w == 0 || h == 0 || w % factor != 0 || h % factor != 0 {
         return Err(Error::Config {

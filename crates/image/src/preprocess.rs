@@ -4,15 +4,24 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::decode::{self, ImageInfo};
-use crate::{DecodeLimits, ImageFormat, PreprocessorConfig, Result, patchify, resize};
+use crate::{DecodeLimits, ImageFormat, PixelLayout, PreprocessorConfig, Result, patchify, resize};
 
 /// One image ready for a Qwen-VL vision encoder.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Preprocessed {
-    /// `[patches, 3 * T * P * P]` f32 on the CPU, patches in Qwen2-VL merge-window
-    /// order, exactly as the reference processor flattens them.
+    /// `[patches, 3 * frames * P * P]` f32 on the CPU, patches in Qwen2-VL
+    /// merge-window order; each row holds channel, frame, patch row, patch column. In
+    /// the full layout (`frames == temporal_patch_size`) exactly as the reference
+    /// processor flattens them; in the compact layout (`frames == 1`) frame 0 only,
+    /// the other `temporal_patch_size - 1` frames being equal to it.
     pub pixel_values: Tensor,
+    /// Which layout [`pixel_values`](Self::pixel_values) has.
+    pub layout: PixelLayout,
+    /// Frames stored per row: `temporal_patch_size` (full layout) or 1 (compact).
+    pub frames: usize,
+    /// The vision encoder's temporal patch size T, the frames a full row holds.
+    pub temporal_patch_size: usize,
     /// `[t, h / P, w / P]`: temporal patches (1 for a still image, whose frame is
     /// repeated `temporal_patch_size` times) and the patch grid.
     pub grid_thw: [usize; 3],
@@ -43,6 +52,32 @@ impl Preprocessed {
     /// Rows of `pixel_values`: `t * h * w`.
     pub fn num_patches(&self) -> usize {
         self.grid_thw.iter().product()
+    }
+
+    /// The same image in the full (reference) layout: a compact tensor's frame
+    /// repeated `temporal_patch_size` times in every row; a full one is returned as is.
+    pub fn to_full_layout(&self) -> Result<Preprocessed> {
+        if self.frames == self.temporal_patch_size {
+            return Ok(Preprocessed {
+                layout: PixelLayout::Full,
+                ..self.clone()
+            });
+        }
+        let (rows, dim) = self.pixel_values.dims2()?;
+        let t = self.temporal_patch_size;
+        let plane = dim / (3 * self.frames).max(1);
+        let pixel_values = self
+            .pixel_values
+            .reshape((rows, 3, 1, self.frames * plane))?
+            .broadcast_as((rows, 3, t, plane))?
+            .contiguous()?
+            .reshape((rows, 3 * t * plane))?;
+        Ok(Preprocessed {
+            pixel_values,
+            layout: PixelLayout::Full,
+            frames: t,
+            ..self.clone()
+        })
     }
 }
 
@@ -109,10 +144,13 @@ impl Prepared {
         config.validate()?;
         let (values, [gh, gw]) = patchify::patchify(&self.image, config)?;
         let rows = gh * gw;
-        let pixel_values = Tensor::from_vec(values, (rows, config.patch_dim()), &Device::Cpu)?;
+        let pixel_values = Tensor::from_vec(values, (rows, config.row_dim()), &Device::Cpu)?;
         let (w, h) = self.image.dimensions();
         Ok(Preprocessed {
             pixel_values,
+            layout: config.pixel_layout,
+            frames: config.frames(),
+            temporal_patch_size: config.temporal_patch_size,
             grid_thw: [1, gh, gw],
             original: (self.info.width, self.info.height),
             resized: (w, h),

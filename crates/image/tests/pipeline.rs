@@ -6,8 +6,8 @@
 use std::io::Cursor;
 
 use afo_image::{
-    BatchOptions, DecodeLimits, Encoding, Error, PreprocessorConfig, prepare, preprocess,
-    preprocess_batch,
+    BatchOptions, DecodeLimits, Encoding, Error, PixelLayout, PreprocessorConfig, prepare,
+    preprocess, preprocess_batch,
 };
 use anyhow::Result;
 
@@ -174,5 +174,83 @@ fn simd_resampler_stays_within_a_few_levels_of_the_exact_one() -> Result<()> {
     }
     eprintln!("simd vs exact: max {worst} levels");
     assert!(worst <= 8, "simd differs from exact by {worst} levels");
+    Ok(())
+}
+
+/// The compact still-image layout: each row is frame 0 of the full row (whose layout is
+/// channel, frame, patch row, patch column), and expanding it gives the full tensor.
+#[test]
+fn compact_layout_rows_are_frame_zero_of_the_full_rows() -> Result<()> {
+    let png = encode(&photo(333, 250).into(), image::ImageFormat::Png)?;
+    let limits = DecodeLimits::default();
+    for (full_config, t) in [
+        (PreprocessorConfig::qwen3_vl(), 2),
+        (PreprocessorConfig::qwen2_vl(), 2),
+        (
+            {
+                let mut c = PreprocessorConfig::qwen2_vl();
+                c.temporal_patch_size = 3;
+                c
+            },
+            3,
+        ),
+    ] {
+        let compact_config = full_config.clone().with_pixel_layout(PixelLayout::Compact);
+        let full = preprocess(&png, &full_config, &limits)?;
+        let compact = preprocess(&png, &compact_config, &limits)?;
+        let p = full_config.patch_size;
+        let (rows, dim) = full.pixel_values.dims2()?;
+        assert_eq!(dim, 3 * t * p * p);
+        assert_eq!(compact.pixel_values.dims(), &[rows, 3 * p * p]);
+        assert_eq!((full.layout, full.frames), (PixelLayout::Full, t));
+        assert_eq!((compact.layout, compact.frames), (PixelLayout::Compact, 1));
+        assert_eq!(compact.temporal_patch_size, t);
+        assert_eq!(compact.grid_thw, full.grid_thw);
+        assert_eq!(compact.num_image_tokens(), full.num_image_tokens());
+        assert_eq!(compact_config.row_dim(), 3 * p * p);
+        assert_eq!(compact_config.patch_dim(), dim);
+
+        let (fv, cv) = (values(&full)?, values(&compact)?);
+        let pp = p * p;
+        for (r, (frow, crow)) in fv
+            .chunks_exact(dim)
+            .zip(cv.chunks_exact(3 * pp))
+            .enumerate()
+        {
+            for ch in 0..3 {
+                let plane = &crow[ch * pp..(ch + 1) * pp];
+                for f in 0..t {
+                    let start = (ch * t + f) * pp;
+                    assert_eq!(
+                        &frow[start..start + pp],
+                        plane,
+                        "row {r}, channel {ch}, frame {f}"
+                    );
+                }
+            }
+        }
+        // Not merely a prefix: with T > 1, the full row's second third/half starts
+        // with channel 0's frame 1, not channel 1.
+        assert_ne!(&fv[..3 * pp], &cv[..3 * pp]);
+
+        let expanded = compact.to_full_layout()?;
+        assert_eq!(expanded.layout, PixelLayout::Full);
+        assert_eq!(expanded.frames, t);
+        assert_eq!(expanded.pixel_values.dims(), full.pixel_values.dims());
+        assert_eq!(values(&expanded)?, fv);
+    }
+    Ok(())
+}
+
+#[test]
+fn pixel_layout_names_parse() -> Result<()> {
+    for l in [PixelLayout::Full, PixelLayout::Compact] {
+        assert_eq!(l.to_string().parse::<PixelLayout>()?, l);
+    }
+    assert!("half".parse::<PixelLayout>().is_err());
+    assert_eq!(
+        PreprocessorConfig::default().pixel_layout,
+        PixelLayout::Full
+    );
     Ok(())
 }
