@@ -321,3 +321,37 @@ fn a_still_image_in_one_frame_encodes_as_its_repeated_frames() {
     };
     assert!(max_diff(&finite(&x), &finite(&y)) < 1e-4);
 }
+
+#[test]
+fn a_conversation_with_images_in_its_turns_prepares_like_one_turn() {
+    use afo_engine::{IMAGE_PLACEHOLDER, Message};
+    let (_dir, vlm) = tiny();
+    let images = [image([1, 4, 4], 1), image([1, 4, 8], 2)];
+    let one = vlm.prepare("Compare.", &images).unwrap();
+    let chat = vlm
+        .prepare_chat(
+            &[Message::user(format!(
+                "{IMAGE_PLACEHOLDER}{IMAGE_PLACEHOLDER}Compare."
+            ))],
+            &images,
+        )
+        .unwrap();
+    assert_eq!(one.tokens, chat.tokens);
+    // Two turns, one image each: both images' tokens are there, in order.
+    let two = vlm
+        .prepare_chat(
+            &[
+                Message::user(format!("{IMAGE_PLACEHOLDER}What is this?")),
+                Message::assistant("A square."),
+                Message::user(format!("And this? {IMAGE_PLACEHOLDER}")),
+            ],
+            &images,
+        )
+        .unwrap();
+    assert_eq!(two.image_tokens, 4 + 8);
+    // Placeholders that do not match the images are refused.
+    assert!(
+        vlm.prepare_chat(&[Message::user("no image here")], &images)
+            .is_err()
+    );
+}

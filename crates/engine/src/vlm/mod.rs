@@ -247,11 +247,23 @@ impl VisionLanguageModel {
     /// instruction itself contains image tokens; encoder, template and tokenizer
     /// errors.
     pub fn prepare(&self, instruction: &str, images: &[VisionInput]) -> Result<VlmPrompt> {
-        let merge = self.config.vision.merge_size;
-        let image_id = self.config.image_token_id;
         let mut content = IMAGE_PLACEHOLDER.repeat(images.len());
         content.push_str(instruction);
-        let text = self.chat.render(&[Message::user(content)], true)?;
+        self.prepare_chat(&[Message::user(content)], images)
+    }
+
+    /// Prepares a conversation whose messages hold [`IMAGE_PLACEHOLDER`] where each
+    /// image goes, in order (an OpenAI-style request with `image_url` parts becomes
+    /// this): the template is rendered with the generation prompt, then as
+    /// [`VisionLanguageModel::prepare`].
+    ///
+    /// # Errors
+    /// As [`VisionLanguageModel::prepare`]; [`Error::InvalidConfig`] when the
+    /// placeholders and the images do not pair up.
+    pub fn prepare_chat(&self, messages: &[Message], images: &[VisionInput]) -> Result<VlmPrompt> {
+        let merge = self.config.vision.merge_size;
+        let image_id = self.config.image_token_id;
+        let text = self.chat.render(messages, true)?;
         let raw = self.tokenizer.encode(&text, false)?;
         let found = raw.iter().filter(|&&t| t == image_id).count();
         if found != images.len() {
