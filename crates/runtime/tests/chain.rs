@@ -101,7 +101,11 @@ fn tiny_vlm_then_smollm2_gives_both_texts_and_one_record() {
     assert!(r.peak_memory_bytes > 0);
     // The summary model loads inside the call: its weights are in the prediction.
     let file = std::fs::metadata(smollm2()).unwrap().len();
-    assert!(r.predicted_peak_bytes > file, "{} <= {file}", r.predicted_peak_bytes);
+    assert!(
+        r.predicted_peak_bytes > file,
+        "{} <= {file}",
+        r.predicted_peak_bytes
+    );
 
     let records: Vec<Record> = LogReader::open(&log, ReadMode::Strict)
         .unwrap()
