@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use afo_engine::{Acquired, LoadedModel};
-use afo_guard::{Guard, Probe};
+use afo_engine::{Acquired, LoadedModel, VisionLanguageModel};
+use afo_guard::{Guard, ModelShape, Probe, RunPlan, Weights};
 use afo_quant::QuantScheme;
 use afo_select::{Query, RouteContext, fallback};
 use afo_ssot::Record;
@@ -38,6 +38,56 @@ impl Runtime {
         scheme: Option<QuantScheme>,
     ) -> Result<Acquired<LoadedModel>> {
         self.acquire(model, scheme, None)
+    }
+
+    /// Loads a vision-language model directory into the runtime's VLM cache (or finds
+    /// it there) and hands out the shared model, held loaded while the returned
+    /// [`Acquired::model`] lives (the server's counterpart of
+    /// [`Runtime::acquire_model`] for [`VisionLanguageModel::is_vlm_dir`] folders).
+    ///
+    /// # Errors
+    /// Loading errors, or a model too large for the cutline.
+    pub fn acquire_vision_model(&self, dir: &Path) -> Result<Acquired<VisionLanguageModel>> {
+        self.acquire_vlm(dir)
+    }
+
+    /// The bytes one VLM request adds while it runs, by the runtime's estimator (as
+    /// the image chain admits its analysis): the preprocessed images and the vision
+    /// encoder's states (`image_pixels` per image, `vision_tokens` patches in all),
+    /// the KV cache for `prompt_tokens + max_new_tokens`, activations and logits, plus
+    /// the estimator's overhead allowance. The weights are resident already and not
+    /// counted.
+    pub fn vision_run_bytes(
+        &self,
+        vlm: &VisionLanguageModel,
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+        image_pixels: Vec<u64>,
+        vision_tokens: usize,
+    ) -> u64 {
+        let c = vlm.text_model().config();
+        let plan = RunPlan {
+            weights: Weights::Bytes(vlm.weight_bytes()),
+            shape: ModelShape {
+                layers: c.num_layers as u64,
+                hidden: c.hidden_size as u64,
+                intermediate: c.intermediate_size as u64,
+                heads: c.num_heads as u64,
+                kv_heads: c.num_kv_heads as u64,
+                head_dim: c.head_dim as u64,
+                vocab: c.vocab_size as u64,
+            },
+            prompt_tokens: prompt_tokens as u64,
+            max_new_tokens: max_new_tokens as u64,
+            batch: 1,
+            kv_dtype_bytes: 4,
+            prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
+            image_pixels,
+            vision_tokens: vision_tokens as u64,
+        };
+        let e = self.estimator.estimate(&plan);
+        ((e.kv_cache + e.activations + e.logits + e.images) as f64
+            * (1.0 + self.estimator.overhead_fraction)) as u64
     }
 
     /// The memory guard every run of this runtime reserves its bytes with. Clones

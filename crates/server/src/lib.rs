@@ -77,6 +77,7 @@ pub mod openai;
 mod routes;
 mod server;
 mod state;
+mod vision;
 mod worker;
 
 pub use error::{ApiError, Error, Result};

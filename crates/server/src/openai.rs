@@ -119,6 +119,9 @@ pub struct ImageInput {
     pub media_type: String,
     /// The image file's bytes.
     pub bytes: Vec<u8>,
+    /// Where the request held it (`messages[0].content[1]`; empty outside a
+    /// request), for error messages.
+    pub part: String,
 }
 
 /// One chat message after the checks.
@@ -130,6 +133,9 @@ pub struct ChatMessage {
     pub text: String,
     /// Images, in order.
     pub images: Vec<ImageInput>,
+    /// Where each image stood among the parts: the byte offset into `text` at which
+    /// image `k` goes (a vision-language prompt puts the image there).
+    pub image_offsets: Vec<usize>,
 }
 
 /// What to generate from.
@@ -288,6 +294,7 @@ pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, Ap
             role: role.to_owned(),
             text: String::new(),
             images: Vec::new(),
+            image_offsets: Vec::new(),
         };
         match m.content {
             None => {}
@@ -311,8 +318,10 @@ pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, Ap
                                 ))
                                 .param(param()));
                             }
-                            let image = decode_data_url(&image_url.url, limits.max_image_bytes)
+                            let mut image = decode_data_url(&image_url.url, limits.max_image_bytes)
                                 .map_err(|e| e.param(format!("{}.image_url.url", param())))?;
+                            image.part = param();
+                            message.image_offsets.push(message.text.len());
                             message.images.push(image);
                         }
                         Part::Unsupported => {
@@ -519,6 +528,7 @@ pub fn decode_data_url(url: &str, max_bytes: usize) -> Result<ImageInput, ApiErr
     Ok(ImageInput {
         media_type: media_type.to_owned(),
         bytes,
+        part: String::new(),
     })
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use afo_runtime::engine::{GenerateOptions, SamplingParams};
+use afo_runtime::engine::{GenerateOptions, LoadedModel, SamplingParams};
 use afo_runtime::guard::{StatusBadge, badge};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -23,7 +23,8 @@ use crate::error::ApiError;
 use crate::metrics::Gauges;
 use crate::openai::{Endpoint, ParsedRequest, PromptInput, Usage, parse_chat, parse_completion};
 use crate::state::Shared;
-use crate::worker::{Event, Job, request_bytes};
+use crate::vision::{self, Planned};
+use crate::worker::{Event, Job, Served, request_bytes};
 
 /// The dashboard page.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -270,11 +271,58 @@ fn sampling(req: &ParsedRequest) -> Result<SamplingParams, ApiError> {
         .map_err(|e| ApiError::invalid(format!("sampling parameters: {e}")))
 }
 
+/// Encodes a text model's prompt, checks it against the context and predicts its
+/// bytes.
+fn plan_text(
+    loaded: &LoadedModel,
+    model_id: &str,
+    prompt: &PromptInput,
+    req: &ParsedRequest,
+    s: &Shared,
+) -> Result<Planned, ApiError> {
+    let prompt = match prompt {
+        PromptInput::Chat(messages) => {
+            let messages: Vec<_> = messages
+                .iter()
+                .map(|m| afo_runtime::engine::Message::new(m.role.clone(), m.text.clone()))
+                .collect();
+            loaded.encode_chat(&messages)
+        }
+        PromptInput::Text(t) => loaded.encode_text(t),
+    }
+    .map_err(|e| ApiError::invalid(format!("the prompt could not be encoded: {e}")))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("the prompt encodes to no tokens"));
+    }
+    let context = loaded.model().config().max_position;
+    if prompt.len() >= context {
+        return Err(ApiError::invalid(format!(
+            "the prompt has {} tokens; model `{model_id}` takes at most {context} in all",
+            prompt.len(),
+        ))
+        .code("context_length_exceeded"));
+    }
+    let max_tokens = req
+        .sampling
+        .max_tokens
+        .unwrap_or(s.config.default_max_tokens)
+        .min(context - prompt.len());
+    Ok(Planned {
+        prompt_tokens: prompt.len(),
+        need: request_bytes(loaded, prompt.len(), max_tokens),
+        prompt,
+        max_tokens,
+        vision: None,
+        image_pixels: 0,
+        original_pixels: 0,
+    })
+}
+
 /// Runs a checked request: picks the model, admits it, queues it on the model's
 /// worker, and answers with a completion object or an SSE stream.
 async fn generate(
     s: Arc<Shared>,
-    req: ParsedRequest,
+    mut req: ParsedRequest,
     received: Instant,
 ) -> Result<Response, ApiError> {
     if !s.accepting.load(Ordering::SeqCst) {
@@ -316,43 +364,42 @@ async fn generate(
             1,
         ));
     }
-    let loaded = &worker.model;
-    let prompt = match &req.prompt {
-        PromptInput::Chat(messages) => {
-            let messages: Vec<_> = messages
-                .iter()
-                .map(|m| afo_runtime::engine::Message::new(m.role.clone(), m.text.clone()))
-                .collect();
-            loaded.encode_chat(&messages)
+    let sampling = sampling(&req)?;
+    let planned = match &worker.model {
+        Served::Text(loaded) => plan_text(loaded, &worker.id, &req.prompt, &req, &s)?,
+        Served::Vision { model, pre } => {
+            let (s2, model, pre, id) = (
+                Arc::clone(&s),
+                Arc::clone(model),
+                Arc::clone(pre),
+                worker.id.clone(),
+            );
+            let prompt = std::mem::replace(&mut req.prompt, PromptInput::Text(String::new()));
+            let max_tokens = req.sampling.max_tokens;
+            tokio::task::spawn_blocking(move || {
+                vision::plan(
+                    &s2.runtime,
+                    &model,
+                    &pre,
+                    &id,
+                    &prompt,
+                    max_tokens,
+                    s2.config.default_max_tokens,
+                    s2.config.limits.max_image_bytes,
+                )
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("image task failed: {e}")))??
         }
-        PromptInput::Text(t) => loaded.encode_text(t),
-    }
-    .map_err(|e| ApiError::invalid(format!("the prompt could not be encoded: {e}")))?;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("the prompt encodes to no tokens"));
-    }
-    let context = loaded.model().config().max_position;
-    if prompt.len() >= context {
-        return Err(ApiError::invalid(format!(
-            "the prompt has {} tokens; model `{}` takes at most {context} in all",
-            prompt.len(),
-            worker.id
-        ))
-        .code("context_length_exceeded"));
-    }
-    let max_tokens = req
-        .sampling
-        .max_tokens
-        .unwrap_or(s.config.default_max_tokens)
-        .min(context - prompt.len());
+    };
     let options = GenerateOptions {
-        max_tokens,
+        max_tokens: planned.max_tokens,
         stop: req.sampling.stop.clone(),
-        sampling: sampling(&req)?,
+        sampling,
         ignore_eos: false,
     };
+    let need = planned.need;
     // Then memory, before anything is queued.
-    let need = request_bytes(loaded, prompt.len(), max_tokens);
     let guard = s.runtime.guard();
     let rss = s
         .runtime
@@ -374,11 +421,12 @@ async fn generate(
     }
     let run_id = s.next_run_id();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let prompt_tokens = prompt.len();
+    let prompt_tokens = planned.prompt_tokens;
+    let vision_worker = worker.accepts_images();
     worker.submit(Job {
         run_id: run_id.clone(),
         endpoint: req.endpoint,
-        prompt,
+        prompt: planned.prompt,
         options,
         events: tx,
         received,
@@ -386,6 +434,9 @@ async fn generate(
         admit_by: received + s.config.admission_timeout,
         predicted_bytes: need,
         selection: target.selection,
+        vision: planned.vision,
+        image_pixels: vision_worker.then_some(planned.image_pixels),
+        original_pixels: vision_worker.then_some(planned.original_pixels),
     })?;
     // The first event decides the status: an error before the first token is still
     // an HTTP error, not a broken stream.

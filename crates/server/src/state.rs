@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use afo_runtime::Runtime;
+use afo_runtime::engine::VisionLanguageModel;
+use afo_runtime::image::PreprocessorConfig;
 use afo_runtime::quant::QuantScheme;
 use afo_runtime::ssot::Record;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::openai::ParseLimits;
-use crate::worker::Worker;
+use crate::worker::{Served, Worker};
 
 /// The server's settings (see [`crate::ServerBuilder`] for each default).
 #[derive(Debug, Clone)]
@@ -164,20 +166,43 @@ impl Shared {
         if let Some(w) = workers.get(&key) {
             return Ok(Arc::clone(w));
         }
-        let acquired = self
-            .runtime
-            .acquire_model(&spec.path, spec.scheme)
-            .map_err(|e| match e {
-                afo_runtime::Error::Engine(afo_runtime::engine::Error::ModelTooLarge {
-                    ..
-                }) => ApiError::unavailable(
+        let load_err = |e: afo_runtime::Error| match e {
+            afo_runtime::Error::Engine(afo_runtime::engine::Error::ModelTooLarge { .. }) => {
+                ApiError::unavailable(
                     format!("model `{}` does not fit under the cutline: {e}", spec.id),
                     "memory_unavailable",
                     30,
-                ),
-                e => ApiError::internal(format!("loading model `{}`: {e}", spec.id)),
-            })?;
-        let worker = Worker::start(self, spec.id.clone(), acquired.model)
+                )
+            }
+            e => ApiError::internal(format!("loading model `{}`: {e}", spec.id)),
+        };
+        let served = if VisionLanguageModel::is_vlm_dir(&spec.path) {
+            if spec.scheme.is_some() {
+                tracing::warn!(model = %spec.id, "a vision-language model is served as stored, not quantized");
+            }
+            let acquired = self
+                .runtime
+                .acquire_vision_model(&spec.path)
+                .map_err(load_err)?;
+            let config = spec.path.join("preprocessor_config.json");
+            let pre = if config.is_file() {
+                PreprocessorConfig::from_file(&config)
+                    .map_err(|e| ApiError::internal(format!("loading model `{}`: {e}", spec.id)))?
+            } else {
+                PreprocessorConfig::qwen3_vl()
+            };
+            Served::Vision {
+                model: acquired.model,
+                pre: Arc::new(pre),
+            }
+        } else {
+            let acquired = self
+                .runtime
+                .acquire_model(&spec.path, spec.scheme)
+                .map_err(load_err)?;
+            Served::Text(acquired.model)
+        };
+        let worker = Worker::start(self, spec.id.clone(), served)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         workers.insert(key, Arc::clone(&worker));
         Ok(worker)

@@ -1,7 +1,8 @@
-//! One engine worker thread per served model: it owns the model's batching
-//! [`Scheduler`], takes jobs from a channel, streams each job's text back over its
-//! own channel, cancels jobs whose client went away or whose time ran out, and writes
-//! each job's SSOT record when it ends.
+//! One engine worker thread per served model: for a text model it owns the model's
+//! batching [`Scheduler`]; for a vision-language model it runs one job at a time
+//! ([`crate::vision`]). Either takes jobs from a channel, streams each job's text back
+//! over its own channel, cancels jobs whose client went away or whose time ran out,
+//! and writes each job's SSOT record when it ends.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,8 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use afo_runtime::engine::{FinishReason, GenerateOptions, LoadedModel, RequestId, Scheduler};
+use afo_runtime::engine::{
+    FinishReason, GenerateOptions, LoadedModel, RequestId, Scheduler, VisionLanguageModel,
+};
 use afo_runtime::guard::{Admission, HealthInputs, badge, health_score};
+use afo_runtime::image::PreprocessorConfig;
 use afo_runtime::ssot::{Record, RecordV1, RecordV2, RunStatus, Timestamp};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -19,6 +23,7 @@ use crate::error::ApiError;
 use crate::metrics::RunObservation;
 use crate::openai::Endpoint;
 use crate::state::Shared;
+use crate::vision::VisionJob;
 
 /// What a job's channel carries, in order: `Started`, any number of `Text`, then
 /// `Done` or `Failed` (or `Failed` alone).
@@ -60,9 +65,27 @@ pub(crate) struct Job {
     pub predicted_bytes: u64,
     /// How the model was chosen, for the record.
     pub selection: afo_runtime::ssot::Selection,
+    /// A VLM chat's messages and images (the worker prepares its prompt).
+    pub vision: Option<VisionJob>,
+    /// Pixels fed to the vision encoder and pixels of the inputs, all images (VLM
+    /// requests).
+    pub image_pixels: Option<u64>,
+    pub original_pixels: Option<u64>,
 }
 
-/// The bytes a request adds while it runs: its KV cache, two logit rows and 10%
+/// The model a worker serves.
+#[derive(Debug, Clone)]
+pub(crate) enum Served {
+    /// A text model, batched by a scheduler.
+    Text(Arc<LoadedModel>),
+    /// A vision-language model with its image preprocessing, one job at a time.
+    Vision {
+        model: Arc<VisionLanguageModel>,
+        pre: Arc<PreprocessorConfig>,
+    },
+}
+
+/// The bytes a text request adds while it runs: its KV cache, two logit rows and 10%
 /// slack, as the runtime's estimator allows for.
 pub(crate) fn request_bytes(model: &LoadedModel, prompt_tokens: usize, max_tokens: usize) -> u64 {
     let c = model.model().config();
@@ -78,7 +101,7 @@ pub(crate) struct Worker {
     /// The model's id, as the API names it.
     pub id: String,
     /// The loaded model (also held by the thread).
-    pub model: Arc<LoadedModel>,
+    pub model: Served,
     jobs: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Jobs given to the worker and not yet ended.
@@ -92,19 +115,24 @@ impl Worker {
     pub(crate) fn start(
         shared: &Arc<Shared>,
         id: String,
-        model: Arc<LoadedModel>,
+        model: Served,
     ) -> crate::Result<Arc<Self>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
         let thread = {
             let shared = Arc::clone(shared);
-            let model = Arc::clone(&model);
+            let model = model.clone();
             let thread_id = id.clone();
             let (queued, running) = (Arc::clone(&queued), Arc::clone(&running));
             std::thread::Builder::new()
                 .name(format!("afo-worker-{id}"))
-                .spawn(move || run(&shared, &thread_id, &model, &rx, &queued, &running))
+                .spawn(move || match &model {
+                    Served::Text(m) => run(&shared, &thread_id, m, &rx, &queued, &running),
+                    Served::Vision { model, .. } => {
+                        crate::vision::run(&shared, &thread_id, model, &rx, &queued, &running);
+                    }
+                })
                 .map_err(|source| crate::Error::Worker {
                     model: id.clone(),
                     source,
@@ -120,10 +148,10 @@ impl Worker {
         }))
     }
 
-    /// Whether the model takes images. The vision-language path plugs in here: a
-    /// worker over a VLM answers `true` and its jobs carry the preprocessed images.
+    /// Whether the model takes images: a worker over a VLM, whose jobs carry the
+    /// preprocessed images.
     pub(crate) fn accepts_images(&self) -> bool {
-        false
+        matches!(self.model, Served::Vision { .. })
     }
 
     /// Hands a job to the thread.
@@ -157,22 +185,39 @@ impl Worker {
 
 /// Why the worker cancelled a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cancel {
+pub(crate) enum Cancel {
     Client,
     Deadline,
     Admission,
 }
 
-struct Active {
-    job: Job,
-    started: bool,
-    first_token: Option<Instant>,
-    last_token: Option<Instant>,
-    completion_tokens: usize,
-    peak_bytes: u64,
+/// A job being run, with what its record needs.
+pub(crate) struct Active {
+    pub job: Job,
+    pub started: bool,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
+    pub completion_tokens: usize,
+    pub peak_bytes: u64,
     /// Resident memory when the job started.
-    start_rss: Option<u64>,
-    cancel: Option<Cancel>,
+    pub start_rss: Option<u64>,
+    pub cancel: Option<Cancel>,
+}
+
+impl Active {
+    /// A job not started yet.
+    pub(crate) fn new(job: Job) -> Self {
+        Self {
+            job,
+            started: false,
+            first_token: None,
+            last_token: None,
+            completion_tokens: 0,
+            peak_bytes: 0,
+            start_rss: None,
+            cancel: None,
+        }
+    }
 }
 
 fn run(
@@ -216,19 +261,7 @@ fn run(
             .add_request(job.prompt.clone(), job.options.clone())
         {
             Ok(id) => {
-                active.insert(
-                    id,
-                    Active {
-                        job,
-                        started: false,
-                        first_token: None,
-                        last_token: None,
-                        completion_tokens: 0,
-                        peak_bytes: 0,
-                        start_rss: None,
-                        cancel: None,
-                    },
-                );
+                active.insert(id, Active::new(job));
             }
             Err(e) => {
                 queued.fetch_sub(1, Ordering::SeqCst);
@@ -331,47 +364,7 @@ fn run(
             };
             queued.fetch_sub(1, Ordering::SeqCst);
             match (reason, a.cancel) {
-                (FinishReason::Cancelled, Some(Cancel::Client) | None) => {
-                    finish(
-                        shared,
-                        model_id,
-                        &a,
-                        None,
-                        Some("cancelled: the client went away"),
-                        bytes_per_token,
-                    );
-                }
-                (FinishReason::Cancelled, Some(Cancel::Deadline)) => {
-                    let err = ApiError::timeout(shared.config.request_timeout);
-                    finish(
-                        shared,
-                        model_id,
-                        &a,
-                        None,
-                        Some(&err.message),
-                        bytes_per_token,
-                    );
-                    let _ = a.job.events.send(Event::Failed(err));
-                }
-                (FinishReason::Cancelled, Some(Cancel::Admission)) => {
-                    let err = ApiError::unavailable(
-                        format!(
-                            "no memory left under the cutline to start the request within {} s",
-                            shared.config.admission_timeout.as_secs_f64()
-                        ),
-                        "memory_unavailable",
-                        2,
-                    );
-                    finish(
-                        shared,
-                        model_id,
-                        &a,
-                        None,
-                        Some(&err.message),
-                        bytes_per_token,
-                    );
-                    let _ = a.job.events.send(Event::Failed(err));
-                }
+                (FinishReason::Cancelled, _) => ended(shared, model_id, &a, bytes_per_token),
                 (reason, _) => {
                     finish(shared, model_id, &a, Some(reason), None, bytes_per_token);
                     let _ = a.job.events.send(Event::Done(Done {
@@ -391,9 +384,45 @@ fn run(
     tracing::debug!(model = model_id, "worker stopped");
 }
 
+/// Ends a cancelled job (`a.cancel` says why; `None` counts as the client): writes
+/// its record, and tells the client why when it is still there.
+pub(crate) fn ended(shared: &Shared, model_id: &str, a: &Active, bytes_per_token: u64) {
+    let err = match a.cancel {
+        Some(Cancel::Client) | None => {
+            finish(
+                shared,
+                model_id,
+                a,
+                None,
+                Some("cancelled: the client went away"),
+                bytes_per_token,
+            );
+            return;
+        }
+        Some(Cancel::Deadline) => ApiError::timeout(shared.config.request_timeout),
+        Some(Cancel::Admission) => ApiError::unavailable(
+            format!(
+                "no memory left under the cutline to start the request within {} s",
+                shared.config.admission_timeout.as_secs_f64()
+            ),
+            "memory_unavailable",
+            2,
+        ),
+    };
+    finish(
+        shared,
+        model_id,
+        a,
+        None,
+        Some(&err.message),
+        bytes_per_token,
+    );
+    let _ = a.job.events.send(Event::Failed(err));
+}
+
 /// Writes the job's SSOT record and metrics. `finish` is `None` for a job that ended
 /// in an error (or was cancelled), whose text is `error`.
-fn finish(
+pub(crate) fn finish(
     shared: &Shared,
     model_id: &str,
     a: &Active,
@@ -468,6 +497,8 @@ fn finish(
     record.predicted_peak_bytes = a.start_rss.map(|r| r + a.job.predicted_bytes);
     record.ttft_ms = ttft_s.map(|t| t * 1e3);
     record.selection = Some(a.job.selection.clone());
+    record.image_pixels = a.job.image_pixels;
+    record.original_pixels = a.job.original_pixels;
     record.lazy_cache_hit_rate = runtime.health().ok().and_then(|h| h.cache_hit_rate);
     let record = Record::from(record);
     if let Err(e) = runtime.append_record(&record) {
