@@ -384,8 +384,7 @@ async fn generate(
                     &id,
                     &prompt,
                     max_tokens,
-                    s2.config.default_max_tokens,
-                    s2.config.limits.max_image_bytes,
+                    &s2.config,
                 )
             })
             .await

@@ -20,6 +20,7 @@ use afo_runtime::kvcache::KvCache;
 
 use crate::error::ApiError;
 use crate::openai::{ChatMessage, PromptInput};
+use crate::state::Config;
 use crate::worker::{Active, Cancel, Done, Event, Job, ended, finish};
 
 /// The most pixels (width or height) an image may declare.
@@ -88,10 +89,9 @@ pub(crate) fn plan(
     model_id: &str,
     prompt: &PromptInput,
     max_tokens: Option<usize>,
-    default_max_tokens: usize,
-    max_image_bytes: usize,
+    config: &Config,
 ) -> Result<Planned, ApiError> {
-    let limits = decode_limits(max_image_bytes);
+    let limits = decode_limits(config.limits.max_image_bytes);
     let mut images = Vec::new();
     let (mut pixels, mut image_pixels, mut original_pixels) = (Vec::new(), 0u64, 0u64);
     let mut image_tokens = 0usize;
@@ -172,7 +172,7 @@ pub(crate) fn plan(
         .code("context_length_exceeded"));
     }
     let max_tokens = max_tokens
-        .unwrap_or(default_max_tokens)
+        .unwrap_or(config.default_max_tokens)
         .min(context - prompt_tokens);
     let need = runtime.vision_run_bytes(vlm, prompt_tokens, max_tokens, pixels, patches);
     Ok(Planned {
@@ -351,7 +351,7 @@ fn stream<M: Decode<State = KvCache> + ?Sized>(
                 first_text = Some(Instant::now());
                 let _ = events.send(Event::Started);
             }
-            if deltas % 16 == 0 {
+            if deltas.is_multiple_of(16) {
                 peak = peak.max(runtime.resident_bytes().unwrap_or(0));
             }
             deltas += 1;
