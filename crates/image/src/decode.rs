@@ -397,6 +397,16 @@ pub(crate) fn decode_rgb8(
             return Ok(Decoded { rgb, info });
         }
     }
+    if info.format == ImageFormat::Jpeg
+        && let Some(rgb) = crate::jpeg::decode(bytes)
+    {
+        let mut image = DynamicImage::ImageRgb8(rgb);
+        image.apply_orientation(orientation);
+        return Ok(Decoded {
+            rgb: image.into_rgb8(),
+            info,
+        });
+    }
     let mut image = DynamicImage::from_decoder(decoder).map_err(decode_err(info.format))?;
     image.apply_orientation(orientation);
     Ok(Decoded {

@@ -8,6 +8,8 @@
 //!    so bombs, truncated files and lying headers end in an [`Error`] that names the
 //!    reason; JPEG, PNG, WebP, GIF (first frame) and BMP ([`ImageFormat`]); EXIF
 //!    orientation applied; alpha composited on white; grey, CMYK and 16-bit become RGB8;
+//!    baseline JPEGs are decoded as libjpeg-turbo (PIL's decoder) decodes them, to the
+//!    same 8-bit levels, and the rest with the `image` crate's decoders;
 //! 2. **resize** to the pixel budget with [`smart_resize`] (exactly the reference
 //!    algorithm, Python rounding included), resampled in u8 with SIMD (bicubic as PIL
 //!    does it); a JPEG far over the budget is decoded at 1/2, 1/4 or 1/8 scale first,
@@ -59,6 +61,7 @@ mod config;
 mod decode;
 mod encode;
 mod error;
+mod jpeg;
 mod patchify;
 mod pil;
 mod preprocess;
