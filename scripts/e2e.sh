@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end tests of `afo serve` with real clients:
 #   1. the official `openai` Python package (models, chat, streaming chat, completions,
-#      errors) against a server with an API key;
+#      errors) against a server with an API key, and one image request (a PNG data URL)
+#      to a second server over the tiny seeded VLM;
 #   2. headless Chromium (Debian's `chromium`, driven by playwright-core) against the
 #      dashboard of a server with a tiny cutline: the badge reads SAFE, then changes
 #      when loading the model pushes memory past the warn threshold; screenshots go to
@@ -72,6 +73,66 @@ key="e2e-$(date +%s)"
 start_server "$artifacts/serve-openai.log" --model "$model" --api-key "$key" --log "$artifacts/runs-openai.jsonl"
 "$venv/bin/python" scripts/e2e/openai_client.py "$base/v1" "$key" "$model_id"
 
+say "openai client sends an image to afo serve over the tiny VLM"
+vlm_dir="$root/target/e2e-tiny-vlm"
+rm -rf "$vlm_dir"
+cargo run -q -p afo-engine --example write_tiny_vlm -- "$vlm_dir"
+start_server "$artifacts/serve-vlm.log" --model "$vlm_dir" --api-key "$key" --log "$artifacts/runs-vlm.jsonl"
+"$venv/bin/python" - "$base/v1" "$key" "$(basename "$vlm_dir")" <<'PY'
+"""One image request (a PNG data URL) through the official client; usage counts it."""
+import base64
+import struct
+import sys
+import zlib
+
+import openai
+from openai import OpenAI
+
+base, key, model = sys.argv[1:4]
+
+
+def png(w, h):
+    rows = bytearray()
+    for y in range(h):
+        rows.append(0)
+        for x in range(w):
+            rows += bytes((x * 255 // w, y * 255 // h, 128))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b""))
+
+
+url = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
+client = OpenAI(base_url=base, api_key=key)
+ids = [m.id for m in client.models.list().data]
+assert model in ids, ids
+
+
+def ask(content):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0)
+    assert r.object == "chat.completion", r
+    assert isinstance(r.choices[0].message.content, str), r
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens, r.usage
+    return r.usage
+
+
+text = ask("What is in the picture?")
+image = ask([{"type": "text", "text": "What is in the picture?"},
+             {"type": "image_url", "image_url": {"url": url}}])
+assert image.prompt_tokens > text.prompt_tokens + 2, (text, image)
+try:
+    ask([{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                   + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"x" * 40).decode()}}])
+    raise SystemExit("a corrupt image was accepted")
+except openai.BadRequestError as e:
+    assert "image 1" in str(e), e
+print(f"vision ok: prompt tokens {text.prompt_tokens} text-only, {image.prompt_tokens} with one image")
+PY
+
 say "headless Chromium against the dashboard"
 # A cutline a little above the loaded model, warn at half of it: an idle server is
 # SAFE; once the model loads, resident memory is past the warn threshold.
@@ -86,5 +147,8 @@ pids=()
 grep -q "afo serve: stopped" "$artifacts/serve-openai.log" || { echo "e2e: no clean stop" >&2; exit 1; }
 lines=$(wc -l <"$artifacts/runs-openai.jsonl")
 [[ "$lines" -eq 4 ]] || { echo "e2e: expected 4 SSOT lines from the openai checks, found $lines" >&2; exit 1; }
+vlm_lines=$(wc -l <"$artifacts/runs-vlm.jsonl")
+[[ "$vlm_lines" -eq 2 ]] || { echo "e2e: expected 2 SSOT lines from the image checks, found $vlm_lines" >&2; exit 1; }
+grep -q '"image_pixels":[1-9]' "$artifacts/runs-vlm.jsonl" || { echo "e2e: no SSOT line with image_pixels" >&2; exit 1; }
 
 say "e2e passed (artifacts in $artifacts)"
