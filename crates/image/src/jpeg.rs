@@ -263,6 +263,11 @@ fn idct_1d(i: [i64; 8]) -> [i64; 8] {
     ]
 }
 
+/// The level of a block whose only nonzero coefficient is its dequantised DC.
+fn dc_level(dc: i32) -> u8 {
+    (descale(i64::from(dc) << PASS1_BITS, PASS1_BITS + 3) + 128).clamp(0, 255) as u8
+}
+
 /// libjpeg's accurate integer IDCT of a dequantised block (natural order), written
 /// as 8x8 samples at `out[row * stride + col]`.
 fn idct_islow(coef: &[i32; 64], out: &mut [u8], stride: usize) {
@@ -539,6 +544,7 @@ fn read_scan(st: &mut State, seg: &[u8], data: &[u8], pos: usize) -> Option<usiz
                         c.pred = c.pred.checked_add(bits.receive_extend(s)?)?;
                         coef[0] = c.pred.checked_mul(i32::from(q[0]))?;
                         let mut k = 1;
+                        let mut any_ac = false;
                         while k < 64 {
                             let rs = bits.huffman(ac)?;
                             let (r, s) = (usize::from(rs >> 4), rs & 15);
@@ -552,12 +558,22 @@ fn read_scan(st: &mut State, seg: &[u8], data: &[u8], pos: usize) -> Option<usiz
                             k += r;
                             let nat = *ZIGZAG.get(k)?;
                             coef[nat] = bits.receive_extend(s)?.checked_mul(i32::from(q[nat]))?;
+                            any_ac = true;
                             k += 1;
                         }
                         let row = (mcu_y * bv + by) * 8;
                         let col = (mcu_x * bh + bx) * 8;
                         let start = row * c.stride + col;
-                        idct_islow(&coef, c.plane.get_mut(start..)?, c.stride);
+                        let out = c.plane.get_mut(start..)?;
+                        if any_ac {
+                            idct_islow(&coef, out, c.stride);
+                        } else {
+                            // Both IDCT passes take their all-zero shortcut: a flat block.
+                            let v = dc_level(coef[0]);
+                            for r in 0..8 {
+                                out.get_mut(r * c.stride..r * c.stride + 8)?.fill(v);
+                            }
+                        }
                     }
                 }
             }
@@ -574,59 +590,75 @@ fn read_scan(st: &mut State, seg: &[u8], data: &[u8], pos: usize) -> Option<usiz
     None
 }
 
-/// One output row of a component, upsampled to full width as libjpeg's fancy
-/// upsamplers do. `y` is the output row; `out` has room for twice the input width.
-fn upsample_row(c: &Component, st: &State, y: usize, out: &mut [u8]) -> Option<()> {
+/// Horizontal 2x fancy upsampling of `sums` (each `3 * near + far` for `h2v2`, or
+/// plain samples scaled by 4 for `h2v1`), as libjpeg's `h2v2_fancy_upsample` and
+/// `h2v1_fancy_upsample` round: `out[2i] = (3 s[i] + s[i-1] + b0) >> shift`,
+/// `out[2i+1] = (3 s[i] + s[i+1] + b1) >> shift`, edge samples repeated.
+fn fancy_h2(sums: &[u16], out: &mut [u8], b0: u16, b1: u16, shift: u32) -> Option<()> {
+    let n = sums.len();
+    let out = out.get_mut(..2 * n)?;
+    if n < 2 {
+        return None;
+    }
+    out[0] = ((sums[0] * 4 + b0) >> shift) as u8;
+    for (o, w) in out[1..2 * n - 1].chunks_exact_mut(2).zip(sums.windows(2)) {
+        let (a, b) = (w[0] * 3, w[1] * 3);
+        o[0] = ((a + w[1] + b1) >> shift) as u8;
+        o[1] = ((b + w[0] + b0) >> shift) as u8;
+    }
+    out[2 * n - 1] = ((sums[n - 1] * 4 + b1) >> shift) as u8;
+    Some(())
+}
+
+/// One output row of a component at full resolution, upsampled as libjpeg's fancy
+/// upsamplers do (`y` is the output row): the plane's own row when the component is
+/// not subsampled, else written into `out`, with `sums` as scratch.
+fn upsample_row<'a>(
+    c: &'a Component,
+    st: &State,
+    y: usize,
+    out: &'a mut [u8],
+    sums: &mut [u16],
+) -> Option<&'a [u8]> {
     let (fh, fv) = (st.hmax / c.h, st.vmax / c.v);
     let dw = (st.width * c.h).div_ceil(st.hmax);
     let dh = (st.height * c.v).div_ceil(st.vmax);
     let row = |r: usize| c.plane.get(r * c.stride..r * c.stride + dw);
     let inrow = y / fv;
     let near = row(inrow)?;
+    let sums = sums.get_mut(..dw)?;
     match (fh, fv) {
-        (1, 1) => out.get_mut(..dw)?.copy_from_slice(near),
+        (1, 1) => return Some(near),
         (2, 1) => {
-            let o = out.get_mut(..2 * dw)?;
-            let s = |i: usize| u32::from(near[i]);
-            o[0] = near[0];
-            o[1] = ((s(0) * 3 + s(1) + 2) >> 2) as u8;
-            for i in 1..dw - 1 {
-                o[2 * i] = ((s(i) * 3 + s(i - 1) + 1) >> 2) as u8;
-                o[2 * i + 1] = ((s(i) * 3 + s(i + 1) + 2) >> 2) as u8;
+            // h2v1: (3 s[i] + s[i-1] + 1) >> 2 and (3 s[i] + s[i+1] + 2) >> 2; the edge
+            // outputs are the samples themselves ((4 s + 1) >> 2 == s).
+            for (d, &v) in sums.iter_mut().zip(near) {
+                *d = u16::from(v);
             }
-            let l = dw - 1;
-            o[2 * l] = ((s(l) * 3 + s(l - 1) + 1) >> 2) as u8;
-            o[2 * l + 1] = near[l];
+            fancy_h2(sums, out, 1, 2, 2)?;
         }
         (_, 2) => {
             let upper = y.is_multiple_of(2);
             let far = if upper {
                 row(inrow.saturating_sub(1))?
             } else {
-                row((inrow + 1).min(dh - 1))?
+                row((inrow + 1).min(dh.saturating_sub(1)))?
             };
-            let cs = |i: usize| u32::from(near[i]) * 3 + u32::from(far[i]);
+            for ((d, &a), &b) in sums.iter_mut().zip(near).zip(far) {
+                *d = u16::from(a) * 3 + u16::from(b);
+            }
             if fh == 1 {
                 let bias = if upper { 1 } else { 2 };
-                for (i, o) in out.get_mut(..dw)?.iter_mut().enumerate() {
-                    *o = ((cs(i) + bias) >> 2) as u8;
+                for (o, &v) in out.get_mut(..dw)?.iter_mut().zip(sums.iter()) {
+                    *o = ((v + bias) >> 2) as u8;
                 }
             } else {
-                let o = out.get_mut(..2 * dw)?;
-                o[0] = ((cs(0) * 4 + 8) >> 4) as u8;
-                o[1] = ((cs(0) * 3 + cs(1) + 7) >> 4) as u8;
-                for i in 1..dw - 1 {
-                    o[2 * i] = ((cs(i) * 3 + cs(i - 1) + 8) >> 4) as u8;
-                    o[2 * i + 1] = ((cs(i) * 3 + cs(i + 1) + 7) >> 4) as u8;
-                }
-                let l = dw - 1;
-                o[2 * l] = ((cs(l) * 3 + cs(l - 1) + 8) >> 4) as u8;
-                o[2 * l + 1] = ((cs(l) * 4 + 7) >> 4) as u8;
+                fancy_h2(sums, out, 8, 7, 4)?;
             }
         }
         _ => return None,
     }
-    Some(())
+    Some(out)
 }
 
 fn to_rgb(st: &State) -> Option<RgbImage> {
@@ -650,33 +682,37 @@ fn to_rgb(st: &State) -> Option<RgbImage> {
         }
     }
     // libjpeg's jdcolor.c tables: 16-bit fixed point, rounded.
-    const ONE_HALF: i64 = 1 << 15;
-    let fix = |x: f64| (x * 65536.0 + 0.5) as i64;
+    const ONE_HALF: i32 = 1 << 15;
+    let fix = |x: f64| (x * 65536.0 + 0.5) as i32;
     let mut cr_r = [0i32; 256];
     let mut cb_b = [0i32; 256];
-    let mut cr_g = [0i64; 256];
-    let mut cb_g = [0i64; 256];
+    let mut cr_g = [0i32; 256];
+    let mut cb_g = [0i32; 256];
     for i in 0..256 {
-        let x = i as i64 - 128;
-        cr_r[i] = ((fix(1.40200) * x + ONE_HALF) >> 16) as i32;
-        cb_b[i] = ((fix(1.77200) * x + ONE_HALF) >> 16) as i32;
+        let x = i as i32 - 128;
+        cr_r[i] = (fix(1.40200) * x + ONE_HALF) >> 16;
+        cb_b[i] = (fix(1.77200) * x + ONE_HALF) >> 16;
         cr_g[i] = -fix(0.71414) * x;
         cb_g[i] = -fix(0.34414) * x + ONE_HALF;
     }
-    let mut rows = [
+    let [c0, c1, c2] = st.comps.as_slice() else {
+        return None;
+    };
+    let mut bufs = [
         vec![0u8; 2 * w + 16],
         vec![0u8; 2 * w + 16],
         vec![0u8; 2 * w + 16],
     ];
+    let mut sums = vec![0u16; w + 16];
+    let [b0, b1, b2] = &mut bufs;
     for (y, line) in rgb.chunks_exact_mut(w * 3).enumerate() {
-        for (c, buf) in st.comps.iter().zip(rows.iter_mut()) {
-            upsample_row(c, st, y, buf)?;
-        }
-        let [ys, cbs, crs] = &rows;
-        for (x, px) in line.chunks_exact_mut(3).enumerate() {
-            let yv = i32::from(ys[x]);
-            let (cb, cr) = (usize::from(cbs[x]), usize::from(crs[x]));
-            let g = ((cb_g[cb] + cr_g[cr]) >> 16) as i32;
+        let ys = upsample_row(c0, st, y, b0, &mut sums)?;
+        let cbs = upsample_row(c1, st, y, b1, &mut sums)?;
+        let crs = upsample_row(c2, st, y, b2, &mut sums)?;
+        for (((px, &yv), &cb), &cr) in line.chunks_exact_mut(3).zip(ys).zip(cbs).zip(crs) {
+            let yv = i32::from(yv);
+            let (cb, cr) = (usize::from(cb), usize::from(cr));
+            let g = (cb_g[cb] + cr_g[cr]) >> 16;
             px[0] = (yv + cr_r[cr]).clamp(0, 255) as u8;
             px[1] = (yv + g).clamp(0, 255) as u8;
             px[2] = (yv + cb_b[cb]).clamp(0, 255) as u8;
@@ -691,11 +727,17 @@ mod tests {
 
     #[test]
     fn idct_of_a_dc_block_is_flat() {
-        let mut coef = [0i32; 64];
-        coef[0] = 80; // dequantised DC: mean level 128 + 80 / 8 = 138
-        let mut out = [0u8; 64];
-        idct_islow(&coef, &mut out, 8);
-        assert!(out.iter().all(|&v| v == 138), "{out:?}");
+        for dc in [80, -3, 4, -1100, 1100, 12, -12] {
+            let mut coef = [0i32; 64];
+            coef[0] = dc;
+            let mut out = [0u8; 64];
+            idct_islow(&coef, &mut out, 8);
+            assert!(out.iter().all(|&v| v == dc_level(dc)), "{dc}: {out:?}");
+        }
+        // Dequantised DC 80: mean level 128 + 80 / 8 = 138.
+        assert_eq!(dc_level(80), 138);
+        assert_eq!(dc_level(-1100), 0);
+        assert_eq!(dc_level(1100), 255);
     }
 
     #[test]
