@@ -14,7 +14,8 @@ use afo_server::Server;
 pub(crate) struct Args {
     /// A model to serve (a GGUF file, a Hugging Face folder, or `ORG/NAME` in the
     /// Hugging Face cache); repeat for several. Its id is the file name without
-    /// extension; `auto` routes through the selector.
+    /// extension; `auto` routes through the selector. A Qwen3-VL folder is served as
+    /// a vision-language model that takes `image_url` parts.
     #[arg(long = "model", required = true)]
     models: Vec<PathBuf>,
     /// The address to listen on (loopback by default).
