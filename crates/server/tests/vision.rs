@@ -220,3 +220,20 @@ async fn a_text_model_still_refuses_images() {
     assert_eq!(e["code"], "model_not_vision", "{v}");
     assert!(e["message"].as_str().unwrap().contains(MODEL_ID), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vlm_answers_plain_completions_on_its_language_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = vlm_router(dir.path());
+    let request = json!({"model": VLM_ID, "prompt": "Once upon a time", "max_tokens": 5,
+                         "temperature": 0});
+    let (status, _, v) = send_json(&router, post("/v1/completions", &request)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["choices"][0]["text"].is_string(), "{v}");
+    // The byte-level tokenizer: one token per byte of the prompt.
+    assert_eq!(v["usage"]["prompt_tokens"], "Once upon a time".len(), "{v}");
+    let records = records(dir.path());
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["image_pixels"], 0, "{:?}", records[0]);
+}
