@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use common::*;
 use serde_json::{Value, json};
+use tower::ServiceExt as _;
 
 const VLM_ID: &str = "tiny-vlm";
 
@@ -236,4 +237,60 @@ async fn a_vlm_answers_plain_completions_on_its_language_model() {
     let records = records(dir.path());
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["image_pixels"], 0, "{:?}", records[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vlm_queue_is_bounded_and_a_dropped_image_stream_cancels() {
+    let dir = tempfile::tempdir().unwrap();
+    let vlm = dir.path().join("vlm");
+    TinyVlm::default().write(&vlm).unwrap();
+    let server = Server::builder(runtime(&dir.path().join("runs.jsonl"), "20GiB"))
+        .model_as(VLM_ID, vlm, None)
+        .max_queue(1)
+        .build()
+        .unwrap();
+    server.preload().unwrap();
+    let router = server.router();
+    let url = png_url(64, 64);
+    let mut long = body(
+        json!([image_part(&url), text_part("Tell a long story.")]),
+        true,
+    );
+    long["max_tokens"] = json!(3000);
+    // The stream holds the one queue place while its body is unread.
+    let held = router
+        .clone()
+        .oneshot(post("/v1/chat/completions", &long))
+        .await
+        .unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    let (status, headers, v) = send_json(
+        &router,
+        post(
+            "/v1/chat/completions",
+            &body(json!([image_part(&url), text_part("Hi")]), false),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(error_of(&v)["code"], "queue_full");
+    // Dropping the stream (the client went away) cancels the run.
+    drop(held);
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(r) = records(dir.path()).first() {
+            assert_eq!(r["status"], "error", "{r}");
+            assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
+            assert!(r["tokens_out"].as_u64().unwrap() < 3000, "{r}");
+            assert!(r["image_pixels"].as_u64().unwrap() > 0, "{r}");
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the dropped stream was never cancelled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    server.shutdown();
 }
