@@ -202,7 +202,13 @@ impl Shared {
                 .map_err(load_err)?;
             Served::Text(acquired.model)
         };
-        let worker = Worker::start(self, spec.id.clone(), served)
+        // Text models reuse prompt prefixes (a system prompt, a chat history) through
+        // the runtime's prefix cache of that model.
+        let prefix = match &served {
+            Served::Text(_) => self.runtime.prefix_cache(&spec.path, spec.scheme),
+            Served::Vision { .. } => None,
+        };
+        let worker = Worker::start(self, spec.id.clone(), served, prefix)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         workers.insert(key, Arc::clone(&worker));
         Ok(worker)

@@ -12,10 +12,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use afo_runtime::engine::{
-    FinishReason, GenerateOptions, LoadedModel, RequestId, Scheduler, VisionLanguageModel,
+    FinishReason, GenerateOptions, LoadedModel, PrefixReuse, RequestId, Scheduler,
+    VisionLanguageModel,
 };
 use afo_runtime::guard::{Admission, HealthInputs, badge, health_score};
 use afo_runtime::image::PreprocessorConfig;
+use afo_runtime::kvcache::{PrefixCache, Salt};
 use afo_runtime::ssot::{Record, RecordV1, RecordV2, RunStatus, Timestamp};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -116,6 +118,7 @@ impl Worker {
         shared: &Arc<Shared>,
         id: String,
         model: Served,
+        prefix: Option<(Arc<PrefixCache>, Salt)>,
     ) -> crate::Result<Arc<Self>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
@@ -128,7 +131,15 @@ impl Worker {
             std::thread::Builder::new()
                 .name(format!("afo-worker-{id}"))
                 .spawn(move || match &model {
-                    Served::Text(m) => run(&shared, &thread_id, m, &rx, &queued, &running),
+                    Served::Text(m) => run(
+                        &shared,
+                        &thread_id,
+                        m,
+                        prefix.as_ref().map(|(c, s)| (c.as_ref(), *s)),
+                        &rx,
+                        &queued,
+                        &running,
+                    ),
                     Served::Vision { model, .. } => {
                         crate::vision::run(&shared, &thread_id, model, &rx, &queued, &running);
                     }
@@ -202,6 +213,8 @@ pub(crate) struct Active {
     /// Resident memory when the job started.
     pub start_rss: Option<u64>,
     pub cancel: Option<Cancel>,
+    /// Prompt tokens reused from the prefix cache.
+    pub prefix_hit_tokens: Option<u64>,
 }
 
 impl Active {
@@ -216,14 +229,17 @@ impl Active {
             peak_bytes: 0,
             start_rss: None,
             cancel: None,
+            prefix_hit_tokens: None,
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     shared: &Arc<Shared>,
     model_id: &str,
     model: &LoadedModel,
+    prefix: Option<(&PrefixCache, Salt)>,
     rx: &Receiver<Job>,
     queued: &AtomicUsize,
     running: &AtomicUsize,
@@ -238,6 +254,9 @@ fn run(
         shared.config.max_batch,
         kv_budget,
     );
+    if let Some((cache, salt)) = prefix {
+        sched.set_prefix_cache(PrefixReuse { cache, salt });
+    }
     {
         let runtime = Arc::clone(&runtime);
         let extra = (model.model().config().vocab_size * 4 * 2) as u64;
@@ -343,6 +362,9 @@ fn run(
             let Some(a) = active.get_mut(&o.id) else {
                 continue;
             };
+            if let Some(hit) = o.prefix_hit_tokens {
+                a.prefix_hit_tokens = Some(hit as u64);
+            }
             if !a.started && o.token.is_some() {
                 a.started = true;
                 a.first_token = Some(now);
@@ -494,6 +516,7 @@ pub(crate) fn finish(
     record.kv_cache_size =
         Some((a.job.prompt.len() + a.completion_tokens) as u64 * bytes_per_token);
     record.kv_evicted_tokens = Some(0);
+    record.prefix_cache_hit_tokens = a.prefix_hit_tokens;
     record.predicted_peak_bytes = a.start_rss.map(|r| r + a.job.predicted_bytes);
     record.ttft_ms = ttft_s.map(|t| t * 1e3);
     record.selection = Some(a.job.selection.clone());

@@ -377,7 +377,25 @@ async fn api_key_is_required_when_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_batch_and_equal_single_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let server = builder(dir.path(), "20GiB").max_batch(4).build().unwrap();
+    // Batching alone: with the prefix cache on, the repeated prompts would reuse their
+    // first pass's blocks and run their tails in a shorter chunk, whose float rounding
+    // may flip a near-tie greedy token (the prefix cache has its own tests).
+    let runtime = std::sync::Arc::new(
+        afo_runtime::Runtime::builder()
+            .cutline("20GiB".parse().unwrap())
+            .ssot_log(dir.path().join("runs.jsonl"))
+            .prefix_cache(afo_runtime::kvcache::PrefixCacheConfig {
+                budget_bytes: 0,
+                ..Default::default()
+            })
+            .build()
+            .unwrap(),
+    );
+    let server = afo_server::Server::builder(runtime)
+        .model(smollm2_path())
+        .max_batch(4)
+        .build()
+        .unwrap();
     let router = server.router();
     let prompts = [
         "Name a color.",
@@ -708,5 +726,45 @@ async fn a_request_past_the_time_limit_is_cancelled_with_504() {
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(error_of(&v)["code"], "timeout");
     }
+    server.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_system_prompt_is_reused_from_the_prefix_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = builder(dir.path(), "20GiB").build().unwrap();
+    let router = server.router();
+    let system = "You are a careful assistant who answers geography questions briefly. ".repeat(6);
+    let ask = |q: &str| {
+        json!({
+            "model": MODEL_ID,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+            "temperature": 0,
+            "max_tokens": 8,
+        })
+    };
+    let (status, _, first) = send_json(
+        &router,
+        post("/v1/chat/completions", &ask("Capital of France?")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, _, second) = send_json(
+        &router,
+        post("/v1/chat/completions", &ask("Capital of Italy?")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let records = records(dir.path());
+    assert_eq!(records.len(), 2);
+    let hits: Vec<u64> = records
+        .iter()
+        .map(|r| r["prefix_cache_hit_tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(hits[0], 0, "nothing cached before the first request");
+    // The system prompt spans several 16-token blocks: the second request reuses
+    // them, but never its whole prompt (the question differs).
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(hits[1] >= 64 && hits[1] < prompt, "{hits:?} of {prompt}");
     server.shutdown();
 }
