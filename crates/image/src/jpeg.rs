@@ -345,7 +345,7 @@ pub(crate) fn decode(data: &[u8]) -> Option<RgbImage> {
         mcus_y: 0,
     };
     let mut pos = 2;
-    let mut scanned = false;
+    let mut scans = 0usize;
     loop {
         // Next marker, skipping fill bytes.
         while *data.get(pos)? != 0xFF {
@@ -377,13 +377,18 @@ pub(crate) fn decode(data: &[u8]) -> Option<RgbImage> {
             // Adobe: the transform may be none (RGB) or CMYK/YCCK; leave those aside.
             0xEE if seg.starts_with(b"Adobe") => return None,
             0xDA => {
+                // A sequential file codes each component once: at most one scan per
+                // component (more would only repeat work, a cost an attacker picks).
+                scans += 1;
+                if scans > st.comps.len() {
+                    return None;
+                }
                 pos = read_scan(&mut st, seg, data, pos)?;
-                scanned = true;
             }
             _ => {}
         }
     }
-    if !scanned {
+    if scans == 0 {
         return None;
     }
     to_rgb(&st)
