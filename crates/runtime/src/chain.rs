@@ -11,7 +11,7 @@ use afo_engine::{
 use afo_guard::{
     Admission, HealthInputs, ModelShape, PeakTracker, Probe, RunPlan, Weights, badge, health_score,
 };
-use afo_image::{DecodeLimits, Encoding, PreprocessorConfig};
+use afo_image::{DecodeLimits, Encoding, PixelLayout, PreprocessorConfig};
 use afo_ssot::{Record, RecordV2, RunStatus, Stage, StatusBadge};
 
 use crate::error::{Error, Result};
@@ -275,7 +275,10 @@ impl Runtime {
             })?
         } else {
             PreprocessorConfig::qwen3_vl()
-        };
+        }
+        // A still image's frames are identical: keep one per patch row (half the
+        // pixel values at T = 2); the encoder folds its kernel over the frames.
+        .with_pixel_layout(PixelLayout::Compact);
         let mut inputs = Vec::with_capacity(request.images.len());
         let mut reports = Vec::with_capacity(request.images.len());
         let (mut in_bytes, mut out_bytes) = (0u64, 0u64);

@@ -190,7 +190,10 @@ impl Shared {
                     .map_err(|e| ApiError::internal(format!("loading model `{}`: {e}", spec.id)))?
             } else {
                 PreprocessorConfig::qwen3_vl()
-            };
+            }
+            // One frame per patch row for still images (the encoder folds its kernel
+            // over the frames): half the pixel values a queued request holds.
+            .with_pixel_layout(afo_runtime::image::PixelLayout::Compact);
             Served::Vision {
                 model: acquired.model,
                 pre: Arc::new(pre),
