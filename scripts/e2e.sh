@@ -43,7 +43,7 @@ pw_dir=$(mktemp -d)
 
 say "building afo"
 cargo build -p afo-cli
-afo="$root/target/debug/afo"
+afo="${CARGO_TARGET_DIR:-$root/target}/debug/afo"
 
 pids=()
 cleanup() {

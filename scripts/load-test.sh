@@ -27,10 +27,10 @@ venv="$root/target/e2e-venv"
 profile=${PROFILE:-release}
 if [[ "$profile" == release ]]; then
   cargo build --release -p afo-cli
-  afo="$root/target/release/afo"
+  afo="${CARGO_TARGET_DIR:-$root/target}/release/afo"
 else
   cargo build -p afo-cli
-  afo="$root/target/debug/afo"
+  afo="${CARGO_TARGET_DIR:-$root/target}/debug/afo"
 fi
 
 log="$out/runs.jsonl"
