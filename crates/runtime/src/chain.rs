@@ -8,9 +8,7 @@ use std::time::Instant;
 use afo_engine::{
     GenerateOptions, Generation, Message, VisionInput, VisionLanguageModel, generate,
 };
-use afo_guard::{
-    Admission, HealthInputs, ModelShape, PeakTracker, Probe, RunPlan, Weights, badge, health_score,
-};
+use afo_guard::{Admission, HealthInputs, PeakTracker, Probe, badge, health_score};
 use afo_image::{DecodeLimits, Encoding, PixelLayout, PreprocessorConfig};
 use afo_ssot::{Record, RecordV2, RunStatus, Stage, StatusBadge};
 
@@ -324,40 +322,25 @@ impl Runtime {
         // Admission for the analysis: the VLM is resident; the run adds the vision
         // encoder's states, the KV cache, activations and logits.
         let text = vlm.text_model();
-        let c = text.config();
-        let shape = ModelShape {
-            layers: c.num_layers as u64,
-            hidden: c.hidden_size as u64,
-            intermediate: c.intermediate_size as u64,
-            heads: c.num_heads as u64,
-            kv_heads: c.num_kv_heads as u64,
-            head_dim: c.head_dim as u64,
-            vocab: c.vocab_size as u64,
-        };
         let image_tokens: usize = reports.iter().map(|r| r.image_tokens).sum();
         let patches: usize = inputs
             .iter()
             .map(|i| i.grid_thw.iter().product::<usize>())
             .sum();
-        let plan = RunPlan {
-            weights: Weights::Bytes(vlm.weight_bytes()),
-            shape,
-            prompt_tokens: (image_tokens + 64) as u64,
-            max_new_tokens: request.analysis.max_tokens as u64,
-            batch: 1,
-            kv_dtype_bytes: 4,
-            prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
-            image_pixels: reports
-                .iter()
-                .map(|r| u64::from(r.resized.0) * u64::from(r.resized.1))
-                .collect(),
-            vision_tokens: patches as u64,
-        };
-        let estimate = self.estimator.estimate(&plan);
+        let pixels_per_image = reports
+            .iter()
+            .map(|r| u64::from(r.resized.0) * u64::from(r.resized.1))
+            .collect();
+        // The instruction and the chat template: a small allowance beside the images.
+        let prompt_tokens = image_tokens + 64;
+        let run_bytes = self.vision_run_bytes(
+            vlm,
+            prompt_tokens,
+            request.analysis.max_tokens,
+            pixels_per_image,
+            patches,
+        );
         let snapshot = self.probe.snapshot()?;
-        let run_bytes =
-            ((estimate.kv_cache + estimate.activations + estimate.logits + estimate.images) as f64
-                * (1.0 + self.estimator.overhead_fraction)) as u64;
         // A separate summary model not loaded yet adds its weights later in the call
         // (its file size stands for its resident size); the analysis's working set
         // is released before the summary runs, so the summary's is covered by it.
@@ -387,7 +370,7 @@ impl Runtime {
                 return Err(Error::Refused(reason));
             }
         };
-        tracing::debug!(%estimate, run_id, "chain admitted");
+        tracing::debug!(run_bytes, run_id, "chain admitted");
 
         // Analysis.
         let t = Instant::now();

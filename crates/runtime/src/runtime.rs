@@ -102,6 +102,19 @@ pub struct GenerateResponse {
     pub selection: Option<Selection>,
 }
 
+/// The guard's view of a decoder's shape.
+pub(crate) fn model_shape(c: &afo_engine::ModelConfig) -> ModelShape {
+    ModelShape {
+        layers: c.num_layers as u64,
+        hidden: c.hidden_size as u64,
+        intermediate: c.intermediate_size as u64,
+        heads: c.num_heads as u64,
+        kv_heads: c.num_kv_heads as u64,
+        head_dim: c.head_dim as u64,
+        vocab: c.vocab_size as u64,
+    }
+}
+
 /// The cache key of a model file loaded in a scheme.
 fn cache_key(model: &Path, scheme: Option<QuantScheme>) -> String {
     let path = model
@@ -489,15 +502,7 @@ impl Runtime {
         let max_tokens = request.options.max_tokens;
         let plan = RunPlan {
             weights: Weights::Bytes(model.weight_bytes()),
-            shape: ModelShape {
-                layers: c.num_layers as u64,
-                hidden: c.hidden_size as u64,
-                intermediate: c.intermediate_size as u64,
-                heads: c.num_heads as u64,
-                kv_heads: c.num_kv_heads as u64,
-                head_dim: c.head_dim as u64,
-                vocab: c.vocab_size as u64,
-            },
+            shape: model_shape(c),
             prompt_tokens: prompt.len() as u64,
             max_new_tokens: max_tokens as u64,
             batch: 1,

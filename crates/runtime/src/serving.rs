@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use afo_engine::{Acquired, LoadedModel, VisionLanguageModel};
-use afo_guard::{Guard, ModelShape, Probe, RunPlan, Weights};
+use afo_guard::{Guard, Probe, RunPlan, Weights};
 use afo_quant::QuantScheme;
 use afo_select::{Query, RouteContext, fallback};
 use afo_ssot::Record;
@@ -68,15 +68,7 @@ impl Runtime {
         let c = vlm.text_model().config();
         let plan = RunPlan {
             weights: Weights::Bytes(vlm.weight_bytes()),
-            shape: ModelShape {
-                layers: c.num_layers as u64,
-                hidden: c.hidden_size as u64,
-                intermediate: c.intermediate_size as u64,
-                heads: c.num_heads as u64,
-                kv_heads: c.num_kv_heads as u64,
-                head_dim: c.head_dim as u64,
-                vocab: c.vocab_size as u64,
-            },
+            shape: crate::runtime::model_shape(c),
             prompt_tokens: prompt_tokens as u64,
             max_new_tokens: max_new_tokens as u64,
             batch: 1,
