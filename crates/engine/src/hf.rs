@@ -72,14 +72,7 @@ impl HfConfig {
     /// # Errors
     /// [`Error::Io`], or [`Error::Json`] naming the file, line and column.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+        read_config(path)
     }
 
     /// The resolved configuration.
@@ -148,6 +141,21 @@ impl HfConfig {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Reads a JSON configuration file into its serde mirror.
+///
+/// # Errors
+/// [`Error::Io`], or [`Error::Json`] naming the file, line and column.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn missing(field: &str) -> Error {

@@ -245,11 +245,7 @@ impl Runtime {
         &self,
         dir: &Path,
     ) -> Result<afo_engine::Acquired<VisionLanguageModel>> {
-        let key = dir
-            .canonicalize()
-            .unwrap_or_else(|_| dir.to_path_buf())
-            .display()
-            .to_string();
+        let key = crate::runtime::cache_key(dir, None);
         Ok(self.vlm_cache.acquire(&key, safetensors_bytes(dir), || {
             VisionLanguageModel::load(dir)
         })?)

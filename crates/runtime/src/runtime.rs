@@ -116,7 +116,7 @@ pub(crate) fn model_shape(c: &afo_engine::ModelConfig) -> ModelShape {
 }
 
 /// The cache key of a model file loaded in a scheme.
-fn cache_key(model: &Path, scheme: Option<QuantScheme>) -> String {
+pub(crate) fn cache_key(model: &Path, scheme: Option<QuantScheme>) -> String {
     let path = model
         .canonicalize()
         .unwrap_or_else(|_| model.to_path_buf())

@@ -6,24 +6,26 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::smollm2;
 
 use afo_runtime::engine::TinyVlm;
 use afo_runtime::guard::ByteSize;
 use afo_runtime::ssot::{LogReader, ReadMode, Record, RunStatus};
 use afo_runtime::{ChainImage, ChainRequest, Error, Runtime};
 
-fn smollm2() -> PathBuf {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    path
+/// Every record of a log, strictly parsed.
+fn records(log: &std::path::Path) -> Vec<Record> {
+    LogReader::open(log, ReadMode::Strict)
+        .unwrap()
+        .read_all()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.record)
+        .collect()
 }
 
 fn sample() -> ChainImage {
@@ -107,13 +109,7 @@ fn tiny_vlm_then_smollm2_gives_both_texts_and_one_record() {
         r.predicted_peak_bytes
     );
 
-    let records: Vec<Record> = LogReader::open(&log, ReadMode::Strict)
-        .unwrap()
-        .read_all()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.record)
-        .collect();
+    let records = records(&log);
     assert_eq!(records.len(), 1);
     let Record::V2(rec) = &records[0] else {
         panic!("not a v2 record")
@@ -173,13 +169,7 @@ fn a_bad_image_is_named_and_logged() {
     assert!(err.to_string().contains("cut.jpg"));
     let none = ChainRequest::new(&vlm, vec![], "Describe.");
     assert!(matches!(rt.chain(&none), Err(Error::NoImages)));
-    let records: Vec<Record> = LogReader::open(&log, ReadMode::Strict)
-        .unwrap()
-        .read_all()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.record)
-        .collect();
+    let records = records(&log);
     assert_eq!(records.len(), 2);
     for r in &records {
         let Record::V2(r) = r else {

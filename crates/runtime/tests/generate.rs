@@ -3,26 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+
+use common::smollm2 as model;
 
 use afo_runtime::engine::{FinishReason, GenerateOptions, SamplingParams};
 use afo_runtime::guard::ByteSize;
 use afo_runtime::ssot::{LogReader, ReadMode, Record, RunStatus, StatusBadge};
 use afo_runtime::{Error, GenerateRequest, Prompt, Runtime};
-
-fn model() -> PathBuf {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    path
-}
 
 fn request(max_tokens: usize) -> GenerateRequest {
     GenerateRequest {

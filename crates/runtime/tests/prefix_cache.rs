@@ -4,25 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::smollm2 as model;
 
 use afo_runtime::engine::{GenerateOptions, Message, SamplingParams};
 use afo_runtime::kvcache::PrefixCacheConfig;
 use afo_runtime::ssot::{LogReader, ReadMode, Record};
 use afo_runtime::{GenerateRequest, Prompt, Runtime};
-
-fn model() -> PathBuf {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    path
-}
 
 const SYSTEM: &str = "You are a concise travel assistant. You answer in one sentence, \
     name one place only, and never invent opening hours or prices. When a question is \

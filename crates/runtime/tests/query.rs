@@ -5,25 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::smollm2 as model;
 
 use afo_runtime::guard::ByteSize;
 use afo_runtime::select::Catalog;
 use afo_runtime::ssot::{LogReader, ReadMode, Record, StatusBadge};
 use afo_runtime::{QueryRequest, Runtime};
-
-fn model() -> PathBuf {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    path
-}
 
 fn catalog() -> Catalog {
     let source = model().display().to_string().replace('\\', "/");

@@ -166,14 +166,7 @@ impl VlmFileConfig {
     /// # Errors
     /// [`Error::Io`], or [`Error::Json`] naming the file, line and column.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+        crate::hf::read_config(path)
     }
 
     /// Whether the file describes a Qwen3-VL model.
