@@ -1,8 +1,8 @@
 //! Continuous batching: many sequences decoded together, admitted between steps.
 //!
 //! The engine loop of vLLM: [`Scheduler::add_request`] queues a request,
-//! [`Scheduler::step`] admits waiting requests while their KV memory fits the
-//! scheduler's budget (running each one's prompt), then runs one decode step for every
+//! [`Scheduler::step`] admits waiting requests while the admission hook grants them
+//! memory (running each one's prompt), then runs one decode step for every
 //! running sequence as a single batched forward pass ([`Model::forward_batch`]), and
 //! [`Scheduler::has_unfinished`] says whether to go on. Each request has its own
 //! sampling parameters, stop strings and token budget; each step returns every
@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 
+use afo_guard::{MemoryKind, Reservation};
 use afo_kvcache::KvCache;
 
 use crate::error::{Error, Result};
@@ -41,6 +42,8 @@ pub struct StepOutput {
     /// In a request's first output: its prompt tokens reused from the prefix cache (0
     /// without one, or on a miss). `None` in later outputs.
     pub prefix_hit_tokens: Option<usize>,
+    /// In a request's first output: the peak predicted by its ticket, when it has one.
+    pub predicted_peak_bytes: Option<u64>,
 }
 
 struct Sequence<'t> {
@@ -54,25 +57,48 @@ struct Sequence<'t> {
     generated: usize,
     /// Logits for the next token (after the prompt, or after the last step).
     logits: Vec<f32>,
-    reserved_bytes: u64,
     /// Prompt tokens reused from the prefix cache, until reported.
     prefix_hit: Option<usize>,
-    /// Whatever the admission hook handed out (a memory guard's reservation), held
-    /// while the request runs and dropped when it ends.
-    _ticket: Option<Box<dyn std::any::Any>>,
+    /// The memory the admission hook reserved, held while the request runs and given
+    /// back when it ends.
+    ticket: Option<Ticket>,
 }
 
-/// Decides whether a request needing `bytes` of KV memory may start now; `Some` holds
-/// whatever it reserved (dropped when the request ends), `None` leaves it waiting.
-pub type AdmitFn<'m> = Box<dyn FnMut(u64) -> Option<Box<dyn std::any::Any>> + 'm>;
+/// What the admission hook is asked about a waiting request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdmitQuery {
+    /// The request's prompt tokens.
+    pub prompt_tokens: usize,
+    /// The request's `max_tokens`.
+    pub max_tokens: usize,
+    /// Sequences running when it would start.
+    pub running: usize,
+}
+
+/// A request's admission: the memory reserved for it (its KV cache for its planned
+/// length and its workspace), and the workspace it keeps once its prompt has run (the
+/// rest of the workspace, the prefill's activations, goes back then).
+#[derive(Debug)]
+pub struct Ticket {
+    /// The request's bytes in the ledger.
+    pub reservation: Reservation,
+    /// The workspace bytes kept for decoding after the prefill.
+    pub workspace_after_prefill: u64,
+    /// The resident memory predicted for the request when it was admitted (reported
+    /// in its first [`StepOutput`]).
+    pub predicted_peak_bytes: u64,
+}
+
+/// Decides whether a request may start now: `Some` carries its [`Ticket`] (dropped
+/// when the request ends), `None` leaves it waiting for a later step.
+pub type AdmitFn<'m> = Box<dyn FnMut(&AdmitQuery) -> Option<Ticket> + 'm>;
 
 /// The batching scheduler over one model. See the module docs.
 pub struct Scheduler<'m> {
     model: &'m Model,
     tokenizer: &'m Tokenizer,
     max_batch: usize,
-    kv_budget_bytes: u64,
-    reserved_bytes: u64,
     waiting: VecDeque<(RequestId, Vec<u32>, GenerateOptions)>,
     running: Vec<Sequence<'m>>,
     finished: Vec<StepOutput>,
@@ -85,8 +111,6 @@ impl std::fmt::Debug for Scheduler<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
             .field("max_batch", &self.max_batch)
-            .field("kv_budget_bytes", &self.kv_budget_bytes)
-            .field("reserved_bytes", &self.reserved_bytes)
             .field("waiting", &self.waiting.len())
             .field("running", &self.running.len())
             .finish()
@@ -94,21 +118,15 @@ impl std::fmt::Debug for Scheduler<'_> {
 }
 
 impl<'m> Scheduler<'m> {
-    /// A scheduler running at most `max_batch` sequences at once, whose KV caches
-    /// together may take at most `kv_budget_bytes` (each request reserves its prompt
-    /// plus `max_tokens` when admitted, and gives it back when it ends).
-    pub fn new(
-        model: &'m Model,
-        tokenizer: &'m Tokenizer,
-        max_batch: usize,
-        kv_budget_bytes: u64,
-    ) -> Self {
+    /// A scheduler running at most `max_batch` sequences at once. It keeps no memory
+    /// budget of its own: the admission hook ([`Scheduler::set_admission`]) reserves
+    /// each request's memory in the runtime's ledger; without one, only `max_batch`
+    /// limits it.
+    pub fn new(model: &'m Model, tokenizer: &'m Tokenizer, max_batch: usize) -> Self {
         Self {
             model,
             tokenizer,
             max_batch: max_batch.max(1),
-            kv_budget_bytes,
-            reserved_bytes: 0,
             waiting: VecDeque::new(),
             running: Vec::new(),
             finished: Vec::new(),
@@ -118,10 +136,9 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// Asks `hook` before starting each request, after the scheduler's own budget
-    /// check: a memory guard reserves the request's bytes there, or says no (the
-    /// request waits for a later step).
-    pub fn set_admission(&mut self, hook: impl FnMut(u64) -> Option<Box<dyn std::any::Any>> + 'm) {
+    /// Asks `hook` before starting each request: the runtime reserves the request's
+    /// bytes in its ledger there, or says no (the request waits for a later step).
+    pub fn set_admission(&mut self, hook: impl FnMut(&AdmitQuery) -> Option<Ticket> + 'm) {
         self.admit_hook = Some(Box::new(hook));
     }
 
@@ -131,32 +148,13 @@ impl<'m> Scheduler<'m> {
         self.prefix = Some(prefix);
     }
 
-    /// KV bytes one token takes in this model's cache.
-    fn bytes_per_token(&self) -> u64 {
-        let c = self.model.config();
-        (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64
-    }
-
-    /// The KV bytes a request reserves: its prompt and `max_tokens`.
-    pub fn request_bytes(&self, prompt_tokens: usize, options: &GenerateOptions) -> u64 {
-        (prompt_tokens + options.max_tokens) as u64 * self.bytes_per_token()
-    }
-
     /// Queues a request; it starts at a later [`Scheduler::step`], when it fits.
     ///
     /// # Errors
-    /// [`Error::EmptyPrompt`]; [`Error::RequestTooLarge`] when the request alone needs
-    /// more KV memory than the whole budget (it could never start).
+    /// [`Error::EmptyPrompt`].
     pub fn add_request(&mut self, prompt: Vec<u32>, options: GenerateOptions) -> Result<RequestId> {
         if prompt.is_empty() {
             return Err(Error::EmptyPrompt);
-        }
-        let need = self.request_bytes(prompt.len(), &options);
-        if need > self.kv_budget_bytes {
-            return Err(Error::RequestTooLarge {
-                needed_bytes: need,
-                budget_bytes: self.kv_budget_bytes,
-            });
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -174,9 +172,18 @@ impl<'m> Scheduler<'m> {
         self.running.len()
     }
 
-    /// KV bytes reserved by the running requests.
+    /// Bytes the running requests hold in the ledger (their tickets).
     pub fn reserved_bytes(&self) -> u64 {
-        self.reserved_bytes
+        self.running
+            .iter()
+            .filter_map(|s| s.ticket.as_ref())
+            .map(|t| t.reservation.bytes())
+            .sum()
+    }
+
+    /// Requests waiting to start.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Ends a request now (waiting or running); its output says
@@ -185,8 +192,7 @@ impl<'m> Scheduler<'m> {
         if let Some(i) = self.waiting.iter().position(|(w, _, _)| *w == id) {
             self.waiting.remove(i);
         } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            let seq = self.running.swap_remove(i);
-            self.reserved_bytes -= seq.reserved_bytes;
+            drop(self.running.swap_remove(i));
         } else {
             return false;
         }
@@ -196,6 +202,7 @@ impl<'m> Scheduler<'m> {
             token: None,
             finish: Some(FinishReason::Cancelled),
             prefix_hit_tokens: None,
+            predicted_peak_bytes: None,
         });
         true
     }
@@ -218,6 +225,11 @@ impl<'m> Scheduler<'m> {
                 text: String::new(),
                 token: Some(id),
                 finish: None,
+                predicted_peak_bytes: seq
+                    .prefix_hit
+                    .is_some()
+                    .then(|| seq.ticket.as_ref().map(|t| t.predicted_peak_bytes))
+                    .flatten(),
                 prefix_hit_tokens: seq.prefix_hit.take(),
             };
             if !seq.options.ignore_eos && self.tokenizer.is_eos(id) {
@@ -272,24 +284,25 @@ impl<'m> Scheduler<'m> {
             }
         }
         for &i in ended.iter().rev() {
-            let seq = self.running.swap_remove(i);
-            self.reserved_bytes -= seq.reserved_bytes;
+            drop(self.running.swap_remove(i));
         }
         Ok(out)
     }
 
-    /// Starts waiting requests, oldest first, while they fit the batch and the budget.
+    /// Starts waiting requests, oldest first, while they fit the batch and the
+    /// admission hook grants them memory.
     fn admit(&mut self) -> Result<()> {
         while self.running.len() < self.max_batch {
             let Some((_, prompt, options)) = self.waiting.front() else {
                 break;
             };
-            let need = self.request_bytes(prompt.len(), options);
-            if self.reserved_bytes + need > self.kv_budget_bytes {
-                break;
-            }
-            let ticket = match &mut self.admit_hook {
-                Some(hook) => match hook(need) {
+            let query = AdmitQuery {
+                prompt_tokens: prompt.len(),
+                max_tokens: options.max_tokens,
+                running: self.running.len(),
+            };
+            let mut ticket = match &mut self.admit_hook {
+                Some(hook) => match hook(&query) {
                     Some(t) => Some(t),
                     None => break,
                 },
@@ -301,6 +314,10 @@ impl<'m> Scheduler<'m> {
             let mut cache = self.model.new_cache(prompt.len() + options.max_tokens);
             let (logits, reused) =
                 prefill_with_prefix(self.model, &prompt, &mut cache, self.prefix)?;
+            if let Some(t) = &mut ticket {
+                let keep = t.workspace_after_prefill;
+                t.reservation.shrink_to(MemoryKind::Workspace, keep);
+            }
             let seq = Sequence {
                 id,
                 sampler: Sampler::new(options.sampling.clone()),
@@ -309,13 +326,11 @@ impl<'m> Scheduler<'m> {
                 history: prompt,
                 generated: 0,
                 logits,
-                reserved_bytes: need,
                 prefix_hit: Some(reused),
-                _ticket: ticket,
+                ticket,
                 cache,
                 options,
             };
-            self.reserved_bytes += need;
             self.running.push(seq);
         }
         Ok(())

@@ -2,10 +2,17 @@
 //!
 //! [`ModelCache::acquire`] loads a model the first time its key is asked for and hands
 //! out a shared [`Arc`] afterwards. Concurrent acquires of the same key load it once:
-//! the first caller loads, the others wait for its result. Before a load, idle models
-//! (held by nobody but the cache) are evicted least-recently-used until the new model's
-//! estimated bytes fit the cache's byte budget; models in use are never evicted. Idle
-//! models older than the keep-alive time are dropped on the next cache operation.
+//! the first caller loads, the others wait for its result.
+//!
+//! The cache keeps no budget of its own: a load first reserves the model's estimated
+//! bytes in the runtime's [`Ledger`] ([`MemoryKind::Weights`]), and only when the
+//! ledger refuses are idle models (held by nobody but the cache, and not pinned)
+//! evicted, least-recently-used first, until the reservation fits. A model is never
+//! evicted for any other reason than a load (or a run, through
+//! [`ModelCache::evict_lru_idle`]) needing its bytes, or its keep-alive running out.
+//! After the load the reservation is settled to the model's measured bytes, and it is
+//! given back when the model is dropped: if somebody still holds a model that was
+//! unloaded, its bytes stay reserved until the last holder lets go.
 //!
 //! The cache is generic over the model type so that its policy can be tested without
 //! real weights; the engine uses it with its loaded models.
@@ -13,6 +20,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use afo_guard::{Ledger, MemoryKind, Reservation};
 
 use crate::error::{Error, Result};
 
@@ -45,8 +54,8 @@ pub struct CacheStats {
     pub misses: u64,
     /// Models evicted to make room or because their keep-alive ran out.
     pub evictions: u64,
-    /// Bytes held by the models in the cache now, plus the estimates of loads in
-    /// flight.
+    /// Bytes reserved by the models in the cache now, loads in flight and unloaded
+    /// models somebody still holds.
     pub resident_bytes: u64,
     /// Models in the cache now.
     pub models: usize,
@@ -73,28 +82,33 @@ pub struct LoadedEntry {
     pub idle_for: Duration,
     /// How long the model took to load, in milliseconds.
     pub load_ms: f64,
+    /// Whether the model is pinned (never evicted).
+    pub pinned: bool,
 }
 
-/// A lazy, shared, byte-budgeted cache of loaded models.
+/// A lazy, shared cache of loaded models whose bytes are reserved in a [`Ledger`].
 #[derive(Debug)]
 pub struct ModelCache<M> {
     state: Mutex<State<M>>,
-    budget_bytes: u64,
+    ledger: Ledger,
     keep_alive: Option<Duration>,
 }
 
 #[derive(Debug)]
 struct State<M> {
     slots: HashMap<String, Slot<M>>,
+    /// Unloaded models somebody still holds, with their bytes still reserved.
+    draining: Vec<(Arc<M>, Reservation)>,
+    pinned: std::collections::HashSet<String>,
     stats: CacheStats,
 }
 
 #[derive(Debug)]
 enum Slot<M> {
-    /// Being loaded by one caller; the estimate holds its place in the budget.
+    /// Being loaded by one caller; the reservation holds its estimate.
     Loading {
         pending: Arc<PendingLoad<M>>,
-        estimated_bytes: u64,
+        reservation: Reservation,
     },
     Ready(Entry<M>),
 }
@@ -102,7 +116,7 @@ enum Slot<M> {
 #[derive(Debug)]
 struct Entry<M> {
     model: Arc<M>,
-    bytes: u64,
+    reservation: Reservation,
     last_used: Instant,
     load_ms: f64,
 }
@@ -162,22 +176,55 @@ impl<M> Drop for LoadGuard<'_, M> {
 }
 
 impl<M: CacheWeight> ModelCache<M> {
-    /// A cache that keeps at most `budget_bytes` of models resident, dropping idle
-    /// models after `keep_alive` (never, when `None`).
-    pub fn new(budget_bytes: u64, keep_alive: Option<Duration>) -> Self {
+    /// A cache whose models reserve their bytes in `ledger`, dropping idle models
+    /// after `keep_alive` (never, when `None`).
+    pub fn new(ledger: Ledger, keep_alive: Option<Duration>) -> Self {
         Self {
             state: Mutex::new(State {
                 slots: HashMap::new(),
+                draining: Vec::new(),
+                pinned: std::collections::HashSet::new(),
                 stats: CacheStats::default(),
             }),
-            budget_bytes,
+            ledger,
             keep_alive,
         }
     }
 
-    /// The byte budget.
-    pub fn budget_bytes(&self) -> u64 {
-        self.budget_bytes
+    /// The ledger the models' bytes are reserved in.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Keeps the model under `key` loaded once it is: never evicted, never expired.
+    /// (Pinning a key not loaded yet applies when it loads.)
+    pub fn pin(&self, key: &str) {
+        lock(&self.state).pinned.insert(key.to_owned());
+    }
+
+    /// Undoes [`ModelCache::pin`].
+    pub fn unpin(&self, key: &str) {
+        lock(&self.state).pinned.remove(key);
+    }
+
+    /// Evicts the least recently used idle model (not in use, not pinned) to give its
+    /// bytes back to the ledger; returns its key and bytes, or `None` when no model is
+    /// idle. For a caller that needs room (a run, or a load into another cache over
+    /// the same ledger).
+    pub fn evict_lru_idle(&self) -> Option<(String, u64)> {
+        let mut state = lock(&self.state);
+        let evicted = evict_one(&mut state);
+        drop(state);
+        if evicted.is_some() {
+            afo_guard::release_free_memory();
+        }
+        evicted
+    }
+
+    /// When the least recently used idle model was last used, if any is idle.
+    pub fn oldest_idle(&self) -> Option<Instant> {
+        let state = lock(&self.state);
+        idle(&state).map(|(t, _)| t)
     }
 
     /// Returns the model under `key`, loading it with `load` on first use.
@@ -233,7 +280,7 @@ impl<M: CacheWeight> ModelCache<M> {
             };
         }
 
-        self.make_room(&mut state, key, estimated_bytes)?;
+        let reservation = self.make_room(&mut state, key, estimated_bytes)?;
         let pending = Arc::new(PendingLoad {
             outcome: Mutex::new(None),
             done: Condvar::new(),
@@ -242,7 +289,7 @@ impl<M: CacheWeight> ModelCache<M> {
             key.to_owned(),
             Slot::Loading {
                 pending: Arc::clone(&pending),
-                estimated_bytes,
+                reservation,
             },
         );
         state.stats.misses += 1;
@@ -259,15 +306,28 @@ impl<M: CacheWeight> ModelCache<M> {
         let load_ms = ms_since(start);
 
         let mut state = lock(&self.state);
+        let reservation = match state.slots.remove(key) {
+            Some(Slot::Loading { reservation, .. }) => Some(reservation),
+            Some(other) => {
+                // Not ours (unreachable: only this caller replaces a Loading slot).
+                state.slots.insert(key.to_owned(), other);
+                None
+            }
+            None => None,
+        };
         match loaded {
             Ok(model) => {
                 let model = Arc::new(model);
                 let bytes = model.resident_bytes();
+                let mut reservation = reservation
+                    .unwrap_or_else(|| self.ledger.reserve_existing(MemoryKind::Weights, 0));
+                // The model exists now: its measured bytes replace the estimate.
+                reservation.settle(MemoryKind::Weights, bytes);
                 state.slots.insert(
                     key.to_owned(),
                     Slot::Ready(Entry {
                         model: Arc::clone(&model),
-                        bytes,
+                        reservation,
                         last_used: Instant::now(),
                         load_ms,
                     }),
@@ -282,8 +342,9 @@ impl<M: CacheWeight> ModelCache<M> {
                 })
             }
             Err(err) => {
-                state.slots.remove(key);
                 drop(state);
+                drop(reservation);
+                afo_guard::release_free_memory();
                 pending.finish(Err(err.to_string()));
                 Err(err)
             }
@@ -294,12 +355,15 @@ impl<M: CacheWeight> ModelCache<M> {
     /// handle. Returns whether a loaded model was removed.
     pub fn unload(&self, key: &str) -> bool {
         let mut state = lock(&self.state);
-        if matches!(state.slots.get(key), Some(Slot::Ready(_))) {
-            state.slots.remove(key);
-            true
-        } else {
-            false
+        if !matches!(state.slots.get(key), Some(Slot::Ready(_))) {
+            return false;
         }
+        if let Some(Slot::Ready(e)) = state.slots.remove(key) {
+            retire(&mut state, e);
+        }
+        drop(state);
+        afo_guard::release_free_memory();
+        true
     }
 
     /// Drops every idle model whose keep-alive has run out; returns how many.
@@ -310,7 +374,8 @@ impl<M: CacheWeight> ModelCache<M> {
 
     /// The cache's counters.
     pub fn stats(&self) -> CacheStats {
-        let state = lock(&self.state);
+        let mut state = lock(&self.state);
+        drain(&mut state);
         let mut stats = state.stats;
         stats.resident_bytes = resident(&state);
         stats.models = state
@@ -331,10 +396,11 @@ impl<M: CacheWeight> ModelCache<M> {
             .filter_map(|(key, slot)| match slot {
                 Slot::Ready(e) => Some(LoadedEntry {
                     key: key.clone(),
-                    bytes: e.bytes,
+                    bytes: e.reservation.bytes(),
                     in_use: Arc::strong_count(&e.model) > 1,
                     idle_for: now.saturating_duration_since(e.last_used),
                     load_ms: e.load_ms,
+                    pinned: state.pinned.contains(key),
                 }),
                 Slot::Loading { .. } => None,
             })
@@ -353,6 +419,7 @@ impl<M: CacheWeight> ModelCache<M> {
             .filter_map(|(key, slot)| match slot {
                 Slot::Ready(e)
                     if Arc::strong_count(&e.model) == 1
+                        && !state.pinned.contains(key)
                         && now.saturating_duration_since(e.last_used) >= keep_alive =>
                 {
                     Some(key.clone())
@@ -365,56 +432,91 @@ impl<M: CacheWeight> ModelCache<M> {
             tracing::debug!(model = %key, "model cache: keep-alive expired");
         }
         state.stats.evictions += expired.len() as u64;
+        drain(state);
+        if !expired.is_empty() {
+            afo_guard::release_free_memory();
+        }
         expired.len()
     }
 
-    fn make_room(&self, state: &mut State<M>, key: &str, needed: u64) -> Result<()> {
-        loop {
-            let used = resident(state);
-            if used.saturating_add(needed) <= self.budget_bytes {
-                return Ok(());
-            }
-            let victim = state
-                .slots
-                .iter()
-                .filter_map(|(k, slot)| match slot {
-                    Slot::Ready(e) if Arc::strong_count(&e.model) == 1 => {
-                        Some((e.last_used, k.clone()))
+    /// Reserves `needed` bytes of weights for `key`, evicting idle models least
+    /// recently used first while the ledger refuses.
+    fn make_room(&self, state: &mut State<M>, key: &str, needed: u64) -> Result<Reservation> {
+        drain(state);
+        let mut evicted = false;
+        let result = loop {
+            match self.ledger.try_reserve(MemoryKind::Weights, needed) {
+                Ok(r) => break Ok(r),
+                Err(refusal) => {
+                    if evict_one(state).is_none() {
+                        break Err(Error::ModelTooLarge {
+                            model: key.to_owned(),
+                            needed_bytes: needed,
+                            refusal,
+                        });
                     }
-                    _ => None,
-                })
-                .min();
-            match victim {
-                Some((_, k)) => {
-                    state.slots.remove(&k);
-                    state.stats.evictions += 1;
-                    tracing::debug!(model = %k, "model cache: evicted least recently used");
-                }
-                None => {
-                    return Err(Error::ModelTooLarge {
-                        model: key.to_owned(),
-                        needed_bytes: needed,
-                        budget_bytes: self.budget_bytes,
-                        in_use_bytes: used,
-                    });
+                    evicted = true;
                 }
             }
+        };
+        if evicted {
+            afo_guard::release_free_memory();
         }
+        result
     }
 }
 
-/// Bytes held by loaded models plus the estimates of loads in flight.
-fn resident<M>(state: &State<M>) -> u64 {
+/// The least recently used idle model: not in use, not pinned.
+fn idle<M>(state: &State<M>) -> Option<(Instant, String)> {
     state
+        .slots
+        .iter()
+        .filter_map(|(k, slot)| match slot {
+            Slot::Ready(e) if Arc::strong_count(&e.model) == 1 && !state.pinned.contains(k) => {
+                Some((e.last_used, k.clone()))
+            }
+            _ => None,
+        })
+        .min()
+}
+
+/// Evicts the least recently used idle model; returns its key and bytes.
+fn evict_one<M>(state: &mut State<M>) -> Option<(String, u64)> {
+    let (_, key) = idle(state)?;
+    let Some(Slot::Ready(e)) = state.slots.remove(&key) else {
+        return None;
+    };
+    let bytes = e.reservation.bytes();
+    state.stats.evictions += 1;
+    tracing::debug!(model = %key, bytes, "model cache: evicted the least recently used idle model");
+    retire(state, e);
+    Some((key, bytes))
+}
+
+/// Drops a model taken out of the cache: its bytes go back now when nobody holds it,
+/// or when its last holder lets go.
+fn retire<M>(state: &mut State<M>, e: Entry<M>) {
+    if Arc::strong_count(&e.model) > 1 {
+        state.draining.push((e.model, e.reservation));
+    }
+}
+
+/// Gives back the bytes of unloaded models nobody holds any more.
+fn drain<M>(state: &mut State<M>) {
+    state.draining.retain(|(m, _)| Arc::strong_count(m) > 1);
+}
+
+/// Bytes reserved by loaded models, loads in flight and draining models.
+fn resident<M>(state: &State<M>) -> u64 {
+    let slots: u64 = state
         .slots
         .values()
         .map(|s| match s {
-            Slot::Ready(e) => e.bytes,
-            Slot::Loading {
-                estimated_bytes, ..
-            } => *estimated_bytes,
+            Slot::Ready(e) => e.reservation.bytes(),
+            Slot::Loading { reservation, .. } => reservation.bytes(),
         })
-        .sum()
+        .sum();
+    slots + state.draining.iter().map(|(_, r)| r.bytes()).sum::<u64>()
 }
 
 fn ms_since(start: Instant) -> f64 {
@@ -426,6 +528,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    fn ledger(cutline: u64) -> Ledger {
+        Ledger::with_min_margin(cutline, 0)
+    }
+
     #[derive(Debug)]
     struct Fake(u64);
     impl CacheWeight for Fake {
@@ -436,7 +542,7 @@ mod tests {
 
     #[test]
     fn loads_once_then_hits() {
-        let cache = ModelCache::new(100, None);
+        let cache = ModelCache::new(ledger(100), None);
         let loads = AtomicUsize::new(0);
         let load = || {
             loads.fetch_add(1, Ordering::SeqCst);
@@ -458,7 +564,7 @@ mod tests {
 
     #[test]
     fn concurrent_acquires_load_once() {
-        let cache = Arc::new(ModelCache::new(100, None));
+        let cache = Arc::new(ModelCache::new(ledger(100), None));
         let loads = Arc::new(AtomicUsize::new(0));
         let handles: Vec<_> = (0..8)
             .map(|_| {
@@ -483,7 +589,7 @@ mod tests {
 
     #[test]
     fn evicts_idle_lru_but_never_models_in_use() {
-        let cache = ModelCache::new(30, None);
+        let cache = ModelCache::new(ledger(30), None);
         let a = cache.acquire("a", 10, || Ok(Fake(10))).unwrap();
         drop(cache.acquire("b", 10, || Ok(Fake(10))).unwrap());
         drop(cache.acquire("c", 10, || Ok(Fake(10))).unwrap());
@@ -501,23 +607,80 @@ mod tests {
 
     #[test]
     fn too_large_when_everything_is_in_use() {
-        let cache = ModelCache::new(15, None);
+        let cache = ModelCache::new(ledger(15), None);
         let _a = cache.acquire("a", 10, || Ok(Fake(10))).unwrap();
         let err = cache.acquire("b", 10, || Ok(Fake(10))).unwrap_err();
         match err {
             Error::ModelTooLarge {
                 needed_bytes,
-                budget_bytes,
-                in_use_bytes,
+                refusal,
                 ..
-            } => assert_eq!((needed_bytes, budget_bytes, in_use_bytes), (10, 15, 10)),
+            } => {
+                assert_eq!(needed_bytes, 10);
+                assert_eq!((refusal.reserved, refusal.cutline), (10, 15));
+            }
             other => panic!("unexpected error {other}"),
+        }
+        assert!(err_text(&cache).contains("needs 10 B"));
+    }
+
+    fn err_text(cache: &ModelCache<Fake>) -> String {
+        match cache.acquire("z", 10, || Ok(Fake(10))) {
+            Err(e) => e.to_string(),
+            Ok(_) => String::new(),
         }
     }
 
     #[test]
+    fn a_model_is_evicted_only_when_a_load_needs_its_bytes() {
+        // Plenty of room: loading more models never evicts an idle one.
+        let cache = ModelCache::new(ledger(100), None);
+        for key in ["a", "b", "c", "d"] {
+            drop(cache.acquire(key, 20, || Ok(Fake(20))).unwrap());
+        }
+        assert_eq!(cache.stats().evictions, 0);
+        assert_eq!(cache.stats().models, 4);
+        assert_eq!(cache.ledger().reserved(), 80);
+        // The next load needs 30 of the 20 free: exactly one idle model (the least
+        // recently used, `a`) goes, and its bytes go back to the ledger.
+        drop(cache.acquire("e", 30, || Ok(Fake(30))).unwrap());
+        let keys: Vec<String> = cache.loaded().into_iter().map(|e| e.key).collect();
+        assert_eq!(cache.stats().evictions, 1);
+        assert!(!keys.contains(&"a".to_owned()), "{keys:?}");
+        assert_eq!(cache.ledger().reserved(), 90);
+    }
+
+    #[test]
+    fn pinned_models_stay() {
+        let cache = ModelCache::new(ledger(30), Some(Duration::from_millis(1)));
+        cache.pin("p");
+        drop(cache.acquire("p", 20, || Ok(Fake(20))).unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(cache.evict_expired(), 0);
+        assert!(cache.acquire("q", 20, || Ok(Fake(20))).is_err());
+        assert!(cache.evict_lru_idle().is_none());
+        cache.unpin("p");
+        assert_eq!(cache.evict_lru_idle().map(|(k, b)| (k, b)), Some(("p".to_owned(), 20)));
+        assert_eq!(cache.ledger().reserved(), 0);
+    }
+
+    #[test]
+    fn the_reservation_settles_to_the_measured_bytes_and_outlives_an_unload() {
+        let cache = ModelCache::new(ledger(100), None);
+        let a = cache.acquire("a", 50, || Ok(Fake(30))).unwrap();
+        assert_eq!(cache.ledger().reserved(), 30);
+        assert!(cache.unload("a"));
+        // Still held: its bytes stay reserved until the holder lets go.
+        assert_eq!(cache.stats().resident_bytes, 30);
+        assert_eq!(cache.ledger().reserved(), 30);
+        drop(a);
+        assert_eq!(cache.stats().resident_bytes, 0);
+        assert_eq!(cache.ledger().reserved(), 0);
+    }
+
+    #[test]
     fn keep_alive_expires_idle_models() {
-        let cache = ModelCache::new(100, Some(Duration::from_millis(20)));
+        let cache = ModelCache::new(ledger(100), Some(Duration::from_millis(20)));
         let held = cache.acquire("held", 1, || Ok(Fake(1))).unwrap();
         drop(cache.acquire("idle", 1, || Ok(Fake(1))).unwrap());
         std::thread::sleep(Duration::from_millis(40));
@@ -529,7 +692,7 @@ mod tests {
 
     #[test]
     fn failed_load_is_reported_and_retried() {
-        let cache: ModelCache<Fake> = ModelCache::new(100, None);
+        let cache: ModelCache<Fake> = ModelCache::new(ledger(100), None);
         let err = cache.acquire("m", 1, || Err(Error::Cancelled)).unwrap_err();
         assert!(matches!(err, Error::Cancelled));
         let ok = cache.acquire("m", 1, || Ok(Fake(1))).unwrap();
@@ -538,7 +701,7 @@ mod tests {
 
     #[test]
     fn a_panicking_loader_does_not_wedge_the_key() {
-        let cache: Arc<ModelCache<Fake>> = Arc::new(ModelCache::new(100, None));
+        let cache: Arc<ModelCache<Fake>> = Arc::new(ModelCache::new(ledger(100), None));
         let c = Arc::clone(&cache);
         let r = std::thread::spawn(move || {
             let _ = c.acquire("m", 1, || -> Result<Fake> { panic!("boom") });
@@ -551,7 +714,7 @@ mod tests {
 
     #[test]
     fn unload_removes_but_holders_keep_their_handle() {
-        let cache = ModelCache::new(100, None);
+        let cache = ModelCache::new(ledger(100), None);
         let a = cache.acquire("a", 5, || Ok(Fake(5))).unwrap();
         assert!(cache.unload("a"));
         assert!(!cache.unload("a"));

@@ -8,16 +8,6 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A batched request needs more KV memory than the scheduler's whole budget.
-    #[error(
-        "the request needs {needed_bytes} bytes of KV cache, more than the whole budget of {budget_bytes}"
-    )]
-    RequestTooLarge {
-        /// Bytes it needs (prompt and `max_tokens`).
-        needed_bytes: u64,
-        /// The scheduler's budget.
-        budget_bytes: u64,
-    },
     /// Saving a model failed.
     #[error("cannot save the model: {reason}")]
     Export {
@@ -38,19 +28,14 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     /// A model does not fit the model cache's memory budget, even after evicting
     /// every idle model.
-    #[error(
-        "model `{model}` needs {needed_bytes} bytes but the model cache budget is \
-         {budget_bytes} bytes, of which {in_use_bytes} are held by models in use"
-    )]
+    #[error("model `{model}` needs {needed_bytes} bytes to load, and evicting every idle model does not make room: {refusal}")]
     ModelTooLarge {
         /// The model's key in the cache.
         model: String,
         /// The bytes the model needs.
         needed_bytes: u64,
-        /// The cache's budget.
-        budget_bytes: u64,
-        /// Bytes held by models that are in use and cannot be evicted.
-        in_use_bytes: u64,
+        /// The ledger's refusal, with its numbers.
+        refusal: afo_guard::Refusal,
     },
     /// Another caller's load of the same model failed while this caller waited for it.
     #[error("loading model `{model}` failed: {reason}")]

@@ -30,7 +30,7 @@ mod testing;
 mod tokenizer;
 mod vlm;
 
-pub use batch::{AdmitFn, RequestId, Scheduler, StepOutput};
+pub use batch::{AdmitFn, AdmitQuery, RequestId, Scheduler, StepOutput, Ticket};
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
 pub use config::{

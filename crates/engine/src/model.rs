@@ -257,20 +257,43 @@ impl Model {
         budget: Option<usize>,
         policy: PrunePolicy,
     ) -> KvCache {
+        KvCache::new(self.cache_config(max_tokens, budget, policy), &self.device)
+    }
+
+    /// The layout of this model's KV caches: the one place their element type and
+    /// shape are decided.
+    fn cache_config(
+        &self,
+        max_tokens: usize,
+        budget: Option<usize>,
+        policy: PrunePolicy,
+    ) -> KvCacheConfig {
         let c = &self.config;
-        KvCache::new(
-            KvCacheConfig {
-                layers: c.num_layers,
-                kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
-                max_tokens: max_tokens.min(c.max_position).max(1),
-                block_tokens: 64,
-                dtype: DType::F32,
-                budget_tokens: budget,
-                policy,
-            },
-            &self.device,
-        )
+        KvCacheConfig {
+            layers: c.num_layers,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            max_tokens: max_tokens.min(c.max_position).max(1),
+            block_tokens: 64,
+            dtype: DType::F32,
+            budget_tokens: budget,
+            policy,
+        }
+    }
+
+    /// KV-cache bytes one token of one sequence takes in this model's caches (all
+    /// layers, keys and values, in the caches' element type): the figure every memory
+    /// estimate of this model uses.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        self.cache_config(1, None, PrunePolicy::None)
+            .bytes_per_token()
+    }
+
+    /// The tokens a cache for `max_tokens` positions holds at most, with a `budget`
+    /// of tokens when pruned (capped at the model's context).
+    pub fn cache_tokens(&self, max_tokens: usize, budget: Option<usize>) -> usize {
+        let c = self.cache_config(max_tokens, budget, PrunePolicy::None);
+        budget.map_or(c.max_tokens, |b| b.min(c.max_tokens))
     }
 
     /// Runs `tokens` after what `cache` holds (their positions start at

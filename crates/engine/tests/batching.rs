@@ -7,7 +7,10 @@ mod common;
 
 use std::collections::HashMap;
 
-use afo_engine::{FinishReason, GenerateOptions, LoadedModel, SamplingParams, Scheduler, generate};
+use afo_engine::{
+    FinishReason, GenerateOptions, LoadedModel, SamplingParams, Scheduler, Ticket, generate,
+};
+use afo_guard::{KindBytes, Ledger, MemoryKind};
 
 fn options(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
@@ -45,10 +48,27 @@ fn batched_requests_match_their_single_runs_and_respect_the_budget() {
         })
         .collect();
 
-    // Room for three requests' KV at a time, and a batch of at most three.
-    let per_token = 30 * 2 * 3 * 64 * 4;
+    // A ledger with room for three requests' KV at a time, and a batch of at most
+    // four: the ledger is what holds the fourth back.
+    let per_token = model.kv_bytes_per_token();
+    assert_eq!(per_token, 30 * 2 * 3 * 64 * 4);
     let budget = 3 * (12 + 20) * per_token;
-    let mut s = Scheduler::new(model, tok, 3, budget);
+    let ledger = Ledger::with_min_margin(budget, 0);
+    let mut s = Scheduler::new(model, tok, 4);
+    {
+        let ledger = ledger.clone();
+        s.set_admission(move |q| {
+            let kv = (q.prompt_tokens + q.max_tokens) as u64 * per_token;
+            ledger
+                .try_reserve(MemoryKind::KvCache, kv)
+                .ok()
+                .map(|reservation| Ticket {
+                    reservation,
+                    workspace_after_prefill: 0,
+                    predicted_peak_bytes: 0,
+                })
+        });
+    }
     let mut texts: HashMap<u64, String> = HashMap::new();
     let mut finish: HashMap<u64, FinishReason> = HashMap::new();
     let rid: Vec<u64> = ids
@@ -65,6 +85,7 @@ fn batched_requests_match_their_single_runs_and_respect_the_budget() {
             }
         }
         assert!(s.running() <= 3 && s.reserved_bytes() <= budget);
+        assert_eq!(s.reserved_bytes(), ledger.reserved());
         steps += 1;
         assert!(steps < 200);
     }
@@ -75,20 +96,28 @@ fn batched_requests_match_their_single_runs_and_respect_the_budget() {
             FinishReason::Length | FinishReason::Eos
         ));
     }
-    // A request larger than the whole budget is refused at once.
-    assert!(s.add_request(ids[0].clone(), options(1_000_000)).is_err());
+    assert_eq!(ledger.reserved(), 0, "every request's bytes came back");
 }
 
 #[test]
 fn a_cancelled_request_ends_and_the_others_go_on() {
     let loaded = LoadedModel::load(common::smollm2_path()).unwrap();
-    let mut s = Scheduler::new(loaded.model(), loaded.tokenizer(), 4, u64::MAX);
-    // An admission hook (a memory guard) that lets two requests hold tickets at once.
-    let tickets = std::rc::Rc::new(());
-    let counter = tickets.clone();
-    s.set_admission(move |_bytes| {
-        (std::rc::Rc::strong_count(&counter) < 4)
-            .then(|| Box::new(counter.clone()) as Box<dyn std::any::Any>)
+    let mut s = Scheduler::new(loaded.model(), loaded.tokenizer(), 4);
+    // An admission hook over a ledger with room for two requests at once, each
+    // reserving 100 bytes of KV and 50 of workspace, of which it keeps 10 after its
+    // prefill.
+    let ledger = Ledger::with_min_margin(300, 0);
+    let l = ledger.clone();
+    s.set_admission(move |_q| {
+        l.try_reserve_parts(
+            KindBytes::of(MemoryKind::KvCache, 100).with(MemoryKind::Workspace, 50),
+        )
+        .ok()
+        .map(|reservation| Ticket {
+            reservation,
+            workspace_after_prefill: 10,
+            predicted_peak_bytes: 0,
+        })
     });
     let c = s
         .add_request(loaded.encode_text("Third").unwrap(), options(3))
@@ -100,6 +129,9 @@ fn a_cancelled_request_ends_and_the_others_go_on() {
         .add_request(loaded.encode_text("Rust is").unwrap(), options(10))
         .unwrap();
     s.step().unwrap();
+    // Two started (and ran their prompts: their workspace shrank), one waits.
+    assert_eq!((s.running(), s.waiting()), (2, 1));
+    assert_eq!(ledger.reserved(), 2 * 110);
     assert!(s.cancel(a));
     assert!(!s.cancel(a));
     let mut ended = HashMap::new();
@@ -116,7 +148,7 @@ fn a_cancelled_request_ends_and_the_others_go_on() {
         ended[&c],
         FinishReason::Length | FinishReason::Eos
     ));
-    assert_eq!(std::rc::Rc::strong_count(&tickets), 2);
+    assert_eq!(ledger.reserved(), 0);
     assert!(matches!(
         ended[&b],
         FinishReason::Length | FinishReason::Eos

@@ -160,7 +160,7 @@ fn the_scheduler_reuses_prefixes_and_matches_single_runs() {
 
     let prefixes = PrefixCache::new(PrefixCacheConfig::default()).unwrap();
     let bt = prefixes.config().block_tokens;
-    let mut s = Scheduler::new(model, tok, 4, u64::MAX);
+    let mut s = Scheduler::new(model, tok, 4);
     s.set_prefix_cache(PrefixReuse {
         cache: &prefixes,
         salt: Salt::new(b"smollm2"),

@@ -36,6 +36,9 @@ pub enum Error {
     /// The operating system could not be queried.
     #[error("cannot query the system's memory: {0}")]
     System(String),
+    /// A memory kind's name is not one of [`crate::MemoryKind::ALL`].
+    #[error("unknown memory kind `{0}` (runtime, weights, kv_cache, workspace, images, prefix_cache)")]
+    UnknownKind(String),
     /// A probe file did not hold what it should.
     #[error("`{path}`: {reason}")]
     Parse {

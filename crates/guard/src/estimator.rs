@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::bytesize::ByteSize;
+use crate::ledger::{KindBytes, MemoryKind};
 
 /// The shape of a decoder model: what the KV cache and activations depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,22 @@ pub struct ModelShape {
     pub head_dim: u64,
     /// Vocabulary size.
     pub vocab: u64,
+}
+
+impl ModelShape {
+    /// KV-cache bytes one token takes in this model with `elem_bytes` per element:
+    /// see [`kv_bytes_per_token`].
+    pub fn kv_bytes_per_token(&self, elem_bytes: u64) -> u64 {
+        kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, elem_bytes)
+    }
+}
+
+/// KV-cache bytes one token of one sequence takes: `layers x 2 (keys and values) x
+/// kv_heads x head_dim x elem_bytes`. The one formula: the KV cache's own layout
+/// (`afo_kvcache::KvCacheConfig::bytes_per_token`) and the catalog's estimates both
+/// call it.
+pub fn kv_bytes_per_token(layers: u64, kv_heads: u64, head_dim: u64, elem_bytes: u64) -> u64 {
+    layers * 2 * kv_heads * head_dim * elem_bytes
 }
 
 /// Where the weights' bytes come from.
@@ -64,8 +81,9 @@ pub struct RunPlan {
     pub max_new_tokens: u64,
     /// Sequences run together.
     pub batch: u64,
-    /// Bytes per KV-cache element (4 for f32, 2 for f16/bf16).
-    pub kv_dtype_bytes: u64,
+    /// KV-cache bytes one token of one sequence takes, all layers, keys and values
+    /// (the engine's cache layout says it: `afo_kvcache::KvCacheConfig::bytes_per_token`).
+    pub kv_bytes_per_token: u64,
     /// The most prompt tokens run through the model in one forward pass.
     pub prefill_chunk: u64,
     /// Images, as (width x height) pixels after resizing, one entry per image.
@@ -113,7 +131,8 @@ impl fmt::Display for Estimate {
 /// `B = batch`, `C = min(prompt_tokens, prefill_chunk)` (at least 1), f32 = 4 bytes:
 ///
 /// - **weights**: [`Weights::bytes`];
-/// - **KV cache**: `layers x 2 x kv_heads x head_dim x T x B x kv_dtype_bytes`;
+/// - **KV cache**: `kv_bytes_per_token x T x B` (the cache's own figure per token:
+///   `layers x 2 x kv_heads x head_dim x` the bytes of its element type);
 /// - **activations** (one layer's working set in the largest forward pass, buffers
 ///   reused across layers): `B x C x (4 x hidden + 3 x intermediate + (heads + 2 x
 ///   kv_heads) x head_dim) x 4` plus the attention scores `B x heads x C x T x 4`
@@ -148,7 +167,7 @@ impl Estimator {
         let t = plan.prompt_tokens + plan.max_new_tokens;
         let c = plan.prompt_tokens.min(plan.prefill_chunk).max(1);
         let weights = plan.weights.bytes();
-        let kv_cache = s.layers * 2 * s.kv_heads * s.head_dim * t * b * plan.kv_dtype_bytes;
+        let kv_cache = plan.kv_bytes_per_token * t * b;
         let per_token = 4 * s.hidden + 3 * s.intermediate + (s.heads + 2 * s.kv_heads) * s.head_dim;
         let activations = b * c * per_token * 4 + 2 * b * s.heads * c * t.max(1) * 4;
         let logits = b * s.vocab * 4 * 2;
@@ -165,6 +184,20 @@ impl Estimator {
             overhead,
             total: sum + overhead,
         }
+    }
+
+    /// What a run reserves in the ledger for `estimate`, beyond the weights (reserved
+    /// by the model's load) and the runtime itself (reserved at start-up): its KV
+    /// cache, its workspace (activations and logits) and its images, each with the
+    /// [`Estimator::overhead_fraction`] for allocator slack.
+    pub fn run_parts(&self, estimate: &Estimate) -> KindBytes {
+        let slack = |b: u64| b + (b as f64 * self.overhead_fraction) as u64;
+        KindBytes::of(MemoryKind::KvCache, slack(estimate.kv_cache))
+            .with(
+                MemoryKind::Workspace,
+                slack(estimate.activations + estimate.logits),
+            )
+            .with(MemoryKind::Images, slack(estimate.images))
     }
 }
 
@@ -191,7 +224,7 @@ mod tests {
             prompt_tokens: prompt,
             max_new_tokens: new,
             batch,
-            kv_dtype_bytes: 4,
+            kv_bytes_per_token: 30 * 2 * 3 * 64 * 4,
             prefill_chunk: 512,
             image_pixels: Vec::new(),
             vision_tokens: 0,

@@ -15,33 +15,46 @@
 //!   ([`Estimate`]): weights, KV cache, activations, logits, images, overhead.
 //! - [`badge`] and [`health_score`] turn a peak into a `SAFE`/`WARN`/`OVER_CUTLINE`
 //!   [`StatusBadge`] and a 0-100 score, with documented formulas.
-//! - [`Guard::admit`] answers [`Admission::Admit`] with an RAII [`Reservation`],
-//!   [`Admission::Degrade`] naming a cheaper plan, or [`Admission::Refuse`] with the
-//!   numbers, so that concurrent runs cannot together pass the cutline.
-//!
+//! - [`Ledger`]: the one account of the runtime's memory. Model weights (before the
+//!   load), each sequence's KV cache, workspace, images and prefix-cache blocks are
+//!   reserved there ([`MemoryKind`]) through RAII [`Reservation`]s; [`Ledger::admit`]
+//!   reserves the first of a run's plans (the one asked for, then cheaper ones) that
+//!   fits under the cutline less a margin, or refuses with the numbers ([`Refusal`]).
+//!   The resident memory the ledger does not explain ("unaccounted") widens the
+//!   margin ([`Ledger::observe_rss`]).
+//! - [`release_free_memory`] gives the allocator's free memory back to the system, so
+//!   a process that was busy returns to its steady state.
+
 //! # Example
 //!
 //! ```
-//! use afo_guard::{Admission, Estimator, Guard, MemoryBudget, ModelShape, RunPlan, Weights,
-//!                 badge, StatusBadge};
+//! use afo_guard::{Admission, Estimator, KindBytes, Ledger, MemoryBudget, MemoryKind,
+//!                 ModelShape, PlanOption, RunPlan, Weights, badge, StatusBadge};
 //!
 //! let budget = MemoryBudget::builder().cutline("2GiB".parse::<afo_guard::ByteSize>()?).build()?;
+//! let ledger = Ledger::new(budget.cutline());
+//! // The weights are reserved before the model loads, and held while it stays loaded.
+//! let weights = ledger.try_reserve(MemoryKind::Weights, 98_000_000).expect("fits");
+//! let estimator = Estimator::default();
 //! let plan = RunPlan {
 //!     weights: Weights::Bytes(98_000_000),
 //!     shape: ModelShape { layers: 30, hidden: 576, intermediate: 1536, heads: 9,
 //!                         kv_heads: 3, head_dim: 64, vocab: 49152 },
-//!     prompt_tokens: 64, max_new_tokens: 256, batch: 1, kv_dtype_bytes: 4,
+//!     prompt_tokens: 64, max_new_tokens: 256, batch: 1,
+//!     kv_bytes_per_token: 30 * 2 * 3 * 64 * 4,
 //!     prefill_chunk: 512, image_pixels: vec![], vision_tokens: 0,
 //! };
-//! let estimate = Estimator::default().estimate(&plan);
-//! let guard = Guard::new(budget.cutline());
-//! match guard.admit(estimate.total, 0, &[]) {
-//!     Admission::Admit(reservation) => {
-//!         assert_eq!(guard.reserved(), estimate.total);
+//! let estimate = estimator.estimate(&plan);
+//! let run = PlanOption::new("as asked", estimator.run_parts(&estimate));
+//! match ledger.admit(&[run]) {
+//!     Admission::Admit { index, predicted_peak, reservation } => {
+//!         assert_eq!(index, 0);
+//!         assert!(predicted_peak <= budget.cutline());
+//!         assert_eq!(ledger.reserved(), weights.bytes() + reservation.bytes());
 //!         drop(reservation); // the run is over
-//!         assert_eq!(guard.reserved(), 0);
+//!         assert_eq!(ledger.reserved(), weights.bytes());
 //!     }
-//!     other => panic!("a 135M model fits in 2 GiB: {other:?}"),
+//!     Admission::Refuse(why) => panic!("a 135M model fits in 2 GiB: {why}"),
 //! }
 //! assert_eq!(badge(estimate.total, &budget), StatusBadge::Safe);
 //! # Ok::<(), afo_guard::Error>(())
@@ -50,23 +63,23 @@
 //! # Features
 //!
 //! None. The probes read Linux's `/proc` and cgroup files and fall back to `sysinfo`
-//! elsewhere.
+//! elsewhere. The one `unsafe` call is glibc's `malloc_trim`, in `trim.rs`.
 
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
-mod admission;
 mod budget;
 mod bytesize;
 mod cgroup;
 mod error;
 mod estimator;
 mod health;
+mod ledger;
 mod peak;
 mod probe;
+mod trim;
 
-pub use admission::{Admission, Guard, PlanOption, Refusal, Reservation};
 pub use afo_ssot::StatusBadge;
 pub use budget::{
     DEFAULT_ACCELERATOR_FRACTION, DEFAULT_CUTLINE, DEFAULT_WARN_FRACTION, MIN_CGROUP_RESERVE,
@@ -75,7 +88,12 @@ pub use budget::{
 pub use bytesize::ByteSize;
 pub use cgroup::{CgroupMemory, CgroupProbe, CgroupVersion};
 pub use error::{Error, Result};
-pub use estimator::{Estimate, Estimator, ModelShape, RunPlan, Weights};
+pub use estimator::{Estimate, Estimator, ModelShape, RunPlan, Weights, kv_bytes_per_token};
 pub use health::{ERROR_PENALTY, FALLBACK_PENALTY, HealthInputs, badge, health_score};
+pub use ledger::{
+    Admission, KindBytes, Ledger, LedgerSnapshot, MemoryKind, PlanOption, Refusal, Reservation,
+    default_min_margin,
+};
 pub use peak::{PeakTracker, SAMPLE_INTERVAL};
 pub use probe::{FixedProbe, MemorySnapshot, Probe, SystemProbe, parse_proc_status, process_rss};
+pub use trim::release_free_memory;

@@ -5,55 +5,57 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::ledger::Ledger;
 use crate::probe::process_rss;
 
 /// How often the sampling fallback reads the RSS.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
 
-/// Measures this process's peak resident memory over a span of work.
+/// Measures the process's peak resident memory over a span of work (one run).
 ///
-/// On Linux, [`PeakTracker::start`] resets the kernel's high-water mark (`VmHWM`) by
-/// writing `5` to `/proc/self/clear_refs`, and [`PeakTracker::finish`] reads it back:
-/// the exact peak of the span, with no sampling. Where the reset is not permitted, a
-/// thread samples `VmRSS` every [`SAMPLE_INTERVAL`] and keeps the maximum, which can
-/// miss a spike shorter than the interval. [`PeakTracker::exact`] says which was used.
-/// The peak is process-wide: concurrent runs see each other's memory.
+/// A thread samples `VmRSS` every [`SAMPLE_INTERVAL`] and keeps the maximum, which
+/// can miss a spike shorter than the interval; each sample also goes to the
+/// [`Ledger`] given to [`PeakTracker::start`] ([`Ledger::observe_rss`]), so its
+/// unaccounted memory stays current while runs go on. Nothing process-wide is reset
+/// (the kernel's own high-water mark is left alone, for the embedding program), so
+/// concurrent trackers never disturb each other.
+///
+/// When runs overlap, each run's figure is the process's peak during its span: it
+/// includes the other runs' memory, which is what the cutline is about, and is an
+/// upper bound on the run's own share. The ledger's reservations say what each run
+/// itself holds.
 #[derive(Debug)]
 pub struct PeakTracker {
-    exact: bool,
     sampler: Option<(Arc<AtomicBool>, Arc<AtomicU64>, JoinHandle<()>)>,
     start_rss: u64,
 }
 
 impl PeakTracker {
-    /// Starts measuring.
-    pub fn start() -> Self {
-        let exact = std::fs::write("/proc/self/clear_refs", b"5").is_ok();
+    /// Starts measuring; samples also feed `ledger`, when given.
+    pub fn start(ledger: Option<Ledger>) -> Self {
         let start_rss = process_rss().map_or(0, |(rss, _)| rss);
-        let sampler = (!exact).then(|| {
-            let stop = Arc::new(AtomicBool::new(false));
-            let max = Arc::new(AtomicU64::new(start_rss));
-            let (s, m) = (Arc::clone(&stop), Arc::clone(&max));
-            let handle = std::thread::spawn(move || {
+        if let Some(l) = &ledger {
+            l.observe_rss(start_rss);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(AtomicU64::new(start_rss));
+        let (s, m) = (Arc::clone(&stop), Arc::clone(&max));
+        let sampler = std::thread::Builder::new()
+            .name("afo-peak".into())
+            .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
                     if let Ok((rss, _)) = process_rss() {
                         m.fetch_max(rss, Ordering::Relaxed);
+                        if let Some(l) = &ledger {
+                            l.observe_rss(rss);
+                        }
                     }
                     std::thread::sleep(SAMPLE_INTERVAL);
                 }
-            });
-            (stop, max, handle)
-        });
-        Self {
-            exact,
-            sampler,
-            start_rss,
-        }
-    }
-
-    /// Whether the kernel's high-water mark was reset, making the peak exact.
-    pub fn exact(&self) -> bool {
-        self.exact
+            })
+            .ok()
+            .map(|handle| (stop, max, handle));
+        Self { sampler, start_rss }
     }
 
     /// The resident bytes when measuring started.
@@ -64,9 +66,9 @@ impl PeakTracker {
     /// Stops measuring and returns the peak resident bytes of the span (never less than
     /// the resident bytes now).
     pub fn finish(mut self) -> u64 {
-        let (rss, hwm) = process_rss().unwrap_or((0, 0));
+        let rss = process_rss().map_or(0, |(rss, _)| rss);
         match self.sampler.take() {
-            None => hwm.max(rss),
+            None => rss.max(self.start_rss),
             Some((stop, max, handle)) => {
                 stop.store(true, Ordering::Relaxed);
                 let _ = handle.join();
@@ -91,7 +93,7 @@ mod tests {
 
     #[test]
     fn sees_a_short_allocation() {
-        let tracker = PeakTracker::start();
+        let tracker = PeakTracker::start(None);
         let before = tracker.start_rss();
         {
             let v = vec![1u8; 64 << 20];

@@ -30,7 +30,12 @@ pub struct KvCacheConfig {
 impl KvCacheConfig {
     /// Bytes one token takes across all layers (keys and values).
     pub fn bytes_per_token(&self) -> u64 {
-        (self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()) as u64
+        afo_guard::kv_bytes_per_token(
+            self.layers as u64,
+            self.kv_heads as u64,
+            self.head_dim as u64,
+            self.dtype.size_in_bytes() as u64,
+        )
     }
 }
 

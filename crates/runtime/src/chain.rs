@@ -8,11 +8,12 @@ use std::time::Instant;
 use afo_engine::{
     GenerateOptions, Generation, Message, VisionInput, VisionLanguageModel, generate,
 };
-use afo_guard::{Admission, HealthInputs, PeakTracker, Probe, badge, health_score};
+use afo_guard::{HealthInputs, MemoryKind, PeakTracker, PlanOption, badge, health_score};
 use afo_image::{DecodeLimits, Encoding, PixelLayout, PreprocessorConfig};
-use afo_ssot::{Record, RecordV2, RunStatus, Stage, StatusBadge};
+use afo_ssot::{AdmissionRecord, Stage, StatusBadge};
 
 use crate::error::{Error, Result};
+use crate::run::RunReport;
 use crate::runtime::Runtime;
 
 /// The summary stage's default instruction; the analysis follows it.
@@ -30,6 +31,7 @@ pub struct ChainImage {
 
 /// A chain request. [`ChainRequest::new`] sets the defaults each field names.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ChainRequest {
     /// The vision-language model's directory.
     pub vlm: PathBuf,
@@ -98,8 +100,19 @@ pub struct ImageReport {
     pub compression_ratio: Option<f64>,
 }
 
+/// A stage's token counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TokenCounts {
+    /// Prompt tokens (image tokens included).
+    pub prompt: usize,
+    /// Generated tokens.
+    pub generated: usize,
+}
+
 /// A chain's results and costs.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ChainResponse {
     /// The run's id (also in the SSOT record).
     pub run_id: String,
@@ -125,9 +138,11 @@ pub struct ChainResponse {
     /// Input bytes / re-encoded bytes over all images, when re-encoded.
     pub compression_ratio: Option<f64>,
     /// Analysis prompt tokens (image tokens included) and generated tokens.
-    pub analysis_tokens: (usize, usize),
+    pub analysis_tokens: TokenCounts,
     /// Summary prompt tokens and generated tokens.
-    pub summary_tokens: (usize, usize),
+    pub summary_tokens: TokenCounts,
+    /// How the ledger admitted each stage (analysis, then summary).
+    pub admissions: Vec<AdmissionRecord>,
     /// The peak predicted before the run, in bytes.
     pub predicted_peak_bytes: u64,
     /// The measured peak resident memory, in bytes.
@@ -150,14 +165,14 @@ fn stage(
     name: &str,
     model_id: Option<&str>,
     since: Instant,
-    tokens: Option<(usize, usize)>,
+    tokens: Option<TokenCounts>,
 ) -> Stage {
     Stage {
         name: name.to_owned(),
         model_id: model_id.map(str::to_owned),
         latency_ms: ms(since),
-        tokens_in: tokens.map(|t| t.0 as u64),
-        tokens_out: tokens.map(|t| t.1 as u64),
+        tokens_in: tokens.map(|t| t.prompt as u64),
+        tokens_out: tokens.map(|t| t.generated as u64),
     }
 }
 
@@ -197,9 +212,11 @@ impl Runtime {
     pub fn chain(&self, request: &ChainRequest) -> Result<ChainResponse> {
         let start = Instant::now();
         let run_id = self.next_run_id();
-        let tracker = PeakTracker::start();
-        let result = self.run_chain(request, &run_id);
+        let tracker = PeakTracker::start(Some(self.ledger.clone()));
+        let mut admissions = Vec::new();
+        let result = self.run_chain(request, &run_id, &mut admissions);
         let peak = tracker.finish();
+        afo_guard::release_free_memory();
         let cutline = self.budget().cutline();
         match result {
             Ok(mut r) => {
@@ -216,42 +233,45 @@ impl Runtime {
                 Ok(r)
             }
             Err(err) => {
-                if let Some(log) = &self.log {
-                    let id = request
-                        .vlm
-                        .file_name()
-                        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-                    let mut base = self.base(&run_id, &id, RunStatus::Error, Some(err.to_string()));
-                    base.chain = "image_summary".to_owned();
-                    base.latency_ms = ms(start);
-                    base.peak_memory_bytes = peak;
-                    let mut record = RecordV2::new(base);
-                    record.status_badge = Some(badge(peak, self.budget()));
-                    record.health_score = Some(health_score(HealthInputs {
-                        peak_bytes: peak,
-                        cutline_bytes: cutline,
-                        error: true,
-                        fallback: false,
-                    }));
-                    log.append(&Record::from(record))?;
-                }
+                let id = request
+                    .vlm
+                    .file_name()
+                    .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+                let mut report = RunReport::new(&run_id, "image_summary", id);
+                report.error = Some(err.to_string());
+                report.latency_ms = ms(start);
+                report.peak_memory_bytes = peak;
+                report.admission = err.admission_record().or(admissions.pop());
+                self.record(&report)?;
                 Err(err)
             }
         }
     }
 
-    /// Loads (or finds) a VLM in the runtime's model cache.
+    /// Loads (or finds) a VLM in the runtime's model cache; its bytes are reserved in
+    /// the ledger before the load, as a text model's are.
     pub(crate) fn acquire_vlm(
         &self,
         dir: &Path,
     ) -> Result<afo_engine::Acquired<VisionLanguageModel>> {
         let key = crate::runtime::cache_key(dir, None);
-        Ok(self.vlm_cache.acquire(&key, safetensors_bytes(dir), || {
-            VisionLanguageModel::load(dir)
-        })?)
+        loop {
+            let result = self.vlm_cache.acquire(&key, safetensors_bytes(dir), || {
+                VisionLanguageModel::load(dir)
+            });
+            match result {
+                Err(afo_engine::Error::ModelTooLarge { .. }) if self.make_room() => continue,
+                other => return Ok(other?),
+            }
+        }
     }
 
-    fn run_chain(&self, request: &ChainRequest, run_id: &str) -> Result<ChainResponse> {
+    fn run_chain(
+        &self,
+        request: &ChainRequest,
+        run_id: &str,
+        admissions: &mut Vec<AdmissionRecord>,
+    ) -> Result<ChainResponse> {
         if request.images.is_empty() {
             return Err(Error::NoImages);
         }
@@ -315,6 +335,13 @@ impl Runtime {
             .map(|r| u64::from(r.original.0) * u64::from(r.original.1))
             .sum();
 
+        // The preprocessed pixels exist now: they are in the ledger until encoded.
+        let pixel_bytes: u64 = inputs
+            .iter()
+            .map(|i| (i.pixel_values.elem_count() * i.pixel_values.dtype().size_in_bytes()) as u64)
+            .sum();
+        let held_pixels = self.ledger.reserve_existing(MemoryKind::Images, pixel_bytes);
+
         // Admission for the analysis: the VLM is resident; the run adds the vision
         // encoder's states, the KV cache, activations and logits.
         let text = vlm.text_model();
@@ -329,49 +356,30 @@ impl Runtime {
             .collect();
         // The instruction and the chat template: a small allowance beside the images.
         let prompt_tokens = image_tokens + 64;
-        let run_bytes = self.vision_run_bytes(
+        let estimate = self.estimate_vision(
             vlm,
             prompt_tokens,
             request.analysis.max_tokens,
             pixels_per_image,
             patches,
         );
-        let snapshot = self.probe.snapshot()?;
-        // A separate summary model not loaded yet adds its weights later in the call
-        // (its file size stands for its resident size); the analysis's working set
-        // is released before the summary runs, so the summary's is covered by it.
+        let admitted = self
+            .admit(&[PlanOption::new("as asked", estimate.parts)])
+            .map_err(|(refusal, tried)| Error::Refused { refusal, tried })?;
+        let mut predicted_peak = admitted.predicted_peak_bytes;
+        admissions.push(admitted.record.clone());
+        let reservation = admitted.reservation;
+        tracing::debug!(run_bytes = reservation.bytes(), run_id, "chain admitted");
         let shared = request
             .llm
             .as_deref()
             .is_none_or(|l| same_path(l, &request.vlm));
-        let llm_load = match request.llm.as_deref() {
-            Some(l) if !shared && !self.is_loaded(l, None) => std::fs::metadata(l)
-                .map(|m| {
-                    if m.is_dir() {
-                        safetensors_bytes(l)
-                    } else {
-                        m.len()
-                    }
-                })
-                .unwrap_or(0),
-            _ => 0,
-        };
-        let predicted_peak = snapshot.rss_bytes + run_bytes + llm_load;
-        let reservation = match self
-            .guard
-            .admit(run_bytes + llm_load, snapshot.rss_bytes, &[])
-        {
-            Admission::Admit(r) => r,
-            Admission::Degrade { reason, .. } | Admission::Refuse(reason) => {
-                return Err(Error::Refused(reason));
-            }
-        };
-        tracing::debug!(run_bytes, run_id, "chain admitted");
 
         // Analysis.
         let t = Instant::now();
         let prompt = vlm.prepare(&request.instruction, &inputs)?;
         drop(inputs);
+        drop(held_pixels);
         stages.push(Stage {
             name: "vision_encode".to_owned(),
             model_id: Some(vlm.id().to_owned()),
@@ -392,7 +400,10 @@ impl Runtime {
             )?
             // The analysis KV cache is dropped here, before the summary runs.
         };
-        let analysis_tokens = (prompt.tokens.len(), analysis.tokens.len());
+        let analysis_tokens = TokenCounts {
+            prompt: prompt.tokens.len(),
+            generated: analysis.tokens.len(),
+        };
         drop(prompt);
         stages.push(stage(
             "image_analysis",
@@ -408,52 +419,56 @@ impl Runtime {
             "{}\n\n{}",
             request.summary_prompt, analysis.text
         ))];
-        let (summary, llm_id) = if shared {
-            let tokens = {
+        // The summary model: the VLM's own language model, or another model, whose
+        // load is admitted on the ledger like any other.
+        let llm = match (shared, request.llm.as_deref()) {
+            (false, Some(path)) => Some(self.acquire(path, None, None)?),
+            _ => None,
+        };
+        let (model, tokenizer, llm_id) = match &llm {
+            Some(l) => (l.model.model(), l.model.tokenizer(), l.model.id().to_owned()),
+            None => (text, vlm.tokenizer(), vlm.id().to_owned()),
+        };
+        let tokens = match &llm {
+            Some(l) => l.model.encode_chat(&messages)?,
+            None => {
                 let text = vlm.chat_template().render(&messages, true)?;
                 vlm.tokenizer().encode(&text, false)?
-            };
-            let mut cache = text.new_cache(tokens.len() + request.summary.max_tokens);
-            let g = generate(
-                text,
-                vlm.tokenizer(),
-                &tokens,
-                &request.summary,
-                &mut cache,
-                |_| ControlFlow::Continue(()),
-            )?;
-            (g, vlm.id().to_owned())
-        } else {
-            let path = request.llm.as_deref().unwrap_or(&request.vlm);
-            let llm = self.acquire(path, None, None)?;
-            let loaded = &llm.model;
-            let tokens = loaded.encode_chat(&messages)?;
-            let model = loaded.model();
-            let snapshot = self.probe.snapshot()?;
-            let kv_bytes = (tokens.len() + request.summary.max_tokens) as u64
-                * (model.config().num_layers
-                    * 2
-                    * model.config().num_kv_heads
-                    * model.config().head_dim
-                    * 4) as u64;
-            let _summary_reservation = match self.guard.admit(kv_bytes, snapshot.rss_bytes, &[]) {
-                Admission::Admit(r) => r,
-                Admission::Degrade { reason, .. } | Admission::Refuse(reason) => {
-                    return Err(Error::Refused(reason));
-                }
-            };
-            let mut kv = model.new_cache(tokens.len() + request.summary.max_tokens);
-            let g = generate(
-                model,
-                loaded.tokenizer(),
-                &tokens,
-                &request.summary,
-                &mut kv,
-                |_| ControlFlow::Continue(()),
-            )?;
-            (g, loaded.id().to_owned())
+            }
         };
-        let summary_tokens = (summary.prompt_tokens, summary.tokens.len());
+        let plans = self.text_plans(model, tokens.len(), request.summary.max_tokens, None);
+        let options: Vec<PlanOption> = plans
+            .iter()
+            .map(|p| PlanOption::new(p.name.clone(), p.estimate.parts))
+            .collect();
+        let admitted = self
+            .admit(&options)
+            .map_err(|(refusal, tried)| Error::Refused { refusal, tried })?;
+        predicted_peak = predicted_peak.max(admitted.predicted_peak_bytes);
+        admissions.push(admitted.record.clone());
+        let plan = &plans[admitted.index];
+        let mut summary_options = request.summary.clone();
+        summary_options.max_tokens = plan.max_tokens;
+        let mut kv = match plan.kv_budget {
+            Some((budget, policy)) => {
+                model.new_pruned_cache(tokens.len() + plan.max_tokens, Some(budget), policy)
+            }
+            None => model.new_cache(tokens.len() + plan.max_tokens),
+        };
+        let summary = generate(
+            model,
+            tokenizer,
+            &tokens,
+            &summary_options,
+            &mut kv,
+            |_| ControlFlow::Continue(()),
+        )?;
+        drop(kv);
+        drop(admitted);
+        let summary_tokens = TokenCounts {
+            prompt: summary.prompt_tokens,
+            generated: summary.tokens.len(),
+        };
         stages.push(stage("summary", Some(&llm_id), t, Some(summary_tokens)));
 
         Ok(ChainResponse {
@@ -470,6 +485,7 @@ impl Runtime {
             compression_ratio: (out_bytes > 0).then(|| in_bytes as f64 / out_bytes as f64),
             analysis_tokens,
             summary_tokens,
+            admissions: admissions.clone(),
             predicted_peak_bytes: predicted_peak,
             peak_memory_bytes: 0,
             cutline_bytes: self.budget().cutline(),
@@ -480,35 +496,31 @@ impl Runtime {
     }
 
     fn log_chain(&self, r: &ChainResponse) -> Result<()> {
-        let Some(log) = &self.log else {
-            return Ok(());
-        };
-        let mut base = self.base(&r.run_id, &r.vlm_id, RunStatus::Ok, None);
-        base.chain = "image_summary".to_owned();
-        base.latency_ms = r.latency_ms;
-        base.peak_memory_bytes = r.peak_memory_bytes;
-        base.tokens_in = (r.analysis_tokens.0 + r.summary_tokens.0) as u64;
-        base.tokens_out = (r.analysis_tokens.1 + r.summary_tokens.1) as u64;
+        let mut report = RunReport::new(&r.run_id, "image_summary", &r.vlm_id);
+        report.latency_ms = r.latency_ms;
+        report.peak_memory_bytes = r.peak_memory_bytes;
+        report.tokens_in = (r.analysis_tokens.prompt + r.summary_tokens.prompt) as u64;
+        report.tokens_out = (r.analysis_tokens.generated + r.summary_tokens.generated) as u64;
         let generating_ms: f64 = r
             .stages
             .iter()
             .filter(|s| s.name == "image_analysis" || s.name == "summary")
             .map(|s| s.latency_ms)
             .sum();
-        base.tokens_per_s = if generating_ms > 0.0 {
-            base.tokens_out as f64 / (generating_ms / 1e3)
-        } else {
-            0.0
-        };
-        let mut record = RecordV2::new(base);
-        record.image_pixels = Some(r.image_pixels);
-        record.original_pixels = Some(r.original_pixels);
-        record.compression_ratio = r.compression_ratio;
-        record.predicted_peak_bytes = Some(r.predicted_peak_bytes);
-        record.status_badge = Some(r.badge);
-        record.health_score = Some(r.health_score);
-        record.stages = Some(r.stages.clone());
-        log.append(&Record::from(record))?;
+        report.tokens_per_s =
+            (generating_ms > 0.0).then(|| report.tokens_out as f64 / (generating_ms / 1e3));
+        report.image_pixels = Some(r.image_pixels);
+        report.original_pixels = Some(r.original_pixels);
+        report.compression_ratio = r.compression_ratio;
+        report.predicted_peak_bytes = Some(r.predicted_peak_bytes);
+        report.stages = Some(r.stages.clone());
+        // The stage that came closest to the cutline stands for the chain.
+        report.admission = r
+            .admissions
+            .iter()
+            .max_by_key(|a| a.reserved_bytes + a.run_bytes + a.unaccounted_bytes)
+            .cloned();
+        self.record(&report)?;
         Ok(())
     }
 }

@@ -13,9 +13,15 @@ pub enum Error {
     /// The SSOT log could not be written.
     #[error(transparent)]
     Ssot(#[from] afo_ssot::Error),
-    /// The guard refused the run: it would pass the cutline.
-    #[error("run refused by the memory guard: {0}")]
-    Refused(afo_guard::Refusal),
+    /// The ledger refused the run: no plan tried fits under the cutline, even after
+    /// idle models and prefix-cache blocks made room.
+    #[error("run refused by the memory ledger: {refusal} (plans tried: {})", tried.join(", "))]
+    Refused {
+        /// The numbers, for the plan asked for.
+        refusal: afo_guard::Refusal,
+        /// The plans tried, in order.
+        tried: Vec<String>,
+    },
     /// An image (or the model's preprocessor configuration) could not be used.
     #[error("image `{name}`: {source}")]
     Image {
@@ -41,6 +47,29 @@ pub enum Error {
         /// Why not.
         reason: String,
     },
+}
+
+impl Error {
+    /// The admission record of a run that ended with this error: a refusal by the
+    /// ledger (of a run, or of a model's load) says what was tried; other errors
+    /// have none.
+    pub fn admission_record(&self) -> Option<afo_ssot::AdmissionRecord> {
+        match self {
+            Error::Refused { refusal, tried } => Some(crate::RunReport::refused(refusal, tried)),
+            Error::Engine(afo_engine::Error::ModelTooLarge { refusal, .. }) => Some(
+                crate::RunReport::refused(refusal, &["load the model".to_owned()]),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether the error is a refusal for memory (of a run or of a load).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::Refused { .. } | Error::Engine(afo_engine::Error::ModelTooLarge { .. })
+        )
+    }
 }
 
 /// The runtime's result type.

@@ -3,12 +3,17 @@
 //! `afo-runtime` is the crate other Rust programs embed. [`Runtime`] wires the memory
 //! guard, the lazy model cache, the engine and the SSOT log together:
 //!
-//! 1. the model is acquired from the cache (loaded on first use, shared after);
-//! 2. the run's peak memory is predicted and admitted by the guard, which refuses a run
-//!    that would pass the cutline ([`Error::Refused`]);
+//! 1. the model is acquired from the cache (loaded on first use, shared after); its
+//!    bytes are reserved in the runtime's one [`guard::Ledger`] before the load, idle
+//!    models making room least recently used first;
+//! 2. the run's memory is estimated ([`Runtime::estimate_text`]) and admitted on the
+//!    ledger ([`Runtime::admit`]): the plan asked for, else a cheaper one (a KV budget
+//!    with attention sinks, a smaller `max_tokens`), else a refusal with the numbers
+//!    ([`Error::Refused`]);
 //! 3. the engine generates, streaming text deltas to the caller;
-//! 4. the real peak is measured, turned into a badge and a health score, and one v2
-//!    record is appended to the SSOT log.
+//! 4. the real peak is measured (sampled RSS; the ledger says what each run holds),
+//!    turned into a badge and a health score, and one v2 record is appended to the
+//!    SSOT log ([`Runtime::record`]) — for refused and failed runs too.
 //!
 //! [`Runtime::chain`] runs the image-analysis -> summary chain: [`image`] preprocesses
 //! the images, a vision-language model ([`engine::VisionLanguageModel`]) describes
@@ -30,16 +35,16 @@
 //!     .cutline("8GiB".parse()?)
 //!     .ssot_log("logs/runs.jsonl")
 //!     .build()?;
-//! let response = runtime.generate(&GenerateRequest {
-//!     model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-//!     scheme: None,
-//!     prompt: Prompt::Chat(vec![Message::user("Write a haiku about Rust")]),
-//!     options: GenerateOptions {
-//!         max_tokens: 64,
-//!         sampling: SamplingParams::greedy(),
-//!         ..GenerateOptions::default()
-//!     },
-//! })?;
+//! let request = GenerateRequest::new(
+//!     "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+//!     Prompt::Chat(vec![Message::user("Write a haiku about Rust")]),
+//! )
+//! .with_options(GenerateOptions {
+//!     max_tokens: 64,
+//!     sampling: SamplingParams::greedy(),
+//!     ..GenerateOptions::default()
+//! });
+//! let response = runtime.generate(&request)?;
 //! println!("{} ({} tokens, {:?})", response.text, response.completion_tokens, response.badge);
 //! # Ok(())
 //! # }
@@ -73,6 +78,7 @@
 mod chain;
 mod error;
 mod query;
+mod run;
 mod runtime;
 mod serving;
 
@@ -83,8 +89,14 @@ pub use afo_kvcache as kvcache;
 pub use afo_quant as quant;
 pub use afo_select as select;
 pub use afo_ssot as ssot;
-pub use chain::{ChainImage, ChainRequest, ChainResponse, DEFAULT_SUMMARY_PROMPT, ImageReport};
+pub use run::{Admitted, RunEstimate, RunReport};
+pub use chain::{
+    ChainImage, ChainRequest, ChainResponse, DEFAULT_SUMMARY_PROMPT, ImageReport, TokenCounts,
+};
 pub use error::{Error, Result};
 pub use query::{QueryRequest, QueryResponse};
-pub use runtime::{GenerateRequest, GenerateResponse, Health, Prompt, Runtime, RuntimeBuilder};
+pub use runtime::{
+    GenerateRequest, GenerateResponse, Health, LoadedModelInfo, Preloaded, Prompt, Runtime,
+    RuntimeBuilder,
+};
 pub use serving::Routed;

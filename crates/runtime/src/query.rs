@@ -15,6 +15,7 @@ use crate::runtime::{GenerateRequest, GenerateResponse, Prompt, Runtime};
 
 /// A query for [`Runtime::query`]: the user's text, and what the caller overrides.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct QueryRequest {
     /// The user's message.
     pub text: String,
@@ -42,6 +43,7 @@ impl QueryRequest {
 
 /// What [`Runtime::query`] did.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct QueryResponse {
     /// The generation, with its measured timings, peak, badge and score.
     pub response: GenerateResponse,
@@ -94,7 +96,7 @@ impl Runtime {
     /// [`Runtime::generate`].
     pub fn query(&self, request: &QueryRequest) -> Result<QueryResponse> {
         let catalog = self.catalog.as_ref().ok_or(Error::NoCatalog)?;
-        let headroom = self.budget().cutline().saturating_sub(self.rss_bytes()?);
+        let headroom = self.headroom();
         let mut query = Query::new(request.text.clone()).images(request.images);
         if let Some(id) = &request.model {
             query = query.model(id.clone());
@@ -120,9 +122,9 @@ impl Runtime {
                 continue;
             }
             match self.run_card(request, card, &path, scheme, &selection) {
-                Err(Error::Refused(refusal)) => {
+                Err(Error::Refused { refusal, tried }) => {
                     let step = fallback(catalog, card.id(), headroom.into())
-                        .map_err(|_| Error::Refused(refusal))?;
+                        .map_err(|_| Error::Refused { refusal, tried })?;
                     tracing::info!(from = card.id(), to = %step.to, %refusal, "fallback after refusal");
                     selection.apply_fallback(step);
                 }
@@ -155,8 +157,8 @@ impl Runtime {
         let messages = vec![Message::user(request.text.clone())];
         let input_tokens = loaded.encode_chat(&messages)?.len() as u64;
         let c = loaded.model().config();
-        let kv_per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
-        let headroom = self.budget().cutline().saturating_sub(self.rss_bytes()?);
+        let kv_per_token = loaded.model().kv_bytes_per_token();
+        let headroom = self.memory().available();
         let mut want = BudgetRequest::new(
             selection.task,
             input_tokens,
@@ -175,16 +177,14 @@ impl Runtime {
             .temperature(budget.temperature)
             .seed(request.seed.unwrap_or(0))
             .build()?;
-        let generate = GenerateRequest {
-            model: path.to_path_buf(),
-            scheme,
-            prompt: Prompt::Chat(messages),
-            options: GenerateOptions {
+        let mut generate = GenerateRequest::new(path, Prompt::Chat(messages)).with_options(
+            GenerateOptions {
                 max_tokens: budget.max_tokens as usize,
                 sampling,
                 ..GenerateOptions::default()
             },
-        };
+        );
+        generate.scheme = scheme;
         let summary = selection.summary();
         let record = afo_ssot::Selection {
             model_id: summary.model_id,

@@ -18,17 +18,16 @@ use afo_engine::{
     generate_with_prefix,
 };
 use afo_guard::{
-    Admission, ByteSize, Estimator, Guard, HealthInputs, MemoryBudget, ModelShape, PeakTracker,
-    Probe, RunPlan, StatusBadge, SystemProbe, Weights, badge, health_score,
+    ByteSize, Estimator, HealthInputs, Ledger, LedgerSnapshot, MemoryBudget, MemoryKind,
+    PeakTracker, PlanOption, Probe, Reservation, StatusBadge, SystemProbe, badge, health_score,
 };
 use afo_kvcache::{PrefixCache, PrefixCacheConfig, PrefixCacheStats, Salt};
 use afo_quant::{QuantPolicy, QuantScheme};
 use afo_select::{Catalog, PolicyRouter, Router};
-use afo_ssot::{
-    Durability, JsonlWriter, Record, RecordV1, RecordV2, RunStatus, Selection, Timestamp,
-};
+use afo_ssot::{Durability, JsonlWriter, Selection, Timestamp};
 
 use crate::error::{Error, Result};
+use crate::run::RunReport;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,8 +38,9 @@ pub enum Prompt {
     Chat(Vec<Message>),
 }
 
-/// One generation request.
+/// One generation request. [`GenerateRequest::new`] sets the defaults.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GenerateRequest {
     /// The model: a GGUF file or a Hugging Face model directory.
     pub model: PathBuf,
@@ -53,8 +53,34 @@ pub struct GenerateRequest {
     pub options: GenerateOptions,
 }
 
+impl GenerateRequest {
+    /// A request to run `prompt` on `model` (a GGUF file or a model directory) as
+    /// stored, with [`GenerateOptions::default`].
+    pub fn new(model: impl Into<PathBuf>, prompt: Prompt) -> Self {
+        Self {
+            model: model.into(),
+            scheme: None,
+            prompt,
+            options: GenerateOptions::default(),
+        }
+    }
+
+    /// The same request with these options.
+    pub fn with_options(mut self, options: GenerateOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The same request, quantizing the weights to `scheme` while loading.
+    pub fn with_scheme(mut self, scheme: QuantScheme) -> Self {
+        self.scheme = Some(scheme);
+        self
+    }
+}
+
 /// What a generation produced and cost.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GenerateResponse {
     /// The run's id (also in the SSOT record).
     pub run_id: String,
@@ -100,19 +126,9 @@ pub struct GenerateResponse {
     /// How the model was chosen (written to the SSOT record's `selection`); `None`
     /// for an explicit model.
     pub selection: Option<Selection>,
-}
-
-/// The guard's view of a decoder's shape.
-pub(crate) fn model_shape(c: &afo_engine::ModelConfig) -> ModelShape {
-    ModelShape {
-        layers: c.num_layers as u64,
-        hidden: c.hidden_size as u64,
-        intermediate: c.intermediate_size as u64,
-        heads: c.num_heads as u64,
-        kv_heads: c.num_kv_heads as u64,
-        head_dim: c.head_dim as u64,
-        vocab: c.vocab_size as u64,
-    }
+    /// How the ledger admitted the run: the plan that ran (the one asked for, or a
+    /// cheaper one) and the plans tried.
+    pub admission: afo_ssot::AdmissionRecord,
 }
 
 /// The cache key of a model file loaded in a scheme.
@@ -138,6 +154,7 @@ fn first_token_ms(start: Instant, timings: &GenerateTimings) -> Option<f64> {
 
 /// The process's health, as `/health` and the dashboard show it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Health {
     /// Badge of the current resident memory against the cutline.
     pub badge: StatusBadge,
@@ -147,10 +164,44 @@ pub struct Health {
     pub rss_bytes: u64,
     /// The cutline in force, in bytes.
     pub cutline_bytes: u64,
-    /// Models loaded, with their resident bytes.
-    pub loaded_models: Vec<(String, u64)>,
+    /// The ledger now: reserved bytes by kind, the margin, the unaccounted memory
+    /// (resident less reserved), runs in flight.
+    pub ledger: LedgerSnapshot,
+    /// Models loaded (text and vision-language).
+    pub loaded_models: Vec<LoadedModelInfo>,
     /// Lazy model cache hit rate so far.
     pub cache_hit_rate: Option<f64>,
+}
+
+/// A loaded model, as [`Health`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LoadedModelInfo {
+    /// The model's cache key (its canonical path, `#scheme` when quantized on load).
+    pub key: String,
+    /// Bytes reserved for its weights.
+    pub bytes: u64,
+    /// Whether a run or a server worker holds it now.
+    pub in_use: bool,
+    /// Whether it is pinned (never evicted).
+    pub pinned: bool,
+}
+
+/// What [`Runtime::preload`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Preloaded {
+    /// Whether the model was loaded already.
+    pub hit: bool,
+    /// The load time on a miss, the re-acquire time on a hit, in milliseconds.
+    pub acquire_ms: f64,
+}
+
+/// A model's prefix cache and its blocks' bytes in the ledger.
+#[derive(Debug)]
+pub(crate) struct PrefixSlot {
+    pub cache: Arc<PrefixCache>,
+    pub reservation: Reservation,
 }
 
 /// Builds a [`Runtime`].
@@ -225,9 +276,10 @@ impl RuntimeBuilder {
     }
 
     /// The limits of each loaded model's prefix cache: block size, byte budget, and
-    /// the time-to-live of unused blocks. Default [`PrefixCacheConfig::default`]:
-    /// blocks of 16 tokens, 256 MiB per model, 10 minutes. A budget of 0 turns prefix
-    /// reuse off.
+    /// the time-to-live of unused blocks. Default: [`PrefixCacheConfig::default`]
+    /// (blocks of 16 tokens, 10 minutes) with a budget of an eighth of the cutline,
+    /// at most 256 MiB per model. A budget of 0 turns prefix reuse off. The blocks'
+    /// bytes are reserved in the ledger, and dropped when a run or a load needs them.
     pub fn prefix_cache(mut self, config: PrefixCacheConfig) -> Self {
         self.prefix = Some(config);
         self
@@ -245,9 +297,6 @@ impl RuntimeBuilder {
     /// An invalid budget or prefix cache block size, an unreadable cgroup file, a log
     /// that cannot be opened.
     pub fn build(self) -> Result<Runtime> {
-        let prefix = self.prefix.unwrap_or_default();
-        // Checks the configuration once (the per-model caches are made on first use).
-        PrefixCache::new(prefix).map_err(afo_engine::Error::from)?;
         let mut budget = MemoryBudget::builder();
         if let Some(c) = self.cutline {
             budget = budget.cutline(c);
@@ -257,17 +306,29 @@ impl RuntimeBuilder {
         }
         let budget = budget.build()?;
         let probe = SystemProbe::new();
-        let cgroup_limit = probe.snapshot()?.cgroup_limit();
-        let budget = budget.with_cutline(budget.effective_cutline(cgroup_limit));
+        let snapshot = probe.snapshot()?;
+        let budget = budget.with_cutline(budget.effective_cutline(snapshot.cgroup_limit()));
+        let prefix = self.prefix.unwrap_or_else(|| PrefixCacheConfig {
+            budget_bytes: (budget.cutline() / 8).min(256 << 20),
+            ..PrefixCacheConfig::default()
+        });
+        // Checks the configuration once (the per-model caches are made on first use).
+        PrefixCache::new(prefix).map_err(afo_engine::Error::from)?;
         let log = self
             .log_path
             .map(|p| JsonlWriter::open(p, self.durability))
             .transpose()?;
+        let ledger = Ledger::new(budget.cutline());
+        // The process as it stands (code, allocator, the embedding program) is the
+        // runtime's own share of the ledger.
+        let base = ledger.reserve_existing(MemoryKind::Runtime, snapshot.rss_bytes);
+        ledger.observe_rss(snapshot.rss_bytes);
         Ok(Runtime {
             budget,
-            guard: Guard::new(budget.cutline()),
-            cache: ModelCache::new(budget.cutline(), self.keep_alive),
-            vlm_cache: ModelCache::new(budget.cutline(), self.keep_alive),
+            cache: ModelCache::new(ledger.clone(), self.keep_alive),
+            vlm_cache: ModelCache::new(ledger.clone(), self.keep_alive),
+            ledger,
+            _base: base,
             log,
             probe,
             estimator: Estimator::default(),
@@ -287,8 +348,11 @@ impl RuntimeBuilder {
 /// The runtime other programs embed. See the crate docs.
 pub struct Runtime {
     budget: MemoryBudget,
-    pub(crate) guard: Guard,
-    cache: ModelCache<LoadedModel>,
+    /// The one account of the process's memory.
+    pub(crate) ledger: Ledger,
+    /// The runtime's own memory at start-up.
+    _base: Reservation,
+    pub(crate) cache: ModelCache<LoadedModel>,
     /// Vision-language models, cached apart from text models (their own type).
     pub(crate) vlm_cache: ModelCache<afo_engine::VisionLanguageModel>,
     pub(crate) log: Option<JsonlWriter>,
@@ -300,7 +364,7 @@ pub struct Runtime {
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
     prefix: PrefixCacheConfig,
     /// Each loaded model's prefix cache, by model cache key.
-    prefix_caches: Mutex<HashMap<String, Arc<PrefixCache>>>,
+    prefix_caches: Mutex<HashMap<String, PrefixSlot>>,
     /// The scheme each model file's layers are stored in, read once per file.
     stored_schemes: std::sync::Mutex<std::collections::HashMap<PathBuf, Option<QuantScheme>>>,
 }
@@ -326,19 +390,50 @@ impl Runtime {
         &self.budget
     }
 
-    /// Loads a model into the cache (or finds it there) and returns whether it was
-    /// already loaded and what the acquire cost, in milliseconds.
+    /// Loads a model into the cache (or finds it there).
     ///
     /// # Errors
-    /// Loading errors, or a model too large for the cutline.
-    pub fn preload(&self, model: &Path) -> Result<(bool, f64)> {
+    /// Loading errors, or a model that does not fit under the cutline even with
+    /// every idle model evicted.
+    pub fn preload(&self, model: &Path) -> Result<Preloaded> {
         let acquired = self.acquire(model, None, None)?;
-        Ok((acquired.hit, acquired.acquire_ms))
+        Ok(Preloaded {
+            hit: acquired.hit,
+            acquire_ms: acquired.acquire_ms,
+        })
     }
 
-    /// The current resident memory of the process, in bytes.
-    pub(crate) fn rss_bytes(&self) -> Result<u64> {
-        Ok(self.probe.snapshot()?.rss_bytes)
+    /// Keeps `model` (loaded as `scheme`) loaded once it is: never evicted to make
+    /// room, never dropped by the keep-alive.
+    pub fn pin(&self, model: &Path, scheme: Option<QuantScheme>) {
+        let key = cache_key(model, scheme);
+        self.cache.pin(&key);
+        self.vlm_cache.pin(&key);
+    }
+
+    /// Drops every idle model (neither in use nor pinned) and every prefix-cache
+    /// block, and gives the freed memory back to the system; returns how many models
+    /// went.
+    pub fn evict_idle(&self) -> usize {
+        self.clear_prefix_caches();
+        let mut n = 0;
+        while let Some((key, _)) = self
+            .cache
+            .evict_lru_idle()
+            .or_else(|| self.vlm_cache.evict_lru_idle())
+        {
+            self.forget_prefix_cache(&key);
+            n += 1;
+        }
+        afo_guard::release_free_memory();
+        n
+    }
+
+    /// The ledger and the resident memory now (the resident memory is sampled, and
+    /// the ledger told of it).
+    pub fn memory(&self) -> LedgerSnapshot {
+        self.observe_memory();
+        self.ledger.snapshot()
     }
 
     /// The scheme `model`'s layers are stored in (`blk.0.attn_q.weight` of a GGUF
@@ -362,7 +457,8 @@ impl Runtime {
     /// The prefix cache of `model` loaded in `scheme`, and the salt of its blocks, for
     /// a caller that prefills itself (a batching scheduler:
     /// [`afo_engine::Scheduler::set_prefix_cache`]). `None` when prefix reuse is off.
-    /// Caches of models no longer loaded are dropped on the way.
+    /// Caches of models no longer loaded are dropped on the way. Its blocks' bytes
+    /// are settled in the ledger by [`Runtime::settle_prefix_cache`].
     pub fn prefix_cache(
         &self,
         model: &Path,
@@ -372,24 +468,65 @@ impl Runtime {
             return None;
         }
         let key = cache_key(model, scheme);
-        let loaded: Vec<String> = self.cache.loaded().into_iter().map(|e| e.key).collect();
+        let mut loaded: Vec<String> = self.cache.loaded().into_iter().map(|e| e.key).collect();
+        loaded.extend(self.vlm_cache.loaded().into_iter().map(|e| e.key));
         let mut caches = self.prefix_caches.lock().unwrap_or_else(|e| e.into_inner());
         caches.retain(|k, _| *k == key || loaded.contains(k));
         let cache = match caches.get(&key) {
-            Some(c) => Arc::clone(c),
+            Some(c) => Arc::clone(&c.cache),
             None => {
                 let c = Arc::new(PrefixCache::new(self.prefix).ok()?);
-                caches.insert(key.clone(), Arc::clone(&c));
+                let reservation = self.ledger.reserve_existing(MemoryKind::PrefixCache, 0);
+                caches.insert(
+                    key.clone(),
+                    PrefixSlot {
+                        cache: Arc::clone(&c),
+                        reservation,
+                    },
+                );
                 c
             }
         };
         Some((cache, Salt::new(key.as_bytes())))
     }
 
+    /// Brings the ledger's figure for every prefix cache to the bytes its blocks hold
+    /// now (after a run published its prompt's blocks, or blocks expired).
+    pub fn settle_prefix_cache(&self) {
+        let mut caches = self.prefix_caches.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in caches.values_mut() {
+            let bytes = slot.cache.bytes();
+            slot.reservation.settle(MemoryKind::PrefixCache, bytes);
+        }
+    }
+
+    /// Drops every prefix cache's blocks; returns whether any bytes were held.
+    pub(crate) fn clear_prefix_caches(&self) -> bool {
+        let mut caches = self.prefix_caches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut freed = false;
+        for slot in caches.values_mut() {
+            if slot.reservation.bytes() > 0 || slot.cache.bytes() > 0 {
+                freed |= slot.reservation.bytes() > 0;
+                slot.cache.clear();
+                slot.reservation.settle(MemoryKind::PrefixCache, slot.cache.bytes());
+            }
+        }
+        freed
+    }
+
+    /// Drops the prefix cache of an evicted model.
+    pub(crate) fn forget_prefix_cache(&self, key: &str) {
+        let mut caches = self.prefix_caches.lock().unwrap_or_else(|e| e.into_inner());
+        caches.remove(key);
+    }
+
     /// Each model's prefix cache counters and holdings, by model cache key.
     pub fn prefix_cache_stats(&self) -> Vec<(String, PrefixCacheStats)> {
         let caches = self.prefix_caches.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> = caches.iter().map(|(k, c)| (k.clone(), c.stats())).collect();
+        let mut out: Vec<_> = caches
+            .iter()
+            .map(|(k, c)| (k.clone(), c.cache.stats()))
+            .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
@@ -411,10 +548,19 @@ impl Runtime {
         let key = cache_key(model, scheme);
         let file = std::fs::metadata(model).map_or(0, |m| m.len());
         let estimate = estimate.unwrap_or(file);
-        Ok(self.cache.acquire(&key, estimate, || match scheme {
-            None => LoadedModel::load(model),
-            Some(s) => LoadedModel::load_quantized(model, QuantPolicy::new(s), |_| {}),
-        })?)
+        loop {
+            // The cache reserves the estimate in the ledger before loading, evicting
+            // its own idle models while the ledger refuses; when that is not enough,
+            // the other cache's idle models and the prefix blocks can make room.
+            let result = self.cache.acquire(&key, estimate, || match scheme {
+                None => LoadedModel::load(model),
+                Some(s) => LoadedModel::load_quantized(model, QuantPolicy::new(s), |_| {}),
+            });
+            match result {
+                Err(afo_engine::Error::ModelTooLarge { .. }) if self.make_room() => continue,
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// Generates without streaming.
@@ -456,9 +602,11 @@ impl Runtime {
     {
         let start = Instant::now();
         let run_id = self.next_run_id();
-        let tracker = PeakTracker::start();
+        let tracker = PeakTracker::start(Some(self.ledger.clone()));
         let result = self.run(request, &run_id, start, on_text);
+        self.settle_prefix_cache();
         let peak = tracker.finish();
+        afo_guard::release_free_memory();
         match result {
             Ok(mut response) => {
                 response.selection = selection;
@@ -468,14 +616,43 @@ impl Runtime {
                     peak_bytes: peak,
                     cutline_bytes: self.budget.cutline(),
                     error: false,
-                    fallback: false,
+                    fallback: response.admission.decision == "degraded",
                 });
                 response.latency_ms = start.elapsed().as_secs_f64() * 1e3;
-                self.log_success(&response)?;
+                let mut report = RunReport::new(&run_id, "generate", &response.model_id);
+                report.latency_ms = response.latency_ms;
+                report.peak_memory_bytes = peak;
+                report.tokens_in = response.prompt_tokens as u64;
+                report.tokens_out = response.completion_tokens as u64;
+                report.tokens_per_s = response.tokens_per_s;
+                report.ttft_ms = response.timings.ttft_ms;
+                report.predicted_peak_bytes = Some(response.predicted_peak_bytes);
+                report.token_budget = Some(response.token_budget as u64);
+                report.kv_cache_bytes = Some(response.kv_cache_bytes);
+                report.kv_evicted_tokens = Some(response.kv_evicted_tokens);
+                report.prefix_cache_hit_tokens = Some(response.prefix_cache_hit_tokens);
+                if response.cache_hit {
+                    report.reload_overhead_ms = Some(response.acquire_ms);
+                } else {
+                    report.load_ms = Some(response.acquire_ms);
+                }
+                report.selection = response.selection.clone();
+                report.admission = Some(response.admission.clone());
+                self.record(&report)?;
                 Ok(response)
             }
             Err(err) => {
-                self.log_failure(request, selection, &run_id, start, peak, &err)?;
+                let model_id = request
+                    .model
+                    .file_stem()
+                    .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+                let mut report = RunReport::new(&run_id, "generate", model_id);
+                report.error = Some(err.to_string());
+                report.latency_ms = start.elapsed().as_secs_f64() * 1e3;
+                report.peak_memory_bytes = peak;
+                report.selection = selection;
+                report.admission = err.admission_record();
+                self.record(&report)?;
                 Err(err)
             }
         }
@@ -498,37 +675,21 @@ impl Runtime {
             Prompt::Chat(messages) => loaded.encode_chat(messages)?,
         };
         let model = loaded.model();
-        let c = model.config();
-        let max_tokens = request.options.max_tokens;
-        let plan = RunPlan {
-            weights: Weights::Bytes(model.weight_bytes()),
-            shape: model_shape(c),
-            prompt_tokens: prompt.len() as u64,
-            max_new_tokens: max_tokens as u64,
-            batch: 1,
-            kv_dtype_bytes: 4,
-            prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
-            image_pixels: Vec::new(),
-            vision_tokens: 0,
-        };
-        let estimate = self.estimator.estimate(&plan);
-        // The weights and the runtime itself are already resident (counted in the
-        // RSS); the run adds its KV cache, activations and logits, with the
-        // estimator's allowance for allocator slack.
-        let snapshot = self.probe.snapshot()?;
-        let run_bytes =
-            ((estimate.kv_cache + estimate.activations + estimate.logits + estimate.images) as f64
-                * (1.0 + self.estimator.overhead_fraction)) as u64;
-        let predicted_peak = snapshot.rss_bytes + run_bytes;
-        let _reservation = match self.guard.admit(run_bytes, snapshot.rss_bytes, &[]) {
-            Admission::Admit(r) => r,
-            Admission::Degrade { reason, .. } | Admission::Refuse(reason) => {
-                return Err(Error::Refused(reason));
-            }
-        };
-        tracing::debug!(%estimate, run_id, "admitted");
+        let plans = self.text_plans(model, prompt.len(), request.options.max_tokens, self.kv);
+        let options: Vec<PlanOption> = plans
+            .iter()
+            .map(|p| PlanOption::new(p.name.clone(), p.estimate.parts))
+            .collect();
+        let admitted = self
+            .admit(&options)
+            .map_err(|(refusal, tried)| Error::Refused { refusal, tried })?;
+        let plan = &plans[admitted.index];
+        tracing::debug!(estimate = %plan.estimate.estimate, run_id, plan = %plan.name, "admitted");
+        let max_tokens = plan.max_tokens;
+        let mut options = request.options.clone();
+        options.max_tokens = max_tokens;
 
-        let mut cache = match self.kv {
+        let mut cache = match plan.kv_budget {
             Some((budget, policy)) => {
                 model.new_pruned_cache(prompt.len() + max_tokens, Some(budget), policy)
             }
@@ -540,7 +701,7 @@ impl Runtime {
                 model,
                 loaded.tokenizer(),
                 &prompt,
-                &request.options,
+                &options,
                 &mut cache,
                 PrefixReuse {
                     cache: prefixes,
@@ -552,7 +713,7 @@ impl Runtime {
                 model,
                 loaded.tokenizer(),
                 &prompt,
-                &request.options,
+                &options,
                 &mut cache,
                 on_text,
             )?,
@@ -572,7 +733,7 @@ impl Runtime {
             tokens_per_s,
             cache_hit: acquired.hit,
             acquire_ms: acquired.acquire_ms,
-            predicted_peak_bytes: predicted_peak,
+            predicted_peak_bytes: admitted.predicted_peak_bytes,
             peak_memory_bytes: 0,
             cutline_bytes: self.budget.cutline(),
             badge: StatusBadge::Safe,
@@ -583,16 +744,25 @@ impl Runtime {
             kv_evicted_tokens: cache.evicted_tokens() as u64,
             prefix_cache_hit_tokens: generation.prefix_hit_tokens as u64,
             selection: None,
+            admission: admitted.record,
         })
     }
 
-    /// The process's health now.
+    /// The process's health now: the badge and score of the resident memory, the
+    /// ledger, the loaded models.
     ///
     /// # Errors
     /// When the memory probe fails.
     pub fn health(&self) -> Result<Health> {
         let snapshot = self.probe.snapshot()?;
+        self.ledger.observe_rss(snapshot.rss_bytes);
         let stats = self.cache.stats();
+        let info = |e: afo_engine::LoadedEntry| LoadedModelInfo {
+            key: e.key,
+            bytes: e.bytes,
+            in_use: e.in_use,
+            pinned: e.pinned,
+        };
         Ok(Health {
             badge: badge(snapshot.rss_bytes, &self.budget),
             health_score: health_score(HealthInputs {
@@ -603,11 +773,13 @@ impl Runtime {
             }),
             rss_bytes: snapshot.rss_bytes,
             cutline_bytes: self.budget.cutline(),
+            ledger: self.ledger.snapshot(),
             loaded_models: self
                 .cache
                 .loaded()
                 .into_iter()
-                .map(|e| (e.key, e.bytes))
+                .chain(self.vlm_cache.loaded())
+                .map(info)
                 .collect(),
             cache_hit_rate: stats.hit_rate(),
         })
@@ -617,96 +789,5 @@ impl Runtime {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         let t = Timestamp::now().datetime().unix_timestamp_nanos();
         format!("{:x}-{}-{n}", t, std::process::id())
-    }
-
-    pub(crate) fn base(
-        &self,
-        run_id: &str,
-        model_id: &str,
-        status: RunStatus,
-        error: Option<String>,
-    ) -> RecordV1 {
-        RecordV1 {
-            schema_version: 2,
-            ts: Timestamp::now(),
-            run_id: run_id.to_owned(),
-            chain: "generate".to_owned(),
-            model_id: model_id.to_owned(),
-            status,
-            error,
-            latency_ms: 0.0,
-            peak_memory_bytes: 0,
-            cutline_bytes: self.budget.cutline(),
-            tokens_in: 0,
-            tokens_out: 0,
-            tokens_per_s: 0.0,
-        }
-    }
-
-    fn log_success(&self, r: &GenerateResponse) -> Result<()> {
-        let Some(log) = &self.log else {
-            return Ok(());
-        };
-        let mut base = self.base(&r.run_id, &r.model_id, RunStatus::Ok, None);
-        base.latency_ms = r.latency_ms;
-        base.peak_memory_bytes = r.peak_memory_bytes;
-        base.tokens_in = r.prompt_tokens as u64;
-        base.tokens_out = r.completion_tokens as u64;
-        base.tokens_per_s = r.tokens_per_s.unwrap_or(0.0);
-        let mut record = RecordV2::new(base);
-        record.lazy_cache_hit_rate = self.cache.stats().hit_rate();
-        if r.cache_hit {
-            record.reload_overhead_ms = Some(r.acquire_ms);
-        } else {
-            record.load_ms = Some(r.acquire_ms);
-        }
-        record.token_budget = Some(r.token_budget as u64);
-        record.kv_cache_size = Some(r.kv_cache_bytes);
-        record.kv_evicted_tokens = Some(r.kv_evicted_tokens);
-        record.prefix_cache_hit_tokens = Some(r.prefix_cache_hit_tokens);
-        record.status_badge = Some(r.badge);
-        record.health_score = Some(r.health_score);
-        record.predicted_peak_bytes = Some(r.predicted_peak_bytes);
-        record.ttft_ms = r.timings.ttft_ms;
-        record.selection = Some(r.selection.clone().unwrap_or_else(|| Selection {
-            model_id: r.model_id.clone(),
-            reason: "explicit".to_owned(),
-            fallback_from: None,
-            trinity_score: None,
-        }));
-        log.append(&Record::from(record))?;
-        Ok(())
-    }
-
-    fn log_failure(
-        &self,
-        request: &GenerateRequest,
-        selection: Option<Selection>,
-        run_id: &str,
-        start: Instant,
-        peak: u64,
-        err: &Error,
-    ) -> Result<()> {
-        let Some(log) = &self.log else {
-            return Ok(());
-        };
-        let model_id = request
-            .model
-            .file_stem()
-            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-        let mut base = self.base(run_id, &model_id, RunStatus::Error, Some(err.to_string()));
-        base.latency_ms = start.elapsed().as_secs_f64() * 1e3;
-        base.peak_memory_bytes = peak;
-        let mut record = RecordV2::new(base);
-        record.selection = selection;
-        record.status_badge = Some(badge(peak, &self.budget));
-        record.health_score = Some(health_score(HealthInputs {
-            peak_bytes: peak,
-            cutline_bytes: self.budget.cutline(),
-            error: true,
-            fallback: false,
-        }));
-        log.append(&Record::from(record))?;
-        Ok(())
     }
 }

@@ -3,11 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use afo_engine::{Acquired, LoadedModel, VisionLanguageModel};
-use afo_guard::{Guard, Probe, RunPlan, Weights};
+use afo_engine::{Acquired, AdmitQuery, LoadedModel, Ticket, VisionLanguageModel};
+use afo_guard::PlanOption;
 use afo_quant::QuantScheme;
 use afo_select::{Query, RouteContext, fallback};
-use afo_ssot::Record;
 
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
@@ -51,64 +50,24 @@ impl Runtime {
         self.acquire_vlm(dir)
     }
 
-    /// The bytes one VLM request adds while it runs, by the runtime's estimator (as
-    /// the image chain admits its analysis): the preprocessed images and the vision
-    /// encoder's states (`image_pixels` per image, `vision_tokens` patches in all),
-    /// the KV cache for `prompt_tokens + max_new_tokens`, activations and logits, plus
-    /// the estimator's overhead allowance. The weights are resident already and not
-    /// counted.
-    pub fn vision_run_bytes(
-        &self,
-        vlm: &VisionLanguageModel,
-        prompt_tokens: usize,
-        max_new_tokens: usize,
-        image_pixels: Vec<u64>,
-        vision_tokens: usize,
-    ) -> u64 {
-        let c = vlm.text_model().config();
-        let plan = RunPlan {
-            weights: Weights::Bytes(vlm.weight_bytes()),
-            shape: crate::runtime::model_shape(c),
-            prompt_tokens: prompt_tokens as u64,
-            max_new_tokens: max_new_tokens as u64,
-            batch: 1,
-            kv_dtype_bytes: 4,
-            prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
-            image_pixels,
-            vision_tokens: vision_tokens as u64,
-        };
-        let e = self.estimator.estimate(&plan);
-        ((e.kv_cache + e.activations + e.logits + e.images) as f64
-            * (1.0 + self.estimator.overhead_fraction)) as u64
-    }
-
-    /// The memory guard every run of this runtime reserves its bytes with. Clones
-    /// share its ledger, so runs admitted through a clone and runs of
-    /// [`Runtime::generate`] can never together pass the cutline.
-    pub fn guard(&self) -> &Guard {
-        &self.guard
-    }
-
-    /// The process's resident memory now, in bytes.
-    ///
-    /// # Errors
-    /// When the memory probe fails.
-    pub fn resident_bytes(&self) -> Result<u64> {
-        Ok(self.probe.snapshot()?.rss_bytes)
-    }
-
-    /// Appends `record` to the SSOT log. Returns `false` (and writes nothing) when
-    /// the runtime has no log.
-    ///
-    /// # Errors
-    /// An invalid record or a failed write ([`Error::Ssot`]).
-    pub fn append_record(&self, record: &Record) -> Result<bool> {
-        match &self.log {
-            Some(log) => {
-                log.append(record)?;
-                Ok(true)
-            }
-            None => Ok(false),
+    /// The admission hook of a batching scheduler over `model`
+    /// ([`afo_engine::Scheduler::set_admission`]): each request is estimated by the
+    /// runtime's estimator and admitted on its ledger as the runtime's own runs are
+    /// (room is made the same way); a request that does not fit waits. The ticket's
+    /// `predicted_peak_bytes` is the resident memory the ledger predicts.
+    pub fn batch_admission<'a>(
+        &'a self,
+        model: &'a afo_engine::Model,
+    ) -> impl FnMut(&AdmitQuery) -> Option<Ticket> + 'a {
+        move |q| {
+            let e = self.estimate_text(model, q.prompt_tokens, q.max_tokens, None);
+            let plan = [PlanOption::new("as asked", e.parts)];
+            let admitted = self.admit(&plan).ok()?;
+            Some(Ticket {
+                reservation: admitted.reservation,
+                workspace_after_prefill: e.decode_workspace,
+                predicted_peak_bytes: admitted.predicted_peak_bytes,
+            })
         }
     }
 
@@ -122,6 +81,24 @@ impl Runtime {
         self.catalog.is_some()
     }
 
+    /// The bytes a new model could take now: what the ledger has left under the
+    /// cutline, plus what idle models and prefix blocks would give back.
+    pub(crate) fn headroom(&self) -> u64 {
+        self.observe_memory();
+        let s = self.ledger.snapshot();
+        let idle: u64 = self
+            .cache
+            .loaded()
+            .iter()
+            .chain(self.vlm_cache.loaded().iter())
+            .filter(|e| !e.in_use && !e.pinned)
+            .map(|e| e.bytes)
+            .sum();
+        s.available()
+            .saturating_add(idle)
+            .saturating_add(s.reserved.get(afo_guard::MemoryKind::PrefixCache))
+    }
+
     /// Chooses the catalog model for a query of `text` with `images` attached, as
     /// [`Runtime::query`] does (stepping down the fallback ladder while the chosen
     /// model is not loaded and does not fit the memory left under the cutline), but
@@ -132,7 +109,7 @@ impl Runtime {
     /// variant fits, [`Error::CardNotLoadable`].
     pub fn route(&self, text: &str, images: usize) -> Result<Routed> {
         let catalog = self.catalog.as_ref().ok_or(Error::NoCatalog)?;
-        let headroom = self.budget().cutline().saturating_sub(self.rss_bytes()?);
+        let headroom = self.headroom();
         let query = Query::new(text.to_owned()).images(images);
         let mut selection = self
             .router

@@ -200,6 +200,24 @@ pub struct Selection {
     pub trinity_score: Option<f64>,
 }
 
+/// How the memory ledger decided on a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AdmissionRecord {
+    /// `admitted` (the plan asked for), `degraded` (a cheaper plan) or `refused`.
+    pub decision: String,
+    /// The plan that ran (`as asked`, `kv_budget=512+sinks`, `max_tokens=64`), or
+    /// the plan asked for when refused.
+    pub plan: String,
+    /// Every plan tried, in order (the one that ran last).
+    pub tried: Vec<String>,
+    /// Bytes reserved in the ledger by everything else when the run was decided on.
+    pub reserved_bytes: u64,
+    /// Bytes the run reserved (0 when refused).
+    pub run_bytes: u64,
+    /// Resident memory the ledger did not explain at that moment.
+    pub unaccounted_bytes: u64,
+}
+
 /// One step of a chain, with its own timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Stage {
@@ -279,6 +297,12 @@ pub struct RecordV2 {
     /// Per-step timings of a chain, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<Stage>>,
+    /// How the memory ledger decided on the run (refused runs have a record too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<AdmissionRecord>,
+    /// Resident memory the ledger did not explain when the run ended, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unaccounted_bytes: Option<u64>,
 }
 
 impl RecordV2 {
@@ -305,6 +329,8 @@ impl RecordV2 {
             prefix_cache_hit_tokens: None,
             kv_evicted_tokens: None,
             stages: None,
+            admission: None,
+            unaccounted_bytes: None,
         }
     }
 

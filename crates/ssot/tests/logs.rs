@@ -288,6 +288,8 @@ fn the_v2_schema_names_every_field() {
         "prefix_cache_hit_tokens",
         "kv_evicted_tokens",
         "stages",
+        "admission",
+        "unaccounted_bytes",
     ] {
         assert!(
             text.contains(&format!("\"{field}\"")),

@@ -206,7 +206,7 @@ fn batch(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
     for &n in &args.concurrency {
         let mut rates = Vec::new();
         for _ in 0..args.rounds.max(1) {
-            let mut s = Scheduler::new(model, loaded.tokenizer(), n, u64::MAX);
+            let mut s = Scheduler::new(model, loaded.tokenizer(), n);
             for i in 0..n as u32 {
                 let prompt: Vec<u32> = (0..16).map(|j| (i * 7919 + j * 31 + 13) % vocab).collect();
                 s.add_request(
