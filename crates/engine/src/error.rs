@@ -28,7 +28,9 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     /// A model does not fit the model cache's memory budget, even after evicting
     /// every idle model.
-    #[error("model `{model}` needs {needed_bytes} bytes to load, and evicting every idle model does not make room: {refusal}")]
+    #[error(
+        "model `{model}` needs {needed_bytes} bytes to load, and evicting every idle model does not make room: {refusal}"
+    )]
     ModelTooLarge {
         /// The model's key in the cache.
         model: String,

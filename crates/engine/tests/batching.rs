@@ -109,15 +109,13 @@ fn a_cancelled_request_ends_and_the_others_go_on() {
     let ledger = Ledger::with_min_margin(300, 0);
     let l = ledger.clone();
     s.set_admission(move |_q| {
-        l.try_reserve_parts(
-            KindBytes::of(MemoryKind::KvCache, 100).with(MemoryKind::Workspace, 50),
-        )
-        .ok()
-        .map(|reservation| Ticket {
-            reservation,
-            workspace_after_prefill: 10,
-            predicted_peak_bytes: 0,
-        })
+        l.try_reserve_parts(KindBytes::of(MemoryKind::KvCache, 100).with(MemoryKind::Workspace, 50))
+            .ok()
+            .map(|reservation| Ticket {
+                reservation,
+                workspace_after_prefill: 10,
+                predicted_peak_bytes: 0,
+            })
     });
     let c = s
         .add_request(loaded.encode_text("Third").unwrap(), options(3))

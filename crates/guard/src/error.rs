@@ -37,7 +37,9 @@ pub enum Error {
     #[error("cannot query the system's memory: {0}")]
     System(String),
     /// A memory kind's name is not one of [`crate::MemoryKind::ALL`].
-    #[error("unknown memory kind `{0}` (runtime, weights, kv_cache, workspace, images, prefix_cache)")]
+    #[error(
+        "unknown memory kind `{0}` (runtime, weights, kv_cache, workspace, images, prefix_cache)"
+    )]
     UnknownKind(String),
     /// A probe file did not hold what it should.
     #[error("`{path}`: {reason}")]

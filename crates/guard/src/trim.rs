@@ -52,7 +52,11 @@ mod tests {
         release_free_memory();
         let after = rss();
         assert!(keep.is_some());
-        assert!(full > before + (100 << 20), "the blocks took {} bytes", full - before);
+        assert!(
+            full > before + (100 << 20),
+            "the blocks took {} bytes",
+            full - before
+        );
         assert!(
             after < full - (80 << 20),
             "after trimming {after} bytes resident, {full} with the blocks"

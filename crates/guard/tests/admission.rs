@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use afo_guard::{
-    Admission, HealthInputs, KindBytes, Ledger, MemoryBudget, MemoryKind, PlanOption,
-    StatusBadge, badge, health_score,
+    Admission, HealthInputs, KindBytes, Ledger, MemoryBudget, MemoryKind, PlanOption, StatusBadge,
+    badge, health_score,
 };
 use proptest::prelude::*;
 

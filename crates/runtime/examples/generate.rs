@@ -9,16 +9,15 @@ use afo_runtime::{GenerateRequest, Prompt, Runtime};
 
 fn main() -> anyhow::Result<()> {
     let runtime = Runtime::builder().ssot_log("logs/example.jsonl").build()?;
-    let request = GenerateRequest {
-        model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-        scheme: None,
-        prompt: Prompt::Chat(vec![Message::user("Name three uses of the Rust language.")]),
-        options: GenerateOptions {
-            max_tokens: 96,
-            sampling: SamplingParams::builder().repetition_penalty(1.2).build()?,
-            ..GenerateOptions::default()
-        },
-    };
+    let request = GenerateRequest::new(
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        Prompt::Chat(vec![Message::user("Name three uses of the Rust language.")]),
+    )
+    .with_options(GenerateOptions {
+        max_tokens: 96,
+        sampling: SamplingParams::builder().repetition_penalty(1.2).build()?,
+        ..GenerateOptions::default()
+    });
     let response = runtime.generate_stream(&request, |delta| {
         print!("{delta}");
         ControlFlow::Continue(())

@@ -161,12 +161,7 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-fn stage(
-    name: &str,
-    model_id: Option<&str>,
-    since: Instant,
-    tokens: Option<TokenCounts>,
-) -> Stage {
+fn stage(name: &str, model_id: Option<&str>, since: Instant, tokens: Option<TokenCounts>) -> Stage {
     Stage {
         name: name.to_owned(),
         model_id: model_id.map(str::to_owned),
@@ -340,7 +335,9 @@ impl Runtime {
             .iter()
             .map(|i| (i.pixel_values.elem_count() * i.pixel_values.dtype().size_in_bytes()) as u64)
             .sum();
-        let held_pixels = self.ledger.reserve_existing(MemoryKind::Images, pixel_bytes);
+        let held_pixels = self
+            .ledger
+            .reserve_existing(MemoryKind::Images, pixel_bytes);
 
         // Admission for the analysis: the VLM is resident; the run adds the vision
         // encoder's states, the KV cache, activations and logits.
@@ -426,7 +423,11 @@ impl Runtime {
             _ => None,
         };
         let (model, tokenizer, llm_id) = match &llm {
-            Some(l) => (l.model.model(), l.model.tokenizer(), l.model.id().to_owned()),
+            Some(l) => (
+                l.model.model(),
+                l.model.tokenizer(),
+                l.model.id().to_owned(),
+            ),
             None => (text, vlm.tokenizer(), vlm.id().to_owned()),
         };
         let tokens = match &llm {
@@ -455,14 +456,9 @@ impl Runtime {
             }
             None => model.new_cache(tokens.len() + plan.max_tokens),
         };
-        let summary = generate(
-            model,
-            tokenizer,
-            &tokens,
-            &summary_options,
-            &mut kv,
-            |_| ControlFlow::Continue(()),
-        )?;
+        let summary = generate(model, tokenizer, &tokens, &summary_options, &mut kv, |_| {
+            ControlFlow::Continue(())
+        })?;
         drop(kv);
         drop(admitted);
         let summary_tokens = TokenCounts {

@@ -89,12 +89,12 @@ pub use afo_kvcache as kvcache;
 pub use afo_quant as quant;
 pub use afo_select as select;
 pub use afo_ssot as ssot;
-pub use run::{Admitted, RunEstimate, RunReport};
 pub use chain::{
     ChainImage, ChainRequest, ChainResponse, DEFAULT_SUMMARY_PROMPT, ImageReport, TokenCounts,
 };
 pub use error::{Error, Result};
 pub use query::{QueryRequest, QueryResponse};
+pub use run::{Admitted, RunEstimate, RunReport};
 pub use runtime::{
     GenerateRequest, GenerateResponse, Health, LoadedModelInfo, Preloaded, Prompt, Runtime,
     RuntimeBuilder,

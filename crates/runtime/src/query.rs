@@ -177,13 +177,12 @@ impl Runtime {
             .temperature(budget.temperature)
             .seed(request.seed.unwrap_or(0))
             .build()?;
-        let mut generate = GenerateRequest::new(path, Prompt::Chat(messages)).with_options(
-            GenerateOptions {
+        let mut generate =
+            GenerateRequest::new(path, Prompt::Chat(messages)).with_options(GenerateOptions {
                 max_tokens: budget.max_tokens as usize,
                 sampling,
                 ..GenerateOptions::default()
-            },
-        );
+            });
         generate.scheme = scheme;
         let summary = selection.summary();
         let record = afo_ssot::Selection {

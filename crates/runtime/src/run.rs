@@ -21,7 +21,9 @@ use afo_guard::{
     Reservation, RunPlan, Weights, badge, health_score,
 };
 use afo_kvcache::PrunePolicy;
-use afo_ssot::{AdmissionRecord, Record, RecordV1, RecordV2, RunStatus, Selection, Stage, Timestamp};
+use afo_ssot::{
+    AdmissionRecord, Record, RecordV1, RecordV2, RunStatus, Selection, Stage, Timestamp,
+};
 
 use crate::error::Result;
 use crate::runtime::Runtime;
@@ -232,7 +234,10 @@ impl Runtime {
     ///
     /// # Errors
     /// The ledger's [`Refusal`] for the first plan, with the names of all plans tried.
-    pub fn admit(&self, plans: &[PlanOption]) -> std::result::Result<Admitted, (Refusal, Vec<String>)> {
+    pub fn admit(
+        &self,
+        plans: &[PlanOption],
+    ) -> std::result::Result<Admitted, (Refusal, Vec<String>)> {
         let tried: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
         let mut trimmed = false;
         loop {
@@ -364,7 +369,11 @@ impl Runtime {
             run_id: report.run_id.clone(),
             chain: report.chain.clone(),
             model_id: report.model_id.clone(),
-            status: if failed { RunStatus::Error } else { RunStatus::Ok },
+            status: if failed {
+                RunStatus::Error
+            } else {
+                RunStatus::Ok
+            },
             error: report.error.clone(),
             latency_ms: report.latency_ms,
             peak_memory_bytes: report.peak_memory_bytes,
@@ -501,7 +510,10 @@ impl RunReport {
     pub fn refused(refusal: &Refusal, tried: &[String]) -> AdmissionRecord {
         AdmissionRecord {
             decision: "refused".to_owned(),
-            plan: tried.first().cloned().unwrap_or_else(|| "as asked".to_owned()),
+            plan: tried
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "as asked".to_owned()),
             tried: tried.to_vec(),
             reserved_bytes: refusal.reserved,
             run_bytes: 0,

@@ -508,7 +508,8 @@ impl Runtime {
             if slot.reservation.bytes() > 0 || slot.cache.bytes() > 0 {
                 freed |= slot.reservation.bytes() > 0;
                 slot.cache.clear();
-                slot.reservation.settle(MemoryKind::PrefixCache, slot.cache.bytes());
+                slot.reservation
+                    .settle(MemoryKind::PrefixCache, slot.cache.bytes());
             }
         }
         freed

@@ -71,6 +71,13 @@ impl Runtime {
         }
     }
 
+    /// Records in the ledger `bytes` of `kind` that exist already (a queued request's
+    /// decoded images), held until the returned reservation is dropped, so that
+    /// admissions see them.
+    pub fn hold(&self, kind: afo_guard::MemoryKind, bytes: u64) -> afo_guard::Reservation {
+        self.ledger.reserve_existing(kind, bytes)
+    }
+
     /// The SSOT log's path, when the runtime has a log.
     pub fn ssot_log_path(&self) -> Option<&Path> {
         self.log.as_ref().map(|l| l.path())

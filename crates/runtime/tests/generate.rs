@@ -13,19 +13,16 @@ use common::smollm2 as model;
 use afo_runtime::engine::{FinishReason, GenerateOptions, SamplingParams};
 use afo_runtime::guard::ByteSize;
 use afo_runtime::ssot::{LogReader, ReadMode, Record, RunStatus, StatusBadge};
-use afo_runtime::{Error, GenerateRequest, Prompt, Runtime};
+use afo_runtime::{GenerateRequest, Prompt, Runtime};
 
 fn request(max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        model: model(),
-        scheme: None,
-        prompt: Prompt::Text("The capital of France is".into()),
-        options: GenerateOptions {
+    GenerateRequest::new(model(), Prompt::Text("The capital of France is".into())).with_options(
+        GenerateOptions {
             max_tokens,
             sampling: SamplingParams::greedy(),
             ..GenerateOptions::default()
         },
-    }
+    )
 }
 
 #[test]
@@ -101,15 +98,17 @@ fn generates_streams_and_records_each_run() {
 fn a_run_that_would_pass_the_cutline_is_refused_and_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("runs.jsonl");
-    // Enough for the weights, not for a run's working set on top of the process.
+    // Not enough for the weights on top of the process: the load itself is refused
+    // by the ledger, before anything is read.
     let runtime = Runtime::builder()
         .cutline(ByteSize::mib(120))
         .ssot_log(&log)
         .build()
         .unwrap();
     let err = runtime.generate(&request(4000)).unwrap_err();
-    assert!(matches!(err, Error::Refused(_)), "{err}");
+    assert!(err.is_refusal(), "{err}");
     assert!(err.to_string().contains("cutline"), "{err}");
+    assert_eq!(err.admission_record().unwrap().decision, "refused");
     let entries = LogReader::open(&log, ReadMode::Strict)
         .unwrap()
         .read_all()
@@ -117,7 +116,21 @@ fn a_run_that_would_pass_the_cutline_is_refused_and_recorded() {
     assert_eq!(entries.len(), 1);
     let v1 = entries[0].record.v1();
     assert_eq!(v1.status, RunStatus::Error);
-    assert!(v1.error.as_deref().unwrap().contains("refused"));
+    assert!(
+        v1.error.as_deref().unwrap().contains("does not make room"),
+        "{v1:?}"
+    );
+    let Record::V2(rec) = &entries[0].record else {
+        panic!("v2 expected")
+    };
+    assert_eq!(rec.admission.as_ref().unwrap().decision, "refused");
+    assert_eq!(
+        runtime
+            .memory()
+            .reserved
+            .get(afo_runtime::guard::MemoryKind::Weights),
+        0
+    );
 }
 
 #[test]

@@ -19,16 +19,15 @@ const SYSTEM: &str = "You are a concise travel assistant. You answer in one sent
     known one; when it is about walks, you name a park or a river bank.";
 
 fn chat(question: &str) -> GenerateRequest {
-    GenerateRequest {
-        model: model(),
-        scheme: None,
-        prompt: Prompt::Chat(vec![Message::system(SYSTEM), Message::user(question)]),
-        options: GenerateOptions {
-            max_tokens: 20,
-            sampling: SamplingParams::greedy(),
-            ..GenerateOptions::default()
-        },
-    }
+    GenerateRequest::new(
+        model(),
+        Prompt::Chat(vec![Message::system(SYSTEM), Message::user(question)]),
+    )
+    .with_options(GenerateOptions {
+        max_tokens: 20,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    })
 }
 
 #[test]

@@ -128,8 +128,11 @@ pub(crate) struct Gauges {
     pub(crate) cutline_bytes: u64,
     /// The warn threshold.
     pub(crate) warn_bytes: u64,
-    /// Bytes reserved by runs in flight.
+    /// Bytes reserved in the ledger (weights, KV caches, workspace, images, prefix
+    /// blocks, the runtime).
     pub(crate) reserved_bytes: u64,
+    /// Resident memory the ledger does not explain.
+    pub(crate) unaccounted_bytes: u64,
     /// Health score, 0-100.
     pub(crate) health_score: f64,
     /// The badge's level: 0 SAFE, 1 WARN, 2 OVER_CUTLINE.
@@ -288,8 +291,14 @@ impl Metrics {
         gauge(
             &mut out,
             "afo_memory_reserved_bytes",
-            "Bytes reserved by runs in flight.",
+            "Bytes reserved in the memory ledger.",
             g.reserved_bytes as f64,
+        );
+        gauge(
+            &mut out,
+            "afo_memory_unaccounted_bytes",
+            "Resident memory the ledger does not explain (resident less reserved).",
+            g.unaccounted_bytes as f64,
         );
         gauge(
             &mut out,

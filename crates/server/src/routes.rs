@@ -24,7 +24,7 @@ use crate::metrics::Gauges;
 use crate::openai::{Endpoint, ParsedRequest, PromptInput, Usage, parse_chat, parse_completion};
 use crate::state::Shared;
 use crate::vision::{self, Planned};
-use crate::worker::{Event, Job, Served, request_bytes};
+use crate::worker::{Event, Job, Served};
 
 /// The dashboard page.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -148,17 +148,35 @@ fn health_value(s: &Shared) -> Result<Value, ApiError> {
     let loaded: Vec<Value> = h
         .loaded_models
         .iter()
-        .map(|(key, bytes)| json!({"key": key, "bytes": bytes}))
+        .map(|m| json!({"key": m.key, "bytes": m.bytes, "in_use": m.in_use, "pinned": m.pinned}))
         .collect();
+    let ledger = &h.ledger;
+    let by_kind: serde_json::Map<String, Value> = ledger
+        .reserved
+        .iter()
+        .map(|(k, b)| (k.to_string(), json!(b)))
+        .collect();
+    let status = if !s.accepting.load(Ordering::SeqCst) {
+        "shutting_down"
+    } else if h.badge == StatusBadge::OverCutline {
+        "over_cutline"
+    } else {
+        "ok"
+    };
     Ok(json!({
-        "status": if s.accepting.load(Ordering::SeqCst) { "ok" } else { "shutting_down" },
+        "status": status,
         "badge": h.badge,
         "health_score": h.health_score,
         "memory": {
             "resident_bytes": h.rss_bytes,
             "cutline_bytes": h.cutline_bytes,
             "warn_bytes": budget.warn_bytes(),
-            "reserved_bytes": s.runtime.guard().reserved(),
+            "reserved_bytes": ledger.reserved_total(),
+            "reserved_by_kind": by_kind,
+            "unaccounted_bytes": ledger.unaccounted,
+            "margin_bytes": ledger.margin,
+            "available_bytes": ledger.available(),
+            "runs_in_flight": ledger.runs,
         },
         "models": models,
         "loaded_models": loaded,
@@ -195,7 +213,8 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         resident_bytes: rss,
         cutline_bytes: budget.cutline(),
         warn_bytes: budget.warn_bytes(),
-        reserved_bytes: s.runtime.guard().reserved(),
+        reserved_bytes: h.as_ref().map_or(0, |h| h.ledger.reserved_total()),
+        unaccounted_bytes: h.as_ref().map_or(0, |h| h.ledger.unaccounted),
         health_score: h.as_ref().map_or(0.0, |h| h.health_score),
         badge_level: badge_level(badge(rss, budget)),
         model_cache_hit_rate: h.and_then(|h| h.cache_hit_rate),
@@ -238,7 +257,10 @@ async fn chat(State(s): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>)
         .and_then(|b| parse_chat(&b, &s.config.limits))
     {
         Ok(req) => generate(s, req, received).await,
-        Err(e) => Err(e),
+        Err(e) => {
+            s.record_rejection(None, &e, received);
+            Err(e)
+        }
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -251,7 +273,10 @@ async fn completions(
     let result =
         match body_or_error(body, s.config.max_body_bytes).and_then(|b| parse_completion(&b)) {
             Ok(req) => generate(s, req, received).await,
-            Err(e) => Err(e),
+            Err(e) => {
+                s.record_rejection(None, &e, received);
+                Err(e)
+            }
         };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -307,9 +332,13 @@ fn plan_text(
         .max_tokens
         .unwrap_or(s.config.default_max_tokens)
         .min(context - prompt.len());
+    let estimate = s
+        .runtime
+        .estimate_text(loaded.model(), prompt.len(), max_tokens, None);
     Ok(Planned {
         prompt_tokens: prompt.len(),
-        need: request_bytes(loaded, prompt.len(), max_tokens),
+        parts: estimate.parts,
+        held: None,
         prompt,
         max_tokens,
         vision: None,
@@ -318,12 +347,33 @@ fn plan_text(
     })
 }
 
-/// Runs a checked request: picks the model, admits it, queues it on the model's
-/// worker, and answers with a completion object or an SSE stream.
+/// Runs a checked request (see [`generate_inner`]); a request that ends before a
+/// worker took it (refused, invalid for the model) leaves its SSOT record here, one
+/// that a worker took leaves it there.
 async fn generate(
+    s: Arc<Shared>,
+    req: ParsedRequest,
+    received: Instant,
+) -> Result<Response, ApiError> {
+    let model = req.model.clone();
+    let mut submitted = false;
+    let result = generate_inner(Arc::clone(&s), req, received, &mut submitted).await;
+    if let Err(e) = &result
+        && !submitted
+    {
+        s.record_rejection(Some(&model), e, received);
+    }
+    result
+}
+
+/// Picks the model, checks that the request could fit under the cutline, queues it
+/// on the model's worker (whose admission reserves its bytes in the runtime's
+/// ledger), and answers with a completion object or an SSE stream.
+async fn generate_inner(
     s: Arc<Shared>,
     mut req: ParsedRequest,
     received: Instant,
+    submitted: &mut bool,
 ) -> Result<Response, ApiError> {
     if !s.accepting.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable(
@@ -397,32 +447,22 @@ async fn generate(
         sampling,
         ignore_eos: false,
     };
-    let need = planned.need;
-    // Then memory, before anything is queued.
-    let guard = s.runtime.guard();
-    let rss = s
-        .runtime
-        .resident_bytes()
-        .map_err(|e| ApiError::internal(format!("reading the memory probe: {e}")))?;
-    let cutline = guard.cutline();
-    let reserved = guard.reserved();
-    if rss.saturating_add(reserved).saturating_add(need) > cutline {
+    // Then memory, before anything is queued: a request that could never fit (even
+    // with every idle model evicted and the runs in flight ended) is refused now;
+    // one that fits later waits in the queue for the worker's admission.
+    if let Err(refusal) = s.runtime.check_admissible(planned.parts.total()) {
         s.metrics.rejected("memory");
-        let msg = format!(
-            "the request needs about {need} bytes but only {} are left under the cutline of {cutline} bytes ({rss} resident, {reserved} reserved by runs in flight)",
-            cutline.saturating_sub(rss.saturating_add(reserved))
-        );
-        return Err(if reserved > 0 {
-            ApiError::busy(msg, "memory_busy", 2)
-        } else {
-            ApiError::unavailable(msg, "memory_unavailable", 10)
-        });
+        return Err(ApiError::unavailable(
+            format!("the request cannot fit under the cutline: {refusal}"),
+            "memory_unavailable",
+            10,
+        ));
     }
     let run_id = s.next_run_id();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let prompt_tokens = planned.prompt_tokens;
     let vision_worker = worker.accepts_images();
-    worker.submit(Job {
+    let mut job = Job {
         run_id: run_id.clone(),
         endpoint: req.endpoint,
         prompt: planned.prompt,
@@ -431,12 +471,29 @@ async fn generate(
         received,
         deadline: received + s.config.request_timeout,
         admit_by: received + s.config.admission_timeout,
-        predicted_bytes: need,
+        parts: planned.parts,
+        held: planned.held,
         selection: target.selection,
         vision: planned.vision,
         image_pixels: vision_worker.then_some(planned.image_pixels),
         original_pixels: vision_worker.then_some(planned.original_pixels),
-    })?;
+    };
+    let mut worker = worker;
+    loop {
+        match worker.submit(job) {
+            Ok(()) => break,
+            Err(back) => {
+                // The worker retired (idle) or the server is stopping: a new worker
+                // takes it, or the request is refused.
+                job = *back;
+                let (s2, spec) = (Arc::clone(&s), target.spec.clone());
+                worker = tokio::task::spawn_blocking(move || s2.worker(&spec))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("model task failed: {e}")))??;
+            }
+        }
+    }
+    *submitted = true;
     // The first event decides the status: an error before the first token is still
     // an HTTP error, not a broken stream.
     match rx.recv().await {

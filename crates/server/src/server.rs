@@ -93,6 +93,14 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a model's worker waits with no request before it lets go of the
+    /// model (which stays loaded, idle, until a load or a run needs its bytes).
+    /// Default 500 ms.
+    pub fn worker_idle(mut self, idle: Duration) -> Self {
+        self.config.worker_idle = idle;
+        self
+    }
+
     /// `max_tokens` of a chat request that gives none (cut to the context left).
     /// Default 256.
     pub fn default_max_tokens(mut self, tokens: usize) -> Self {
@@ -181,6 +189,7 @@ impl Server {
                 max_batch: 8,
                 request_timeout: Duration::from_secs(600),
                 admission_timeout: Duration::from_secs(30),
+                worker_idle: Duration::from_millis(500),
                 default_max_tokens: 256,
                 recent_runs: 50,
             },

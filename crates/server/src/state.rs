@@ -28,6 +28,7 @@ pub(crate) struct Config {
     pub max_batch: usize,
     pub request_timeout: Duration,
     pub admission_timeout: Duration,
+    pub worker_idle: Duration,
     pub default_max_tokens: usize,
     pub recent_runs: usize,
 }
@@ -164,47 +165,22 @@ impl Shared {
         let key = Self::worker_key(spec);
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = workers.get(&key) {
+            if !w.retired() {
+                return Ok(Arc::clone(w));
+            }
+            // Retired when idle: its model went back to the cache, to be acquired
+            // again (a hit, unless a load or a run needed its bytes meanwhile).
+            if let Some(w) = workers.remove(&key) {
+                w.stop();
+            }
+        }
+        drop(workers);
+        let served = self.load(spec)?;
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = workers.get(&key).filter(|w| !w.retired()) {
+            // Another request started one meanwhile.
             return Ok(Arc::clone(w));
         }
-        let load_err = |e: afo_runtime::Error| match e {
-            afo_runtime::Error::Engine(afo_runtime::engine::Error::ModelTooLarge { .. }) => {
-                ApiError::unavailable(
-                    format!("model `{}` does not fit under the cutline: {e}", spec.id),
-                    "memory_unavailable",
-                    30,
-                )
-            }
-            e => ApiError::internal(format!("loading model `{}`: {e}", spec.id)),
-        };
-        let served = if VisionLanguageModel::is_vlm_dir(&spec.path) {
-            if spec.scheme.is_some() {
-                tracing::warn!(model = %spec.id, "a vision-language model is served as stored, not quantized");
-            }
-            let acquired = self
-                .runtime
-                .acquire_vision_model(&spec.path)
-                .map_err(load_err)?;
-            let config = spec.path.join("preprocessor_config.json");
-            let pre = if config.is_file() {
-                PreprocessorConfig::from_file(&config)
-                    .map_err(|e| ApiError::internal(format!("loading model `{}`: {e}", spec.id)))?
-            } else {
-                PreprocessorConfig::qwen3_vl()
-            }
-            // One frame per patch row for still images (the encoder folds its kernel
-            // over the frames): half the pixel values a queued request holds.
-            .with_pixel_layout(afo_runtime::image::PixelLayout::Compact);
-            Served::Vision {
-                model: acquired.model,
-                pre: Arc::new(pre),
-            }
-        } else {
-            let acquired = self
-                .runtime
-                .acquire_model(&spec.path, spec.scheme)
-                .map_err(load_err)?;
-            Served::Text(acquired.model)
-        };
         // Text models reuse prompt prefixes (a system prompt, a chat history) through
         // the runtime's prefix cache of that model.
         let prefix = match &served {
@@ -215,6 +191,64 @@ impl Shared {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         workers.insert(key, Arc::clone(&worker));
         Ok(worker)
+    }
+
+    /// Loads `spec`'s model through the runtime (its bytes reserved in the ledger
+    /// first). A load that does not fit while other models are busy waits for them
+    /// to go idle, up to the admission timeout.
+    fn load(&self, spec: &ModelSpec) -> Result<Served, ApiError> {
+        let until = Instant::now() + self.config.admission_timeout;
+        loop {
+            match self.try_load(spec) {
+                Err(e) if e.is_refusal() && Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) if e.is_refusal() => {
+                    return Err(ApiError::unavailable(
+                        format!("model `{}` does not fit under the cutline: {e}", spec.id),
+                        "memory_unavailable",
+                        5,
+                    ));
+                }
+                Err(e) => {
+                    return Err(ApiError::internal(format!(
+                        "loading model `{}`: {e}",
+                        spec.id
+                    )));
+                }
+                Ok(served) => return Ok(served),
+            }
+        }
+    }
+
+    fn try_load(&self, spec: &ModelSpec) -> afo_runtime::Result<Served> {
+        if VisionLanguageModel::is_vlm_dir(&spec.path) {
+            if spec.scheme.is_some() {
+                tracing::warn!(model = %spec.id, "a vision-language model is served as stored, not quantized");
+            }
+            let acquired = self.runtime.acquire_vision_model(&spec.path)?;
+            let config = spec.path.join("preprocessor_config.json");
+            let pre = if config.is_file() {
+                PreprocessorConfig::from_file(&config).map_err(|source| {
+                    afo_runtime::Error::Image {
+                        name: config.display().to_string(),
+                        source,
+                    }
+                })?
+            } else {
+                PreprocessorConfig::qwen3_vl()
+            }
+            // One frame per patch row for still images (the encoder folds its kernel
+            // over the frames): half the pixel values a queued request holds.
+            .with_pixel_layout(afo_runtime::image::PixelLayout::Compact);
+            Ok(Served::Vision {
+                model: acquired.model,
+                pre: Arc::new(pre),
+            })
+        } else {
+            let acquired = self.runtime.acquire_model(&spec.path, spec.scheme)?;
+            Ok(Served::Text(acquired.model))
+        }
     }
 
     /// The workers started so far.
@@ -239,6 +273,42 @@ impl Shared {
             .collect();
         for w in workers {
             w.stop();
+        }
+    }
+
+    /// Writes the SSOT record of a request that ended before a worker took it: the
+    /// error it got (a refusal for memory or a full queue, or an invalid request),
+    /// with the ledger's figures when it was refused for memory.
+    pub(crate) fn record_rejection(&self, model: Option<&str>, err: &ApiError, received: Instant) {
+        let memory = self.runtime.memory();
+        let mut report =
+            afo_runtime::RunReport::new(self.next_run_id(), "generate", model.unwrap_or(""));
+        report.error = Some(format!(
+            "{} ({}): {}",
+            err.status.as_u16(),
+            err.code.unwrap_or(err.kind),
+            err.message
+        ));
+        report.latency_ms = received.elapsed().as_secs_f64() * 1e3;
+        report.peak_memory_bytes = memory.rss;
+        if matches!(
+            err.code,
+            Some("memory_unavailable" | "memory_busy" | "queue_full")
+        ) {
+            report.admission = Some(afo_runtime::ssot::AdmissionRecord {
+                decision: "refused".to_owned(),
+                plan: "as asked".to_owned(),
+                tried: vec!["as asked".to_owned()],
+                reserved_bytes: memory.reserved_total(),
+                run_bytes: 0,
+                unaccounted_bytes: memory.unaccounted,
+            });
+        }
+        match self.runtime.record(&report) {
+            Ok(record) => self.push_recent(&record),
+            Err(e) => {
+                tracing::error!(error = %e, "writing the SSOT record of a refused request failed")
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use afo_runtime::engine::{
     Decode, FinishReason, Generation, IMAGE_PLACEHOLDER, Message, Tokenizer, VisionInput,
     VisionLanguageModel, generate,
 };
-use afo_runtime::guard::Admission;
+use afo_runtime::guard::{KindBytes, MemoryKind, PlanOption, Reservation};
 use afo_runtime::image::{DecodeLimits, PreprocessorConfig};
 use afo_runtime::kvcache::KvCache;
 
@@ -46,7 +46,10 @@ pub(crate) struct Planned {
     pub prompt: Vec<u32>,
     pub prompt_tokens: usize,
     pub max_tokens: usize,
-    pub need: u64,
+    /// What the run reserves when admitted, by the runtime's estimator.
+    pub parts: KindBytes,
+    /// The decoded images' bytes, held in the ledger while the request waits.
+    pub held: Option<Reservation>,
     pub vision: Option<VisionJob>,
     pub image_pixels: u64,
     pub original_pixels: u64,
@@ -174,12 +177,18 @@ pub(crate) fn plan(
     let max_tokens = max_tokens
         .unwrap_or(config.default_max_tokens)
         .min(context - prompt_tokens);
-    let need = runtime.vision_run_bytes(vlm, prompt_tokens, max_tokens, pixels, patches);
+    let estimate = runtime.estimate_vision(vlm, prompt_tokens, max_tokens, pixels, patches);
+    let held_bytes: u64 = vision
+        .iter()
+        .flat_map(|v| v.images.iter())
+        .map(|i| (i.pixel_values.elem_count() * i.pixel_values.dtype().size_in_bytes()) as u64)
+        .sum();
     Ok(Planned {
         prompt: if vision.is_some() { Vec::new() } else { tokens },
         prompt_tokens,
         max_tokens,
-        need,
+        parts: estimate.parts,
+        held: (held_bytes > 0).then(|| runtime.hold(MemoryKind::Images, held_bytes)),
         vision,
         image_pixels,
         original_pixels,
@@ -200,12 +209,12 @@ pub(crate) fn run(
     model_id: &str,
     vlm: &VisionLanguageModel,
     rx: &Receiver<Job>,
+    idle: &crate::worker::Idle,
     queued: &AtomicUsize,
     running: &AtomicUsize,
 ) {
-    let c = vlm.text_model().config();
-    let bytes_per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
-    while let Ok(job) = rx.recv() {
+    let bytes_per_token = vlm.text_model().kv_bytes_per_token();
+    while let Some(job) = idle.next(rx) {
         let mut a = Active::new(job);
         let result = run_one(&shared.runtime, model_id, vlm, &mut a, running);
         running.store(0, Ordering::SeqCst);
@@ -246,9 +255,9 @@ fn run_one(
     a: &mut Active,
     running: &AtomicUsize,
 ) -> Result<FinishReason, Stopped> {
-    // Admission: the run's bytes reserved with the runtime's guard, held until the
-    // job ends.
-    let cutline = runtime.budget().cutline();
+    // Admission: the run's bytes reserved in the runtime's ledger, held until the job
+    // ends.
+    let plan = [PlanOption::new("as asked", a.job.parts)];
     let _reservation = loop {
         if a.job.events.is_closed() {
             return Err(Stopped::Cancelled(Cancel::Client));
@@ -260,15 +269,12 @@ fn run_one(
         if now >= a.job.admit_by {
             return Err(Stopped::Cancelled(Cancel::Admission));
         }
-        let rss = runtime.resident_bytes().unwrap_or(cutline);
-        match runtime.guard().admit(a.job.predicted_bytes, rss, &[]) {
-            Admission::Admit(r) => {
-                a.start_rss = Some(rss);
-                break r;
+        match runtime.admit(&plan) {
+            Ok(admitted) => {
+                a.predicted_peak = Some(admitted.predicted_peak_bytes);
+                break admitted.reservation;
             }
-            Admission::Degrade { .. } | Admission::Refuse(_) => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     };
     running.store(1, Ordering::SeqCst);
@@ -285,6 +291,8 @@ fn run_one(
                 )))
             })?;
             drop(v);
+            // The pixels are encoded: their hold goes back.
+            a.job.held.take();
             a.job.prompt.clone_from(&prompt.tokens);
             let decoder = vlm.decoder(&prompt);
             stream(
@@ -352,7 +360,7 @@ fn stream<M: Decode<State = KvCache> + ?Sized>(
                 let _ = events.send(Event::Started);
             }
             if deltas.is_multiple_of(16) {
-                peak = peak.max(runtime.resident_bytes().unwrap_or(0));
+                peak = peak.max(runtime.memory().rss);
             }
             deltas += 1;
             if events.is_closed() {
@@ -370,7 +378,7 @@ fn stream<M: Decode<State = KvCache> + ?Sized>(
     let end = Instant::now();
     a.started = sent_start;
     a.cancel = cancel;
-    a.peak_bytes = peak.max(runtime.resident_bytes().unwrap_or(0));
+    a.peak_bytes = peak.max(runtime.memory().rss);
     if let Ok(g) = &result {
         a.first_token = g
             .timings

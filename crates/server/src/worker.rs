@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use afo_runtime::RunReport;
 use afo_runtime::engine::{
     FinishReason, GenerateOptions, LoadedModel, PrefixReuse, RequestId, Scheduler,
     VisionLanguageModel,
 };
-use afo_runtime::guard::{Admission, HealthInputs, badge, health_score};
+use afo_runtime::guard::{KindBytes, Reservation};
 use afo_runtime::image::PreprocessorConfig;
 use afo_runtime::kvcache::{PrefixCache, Salt};
-use afo_runtime::ssot::{Record, RecordV1, RecordV2, RunStatus, Timestamp};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::ApiError;
@@ -63,8 +63,12 @@ pub(crate) struct Job {
     pub deadline: Instant,
     /// A job not admitted by this instant is refused (503).
     pub admit_by: Instant,
-    /// The bytes the job was predicted to add (KV cache, logits, slack).
-    pub predicted_bytes: u64,
+    /// The bytes the job reserves when admitted (KV cache, workspace, images), by
+    /// the runtime's estimator.
+    pub parts: KindBytes,
+    /// The ledger's hold on what the job already holds while queued (its decoded
+    /// images), given back when the job ends.
+    pub held: Option<Reservation>,
     /// How the model was chosen, for the record.
     pub selection: afo_runtime::ssot::Selection,
     /// A VLM chat's messages and images (the worker prepares its prompt).
@@ -87,16 +91,6 @@ pub(crate) enum Served {
     },
 }
 
-/// The bytes a text request adds while it runs: its KV cache, two logit rows and 10%
-/// slack, as the runtime's estimator allows for.
-pub(crate) fn request_bytes(model: &LoadedModel, prompt_tokens: usize, max_tokens: usize) -> u64 {
-    let c = model.model().config();
-    let kv = (prompt_tokens + max_tokens) as u64
-        * (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
-    let logits = (c.vocab_size * 4 * 2) as u64;
-    (kv + logits) * 11 / 10
-}
-
 /// A served model's worker: the shared model and the job queue of its thread.
 #[derive(Debug)]
 pub(crate) struct Worker {
@@ -104,7 +98,9 @@ pub(crate) struct Worker {
     pub id: String,
     /// The loaded model (also held by the thread).
     pub model: Served,
-    jobs: Mutex<Option<Sender<Job>>>,
+    /// The job queue; `None` once the thread has stopped (shut down, or retired
+    /// when idle so that its model can be evicted).
+    jobs: Arc<Mutex<Option<Sender<Job>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Jobs given to the worker and not yet ended.
     pub queued: Arc<AtomicUsize>,
@@ -123,26 +119,40 @@ impl Worker {
         let (tx, rx) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
+        let jobs = Arc::new(Mutex::new(Some(tx)));
         let thread = {
             let shared = Arc::clone(shared);
             let model = model.clone();
             let thread_id = id.clone();
             let (queued, running) = (Arc::clone(&queued), Arc::clone(&running));
+            let idle = Idle {
+                jobs: Arc::clone(&jobs),
+                after: shared.config.worker_idle,
+            };
             std::thread::Builder::new()
                 .name(format!("afo-worker-{id}"))
-                .spawn(move || match &model {
-                    Served::Text(m) => run(
-                        &shared,
-                        &thread_id,
-                        m,
-                        prefix.as_ref().map(|(c, s)| (c.as_ref(), *s)),
-                        &rx,
-                        &queued,
-                        &running,
-                    ),
-                    Served::Vision { model, .. } => {
-                        crate::vision::run(&shared, &thread_id, model, &rx, &queued, &running);
+                .spawn(move || {
+                    match &model {
+                        Served::Text(m) => run(
+                            &shared,
+                            &thread_id,
+                            m,
+                            prefix.as_ref().map(|(c, s)| (c.as_ref(), *s)),
+                            &rx,
+                            &idle,
+                            &queued,
+                            &running,
+                        ),
+                        Served::Vision { model, .. } => {
+                            crate::vision::run(
+                                &shared, &thread_id, model, &rx, &idle, &queued, &running,
+                            );
+                        }
                     }
+                    // The model goes back to the cache idle (evictable when a load or
+                    // a run needs its bytes), and freed memory back to the system.
+                    drop(model);
+                    afo_runtime::guard::release_free_memory();
                 })
                 .map_err(|source| crate::Error::Worker {
                     model: id.clone(),
@@ -152,7 +162,7 @@ impl Worker {
         Ok(Arc::new(Self {
             id,
             model,
-            jobs: Mutex::new(Some(tx)),
+            jobs,
             thread: Mutex::new(Some(thread)),
             queued,
             running,
@@ -165,21 +175,26 @@ impl Worker {
         matches!(self.model, Served::Vision { .. })
     }
 
-    /// Hands a job to the thread.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), ApiError> {
+    /// Hands a job to the thread; gives it back when the thread has stopped (the
+    /// caller starts a new worker, or answers that the server is shutting down).
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Box<Job>> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = jobs.as_ref() else {
-            return Err(ApiError::unavailable(
-                "the server is shutting down",
-                "shutting_down",
-                5,
-            ));
+            return Err(Box::new(job));
         };
         self.queued.fetch_add(1, Ordering::SeqCst);
-        tx.send(job).map_err(|_| {
+        tx.send(job).map_err(|e| {
             self.queued.fetch_sub(1, Ordering::SeqCst);
-            ApiError::internal(format!("the worker of model `{}` has stopped", self.id))
+            Box::new(e.0)
         })
+    }
+
+    /// Whether the thread has stopped taking jobs.
+    pub(crate) fn retired(&self) -> bool {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 
     /// Closes the queue and waits for the thread to finish the jobs it holds.
@@ -190,6 +205,35 @@ impl Worker {
             && t.join().is_err()
         {
             tracing::error!(model = %self.id, "worker thread panicked");
+        }
+    }
+}
+
+/// When an idle worker retires: after `after` with no job, it closes its queue (under
+/// the queue's lock, so no job is lost) and its thread ends, letting go of its model.
+#[derive(Debug)]
+pub(crate) struct Idle {
+    jobs: Arc<Mutex<Option<Sender<Job>>>>,
+    after: Duration,
+}
+
+impl Idle {
+    /// Waits for the next job; `None` when the queue is closed, or the worker
+    /// retired after its idle time.
+    pub(crate) fn next(&self, rx: &Receiver<Job>) -> Option<Job> {
+        match rx.recv_timeout(self.after) {
+            Ok(job) => Some(job),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+                match rx.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => {
+                        jobs.take();
+                        None
+                    }
+                }
+            }
         }
     }
 }
@@ -210,8 +254,8 @@ pub(crate) struct Active {
     pub last_token: Option<Instant>,
     pub completion_tokens: usize,
     pub peak_bytes: u64,
-    /// Resident memory when the job started.
-    pub start_rss: Option<u64>,
+    /// The resident memory the ledger predicted when it admitted the job.
+    pub predicted_peak: Option<u64>,
     pub cancel: Option<Cancel>,
     /// Prompt tokens reused from the prefix cache.
     pub prefix_hit_tokens: Option<u64>,
@@ -227,7 +271,7 @@ impl Active {
             last_token: None,
             completion_tokens: 0,
             peak_bytes: 0,
-            start_rss: None,
+            predicted_peak: None,
             cancel: None,
             prefix_hit_tokens: None,
         }
@@ -241,38 +285,18 @@ fn run(
     model: &LoadedModel,
     prefix: Option<(&PrefixCache, Salt)>,
     rx: &Receiver<Job>,
+    idle: &Idle,
     queued: &AtomicUsize,
     running: &AtomicUsize,
 ) {
     let runtime = Arc::clone(&shared.runtime);
-    let cutline = runtime.budget().cutline();
-    let start_rss = runtime.resident_bytes().unwrap_or(0);
-    let kv_budget = cutline.saturating_sub(start_rss);
-    let mut sched = Scheduler::new(
-        model.model(),
-        model.tokenizer(),
-        shared.config.max_batch,
-        kv_budget,
-    );
+    // No budget of its own: each request is admitted on the runtime's ledger.
+    let mut sched = Scheduler::new(model.model(), model.tokenizer(), shared.config.max_batch);
     if let Some((cache, salt)) = prefix {
         sched.set_prefix_cache(PrefixReuse { cache, salt });
     }
-    {
-        let runtime = Arc::clone(&runtime);
-        let extra = (model.model().config().vocab_size * 4 * 2) as u64;
-        sched.set_admission(move |kv_bytes| {
-            let bytes = (kv_bytes + extra) * 11 / 10;
-            let in_use = runtime.resident_bytes().unwrap_or(cutline);
-            match runtime.guard().admit(bytes, in_use, &[]) {
-                Admission::Admit(r) => Some(Box::new(r) as Box<dyn std::any::Any>),
-                Admission::Degrade { .. } | Admission::Refuse(_) => None,
-            }
-        });
-    }
-    let bytes_per_token = {
-        let c = model.model().config();
-        (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64
-    };
+    sched.set_admission(runtime.batch_admission(model.model()));
+    let bytes_per_token = model.model().kv_bytes_per_token();
     let mut active: HashMap<RequestId, Active> = HashMap::new();
     let mut closed = false;
     let add =
@@ -294,9 +318,9 @@ fn run(
             if closed {
                 break;
             }
-            match rx.recv() {
-                Ok(job) => add(&mut sched, &mut active, job),
-                Err(_) => break,
+            match idle.next(rx) {
+                Some(job) => add(&mut sched, &mut active, job),
+                None => break,
             }
         }
         loop {
@@ -352,7 +376,7 @@ fn run(
             }
         };
         running.store(sched.running(), Ordering::SeqCst);
-        let rss = runtime.resident_bytes().unwrap_or(0);
+        let rss = runtime.memory().rss;
         for a in active.values_mut() {
             a.peak_bytes = a.peak_bytes.max(rss);
         }
@@ -365,10 +389,12 @@ fn run(
             if let Some(hit) = o.prefix_hit_tokens {
                 a.prefix_hit_tokens = Some(hit as u64);
             }
+            if let Some(p) = o.predicted_peak_bytes {
+                a.predicted_peak = Some(p);
+            }
             if !a.started && o.token.is_some() {
                 a.started = true;
                 a.first_token = Some(now);
-                a.start_rss = Some(rss);
                 let _ = a.job.events.send(Event::Started);
             }
             if o.token.is_some() && o.finish != Some(FinishReason::Eos) {
@@ -398,8 +424,14 @@ fn run(
             }
         }
         if !stepped && sched.running() == 0 {
-            // Waiting requests that the memory guard holds back: look again soon.
+            // Waiting requests that the ledger holds back: look again soon.
             std::thread::sleep(Duration::from_millis(5));
+        }
+        if !sched.has_unfinished() {
+            // A burst is over: blocks published to the prefix cache are settled in
+            // the ledger, and freed memory goes back to the system.
+            runtime.settle_prefix_cache();
+            afo_runtime::guard::release_free_memory();
         }
     }
     running.store(0, Ordering::SeqCst);
@@ -478,54 +510,29 @@ pub(crate) fn finish(
         output_tokens: a.completion_tokens as u64,
     });
     let runtime = &shared.runtime;
-    let budget = runtime.budget();
-    let peak = a.peak_bytes.max(runtime.resident_bytes().unwrap_or(0));
-    let failed = finish.is_none();
-    let base = RecordV1 {
-        schema_version: 2,
-        ts: Timestamp::now(),
-        run_id: a.job.run_id.clone(),
-        chain: "generate".to_owned(),
-        model_id: model_id.to_owned(),
-        status: if failed {
-            RunStatus::Error
-        } else {
-            RunStatus::Ok
-        },
-        error: error.map(str::to_owned),
-        latency_ms: latency_s * 1e3,
-        peak_memory_bytes: peak,
-        cutline_bytes: budget.cutline(),
-        tokens_in: a.job.prompt.len() as u64,
-        tokens_out: a.completion_tokens as u64,
-        tokens_per_s: if decode_s > 0.0 && a.completion_tokens > 1 {
-            (a.completion_tokens - 1) as f64 / decode_s
-        } else {
-            0.0
-        },
-    };
-    let mut record = RecordV2::new(base);
-    record.status_badge = Some(badge(peak, budget));
-    record.health_score = Some(health_score(HealthInputs {
-        peak_bytes: peak,
-        cutline_bytes: budget.cutline(),
-        error: failed,
-        fallback: a.job.selection.fallback_from.is_some(),
-    }));
-    record.token_budget = Some(a.job.options.max_tokens as u64);
-    record.kv_cache_size =
+    let peak = a.peak_bytes.max(runtime.memory().rss);
+    let mut report = RunReport::new(&a.job.run_id, "generate", model_id);
+    report.error = error.map(str::to_owned);
+    report.latency_ms = latency_s * 1e3;
+    report.peak_memory_bytes = peak;
+    report.tokens_in = a.job.prompt.len() as u64;
+    report.tokens_out = a.completion_tokens as u64;
+    report.tokens_per_s = (decode_s > 0.0 && a.completion_tokens > 1)
+        .then(|| (a.completion_tokens - 1) as f64 / decode_s);
+    report.token_budget = Some(a.job.options.max_tokens as u64);
+    report.kv_cache_bytes =
         Some((a.job.prompt.len() + a.completion_tokens) as u64 * bytes_per_token);
-    record.kv_evicted_tokens = Some(0);
-    record.prefix_cache_hit_tokens = a.prefix_hit_tokens;
-    record.predicted_peak_bytes = a.start_rss.map(|r| r + a.job.predicted_bytes);
-    record.ttft_ms = ttft_s.map(|t| t * 1e3);
-    record.selection = Some(a.job.selection.clone());
-    record.image_pixels = a.job.image_pixels;
-    record.original_pixels = a.job.original_pixels;
-    record.lazy_cache_hit_rate = runtime.health().ok().and_then(|h| h.cache_hit_rate);
-    let record = Record::from(record);
-    if let Err(e) = runtime.append_record(&record) {
-        tracing::error!(run_id = %a.job.run_id, error = %e, "writing the SSOT record failed");
+    report.kv_evicted_tokens = Some(0);
+    report.prefix_cache_hit_tokens = a.prefix_hit_tokens;
+    report.predicted_peak_bytes = a.predicted_peak;
+    report.ttft_ms = ttft_s.map(|t| t * 1e3);
+    report.selection = Some(a.job.selection.clone());
+    report.image_pixels = a.job.image_pixels;
+    report.original_pixels = a.job.original_pixels;
+    match runtime.record(&report) {
+        Ok(record) => shared.push_recent(&record),
+        Err(e) => {
+            tracing::error!(run_id = %a.job.run_id, error = %e, "writing the SSOT record failed");
+        }
     }
-    shared.push_recent(&record);
 }

@@ -44,7 +44,11 @@ async fn a_request_past_the_cutline_is_refused_up_front_with_retry_after() {
         h["memory"]["resident_bytes"].as_u64().unwrap() < 400_000_000,
         "{h}"
     );
-    // Only the request that ran has a record.
-    assert_eq!(records(dir.path()).len(), 1);
+    // Every request has a record, the refused one too.
+    let records = records(dir.path());
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["admission"]["decision"], "refused");
+    assert!(records[0]["error"].as_str().unwrap().contains("cutline"));
+    assert_eq!(records[1]["status"], "ok");
     server.shutdown();
 }

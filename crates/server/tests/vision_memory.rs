@@ -47,7 +47,7 @@ async fn an_image_request_past_the_cutline_is_refused_with_retry_after() {
     let vlm = dir.path().join("vlm");
     TinyVlm::default().write(&vlm).unwrap();
     let probe = runtime(&dir.path().join("probe.jsonl"), "20GiB");
-    let rss = probe.resident_bytes().unwrap();
+    let rss = probe.memory().rss;
     // The tiny model's weights are a few MB; 96 MB above the process leaves room for
     // them and a small request, not for eight 512 x 512 images and 2,000 tokens (the
     // estimator puts that at about 116 MB: pixels, encoder states, KV cache and
@@ -82,10 +82,16 @@ async fn an_image_request_past_the_cutline_is_refused_with_retry_after() {
         "a small image request still fits: {v}"
     );
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
-    // Only the request that ran has a record.
+    // Both requests have a record: the refusal first, with the ledger's figures.
     let records = records(dir.path());
-    assert_eq!(records.len(), 1, "{records:?}");
-    assert!(records[0]["image_pixels"].as_u64().unwrap() > 0);
-    assert!(records[0]["predicted_peak_bytes"].as_u64().unwrap() <= cutline);
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["status"], "error");
+    assert_eq!(
+        records[0]["admission"]["decision"], "refused",
+        "{:?}",
+        records[0]
+    );
+    assert!(records[1]["image_pixels"].as_u64().unwrap() > 0);
+    assert!(records[1]["predicted_peak_bytes"].as_u64().unwrap() <= cutline);
     server.shutdown();
 }

@@ -77,7 +77,8 @@ pub use badge::{ParseBadgeError, StatusBadge};
 pub use error::{Error, Result};
 pub use reader::{Entry, LogReader, ReadMode, Skipped};
 pub use record::{
-    AdmissionRecord, Record, RecordV1, RecordV2, RunStatus, SchemaVersion, Selection, Stage, Timestamp,
+    AdmissionRecord, Record, RecordV1, RecordV2, RunStatus, SchemaVersion, Selection, Stage,
+    Timestamp,
 };
 pub use schema::json_schema;
 pub use summary::{Percentiles, Summary};

@@ -246,16 +246,16 @@ fn predict(args: &Args) -> anyhow::Result<()> {
     use afo_runtime::{GenerateRequest, Prompt};
 
     let runtime = Runtime::builder().build()?;
-    let request = |prompt: String| GenerateRequest {
-        model: args.model.clone(),
-        scheme: args.scheme,
-        prompt: Prompt::Text(prompt),
-        options: GenerateOptions {
-            max_tokens: args.generate,
-            sampling: SamplingParams::greedy(),
-            ignore_eos: true,
-            ..GenerateOptions::default()
-        },
+    let request = |prompt: String| {
+        let mut r =
+            GenerateRequest::new(&args.model, Prompt::Text(prompt)).with_options(GenerateOptions {
+                max_tokens: args.generate,
+                sampling: SamplingParams::greedy(),
+                ignore_eos: true,
+                ..GenerateOptions::default()
+            });
+        r.scheme = args.scheme;
+        r
     };
     // Load first: the table is about runs, not loading.
     runtime.generate(&request("Hello".into()))?;
@@ -287,9 +287,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         return predict(args);
     }
     let runtime = Runtime::builder().build()?;
-    let (_, cold_ms) = runtime.preload(&args.model)?;
+    let cold_ms = runtime.preload(&args.model)?.acquire_ms;
     let warm: Vec<f64> = (0..args.rounds.max(1) * 20)
-        .map(|_| runtime.preload(&args.model).map(|(_, ms)| ms))
+        .map(|_| runtime.preload(&args.model).map(|p| p.acquire_ms))
         .collect::<Result<_, _>>()?;
     let warm_ms = median(warm);
     out!(

@@ -133,7 +133,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     out!(
         "\n== analysis ({}) ==\n{}",
         r.vlm_id,
-        shown(&r.analysis, r.analysis_tokens.1)
+        shown(&r.analysis, r.analysis_tokens.generated)
     );
     out!(
         "\n== summary ({}{}) ==\n{}",
@@ -143,7 +143,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         } else {
             ""
         },
-        shown(&r.summary, r.summary_tokens.1)
+        shown(&r.summary, r.summary_tokens.generated)
     );
     out!("");
     for s in &r.stages {

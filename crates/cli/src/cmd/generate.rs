@@ -84,17 +84,14 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         messages.push(Message::user(args.prompt.clone()));
         Prompt::Chat(messages)
     };
-    let request = GenerateRequest {
-        model: super::resolve_model(&args.model)?,
-        scheme: args.quantize,
-        prompt,
-        options: GenerateOptions {
+    let mut request = GenerateRequest::new(super::resolve_model(&args.model)?, prompt)
+        .with_options(GenerateOptions {
             max_tokens: args.max_tokens,
             stop: args.stop.clone(),
             sampling: sampling.build()?,
             ignore_eos: false,
-        },
-    };
+        });
+    request.scheme = args.quantize;
     // A spinner on a terminal while the model loads and the prompt runs; a plain line
     // when stderr is a file or a pipe.
     let spinner = indicatif::ProgressBar::new_spinner().with_message(format!(

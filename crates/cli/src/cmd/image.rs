@@ -67,7 +67,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let limits = DecodeLimits::default().with_max_input_bytes(args.max_input.0);
     let mut failed = 0usize;
     for path in &args.images {
-        let peak = PeakTracker::start();
+        let peak = PeakTracker::start(None);
         let start = Instant::now();
         let result = std::fs::read(path)
             .map_err(anyhow::Error::from)

@@ -52,7 +52,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     eprintln!("quantizing {} ({policy})", path.display());
     let bar = progress_bar();
     let hidden = bar.is_hidden();
-    let tracker = PeakTracker::start();
+    let tracker = PeakTracker::start(None);
     let start = Instant::now();
     let loaded = LoadedModel::load_quantized(&path, policy, |p| {
         bar.set_length(p.total as u64);
@@ -74,7 +74,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .map(|(_, l)| 4 * (l.in_features() * l.out_features()) as u64)
         .max()
         .unwrap_or(0);
-    let tracker = PeakTracker::start();
+    let tracker = PeakTracker::start(None);
     let mut source = GgufFile::open(&path)?;
     let report = save_gguf(loaded.model(), &mut source, Some(&policy), &args.out)?;
     let save_peak = tracker.finish();

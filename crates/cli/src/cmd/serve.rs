@@ -58,6 +58,17 @@ pub(crate) struct Args {
     /// Load models on their first request instead of at start.
     #[arg(long)]
     lazy: bool,
+    /// Keep this model loaded once it is (by id, or `all`): never evicted to make
+    /// room for another; repeat for several. Other models stay loaded while idle and
+    /// are evicted, least recently used first, only when a load or a run needs their
+    /// bytes.
+    #[arg(long = "pin")]
+    pins: Vec<String>,
+    /// The most bytes each model's prefix cache may hold (its blocks are reserved in
+    /// the memory ledger and dropped when a run or a load needs the room). Default:
+    /// an eighth of the cutline, at most 256 MiB; 0 turns prefix reuse off.
+    #[arg(long)]
+    prefix_cache: Option<ByteSize>,
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
@@ -71,6 +82,12 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(catalog) = &args.catalog {
         builder = builder.catalog(afo_runtime::select::Catalog::from_path(catalog)?);
     }
+    if let Some(bytes) = args.prefix_cache {
+        builder = builder.prefix_cache(afo_runtime::kvcache::PrefixCacheConfig {
+            budget_bytes: bytes.bytes(),
+            ..afo_runtime::kvcache::PrefixCacheConfig::default()
+        });
+    }
     let runtime = Arc::new(builder.build()?);
     let mut server = Server::builder(Arc::clone(&runtime))
         .max_batch(args.max_batch)
@@ -83,7 +100,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             || spec.display().to_string(),
             |s| s.to_string_lossy().into_owned(),
         );
+        if args.pins.iter().any(|p| *p == id || p == "all") {
+            runtime.pin(&path, args.quantize);
+        }
         server = server.model_as(id, path, args.quantize);
+    }
+    for pin in &args.pins {
+        let known = pin == "all"
+            || args
+                .models
+                .iter()
+                .any(|m| m.file_stem().is_some_and(|s| s.to_string_lossy() == *pin));
+        anyhow::ensure!(known, "--pin {pin}: no model with that id is served");
     }
     let api_key = args
         .api_key
