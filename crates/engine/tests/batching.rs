@@ -52,7 +52,13 @@ fn batched_requests_match_their_single_runs_and_respect_the_budget() {
     // four: the ledger is what holds the fourth back.
     let per_token = model.kv_bytes_per_token();
     assert_eq!(per_token, 30 * 2 * 3 * 64 * 4);
-    let budget = 3 * (12 + 20) * per_token;
+    let needs: Vec<u64> = ids
+        .iter()
+        .zip(lens)
+        .map(|(p, n)| (p.len() + n) as u64 * per_token)
+        .collect();
+    // One byte short of all four together: at most three at once.
+    let budget = needs.iter().sum::<u64>() - 1;
     let ledger = Ledger::with_min_margin(budget, 0);
     let mut s = Scheduler::new(model, tok, 4);
     {
