@@ -213,7 +213,9 @@ impl Runtime {
         let one = self.estimate_text(model, prompt_tokens, 1, kv.map(|k| k.0));
         let spare = available.saturating_sub(one.run_bytes()) / per_token;
         let fitting = (1 + spare as usize * 9 / 10).min(max_tokens);
-        for m in [fitting, max_tokens / 4, 16] {
+        let mut smaller = vec![fitting, max_tokens / 4, 16];
+        smaller.sort_unstable_by(|a, b| b.cmp(a));
+        for m in smaller {
             if m >= 1 && m < max_tokens && !plans.iter().any(|p| p.max_tokens == m) {
                 plans.push(TextPlan {
                     name: format!("max_tokens={m}"),

@@ -332,8 +332,25 @@ async fn bad_input_gets_openai_errors() {
             .unwrap()
             .contains(&format!("model `{MODEL_ID}` does not accept images"))
     );
-    // Nothing reached the model: no record.
-    assert_eq!(records(dir.path()).len(), 0);
+    // Nothing reached the model, and every request to a generation endpoint left one
+    // record saying why it was refused.
+    let records = records(dir.path());
+    assert!(records.len() >= 6, "{records:?}");
+    for r in &records {
+        assert_eq!(r["status"], "error", "{r}");
+        assert_eq!(r["tokens_out"], 0, "{r}");
+        let e = r["error"].as_str().unwrap();
+        assert!(
+            e.starts_with("400") || e.starts_with("404") || e.starts_with("413"),
+            "{r}"
+        );
+    }
+    assert!(records.iter().any(|r| {
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not accept images")
+    }));
     server.shutdown();
 }
 
@@ -467,7 +484,17 @@ async fn a_full_queue_says_when_to_retry_and_a_dropped_stream_cancels() {
     let start = Instant::now();
     loop {
         let r = records(dir.path());
-        if let Some(r) = r.first() {
+        // The refusal's record first (429, queue_full), then the cancelled run's.
+        if let Some(refused) = r.first() {
+            assert!(
+                refused["error"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("429 (queue_full)"),
+                "{refused}"
+            );
+        }
+        if let Some(r) = r.get(1) {
             assert_eq!(r["status"], "error");
             assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
             assert!(r["tokens_out"].as_u64().unwrap() < 2000);

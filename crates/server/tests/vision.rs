@@ -204,8 +204,15 @@ async fn a_corrupt_image_is_a_400_naming_it() {
         message.contains("image 2") && message.contains("messages[0].content[2]"),
         "{message}"
     );
-    // Refused before it ran: no record.
-    assert!(records(dir.path()).is_empty());
+    // Refused before it ran: one record, saying why.
+    let records = records(dir.path());
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(
+        records[0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("400 (invalid_image)")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,7 +286,8 @@ async fn a_vlm_queue_is_bounded_and_a_dropped_image_stream_cancels() {
     drop(held);
     let start = std::time::Instant::now();
     loop {
-        if let Some(r) = records(dir.path()).first() {
+        // The refusal's record first (429, queue_full), then the cancelled run's.
+        if let Some(r) = records(dir.path()).get(1) {
             assert_eq!(r["status"], "error", "{r}");
             assert!(r["error"].as_str().unwrap().contains("cancelled"), "{r}");
             assert!(r["tokens_out"].as_u64().unwrap() < 3000, "{r}");

@@ -79,7 +79,20 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         None => {
             let tiny = TinyVlm::default();
             let dir = std::env::temp_dir().join(format!("afo-tiny-vlm-{}", tiny.seed));
-            tiny.write(&dir)?;
+            if !dir.join("config.json").is_file() {
+                // Written beside it and renamed into place, so that two processes
+                // starting at once never read a half-written folder.
+                let part = std::env::temp_dir().join(format!(
+                    "afo-tiny-vlm-{}.{}",
+                    tiny.seed,
+                    std::process::id()
+                ));
+                tiny.write(&part)?;
+                if std::fs::rename(&part, &dir).is_err() {
+                    // Another process put it there first.
+                    std::fs::remove_dir_all(&part)?;
+                }
+            }
             out!(
                 "vlm: none given, using the built-in tiny test VLM (random weights: its \
                  analysis is noise) at {}",
