@@ -313,28 +313,31 @@ impl Runtime {
         rss
     }
 
-    /// Checks whether a run reserving `run_bytes` could ever be admitted: with every
-    /// idle model evicted and every prefix-cache block dropped, would it fit?
+    /// Checks whether a run on `model` (loaded as `scheme`) reserving `run_bytes`
+    /// could ever be admitted: beside the runtime itself, the model's weights and the
+    /// pinned models, with every other model evicted, every prefix block dropped and
+    /// every run in flight ended. A request that fails this can never run; one that
+    /// passes may still wait for room.
     ///
     /// # Errors
     /// The [`Refusal`] when it could not.
-    pub fn check_admissible(&self, run_bytes: u64) -> std::result::Result<(), Refusal> {
+    pub fn check_admissible(
+        &self,
+        model: &std::path::Path,
+        scheme: Option<afo_quant::QuantScheme>,
+        run_bytes: u64,
+    ) -> std::result::Result<(), Refusal> {
+        let key = crate::runtime::cache_key(model, scheme);
         let s = self.ledger.snapshot();
-        let freeable_weights: u64 = self
+        let kept: u64 = self
             .cache
             .loaded()
             .iter()
             .chain(self.vlm_cache.loaded().iter())
-            .filter(|e| !e.in_use && !e.pinned)
+            .filter(|e| e.pinned || e.key == key)
             .map(|e| e.bytes)
             .sum();
-        // Runs in flight give their bytes back when they end, idle models and prefix
-        // blocks can go: what stays is the runtime and the models in use or pinned.
-        let staying = s.reserved.get(MemoryKind::Runtime).saturating_add(
-            s.reserved
-                .get(MemoryKind::Weights)
-                .saturating_sub(freeable_weights),
-        );
+        let staying = s.reserved.get(MemoryKind::Runtime).saturating_add(kept);
         let limit = s.cutline.saturating_sub(s.min_margin);
         if staying.saturating_add(run_bytes) > limit {
             return Err(Refusal {

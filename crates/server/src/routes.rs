@@ -386,7 +386,7 @@ async fn generate_inner(
     let text = req.prompt.routing_text().to_owned();
     let s2 = Arc::clone(&s);
     let model = req.model.clone();
-    let (target, worker) = tokio::task::spawn_blocking(move || {
+    let (target, (worker, served)) = tokio::task::spawn_blocking(move || {
         let target = s2.resolve(&model, &text, images)?;
         let worker = s2.worker(&target.spec)?;
         Ok::<_, ApiError>((target, worker))
@@ -415,7 +415,7 @@ async fn generate_inner(
         ));
     }
     let sampling = sampling(&req)?;
-    let planned = match &worker.model {
+    let planned = match &served {
         Served::Text(loaded) => plan_text(loaded, &worker.id, &req.prompt, &req, &s)?,
         Served::Vision { model, pre } => {
             let (s2, model, pre, id) = (
@@ -441,6 +441,8 @@ async fn generate_inner(
             .map_err(|e| ApiError::internal(format!("image task failed: {e}")))??
         }
     };
+    // The model is not held while the request waits: a retired worker's model can go.
+    drop(served);
     let options = GenerateOptions {
         max_tokens: planned.max_tokens,
         stop: req.sampling.stop.clone(),
@@ -450,7 +452,10 @@ async fn generate_inner(
     // Then memory, before anything is queued: a request that could never fit (even
     // with every idle model evicted and the runs in flight ended) is refused now;
     // one that fits later waits in the queue for the worker's admission.
-    if let Err(refusal) = s.runtime.check_admissible(planned.parts.total()) {
+    if let Err(refusal) =
+        s.runtime
+            .check_admissible(&target.spec.path, target.spec.scheme, planned.parts.total())
+    {
         s.metrics.rejected("memory");
         return Err(ApiError::unavailable(
             format!("the request cannot fit under the cutline: {refusal}"),
@@ -489,7 +494,8 @@ async fn generate_inner(
                 let (s2, spec) = (Arc::clone(&s), target.spec.clone());
                 worker = tokio::task::spawn_blocking(move || s2.worker(&spec))
                     .await
-                    .map_err(|e| ApiError::internal(format!("model task failed: {e}")))??;
+                    .map_err(|e| ApiError::internal(format!("model task failed: {e}")))??
+                    .0;
             }
         }
     }

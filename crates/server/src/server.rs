@@ -220,7 +220,7 @@ impl Server {
     /// [`Error::Load`] naming the first model that fails to load.
     pub fn preload(&self) -> Result<()> {
         for m in &self.shared.models {
-            self.shared.worker(m).map_err(|e| Error::Load {
+            self.shared.worker(m).map(drop).map_err(|e| Error::Load {
                 model: m.id.clone(),
                 path: m.path.clone(),
                 reason: e.message,

@@ -152,9 +152,13 @@ impl Shared {
         }
     }
 
-    /// The worker of `spec`, loading the model and starting its thread on first use.
-    /// Blocks while a model loads: call it off the async threads.
-    pub(crate) fn worker(self: &Arc<Self>, spec: &ModelSpec) -> Result<Arc<Worker>, ApiError> {
+    /// The worker of `spec` and its model, loading the model and starting its thread
+    /// on first use (or after the worker retired). Blocks while a model loads: call
+    /// it off the async threads.
+    pub(crate) fn worker(
+        self: &Arc<Self>,
+        spec: &ModelSpec,
+    ) -> Result<(Arc<Worker>, Served), ApiError> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(ApiError::unavailable(
                 "the server is shutting down",
@@ -165,8 +169,8 @@ impl Shared {
         let key = Self::worker_key(spec);
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = workers.get(&key) {
-            if !w.retired() {
-                return Ok(Arc::clone(w));
+            if let Some(served) = w.served().filter(|_| !w.retired()) {
+                return Ok((Arc::clone(w), served));
             }
             // Retired when idle: its model went back to the cache, to be acquired
             // again (a hit, unless a load or a run needed its bytes meanwhile).
@@ -177,9 +181,11 @@ impl Shared {
         drop(workers);
         let served = self.load(spec)?;
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = workers.get(&key).filter(|w| !w.retired()) {
+        if let Some(w) = workers.get(&key).filter(|w| !w.retired())
+            && let Some(served) = w.served()
+        {
             // Another request started one meanwhile.
-            return Ok(Arc::clone(w));
+            return Ok((Arc::clone(w), served));
         }
         // Text models reuse prompt prefixes (a system prompt, a chat history) through
         // the runtime's prefix cache of that model.
@@ -187,10 +193,12 @@ impl Shared {
             Served::Text(_) => self.runtime.prefix_cache(&spec.path, spec.scheme),
             Served::Vision { .. } => None,
         };
-        let worker = Worker::start(self, spec.id.clone(), served, prefix)
+        let worker = Worker::start(self, spec.id.clone(), served.clone(), prefix)
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        workers.insert(key, Arc::clone(&worker));
-        Ok(worker)
+        if let Some(old) = workers.insert(key, Arc::clone(&worker)) {
+            old.stop();
+        }
+        Ok((worker, served))
     }
 
     /// Loads `spec`'s model through the runtime (its bytes reserved in the ledger

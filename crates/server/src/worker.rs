@@ -96,8 +96,11 @@ pub(crate) enum Served {
 pub(crate) struct Worker {
     /// The model's id, as the API names it.
     pub id: String,
-    /// The loaded model (also held by the thread).
-    pub model: Served,
+    /// The loaded model while the thread runs (the thread holds it too); `None` once
+    /// the thread has retired, so that the model can be evicted.
+    slot: Arc<Mutex<Option<Served>>>,
+    /// Whether the model takes images.
+    vision: bool,
     /// The job queue; `None` once the thread has stopped (shut down, or retired
     /// when idle so that its model can be evicted).
     jobs: Arc<Mutex<Option<Sender<Job>>>>,
@@ -120,6 +123,8 @@ impl Worker {
         let queued = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
         let jobs = Arc::new(Mutex::new(Some(tx)));
+        let vision = matches!(model, Served::Vision { .. });
+        let slot = Arc::new(Mutex::new(Some(model.clone())));
         let thread = {
             let shared = Arc::clone(shared);
             let model = model.clone();
@@ -127,6 +132,7 @@ impl Worker {
             let (queued, running) = (Arc::clone(&queued), Arc::clone(&running));
             let idle = Idle {
                 jobs: Arc::clone(&jobs),
+                slot: Arc::clone(&slot),
                 after: shared.config.worker_idle,
             };
             std::thread::Builder::new()
@@ -161,7 +167,8 @@ impl Worker {
         };
         Ok(Arc::new(Self {
             id,
-            model,
+            slot,
+            vision,
             jobs,
             thread: Mutex::new(Some(thread)),
             queued,
@@ -172,7 +179,12 @@ impl Worker {
     /// Whether the model takes images: a worker over a VLM, whose jobs carry the
     /// preprocessed images.
     pub(crate) fn accepts_images(&self) -> bool {
-        matches!(self.model, Served::Vision { .. })
+        self.vision
+    }
+
+    /// The served model, while the thread runs.
+    pub(crate) fn served(&self) -> Option<Served> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Hands a job to the thread; gives it back when the thread has stopped (the
@@ -206,6 +218,7 @@ impl Worker {
         {
             tracing::error!(model = %self.id, "worker thread panicked");
         }
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -214,6 +227,7 @@ impl Worker {
 #[derive(Debug)]
 pub(crate) struct Idle {
     jobs: Arc<Mutex<Option<Sender<Job>>>>,
+    slot: Arc<Mutex<Option<Served>>>,
     after: Duration,
 }
 
@@ -230,6 +244,7 @@ impl Idle {
                     Ok(job) => Some(job),
                     Err(_) => {
                         jobs.take();
+                        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
                         None
                     }
                 }
