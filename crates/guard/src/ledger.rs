@@ -233,9 +233,11 @@ pub struct Ledger {
     inner: Arc<Inner>,
 }
 
-/// The default smallest margin: 2% of the cutline, at least 4 MiB.
+/// The default smallest margin: 4% of the cutline, at least 8 MiB (and at most a
+/// quarter of it): room for what a sampled RSS can miss between two samples (a
+/// load's transient buffers, a tokenizer's tables before they are counted).
 pub fn default_min_margin(cutline: u64) -> u64 {
-    (cutline / 50).max(4 << 20).min(cutline / 4)
+    (cutline / 25).max(8 << 20).min(cutline / 4)
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
