@@ -660,10 +660,7 @@ mod tests {
         assert!(cache.acquire("q", 20, || Ok(Fake(20))).is_err());
         assert!(cache.evict_lru_idle().is_none());
         cache.unpin("p");
-        assert_eq!(
-            cache.evict_lru_idle().map(|(k, b)| (k, b)),
-            Some(("p".to_owned(), 20))
-        );
+        assert_eq!(cache.evict_lru_idle(), Some(("p".to_owned(), 20)));
         assert_eq!(cache.ledger().reserved(), 0);
     }
 

@@ -186,7 +186,7 @@ impl LoadedModel {
 /// Bytes the tokenizer's tables take per vocabulary entry (the vocabulary, the merges,
 /// the added tokens and their indexes): measured on SmolLM2 (49,152 entries, about 15
 /// MB resident beyond the weights).
-pub const TOKENIZER_BYTES_PER_ENTRY: u64 = 300;
+pub(crate) const TOKENIZER_BYTES_PER_ENTRY: u64 = 300;
 
 impl CacheWeight for LoadedModel {
     /// The weights plus the tokenizer's tables.

@@ -548,10 +548,17 @@ impl Runtime {
     ) -> Result<afo_engine::Acquired<LoadedModel>> {
         let key = cache_key(model, scheme);
         let file = std::fs::metadata(model).map_or(0, |m| m.len());
-        // While loading, the tensors are read and converted beside the file's pages:
-        // a quarter more than the file (measured: Q8_0 peaks 40% above its steady
-        // bytes for a moment, F32 at them), settled to the measured bytes after.
-        let estimate = estimate.unwrap_or(file + file / 4);
+        // While loading, tensors are read and converted beside what is already
+        // loaded; the reservation covers that moment and is settled to the model's
+        // measured bytes after. Measured peaks (SmolLM2): an F32 file loads at its
+        // own size, a quantized one (Q8_0, Q4_1) briefly at about twice it (the tied
+        // embedding is read, then converted), as does quantizing on load.
+        let quantized = scheme.is_some()
+            || self
+                .stored_scheme(model)
+                .is_some_and(|s| s.bits_per_weight() < 16.0);
+        let transient = if quantized { file } else { file / 4 };
+        let estimate = estimate.unwrap_or(file + transient);
         loop {
             // The cache reserves the estimate in the ledger before loading, evicting
             // its own idle models while the ledger refuses; when that is not enough,
