@@ -66,28 +66,13 @@ model="${AFO_MODEL_DIR:-$root/models}/SmolLM2-135M-Instruct.Q4_1.gguf"
 [[ -f "$model" ]] || { echo "stress: $model is missing" >&2; exit 2; }
 mkdir -p "$cache"
 
-# Writes the tiny seeded VLM (TinyVlm::default(), seed 7) to $1. There is no CLI
-# command that only writes it: `afo chain` without --vlm writes it to
-# $TMPDIR/afo-tiny-vlm-<seed> and leaves it there, so a one-token chain with TMPDIR
-# pointed at a scratch folder yields it. Falls back to the engine's example binary
-# (`cargo run --example write_tiny_vlm`, as scripts/e2e.sh does) when that fails.
+# Writes the tiny seeded VLM (TinyVlm::default()) to $1 with the engine's example, as
+# scripts/e2e.sh does.
 write_tiny_vlm() {
-  local dest=$1 scratch
-  scratch=$(mktemp -d "$cache/.vlm.XXXXXX")
-  if TMPDIR="$scratch" "$afo" chain --analysis-tokens 1 --summary-tokens 1 \
-       >"$scratch/chain.log" 2>&1; then
-    local written
-    written=$(find "$scratch" -maxdepth 1 -type d -name 'afo-tiny-vlm-*' | head -1)
-    if [[ -n "$written" && -f "$written/config.json" && -f "$written/preprocessor_config.json" ]]; then
-      mv "$written" "$dest"
-    fi
-  fi
-  if [[ ! -d "$dest" ]] && command -v cargo >/dev/null; then
-    echo "stress: afo chain did not leave its tiny VLM; using the write_tiny_vlm example" >&2
-    cargo run -q --release -p afo-engine --example write_tiny_vlm -- "$scratch/tiny-vlm" &&
-      mv "$scratch/tiny-vlm" "$dest"
-  fi
-  rm -rf "$scratch"
+  local dest=$1
+  mkdir -p "$(dirname "$dest")"
+  cargo run -q -p afo-engine --example write_tiny_vlm -- "$dest.part"
+  mv "$dest.part" "$dest"
   [[ -d "$dest" ]] || { echo "stress: could not write the tiny VLM; give one with --vlm DIR or use --models text" >&2; exit 2; }
 }
 
