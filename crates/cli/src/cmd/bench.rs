@@ -46,6 +46,11 @@ pub(crate) struct Args {
     /// with the measured one.
     #[arg(long, value_delimiter = ',', default_value = "16,128,512,1024,2048")]
     predict: Vec<usize>,
+    /// `memory`: concurrent runs (one thread each, `--prompt` tokens, the runtime's
+    /// shared ledger) whose predicted peak is compared with the measured one; then
+    /// one image -> summary chain on the tiny seeded VLM and the model.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    batches: Vec<usize>,
     /// `batching`: sequence counts decoded together by the batching scheduler.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     concurrency: Vec<usize>,
@@ -274,6 +279,72 @@ fn predict(args: &Args) -> anyhow::Result<()> {
             100.0 * (p - m) / m
         );
     }
+    // Concurrent runs: each is admitted on the shared ledger, the last one seeing
+    // the others' reservations; the batch's prediction is the highest of its runs',
+    // its measurement the process's peak over them all.
+    for &n in &args.batches {
+        let responses = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|_| scope.spawn(|| runtime.generate(&request(" the".repeat(args.prompt)))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a run of the batch panicked"))?
+                        .map_err(anyhow::Error::from)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })?;
+        let p = responses
+            .iter()
+            .map(|r| r.predicted_peak_bytes)
+            .max()
+            .unwrap_or(0);
+        let m = responses
+            .iter()
+            .map(|r| r.peak_memory_bytes)
+            .max()
+            .unwrap_or(0);
+        let degraded = responses
+            .iter()
+            .filter(|r| r.admission.decision != "admitted")
+            .count();
+        out!(
+            "| {n} x {} | {} each | {} | {} | {:+.1}% |{}",
+            responses.first().map_or(0, |r| r.prompt_tokens),
+            args.generate,
+            ByteSize(p),
+            ByteSize(m),
+            100.0 * (p as f64 - m as f64) / m as f64,
+            if degraded > 0 {
+                format!(" ({degraded} degraded)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    // A chain: the tiny VLM describes the shipped sample image, the model summarises.
+    let vlm = std::env::temp_dir().join(format!("afo-bench-vlm-{}", std::process::id()));
+    afo_runtime::engine::TinyVlm::default().write(&vlm)?;
+    let image = afo_runtime::ChainImage {
+        name: "sample.jpg".into(),
+        bytes: super::chain::SAMPLE_JPEG.to_vec(),
+    };
+    let mut chain = afo_runtime::ChainRequest::new(&vlm, vec![image], "Describe the image.");
+    chain.llm = Some(args.model.clone());
+    let result = runtime.chain(&chain);
+    std::fs::remove_dir_all(&vlm)?;
+    let r = result?;
+    out!(
+        "| chain (tiny VLM + summary) | {} + {} | {} | {} | {:+.1}% |",
+        r.analysis_tokens.generated,
+        r.summary_tokens.generated,
+        ByteSize(r.predicted_peak_bytes),
+        ByteSize(r.peak_memory_bytes),
+        100.0 * (r.predicted_peak_bytes as f64 - r.peak_memory_bytes as f64)
+            / r.peak_memory_bytes as f64
+    );
     Ok(())
 }
 

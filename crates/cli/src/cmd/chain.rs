@@ -8,7 +8,7 @@ use afo_runtime::guard::ByteSize;
 use afo_runtime::{ChainImage, ChainRequest, Runtime};
 
 /// The image used when none is given: a small synthetic landscape shipped with afo.
-const SAMPLE_JPEG: &[u8] = include_bytes!("../../assets/sample.jpg");
+pub(crate) const SAMPLE_JPEG: &[u8] = include_bytes!("../../assets/sample.jpg");
 
 /// Arguments of `afo chain`.
 #[derive(Debug, clap::Args)]
