@@ -96,4 +96,4 @@ pub use ledger::{
 };
 pub use peak::{PeakTracker, SAMPLE_INTERVAL};
 pub use probe::{FixedProbe, MemorySnapshot, Probe, SystemProbe, parse_proc_status, process_rss};
-pub use trim::release_free_memory;
+pub use trim::{MMAP_THRESHOLD, release_free_memory, return_large_blocks};

@@ -15,6 +15,23 @@ pub fn release_free_memory() -> bool {
     imp::release()
 }
 
+/// The allocation size from which glibc serves blocks with their own memory map
+/// (returned to the system when freed) instead of from its heaps: 1 MiB.
+pub const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// Makes large blocks come back to the system when freed: fixes glibc's mmap
+/// threshold at [`MMAP_THRESHOLD`]. glibc otherwise raises the threshold each time a
+/// mapped block is freed (up to 32 MiB), after which a model's activations and KV
+/// caches come from its heaps and stay resident when freed, fragmented so that
+/// [`release_free_memory`] cannot return them: measured on the server after one
+/// 1,500-token request, 84-109 MiB stayed resident with nothing running; with the fixed
+/// threshold, 5-7 MiB. Process-wide and idempotent; blocks below 1 MiB (a decode
+/// step's tensors) are untouched, so decoding does not pay for extra maps. Returns
+/// whether the setting was applied (glibc on Linux).
+pub fn return_large_blocks() -> bool {
+    imp::fix_mmap_threshold()
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 mod imp {
@@ -24,11 +41,23 @@ mod imp {
         // any time.
         unsafe { libc::malloc_trim(0) == 1 }
     }
+
+    pub(super) fn fix_mmap_threshold() -> bool {
+        let bytes = i32::try_from(super::MMAP_THRESHOLD).unwrap_or(i32::MAX);
+        // SAFETY: `mallopt` takes two plain integers and changes a setting of the
+        // allocator under its own lock; M_MMAP_THRESHOLD accepts any value up to
+        // 32 MiB on 64-bit systems.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
+    }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 mod imp {
     pub(super) fn release() -> bool {
+        false
+    }
+
+    pub(super) fn fix_mmap_threshold() -> bool {
         false
     }
 }

@@ -291,7 +291,9 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Builds the runtime: checks the budget, reads the cgroup limit, opens the log.
+    /// Builds the runtime: checks the budget, reads the cgroup limit, opens the log,
+    /// and fixes the allocator's mmap threshold so that large freed blocks return to
+    /// the system ([`afo_guard::return_large_blocks`], process-wide).
     ///
     /// # Errors
     /// An invalid budget or prefix cache block size, an unreadable cgroup file, a log
@@ -318,6 +320,10 @@ impl RuntimeBuilder {
             .log_path
             .map(|p| JsonlWriter::open(p, self.durability))
             .transpose()?;
+        // Freed activations and KV caches go back to the system, so that the resident
+        // memory follows the ledger down after a burst (see
+        // `afo_guard::return_large_blocks`).
+        afo_guard::return_large_blocks();
         let ledger = Ledger::new(budget.cutline());
         // The process as it stands (code, allocator, the embedding program) is the
         // runtime's own share of the ledger.

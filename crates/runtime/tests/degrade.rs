@@ -28,22 +28,18 @@ fn request(max_tokens: usize) -> GenerateRequest {
 fn a_run_too_large_for_the_cutline_runs_a_cheaper_plan_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("runs.jsonl");
-    // The weights' reserved size, measured by a first runtime.
-    let weights = {
-        let probe = Runtime::builder().build().unwrap();
-        probe.preload(&common::smollm2()).unwrap();
-        probe.memory().reserved.get(MemoryKind::Weights)
-    };
-    afo_runtime::guard::release_free_memory();
-    let rss = afo_runtime::guard::process_rss().unwrap().0;
-    // Room for the process, the weights and about 40 MiB of runs: 4,000 tokens of
-    // SmolLM2's f32 KV cache alone take 184 MB.
-    let cutline = rss + weights + (48 << 20);
     let runtime = Runtime::builder()
-        .cutline(ByteSize(cutline))
+        .cutline(ByteSize::gib(2))
         .ssot_log(&log)
         .build()
         .unwrap();
+    runtime.preload(&common::smollm2()).unwrap();
+    // Memory held elsewhere (as queued images would be) leaves about 24 MiB under the
+    // cutline: 4,000 tokens of SmolLM2's f32 KV cache alone take 184 MB, and a KV
+    // budget of 2,048 tokens 94 MB.
+    let available = runtime.memory().available();
+    let _held = runtime.hold(MemoryKind::Images, available - (24 << 20));
+    let cutline = runtime.budget().cutline();
     let r = runtime.generate(&request(4000)).unwrap();
     assert_eq!(r.admission.decision, "degraded", "{:?}", r.admission);
     assert_eq!(
