@@ -437,25 +437,13 @@ impl Runtime {
                 vlm.tokenizer().encode(&text, false)?
             }
         };
-        let plans = self.text_plans(model, tokens.len(), request.summary.max_tokens, None);
-        let options: Vec<PlanOption> = plans
-            .iter()
-            .map(|p| PlanOption::new(p.name.clone(), p.estimate.parts))
-            .collect();
-        let admitted = self
-            .admit(&options)
-            .map_err(|(refusal, tried)| Error::Refused { refusal, tried })?;
+        let (plan, admitted) =
+            self.admit_text(model, tokens.len(), request.summary.max_tokens, None)?;
         predicted_peak = predicted_peak.max(admitted.predicted_peak_bytes);
         admissions.push(admitted.record.clone());
-        let plan = &plans[admitted.index];
         let mut summary_options = request.summary.clone();
         summary_options.max_tokens = plan.max_tokens;
-        let mut kv = match plan.kv_budget {
-            Some((budget, policy)) => {
-                model.new_pruned_cache(tokens.len() + plan.max_tokens, Some(budget), policy)
-            }
-            None => model.new_cache(tokens.len() + plan.max_tokens),
-        };
+        let mut kv = plan.new_cache(model, tokens.len());
         let summary = generate(model, tokenizer, &tokens, &summary_options, &mut kv, |_| {
             ControlFlow::Continue(())
         })?;

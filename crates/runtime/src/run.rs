@@ -59,6 +59,18 @@ pub(crate) struct TextPlan {
     pub estimate: RunEstimate,
 }
 
+impl TextPlan {
+    /// The KV cache the plan runs with, for a prompt of `prompt_tokens`.
+    pub(crate) fn new_cache(&self, model: &Model, prompt_tokens: usize) -> afo_kvcache::KvCache {
+        match self.kv_budget {
+            Some((budget, policy)) => {
+                model.new_pruned_cache(prompt_tokens + self.max_tokens, Some(budget), policy)
+            }
+            None => model.new_cache(prompt_tokens + self.max_tokens),
+        }
+    }
+}
+
 /// An admitted run: its bytes, held until dropped, and how it was admitted.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -226,6 +238,30 @@ impl Runtime {
             }
         }
         plans
+    }
+
+    /// Admits a text run on `model`: its plans ([`Runtime::text_plans`]) through
+    /// [`Runtime::admit`]; returns the plan that runs and its admission.
+    ///
+    /// # Errors
+    /// [`crate::Error::Refused`] with the numbers and the plans tried.
+    pub(crate) fn admit_text(
+        &self,
+        model: &Model,
+        prompt_tokens: usize,
+        max_tokens: usize,
+        kv: Option<(usize, PrunePolicy)>,
+    ) -> Result<(TextPlan, Admitted)> {
+        let mut plans = self.text_plans(model, prompt_tokens, max_tokens, kv);
+        let options: Vec<PlanOption> = plans
+            .iter()
+            .map(|p| PlanOption::new(p.name.clone(), p.estimate.parts))
+            .collect();
+        let admitted = self
+            .admit(&options)
+            .map_err(|(refusal, tried)| crate::Error::Refused { refusal, tried })?;
+        let plan = plans.swap_remove(admitted.index);
+        Ok((plan, admitted))
     }
 
     /// Admits a run: reserves the first of `plans` (name and bytes; the one asked

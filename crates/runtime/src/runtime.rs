@@ -19,14 +19,14 @@ use afo_engine::{
 };
 use afo_guard::{
     ByteSize, Estimator, HealthInputs, Ledger, LedgerSnapshot, MemoryBudget, MemoryKind,
-    PeakTracker, PlanOption, Probe, Reservation, StatusBadge, SystemProbe, badge, health_score,
+    PeakTracker, Probe, Reservation, StatusBadge, SystemProbe, badge, health_score,
 };
 use afo_kvcache::{PrefixCache, PrefixCacheConfig, PrefixCacheStats, Salt};
 use afo_quant::{QuantPolicy, QuantScheme};
 use afo_select::{Catalog, PolicyRouter, Router};
 use afo_ssot::{Durability, JsonlWriter, Selection, Timestamp};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::run::RunReport;
 
 /// What to generate from.
@@ -692,26 +692,13 @@ impl Runtime {
             Prompt::Chat(messages) => loaded.encode_chat(messages)?,
         };
         let model = loaded.model();
-        let plans = self.text_plans(model, prompt.len(), request.options.max_tokens, self.kv);
-        let options: Vec<PlanOption> = plans
-            .iter()
-            .map(|p| PlanOption::new(p.name.clone(), p.estimate.parts))
-            .collect();
-        let admitted = self
-            .admit(&options)
-            .map_err(|(refusal, tried)| Error::Refused { refusal, tried })?;
-        let plan = &plans[admitted.index];
+        let (plan, admitted) =
+            self.admit_text(model, prompt.len(), request.options.max_tokens, self.kv)?;
         tracing::debug!(estimate = %plan.estimate.estimate, run_id, plan = %plan.name, "admitted");
         let max_tokens = plan.max_tokens;
         let mut options = request.options.clone();
         options.max_tokens = max_tokens;
-
-        let mut cache = match plan.kv_budget {
-            Some((budget, policy)) => {
-                model.new_pruned_cache(prompt.len() + max_tokens, Some(budget), policy)
-            }
-            None => model.new_cache(prompt.len() + max_tokens),
-        };
+        let mut cache = plan.new_cache(model, prompt.len());
         let prefix = self.prefix_cache(&request.model, request.scheme);
         let generation = match &prefix {
             Some((prefixes, salt)) => generate_with_prefix(
