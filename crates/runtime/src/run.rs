@@ -160,6 +160,13 @@ impl Runtime {
                 .with(MemoryKind::Workspace, parts.get(MemoryKind::Workspace))
                 .with(MemoryKind::Images, parts.get(MemoryKind::Images));
         }
+        // With prefix reuse on, the prompt's blocks are copied into the prefix cache
+        // after its prefill: workspace until they are settled as the cache's own.
+        if self.prefix.budget_bytes > 0 {
+            let blocks =
+                (prompt_tokens as u64 * model.kv_bytes_per_token()).min(self.prefix.budget_bytes);
+            e.parts = e.parts.with(MemoryKind::Workspace, blocks);
+        }
         e
     }
 

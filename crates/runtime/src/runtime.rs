@@ -368,7 +368,7 @@ pub struct Runtime {
     pub(crate) catalog: Option<Catalog>,
     pub(crate) router: std::sync::Arc<dyn Router + Send + Sync>,
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
-    prefix: PrefixCacheConfig,
+    pub(crate) prefix: PrefixCacheConfig,
     /// Each loaded model's prefix cache, by model cache key.
     prefix_caches: Mutex<HashMap<String, PrefixSlot>>,
     /// The scheme each model file's layers are stored in, read once per file.

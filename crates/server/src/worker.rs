@@ -397,6 +397,11 @@ fn run(
         }
         let now = Instant::now();
         let stepped = !outputs.is_empty();
+        if outputs.iter().any(|o| o.prefix_hit_tokens.is_some()) {
+            // A request ran its prompt and published its blocks: the prefix cache's
+            // bytes move from the request's workspace to the cache's own reservation.
+            runtime.settle_prefix_cache();
+        }
         for o in outputs {
             let Some(a) = active.get_mut(&o.id) else {
                 continue;
