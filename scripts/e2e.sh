@@ -134,9 +134,10 @@ print(f"vision ok: prompt tokens {text.prompt_tokens} text-only, {image.prompt_t
 PY
 
 say "headless Chromium against the dashboard"
-# A cutline a little above the loaded model, warn at half of it: an idle server is
-# SAFE; once the model loads, resident memory is past the warn threshold.
-start_server "$artifacts/serve-dashboard.log" --model "$model" --lazy --cutline 160MB --warn-fraction 0.5 --api-key "$key" --log "$artifacts/runs-dashboard.jsonl"
+# A cutline with room for the model's load (a quantized file reserves twice its size
+# while it loads), warn at 30% of it: an idle server is SAFE; once the model is
+# loaded, resident memory is past the warn threshold.
+start_server "$artifacts/serve-dashboard.log" --model "$model" --lazy --cutline 300MB --warn-fraction 0.3 --api-key "$key" --log "$artifacts/runs-dashboard.jsonl"
 PLAYWRIGHT_DIR="$pw_dir/node_modules" CHROMIUM="$chromium_bin" node scripts/e2e/dashboard.mjs "$base" "$key" "$model_id" "$artifacts"
 [[ -s "$artifacts/dashboard.png" ]] || { echo "e2e: no screenshot" >&2; exit 1; }
 
@@ -146,7 +147,11 @@ for pid in "${pids[@]}"; do wait "$pid" || { echo "e2e: afo serve exited with an
 pids=()
 grep -q "afo serve: stopped" "$artifacts/serve-openai.log" || { echo "e2e: no clean stop" >&2; exit 1; }
 lines=$(wc -l <"$artifacts/runs-openai.jsonl")
-[[ "$lines" -eq 4 ]] || { echo "e2e: expected 4 SSOT lines from the openai checks, found $lines" >&2; exit 1; }
+# Four completed requests, and one record for each refused one (unknown model, empty
+# messages); the wrong key is turned away before any route, with no record.
+[[ "$lines" -eq 6 ]] || { echo "e2e: expected 6 SSOT lines from the openai checks, found $lines" >&2; exit 1; }
+errors=$(grep -c '"status":"error"' "$artifacts/runs-openai.jsonl" || true)
+[[ "$errors" -eq 2 ]] || { echo "e2e: expected 2 refused requests in the SSOT log, found $errors" >&2; exit 1; }
 vlm_lines=$(wc -l <"$artifacts/runs-vlm.jsonl")
 [[ "$vlm_lines" -eq 2 ]] || { echo "e2e: expected 2 SSOT lines from the image checks, found $vlm_lines" >&2; exit 1; }
 grep -q '"image_pixels":[1-9]' "$artifacts/runs-vlm.jsonl" || { echo "e2e: no SSOT line with image_pixels" >&2; exit 1; }
