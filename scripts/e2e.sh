@@ -153,7 +153,8 @@ lines=$(wc -l <"$artifacts/runs-openai.jsonl")
 errors=$(grep -c '"status":"error"' "$artifacts/runs-openai.jsonl" || true)
 [[ "$errors" -eq 2 ]] || { echo "e2e: expected 2 refused requests in the SSOT log, found $errors" >&2; exit 1; }
 vlm_lines=$(wc -l <"$artifacts/runs-vlm.jsonl")
-[[ "$vlm_lines" -eq 2 ]] || { echo "e2e: expected 2 SSOT lines from the image checks, found $vlm_lines" >&2; exit 1; }
+# Two completed image requests and the refused corrupt image.
+[[ "$vlm_lines" -eq 3 ]] || { echo "e2e: expected 3 SSOT lines from the image checks, found $vlm_lines" >&2; exit 1; }
 grep -q '"image_pixels":[1-9]' "$artifacts/runs-vlm.jsonl" || { echo "e2e: no SSOT line with image_pixels" >&2; exit 1; }
 
 say "e2e passed (artifacts in $artifacts)"
