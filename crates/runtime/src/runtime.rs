@@ -593,7 +593,7 @@ impl Runtime {
     /// SSOT v2 record when a log is configured.
     ///
     /// # Errors
-    /// [`Error::Refused`] when the predicted peak does not fit under the cutline, and
+    /// [`crate::Error::Refused`] when no plan fits under the cutline (with the plans tried), and
     /// the engine's errors.
     pub fn generate_stream<F>(
         &self,
