@@ -31,12 +31,16 @@
 //!
 //! Each model has one worker thread that owns its batching
 //! [`Scheduler`](afo_runtime::engine::Scheduler): requests join the running batch
-//! between decode steps, each with its own sampling. A request is refused before it
-//! is queued when the model's queue is full (429 `queue_full`) or when its predicted
-//! bytes do not fit under the cutline (429 while other runs hold reservations, 503
-//! otherwise), always with `Retry-After`; the worker starts a request only once the
-//! runtime's memory guard reserves its bytes. A client that disconnects cancels its
-//! request. Every request that reaches a worker writes one SSOT v2 record.
+//! between decode steps, each with its own sampling. The server keeps no memory
+//! accounting of its own: a request is refused before it is queued when the model's
+//! queue is full (429 `queue_full`) or when it could never fit under the cutline
+//! (503 `memory_unavailable`, by [`Runtime::check_admissible`](afo_runtime::Runtime::check_admissible)),
+//! always with `Retry-After`; the worker starts a request once the runtime's ledger
+//! admits it ([`Runtime::batch_admission`](afo_runtime::Runtime::batch_admission)). A
+//! worker lets go of its model when idle, so that a load that needs the bytes can
+//! evict it. A client that disconnects cancels its request. Every request writes one
+//! SSOT v2 record through [`Runtime::record`](afo_runtime::Runtime::record), refused
+//! ones included.
 //!
 //! Errors are OpenAI-style bodies, `{"error": {"message", "type", "param", "code"}}`,
 //! never a panic: see [`ApiError`].
