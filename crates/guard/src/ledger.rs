@@ -411,12 +411,6 @@ impl Ledger {
     pub fn fits_now(&self, bytes: u64) -> bool {
         self.fits(&lock(&self.inner.state), bytes)
     }
-
-    /// What a refusal of `bytes` would say now (for a request that cannot wait).
-    pub fn would_refuse(&self, bytes: u64) -> Option<Refusal> {
-        let s = lock(&self.inner.state);
-        (!self.fits(&s, bytes)).then(|| self.refusal(&s, bytes))
-    }
 }
 
 /// A plan the caller could run, with the bytes it would reserve.
@@ -480,11 +474,6 @@ impl Reservation {
     /// The bytes held, by kind.
     pub fn parts(&self) -> KindBytes {
         self.parts
-    }
-
-    /// The ledger the bytes are held in.
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
     }
 
     /// Holds `bytes` more of `kind` when they fit (a KV cache growing by a block).

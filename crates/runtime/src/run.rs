@@ -349,6 +349,17 @@ impl Runtime {
         evicted.is_some()
     }
 
+    /// Bytes reserved by the loaded models (text and vision) that `which` selects.
+    pub(crate) fn loaded_bytes(&self, which: impl Fn(&afo_engine::LoadedEntry) -> bool) -> u64 {
+        self.cache
+            .loaded()
+            .iter()
+            .chain(self.vlm_cache.loaded().iter())
+            .filter(|e| which(e))
+            .map(|e| e.bytes)
+            .sum()
+    }
+
     /// Samples the resident memory and tells the ledger; returns it.
     pub(crate) fn observe_memory(&self) -> u64 {
         let rss = afo_guard::process_rss().map_or(0, |(rss, _)| rss);
@@ -372,14 +383,7 @@ impl Runtime {
     ) -> std::result::Result<(), Refusal> {
         let key = crate::runtime::cache_key(model, scheme);
         let s = self.ledger.snapshot();
-        let kept: u64 = self
-            .cache
-            .loaded()
-            .iter()
-            .chain(self.vlm_cache.loaded().iter())
-            .filter(|e| e.pinned || e.key == key)
-            .map(|e| e.bytes)
-            .sum();
+        let kept = self.loaded_bytes(|e| e.pinned || e.key == key);
         let staying = s.reserved.get(MemoryKind::Runtime).saturating_add(kept);
         let limit = s.cutline.saturating_sub(s.min_margin);
         if staying.saturating_add(run_bytes) > limit {

@@ -93,14 +93,7 @@ impl Runtime {
     pub(crate) fn headroom(&self) -> u64 {
         self.observe_memory();
         let s = self.ledger.snapshot();
-        let idle: u64 = self
-            .cache
-            .loaded()
-            .iter()
-            .chain(self.vlm_cache.loaded().iter())
-            .filter(|e| !e.in_use && !e.pinned)
-            .map(|e| e.bytes)
-            .sum();
+        let idle = self.loaded_bytes(|e| !e.in_use && !e.pinned);
         s.available()
             .saturating_add(idle)
             .saturating_add(s.reserved.get(afo_guard::MemoryKind::PrefixCache))
