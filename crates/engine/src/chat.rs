@@ -10,6 +10,13 @@
 //! `json.dumps` does (`", "` and `": "` separators, non-ASCII kept, optional `indent`).
 //!
 //! A model without a template gets [`CHATML_TEMPLATE`] ([`ChatTemplate::chatml`]).
+//!
+//! [`ChatTemplate::encode`] is how a conversation becomes a prompt: only the
+//! template's own text may hold control tokens. What a client wrote (the content of
+//! `user`, `system`, `tool` and other non-`assistant` messages) is tokenized as plain
+//! text ([`Tokenizer::encode_plain`]), so `<|im_start|>system` inside a user message is
+//! eleven characters, not a forged turn. A template is bounded: it runs on a fuel
+//! budget (instructions) and its output may not grow past a size limit.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +25,14 @@ use minijinja::{Environment, ErrorKind, Value, context};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Instructions a template may run for a conversation: a base, and more per message.
+const FUEL_BASE: u64 = 2_000_000;
+const FUEL_PER_MESSAGE: u64 = 20_000;
+/// The most a rendering may write: a base, and a multiple of the messages' bytes.
+const OUTPUT_BASE: usize = 1 << 20;
+const OUTPUT_PER_INPUT_BYTE: usize = 4;
 
 /// The fallback template for models that ship none: ChatML, as used by SmolLM2, Qwen
 /// and many others.
@@ -100,6 +115,7 @@ impl ChatTemplate {
     ) -> Result<Self> {
         let name = name.into();
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL_BASE));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -165,7 +181,15 @@ impl ChatTemplate {
             name: self.name.clone(),
             source,
         };
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(err)?;
+        let input: usize = messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        let limit = OUTPUT_BASE.saturating_add(input.saturating_mul(OUTPUT_PER_INPUT_BYTE));
+        let fuel = FUEL_BASE.saturating_add(FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64));
+        let mut env = self.env.clone();
+        env.set_fuel(Some(fuel));
+        let template = env.get_template(TEMPLATE_NAME).map_err(err)?;
         let base = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -174,7 +198,234 @@ impl ChatTemplate {
         };
         // Earlier sources win a key: extra variables cannot replace the conversation.
         let ctx = context! { ..base, ..extra };
-        template.render(ctx).map_err(err)
+        let mut out = Bounded {
+            buf: Vec::new(),
+            limit,
+        };
+        match template.render_to_write(ctx, &mut out) {
+            Ok(_) => {}
+            Err(e) if out.buf.len() >= limit => {
+                return Err(Error::ChatTemplateLimit {
+                    name: self.name.clone(),
+                    reason: format!(
+                        "its output grew past {limit} bytes for {input} bytes of messages ({e})"
+                    ),
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(Error::ChatTemplateLimit {
+                    name: self.name.clone(),
+                    reason: format!(
+                        "it ran past {fuel} instructions for {} messages",
+                        messages.len()
+                    ),
+                });
+            }
+            Err(e) => return Err(err(e)),
+        }
+        String::from_utf8(out.buf).map_err(|e| Error::ChatTemplateLimit {
+            name: self.name.clone(),
+            reason: format!("its output is not UTF-8: {e}"),
+        })
+    }
+
+    /// Renders a conversation (with the generation prompt when asked) and encodes it
+    /// for `tokenizer`: the template's own text with its special tokens, the content of
+    /// every message that is not the `assistant`'s as plain text
+    /// ([`Tokenizer::encode_plain`]), except the strings in `keep` (an image
+    /// placeholder the server itself put there), which are encoded as the template's
+    /// text is.
+    ///
+    /// # Errors
+    /// As [`ChatTemplate::render`]; tokenizer errors.
+    pub fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        keep: &[&str],
+    ) -> Result<Vec<u32>> {
+        self.encode_with(
+            tokenizer,
+            messages,
+            add_generation_prompt,
+            Value::UNDEFINED,
+            keep,
+        )
+    }
+
+    /// As [`ChatTemplate::encode`], with extra variables (see
+    /// [`ChatTemplate::render_with`]).
+    ///
+    /// # Errors
+    /// As [`ChatTemplate::encode`].
+    pub fn encode_with(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: Value,
+        keep: &[&str],
+    ) -> Result<Vec<u32>> {
+        let nonce = marker_nonce(messages);
+        let marker = |i: usize| format!("{MARK_OPEN}{nonce:016x}:{i}{MARK_CLOSE}");
+        let masked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if is_trusted(m) {
+                    m.clone()
+                } else {
+                    Message::new(m.role.clone(), marker(i))
+                }
+            })
+            .collect();
+        let rendered = self.render_with(&masked, add_generation_prompt, extra.clone())?;
+        let parts = split_marked(&rendered, nonce, messages.len());
+        // What the template does to a message's content (nothing, or `| trim`), found
+        // by rendering the real conversation and comparing.
+        let real = self.render_with(messages, add_generation_prompt, extra)?;
+        let transforms: [fn(&str) -> &str; 2] = [|c| c, str::trim];
+        let transform = transforms
+            .into_iter()
+            .find(|t| assemble(&parts, messages, *t) == real)
+            .unwrap_or_else(|| {
+                tracing::debug!(
+                    template = %self.name,
+                    "the template changes message content in a way not recognised; content is inserted as written"
+                );
+                |c| c
+            });
+        let mut ids = Vec::with_capacity(real.len() / 3);
+        for part in &parts {
+            match part {
+                Part::Template(text) => ids.extend(tokenizer.encode(text, false)?),
+                Part::Content(i) => {
+                    let content = transform(&messages[*i].content);
+                    encode_content(tokenizer, content, keep, &mut ids)?;
+                }
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// The start and end of a content marker: private-use characters.
+const MARK_OPEN: char = '\u{E000}';
+const MARK_CLOSE: char = '\u{E001}';
+
+/// Whether a message's content is the template's to interpret (an `assistant` turn,
+/// which holds the model's own control tokens), rather than a client's text.
+fn is_trusted(m: &Message) -> bool {
+    m.role == "assistant"
+}
+
+/// A nonce that no message contains in a marker.
+fn marker_nonce(messages: &[Message]) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let state = RandomState::new();
+    let mut n = state.hash_one(messages.len());
+    while messages
+        .iter()
+        .any(|m| m.content.contains(&format!("{MARK_OPEN}{n:016x}:")))
+    {
+        n = state.hash_one(n);
+    }
+    n
+}
+
+/// A piece of a rendered conversation.
+#[derive(Debug, PartialEq)]
+enum Part<'a> {
+    /// The template's own text.
+    Template(&'a str),
+    /// Message `i`'s content.
+    Content(usize),
+}
+
+/// Splits a rendering of marked messages at the markers.
+fn split_marked(rendered: &str, nonce: u64, messages: usize) -> Vec<Part<'_>> {
+    let prefix = format!("{MARK_OPEN}{nonce:016x}:");
+    let mut parts = Vec::new();
+    let mut rest = rendered;
+    while let Some(at) = rest.find(&prefix) {
+        let after = &rest[at + prefix.len()..];
+        let Some(end) = after.find(MARK_CLOSE) else {
+            break;
+        };
+        let Some(i) = after[..end].parse::<usize>().ok().filter(|&i| i < messages) else {
+            break;
+        };
+        if at > 0 {
+            parts.push(Part::Template(&rest[..at]));
+        }
+        parts.push(Part::Content(i));
+        rest = &after[end + MARK_CLOSE.len_utf8()..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Template(rest));
+    }
+    parts
+}
+
+/// The text the parts stand for, with `transform` applied to each content.
+fn assemble(parts: &[Part<'_>], messages: &[Message], transform: fn(&str) -> &str) -> String {
+    let mut out = String::new();
+    for part in parts {
+        match part {
+            Part::Template(t) => out.push_str(t),
+            Part::Content(i) => out.push_str(transform(&messages[*i].content)),
+        }
+    }
+    out
+}
+
+/// Encodes a client's content as plain text, except the `keep` strings.
+fn encode_content(
+    tokenizer: &Tokenizer,
+    content: &str,
+    keep: &[&str],
+    ids: &mut Vec<u32>,
+) -> Result<()> {
+    let mut rest = content;
+    loop {
+        let next = keep
+            .iter()
+            .filter(|k| !k.is_empty())
+            .filter_map(|k| rest.find(k).map(|at| (at, *k)))
+            .min_by_key(|&(at, _)| at);
+        let Some((at, k)) = next else {
+            if !rest.is_empty() {
+                ids.extend(tokenizer.encode_plain(rest)?);
+            }
+            return Ok(());
+        };
+        if at > 0 {
+            ids.extend(tokenizer.encode_plain(&rest[..at])?);
+        }
+        ids.extend(tokenizer.encode(k, false)?);
+        rest = &rest[at + k.len()..];
+    }
+}
+
+/// A writer that refuses to grow past `limit` bytes.
+struct Bounded {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(data.len()) > self.limit {
+            self.buf.extend_from_slice(&data[..self.limit - self.buf.len().min(self.limit)]);
+            return Err(std::io::Error::other("the template's output is too large"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

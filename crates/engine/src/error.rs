@@ -190,6 +190,14 @@ pub enum Error {
         #[source]
         source: minijinja::Error,
     },
+    /// A chat template ran past its bounds (instructions or output size).
+    #[error("chat template `{name}`: {reason}")]
+    ChatTemplateLimit {
+        /// The template's name.
+        name: String,
+        /// Which bound, and by how much.
+        reason: String,
+    },
     /// A sampling parameter is out of range.
     #[error("sampling parameter `{name}` = {value}: {expected}")]
     InvalidSamplingParam {

@@ -51,6 +51,9 @@ impl LoadedModel {
         start: Instant,
     ) -> Result<Self> {
         let chat = ChatTemplate::from_tokenizer(&tokenizer)?;
+        // The plain-text copy that client content is encoded with, made now so that
+        // its bytes are part of the load.
+        tokenizer.encode_plain("")?;
         Ok(Self {
             id: id.unwrap_or_else(|| path.display().to_string()),
             path,
@@ -165,13 +168,12 @@ impl LoadedModel {
     }
 
     /// Renders `messages` with the chat template (adding the assistant prompt) and
-    /// encodes them.
+    /// encodes them, the messages' content as plain text ([`ChatTemplate::encode`]).
     ///
     /// # Errors
     /// Template and tokenizer errors.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.chat.render(messages, true)?;
-        self.tokenizer.encode(&text, false)
+        self.chat.encode(&self.tokenizer, messages, true, &[])
     }
 
     /// Encodes plain text, adding BOS when the tokenizer asks for it.

@@ -432,10 +432,7 @@ impl Runtime {
         };
         let tokens = match &llm {
             Some(l) => l.model.encode_chat(&messages)?,
-            None => {
-                let text = vlm.chat_template().render(&messages, true)?;
-                vlm.tokenizer().encode(&text, false)?
-            }
+            None => vlm.encode_chat(&messages)?,
         };
         let (plan, admitted) =
             self.admit_text(model, tokens.len(), request.summary.max_tokens, None)?;

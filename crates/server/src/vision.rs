@@ -139,11 +139,7 @@ pub(crate) fn plan(
                 .iter()
                 .map(|m| Message::new(m.role.clone(), with_placeholders(m)))
                 .collect();
-            let text = vlm
-                .chat_template()
-                .render(&messages, true)
-                .map_err(encode_err)?;
-            let raw = vlm.tokenizer().encode(&text, false).map_err(encode_err)?;
+            let raw = vlm.encode_chat(&messages).map_err(encode_err)?;
             let image_id = vlm.config().image_token_id;
             let found = raw.iter().filter(|&&t| t == image_id).count();
             if found != images.len() {

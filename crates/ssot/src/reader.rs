@@ -33,17 +33,18 @@ pub struct Skipped {
     pub line: usize,
     /// Why it was skipped.
     pub reason: String,
-    /// True for a torn last line: the file ends without a newline in the middle of a
-    /// record, as a crash mid-write leaves it.
+    /// True for a torn line: a record cut short, as a crash mid-write leaves it (the
+    /// file's last line without a newline, or a line that stops in the middle of a
+    /// JSON object and was ended by the next writer that opened the log).
     pub torn: bool,
 }
 
 /// Reads records from a JSONL log one line at a time.
 ///
 /// Blank lines are ignored. A malformed line is skipped and reported, or fatal, as the
-/// [`ReadMode`] says. A torn last line (no trailing newline and not a valid record) is
-/// always reported and skipped, in both modes, so a crash mid-write never hides the
-/// records before it. Every record is range-checked ([`Record::validate`]); one out of
+/// [`ReadMode`] says. A torn line (the last line without a trailing newline and not a
+/// valid record, or any line that is a JSON object cut short) is always reported and
+/// skipped, in both modes, so a crash mid-write never hides the records around it. Every record is range-checked ([`Record::validate`]); one out of
 /// range counts as malformed.
 #[derive(Debug)]
 pub struct LogReader<R> {
@@ -148,6 +149,14 @@ impl<R: BufRead> LogReader<R> {
                     self.done = true;
                     return None;
                 }
+                Err(reason) if cut_short(&self.buf) => {
+                    tracing::debug!(line = self.line, %reason, "SSOT log: torn line skipped");
+                    self.skipped.push(Skipped {
+                        line: self.line,
+                        reason,
+                        torn: true,
+                    });
+                }
                 Err(reason) => match self.mode {
                     ReadMode::Skip => {
                         tracing::debug!(line = self.line, %reason, "SSOT log: malformed line skipped");
@@ -168,6 +177,15 @@ impl<R: BufRead> LogReader<R> {
             }
         }
     }
+}
+
+/// Whether `line` is the start of a JSON object that ends too soon: what a crash in
+/// the middle of a write leaves (a line that is wrong in any other way is malformed).
+fn cut_short(line: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    text.starts_with('{')
+        && serde_json::from_str::<serde_json::Value>(text).is_err_and(|e| e.is_eof())
 }
 
 fn reason_of(e: &Error) -> String {

@@ -21,13 +21,34 @@ pub enum Durability {
     SyncAll,
 }
 
+/// Ends a torn last line: appends `\n` when the file is not empty and its last byte
+/// is not one.
+fn terminate_torn_line(file: &File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    let mut reader = file;
+    reader.seek(SeekFrom::Start(len - 1))?;
+    reader.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        // O_APPEND: the newline goes at the end whatever the cursor says.
+        reader.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
 /// Appends records to a JSONL log.
 ///
 /// The file is opened with `O_APPEND` and never truncated. Each record is serialised
 /// into one buffer ending in `\n` and written with a single `write` call, so lines from
 /// concurrent writers (threads or processes) never interleave; a crash mid-write leaves
 /// at most one torn last line, which [`crate::LogReader`] reports and skips. The writer
-/// keeps no user-space buffer: there is nothing to lose on drop.
+/// keeps no user-space buffer: there is nothing to lose on drop. Opening a log whose
+/// last line was torn by a crash ends that line first, so the next record starts on a
+/// line of its own (the torn line stays, and readers skip it).
 #[derive(Debug)]
 pub struct JsonlWriter {
     path: PathBuf,
@@ -37,6 +58,8 @@ pub struct JsonlWriter {
 
 impl JsonlWriter {
     /// Opens `path` for appending, creating it and its parent folders when missing.
+    /// When the file does not end in a newline (a crash tore its last line), one is
+    /// appended first, so the torn line is not glued to the next record.
     ///
     /// # Errors
     /// [`Error::Io`] when the folder or file cannot be created or opened.
@@ -54,9 +77,11 @@ impl JsonlWriter {
         }
         let file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
             .map_err(io)?;
+        terminate_torn_line(&file).map_err(io)?;
         Ok(Self {
             path,
             file,

@@ -297,3 +297,37 @@ fn the_v2_schema_names_every_field() {
         );
     }
 }
+
+#[test]
+fn reopening_a_torn_log_keeps_the_next_record_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("runs.jsonl");
+    // The fixture's complete lines, then a record cut mid-write (a crash).
+    let whole = lines("mixed.jsonl");
+    let torn = &whole[0][..whole[0].len() / 2];
+    std::fs::write(&path, format!("{}\n{}\n{torn}", whole[0], whole[1])).unwrap();
+
+    let record = Record::from_json(&whole[2]).unwrap();
+    let writer = JsonlWriter::open(&path, Durability::OsBuffered).unwrap();
+    writer.append(&record).unwrap();
+    drop(writer);
+    // Opening a log that ends in a newline adds nothing.
+    let before = std::fs::read(&path).unwrap();
+    drop(JsonlWriter::open(&path, Durability::OsBuffered).unwrap());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+
+    for mode in [ReadMode::Skip, ReadMode::Strict] {
+        let mut reader = LogReader::open(&path, mode).unwrap();
+        let entries = reader.read_all().unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.line).collect::<Vec<_>>(),
+            [1, 2, 4],
+            "mode {mode:?}: both old records and the new one"
+        );
+        assert_eq!(entries[2].record, record);
+        let skipped = reader.skipped();
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(skipped[0].line, 3);
+        assert!(skipped[0].torn, "a record cut short is torn, not malformed");
+    }
+}

@@ -21,8 +21,9 @@ use crate::error::{Error, Result};
 /// Build one with [`Tokenizer::from_gguf`], [`Tokenizer::from_gguf_metadata`],
 /// [`Tokenizer::from_hf_files`] or [`Tokenizer::from_hf_dir`].
 ///
-/// Encoding always recognises the vocabulary's special tokens (`<|im_start|>`) in the
-/// input text and keeps them whole.
+/// [`Tokenizer::encode`] recognises the vocabulary's special tokens (`<|im_start|>`)
+/// in the input text and keeps them whole; [`Tokenizer::encode_plain`] reads them as
+/// text.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -37,6 +38,9 @@ pub struct Tokenizer {
     add_specials_here: bool,
     chat_template: Option<String>,
     named_chat_templates: BTreeMap<String, String>,
+    /// A copy of `inner` that reads special-token text as plain text (for content a
+    /// client wrote), made on first use.
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 impl Tokenizer {
@@ -66,6 +70,7 @@ impl Tokenizer {
             add_specials_here: true,
             chat_template: md.chat_template.clone(),
             named_chat_templates: BTreeMap::new(),
+            plain: std::sync::OnceLock::new(),
         })
     }
 
@@ -103,6 +108,7 @@ impl Tokenizer {
             add_specials_here: false,
             chat_template: None,
             named_chat_templates: BTreeMap::new(),
+            plain: std::sync::OnceLock::new(),
         };
         if let Some((path, config)) = &config {
             tok.apply_hf_config(path, config)?;
@@ -265,6 +271,28 @@ impl Tokenizer {
             out.push(eos);
         }
         Ok(out)
+    }
+
+    /// Encodes `text` as plain text: special-token markers in it (`<|im_start|>`,
+    /// `<|endoftext|>`) are tokenized as the characters they are, never as control
+    /// tokens. For text a client wrote (a chat message's content), so that it cannot
+    /// forge a turn; no BOS or EOS is added.
+    ///
+    /// # Errors
+    /// As [`Tokenizer::encode`].
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let plain = self.plain.get_or_init(|| {
+            let mut plain = self.inner.clone();
+            plain.set_encode_special_tokens(true);
+            plain
+        });
+        let encoding = plain
+            .encode_fast(text, false)
+            .map_err(|source| Error::Tokenizers {
+                context: format!("encoding {} bytes of text", text.len()),
+                source,
+            })?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// Decodes token ids into text; `skip_special` leaves out special tokens.

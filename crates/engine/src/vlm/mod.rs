@@ -176,6 +176,9 @@ impl VisionLanguageModel {
         let text = Model::load(config.text.clone(), &mut LanguageWeights { dir: &dir })?;
         let vision = VisionEncoder::load(config.vision.clone(), &dir, "model.visual.")?;
         let chat = ChatTemplate::from_tokenizer(&tokenizer)?;
+        // The plain-text copy that client content is encoded with, made now so that
+        // its bytes are part of the load.
+        tokenizer.encode_plain("")?;
         let id = path.file_name().map_or_else(
             || path.display().to_string(),
             |s| s.to_string_lossy().into(),
@@ -252,6 +255,17 @@ impl VisionLanguageModel {
         self.prepare_chat(&[Message::user(content)], images)
     }
 
+    /// Renders `messages` with the chat template (adding the assistant prompt) and
+    /// encodes them: the messages' content as plain text except the
+    /// [`IMAGE_PLACEHOLDER`]s in it ([`ChatTemplate::encode`]).
+    ///
+    /// # Errors
+    /// Template and tokenizer errors.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.chat
+            .encode(&self.tokenizer, messages, true, &[IMAGE_PLACEHOLDER])
+    }
+
     /// Prepares a conversation whose messages hold [`IMAGE_PLACEHOLDER`] where each
     /// image goes, in order (an OpenAI-style request with `image_url` parts becomes
     /// this): the template is rendered with the generation prompt, then as
@@ -263,8 +277,7 @@ impl VisionLanguageModel {
     pub fn prepare_chat(&self, messages: &[Message], images: &[VisionInput]) -> Result<VlmPrompt> {
         let merge = self.config.vision.merge_size;
         let image_id = self.config.image_token_id;
-        let text = self.chat.render(messages, true)?;
-        let raw = self.tokenizer.encode(&text, false)?;
+        let raw = self.encode_chat(messages)?;
         let found = raw.iter().filter(|&&t| t == image_id).count();
         if found != images.len() {
             return Err(Error::InvalidConfig {
