@@ -217,13 +217,57 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
 }
 
+/// The most decoder layers a configuration may declare (the largest released models
+/// have a few hundred).
+pub(crate) const MAX_LAYERS: usize = 1 << 12;
+/// The largest hidden size.
+pub(crate) const MAX_HIDDEN_SIZE: usize = 1 << 17;
+/// The largest MLP intermediate size.
+pub(crate) const MAX_INTERMEDIATE_SIZE: usize = 1 << 20;
+/// The most query (or key/value) heads.
+pub(crate) const MAX_HEADS: usize = 1 << 12;
+/// The largest dimension of one head.
+pub(crate) const MAX_HEAD_DIM: usize = 1 << 12;
+/// The widest attention: heads x head dimension.
+pub(crate) const MAX_ATTENTION_WIDTH: usize = 1 << 18;
+/// The largest vocabulary.
+pub(crate) const MAX_VOCAB_SIZE: usize = 1 << 24;
+/// The longest context a configuration may declare.
+pub(crate) const MAX_POSITION: usize = 1 << 24;
+
 impl ModelConfig {
-    /// Checks that the sizes fit together.
+    /// Checks that the sizes fit together and lie within bounds, so that nothing is
+    /// allocated from a hostile configuration: every size at least 1 and at most
+    /// 4096 layers, a hidden size of 2^17, an intermediate size of 2^20, 4096 heads
+    /// (and kv heads) with a head dimension of at most 4096 and heads x head
+    /// dimension at most 2^18, a vocabulary of 2^24 and a context of 2^24 tokens;
+    /// heads a multiple of key/value heads; an even head dimension; a positive,
+    /// finite RMSNorm epsilon below 1; a positive, finite RoPE base; Llama 3 scaling
+    /// factors positive and finite, the high-frequency one above the low.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the inconsistency.
     pub fn validate(&self) -> Result<()> {
         let bad = |reason: String| Err(Error::InvalidConfig { reason });
+        let bounds = [
+            ("vocab size", self.vocab_size, MAX_VOCAB_SIZE),
+            ("hidden size", self.hidden_size, MAX_HIDDEN_SIZE),
+            (
+                "intermediate size",
+                self.intermediate_size,
+                MAX_INTERMEDIATE_SIZE,
+            ),
+            ("layer count", self.num_layers, MAX_LAYERS),
+            ("head count", self.num_heads, MAX_HEADS),
+            ("kv head count", self.num_kv_heads, MAX_HEADS),
+            ("head dim", self.head_dim, MAX_HEAD_DIM),
+            ("context length", self.max_position, MAX_POSITION),
+        ];
+        for (what, value, max) in bounds {
+            if value > max {
+                return bad(format!("{what} {value} is past the limit of {max}"));
+            }
+        }
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
             return bad("heads, kv heads and layers must be at least 1".into());
         }
@@ -239,11 +283,62 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
+        match self.num_heads.checked_mul(self.head_dim) {
+            Some(w) if w <= MAX_ATTENTION_WIDTH => {}
+            _ => {
+                return bad(format!(
+                    "{} heads x head dim {} is past the limit of {MAX_ATTENTION_WIDTH}",
+                    self.num_heads, self.head_dim
+                ));
+            }
+        }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return bad("vocab, hidden and intermediate sizes must be positive".into());
         }
+        if self.max_position == 0 {
+            return bad("the context length must be at least 1".into());
+        }
         if self.sliding_window == Some(0) {
             return bad("a sliding window of 0 tokens sees nothing".into());
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return bad(format!(
+                "RMSNorm epsilon {:?} must be positive, finite and below 1",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!(
+                "RoPE base {:?} must be positive and finite",
+                self.rope_theta
+            ));
+        }
+        if let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } = self.rope_scaling
+        {
+            let positive = |x: f64| x.is_finite() && x > 0.0;
+            if !positive(factor) || !positive(low_freq_factor) || !positive(high_freq_factor) {
+                return bad(format!(
+                    "RoPE scaling factors (factor {factor:?}, low {low_freq_factor:?}, high \
+                     {high_freq_factor:?}) must be positive and finite"
+                ));
+            }
+            if high_freq_factor <= low_freq_factor {
+                return bad(format!(
+                    "RoPE scaling: the high-frequency factor {high_freq_factor:?} must be \
+                     above the low-frequency factor {low_freq_factor:?}"
+                ));
+            }
+            if original_max_position == 0 || original_max_position > MAX_POSITION {
+                return bad(format!(
+                    "RoPE scaling: original context length {original_max_position} must be \
+                     between 1 and {MAX_POSITION}"
+                ));
+            }
         }
         Ok(())
     }
@@ -258,19 +353,28 @@ impl ModelConfig {
         let arch = Architecture::from_gguf(&arch_name)?;
         let info = arch.info();
         let key = |k: &str| format!("{arch_name}.{k}");
-        let num = |k: &str| meta_f64(md, &key(k)).map(|v| v as usize);
+        let num = |k: &str| meta_usize(md, &key(k));
+        // An optional key: absent is `None`, present but malformed an error.
+        let opt = |k: &str| -> Result<Option<usize>> {
+            if md.contains_key(&key(k)) {
+                num(k).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let hidden_size = num("embedding_length")?;
         let num_heads = num("attention.head_count")?;
-        let num_kv_heads = meta_f64(md, &key("attention.head_count_kv"))
-            .map(|v| v as usize)
-            .unwrap_or(num_heads);
-        let head_dim = meta_f64(md, &key("attention.key_length"))
-            .map(|v| v as usize)
-            .or_else(|_| meta_f64(md, &key("rope.dimension_count")).map(|v| v as usize))
-            .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
-        let vocab_size = match meta_f64(md, &key("vocab_size")) {
-            Ok(v) => v as usize,
-            Err(_) => match md.get("tokenizer.ggml.tokens") {
+        let num_kv_heads = opt("attention.head_count_kv")?.unwrap_or(num_heads);
+        let head_dim = match opt("attention.key_length")? {
+            Some(d) => d,
+            None => match opt("rope.dimension_count")? {
+                Some(d) => d,
+                None => derived_head_dim(hidden_size, num_heads, &key("embedding_length"))?,
+            },
+        };
+        let vocab_size = match opt("vocab_size")? {
+            Some(v) => v,
+            None => match md.get("tokenizer.ggml.tokens") {
                 Some(Value::Array(tokens)) => tokens.len(),
                 _ => {
                     return Err(Error::GgufMetadata {
@@ -286,8 +390,7 @@ impl ModelConfig {
                 low_freq_factor: meta_f64(md, &key("rope.scaling.low_freq_factor")).unwrap_or(1.0),
                 high_freq_factor: meta_f64(md, &key("rope.scaling.high_freq_factor"))
                     .unwrap_or(4.0),
-                original_max_position: meta_f64(md, &key("rope.scaling.original_context_length"))?
-                    as usize,
+                original_max_position: num("rope.scaling.original_context_length")?,
             },
             _ => RopeScaling::None,
         };
@@ -304,15 +407,11 @@ impl ModelConfig {
             rope_theta: meta_f64(md, &key("rope.freq_base")).unwrap_or(10_000.0),
             rope_scaling,
             rope_interleaved: info.gguf_rope_interleaved,
-            max_position: meta_f64(md, &key("context_length"))
-                .map(|v| v as usize)
-                .unwrap_or(4096),
+            max_position: opt("context_length")?.unwrap_or(4096),
             tie_embeddings: true,
             qkv_bias: info.qkv_bias,
             qk_norm: info.qk_norm,
-            sliding_window: meta_f64(md, &key("attention.sliding_window"))
-                .ok()
-                .map(|v| v as usize),
+            sliding_window: opt("attention.sliding_window")?,
         };
         config.validate()?;
         Ok(config)
@@ -343,6 +442,63 @@ pub(crate) fn meta_f64(md: &HashMap<String, Value>, key: &str) -> Result<f64> {
             });
         }
     })
+}
+
+/// A GGUF metadata value as a size: a non-negative integer (stored as any integer
+/// type, or as a float with no fraction).
+pub(crate) fn meta_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize> {
+    let v = md.get(key).ok_or_else(|| Error::GgufMetadata {
+        key: key.to_owned(),
+        reason: "missing".into(),
+    })?;
+    let n: Option<i128> = match v {
+        Value::U8(x) => Some((*x).into()),
+        Value::I8(x) => Some((*x).into()),
+        Value::U16(x) => Some((*x).into()),
+        Value::I16(x) => Some((*x).into()),
+        Value::U32(x) => Some((*x).into()),
+        Value::I32(x) => Some((*x).into()),
+        Value::U64(x) => Some((*x).into()),
+        Value::I64(x) => Some((*x).into()),
+        Value::F32(x) => float_integer(f64::from(*x)),
+        Value::F64(x) => float_integer(*x),
+        other => {
+            return Err(Error::GgufMetadata {
+                key: key.to_owned(),
+                reason: format!("expected a number, found {:?}", other.value_type()),
+            });
+        }
+    };
+    n.and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| Error::GgufMetadata {
+            key: key.to_owned(),
+            reason: format!("expected a non-negative integer, found {v:?}"),
+        })
+}
+
+/// A float that holds an integer, as one.
+fn float_integer(x: f64) -> Option<i128> {
+    // The bound keeps the conversion exact-or-refused rather than saturating.
+    (x.is_finite() && x.fract() == 0.0 && x.abs() < 1e30).then_some(x as i128)
+}
+
+/// `hidden / heads` when the head dimension is not given: the hidden size must then
+/// divide into the heads.
+pub(crate) fn derived_head_dim(hidden: usize, heads: usize, hidden_key: &str) -> Result<usize> {
+    if heads == 0 {
+        return Err(Error::InvalidConfig {
+            reason: "heads, kv heads and layers must be at least 1".into(),
+        });
+    }
+    if !hidden.is_multiple_of(heads) {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "`{hidden_key}` {hidden} is not a multiple of the {heads} attention heads, \
+                 and no head dimension is given"
+            ),
+        });
+    }
+    Ok(hidden / heads)
 }
 
 /// A GGUF metadata value as a string.

@@ -2,16 +2,18 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use afo_quant::{KernelChoice, QLinear, QuantScheme};
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ModelConfig, meta_str};
 use crate::error::{Error, Result};
 use crate::model::{Model, WeightSource};
+
+mod check;
 
 /// An open GGUF file whose header and tensor table have been checked.
 #[derive(Debug)]
@@ -27,10 +29,17 @@ impl GgufFile {
     /// Opens and checks a GGUF file: the magic and version, the metadata and tensor
     /// table, and that every tensor's data lies inside the file.
     ///
+    /// The header is checked with bounded reads before it is parsed: counts and
+    /// lengths must fit in the file (and under sane caps), type ids must be known,
+    /// `general.alignment` must be a power of two, tensors have at most four
+    /// dimensions whose product fits in 64 bits, and their data is aligned. A hostile
+    /// file is an error, never a panic or an allocation sized by a forged count.
+    ///
     /// # Errors
     /// [`Error::Io`] when the file cannot be opened, [`Error::Gguf`] for a file that
-    /// is not GGUF or has a corrupt or truncated header, [`Error::TensorOutOfBounds`]
-    /// naming the first tensor whose data is past the end.
+    /// is not GGUF or has a corrupt or truncated header (naming the field and its
+    /// byte offset), [`Error::TensorOutOfBounds`] naming the first tensor whose data
+    /// is past the end.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let io = |source| Error::Io {
@@ -39,42 +48,43 @@ impl GgufFile {
         };
         let mut file = File::open(&path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
-        let mut magic = [0u8; 4];
-        if file_len < 8 || file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-            return Err(Error::Gguf {
-                path,
-                reason: format!(
-                    "missing the `GGUF` magic at the start ({file_len} bytes, starts with {magic:02x?})"
-                ),
-            });
-        }
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        // Our own bounded check first: candle's reader trusts values it should not.
+        let header = check::check_header(&path, &mut file, file_len)?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| Error::Gguf {
             path: path.clone(),
             reason: format!("corrupt or truncated header: {e}"),
         })?;
+        if content.tensor_data_offset != header.tensor_data_offset {
+            return Err(Error::Gguf {
+                path,
+                reason: format!(
+                    "the tensor data starts at byte {} by the header's alignment {},                      the parse puts it at {}",
+                    header.tensor_data_offset, header.alignment, content.tensor_data_offset
+                ),
+            });
+        }
         let mut tensors: Vec<_> = content.tensor_infos.iter().collect();
         tensors.sort_by_key(|(_, info)| info.offset);
         for (name, info) in tensors {
             let dtype = info.ggml_dtype;
-            let elems = info.shape.elem_count();
-            if elems % dtype.block_size() != 0 {
-                return Err(Error::Gguf {
-                    path,
-                    reason: format!(
-                        "tensor `{name}`: {elems} elements are not a multiple of the {dtype:?} block size {}",
-                        dtype.block_size()
-                    ),
-                });
-            }
-            let bytes = (elems / dtype.block_size() * dtype.type_size()) as u64;
-            let offset = content.tensor_data_offset.saturating_add(info.offset);
-            if offset.saturating_add(bytes) > file_len {
+            let bytes = tensor_bytes(info).ok_or_else(|| Error::Gguf {
+                path: path.clone(),
+                reason: format!(
+                    "tensor `{name}`: {:?} does not hold whole {dtype:?} blocks of {}",
+                    info.shape.dims(),
+                    dtype.block_size()
+                ),
+            })?;
+            let offset = content.tensor_data_offset.checked_add(info.offset);
+            if offset
+                .and_then(|o| o.checked_add(bytes))
+                .is_none_or(|end| end > file_len)
+            {
                 return Err(Error::TensorOutOfBounds {
                     path,
                     name: name.clone(),
-                    offset,
+                    offset: offset.unwrap_or(u64::MAX),
                     bytes,
                     file_len,
                 });
@@ -136,9 +146,10 @@ impl GgufFile {
             }
         };
         for (name, info) in &self.content.tensor_infos {
-            let elems = info.shape.elem_count() as u64;
             let t = info.ggml_dtype;
-            let bytes = elems / t.block_size() as u64 * t.type_size() as u64;
+            // `open` checked every tensor's size, and that it lies inside the file.
+            let bytes = tensor_bytes(info).unwrap_or(0);
+            let elems = elem_count(info).unwrap_or(0);
             let part = |suffix: &str| {
                 name.strip_suffix(suffix)
                     .and_then(|b| int_scheme(b).map(|f| (b, f)))
@@ -146,7 +157,7 @@ impl GgufFile {
             let (scheme, count, params) = if let Some((_, f)) = part(QUANTS_SUFFIX) {
                 // Quant bytes per weight: 1 for int8, 1/2 for int4.
                 let per_byte = if f == "int8" { 1 } else { 2 };
-                (f, 1, bytes * per_byte)
+                (f, 1, bytes.saturating_mul(per_byte))
             } else if let Some((_, f)) = part(SCALES_SUFFIX).or_else(|| part(MINS_SUFFIX)) {
                 (f, 0, 0)
             } else {
@@ -154,9 +165,9 @@ impl GgufFile {
             };
             let entry = by_type.entry(scheme).or_default();
             entry.0 += count;
-            entry.1 += params;
-            entry.2 += bytes;
-            parameters += params;
+            entry.1 = entry.1.saturating_add(params);
+            entry.2 = entry.2.saturating_add(bytes);
+            parameters = parameters.saturating_add(params);
         }
         GgufDescription {
             path: self.path.clone(),
@@ -260,6 +271,25 @@ impl WeightSource for GgufFile {
         let q = self.read(name, &[len])?;
         Ok(q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
     }
+}
+
+/// A tensor's element count, `None` when it overflows.
+fn elem_count(info: &TensorInfo) -> Option<u64> {
+    info.shape
+        .dims()
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+}
+
+/// A tensor's bytes in its GGML type, `None` when its elements are not whole blocks or
+/// the size overflows.
+fn tensor_bytes(info: &TensorInfo) -> Option<u64> {
+    let elems = elem_count(info)?;
+    let block = info.ggml_dtype.block_size() as u64;
+    if block == 0 || elems % block != 0 {
+        return None;
+    }
+    (elems / block).checked_mul(info.ggml_dtype.type_size() as u64)
 }
 
 /// What a GGUF file holds, for people.

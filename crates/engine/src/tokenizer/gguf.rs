@@ -442,6 +442,11 @@ impl GgufTokenizerMetadata {
     }
 }
 
+/// The longest token text accepted, in bytes: deriving merges from scores looks at
+/// every split of every token, so one huge token would stall the load. The longest
+/// tokens of released vocabularies are a few hundred bytes.
+const MAX_TOKEN_BYTES: usize = 4096;
+
 /// What [`build`] produces: the `tokenizers` pipeline and the resolved special ids.
 #[derive(Debug)]
 pub(crate) struct Built {
@@ -475,6 +480,23 @@ pub(crate) fn build(md: &GgufTokenizerMetadata) -> Result<Built> {
     if n == 0 {
         return Err(meta_err("tokenizer.ggml.tokens", "the vocabulary is empty"));
     }
+    if u32::try_from(n).is_err() {
+        return Err(meta_err("tokenizer.ggml.tokens", "more than 2^32 tokens"));
+    }
+    if let Some((id, text)) = md
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.len() > MAX_TOKEN_BYTES)
+    {
+        return Err(meta_err(
+            "tokenizer.ggml.tokens",
+            format!(
+                "token {id} is {} bytes long, past the limit of {MAX_TOKEN_BYTES}",
+                text.len()
+            ),
+        ));
+    }
     if let Some(types) = &md.token_types
         && types.len() != n
     {
@@ -494,6 +516,10 @@ pub(crate) fn build(md: &GgufTokenizerMetadata) -> Result<Built> {
     let mut special = Vec::new();
     let mut user = Vec::new();
     for (id, text) in md.tokens.iter().enumerate() {
+        // An empty token would match everywhere in the text.
+        if text.is_empty() {
+            continue;
+        }
         match md.token_type(id) {
             TokenType::Control => {
                 special.push(AddedToken::from(text.clone(), true).normalized(false));
