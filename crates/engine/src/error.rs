@@ -126,6 +126,27 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A file is larger than what is accepted for its kind (a configuration, a
+    /// tokenizer, an index), so it is refused before it is read.
+    #[error("`{path}` is too large: {bytes} bytes, the limit for this file is {limit} bytes")]
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size (or the bytes read before the limit was passed).
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// `model.safetensors.index.json` names a shard outside the model folder.
+    #[error("`{index}` names the shard `{shard}`, which {reason}")]
+    ShardOutsideModel {
+        /// The index file.
+        index: PathBuf,
+        /// The shard's name as written in the index.
+        shard: String,
+        /// Why it is refused.
+        reason: String,
+    },
     /// A model is not in the Hugging Face cache.
     #[error("model `{repo}` is not in the Hugging Face cache: {reason}")]
     ModelNotCached {

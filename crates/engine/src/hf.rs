@@ -9,7 +9,7 @@ use afo_quant::QLinear;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::config::{Architecture, ModelConfig, RopeScaling, derived_head_dim};
 use crate::error::{Error, Result};
 use crate::model::{Model, WeightSource};
 
@@ -111,9 +111,10 @@ impl HfConfig {
             num_layers: need(self.num_hidden_layers, "num_hidden_layers")?,
             num_heads: heads,
             num_kv_heads: self.num_key_value_heads.unwrap_or(heads),
-            head_dim: self
-                .head_dim
-                .unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
+            head_dim: match self.head_dim {
+                Some(d) => d,
+                None => derived_head_dim(hidden, heads, "config.json: hidden_size")?,
+            },
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: self.rope_theta.unwrap_or(10_000.0),
             rope_scaling,
@@ -143,16 +144,67 @@ impl HfConfig {
     }
 }
 
-/// Reads a JSON configuration file into its serde mirror.
+/// The largest `config.json` (or other model configuration file) read.
+pub(crate) const CONFIG_JSON_LIMIT: u64 = 1 << 20;
+/// The largest `model.safetensors.index.json` read.
+pub(crate) const INDEX_JSON_LIMIT: u64 = 16 << 20;
+/// The largest `tokenizer.json` read.
+pub(crate) const TOKENIZER_JSON_LIMIT: u64 = 64 << 20;
+/// The largest `tokenizer_config.json` read.
+pub(crate) const TOKENIZER_CONFIG_LIMIT: u64 = 16 << 20;
+/// The largest safetensors header read (the `safetensors` crate's own limit).
+const SAFETENSORS_HEADER_LIMIT: u64 = 100_000_000;
+
+/// Reads a whole file of at most `limit` bytes, refusing a larger one before reading
+/// it (and a file that grows past the limit while it is read).
 ///
 /// # Errors
-/// [`Error::Io`], or [`Error::Json`] naming the file, line and column.
-pub(crate) fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+/// [`Error::Io`], [`Error::FileTooLarge`] naming the file, its size and the limit.
+pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let too_large = |bytes| Error::FileTooLarge {
+        path: path.to_path_buf(),
+        bytes,
+        limit,
+    };
+    if len > limit {
+        return Err(too_large(len));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Reads a JSON configuration file (at most [`CONFIG_JSON_LIMIT`] bytes) into its
+/// serde mirror.
+///
+/// # Errors
+/// [`Error::Io`], [`Error::FileTooLarge`], or [`Error::Json`] naming the file, line
+/// and column.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    read_json_bounded(path, CONFIG_JSON_LIMIT)
+}
+
+/// Reads a JSON file of at most `limit` bytes.
+///
+/// # Errors
+/// [`Error::Io`], [`Error::FileTooLarge`], or [`Error::Json`].
+pub(crate) fn read_json_bounded<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    limit: u64,
+) -> Result<T> {
+    let bytes = read_bounded(path, limit)?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
     })
@@ -222,9 +274,16 @@ impl SafetensorsDir {
     /// Opens `model.safetensors`, or the shards named by
     /// `model.safetensors.index.json`, checking every header first.
     ///
+    /// A shard must lie inside the model folder: a name with `..`, a root or an
+    /// absolute path is refused, and so is one whose real path (symlinks followed)
+    /// leaves the folder, except into the `blobs/` of a Hugging Face cache repository
+    /// when the folder is one of its snapshots.
+    ///
     /// # Errors
     /// Missing files, corrupt headers, data past the end of a file, unsupported dtypes,
-    /// a shard or tensor missing from the index: each names the file and tensor.
+    /// a shard or tensor missing from the index, a shard outside the folder
+    /// ([`Error::ShardOutsideModel`]), a tensor in two shards: each names the file and
+    /// tensor.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let index = dir.join("model.safetensors.index.json");
@@ -233,24 +292,31 @@ impl SafetensorsDir {
             struct Index {
                 weight_map: HashMap<String, String>,
             }
-            let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-                path: index.clone(),
-                source,
-            })?;
-            let parsed: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index.clone(),
-                source,
-            })?;
-            let mut files: Vec<String> = parsed.weight_map.values().cloned().collect();
-            files.sort();
-            files.dedup();
-            files.into_iter().map(|f| dir.join(f)).collect()
+            let parsed: Index = read_json_bounded(&index, INDEX_JSON_LIMIT)?;
+            let mut names: Vec<String> = parsed.weight_map.into_values().collect();
+            names.sort();
+            names.dedup();
+            let folder = ModelFolder::new(&dir)?;
+            names
+                .iter()
+                .map(|name| folder.shard(&index, name))
+                .collect::<Result<_>>()?
         } else {
             vec![dir.join("model.safetensors")]
         };
-        let mut tensors = HashMap::new();
+        let mut tensors: HashMap<String, TensorEntry> = HashMap::new();
         for file in &files {
             for entry in check_header(file)? {
+                if let Some(other) = tensors.get(&entry.name) {
+                    return Err(Error::Safetensors {
+                        path: file.clone(),
+                        reason: format!(
+                            "tensor `{}` is also in `{}`",
+                            entry.name,
+                            other.file.display()
+                        ),
+                    });
+                }
                 tensors.insert(entry.name.clone(), entry);
             }
         }
@@ -371,90 +437,224 @@ struct TensorEntry {
     len: usize,
 }
 
-/// Checks one safetensors file's header: length, JSON, dtypes, data ranges.
+/// The model folder, for checking where the shards an index names lie.
+struct ModelFolder<'a> {
+    dir: &'a Path,
+    /// The folder's real path.
+    real: PathBuf,
+    /// The repository's `blobs/` when the folder is a Hugging Face cache snapshot
+    /// (`models--ORG--NAME/snapshots/REV`), whose files are symlinks into it.
+    blobs: Option<PathBuf>,
+}
+
+impl<'a> ModelFolder<'a> {
+    fn new(dir: &'a Path) -> Result<Self> {
+        let real = dir.canonicalize().map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let blobs = real.parent().and_then(|snapshots| {
+            let repo = snapshots.parent()?;
+            let is_snapshot = snapshots.file_name()? == "snapshots"
+                && repo.file_name()?.to_str()?.starts_with("models--");
+            is_snapshot.then(|| repo.join("blobs"))
+        });
+        Ok(Self { dir, real, blobs })
+    }
+
+    /// The path of the shard `name` from `index`, refused when it leaves the folder.
+    fn shard(&self, index: &Path, name: &str) -> Result<PathBuf> {
+        use std::path::Component;
+        let refuse = |reason: &str| Error::ShardOutsideModel {
+            index: index.to_path_buf(),
+            shard: name.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if name.is_empty() {
+            return Err(refuse("is empty"));
+        }
+        let relative = Path::new(name);
+        if relative.is_absolute() {
+            return Err(refuse(
+                "is an absolute path, not a file in the model folder",
+            ));
+        }
+        for component in relative.components() {
+            match component {
+                Component::Normal(_) | Component::CurDir => {}
+                Component::ParentDir => {
+                    return Err(refuse("goes up (`..`) out of the model folder"));
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(refuse("names a root, not a file in the model folder"));
+                }
+            }
+        }
+        let path = self.dir.join(relative);
+        // A shard that does not exist is reported when it is opened.
+        if let Ok(real) = path.canonicalize() {
+            let inside = real.starts_with(&self.real)
+                || self.blobs.as_ref().is_some_and(|b| real.starts_with(b));
+            if !inside {
+                return Err(Error::ShardOutsideModel {
+                    index: index.to_path_buf(),
+                    shard: name.to_owned(),
+                    reason: format!(
+                        "resolves to `{}`, outside the model folder `{}`",
+                        real.display(),
+                        self.real.display()
+                    ),
+                });
+            }
+        }
+        Ok(path)
+    }
+}
+
+/// Checks one safetensors file's header: length, JSON, dtypes, shapes, data ranges.
+///
+/// The header is read on its own (bounded by the file and by the `safetensors`
+/// crate's 100 MB limit) and validated with that crate's [`Metadata`], which wants
+/// every tensor's data to follow the previous one's with no gap or overlap, up to the
+/// end of the file; the data itself is read later, tensor by tensor.
+///
+/// [`Metadata`]: safetensors::tensor::Metadata
 fn check_header(path: &Path) -> Result<Vec<TensorEntry>> {
+    use safetensors::tensor::{Dtype, Metadata, TensorInfo};
     let bad = |reason: String| Error::Safetensors {
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let file_len = file
-        .metadata()
-        .map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
     let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes).map_err(|_| {
-        bad(format!(
+    if file_len < 8 || file.read_exact(&mut len_bytes).is_err() {
+        return Err(bad(format!(
             "truncated: {file_len} bytes, no safetensors header"
-        ))
-    })?;
+        )));
+    }
     let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
+    if header_len > file_len - 8 {
         return Err(bad(format!(
             "header length {header_len} is past the end of the file ({file_len} bytes)"
         )));
     }
-    let mut header = vec![0u8; header_len as usize];
+    if header_len > SAFETENSORS_HEADER_LIMIT {
+        return Err(bad(format!(
+            "header length {header_len} is past the limit of {SAFETENSORS_HEADER_LIMIT} bytes"
+        )));
+    }
+    let mut header = vec![0u8; usize::try_from(header_len).unwrap_or(0)];
     file.read_exact(&mut header)
         .map_err(|e| bad(format!("cannot read the header: {e}")))?;
-    #[derive(Deserialize)]
-    struct Entry {
-        dtype: String,
-        shape: Vec<usize>,
-        data_offsets: (u64, u64),
-    }
-    let map: HashMap<String, serde_json::Value> =
+    let map: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(format!("corrupt header JSON: {e}")))?;
-    let data_len = file_len - 8 - header_len;
-    let mut out = Vec::new();
+    drop(header);
+    let mut user_metadata = None;
+    let mut infos: Vec<(String, TensorInfo)> = Vec::with_capacity(map.len());
     for (name, value) in map {
         if name == "__metadata__" {
+            user_metadata = Some(
+                serde_json::from_value::<HashMap<String, String>>(value)
+                    .map_err(|e| bad(format!("`__metadata__` is not a map of strings: {e}")))?,
+            );
             continue;
         }
-        let entry: Entry = serde_json::from_value(value)
+        let info: TensorInfo = serde_json::from_value(value)
             .map_err(|e| bad(format!("tensor `{name}`: malformed entry: {e}")))?;
-        let (dtype, size) = match entry.dtype.as_str() {
-            "F32" => (DType::F32, 4),
-            "F16" => (DType::F16, 2),
-            "BF16" => (DType::BF16, 2),
+        let size: usize = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
             other => {
                 return Err(bad(format!(
                     "tensor `{name}`: dtype {other} is not supported (F32, F16, BF16)"
                 )));
             }
         };
-        let (start, end) = entry.data_offsets;
-        let want = entry.shape.iter().product::<usize>() as u64 * size;
-        if end < start || end - start != want {
+        let bytes = info
+            .shape
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}`: shape {:?} overflows (its size in bytes does not fit in \
+                     64 bits)",
+                    info.shape
+                ))
+            })?;
+        let (start, end) = info.data_offsets;
+        if end < start || end - start != bytes {
             return Err(bad(format!(
                 "tensor `{name}`: data_offsets {start}..{end} do not hold {:?} x {size} bytes",
-                entry.shape
+                info.shape
             )));
         }
-        if end > data_len {
+        infos.push((name, info));
+    }
+    infos.sort_by_key(|(_, info)| info.data_offsets);
+    // The data of each tensor starts where the previous one's ends (the `safetensors`
+    // rule, checked again by `Metadata::new`; here with the offsets in the message).
+    let mut expected = 0;
+    for (name, info) in &infos {
+        let (start, end) = info.data_offsets;
+        if start != expected {
             return Err(bad(format!(
-                "tensor `{name}`: data ends at byte {end}, past the end of the data ({data_len} bytes)"
+                "tensor `{name}`: data_offsets {start}..{end} do not start where the data \
+                 before them ends (byte {expected}): tensors overlap or leave a gap"
             )));
         }
-        let len = usize::try_from(end - start).map_err(|_| {
-            bad(format!(
-                "tensor `{name}`: {} bytes do not fit in memory",
-                end - start
-            ))
-        })?;
+        expected = end;
+    }
+    let metadata = Metadata::new(user_metadata, infos).map_err(|e| match e {
+        safetensors::SafeTensorError::InvalidOffset(name) => bad(format!(
+            "tensor `{name}`: its data_offsets overlap the previous tensor's data, or leave a \
+             gap after it"
+        )),
+        other => bad(format!("invalid header: {other}")),
+    })?;
+    let data_len = file_len - 8 - header_len;
+    let data_end = metadata.data_len() as u64;
+    let tensors = metadata.tensors();
+    if data_end > data_len {
+        let (name, end) = tensors
+            .iter()
+            .map(|(name, info)| (name.as_str(), info.data_offsets.1))
+            .filter(|&(_, end)| end as u64 > data_len)
+            .min_by_key(|&(_, end)| end)
+            .unwrap_or(("?", metadata.data_len()));
+        return Err(bad(format!(
+            "tensor `{name}`: data ends at byte {end}, past the end of the data ({data_len} \
+             bytes)"
+        )));
+    }
+    if data_end < data_len {
+        return Err(bad(format!(
+            "the tensors' data ends at byte {data_end} of the {data_len} bytes after the \
+             header: {} trailing bytes",
+            data_len - data_end
+        )));
+    }
+    let base = 8 + header_len;
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, info) in tensors {
+        let dtype = match info.dtype {
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        let (start, end) = info.data_offsets;
         out.push(TensorEntry {
             name,
             file: path.to_path_buf(),
             dtype,
-            shape: entry.shape,
-            offset: 8 + header_len + start,
-            len,
+            shape: info.shape.clone(),
+            // Inside the file: the data ends at `file_len`, checked above.
+            offset: base + start as u64,
+            len: end - start,
         });
     }
     Ok(out)

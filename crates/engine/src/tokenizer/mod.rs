@@ -15,6 +15,10 @@ use serde_json::Value as Json;
 pub use gguf::{BpePreTokenizer, GgufTokenizerMetadata, GgufTokenizerModel, TokenType};
 
 use crate::error::{Error, Result};
+use crate::hf::{
+    CONFIG_JSON_LIMIT, TOKENIZER_CONFIG_LIMIT, TOKENIZER_JSON_LIMIT, read_bounded,
+    read_json_bounded,
+};
 
 /// A tokenizer with its special-token configuration.
 ///
@@ -82,19 +86,17 @@ impl Tokenizer {
     ///
     /// # Errors
     /// When a file cannot be read or parsed, or names a special token that is not in
-    /// the vocabulary.
+    /// the vocabulary; [`Error::FileTooLarge`] for a `tokenizer.json` over 64 MiB or a
+    /// `tokenizer_config.json` over 16 MiB (checked before reading).
     pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let bytes = std::fs::read(tokenizer_json).map_err(|source| Error::Io {
-            path: tokenizer_json.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_bounded(tokenizer_json, TOKENIZER_JSON_LIMIT)?;
         let inner =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| Error::Tokenizers {
                 context: format!("parsing `{}`", tokenizer_json.display()),
                 source,
             })?;
         let config = match tokenizer_config {
-            Some(path) => Some((path, read_json(path)?)),
+            Some(path) => Some((path, read_json(path, TOKENIZER_CONFIG_LIMIT)?)),
             None => None,
         };
         let mut tok = Self {
@@ -130,15 +132,16 @@ impl Tokenizer {
         let mut tok = Self::from_hf_files(&dir.join("tokenizer.json"), config.as_deref())?;
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
-            let source = std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
+            let bytes = read_bounded(&jinja, CONFIG_JSON_LIMIT)?;
+            let source = String::from_utf8(bytes).map_err(|e| Error::Io {
                 path: jinja.clone(),
-                source,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
             })?;
             tok.chat_template = Some(source);
         }
         let generation = dir.join("generation_config.json");
         if generation.is_file() {
-            let json = read_json(&generation)?;
+            let json = read_json(&generation, CONFIG_JSON_LIMIT)?;
             let ids: Vec<u32> = match json.get("eos_token_id") {
                 Some(Json::Number(n)) => n.as_u64().into_iter().collect::<Vec<_>>(),
                 Some(Json::Array(items)) => items.iter().filter_map(Json::as_u64).collect(),
@@ -391,13 +394,7 @@ impl Tokenizer {
     }
 }
 
-fn read_json(path: &Path) -> Result<Json> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+/// Reads a JSON file of at most `limit` bytes.
+fn read_json(path: &Path, limit: u64) -> Result<Json> {
+    read_json_bounded(path, limit)
 }
