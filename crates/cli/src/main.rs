@@ -63,7 +63,7 @@ fn set_threads(threads: Option<usize>) {
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     set_threads(cli.threads);
     tracing_subscriber::fmt()
@@ -87,13 +87,36 @@ fn main() -> anyhow::Result<()> {
         Command::Ssot { command } => cmd::ssot::run(&command),
     };
     match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of our output went away (`afo inspect M | head`): not an error.
         Err(e)
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
         {
-            Ok(())
+            std::process::ExitCode::SUCCESS
         }
-        other => other,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+/// An error and its causes on one line. A cause is added only when the message before
+/// it does not already quote it (the engine's errors quote their source), and line
+/// breaks inside a message become spaces.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
