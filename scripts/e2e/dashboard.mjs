@@ -24,7 +24,7 @@ const context = await chromium.launchPersistentContext(profile, {
 });
 try {
   const page = context.pages()[0] ?? (await context.newPage());
-  await page.goto(base + "/", { waitUntil: "load" });
+  await page.goto(base + "/#key=" + encodeURIComponent(key), { waitUntil: "load" });
   const badge = page.getByTestId("badge");
   const readBadge = async () => (await badge.textContent()).trim();
   await page.waitForFunction(() => document.getElementById("badge").textContent.trim() !== "…", null, { timeout: 10000 });

@@ -2,9 +2,13 @@
 //!
 //! The engine loop of vLLM: [`Scheduler::add_request`] queues a request,
 //! [`Scheduler::step`] admits waiting requests while the admission hook grants them
-//! memory (running each one's prompt), then runs one decode step for every
-//! running sequence as a single batched forward pass ([`Model::forward_batch`]), and
-//! [`Scheduler::has_unfinished`] says whether to go on. Each request has its own
+//! memory, runs at most one prefill chunk ([`Scheduler::set_prefill_chunk`] tokens,
+//! default [`DEFAULT_PREFILL_CHUNK`]) of the oldest admitted prompt, then one decode
+//! step for every running sequence as a single batched forward pass
+//! ([`Model::forward_batch`]), and [`Scheduler::has_unfinished`] says whether to go
+//! on. A long prompt therefore runs over several steps, interleaved with the decode
+//! steps of the sequences already running (they keep streaming), and a request can be
+//! cancelled between two of its chunks. Each request has its own
 //! sampling parameters, stop strings and token budget; each step returns every
 //! request's new text, so callers stream; [`Scheduler::cancel`] ends one cleanly.
 //!
@@ -15,11 +19,13 @@
 
 use std::collections::VecDeque;
 
-use afo_guard::{MemoryKind, Reservation};
+use afo_guard::{MemoryKind, Refusal, Reservation};
 use afo_kvcache::KvCache;
 
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerateOptions, PrefixReuse, prefill_with_prefix};
+use crate::generate::{
+    Decode, FinishReason, GenerateOptions, PrefixReuse, publish_prefix, seed_from_prefix,
+};
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::stream::{StopMatcher, StreamDecoder};
@@ -27,6 +33,11 @@ use crate::tokenizer::Tokenizer;
 
 /// A request's id in a [`Scheduler`].
 pub type RequestId = u64;
+
+/// Prompt tokens one [`Scheduler::step`] runs by default: small enough that the
+/// sequences decoding meanwhile wait one chunk at most (well under a second on two
+/// cores), large enough to keep the matrix products efficient.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
 /// What one request produced in one [`Scheduler::step`].
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +75,23 @@ struct Sequence<'t> {
     ticket: Option<Ticket>,
 }
 
+/// An admitted request whose prompt is running, chunk by chunk.
+struct Prefill {
+    id: RequestId,
+    prompt: Vec<u32>,
+    options: GenerateOptions,
+    cache: KvCache,
+    /// Prompt tokens in the cache (reused from the prefix cache, or run).
+    done: usize,
+    /// Prompt tokens reused from the prefix cache; `None` when the prompt takes no
+    /// part in prefix reuse.
+    reused: Option<usize>,
+    /// Whether the cache was seeded from the prefix cache (when the prompt's first
+    /// chunk runs, so that it sees what the prompts ahead of it published).
+    seeded: bool,
+    ticket: Option<Ticket>,
+}
+
 /// What the admission hook is asked about a waiting request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -90,9 +118,10 @@ pub struct Ticket {
     pub predicted_peak_bytes: u64,
 }
 
-/// Decides whether a request may start now: `Some` carries its [`Ticket`] (dropped
-/// when the request ends), `None` leaves it waiting for a later step.
-pub type AdmitFn<'m> = Box<dyn FnMut(&AdmitQuery) -> Option<Ticket> + 'm>;
+/// Decides whether a request may start now: `Ok` carries its [`Ticket`] (dropped
+/// when the request ends), `Err` leaves it waiting for a later step and says why (the
+/// ledger's [`Refusal`], which [`Scheduler::memory_wait`] reports).
+pub type AdmitFn<'m> = Box<dyn FnMut(&AdmitQuery) -> std::result::Result<Ticket, Refusal> + 'm>;
 
 /// The batching scheduler over one model. See the module docs.
 pub struct Scheduler<'m> {
@@ -100,7 +129,12 @@ pub struct Scheduler<'m> {
     tokenizer: &'m Tokenizer,
     max_batch: usize,
     waiting: VecDeque<(RequestId, Vec<u32>, GenerateOptions)>,
+    prefilling: VecDeque<Prefill>,
     running: Vec<Sequence<'m>>,
+    prefill_chunk: usize,
+    /// Why the oldest waiting request did not start at the last step, when the
+    /// admission hook refused it.
+    memory_wait: Option<Refusal>,
     finished: Vec<StepOutput>,
     next_id: RequestId,
     admit_hook: Option<AdmitFn<'m>>,
@@ -112,6 +146,7 @@ impl std::fmt::Debug for Scheduler<'_> {
         f.debug_struct("Scheduler")
             .field("max_batch", &self.max_batch)
             .field("waiting", &self.waiting.len())
+            .field("prefilling", &self.prefilling.len())
             .field("running", &self.running.len())
             .finish()
     }
@@ -128,7 +163,10 @@ impl<'m> Scheduler<'m> {
             tokenizer,
             max_batch: max_batch.max(1),
             waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
             running: Vec::new(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            memory_wait: None,
             finished: Vec::new(),
             next_id: 0,
             admit_hook: None,
@@ -137,9 +175,18 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Asks `hook` before starting each request: the runtime reserves the request's
-    /// bytes in its ledger there, or says no (the request waits for a later step).
-    pub fn set_admission(&mut self, hook: impl FnMut(&AdmitQuery) -> Option<Ticket> + 'm) {
+    /// bytes in its ledger there, or refuses (the request waits for a later step).
+    pub fn set_admission(
+        &mut self,
+        hook: impl FnMut(&AdmitQuery) -> std::result::Result<Ticket, Refusal> + 'm,
+    ) {
         self.admit_hook = Some(Box::new(hook));
+    }
+
+    /// The most prompt tokens one step runs (at least 1). Default
+    /// [`DEFAULT_PREFILL_CHUNK`].
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens.max(1);
     }
 
     /// Reuse prompt prefixes from `prefix` (and publish them there) when admitting
@@ -162,21 +209,27 @@ impl<'m> Scheduler<'m> {
         Ok(id)
     }
 
-    /// Whether any request is waiting or running.
+    /// Whether any request is waiting, prefilling or running.
     pub fn has_unfinished(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.prefilling.is_empty() || !self.running.is_empty()
     }
 
-    /// Requests running now.
+    /// Requests decoding now.
     pub fn running(&self) -> usize {
         self.running.len()
     }
 
-    /// Bytes the running requests hold in the ledger (their tickets).
+    /// Requests admitted whose prompt is still running.
+    pub fn prefilling(&self) -> usize {
+        self.prefilling.len()
+    }
+
+    /// Bytes the admitted requests hold in the ledger (their tickets).
     pub fn reserved_bytes(&self) -> u64 {
-        self.running
-            .iter()
-            .filter_map(|s| s.ticket.as_ref())
+        let running = self.running.iter().filter_map(|s| s.ticket.as_ref());
+        let prefilling = self.prefilling.iter().filter_map(|p| p.ticket.as_ref());
+        running
+            .chain(prefilling)
             .map(|t| t.reservation.bytes())
             .sum()
     }
@@ -186,11 +239,25 @@ impl<'m> Scheduler<'m> {
         self.waiting.len()
     }
 
+    /// Whether request `id` is waiting to start (not admitted yet).
+    pub fn is_waiting(&self, id: RequestId) -> bool {
+        self.waiting.iter().any(|(w, _, _)| *w == id)
+    }
+
+    /// When the oldest waiting request is held back for memory: the ledger's refusal
+    /// at the last step. `None` when nothing waits, or the wait is for a batch slot or
+    /// for the prompts ahead.
+    pub fn memory_wait(&self) -> Option<&Refusal> {
+        self.memory_wait.as_ref()
+    }
+
     /// Ends a request now (waiting or running); its output says
     /// [`FinishReason::Cancelled`] at the next step. Returns whether it was found.
     pub fn cancel(&mut self, id: RequestId) -> bool {
         if let Some(i) = self.waiting.iter().position(|(w, _, _)| *w == id) {
             self.waiting.remove(i);
+        } else if let Some(i) = self.prefilling.iter().position(|p| p.id == id) {
+            drop(self.prefilling.remove(i));
         } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
             drop(self.running.swap_remove(i));
         } else {
@@ -207,14 +274,16 @@ impl<'m> Scheduler<'m> {
         true
     }
 
-    /// Admits what fits, then samples one token for every running request and runs
-    /// them all through the model in one batched pass. Returns each request's output
-    /// of this step (requests that ended say why).
+    /// Admits what fits, runs one prefill chunk, then samples one token for every
+    /// running request and runs them all through the model in one batched pass.
+    /// Returns each request's output of this step (requests that ended say why; a
+    /// request whose prompt is still running has none).
     ///
     /// # Errors
     /// The model's, the sampler's and the tokenizer's errors.
     pub fn step(&mut self) -> Result<Vec<StepOutput>> {
         self.admit()?;
+        self.prefill_chunk()?;
         let mut out = std::mem::take(&mut self.finished);
         let mut next = Vec::with_capacity(self.running.len());
         let mut ended = Vec::new();
@@ -290,49 +359,101 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Starts waiting requests, oldest first, while they fit the batch and the
-    /// admission hook grants them memory.
+    /// admission hook grants them memory: each gets its cache and joins the prefill
+    /// queue.
     fn admit(&mut self) -> Result<()> {
-        while self.running.len() < self.max_batch {
+        self.memory_wait = None;
+        while self.running.len() + self.prefilling.len() < self.max_batch {
             let Some((_, prompt, options)) = self.waiting.front() else {
                 break;
             };
             let query = AdmitQuery {
                 prompt_tokens: prompt.len(),
                 max_tokens: options.max_tokens,
-                running: self.running.len(),
+                running: self.running.len() + self.prefilling.len(),
             };
-            let mut ticket = match &mut self.admit_hook {
+            let ticket = match &mut self.admit_hook {
                 Some(hook) => match hook(&query) {
-                    Some(t) => Some(t),
-                    None => break,
+                    Ok(t) => Some(t),
+                    Err(refusal) => {
+                        self.memory_wait = Some(refusal);
+                        break;
+                    }
                 },
                 None => None,
             };
             let Some((id, prompt, options)) = self.waiting.pop_front() else {
                 break;
             };
-            let mut cache = self.model.new_cache(prompt.len() + options.max_tokens);
-            let (logits, reused) =
-                prefill_with_prefix(self.model, &prompt, &mut cache, self.prefix)?;
-            if let Some(t) = &mut ticket {
-                let keep = t.workspace_after_prefill;
-                t.reservation.shrink_to(MemoryKind::Workspace, keep);
-            }
-            let seq = Sequence {
+            let cache = self.model.new_cache(prompt.len() + options.max_tokens);
+            self.prefilling.push_back(Prefill {
                 id,
-                sampler: Sampler::new(options.sampling.clone()),
-                stops: StopMatcher::new(options.stop.iter().cloned())?,
-                detok: StreamDecoder::with_prompt(self.tokenizer, &prompt, true),
-                history: prompt,
-                generated: 0,
-                logits,
-                prefix_hit: Some(reused),
-                ticket,
-                cache,
+                done: 0,
+                reused: None,
+                seeded: false,
+                prompt,
                 options,
-            };
-            self.running.push(seq);
+                cache,
+                ticket,
+            });
         }
+        Ok(())
+    }
+
+    /// Runs up to `prefill_chunk` prompt tokens, oldest prompt first (a short prompt
+    /// leaves the rest of the chunk to the next). A prompt's cache is seeded from the
+    /// prefix cache when its first chunk runs; a prompt that has run in full
+    /// publishes its blocks to the prefix cache, gives back its prefill workspace and
+    /// starts decoding.
+    fn prefill_chunk(&mut self) -> Result<()> {
+        let mut budget = self.prefill_chunk;
+        while budget > 0 {
+            let Some(p) = self.prefilling.front_mut() else {
+                return Ok(());
+            };
+            if !p.seeded {
+                p.seeded = true;
+                p.reused = seed_from_prefix(&p.prompt, &mut p.cache, self.prefix)?;
+                p.done = p.reused.unwrap_or(0);
+            }
+            let end = (p.done + budget).min(p.prompt.len());
+            let logits = self.model.decode(&p.prompt[p.done..end], &mut p.cache)?;
+            budget -= end - p.done;
+            p.done = end;
+            if p.done < p.prompt.len() {
+                return Ok(());
+            }
+            self.start_decoding(logits)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the oldest prefilling request, whose prompt has run, to decoding.
+    fn start_decoding(&mut self, logits: Vec<f32>) -> Result<()> {
+        let Some(mut p) = self.prefilling.pop_front() else {
+            return Ok(());
+        };
+        if let (Some(reused), Some(prefix)) = (p.reused, self.prefix) {
+            publish_prefix(&p.prompt, reused, &p.cache, prefix)?;
+        }
+        if let Some(t) = &mut p.ticket {
+            let keep = t.workspace_after_prefill;
+            t.reservation.shrink_to(MemoryKind::Workspace, keep);
+        }
+        let seq = Sequence {
+            id: p.id,
+            sampler: Sampler::new(p.options.sampling.clone()),
+            stops: StopMatcher::new(p.options.stop.iter().cloned())?,
+            detok: StreamDecoder::with_prompt(self.tokenizer, &p.prompt, true),
+            history: p.prompt,
+            generated: 0,
+            logits,
+            prefix_hit: Some(p.reused.unwrap_or(0)),
+            ticket: p.ticket,
+            cache: p.cache,
+            options: p.options,
+        };
+        self.running.push(seq);
         Ok(())
     }
 }

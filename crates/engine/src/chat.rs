@@ -202,7 +202,7 @@ impl ChatTemplate {
             buf: Vec::new(),
             limit,
         };
-        match template.render_to_write(ctx, &mut out) {
+        match template.render_captured_to(ctx, &mut out) {
             Ok(_) => {}
             Err(e) if out.buf.len() >= limit => {
                 return Err(Error::ChatTemplateLimit {
@@ -417,7 +417,8 @@ struct Bounded {
 impl std::io::Write for Bounded {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         if self.buf.len().saturating_add(data.len()) > self.limit {
-            self.buf.extend_from_slice(&data[..self.limit - self.buf.len().min(self.limit)]);
+            self.buf
+                .extend_from_slice(&data[..self.limit - self.buf.len().min(self.limit)]);
             return Err(std::io::Error::other("the template's output is too large"));
         }
         self.buf.extend_from_slice(data);

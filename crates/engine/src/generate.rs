@@ -262,19 +262,51 @@ pub(crate) fn prefill_with_prefix(
     cache: &mut KvCache,
     prefix: Option<PrefixReuse<'_>>,
 ) -> Result<(Vec<f32>, usize)> {
+    let reused = seed_from_prefix(prompt, cache, prefix)?;
+    let logits = prefill_chunks(model, &prompt[reused.unwrap_or(0)..], cache)?;
+    if let (Some(reused), Some(p)) = (reused, prefix) {
+        publish_prefix(prompt, reused, cache, p)?;
+    }
+    Ok((logits, reused.unwrap_or(0)))
+}
+
+/// Seeds an empty `cache` with the longest cached prefix of `prompt` (never all of
+/// it: the last token runs, its logits are the first token's). Returns the prompt
+/// tokens reused, or `None` when the prompt does not take part in prefix reuse (no
+/// prefix cache, or reuse would change what the run computes): then it publishes
+/// nothing either.
+///
+/// # Errors
+/// [`Error::EmptyPrompt`]; the prefix cache's errors.
+pub(crate) fn seed_from_prefix(
+    prompt: &[u32],
+    cache: &mut KvCache,
+    prefix: Option<PrefixReuse<'_>>,
+) -> Result<Option<usize>> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
     let Some(p) = prefix.filter(|_| may_reuse(cache, prompt.len())) else {
-        return Ok((prefill_chunks(model, prompt, cache)?, 0));
+        return Ok(None);
     };
-    // At least the last prompt token runs: its logits are the first token's.
     let hit = p.cache.lookup(p.salt, &prompt[..prompt.len() - 1]);
     if !hit.is_empty() {
         hit.seed(cache)?;
     }
-    let reused = hit.tokens();
-    let logits = prefill_chunks(model, &prompt[reused..], cache)?;
+    Ok(Some(hit.tokens()))
+}
+
+/// Publishes the full blocks of a prompt that has run into `cache` (after
+/// [`seed_from_prefix`] reused `reused` tokens of it).
+///
+/// # Errors
+/// The prefix cache's errors.
+pub(crate) fn publish_prefix(
+    prompt: &[u32],
+    reused: usize,
+    cache: &KvCache,
+    p: PrefixReuse<'_>,
+) -> Result<()> {
     let added = p.cache.insert(p.salt, prompt, cache)?;
     tracing::debug!(
         prompt = prompt.len(),
@@ -282,7 +314,7 @@ pub(crate) fn prefill_with_prefix(
         published_blocks = added,
         "prefill with prefix cache"
     );
-    Ok((logits, reused))
+    Ok(())
 }
 
 /// The generation loop, after `prefill` has run the prompt into `state` (returning the

@@ -30,7 +30,9 @@ mod testing;
 mod tokenizer;
 mod vlm;
 
-pub use batch::{AdmitFn, AdmitQuery, RequestId, Scheduler, StepOutput, Ticket};
+pub use batch::{
+    AdmitFn, AdmitQuery, DEFAULT_PREFILL_CHUNK, RequestId, Scheduler, StepOutput, Ticket,
+};
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
 pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
 pub use config::{

@@ -54,6 +54,8 @@ impl LoadedModel {
         // The plain-text copy that client content is encoded with, made now so that
         // its bytes are part of the load.
         tokenizer.encode_plain("")?;
+        // And the longest token, which bounds a prompt's bytes before it is encoded.
+        tokenizer.max_token_bytes();
         Ok(Self {
             id: id.unwrap_or_else(|| path.display().to_string()),
             path,

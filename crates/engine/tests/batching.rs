@@ -67,7 +67,6 @@ fn batched_requests_match_their_single_runs_and_respect_the_budget() {
             let kv = (q.prompt_tokens + q.max_tokens) as u64 * per_token;
             ledger
                 .try_reserve(MemoryKind::KvCache, kv)
-                .ok()
                 .map(|reservation| Ticket {
                     reservation,
                     workspace_after_prefill: 0,
@@ -116,7 +115,6 @@ fn a_cancelled_request_ends_and_the_others_go_on() {
     let l = ledger.clone();
     s.set_admission(move |_q| {
         l.try_reserve_parts(KindBytes::of(MemoryKind::KvCache, 100).with(MemoryKind::Workspace, 50))
-            .ok()
             .map(|reservation| Ticket {
                 reservation,
                 workspace_after_prefill: 10,

@@ -179,7 +179,9 @@ fn forged_turns_in_user_content_are_plain_text() {
         "plain encoding: {plain:?}"
     );
     assert!(
-        forged_ids.windows(plain.len()).any(|w| w == plain.as_slice()),
+        forged_ids
+            .windows(plain.len())
+            .any(|w| w == plain.as_slice()),
         "{forged_ids:?} holds {plain:?}"
     );
     // What the hole looked like: the same text with special tokens read as control
@@ -270,6 +272,12 @@ fn runaway_templates_are_bounded() {
         "",
     )
     .unwrap();
-    let err = exploding.encode(&tok, &messages, true, &[]).unwrap_err().to_string();
-    assert!(err.contains("bytes") || err.contains("instructions"), "{err}");
+    let err = exploding
+        .encode(&tok, &messages, true, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bytes") || err.contains("instructions"),
+        "{err}"
+    );
 }

@@ -53,17 +53,18 @@ impl Runtime {
     /// The admission hook of a batching scheduler over `model`
     /// ([`afo_engine::Scheduler::set_admission`]): each request is estimated by the
     /// runtime's estimator and admitted on its ledger as the runtime's own runs are
-    /// (room is made the same way); a request that does not fit waits. The ticket's
+    /// (room is made the same way); a request that does not fit waits, and the
+    /// ledger's refusal says why. The ticket's
     /// `predicted_peak_bytes` is the resident memory the ledger predicts.
     pub fn batch_admission<'a>(
         &'a self,
         model: &'a afo_engine::Model,
-    ) -> impl FnMut(&AdmitQuery) -> Option<Ticket> + 'a {
+    ) -> impl FnMut(&AdmitQuery) -> std::result::Result<Ticket, afo_guard::Refusal> + 'a {
         move |q| {
             let e = self.estimate_text(model, q.prompt_tokens, q.max_tokens, None);
             let plan = [PlanOption::new("as asked", e.parts)];
-            let admitted = self.admit(&plan).ok()?;
-            Some(Ticket {
+            let admitted = self.admit(&plan).map_err(|(refusal, _)| refusal)?;
+            Ok(Ticket {
                 reservation: admitted.reservation,
                 workspace_after_prefill: e.decode_workspace,
                 predicted_peak_bytes: admitted.predicted_peak_bytes,

@@ -75,6 +75,7 @@
 #![warn(missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
+mod conn;
 mod error;
 mod metrics;
 pub mod openai;

@@ -2,8 +2,12 @@
 //!
 //! Requests are parsed from raw bytes (never trusted): malformed JSON, wrong types,
 //! empty message lists, unknown content parts and bad `image_url` data URLs become
-//! an [`ApiError`] naming the field. Fields the server does not use (`user`,
-//! `logprobs: false`, ...) are accepted and ignored, as OpenAI clients send them.
+//! an [`ApiError`] naming the field. Fields that ask for nothing (`user`,
+//! `logprobs: false`, `tools: []`, ...) are accepted and ignored, as OpenAI clients
+//! send them; fields that ask for what the server does not do yet (`logprobs: true`,
+//! `tools`, a `response_format` schema) are refused with a 400 naming them. Every
+//! client-controlled size has a limit ([`MAX_STOP_STRINGS`], [`MAX_STOP_BYTES`],
+//! [`MAX_MESSAGES`], [`MAX_MODEL_NAME_BYTES`], [`ParseLimits`]).
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -12,6 +16,12 @@ use crate::error::ApiError;
 
 /// The most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
+/// The most bytes one stop string may have.
+pub const MAX_STOP_BYTES: usize = 256;
+/// The most messages one chat request may hold.
+pub const MAX_MESSAGES: usize = 2048;
+/// The most bytes a `model` name may have.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +96,30 @@ struct WireSampling {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Fields this server does not implement yet: refused with a 400 when they ask
+    /// for something (rather than silently ignored).
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
+    #[serde(default)]
+    top_logprobs: Option<serde_json::Value>,
+    #[serde(default)]
+    tools: Option<serde_json::Value>,
+    #[serde(default)]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(default)]
+    functions: Option<serde_json::Value>,
+    #[serde(default)]
+    function_call: Option<serde_json::Value>,
+    #[serde(default)]
+    response_format: Option<serde_json::Value>,
+    #[serde(default)]
+    logit_bias: Option<serde_json::Value>,
+    #[serde(default)]
+    echo: Option<serde_json::Value>,
+    #[serde(default)]
+    best_of: Option<serde_json::Value>,
+    #[serde(default)]
+    suffix: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,10 +304,18 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
 /// An [`ApiError`] (400) naming what is wrong.
 pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ApiError> {
     let wire: WireChat = parse_json(body)?;
+    check_model_name(&wire.model)?;
     if wire.messages.is_empty() {
         return Err(
             ApiError::invalid("`messages` is empty: give at least one message").param("messages"),
         );
+    }
+    if wire.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid(format!(
+            "`messages` has {} messages; at most {MAX_MESSAGES}",
+            wire.messages.len()
+        ))
+        .param("messages"));
     }
     let mut images = 0usize;
     let mut messages = Vec::with_capacity(wire.messages.len());
@@ -353,6 +395,7 @@ pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, Ap
 /// An [`ApiError`] (400) naming what is wrong.
 pub fn parse_completion(body: &[u8]) -> Result<ParsedRequest, ApiError> {
     let wire: WireCompletion = parse_json(body)?;
+    check_model_name(&wire.model)?;
     let prompt = match wire.prompt {
         WirePrompt::One(p) => p,
         WirePrompt::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -392,7 +435,83 @@ fn in_range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>,
     }
 }
 
+fn check_model_name(model: &str) -> Result<(), ApiError> {
+    if model.len() > MAX_MODEL_NAME_BYTES {
+        return Err(ApiError::invalid(format!(
+            "`model` is {} bytes long; at most {MAX_MODEL_NAME_BYTES}",
+            model.len()
+        ))
+        .param("model"));
+    }
+    Ok(())
+}
+
+/// Refuses the fields this server does not implement when they ask for something:
+/// a client that asks for log probabilities, tools or a JSON schema must not get a
+/// plain completion that silently ignored it.
+fn refuse_unimplemented(w: &WireSampling) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let asks = |v: &Option<Value>| match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(Value::String(_)) | Some(Value::Bool(true)) => true,
+    };
+    let fields: [(&str, &Option<Value>); 8] = [
+        ("logprobs", &w.logprobs),
+        ("top_logprobs", &w.top_logprobs),
+        ("tools", &w.tools),
+        ("functions", &w.functions),
+        ("function_call", &w.function_call),
+        ("logit_bias", &w.logit_bias),
+        ("echo", &w.echo),
+        ("suffix", &w.suffix),
+    ];
+    for (name, value) in fields {
+        if asks(value) {
+            return Err(ApiError::invalid(format!(
+                "`{name}` is not supported by this server yet; leave it out"
+            ))
+            .param(name)
+            .code("unsupported_parameter"));
+        }
+    }
+    // `tool_choice: "none"` and `"auto"` with no tools ask for nothing.
+    if let Some(choice) = &w.tool_choice
+        && !matches!(choice, Value::Null)
+        && !matches!(choice.as_str(), Some("none" | "auto"))
+    {
+        return Err(ApiError::invalid(
+            "`tool_choice` is not supported by this server yet; leave it out",
+        )
+        .param("tool_choice")
+        .code("unsupported_parameter"));
+    }
+    if let Some(best_of) = &w.best_of
+        && !matches!(best_of, Value::Null)
+        && best_of.as_u64() != Some(1)
+    {
+        return Err(ApiError::invalid("`best_of` must be 1 on this server")
+            .param("best_of")
+            .code("unsupported_parameter"));
+    }
+    // `response_format: {"type": "text"}` is the default; anything else is not.
+    if let Some(format) = &w.response_format
+        && !matches!(format, Value::Null)
+        && format.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(ApiError::invalid(
+            "`response_format` other than `{\"type\": \"text\"}` is not supported by this server yet",
+        )
+        .param("response_format")
+        .code("unsupported_parameter"));
+    }
+    Ok(())
+}
+
 fn check_sampling(w: WireSampling) -> Result<(Sampling, bool, bool), ApiError> {
+    refuse_unimplemented(&w)?;
     if let Some(n) = w.n.filter(|&n| n != 1) {
         return Err(
             ApiError::invalid(format!("`n` = {n}: this server returns one choice")).param("n"),
@@ -431,6 +550,13 @@ fn check_sampling(w: WireSampling) -> Result<(Sampling, bool, bool), ApiError> {
     }
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("`stop` holds an empty string").param("stop"));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(format!(
+            "`stop` holds a string of {} bytes; at most {MAX_STOP_BYTES}",
+            long.len()
+        ))
+        .param("stop"));
     }
     let stream = w.stream.unwrap_or(false);
     let include_usage = w

@@ -10,8 +10,7 @@ use afo_runtime::engine::{GenerateOptions, LoadedModel, SamplingParams};
 use afo_runtime::guard::{StatusBadge, badge};
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -35,16 +34,22 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/api/runs", get(runs))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), auth));
+    let metrics_route = Router::new().route("/metrics", get(metrics));
+    let metrics_route = if shared.config.public_metrics {
+        metrics_route
+    } else {
+        metrics_route.route_layer(middleware::from_fn_with_state(Arc::clone(&shared), auth))
+    };
     Router::new()
         .merge(api)
+        .merge(metrics_route)
         .route("/", get(dashboard))
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/api/runs", get(runs))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), count))
-        .layer(DefaultBodyLimit::max(shared.config.max_body_bytes))
         .with_state(shared)
 }
 
@@ -60,19 +65,31 @@ async fn count(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Re
     response
 }
 
-/// Checks the bearer token of `/v1/*` when the server has one.
+/// Checks the bearer token of `/v1/*`, `/api/runs` and `/metrics` when the server
+/// has one.
 async fn auth(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    if let Some(key) = &s.config.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-            return ApiError::unauthorized().into_response();
-        }
+    if !authorized(&s, request.headers()) {
+        return ApiError::unauthorized().into_response();
     }
     next.run(request).await
+}
+
+/// Whether `headers` carry the server's key (always, when it has none). The scheme
+/// name `Bearer` is matched without regard to case (RFC 7235).
+fn authorized(s: &Shared, headers: &axum::http::HeaderMap) -> bool {
+    let Some(key) = &s.config.api_key else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        });
+    given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -86,6 +103,21 @@ async fn not_found(request: Request) -> ApiError {
         kind: "invalid_request_error",
         param: None,
         code: Some("unknown_url"),
+        retry_after_s: None,
+    }
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
         retry_after_s: None,
     }
 }
@@ -186,8 +218,11 @@ fn health_value(s: &Shared) -> Result<Value, ApiError> {
     }))
 }
 
-async fn health(State(s): State<Arc<Shared>>) -> Response {
-    match health_value(&s) {
+/// `/health`: everything with the key (or on a server without one); without it,
+/// only the status, the badge and the memory figures (no paths, no models).
+async fn health(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    let full = authorized(&s, &headers);
+    match health_value(&s).map(|v| if full { v } else { public_health(v) }) {
         Ok(v) => (
             [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
             axum::Json(v),
@@ -195,6 +230,17 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
             .into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// The part of `/health` anyone may see.
+fn public_health(mut full: Value) -> Value {
+    let mut public = serde_json::Map::new();
+    for key in ["status", "badge", "health_score", "memory", "uptime_s"] {
+        if let Some(v) = full.get_mut(key) {
+            public.insert(key.to_owned(), v.take());
+        }
+    }
+    Value::Object(public)
 }
 
 async fn runs(State(s): State<Arc<Shared>>) -> Response {
@@ -241,23 +287,72 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
-    body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::invalid(format!("the request body could not be read: {r}"))
+/// Reads a request's body: at most `max_body_bytes` (413 past it), within the
+/// header timeout (408 past it: a client trickling its body does not hold a
+/// connection).
+async fn read_body(s: &Shared, request: Request) -> Result<Bytes, ApiError> {
+    let limit = s.config.max_body_bytes;
+    let timeout = s.config.connections.header_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(request.into_body(), limit)).await {
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after_s: None,
+        }),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(ApiError::too_large(limit))
+            } else {
+                Err(ApiError::invalid(format!(
+                    "the request body could not be read: {e}"
+                )))
+            }
         }
-    })
+        Ok(Ok(bytes)) => Ok(bytes),
+    }
 }
 
-async fn chat(State(s): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>) -> Response {
+/// Reads and parses a request (off the async threads: a body of megabytes takes a
+/// while to parse), then runs it; a request refused before a worker took it leaves
+/// its record here.
+async fn handle(
+    s: Arc<Shared>,
+    request: Request,
+    parse: fn(&[u8], &crate::openai::ParseLimits) -> Result<ParsedRequest, ApiError>,
+) -> Response {
     let received = Instant::now();
-    let result = match body_or_error(body, s.config.max_body_bytes)
-        .and_then(|b| parse_chat(&b, &s.config.limits))
-    {
-        Ok(req) => generate(s, req, received).await,
+    // Until a worker takes the request or an answer is ready, a client that goes away
+    // (the connection closes and this future is dropped) still leaves a record.
+    let mut pending = Unanswered {
+        s: Arc::clone(&s),
+        model: None,
+        received,
+        settled: false,
+    };
+    let parsed = match read_body(&s, request).await {
+        Ok(body) => {
+            let limits = s.config.limits;
+            tokio::task::spawn_blocking(move || parse(&body, &limits))
+                .await
+                .unwrap_or_else(|e| Err(ApiError::internal(format!("parsing failed: {e}"))))
+        }
+        Err(e) => Err(e),
+    };
+    let result = match parsed {
+        Ok(req) => {
+            pending.model = Some(req.model.clone());
+            generate(s, req, received, &mut pending).await
+        }
         Err(e) => {
+            pending.settled = true;
             s.record_rejection(None, &e, received);
             Err(e)
         }
@@ -265,20 +360,40 @@ async fn chat(State(s): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>)
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(
-    State(s): State<Arc<Shared>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let received = Instant::now();
-    let result =
-        match body_or_error(body, s.config.max_body_bytes).and_then(|b| parse_completion(&b)) {
-            Ok(req) => generate(s, req, received).await,
-            Err(e) => {
-                s.record_rejection(None, &e, received);
-                Err(e)
-            }
-        };
-    result.unwrap_or_else(IntoResponse::into_response)
+/// A request no worker has taken and no answer has settled: dropped so (the client
+/// went away while it was read, parsed or planned), it writes the request's record.
+struct Unanswered {
+    s: Arc<Shared>,
+    model: Option<String>,
+    received: Instant,
+    /// Set once the request's record is somebody else's to write (a worker took
+    /// it) or has been written.
+    settled: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.settled {
+            let e = ApiError {
+                status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                message: "cancelled: the client went away before the request started".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("client_closed"),
+                retry_after_s: None,
+            };
+            self.s
+                .record_rejection(self.model.as_deref(), &e, self.received);
+        }
+    }
+}
+
+async fn chat(State(s): State<Arc<Shared>>, request: Request) -> Response {
+    handle(s, request, parse_chat).await
+}
+
+async fn completions(State(s): State<Arc<Shared>>, request: Request) -> Response {
+    handle(s, request, |body, _| parse_completion(body)).await
 }
 
 fn sampling(req: &ParsedRequest) -> Result<SamplingParams, ApiError> {
@@ -302,9 +417,29 @@ fn plan_text(
     loaded: &LoadedModel,
     model_id: &str,
     prompt: &PromptInput,
-    req: &ParsedRequest,
+    max_tokens: Option<usize>,
     s: &Shared,
 ) -> Result<Planned, ApiError> {
+    let context = loaded.model().config().max_position;
+    // Before any token is made: a text longer than the context could hold even at the
+    // longest token's length is refused on its bytes.
+    let bytes = match prompt {
+        PromptInput::Chat(messages) => messages.iter().map(|m| m.text.len()).sum(),
+        PromptInput::Text(t) => t.len(),
+    };
+    let most = context.saturating_mul(loaded.tokenizer().max_token_bytes());
+    if bytes > most {
+        let param = match prompt {
+            PromptInput::Chat(_) => "messages",
+            PromptInput::Text(_) => "prompt",
+        };
+        return Err(ApiError::invalid(format!(
+            "the prompt has {bytes} bytes; model `{model_id}` takes at most {context} tokens of at most {} bytes each ({most} bytes)",
+            loaded.tokenizer().max_token_bytes()
+        ))
+        .param(param)
+        .code("context_length_exceeded"));
+    }
     let prompt = match prompt {
         PromptInput::Chat(messages) => {
             let messages: Vec<_> = messages
@@ -319,7 +454,6 @@ fn plan_text(
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt encodes to no tokens"));
     }
-    let context = loaded.model().config().max_position;
     if prompt.len() >= context {
         return Err(ApiError::invalid(format!(
             "the prompt has {} tokens; model `{model_id}` takes at most {context} in all",
@@ -327,9 +461,7 @@ fn plan_text(
         ))
         .code("context_length_exceeded"));
     }
-    let max_tokens = req
-        .sampling
-        .max_tokens
+    let max_tokens = max_tokens
         .unwrap_or(s.config.default_max_tokens)
         .min(context - prompt.len());
     let estimate = s
@@ -354,15 +486,16 @@ async fn generate(
     s: Arc<Shared>,
     req: ParsedRequest,
     received: Instant,
+    pending: &mut Unanswered,
 ) -> Result<Response, ApiError> {
     let model = req.model.clone();
-    let mut submitted = false;
-    let result = generate_inner(Arc::clone(&s), req, received, &mut submitted).await;
+    let result = generate_inner(Arc::clone(&s), req, received, &mut pending.settled).await;
     if let Err(e) = &result
-        && !submitted
+        && !pending.settled
     {
         s.record_rejection(Some(&model), e, received);
     }
+    pending.settled = true;
     result
 }
 
@@ -416,7 +549,15 @@ async fn generate_inner(
     }
     let sampling = sampling(&req)?;
     let planned = match &served {
-        Served::Text(loaded) => plan_text(loaded, &worker.id, &req.prompt, &req, &s)?,
+        Served::Text(loaded) => {
+            // Templating and tokenizing off the async threads.
+            let (s2, loaded, id) = (Arc::clone(&s), Arc::clone(loaded), worker.id.clone());
+            let prompt = std::mem::replace(&mut req.prompt, PromptInput::Text(String::new()));
+            let max_tokens = req.sampling.max_tokens;
+            tokio::task::spawn_blocking(move || plan_text(&loaded, &id, &prompt, max_tokens, &s2))
+                .await
+                .map_err(|e| ApiError::internal(format!("prompt task failed: {e}")))??
+        }
         Served::Vision { model, pre } => {
             let (s2, model, pre, id) = (
                 Arc::clone(&s),
@@ -475,7 +616,7 @@ async fn generate_inner(
         events: tx,
         received,
         deadline: received + s.config.request_timeout,
-        admit_by: received + s.config.admission_timeout,
+        admit_by: received + s.config.queue_timeout,
         parts: planned.parts,
         held: planned.held,
         selection: target.selection,

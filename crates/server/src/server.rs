@@ -86,10 +86,61 @@ impl ServerBuilder {
         self
     }
 
-    /// The longest a request waits for memory under the cutline before it starts;
-    /// past it the request is refused (503 with `Retry-After`). Default 30 s.
-    pub fn admission_timeout(mut self, timeout: Duration) -> Self {
-        self.config.admission_timeout = timeout;
+    /// The longest a request waits in its model's queue before it starts. Past it
+    /// the request is refused: 429 with `Retry-After` when it waited behind other
+    /// requests, 503 with the ledger's numbers when memory under the cutline was what
+    /// held it back. Default 30 s.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.config.queue_timeout = timeout;
+        self
+    }
+
+    /// The most prompt tokens a model's worker runs between two decode steps of the
+    /// requests already generating (and between two checks for cancellation and
+    /// time limits). Default [`afo_runtime::engine::DEFAULT_PREFILL_CHUNK`].
+    pub fn prefill_chunk(mut self, tokens: usize) -> Self {
+        self.config.prefill_chunk = tokens;
+        self
+    }
+
+    /// How long a client has to send a request's head (and, once it has, its body),
+    /// counted from when the connection opens or its previous response ends: past it
+    /// the connection is closed. Default 10 s.
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connections.header_timeout = timeout;
+        self
+    }
+
+    /// How long a connection may stay open with no request in flight and nothing
+    /// sent (a kept-alive or a silent connection); past it the server closes it.
+    /// Default 5 s.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connections.idle_timeout = timeout;
+        self
+    }
+
+    /// The most connections held open at once (also kept below the process's
+    /// open-file limit). At the cap a new connection takes the place of the longest
+    /// idle one; when every connection has a request in flight, it is answered 503
+    /// and closed. Default 512.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.config.connections.max_connections = connections;
+        self
+    }
+
+    /// How long a shutdown waits for the requests in flight: past it they are
+    /// cancelled (each still gets its SSOT record) and every connection is closed.
+    /// Default 10 s.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.connections.shutdown_grace = grace;
+        self
+    }
+
+    /// Serve `/metrics` without the API key (for a scraper) when one is set. By
+    /// default, with a key, `/metrics`, `/api/runs` and the details of `/health` need
+    /// it.
+    pub fn public_metrics(mut self, public: bool) -> Self {
+        self.config.public_metrics = public;
         self
     }
 
@@ -137,6 +188,8 @@ impl ServerBuilder {
         zero("max_queue", c.max_queue)?;
         zero("max_batch", c.max_batch)?;
         zero("default_max_tokens", c.default_max_tokens)?;
+        zero("prefill_chunk", c.prefill_chunk)?;
+        zero("max_connections", c.connections.max_connections)?;
         if c.api_key.as_deref().is_some_and(str::is_empty) {
             return Err(Error::InvalidConfig {
                 name: "api_key",
@@ -188,10 +241,13 @@ impl Server {
                 max_queue: 64,
                 max_batch: 8,
                 request_timeout: Duration::from_secs(600),
-                admission_timeout: Duration::from_secs(30),
+                queue_timeout: Duration::from_secs(30),
                 worker_idle: Duration::from_millis(500),
                 default_max_tokens: 256,
                 recent_runs: 50,
+                prefill_chunk: afo_runtime::engine::DEFAULT_PREFILL_CHUNK,
+                connections: crate::conn::ConnLimits::default(),
+                public_metrics: false,
             },
         }
     }
@@ -230,11 +286,15 @@ impl Server {
     }
 
     /// Serves on `listener` until `shutdown` completes, then shuts down gracefully:
-    /// stops accepting connections, lets in-flight requests finish, stops the model
-    /// workers (every record is in the SSOT log by then).
+    /// stops accepting connections, closes idle ones, lets in-flight requests finish
+    /// within the shutdown grace ([`ServerBuilder::shutdown_grace`]; past it they are
+    /// cancelled), closes every connection, stops the model workers (every record is
+    /// in the SSOT log by then). Connections are held to the limits of
+    /// [`ServerBuilder::header_timeout`], [`ServerBuilder::idle_timeout`] and
+    /// [`ServerBuilder::max_connections`].
     ///
     /// # Errors
-    /// [`Error::Serve`] when the socket fails.
+    /// [`Error::Serve`] when the listener's address cannot be read.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
@@ -244,13 +304,27 @@ impl Server {
             addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
-        let served = axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await;
+        tracing::debug!(%addr, "serving");
+        let shared = Arc::clone(&self.shared);
+        let aborting = Arc::clone(&self.shared);
+        crate::conn::serve(
+            listener,
+            self.router(),
+            shared.config.connections,
+            async move {
+                shutdown.await;
+                // No new request is taken from here on.
+                shared
+                    .accepting
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            },
+            move || aborting.abort(),
+        )
+        .await;
         let shared = Arc::clone(&self.shared);
         // Joining the workers blocks: off the async threads.
         let _ = tokio::task::spawn_blocking(move || shared.stop_workers()).await;
-        served.map_err(|source| Error::Serve { addr, source })
+        Ok(())
     }
 
     /// Stops the model workers after they finish the jobs they hold; new requests

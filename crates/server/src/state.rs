@@ -27,10 +27,13 @@ pub(crate) struct Config {
     pub max_queue: usize,
     pub max_batch: usize,
     pub request_timeout: Duration,
-    pub admission_timeout: Duration,
+    pub queue_timeout: Duration,
     pub worker_idle: Duration,
     pub default_max_tokens: usize,
     pub recent_runs: usize,
+    pub prefill_chunk: usize,
+    pub connections: crate::conn::ConnLimits,
+    pub public_metrics: bool,
 }
 
 /// A model the server offers by id.
@@ -58,6 +61,8 @@ pub(crate) struct Shared {
     recent: Mutex<VecDeque<serde_json::Value>>,
     pub started: Instant,
     pub accepting: AtomicBool,
+    /// Set when the shutdown grace has run out: workers end every job now.
+    abort: AtomicBool,
     runs: AtomicU64,
 }
 
@@ -72,8 +77,19 @@ impl Shared {
             recent: Mutex::new(VecDeque::new()),
             started: Instant::now(),
             accepting: AtomicBool::new(true),
+            abort: AtomicBool::new(false),
             runs: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the workers must end every job now (the shutdown grace ran out).
+    pub(crate) fn aborting(&self) -> bool {
+        self.abort.load(Ordering::SeqCst)
+    }
+
+    /// Tells the workers to end every job now; each still writes its record.
+    pub(crate) fn abort(&self) {
+        self.abort.store(true, Ordering::SeqCst);
     }
 
     /// A fresh run id: the time in hex, the process and a counter.
@@ -203,9 +219,9 @@ impl Shared {
 
     /// Loads `spec`'s model through the runtime (its bytes reserved in the ledger
     /// first). A load that does not fit while other models are busy waits for them
-    /// to go idle, up to the admission timeout.
+    /// to go idle, up to the queue timeout.
     fn load(&self, spec: &ModelSpec) -> Result<Served, ApiError> {
-        let until = Instant::now() + self.config.admission_timeout;
+        let until = Instant::now() + self.config.queue_timeout;
         loop {
             match self.try_load(spec) {
                 Err(e) if e.is_refusal() && Instant::now() < until => {

@@ -20,7 +20,7 @@ use afo_runtime::kvcache::KvCache;
 
 use crate::error::ApiError;
 use crate::openai::{ChatMessage, PromptInput};
-use crate::state::Config;
+use crate::state::{Config, Shared};
 use crate::worker::{Active, Cancel, Done, Event, Job, ended, finish};
 
 /// The most pixels (width or height) an image may declare.
@@ -212,7 +212,7 @@ pub(crate) fn run(
     let bytes_per_token = vlm.text_model().kv_bytes_per_token();
     while let Some(job) = idle.next(rx) {
         let mut a = Active::new(job);
-        let result = run_one(&shared.runtime, model_id, vlm, &mut a, running);
+        let result = run_one(shared, model_id, vlm, &mut a, running);
         running.store(0, Ordering::SeqCst);
         queued.fetch_sub(1, Ordering::SeqCst);
         match result {
@@ -245,16 +245,22 @@ pub(crate) fn run(
 }
 
 fn run_one(
-    runtime: &Runtime,
+    shared: &Shared,
     model_id: &str,
     vlm: &VisionLanguageModel,
     a: &mut Active,
     running: &AtomicUsize,
 ) -> Result<FinishReason, Stopped> {
+    let runtime = &shared.runtime;
+    let aborting = || shared.aborting();
     // Admission: the run's bytes reserved in the runtime's ledger, held until the job
     // ends.
     let plan = [PlanOption::new("as asked", a.job.parts)];
+    let mut refused = None;
     let _reservation = loop {
+        if aborting() {
+            return Err(Stopped::Cancelled(Cancel::Shutdown));
+        }
         if a.job.events.is_closed() {
             return Err(Stopped::Cancelled(Cancel::Client));
         }
@@ -263,14 +269,18 @@ fn run_one(
             return Err(Stopped::Cancelled(Cancel::Deadline));
         }
         if now >= a.job.admit_by {
-            return Err(Stopped::Cancelled(Cancel::Admission));
+            // Held back by the ledger, or (never tried) by the jobs ahead of it.
+            return Err(Stopped::Cancelled(Cancel::queued(refused)));
         }
         match runtime.admit(&plan) {
             Ok(admitted) => {
                 a.predicted_peak = Some(admitted.predicted_peak_bytes);
                 break admitted.reservation;
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err((refusal, _)) => {
+                refused = Some(refusal);
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     };
     running.store(1, Ordering::SeqCst);
@@ -292,7 +302,7 @@ fn run_one(
             a.job.prompt.clone_from(&prompt.tokens);
             let decoder = vlm.decoder(&prompt);
             stream(
-                runtime,
+                shared,
                 &decoder,
                 vlm.text_model(),
                 vlm.tokenizer(),
@@ -304,7 +314,7 @@ fn run_one(
         None => {
             let prompt = std::mem::take(&mut a.job.prompt);
             let g = stream(
-                runtime,
+                shared,
                 vlm.text_model(),
                 vlm.text_model(),
                 vlm.tokenizer(),
@@ -327,15 +337,17 @@ fn run_one(
 }
 
 /// Generates `prompt` with `model`, sending each text delta to the job's channel;
-/// stops when the client went away or the deadline passed (`a.cancel` says which).
+/// stops when the client went away, the deadline passed or the server is aborting
+/// (`a.cancel` says which).
 fn stream<M: Decode<State = KvCache> + ?Sized>(
-    runtime: &Runtime,
+    shared: &Shared,
     model: &M,
     text: &afo_runtime::engine::Model,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     a: &mut Active,
 ) -> afo_runtime::engine::Result<Generation> {
+    let runtime = &shared.runtime;
     let started = Instant::now();
     let mut cache = text.new_cache(prompt.len() + a.job.options.max_tokens);
     let mut deltas = 0usize;
@@ -365,6 +377,10 @@ fn stream<M: Decode<State = KvCache> + ?Sized>(
             }
             if Instant::now() >= deadline {
                 cancel = Some(Cancel::Deadline);
+                return ControlFlow::Break(());
+            }
+            if shared.aborting() {
+                cancel = Some(Cancel::Shutdown);
                 return ControlFlow::Break(());
             }
             let _ = events.send(Event::Text(text.to_owned()));

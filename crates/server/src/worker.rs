@@ -16,7 +16,7 @@ use afo_runtime::engine::{
     FinishReason, GenerateOptions, LoadedModel, PrefixReuse, RequestId, Scheduler,
     VisionLanguageModel,
 };
-use afo_runtime::guard::{KindBytes, Reservation};
+use afo_runtime::guard::{KindBytes, Refusal, Reservation};
 use afo_runtime::image::PreprocessorConfig;
 use afo_runtime::kvcache::{PrefixCache, Salt};
 use tokio::sync::mpsc::UnboundedSender;
@@ -61,7 +61,8 @@ pub(crate) struct Job {
     pub received: Instant,
     /// The run is cancelled when it is still going at this instant.
     pub deadline: Instant,
-    /// A job not admitted by this instant is refused (503).
+    /// A job not started by this instant is refused: 429 when it waited behind
+    /// other work, 503 when the ledger had no room for it.
     pub admit_by: Instant,
     /// The bytes the job reserves when admitted (KV cache, workspace, images), by
     /// the runtime's estimator.
@@ -256,9 +257,26 @@ impl Idle {
 /// Why the worker cancelled a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cancel {
+    /// The client went away.
     Client,
+    /// The request ran past its time limit.
     Deadline,
-    Admission,
+    /// The request waited in the queue past the queue timeout behind other work
+    /// (429).
+    Queue,
+    /// The request waited past the queue timeout because the ledger had no room for
+    /// it (503, with the ledger's numbers).
+    Memory(Refusal),
+    /// The server stopped before the request ended (its shutdown grace ran out).
+    Shutdown,
+}
+
+impl Cancel {
+    /// Why a job that waited to start past its queue deadline did not start:
+    /// `memory`, the ledger's refusal when that was what held it back.
+    pub(crate) fn queued(memory: Option<Refusal>) -> Self {
+        memory.map_or(Cancel::Queue, Cancel::Memory)
+    }
 }
 
 /// A job being run, with what its record needs.
@@ -311,6 +329,7 @@ fn run(
         sched.set_prefix_cache(PrefixReuse { cache, salt });
     }
     sched.set_admission(runtime.batch_admission(model.model()));
+    sched.set_prefill_chunk(shared.config.prefill_chunk);
     let bytes_per_token = model.model().kv_bytes_per_token();
     let mut active: HashMap<RequestId, Active> = HashMap::new();
     let mut closed = false;
@@ -349,13 +368,17 @@ fn run(
             }
         }
         let now = Instant::now();
+        let aborting = shared.aborting();
+        let memory_wait = sched.memory_wait().copied();
         for (&id, a) in &mut active {
-            let why = if a.job.events.is_closed() {
+            let why = if aborting {
+                Some(Cancel::Shutdown)
+            } else if a.job.events.is_closed() {
                 Some(Cancel::Client)
             } else if now >= a.job.deadline {
                 Some(Cancel::Deadline)
-            } else if !a.started && now >= a.job.admit_by {
-                Some(Cancel::Admission)
+            } else if sched.is_waiting(id) && now >= a.job.admit_by {
+                Some(Cancel::queued(memory_wait))
             } else {
                 None
             };
@@ -390,7 +413,9 @@ fn run(
                 continue;
             }
         };
-        running.store(sched.running(), Ordering::SeqCst);
+        // Prompts running count as running: their memory is reserved and the model
+        // is working on them.
+        running.store(sched.running() + sched.prefilling(), Ordering::SeqCst);
         let rss = runtime.memory().rss;
         for a in active.values_mut() {
             a.peak_bytes = a.peak_bytes.max(rss);
@@ -443,7 +468,7 @@ fn run(
                 }
             }
         }
-        if !stepped && sched.running() == 0 {
+        if !stepped && sched.running() == 0 && sched.prefilling() == 0 {
             // Waiting requests that the ledger holds back: look again soon.
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -474,13 +499,32 @@ pub(crate) fn ended(shared: &Shared, model_id: &str, a: &Active, bytes_per_token
             return;
         }
         Some(Cancel::Deadline) => ApiError::timeout(shared.config.request_timeout),
-        Some(Cancel::Admission) => ApiError::unavailable(
-            format!(
-                "no memory left under the cutline to start the request within {} s",
-                shared.config.admission_timeout.as_secs_f64()
-            ),
-            "memory_unavailable",
-            2,
+        Some(Cancel::Queue) => {
+            shared.metrics.rejected("queue_timeout");
+            ApiError::busy(
+                format!(
+                    "model `{model_id}` is busy: the request waited {} s in the queue behind other requests without starting; retry shortly",
+                    shared.config.queue_timeout.as_secs_f64()
+                ),
+                "queue_timeout",
+                2,
+            )
+        }
+        Some(Cancel::Memory(refusal)) => {
+            shared.metrics.rejected("memory");
+            ApiError::unavailable(
+                format!(
+                    "no memory under the cutline to start the request within {} s: it {refusal}",
+                    shared.config.queue_timeout.as_secs_f64()
+                ),
+                "memory_unavailable",
+                5,
+            )
+        }
+        Some(Cancel::Shutdown) => ApiError::unavailable(
+            "the server shut down before the request ended",
+            "shutting_down",
+            5,
         ),
     };
     finish(

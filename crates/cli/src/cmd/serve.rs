@@ -49,9 +49,38 @@ pub(crate) struct Args {
     /// The most requests one model holds, waiting and running (429 above).
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
-    /// The longest one request may take, in seconds.
+    /// The longest one request may take, in seconds (checked between prefill chunks
+    /// and decode steps).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// The longest a request waits in its model's queue before it starts, in
+    /// seconds: past it, 429 with Retry-After when it waited behind other requests,
+    /// 503 with the ledger's numbers when memory was what held it back.
+    #[arg(long, default_value_t = 30)]
+    queue_timeout: u64,
+    /// Seconds a client has to send a request's head (and again its body), counted
+    /// from when the connection opens or its last response ends.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a connection may stay open with no request in flight and nothing
+    /// sent before the server closes it.
+    #[arg(long, default_value_t = 5)]
+    idle_timeout: u64,
+    /// The most connections held at once (also kept below the open-file limit). At
+    /// the cap a new connection replaces the longest idle one, or gets 503.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a shutdown waits for requests in flight before cancelling them.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+    /// The most prompt tokens a worker runs between two decode steps of the requests
+    /// already generating (and between two checks for cancellation).
+    #[arg(long, default_value_t = afo_runtime::engine::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
+    /// Serve /metrics without the API key (for a scraper). With --api-key, /metrics,
+    /// /api/runs and the details of /health need the key by default.
+    #[arg(long)]
+    public_metrics: bool,
     /// `max_tokens` of a request that gives none.
     #[arg(long, default_value_t = 256)]
     default_max_tokens: usize,
@@ -93,6 +122,13 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .max_batch(args.max_batch)
         .max_queue(args.max_queue)
         .request_timeout(Duration::from_secs(args.timeout))
+        .queue_timeout(Duration::from_secs(args.queue_timeout))
+        .header_timeout(Duration::from_secs(args.header_timeout))
+        .idle_timeout(Duration::from_secs(args.idle_timeout))
+        .max_connections(args.max_connections)
+        .shutdown_grace(Duration::from_secs(args.shutdown_grace))
+        .prefill_chunk(args.prefill_chunk)
+        .public_metrics(args.public_metrics)
         .default_max_tokens(args.default_max_tokens);
     for spec in &args.models {
         let path = super::resolve_model(spec)?;

@@ -45,6 +45,8 @@ pub struct Tokenizer {
     /// A copy of `inner` that reads special-token text as plain text (for content a
     /// client wrote), made on first use.
     plain: std::sync::OnceLock<tokenizers::Tokenizer>,
+    /// The most bytes one token decodes to, found on first use.
+    max_token_bytes: std::sync::OnceLock<usize>,
 }
 
 impl Tokenizer {
@@ -75,6 +77,7 @@ impl Tokenizer {
             chat_template: md.chat_template.clone(),
             named_chat_templates: BTreeMap::new(),
             plain: std::sync::OnceLock::new(),
+            max_token_bytes: std::sync::OnceLock::new(),
         })
     }
 
@@ -111,6 +114,7 @@ impl Tokenizer {
             chat_template: None,
             named_chat_templates: BTreeMap::new(),
             plain: std::sync::OnceLock::new(),
+            max_token_bytes: std::sync::OnceLock::new(),
         };
         if let Some((path, config)) = &config {
             tok.apply_hf_config(path, config)?;
@@ -296,6 +300,22 @@ impl Tokenizer {
                 source,
             })?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The most bytes of text one token stands for (the longest vocabulary entry,
+    /// decoded). A text of `n` bytes encodes to at least `n / max_token_bytes`
+    /// tokens, so a prompt too long for a context can be refused before it is
+    /// tokenized. Computed on first use (one pass over the vocabulary).
+    pub fn max_token_bytes(&self) -> usize {
+        *self.max_token_bytes.get_or_init(|| {
+            let n = u32::try_from(self.vocab_size()).unwrap_or(u32::MAX);
+            (0..n)
+                .filter_map(|id| self.inner.decode(&[id], false).ok())
+                .map(|t| t.len())
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        })
     }
 
     /// Decodes token ids into text; `skip_special` leaves out special tokens.

@@ -179,6 +179,8 @@ impl VisionLanguageModel {
         // The plain-text copy that client content is encoded with, made now so that
         // its bytes are part of the load.
         tokenizer.encode_plain("")?;
+        // And the longest token, which bounds a prompt's bytes before it is encoded.
+        tokenizer.max_token_bytes();
         let id = path.file_name().map_or_else(
             || path.display().to_string(),
             |s| s.to_string_lossy().into(),
