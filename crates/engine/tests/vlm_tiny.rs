@@ -197,12 +197,22 @@ fn inconsistent_images_are_refused_with_a_reason() {
     };
     let err = vlm.prepare("x", &[narrow]).unwrap_err().to_string();
     assert!(err.contains("1536") && err.contains("768"), "{err}");
-    // An instruction smuggling an image token does not line up with the images.
+    // An instruction smuggling a whole image placeholder does not line up with the
+    // images.
+    let smuggled = afo_engine::IMAGE_PLACEHOLDER;
     let err = vlm
-        .prepare("<|image_pad|>", &[image([1, 2, 2], 1)])
+        .prepare(smuggled, &[image([1, 2, 2], 1)])
         .unwrap_err()
         .to_string();
     assert!(err.contains("image tokens"), "{err}");
+    // A bare control token in the instruction is text, not an image slot: the prompt
+    // holds exactly the image's tokens.
+    let prompt = vlm
+        .prepare("<|image_pad|><|vision_end|>", &[image([1, 2, 2], 1)])
+        .unwrap();
+    let image_id = vlm.config().image_token_id;
+    let slots = prompt.tokens.iter().filter(|&&t| t == image_id).count();
+    assert_eq!(slots, 1, "one 2x2 image merged 2x2 is one token");
 }
 
 #[test]
