@@ -157,3 +157,68 @@ fn a_cancelled_request_ends_and_the_others_go_on() {
     ));
     assert_eq!(s.reserved_bytes(), 0);
 }
+
+#[test]
+fn a_long_prompt_runs_in_chunks_between_decode_steps_and_can_be_cancelled_midway() {
+    let loaded = LoadedModel::load(common::smollm2_path()).unwrap();
+    let (model, tok) = (loaded.model(), loaded.tokenizer());
+    let mut s = Scheduler::new(model, tok, 4);
+    s.set_prefill_chunk(32);
+    let short = loaded.encode_text("Once upon a time").unwrap();
+    let long = loaded
+        .encode_text(&"The quick brown fox jumps over the lazy dog. ".repeat(30))
+        .unwrap();
+    assert!(long.len() > 200, "{} tokens", long.len());
+    let a = s.add_request(short.clone(), options(40)).unwrap();
+    // The short request starts and emits its first token.
+    let first = s.step().unwrap();
+    assert!(first.iter().any(|o| o.id == a && o.token.is_some()));
+    let b = s.add_request(long.clone(), options(4)).unwrap();
+    // While the long prompt runs 32 tokens a step, the short one gets a token every
+    // step, and the long one is counted as prefilling.
+    let chunks = long.len().div_ceil(32);
+    for step in 0..chunks - 1 {
+        let out = s.step().unwrap();
+        assert!(
+            out.iter().any(|o| o.id == a && o.token.is_some()),
+            "step {step}: the decoding request stalled"
+        );
+        assert!(out.iter().all(|o| o.id != b), "step {step}: {out:?}");
+        assert_eq!((s.prefilling(), s.running()), (1, 1), "step {step}");
+    }
+    // Cancelled between two chunks: it ends at once, without a token.
+    let c = s.add_request(long.clone(), options(4)).unwrap();
+    let out = s.step().unwrap();
+    assert!(
+        out.iter().any(|o| o.id == b && o.token.is_some()),
+        "b's last chunk ran: {out:?}"
+    );
+    assert_eq!(s.prefilling(), 1, "c is prefilling");
+    assert!(s.cancel(c));
+    let out = s.step().unwrap();
+    let ended = out.iter().find(|o| o.id == c).unwrap();
+    assert_eq!(
+        (ended.finish, ended.token),
+        (Some(FinishReason::Cancelled), None)
+    );
+    assert_eq!(s.prefilling(), 0);
+
+    // The chunked request generates what it would alone.
+    let mut s2 = Scheduler::new(model, tok, 1);
+    s2.set_prefill_chunk(32);
+    let id = s2.add_request(long.clone(), options(4)).unwrap();
+    let mut chunked = String::new();
+    while s2.has_unfinished() {
+        for o in s2.step().unwrap() {
+            assert_eq!(o.id, id);
+            chunked.push_str(&o.text);
+        }
+    }
+    let mut cache = model.new_cache(long.len() + 4);
+    let alone = generate(model, tok, &long, &options(4), &mut cache, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap()
+    .text;
+    assert_eq!(chunked, alone);
+}

@@ -87,6 +87,8 @@ struct Conn {
     in_flight: AtomicUsize,
     /// Asks the connection to close (its place is taken by a new one).
     close: Notify,
+    /// Set when it was asked to close: it no longer counts against the cap.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// The open connections.
@@ -102,8 +104,14 @@ impl Registry {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Open connections not already asked to close.
     fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|c| !c.closing.load(Ordering::SeqCst))
+            .count()
     }
 
     fn add(&self) -> (u64, Arc<Conn>) {
@@ -112,6 +120,7 @@ impl Registry {
             last_activity: AtomicU64::new(self.now_ms()),
             in_flight: AtomicUsize::new(0),
             close: Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         self.conns
             .lock()
@@ -133,7 +142,9 @@ impl Registry {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let oldest = conns
             .iter()
-            .filter(|(_, c)| c.in_flight.load(Ordering::SeqCst) == 0)
+            .filter(|(_, c)| {
+                c.in_flight.load(Ordering::SeqCst) == 0 && !c.closing.load(Ordering::SeqCst)
+            })
             .min_by_key(|(_, c)| c.last_activity.load(Ordering::SeqCst));
         match oldest {
             Some((id, c)) => {
@@ -141,6 +152,7 @@ impl Registry {
                     conn = id,
                     "at the connection cap: closing an idle connection"
                 );
+                c.closing.store(true, Ordering::SeqCst);
                 c.close.notify_one();
                 true
             }
@@ -188,9 +200,9 @@ pub(crate) async fn serve(
                 Err(e) => {
                     // Out of file descriptors (or another transient error): make room
                     // and try again shortly, never spin.
-                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tracing::debug!(error = %e, "accepting a connection failed");
                     registry.evict_idle();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
