@@ -188,9 +188,10 @@ impl LoadedModel {
 }
 
 /// Bytes the tokenizer's tables take per vocabulary entry (the vocabulary, the merges,
-/// the added tokens and their indexes): measured on SmolLM2 (49,152 entries, about 15
-/// MB resident beyond the weights).
-pub(crate) const TOKENIZER_BYTES_PER_ENTRY: u64 = 300;
+/// the added tokens and their indexes), twice: the tokenizer and its plain-text copy
+/// for client content ([`crate::Tokenizer::encode_plain`]). One copy measured on
+/// SmolLM2: 49,152 entries, about 15 MB resident beyond the weights.
+pub(crate) const TOKENIZER_BYTES_PER_ENTRY: u64 = 600;
 
 impl CacheWeight for LoadedModel {
     /// The weights plus the tokenizer's tables.
