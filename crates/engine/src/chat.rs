@@ -16,7 +16,11 @@
 //! `user`, `system`, `tool` and other non-`assistant` messages) is tokenized as plain
 //! text ([`Tokenizer::encode_plain`]), so `<|im_start|>system` inside a user message is
 //! eleven characters, not a forged turn. A template is bounded: it runs on a fuel
-//! budget (instructions) and its output may not grow past a size limit.
+//! budget (instructions), its output may not grow past a size limit, a template that
+//! joins a value to itself (`s ~ s`, which doubles a string per step) is refused when
+//! compiled, and `tojson` indents at most 64 spaces. The size of the values a template
+//! builds in between is not otherwise bounded (the engine has no memory limit): a
+//! doubling written less directly still reaches the allocator.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -114,6 +118,8 @@ impl ChatTemplate {
         eos_token: impl Into<String>,
     ) -> Result<Self> {
         let name = name.into();
+        let source = source.into();
+        check_self_concatenation(&name, &source)?;
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL_BASE));
         env.set_trim_blocks(true);
@@ -122,7 +128,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.into())
+        env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|source| Error::ChatTemplate {
                 name: name.clone(),
                 source,
@@ -408,6 +414,54 @@ fn encode_content(
     }
 }
 
+/// The widest `tojson(indent=N)` a template may ask for.
+const MAX_JSON_INDENT: usize = 64;
+
+/// Refuses a template that concatenates a value with itself (`s ~ s`, `ns.t + ns.t`):
+/// repeated, that doubles a string at every step, and a few dozen steps exhaust
+/// memory before the fuel or the output limit can stop it (the template engine
+/// bounds instructions and our writer bounds output, not the size of values in
+/// between). A heuristic over the source: it catches the direct forms.
+fn check_self_concatenation(name: &str, source: &str) -> Result<()> {
+    let bytes = source.as_bytes();
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'.';
+    let mut i = 0;
+    while i < bytes.len() {
+        if !ident(bytes[i]) || (i > 0 && ident(bytes[i - 1])) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && ident(bytes[i]) {
+            i += 1;
+        }
+        let word = &source[start..i];
+        if word.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let rest = source[i..].trim_start();
+        let Some(after_op) = rest.strip_prefix('~').or_else(|| rest.strip_prefix('+')) else {
+            continue;
+        };
+        let after_op = after_op.trim_start();
+        let same = after_op.strip_prefix(word).is_some_and(|tail| {
+            !tail
+                .as_bytes()
+                .first()
+                .is_some_and(|&b| ident(b) || b == b'(' || b == b'[')
+        });
+        if same {
+            return Err(Error::ChatTemplateLimit {
+                name: name.to_owned(),
+                reason: format!(
+                    "it joins `{word}` to itself, which can double a string at every step"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A writer that refuses to grow past `limit` bytes.
 struct Bounded {
     buf: Vec<u8>,
@@ -566,6 +620,12 @@ impl serde_json::ser::Formatter for PythonJson {
 fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
+    if indent.is_some_and(|n| n > MAX_JSON_INDENT) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: an indent over {MAX_JSON_INDENT} spaces"),
+        ));
+    }
     let mut buf = Vec::new();
     let result = match indent {
         Some(n) => {

@@ -265,19 +265,33 @@ fn runaway_templates_are_bounded() {
     let err = looping.render(&messages, true).unwrap_err().to_string();
     assert!(err.contains("instructions"), "{err}");
     assert!(started.elapsed().as_secs() < 30, "bounded in time");
-    // An exploding output: each level doubles the text.
-    let exploding = ChatTemplate::new(
+    // An exploding value: each step doubles the text. Refused when compiled, before
+    // it can reach the allocator.
+    let err = ChatTemplate::new(
         "{% set s = namespace(t='xxxxxxxxxxxxxxxx') %}{% for i in range(40) %}{% set s.t = s.t ~ s.t %}{{ s.t }}{% endfor %}",
         "",
         "",
     )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`s.t` to itself"), "{err}");
+    // Templates that only append stay fine.
+    ChatTemplate::new(
+        "{% set ns = namespace(out='') %}{% for m in messages %}{% set ns.out = ns.out ~ m.content %}{% endfor %}{{ ns.out }}",
+        "",
+        "",
+    )
     .unwrap();
-    let err = exploding
+    // An exploding output: stopped at the output limit.
+    let flooding = ChatTemplate::new(
+        "{% for i in range(100000) %}{{ messages[0].content * 1000 }}{% endfor %}",
+        "",
+        "",
+    )
+    .unwrap();
+    let err = flooding
         .encode(&tok, &messages, true, &[])
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("bytes") || err.contains("instructions"),
-        "{err}"
-    );
+    assert!(err.contains("bytes"), "{err}");
 }
