@@ -211,6 +211,14 @@ pub enum Error {
         #[source]
         source: minijinja::Error,
     },
+    /// A `tokenizer.json` that cannot be read.
+    #[error("`{path}`: {reason}")]
+    InvalidTokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A chat template ran past its bounds (instructions or output size).
     #[error("chat template `{name}`: {reason}")]
     ChatTemplateLimit {

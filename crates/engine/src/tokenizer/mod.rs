@@ -93,11 +93,7 @@ impl Tokenizer {
     /// `tokenizer_config.json` over 16 MiB (checked before reading).
     pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
         let bytes = read_bounded(tokenizer_json, TOKENIZER_JSON_LIMIT)?;
-        let inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| Error::Tokenizers {
-                context: format!("parsing `{}`", tokenizer_json.display()),
-                source,
-            })?;
+        let inner = parse_tokenizer_json(tokenizer_json, &bytes)?;
         let config = match tokenizer_config {
             Some(path) => Some((path, read_json(path, TOKENIZER_CONFIG_LIMIT)?)),
             None => None,
@@ -415,6 +411,24 @@ impl Tokenizer {
 }
 
 /// Reads a JSON file of at most `limit` bytes.
+/// Parses a `tokenizer.json`: first as JSON (a clear error for a truncated or
+/// corrupt file), then by the `tokenizers` crate, whose deserializer panics on some
+/// malformed values (an `expect` in its decoder's); such a panic becomes an error.
+fn parse_tokenizer_json(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    let bad = |reason: String| Error::InvalidTokenizer {
+        path: path.to_path_buf(),
+        reason,
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+        .map_err(|_| bad("the tokenizers crate could not read it (it panicked)".into()))?;
+    parsed.map_err(|source| Error::Tokenizers {
+        context: format!("parsing `{}`", path.display()),
+        source,
+    })
+}
+
 fn read_json(path: &Path, limit: u64) -> Result<Json> {
     read_json_bounded(path, limit)
 }
