@@ -403,7 +403,8 @@ impl<'m> Scheduler<'m> {
     }
 
     /// Runs up to `prefill_chunk` prompt tokens, oldest prompt first (a short prompt
-    /// leaves the rest of the chunk to the next). A prompt's cache is seeded from the
+    /// leaves the rest of the chunk to the next prompts that fit in it whole). A
+    /// prompt's cache is seeded from the
     /// prefix cache when its first chunk runs; a prompt that has run in full
     /// publishes its blocks to the prefix cache, gives back its prefill workspace and
     /// starts decoding.
@@ -417,6 +418,14 @@ impl<'m> Scheduler<'m> {
                 p.seeded = true;
                 p.reused = seed_from_prefix(&p.prompt, &mut p.cache, self.prefix)?;
                 p.done = p.reused.unwrap_or(0);
+            }
+            // A prompt is split only at multiples of the chunk from where it starts:
+            // one that would not fit whole in what is left of this step waits for the
+            // next, so a prompt runs in the same chunks whatever arrived beside it (and
+            // computes the same logits as it would alone).
+            let first_of_step = budget == self.prefill_chunk;
+            if !first_of_step && p.prompt.len() - p.done > budget {
+                return Ok(());
             }
             let end = (p.done + budget).min(p.prompt.len());
             let logits = self.model.decode(&p.prompt[p.done..end], &mut p.cache)?;
