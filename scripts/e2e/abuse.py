@@ -57,10 +57,9 @@ import sys
 import threading
 import time
 
+from harness import busy, describe_exit, mib, model_id, parse_bytes
+
 HOST = "127.0.0.1"
-MIB = 1 << 20
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 API_KEY = "abuse-test-key-0123456789"
 
@@ -99,18 +98,6 @@ def log(msg):
     print(f"[abuse {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_bytes(text):
-    """'2GiB' -> 2147483648 (the units afo's ByteSize takes)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in UNITS:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 2GiB, 700MiB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
-
-
-def mib(n):
-    return "-" if n is None else f"{n / MIB:.1f} MiB"
-
-
 def ms(s):
     return "-" if s is None else f"{s * 1000:.1f}"
 
@@ -120,12 +107,6 @@ def pct(values, q):
         return None
     v = sorted(values)
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
-
-
-def model_id(path):
-    """The id `afo serve` gives a model: the file name without its extension."""
-    name = os.path.basename(os.path.normpath(path))
-    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 # --------------------------------------------------------------------------- RSS
@@ -176,17 +157,6 @@ class RssSampler(threading.Thread):
 
 
 # --------------------------------------------------------------------------- servers
-
-
-def describe_exit(code):
-    if code is None:
-        return "running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
 
 
 class Server:
@@ -464,15 +434,6 @@ def health(addr, timeout=HEALTH_TIMEOUT_S):
     # With the key: the models' running and waiting counts are shown to it only.
     r = http_request(addr, "GET", "/health", timeout=timeout, auth=True)
     return r, (r.json() if r.status == 200 else None)
-
-
-def busy(h):
-    """Requests running or waiting on any model, from a /health body."""
-    n = 0
-    for m in (h or {}).get("models", []):
-        waiting = m.get("waiting", m.get("queued", 0))
-        n += m.get("running", 0) + waiting
-    return n
 
 
 def wait_idle(addr, limit=IDLE_LIMIT_S, poll=0.05):

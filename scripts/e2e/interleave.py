@@ -4,7 +4,7 @@
 Starts `afo serve` (AFO_BIN, default target/release/afo) on 127.0.0.1 with the given
 --prefill-chunk, streams one chat (A, 300 tokens), and 1 s into it sends a chat with a
 ~3,000-token prompt (B). Prints A's gaps between chunks while B's prompt runs: the
-largest and the median, and B's time to its answer. Run it once per chunk size:
+largest and the median, and B's time to its answer. Run it once per chunk size (64 is the server's default):
 
     python3 scripts/e2e/interleave.py --prefill-chunk 256
     python3 scripts/e2e/interleave.py --prefill-chunk 100000   # the prompt in one pass
@@ -19,13 +19,15 @@ import sys
 import threading
 import time
 
+from harness import model_id as id_of
+
 ap = argparse.ArgumentParser()
-ap.add_argument("--prefill-chunk", type=int, default=256)
+ap.add_argument("--prefill-chunk", type=int, default=64)
 ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
 ap.add_argument("--prompt-tokens", type=int, default=3000)
 args = ap.parse_args()
 binary = os.environ.get("AFO_BIN", "target/release/afo")
-model_id = os.path.splitext(os.path.basename(args.model))[0]
+model_id = id_of(args.model)
 
 server = subprocess.Popen(
     [binary, "--threads", "2", "serve", "--model", args.model, "--port", "0",

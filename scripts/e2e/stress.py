@@ -40,12 +40,11 @@ import subprocess
 import sys
 import threading
 import time
+
+from harness import MIB, busy, describe_exit, mib, model_id, parse_bytes
 import urllib.error
 import urllib.request
 
-MIB = 1 << 20
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 PROBE_GOAL_S = 5.0       # the short request after the burst must succeed within this
 PROBE_LIMIT_S = 20.0     # ... and is retried for at most this long (to report the time)
 PROBE_PAUSE_S = 0.25     # between two tries (each try is a request that needs an SSOT line)
@@ -55,18 +54,6 @@ START_LIMIT_S = 120.0    # the longest wait for "listening on"
 SAMPLE_PERIOD_S = 0.010  # RSS sampling period
 VLM_PROMPT_CHARS = 1500  # the tiny VLM's tokenizer is byte-level, 4,096 positions
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
-
-def parse_bytes(text):
-    """'700MiB' -> 734003200 (the units afo's ByteSize takes)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in UNITS:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 700MiB, 1GiB, 800MB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
-
-
-def mib(n):
-    return "-" if n is None else f"{n / MIB:.1f} MiB"
 
 
 def log(msg):
@@ -139,17 +126,6 @@ class Server:
             return False
         finally:
             self.out.close()
-
-
-def describe_exit(code):
-    if code is None:
-        return "running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
 
 
 # --------------------------------------------------------------------------- RSS
@@ -530,10 +506,6 @@ def health_watch(addr, server, stop, stats):
         stats["badges"][h.get("badge", "?")] += 1
 
 
-def busy(h):
-    return sum(m.get("running", 0) + m.get("waiting", 0) for m in h.get("models", []))
-
-
 def wait_idle(addr, server):
     """Polls /health until no model has a request running or waiting. Returns
     (seconds waited or None if never idle, the last /health body)."""
@@ -645,12 +617,6 @@ def parse_args(argv):
     args.images = args.images or [os.path.join(ROOT, "crates/cli/assets/sample.jpg"),
                                   os.path.join(ROOT, "crates/image/tests/fixtures/images/grey.png")]
     return args
-
-
-def model_id(path):
-    """The id `afo serve` gives a model: the file name without its extension."""
-    name = os.path.basename(os.path.normpath(path))
-    return name.rsplit(".", 1)[0] if "." in name else name
 
 
 def main(argv):
