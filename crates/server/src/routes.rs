@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use afo_runtime::engine::{GenerateOptions, LoadedModel, SamplingParams};
-use afo_runtime::guard::{StatusBadge, badge};
+use afo_runtime::guard::{MemoryKind, Reservation, StatusBadge, badge};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
@@ -336,13 +336,22 @@ async fn handle(
         model: None,
         received,
         settled: false,
+        held: None,
     };
     let parsed = match read_body(&s, request).await {
         Ok(body) => {
+            // The body and what is parsed from it are in the ledger until the request
+            // is planned (then its own reservation counts what it keeps).
+            let len = body.len() as u64;
+            pending.held = Some(s.runtime.hold(MemoryKind::Workspace, 2 * len));
             let limits = s.config.limits;
-            tokio::task::spawn_blocking(move || parse(&body, &limits))
+            let parsed = tokio::task::spawn_blocking(move || parse(&body, &limits))
                 .await
-                .unwrap_or_else(|e| Err(ApiError::internal(format!("parsing failed: {e}"))))
+                .unwrap_or_else(|e| Err(ApiError::internal(format!("parsing failed: {e}"))));
+            if let Some(held) = &mut pending.held {
+                held.shrink_to(MemoryKind::Workspace, len);
+            }
+            parsed
         }
         Err(e) => Err(e),
     };
@@ -369,6 +378,8 @@ struct Unanswered {
     /// Set once the request's record is somebody else's to write (a worker took
     /// it) or has been written.
     settled: bool,
+    /// The ledger's hold on the request's body and parsed text, until it is planned.
+    held: Option<Reservation>,
 }
 
 impl Drop for Unanswered {
@@ -489,7 +500,8 @@ async fn generate(
     pending: &mut Unanswered,
 ) -> Result<Response, ApiError> {
     let model = req.model.clone();
-    let result = generate_inner(Arc::clone(&s), req, received, &mut pending.settled).await;
+    let held = pending.held.take();
+    let result = generate_inner(Arc::clone(&s), req, received, &mut pending.settled, held).await;
     if let Err(e) = &result
         && !pending.settled
     {
@@ -507,6 +519,7 @@ async fn generate_inner(
     mut req: ParsedRequest,
     received: Instant,
     submitted: &mut bool,
+    held: Option<Reservation>,
 ) -> Result<Response, ApiError> {
     if !s.accepting.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable(
@@ -584,6 +597,8 @@ async fn generate_inner(
     };
     // The model is not held while the request waits: a retired worker's model can go.
     drop(served);
+    // Planned: the request's text is tokens now, counted by its own estimate.
+    drop(held);
     let options = GenerateOptions {
         max_tokens: planned.max_tokens,
         stop: req.sampling.stop.clone(),
