@@ -20,6 +20,7 @@ mod generate;
 mod gguf;
 mod gguf_write;
 mod hf;
+mod hf_cache;
 mod loaded;
 mod model;
 mod quantize;
@@ -46,7 +47,8 @@ pub use generate::{
     generate, generate_with_prefix,
 };
 pub use gguf::{GgufDescription, GgufFile, TypeCount};
-pub use hf::{HfCache, HfConfig, HfRopeScaling, SafetensorsDir, gguf_to_hf_name};
+pub use hf::{HfConfig, HfRopeScaling, SafetensorsDir, gguf_to_hf_name};
+pub use hf_cache::{HfCache, model_file_in};
 pub use loaded::LoadedModel;
 pub use model::{Logits, Model, WeightSource};
 pub use quantize::{

@@ -207,3 +207,34 @@ fn sliding_windows_are_read_where_they_apply() {
     .to_string();
     assert!(err.contains("use_sliding_window"), "{err}");
 }
+
+#[test]
+fn a_snapshot_of_one_gguf_resolves_to_the_file() {
+    let root = tempfile::tempdir().unwrap();
+    let cache = HfCache::new(root.path());
+    assert!(cache.repos().is_empty());
+    let snap = cache.snapshot_path("Org/Single-GGUF", "c0ffee");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(cache.ref_path("Org/Single-GGUF", "main").parent().unwrap()).unwrap();
+    std::fs::write(cache.ref_path("Org/Single-GGUF", "main"), "c0ffee").unwrap();
+    std::fs::write(snap.join("model.Q4_1.gguf"), b"GGUF").unwrap();
+    std::fs::write(snap.join("README.md"), b"readme").unwrap();
+    assert_eq!(
+        cache.resolve("Org/Single-GGUF", None).unwrap(),
+        snap.join("model.Q4_1.gguf")
+    );
+    assert_eq!(cache.snapshot("Org/Single-GGUF", None).unwrap(), snap);
+    // Two GGUF files: the folder, for the caller to choose.
+    std::fs::write(snap.join("model.Q8_0.gguf"), b"GGUF").unwrap();
+    assert_eq!(cache.resolve("Org/Single-GGUF", None).unwrap(), snap);
+    // A config.json makes it a Hugging Face model folder.
+    std::fs::remove_file(snap.join("model.Q8_0.gguf")).unwrap();
+    std::fs::write(snap.join("config.json"), b"{}").unwrap();
+    assert_eq!(cache.resolve("Org/Single-GGUF", None).unwrap(), snap);
+    assert_eq!(cache.repos(), vec!["Org/Single-GGUF".to_owned()]);
+    assert!(
+        cache
+            .repo_folder("Org/Single-GGUF")
+            .ends_with("models--Org--Single-GGUF")
+    );
+}
