@@ -25,7 +25,10 @@
 //!   `gen_ai_server_time_to_first_token_seconds`,
 //!   `gen_ai_server_time_per_output_token_seconds`, `gen_ai_client_token_usage`) plus
 //!   `afo_*` gauges of memory, cache hit rate and scheduler queues.
-//! - `GET /api/runs`: the last SSOT records written; `GET /`: the dashboard page.
+//! - `GET /api/runs`: the last SSOT records written; `GET /api/history`: health
+//!   samples (one a second for the last ten minutes by default: resident and
+//!   reserved memory, cutline, warn line, badge, each model's waiting and running
+//!   requests); `GET /`: the dashboard page, which charts them.
 //!
 //! # Concurrency and admission
 //!
@@ -77,6 +80,7 @@
 
 mod conn;
 mod error;
+mod history;
 mod metrics;
 pub mod openai;
 mod routes;

@@ -35,6 +35,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/api/runs", get(runs))
+        .route("/api/history", get(history))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), auth));
     let metrics_route = Router::new().route("/metrics", get(metrics));
     let metrics_route = if shared.config.public_metrics {
@@ -65,8 +66,8 @@ async fn count(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Re
     response
 }
 
-/// Checks the bearer token of `/v1/*`, `/api/runs` and `/metrics` when the server
-/// has one.
+/// Checks the bearer token of `/v1/*`, `/api/runs`, `/api/history` and `/metrics`
+/// when the server has one.
 async fn auth(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     if !authorized(&s, request.headers()) {
         return ApiError::unauthorized().into_response();
@@ -221,6 +222,7 @@ fn health_value(s: &Shared) -> Result<Value, ApiError> {
 /// `/health`: everything with the key (or on a server without one); without it,
 /// only the status, the badge and the memory figures (no paths, no models).
 async fn health(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    s.sample_history();
     let full = authorized(&s, &headers);
     match health_value(&s).map(|v| if full { v } else { public_health(v) }) {
         Ok(v) => (
@@ -249,6 +251,44 @@ async fn runs(State(s): State<Arc<Shared>>) -> Response {
         axum::Json(json!({"runs": s.recent()})),
     )
         .into_response()
+}
+
+/// `/api/history`: the health samples kept, oldest first (only those taken after
+/// `?since=MS`, milliseconds since the Unix epoch, when given).
+async fn history(State(s): State<Arc<Shared>>, request: Request) -> Response {
+    let since = match since_param(request.uri().query()) {
+        Ok(since) => since,
+        Err(e) => return e.into_response(),
+    };
+    s.sample_history();
+    let models: Vec<&str> = s.models.iter().map(|m| m.id.as_str()).collect();
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        axum::Json(json!({
+            "interval_ms": u64::try_from(s.history.interval().as_millis()).unwrap_or(u64::MAX),
+            "capacity": s.history.capacity(),
+            "models": models,
+            "samples": s.history.since(since),
+        })),
+    )
+        .into_response()
+}
+
+/// The `since` parameter of a query string, if any.
+fn since_param(query: Option<&str>) -> Result<Option<u64>, ApiError> {
+    let Some(value) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("since="))
+    else {
+        return Ok(None);
+    };
+    value.parse().map(Some).map_err(|_| {
+        ApiError::invalid(format!(
+            "`since` must be milliseconds since the Unix epoch, not `{value}`"
+        ))
+        .param("since")
+    })
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {

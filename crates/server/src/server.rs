@@ -165,6 +165,21 @@ impl ServerBuilder {
         self
     }
 
+    /// How many health samples `/api/history` and the dashboard's charts keep (the
+    /// oldest is dropped past it). Default 600: ten minutes at the default interval.
+    pub fn history_samples(mut self, samples: usize) -> Self {
+        self.config.history_samples = samples;
+        self
+    }
+
+    /// How often a health sample is taken for `/api/history` (while serving, and on
+    /// `/health` and `/api/history` calls, at most once per interval). Default 1 s;
+    /// at least 1 ms.
+    pub fn history_interval(mut self, interval: Duration) -> Self {
+        self.config.history_interval = interval;
+        self
+    }
+
     /// Checks the settings and builds the server. Models load on their first request
     /// (or at [`Server::preload`]).
     ///
@@ -190,6 +205,14 @@ impl ServerBuilder {
         zero("default_max_tokens", c.default_max_tokens)?;
         zero("prefill_chunk", c.prefill_chunk)?;
         zero("max_connections", c.connections.max_connections)?;
+        zero("history_samples", c.history_samples)?;
+        if c.history_interval < Duration::from_millis(1) {
+            return Err(Error::InvalidConfig {
+                name: "history_interval",
+                value: format!("{:?}", c.history_interval),
+                reason: "must be at least 1 ms",
+            });
+        }
         if c.api_key.as_deref().is_some_and(str::is_empty) {
             return Err(Error::InvalidConfig {
                 name: "api_key",
@@ -248,6 +271,8 @@ impl Server {
                 prefill_chunk: afo_runtime::engine::DEFAULT_PREFILL_CHUNK,
                 connections: crate::conn::ConnLimits::default(),
                 public_metrics: false,
+                history_samples: crate::history::DEFAULT_SAMPLES,
+                history_interval: crate::history::DEFAULT_INTERVAL,
             },
         }
     }
@@ -263,8 +288,10 @@ impl Server {
     }
 
     /// The routes: `POST /v1/chat/completions`, `POST /v1/completions`,
-    /// `GET /v1/models`, `GET /health`, `GET /metrics`, `GET /api/runs` and the
-    /// dashboard at `GET /`.
+    /// `GET /v1/models`, `GET /health`, `GET /metrics`, `GET /api/runs`,
+    /// `GET /api/history` and the dashboard at `GET /`. Mounted without
+    /// [`Server::serve`], the history is sampled only when `/health` or
+    /// `/api/history` is called (the dashboard calls them every second).
     pub fn router(&self) -> axum::Router {
         crate::routes::router(Arc::clone(&self.shared))
     }
@@ -305,6 +332,17 @@ impl Server {
             source,
         })?;
         tracing::debug!(%addr, "serving");
+        // One health sample per interval for `/api/history`, whether or not anybody
+        // is looking.
+        let sampled = Arc::clone(&self.shared);
+        let sampler = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sampled.history.interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                sampled.sample_history();
+            }
+        });
         let shared = Arc::clone(&self.shared);
         let aborting = Arc::clone(&self.shared);
         crate::conn::serve(
@@ -321,6 +359,7 @@ impl Server {
             move || aborting.abort(),
         )
         .await;
+        sampler.abort();
         let shared = Arc::clone(&self.shared);
         // Joining the workers blocks: off the async threads.
         let _ = tokio::task::spawn_blocking(move || shared.stop_workers()).await;

@@ -14,6 +14,7 @@ use afo_runtime::quant::QuantScheme;
 use afo_runtime::ssot::Record;
 
 use crate::error::ApiError;
+use crate::history::{History, Sample};
 use crate::metrics::Metrics;
 use crate::openai::ParseLimits;
 use crate::worker::{Served, Worker};
@@ -34,6 +35,8 @@ pub(crate) struct Config {
     pub prefill_chunk: usize,
     pub connections: crate::conn::ConnLimits,
     pub public_metrics: bool,
+    pub history_samples: usize,
+    pub history_interval: Duration,
 }
 
 /// A model the server offers by id.
@@ -59,6 +62,8 @@ pub(crate) struct Shared {
     pub models: Vec<ModelSpec>,
     workers: Mutex<HashMap<String, Arc<Worker>>>,
     recent: Mutex<VecDeque<serde_json::Value>>,
+    /// The recent health samples, for `/api/history` and the dashboard's charts.
+    pub history: History,
     pub started: Instant,
     pub accepting: AtomicBool,
     /// Set when the shutdown grace has run out: workers end every job now.
@@ -68,7 +73,9 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(runtime: Arc<Runtime>, config: Config, models: Vec<ModelSpec>) -> Self {
+        let history = History::new(config.history_samples, config.history_interval);
         Self {
+            history,
             runtime,
             config,
             metrics: Metrics::default(),
@@ -80,6 +87,49 @@ impl Shared {
             abort: AtomicBool::new(false),
             runs: AtomicU64::new(0),
         }
+    }
+
+    /// Each served model's waiting and running requests, in the order of
+    /// `self.models` (0 and 0 for a model without a worker).
+    pub(crate) fn queues(&self) -> Vec<(u32, u32)> {
+        let workers = self.workers();
+        self.models
+            .iter()
+            .map(|m| {
+                let Some(w) = workers.iter().find(|w| w.id == m.id) else {
+                    return (0, 0);
+                };
+                let queued = w.queued.load(Ordering::SeqCst);
+                let running = w.running.load(Ordering::SeqCst);
+                let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+                (n(queued.saturating_sub(running)), n(running))
+            })
+            .collect()
+    }
+
+    /// Adds a sample of the health now to the history when one is due (see
+    /// [`History::sample_if_due`]); nothing when the memory probe fails.
+    pub(crate) fn sample_history(&self) {
+        self.history.sample_if_due(|| {
+            let h = self
+                .runtime
+                .health()
+                .map_err(
+                    |e| tracing::debug!(error = %e, "no history sample: the memory probe failed"),
+                )
+                .ok()?;
+            let (waiting, running) = self.queues().into_iter().unzip();
+            Some(Sample {
+                t_ms: crate::history::unix_ms(),
+                resident_bytes: h.rss_bytes,
+                reserved_bytes: h.ledger.reserved_total(),
+                cutline_bytes: h.cutline_bytes,
+                warn_bytes: self.runtime.budget().warn_bytes(),
+                badge: h.badge,
+                waiting,
+                running,
+            })
+        });
     }
 
     /// Whether the workers must end every job now (the shutdown grace ran out).
