@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every example of the workspace (`cargo run --example NAME`), the way the
-# README lists them, and fails on the first that fails. Fetches the test model when
-# it is missing.
+# README lists them, then each whole-model bench once; fails on the first failure.
+# Fetches the test model when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ! -f "${AFO_MODEL_DIR:-models}/SmolLM2-135M-Instruct.Q4_1.gguf" ]]; then
@@ -17,3 +17,7 @@ run quantize
 run embed_server
 run custom_router
 run ssot_summary
+# Each whole-model bench once, in criterion's test mode (no timing): the benches
+# build and their inputs work. `cargo bench -p afo-benches` measures.
+printf '\n==> cargo test --benches -p afo-benches (each bench once)\n'
+cargo test --quiet -p afo-benches --benches
