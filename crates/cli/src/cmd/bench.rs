@@ -1,11 +1,27 @@
 //! `afo bench`: prefill and decode speed of a model, cold load vs warm re-acquire,
-//! batching, memory prediction, and the prefix cache's time to first token.
+//! batching, memory prediction, the prefix cache's time to first token, image
+//! preprocessing, and `afo bench report`, which runs them all (or reads their saved
+//! results) and writes one self-contained HTML report.
+//!
+//! Each mode measures into a result struct ([`results`]), prints it, and writes it
+//! as JSON with `--json FILE`.
 
-use std::path::PathBuf;
+mod machine;
+mod report;
+pub(crate) mod results;
+mod svg;
+
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use afo_runtime::Runtime;
 use afo_runtime::engine::{LoadedModel, Logits};
+use afo_runtime::guard::ByteSize;
+
+use results::{
+    BatchingPoint, BatchingResult, BenchResult, ImageResult, ImageRow, MemoryResult, MemoryRow,
+    MemoryRun, PrefixResult, SpeedResult,
+};
 
 /// What `afo bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -19,17 +35,23 @@ pub(crate) enum Mode {
     /// Time to first token with a cached prompt prefix against without
     /// (`--prefix-tokens`, `--text`).
     Prefix,
+    /// Image preprocessing time and peak memory per image size (`--image-sizes`),
+    /// on synthetic photos made at run time.
+    Image,
+    /// Run every benchmark (or read saved results with `--from`) and write one HTML
+    /// report with plots (`--out`), and its results as JSON beside it.
+    Report,
 }
 
 /// Arguments of `afo bench`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
     /// What to measure.
     #[arg(value_enum, default_value = "speed")]
     mode: Mode,
-    /// The model: a GGUF file.
+    /// The model: a GGUF file (every mode but `image`, and `report --from`).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Prompt tokens for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     prompt: usize,
@@ -57,15 +79,78 @@ pub(crate) struct Args {
     /// `prefix`: tokens of the shared prompt prefix.
     #[arg(long, default_value_t = 1000)]
     prefix_tokens: usize,
-    /// `prefix`: the text the prefix is cut from.
+    /// `prefix` (and the KV policies of `report`): the text read.
     #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
     text: PathBuf,
+    /// `image`: sizes of the synthetic photos, `WIDTHxHEIGHT`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "640x480,1920x1080,4000x3000"
+    )]
+    image_sizes: Vec<String>,
+    /// `image`: the pixel budget of the preprocessing (Qwen3-VL's defaults otherwise).
+    #[arg(long, default_value_t = 1 << 20)]
+    image_max_pixels: usize,
+    /// Write the result as JSON to this file (for `report`: the results of the
+    /// suite; default: `--out` with the extension `.json`).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// `report`: the HTML file written.
+    #[arg(long, default_value = "report.html")]
+    out: PathBuf,
+    /// `report`: read results saved with `--json` (files, or folders of `*.json`)
+    /// instead of measuring.
+    #[arg(long, num_args = 1..)]
+    from: Vec<PathBuf>,
+    /// `report`: llama.cpp's results on the same model (`llama-bench -o json`),
+    /// compared per weight format.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// `report`: small sizes, so the suite runs in about a minute.
+    #[arg(long)]
+    quick: bool,
+    /// `report`: schemes measured besides the model's own format.
+    #[arg(long, value_delimiter = ',', default_value = "int8,int4")]
+    schemes: Vec<afo_runtime::quant::QuantScheme>,
+}
+
+impl Args {
+    fn model(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(m) => super::resolve_model(m),
+            None => anyhow::bail!("afo bench {:?}: --model is required", self.mode),
+        }
+    }
+
+    /// The weight format measured: the scheme, or the file's main type.
+    fn format(&self, model: &Path) -> String {
+        match self.scheme {
+            Some(s) => s.to_string(),
+            None => native_format(model),
+        }
+    }
+}
+
+/// The type that holds most of a GGUF file's parameters (`Q4_1`), or `native` for
+/// other formats.
+fn native_format(model: &Path) -> String {
+    afo_runtime::engine::GgufFile::open(model)
+        .ok()
+        .and_then(|g| {
+            g.describe()
+                .by_type
+                .iter()
+                .max_by_key(|t| t.parameters)
+                .map(|t| t.scheme.clone())
+        })
+        .unwrap_or_else(|| "native".into())
 }
 
 /// Time to first token of prompts that start with the same `--prefix-tokens` of
 /// `--text` and end with a different question each round: cold (no prefix cache), the
 /// first run with the prefix cache (a miss that publishes the prefix), and cached.
-fn prefix(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
+fn prefix(args: &Args, model_path: &Path, loaded: &LoadedModel) -> anyhow::Result<PrefixResult> {
     use afo_runtime::engine::{
         GenerateOptions, PrefixReuse, SamplingParams, generate, generate_with_prefix,
     };
@@ -167,30 +252,48 @@ fn prefix(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
         hit = g.prefix_hit_tokens;
         cached.push(ttft(g));
     }
-    let (cold, first, cached) = (median(cold), median(first), median(cached));
-    let ratio = cached / cold;
+    Ok(PrefixResult {
+        model: model_path.display().to_string(),
+        prefix_tokens: prefix.len(),
+        text: args.text.display().to_string(),
+        rounds,
+        threads: rayon_threads(),
+        cold_ms: median(cold),
+        first_ms: median(first),
+        cached_ms: median(cached),
+        hit_tokens: hit,
+        publish_ms: median(publish),
+        seed_ms: median(seed),
+    })
+}
+
+fn print_prefix(r: &PrefixResult) -> anyhow::Result<()> {
+    let ratio = r.cached_ms / r.cold_ms;
     out!(
         "prefix {} tokens of {}, {} rounds, threads {}",
-        prefix.len(),
-        args.text.display(),
-        rounds,
-        rayon_threads()
+        r.prefix_tokens,
+        r.text,
+        r.rounds,
+        r.threads
     );
     out!("| run | TTFT (median) | vs cold |");
     out!("| --- | --- | --- |");
-    out!("| cold (no prefix cache) | {cold:.1} ms | 100% |");
+    out!("| cold (no prefix cache) | {:.1} ms | 100% |", r.cold_ms);
     out!(
-        "| first with the prefix cache (miss, publishes) | {first:.1} ms | {:.1}% |",
-        100.0 * first / cold
+        "| first with the prefix cache (miss, publishes) | {:.1} ms | {:.1}% |",
+        r.first_ms,
+        100.0 * r.first_ms / r.cold_ms
     );
     out!(
-        "| cached ({hit} prefix tokens reused) | {cached:.1} ms | {:.1}% |",
+        "| cached ({} prefix tokens reused) | {:.1} ms | {:.1}% |",
+        r.hit_tokens,
+        r.cached_ms,
         100.0 * ratio
     );
     out!(
         "publishing the prefix alone: {:.1} ms, seeding a cache from it: {:.1} ms (medians)",
-        median(publish),
-        median(seed)
+        r.publish_ms,
+        r.seed_ms
     );
     out!(
         "cached / cold = {:.1}% (goal <= 20%: {})",
@@ -201,19 +304,20 @@ fn prefix(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
 }
 
 /// Aggregate decode speed of `n` sequences batched, for each `n`.
-fn batch(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
+fn batch(args: &Args, model_path: &Path, loaded: &LoadedModel) -> anyhow::Result<BatchingResult> {
     use afo_runtime::engine::{GenerateOptions, SamplingParams, Scheduler};
+    const PROMPT: u32 = 16;
     let model = loaded.model();
     let vocab = model.config().vocab_size as u32;
-    out!("| sequences | decode tok/s (all sequences) | per sequence | vs 1 sequence |");
-    out!("| --- | --- | --- | --- |");
-    let mut single = None;
+    let mut points = Vec::new();
     for &n in &args.concurrency {
         let mut rates = Vec::new();
         for _ in 0..args.rounds.max(1) {
             let mut s = Scheduler::new(model, loaded.tokenizer(), n);
             for i in 0..n as u32 {
-                let prompt: Vec<u32> = (0..16).map(|j| (i * 7919 + j * 31 + 13) % vocab).collect();
+                let prompt: Vec<u32> = (0..PROMPT)
+                    .map(|j| (i * 7919 + j * 31 + 13) % vocab)
+                    .collect();
                 s.add_request(
                     prompt,
                     GenerateOptions {
@@ -233,27 +337,46 @@ fn batch(args: &Args, loaded: &LoadedModel) -> anyhow::Result<()> {
             }
             rates.push(tokens as f64 / t.elapsed().as_secs_f64());
         }
-        let rate = median(rates);
-        let base = *single.get_or_insert(rate);
+        points.push(BatchingPoint {
+            sequences: n,
+            tok_s: median(rates),
+        });
+    }
+    Ok(BatchingResult {
+        model: model_path.display().to_string(),
+        format: args.format(model_path),
+        prompt_tokens: PROMPT as usize,
+        generated_tokens: args.generate,
+        rounds: args.rounds.max(1),
+        points,
+    })
+}
+
+fn print_batching(r: &BatchingResult) -> anyhow::Result<()> {
+    out!("| sequences | decode tok/s (all sequences) | per sequence | vs 1 sequence |");
+    out!("| --- | --- | --- | --- |");
+    let base = r.points.first().map_or(f64::NAN, |p| p.tok_s);
+    for p in &r.points {
         out!(
-            "| {n} | {rate:.1} | {:.1} | {:.2}x |",
-            rate / n as f64,
-            rate / base
+            "| {} | {:.1} | {:.1} | {:.2}x |",
+            p.sequences,
+            p.tok_s,
+            p.tok_s / p.sequences as f64,
+            p.tok_s / base
         );
     }
     Ok(())
 }
 
 /// Predicted against measured peak memory, one warm run per prompt length.
-fn predict(args: &Args) -> anyhow::Result<()> {
+fn predict(args: &Args, model: &Path) -> anyhow::Result<MemoryResult> {
     use afo_runtime::engine::{GenerateOptions, SamplingParams};
-    use afo_runtime::guard::ByteSize;
     use afo_runtime::{GenerateRequest, Prompt};
 
     let runtime = Runtime::builder().build()?;
     let request = |prompt: String| {
         let mut r =
-            GenerateRequest::new(&args.model, Prompt::Text(prompt)).with_options(GenerateOptions {
+            GenerateRequest::new(model, Prompt::Text(prompt)).with_options(GenerateOptions {
                 max_tokens: args.generate,
                 sampling: SamplingParams::greedy(),
                 ignore_eos: true,
@@ -264,20 +387,18 @@ fn predict(args: &Args) -> anyhow::Result<()> {
     };
     // Load first: the table is about runs, not loading.
     runtime.generate(&request("Hello".into()))?;
-    out!("| prompt tokens | generated | predicted peak | measured peak | error |");
-    out!("| --- | --- | --- | --- | --- |");
+    let mut rows = Vec::new();
     for &n in &args.predict {
         // " the" is one token in GPT-2 style vocabularies.
         let r = runtime.generate(&request(" the".repeat(n)))?;
-        let (p, m) = (r.predicted_peak_bytes as f64, r.peak_memory_bytes as f64);
-        out!(
-            "| {} | {} | {} | {} | {:+.1}% |",
-            r.prompt_tokens,
-            r.completion_tokens,
-            ByteSize(r.predicted_peak_bytes),
-            ByteSize(r.peak_memory_bytes),
-            100.0 * (p - m) / m
-        );
+        rows.push(MemoryRow {
+            run: MemoryRun::Prompt {
+                prompt_tokens: r.prompt_tokens,
+                generated: r.completion_tokens,
+            },
+            predicted_bytes: r.predicted_peak_bytes,
+            measured_bytes: r.peak_memory_bytes,
+        });
     }
     // Concurrent runs: each is admitted on the shared ledger, the last one seeing
     // the others' reservations; the batch's prediction is the highest of its runs',
@@ -296,33 +417,22 @@ fn predict(args: &Args) -> anyhow::Result<()> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()
         })?;
-        let p = responses
-            .iter()
-            .map(|r| r.predicted_peak_bytes)
-            .max()
-            .unwrap_or(0);
-        let m = responses
-            .iter()
-            .map(|r| r.peak_memory_bytes)
-            .max()
-            .unwrap_or(0);
-        let degraded = responses
-            .iter()
-            .filter(|r| r.admission.decision != "admitted")
-            .count();
-        out!(
-            "| {n} x {} | {} each | {} | {} | {:+.1}% |{}",
-            responses.first().map_or(0, |r| r.prompt_tokens),
-            args.generate,
-            ByteSize(p),
-            ByteSize(m),
-            100.0 * (p as f64 - m as f64) / m as f64,
-            if degraded > 0 {
-                format!(" ({degraded} degraded)")
-            } else {
-                String::new()
-            }
-        );
+        let max = |f: fn(&afo_runtime::GenerateResponse) -> u64| {
+            responses.iter().map(f).max().unwrap_or(0)
+        };
+        rows.push(MemoryRow {
+            run: MemoryRun::Batch {
+                runs: n,
+                prompt_tokens: responses.first().map_or(0, |r| r.prompt_tokens),
+                generated: args.generate,
+                degraded: responses
+                    .iter()
+                    .filter(|r| r.admission.decision != "admitted")
+                    .count(),
+            },
+            predicted_bytes: max(|r| r.predicted_peak_bytes),
+            measured_bytes: max(|r| r.peak_memory_bytes),
+        });
     }
     // A chain: the tiny VLM describes the shipped sample image, the model summarises.
     let vlm = std::env::temp_dir().join(format!("afo-bench-vlm-{}", std::process::id()));
@@ -332,19 +442,158 @@ fn predict(args: &Args) -> anyhow::Result<()> {
         bytes: super::chain::SAMPLE_JPEG.to_vec(),
     };
     let mut chain = afo_runtime::ChainRequest::new(&vlm, vec![image], "Describe the image.");
-    chain.llm = Some(args.model.clone());
+    chain.llm = Some(model.to_path_buf());
     let result = runtime.chain(&chain);
     std::fs::remove_dir_all(&vlm)?;
     let r = result?;
-    out!(
-        "| chain (tiny VLM + summary) | {} + {} | {} | {} | {:+.1}% |",
-        r.analysis_tokens.generated,
-        r.summary_tokens.generated,
-        ByteSize(r.predicted_peak_bytes),
-        ByteSize(r.peak_memory_bytes),
-        100.0 * (r.predicted_peak_bytes as f64 - r.peak_memory_bytes as f64)
-            / r.peak_memory_bytes as f64
+    rows.push(MemoryRow {
+        run: MemoryRun::Chain {
+            analysis_tokens: r.analysis_tokens.generated,
+            summary_tokens: r.summary_tokens.generated,
+        },
+        predicted_bytes: r.predicted_peak_bytes,
+        measured_bytes: r.peak_memory_bytes,
+    });
+    Ok(MemoryResult {
+        model: model.display().to_string(),
+        rows,
+    })
+}
+
+fn print_memory(r: &MemoryResult) -> anyhow::Result<()> {
+    out!("| prompt tokens | generated | predicted peak | measured peak | error |");
+    out!("| --- | --- | --- | --- | --- |");
+    for row in &r.rows {
+        let (p, m, e) = (
+            ByteSize(row.predicted_bytes),
+            ByteSize(row.measured_bytes),
+            row.error_percent(),
+        );
+        match &row.run {
+            MemoryRun::Prompt {
+                prompt_tokens,
+                generated,
+            } => out!("| {prompt_tokens} | {generated} | {p} | {m} | {e:+.1}% |"),
+            MemoryRun::Batch {
+                runs,
+                prompt_tokens,
+                generated,
+                degraded,
+            } => out!(
+                "| {runs} x {prompt_tokens} | {generated} each | {p} | {m} | {e:+.1}% |{}",
+                if *degraded > 0 {
+                    format!(" ({degraded} degraded)")
+                } else {
+                    String::new()
+                }
+            ),
+            MemoryRun::Chain {
+                analysis_tokens,
+                summary_tokens,
+            } => out!(
+                "| chain (tiny VLM + summary) | {analysis_tokens} + {summary_tokens} | {p} | {m} | {e:+.1}% |"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// `WIDTHxHEIGHT`, each at least 1.
+fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
+    let bad = || anyhow::anyhow!("--image-sizes `{s}`: expected WIDTHxHEIGHT, such as 1920x1080");
+    let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+    let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    anyhow::ensure!(
+        (1..=20_000).contains(&w) && (1..=20_000).contains(&h),
+        "--image-sizes `{s}`: each side must be 1 to 20000 pixels"
     );
+    Ok((w, h))
+}
+
+/// A synthetic photo: a smooth gradient plus deterministic noise, JPEG quality 90.
+fn synthetic_jpeg(width: u32, height: u32) -> anyhow::Result<Vec<u8>> {
+    let mut state = 0x9e37_79b9_u32;
+    let image = image::RgbImage::from_fn(width, height, |x, y| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let noise = (state >> 27) as u8;
+        let r = (x * 255 / width.max(1)) as u8;
+        let g = (y * 255 / height.max(1)) as u8;
+        let b = ((x + y) * 127 / (width + height).max(1)) as u8;
+        image::Rgb([
+            r.saturating_add(noise),
+            g.saturating_add(noise),
+            b.saturating_add(noise),
+        ])
+    });
+    Ok(afo_runtime::image::encode_rgb8(
+        &image,
+        afo_runtime::image::Encoding::Jpeg { quality: 90 },
+    )?)
+}
+
+/// Preprocessing time (median) and peak (highest above the start) per image size.
+fn image(args: &Args) -> anyhow::Result<ImageResult> {
+    use afo_runtime::guard::PeakTracker;
+    use afo_runtime::image::{DecodeLimits, PreprocessorConfig, preprocess};
+    let mut config = PreprocessorConfig::qwen3_vl();
+    config.max_pixels = args.image_max_pixels.max(config.min_pixels);
+    config.validate()?;
+    let limits = DecodeLimits::default();
+    let mut rows = Vec::new();
+    for size in &args.image_sizes {
+        let (width, height) = parse_size(size)?;
+        let bytes = synthetic_jpeg(width, height)?;
+        let (mut times, mut peak, mut last) = (Vec::new(), 0u64, None);
+        for _ in 0..args.rounds.max(1) {
+            let tracker = PeakTracker::start(None);
+            let start_rss = tracker.start_rss();
+            let t = Instant::now();
+            let p = preprocess(&bytes, &config, &limits)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            peak = peak.max(tracker.finish().saturating_sub(start_rss));
+            last = Some((p.resized, p.num_image_tokens()));
+        }
+        let ((rw, rh), tokens) = last.unwrap_or(((0, 0), 0));
+        rows.push(ImageRow {
+            width,
+            height,
+            file_bytes: bytes.len() as u64,
+            resized_width: rw as usize,
+            resized_height: rh as usize,
+            tokens,
+            ms: median(times),
+            peak_bytes: peak,
+        });
+    }
+    Ok(ImageResult {
+        config: format!("qwen3-vl, max_pixels {}", config.max_pixels),
+        rounds: args.rounds.max(1),
+        rows,
+    })
+}
+
+fn print_image(r: &ImageResult) -> anyhow::Result<()> {
+    out!(
+        "{}, {} rounds (time: median; peak: highest)",
+        r.config,
+        r.rounds
+    );
+    out!("| image | file | resized | tokens | time | peak above the start |");
+    out!("| --- | --- | --- | --- | --- | --- |");
+    for row in &r.rows {
+        out!(
+            "| {} | {} | {}x{} | {} | {:.1} ms | {} |",
+            row.size(),
+            ByteSize(row.file_bytes),
+            row.resized_width,
+            row.resized_height,
+            row.tokens,
+            row.ms,
+            ByteSize(row.peak_bytes)
+        );
+    }
     Ok(())
 }
 
@@ -353,36 +602,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    if args.mode == Mode::Memory {
-        return predict(args);
-    }
+/// Cold load and warm re-acquire of the model in a fresh runtime, in ms.
+fn load_times(args: &Args, model: &Path) -> anyhow::Result<(f64, f64)> {
     let runtime = Runtime::builder().build()?;
-    let cold_ms = runtime.preload(&args.model)?.acquire_ms;
+    let cold_ms = runtime.preload(model)?.acquire_ms;
     let warm: Vec<f64> = (0..args.rounds.max(1) * 20)
-        .map(|_| runtime.preload(&args.model).map(|p| p.acquire_ms))
+        .map(|_| runtime.preload(model).map(|p| p.acquire_ms))
         .collect::<Result<_, _>>()?;
-    let warm_ms = median(warm);
-    out!(
-        "load: cold {cold_ms:.1} ms, warm re-acquire {:.4} ms (median), ratio {:.0}x",
-        warm_ms,
-        cold_ms / warm_ms
-    );
+    Ok((cold_ms, median(warm)))
+}
 
-    let loaded = match args.scheme {
-        Some(s) => LoadedModel::load_quantized(
-            &args.model,
-            afo_runtime::quant::QuantPolicy::new(s),
-            |_| {},
-        )?,
-        None => LoadedModel::load(&args.model)?,
-    };
-    if args.mode == Mode::Batching {
-        return batch(args, &loaded);
-    }
-    if args.mode == Mode::Prefix {
-        return prefix(args, &loaded);
-    }
+/// Prefill and decode of one sequence.
+fn speed(
+    args: &Args,
+    model_path: &Path,
+    loaded: &LoadedModel,
+    (cold_load_ms, warm_acquire_ms): (f64, f64),
+) -> anyhow::Result<SpeedResult> {
     let model = loaded.model();
     let vocab = model.config().vocab_size as u32;
     // Deterministic, varied token ids.
@@ -405,17 +641,93 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         }
         tg.push(args.generate as f64 / t.elapsed().as_secs_f64());
     }
+    Ok(SpeedResult {
+        model: model_path.display().to_string(),
+        format: args.format(model_path),
+        prompt_tokens: args.prompt,
+        generated_tokens: args.generate,
+        rounds: args.rounds,
+        threads: rayon_threads(),
+        prefill_tok_s: median(pp),
+        decode_tok_s: median(tg),
+        cold_load_ms,
+        warm_acquire_ms,
+    })
+}
+
+fn print_speed(r: &SpeedResult) -> anyhow::Result<()> {
     out!(
         "prefill pp{}: {:.1} tok/s (median of {}), decode tg{}: {:.1} tok/s (median of {}), threads {}",
-        args.prompt,
-        median(pp),
-        args.rounds,
-        args.generate,
-        median(tg),
-        args.rounds,
-        rayon_threads()
+        r.prompt_tokens,
+        r.prefill_tok_s,
+        r.rounds,
+        r.generated_tokens,
+        r.decode_tok_s,
+        r.rounds,
+        r.threads
     );
     Ok(())
+}
+
+/// Measures one mode (not `report`) and prints its result.
+fn measure(args: &Args) -> anyhow::Result<BenchResult> {
+    if args.mode == Mode::Image {
+        let r = image(args)?;
+        print_image(&r)?;
+        return Ok(BenchResult::Image(r));
+    }
+    let model = args.model()?;
+    if args.mode == Mode::Memory {
+        let r = predict(args, &model)?;
+        print_memory(&r)?;
+        return Ok(BenchResult::Memory(r));
+    }
+    let (cold_ms, warm_ms) = load_times(args, &model)?;
+    out!(
+        "load: cold {cold_ms:.1} ms, warm re-acquire {:.4} ms (median), ratio {:.0}x",
+        warm_ms,
+        cold_ms / warm_ms
+    );
+    let loaded = match args.scheme {
+        Some(s) => {
+            LoadedModel::load_quantized(&model, afo_runtime::quant::QuantPolicy::new(s), |_| {})?
+        }
+        None => LoadedModel::load(&model)?,
+    };
+    Ok(match args.mode {
+        Mode::Batching => {
+            let r = batch(args, &model, &loaded)?;
+            print_batching(&r)?;
+            BenchResult::Batching(r)
+        }
+        Mode::Prefix => {
+            let r = prefix(args, &model, &loaded)?;
+            print_prefix(&r)?;
+            BenchResult::Prefix(r)
+        }
+        _ => {
+            let r = speed(args, &model, &loaded, (cold_ms, warm_ms))?;
+            print_speed(&r)?;
+            BenchResult::Speed(r)
+        }
+    })
+}
+
+pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+    if args.mode == Mode::Report {
+        return report::run(args);
+    }
+    let result = measure(args)?;
+    if let Some(path) = &args.json {
+        machine::bench_file(vec![result]).write(path)?;
+    }
+    Ok(())
+}
+
+/// Writes `result` to `--json FILE` as [`results::BenchFile`], for the modes that
+/// live elsewhere (`afo eval kv`).
+pub(crate) fn write_json(path: &Path, result: BenchResult) -> anyhow::Result<()> {
+    machine::bench_file(vec![result]).write(path)
 }
 
 fn rayon_threads() -> String {

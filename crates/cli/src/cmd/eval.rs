@@ -11,6 +11,8 @@ use afo_runtime::guard::ByteSize;
 use afo_runtime::kvcache::PrunePolicy;
 use afo_runtime::quant::{QuantPolicy, QuantScheme};
 
+use super::bench::results::{KvResult, KvRow};
+
 /// The fixed prompts of `afo eval quality` (each continued greedily by the f32 model).
 const PROMPTS: [&str; 8] = [
     "The capital of France is",
@@ -72,6 +74,9 @@ pub(crate) enum Command {
         /// Tokens per forward pass.
         #[arg(long, default_value_t = 16)]
         chunk: usize,
+        /// Write the result as JSON to this file (for `afo bench report --from`).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Each scheme against the model dequantized to f32: weight bytes, perplexity,
     /// greedy top-1 agreement and mean KL divergence of the next-token distributions
@@ -177,14 +182,16 @@ fn quality(
     Ok(())
 }
 
-fn kv(
+/// Perplexity of the first `n` tokens of `file` read as one sequence, with the full
+/// cache and with each policy holding at most `budget` tokens (default: a quarter).
+pub(crate) fn measure_kv(
     model: &std::path::Path,
     file: &std::path::Path,
     n: usize,
     budget: Option<usize>,
     policies: &[PrunePolicy],
     chunk: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<KvResult> {
     let loaded = LoadedModel::load(super::resolve_model(model)?)?;
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -202,7 +209,7 @@ fn kv(
             PrunePolicy::SlidingWindow { window: budget },
             PrunePolicy::Sinks {
                 sink_tokens: 4,
-                window: budget - 4,
+                window: budget.saturating_sub(4),
             },
             PrunePolicy::HeavyHitters {
                 budget,
@@ -216,31 +223,84 @@ fn kv(
     let start = Instant::now();
     let mut full_cache = m.new_cache(n);
     let full = streaming_perplexity(m, &tokens, chunk, &mut full_cache)?;
-    out!(
-        "{n} tokens of {}, chunks of {chunk}, KV budget {budget} tokens ({:.0}%)",
-        file.display(),
-        100.0 * budget as f64 / n as f64
-    );
-    out!("| cache | perplexity | vs full | KV bytes held at the end | tokens evicted | time |");
-    out!("| --- | --- | --- | --- | --- | --- |");
-    out!(
-        "| full ({n} tokens) | {:.4} | - | {} | 0 | {:.1} s |",
-        full.ppl,
-        ByteSize(full_cache.bytes()),
-        start.elapsed().as_secs_f64()
-    );
+    let mut rows = vec![KvRow {
+        policy: "full".into(),
+        perplexity: full.ppl,
+        kv_bytes: full_cache.bytes(),
+        evicted_tokens: 0,
+        seconds: start.elapsed().as_secs_f64(),
+    }];
     for policy in policies {
         let start = Instant::now();
         let mut cache = m.new_pruned_cache(n, Some(budget), policy);
         let p = streaming_perplexity(m, &tokens, chunk, &mut cache)?;
-        out!(
-            "| {policy} | {:.4} | {:+.2}% | {} | {} | {:.1} s |",
-            p.ppl,
-            100.0 * (p.ppl / full.ppl - 1.0),
-            ByteSize(cache.bytes()),
-            cache.evicted_tokens(),
-            start.elapsed().as_secs_f64()
-        );
+        rows.push(KvRow {
+            policy: policy.to_string(),
+            perplexity: p.ppl,
+            kv_bytes: cache.bytes(),
+            evicted_tokens: cache.evicted_tokens(),
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(KvResult {
+        model: model.display().to_string(),
+        file: file.display().to_string(),
+        tokens: n,
+        budget,
+        chunk,
+        rows,
+    })
+}
+
+pub(crate) fn print_kv(r: &KvResult) -> anyhow::Result<()> {
+    let n = r.tokens;
+    out!(
+        "{n} tokens of {}, chunks of {}, KV budget {} tokens ({:.0}%)",
+        r.file,
+        r.chunk,
+        r.budget,
+        100.0 * r.budget as f64 / n as f64
+    );
+    out!("| cache | perplexity | vs full | KV bytes held at the end | tokens evicted | time |");
+    out!("| --- | --- | --- | --- | --- | --- |");
+    let full = r.rows.first().map_or(f64::NAN, |row| row.perplexity);
+    for (i, row) in r.rows.iter().enumerate() {
+        if i == 0 {
+            out!(
+                "| full ({n} tokens) | {:.4} | - | {} | 0 | {:.1} s |",
+                row.perplexity,
+                ByteSize(row.kv_bytes),
+                row.seconds
+            );
+        } else {
+            out!(
+                "| {} | {:.4} | {:+.2}% | {} | {} | {:.1} s |",
+                row.policy,
+                row.perplexity,
+                100.0 * (row.perplexity / full - 1.0),
+                ByteSize(row.kv_bytes),
+                row.evicted_tokens,
+                row.seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kv(
+    model: &std::path::Path,
+    file: &std::path::Path,
+    n: usize,
+    budget: Option<usize>,
+    policies: &[PrunePolicy],
+    chunk: usize,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let r = measure_kv(model, file, n, budget, policies, chunk)?;
+    print_kv(&r)?;
+    if let Some(path) = json {
+        super::bench::write_json(path, super::bench::results::BenchResult::Kv(r))?;
     }
     Ok(())
 }
@@ -254,7 +314,16 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             budget,
             policies,
             chunk,
-        } => kv(model, file, *tokens, *budget, policies, *chunk),
+            json,
+        } => kv(
+            model,
+            file,
+            *tokens,
+            *budget,
+            policies,
+            *chunk,
+            json.as_deref(),
+        ),
         Command::Quality {
             model,
             schemes,
@@ -283,7 +352,7 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
                 },
                 other => other.parse()?,
             };
-            kv(model, file, *ctx, Some(budget), &[policy], 16)
+            kv(model, file, *ctx, Some(budget), &[policy], 16, None)
         }
         Command::Perplexity {
             model, file, ctx, ..

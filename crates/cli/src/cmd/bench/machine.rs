@@ -1,0 +1,168 @@
+//! The machine, build, date and command that results are recorded with.
+
+use super::results::{BenchFile, BenchResult, Machine};
+
+/// Extensions that decide which kernels run, as `/proc/cpuinfo` names them.
+#[cfg(target_arch = "x86_64")]
+fn cpu_features() -> Vec<String> {
+    let detected = [
+        ("sse4_2", std::is_x86_feature_detected!("sse4.2")),
+        ("avx", std::is_x86_feature_detected!("avx")),
+        ("avx2", std::is_x86_feature_detected!("avx2")),
+        ("fma", std::is_x86_feature_detected!("fma")),
+        ("f16c", std::is_x86_feature_detected!("f16c")),
+        ("avx_vnni", std::is_x86_feature_detected!("avxvnni")),
+        ("avx512f", std::is_x86_feature_detected!("avx512f")),
+        ("avx512bw", std::is_x86_feature_detected!("avx512bw")),
+        ("avx512vl", std::is_x86_feature_detected!("avx512vl")),
+        ("avx512_vnni", std::is_x86_feature_detected!("avx512vnni")),
+        ("avx512_bf16", std::is_x86_feature_detected!("avx512bf16")),
+    ];
+    detected
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| name.to_owned())
+        .collect()
+}
+
+#[cfg(target_arch = "aarch64")]
+fn cpu_features() -> Vec<String> {
+    let detected = [
+        ("neon", std::arch::is_aarch64_feature_detected!("neon")),
+        (
+            "dotprod",
+            std::arch::is_aarch64_feature_detected!("dotprod"),
+        ),
+        ("i8mm", std::arch::is_aarch64_feature_detected!("i8mm")),
+        ("sve", std::arch::is_aarch64_feature_detected!("sve")),
+    ];
+    detected
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| name.to_owned())
+        .collect()
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn cpu_features() -> Vec<String> {
+    Vec::new()
+}
+
+/// The first `key : value` line of `/proc/cpuinfo` with this key.
+fn cpuinfo(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_owned())
+    })
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
+
+fn os() -> String {
+    let pretty = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        });
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|k| k.trim().to_owned());
+    let mut s = format!("{} {}", std::env::consts::OS, std::env::consts::ARCH);
+    if let Some(p) = pretty {
+        s.push_str(&format!(", {p}"));
+    }
+    if let Some(k) = kernel {
+        s.push_str(&format!(", kernel {k}"));
+    }
+    s
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// This machine.
+pub(crate) fn machine() -> Machine {
+    Machine {
+        host: host(),
+        cpu: cpuinfo("model name")
+            .or_else(|| cpuinfo("Model"))
+            .unwrap_or_else(|| "unknown".into()),
+        cpu_features: cpu_features(),
+        kernel: afo_runtime::quant::kernels::Kernel::detect().to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: super::rayon_threads(),
+        memory_bytes: memory_bytes(),
+        os: os(),
+    }
+}
+
+/// `git rev-parse HEAD` in the current folder, or `unknown`.
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The command line as typed, arguments with spaces or quotes single-quoted.
+pub(crate) fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@%".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The results with this machine, build, date and command.
+pub(crate) fn bench_file(results: Vec<BenchResult>) -> BenchFile {
+    BenchFile {
+        afo_version: env!("CARGO_PKG_VERSION").into(),
+        git_commit: git_commit(),
+        date: now(),
+        command: command_line(),
+        machine: machine(),
+        results,
+    }
+}
