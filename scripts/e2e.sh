@@ -5,8 +5,11 @@
 #      to a second server over the tiny seeded VLM;
 #   2. headless Chromium (Debian's `chromium`, driven by playwright-core) against the
 #      dashboard of a server with a tiny cutline: the badge reads SAFE, then changes
-#      when loading the model pushes memory past the warn threshold; screenshots go to
-#      target/e2e-artifacts/.
+#      when loading the model pushes memory past the warn threshold; then, during a
+#      bounded burst of concurrent requests (loopback), the charts (memory against the
+#      cutline and warn lines with predicted and measured peaks, tokens/s, TTFT, queue
+#      depth, badge strip) and the server's /api/history; screenshots go to
+#      target/e2e-artifacts/ (dashboard-load.png is the one in docs/dashboard.png).
 # Installs what it needs (pip into target/e2e-venv, apt chromium, npm playwright-core
 # into a temporary folder), builds `afo`, and fails loudly on any failure.
 set -euo pipefail
@@ -139,7 +142,9 @@ say "headless Chromium against the dashboard"
 # loaded, resident memory is past the warn threshold.
 start_server "$artifacts/serve-dashboard.log" --model "$model" --lazy --cutline 300MB --warn-fraction 0.3 --api-key "$key" --log "$artifacts/runs-dashboard.jsonl"
 PLAYWRIGHT_DIR="$pw_dir/node_modules" CHROMIUM="$chromium_bin" node scripts/e2e/dashboard.mjs "$base" "$key" "$model_id" "$artifacts"
-[[ -s "$artifacts/dashboard.png" ]] || { echo "e2e: no screenshot" >&2; exit 1; }
+for shot in dashboard.png dashboard-load.png; do
+  [[ -s "$artifacts/$shot" ]] || { echo "e2e: no screenshot $shot" >&2; exit 1; }
+done
 
 say "graceful shutdown"
 for pid in "${pids[@]}"; do kill -TERM "$pid"; done
