@@ -32,6 +32,9 @@ enum Command {
         #[command(subcommand)]
         command: cmd::eval::Command,
     },
+    /// Download a model from a Hugging Face compatible hub into the Hugging Face cache
+    /// (`ORG/NAME`, or one file: `ORG/NAME:FILE`).
+    Pull(cmd::pull::Args),
     /// Show which catalog model a query would run on, and why, without running it.
     Route(cmd::route::Args),
     /// Quantize a model by a policy and save it as GGUF.
@@ -79,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Command::Image(args) => cmd::image::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Eval { command } => cmd::eval::run(&command),
+        Command::Pull(args) => cmd::pull::run(&args),
         Command::Route(args) => cmd::route::run(&args),
         Command::Quantize(args) => cmd::quantize::run(&args),
         Command::Bench(args) => cmd::bench::run(&args),

@@ -94,15 +94,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     request.scheme = args.quantize;
     // A spinner on a terminal while the model loads and the prompt runs; a plain line
     // when stderr is a file or a pipe.
-    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!(
+    let spinner = super::spinner(format!(
         "loading {} and reading the prompt",
         args.model.display()
     ));
-    if spinner.is_hidden() {
-        eprintln!("loading {} ...", args.model.display());
-    } else {
-        spinner.enable_steady_tick(std::time::Duration::from_millis(80));
-    }
     let mut stdout = std::io::stdout().lock();
     let response = runtime.generate_stream(&request, |delta| {
         if !spinner.is_finished() {

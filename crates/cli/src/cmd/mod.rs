@@ -15,6 +15,7 @@ pub(crate) mod eval;
 pub(crate) mod generate;
 pub(crate) mod image;
 pub(crate) mod inspect;
+pub(crate) mod pull;
 pub(crate) mod quantize;
 pub(crate) mod route;
 pub(crate) mod schema;
@@ -22,6 +23,40 @@ pub(crate) mod serve;
 pub(crate) mod ssot;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A progress bar on stderr for `len` steps (bytes, weights; unknown when `None`),
+/// drawn only when stderr is a terminal: piped or redirected, it draws nothing.
+pub(crate) fn progress_bar(len: Option<u64>, message: impl Into<String>) -> indicatif::ProgressBar {
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    let template = if len.is_some() {
+        "{bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta} {msg}"
+    } else {
+        "{spinner} {bytes} {bytes_per_sec} {msg}"
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.with_message(message.into())
+}
+
+/// A spinner on stderr for a long step (a model load, an evaluation), ticking on its
+/// own, drawn only when stderr is a terminal; when it is not, `message` is printed
+/// once as a plain line instead. Finish it with `finish_and_clear`.
+pub(crate) fn spinner(message: impl Into<String>) -> indicatif::ProgressBar {
+    let message = message.into();
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(message.clone());
+    if spinner.is_hidden() {
+        eprintln!("{message} ...");
+    } else {
+        spinner.enable_steady_tick(Duration::from_millis(80));
+    }
+    spinner
+}
 
 /// The Hugging Face cache named by `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub`; none when none of those variables is set.
