@@ -121,6 +121,49 @@ async fn history_needs_the_key_when_one_is_set() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(samples(&v).len(), 1, "{v}");
     assert_eq!(v["models"], json!([MODEL_ID]));
+    // Letting a scraper read /metrics does not open the history.
+    let server = builder(dir.path(), "1GiB")
+        .api_key("s3cret")
+        .public_metrics(true)
+        .build()
+        .unwrap();
+    let router = server.router();
+    assert_eq!(send(&router, get("/metrics")).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&router, get("/api/history")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_charts_the_history_with_nothing_from_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = builder(dir.path(), "1GiB").build().unwrap();
+    let (status, _, page) = send(&server.router(), get("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    for chart in [
+        "chart-memory",
+        "badge-strip",
+        "chart-tps",
+        "chart-ttft",
+        "chart-queue",
+    ] {
+        assert!(
+            page.contains(&format!("<svg id=\"{chart}\"")),
+            "no {chart} chart"
+        );
+    }
+    assert!(
+        page.contains("\"/api/history\""),
+        "the page does not read the history"
+    );
+    // Self-contained: no script, style, font or image from another origin.
+    for outside in ["://", "<link", "src=", "@import", "url("] {
+        assert!(
+            !page.contains(outside),
+            "the page loads something: `{outside}`"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
