@@ -463,6 +463,8 @@ impl Runtime {
         r.stages = report.stages.clone();
         r.admission = report.admission.clone();
         r.unaccounted_bytes = Some(self.ledger.snapshot().unaccounted);
+        r.replica_id = self.replica_id.clone();
+        r.node_id = self.node_id.clone();
         let record = Record::from(r);
         if let Some(log) = &self.log {
             log.append(&record)?;

@@ -216,6 +216,8 @@ pub struct RuntimeBuilder {
     router: Option<std::sync::Arc<dyn Router + Send + Sync>>,
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
     prefix: Option<PrefixCacheConfig>,
+    replica_id: Option<String>,
+    node_id: Option<String>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -226,6 +228,8 @@ impl std::fmt::Debug for RuntimeBuilder {
             .field("log_path", &self.log_path)
             .field("keep_alive", &self.keep_alive)
             .field("catalog", &self.catalog.as_ref().map(Catalog::len))
+            .field("replica_id", &self.replica_id)
+            .field("node_id", &self.node_id)
             .finish_non_exhaustive()
     }
 }
@@ -282,6 +286,21 @@ impl RuntimeBuilder {
     /// bytes are reserved in the ledger, and dropped when a run or a load needs them.
     pub fn prefix_cache(mut self, config: PrefixCacheConfig) -> Self {
         self.prefix = Some(config);
+        self
+    }
+
+    /// The replica of a deployment this runtime is (a Ray Serve replica, a Kubernetes
+    /// pod), written as `replica_id` in every SSOT record, so that the logs of several
+    /// replicas can be told apart once merged. Default: none (the field is left out).
+    pub fn replica_id(mut self, id: impl Into<String>) -> Self {
+        self.replica_id = Some(id.into());
+        self
+    }
+
+    /// The node (machine) this runtime runs on, written as `node_id` in every SSOT
+    /// record. Default: none (the field is left out).
+    pub fn node_id(mut self, id: impl Into<String>) -> Self {
+        self.node_id = Some(id.into());
         self
     }
 
@@ -347,6 +366,8 @@ impl RuntimeBuilder {
             router: self
                 .router
                 .unwrap_or_else(|| std::sync::Arc::new(PolicyRouter::default())),
+            replica_id: self.replica_id,
+            node_id: self.node_id,
         })
     }
 }
@@ -373,6 +394,10 @@ pub struct Runtime {
     prefix_caches: Mutex<HashMap<String, PrefixSlot>>,
     /// The scheme each model file's layers are stored in, read once per file.
     stored_schemes: std::sync::Mutex<std::collections::HashMap<PathBuf, Option<QuantScheme>>>,
+    /// Written in every record: which replica of a deployment this is.
+    pub(crate) replica_id: Option<String>,
+    /// Written in every record: the node the replica runs on.
+    pub(crate) node_id: Option<String>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -389,6 +414,18 @@ impl Runtime {
     /// A builder with the defaults.
     pub fn builder() -> RuntimeBuilder {
         RuntimeBuilder::default()
+    }
+
+    /// The replica id written in every record, when one was given
+    /// ([`RuntimeBuilder::replica_id`]).
+    pub fn replica_id(&self) -> Option<&str> {
+        self.replica_id.as_deref()
+    }
+
+    /// The node id written in every record, when one was given
+    /// ([`RuntimeBuilder::node_id`]).
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
     }
 
     /// The memory budget in force (cutline already lowered to a cgroup limit).

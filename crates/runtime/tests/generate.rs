@@ -125,6 +125,52 @@ fn a_run_that_would_pass_the_cutline_is_refused_and_recorded() {
 }
 
 #[test]
+fn a_replica_and_node_id_are_written_in_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.jsonl");
+    let runtime = Runtime::builder()
+        .cutline(ByteSize::mib(120))
+        .ssot_log(&log)
+        .replica_id("replica-3")
+        .node_id("node-b")
+        .build()
+        .unwrap();
+    assert_eq!(runtime.replica_id(), Some("replica-3"));
+    assert_eq!(runtime.node_id(), Some("node-b"));
+    // A refused run and a failed one: both are recorded, both carry the ids.
+    assert!(runtime.generate(&request(4000)).unwrap_err().is_refusal());
+    let mut missing = request(4);
+    missing.model = PathBuf::from("/nonexistent/model.gguf");
+    runtime.generate(&missing).unwrap_err();
+    let entries = LogReader::open(&log, ReadMode::Strict)
+        .unwrap()
+        .read_all()
+        .unwrap();
+    assert!(!entries.is_empty());
+    for entry in &entries {
+        let Record::V2(rec) = &entry.record else {
+            panic!("v2 expected")
+        };
+        assert_eq!(rec.replica_id.as_deref(), Some("replica-3"));
+        assert_eq!(rec.node_id.as_deref(), Some("node-b"));
+    }
+    // Without ids, the fields are left out of the line.
+    let plain_log = dir.path().join("plain.jsonl");
+    let plain = Runtime::builder()
+        .cutline(ByteSize::mib(120))
+        .ssot_log(&plain_log)
+        .build()
+        .unwrap();
+    plain.generate(&request(4000)).unwrap_err();
+    let text = std::fs::read_to_string(&plain_log).unwrap();
+    assert!(!text.is_empty());
+    assert!(
+        !text.contains("replica_id") && !text.contains("node_id"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_missing_model_is_a_clear_error() {
     let runtime = Runtime::builder().build().unwrap();
     let mut req = request(4);

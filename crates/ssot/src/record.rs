@@ -303,6 +303,13 @@ pub struct RecordV2 {
     /// Resident memory the ledger did not explain when the run ended, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unaccounted_bytes: Option<u64>,
+    /// The replica of a deployment that ran the run (a Ray Serve replica, a
+    /// Kubernetes pod), when the runtime was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_id: Option<String>,
+    /// The node (machine) the replica ran on, when the runtime was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
 }
 
 impl RecordV2 {
@@ -331,6 +338,8 @@ impl RecordV2 {
             stages: None,
             admission: None,
             unaccounted_bytes: None,
+            replica_id: None,
+            node_id: None,
         }
     }
 
@@ -580,6 +589,28 @@ mod tests {
         assert_eq!(value["ttft_ms"], 3.0);
         assert!(value.get("health_score").is_none());
         assert!(value.get("base").is_none());
+        assert!(value.get("replica_id").is_none());
+        assert!(value.get("node_id").is_none());
+    }
+
+    #[test]
+    fn replica_and_node_ids_round_trip_and_old_lines_lack_them() {
+        let mut r = RecordV2::new(v1());
+        r.replica_id = Some("replica-2".into());
+        r.node_id = Some("node-a".into());
+        let json = Record::from(r.clone()).to_json().unwrap();
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["replica_id"], "replica-2");
+        assert_eq!(value["node_id"], "node-a");
+        assert_eq!(Record::from_json(&json).unwrap(), Record::from(r));
+        // A v2 line written before the fields existed still reads, without them.
+        let mut old = serde_json::to_value(v1()).unwrap();
+        old["schema_version"] = 2.into();
+        let Record::V2(read) = Record::from_json(&old.to_string()).unwrap() else {
+            panic!("v2 expected")
+        };
+        assert_eq!(read.replica_id, None);
+        assert_eq!(read.node_id, None);
     }
 
     #[test]

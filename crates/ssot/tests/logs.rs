@@ -290,6 +290,8 @@ fn the_v2_schema_names_every_field() {
         "stages",
         "admission",
         "unaccounted_bytes",
+        "replica_id",
+        "node_id",
     ] {
         assert!(
             text.contains(&format!("\"{field}\"")),
