@@ -98,6 +98,14 @@ pub(crate) struct Args {
     /// an eighth of the cutline, at most 256 MiB; 0 turns prefix reuse off.
     #[arg(long)]
     prefix_cache: Option<ByteSize>,
+    /// The replica of a deployment this server is (a Ray Serve replica, a pod),
+    /// written as `replica_id` in every SSOT record. Default: `AFO_REPLICA_ID`, else none.
+    #[arg(long)]
+    replica_id: Option<String>,
+    /// The node this server runs on, written as `node_id` in every SSOT record.
+    /// Default: `AFO_NODE_ID`, else none.
+    #[arg(long)]
+    node_id: Option<String>,
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
@@ -107,6 +115,17 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(log) = &args.log {
         builder = builder.ssot_log(log);
+    }
+    let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(id) = args
+        .replica_id
+        .clone()
+        .or_else(|| from_env("AFO_REPLICA_ID"))
+    {
+        builder = builder.replica_id(id);
+    }
+    if let Some(id) = args.node_id.clone().or_else(|| from_env("AFO_NODE_ID")) {
+        builder = builder.node_id(id);
     }
     if let Some(catalog) = &args.catalog {
         builder = builder.catalog(afo_runtime::select::Catalog::from_path(catalog)?);
