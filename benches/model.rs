@@ -98,8 +98,12 @@ fn batched_step(c: &mut Criterion) {
                         },
                     ));
                 }
-                // Admission and the prompts: not timed.
+                // Admission and the prompts (in chunks, over several steps): not
+                // timed; every timed step decodes one token of each sequence.
                 check(s.step());
+                while s.waiting() + s.prefilling() > 0 {
+                    check(s.step());
+                }
                 while s.has_unfinished() && done < iters {
                     let t = Instant::now();
                     black_box(check(s.step()));
