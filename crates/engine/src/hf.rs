@@ -323,6 +323,19 @@ impl SafetensorsDir {
         Ok(Self { dir, tensors })
     }
 
+    /// Parameters: the elements of every tensor.
+    pub fn parameters(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|e| e.shape.iter().map(|&d| d as u64).product::<u64>())
+            .sum()
+    }
+
+    /// The stored dtype of the tensor of this Hugging Face name, when there is one.
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.tensors.get(name).map(|e| e.dtype)
+    }
+
     /// Tensor names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)

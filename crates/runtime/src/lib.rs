@@ -21,6 +21,10 @@
 //! instance) summarises, with one record carrying each stage's time, the image pixels,
 //! the compression ratio and the predicted and measured peak.
 //!
+//! With no catalog file, [`find_models`] lists the models in a folder and the Hugging
+//! Face cache, and [`catalog_of`] turns them into a [`select::Catalog`], each card read
+//! from its model file ([`card_from_model`]).
+//!
 //! The leaf crates are re-exported under short names: [`ssot`], [`guard`], [`quant`],
 //! [`kvcache`], [`image`] and [`engine`].
 //!
@@ -76,6 +80,7 @@
 #![forbid(unsafe_code)]
 
 mod chain;
+mod discover;
 mod error;
 mod query;
 mod run;
@@ -92,6 +97,7 @@ pub use afo_ssot as ssot;
 pub use chain::{
     ChainImage, ChainRequest, ChainResponse, DEFAULT_SUMMARY_PROMPT, ImageReport, TokenCounts,
 };
+pub use discover::{FoundModel, UNSCORED_TRINITY_SCORE, card_from_model, catalog_of, find_models};
 pub use error::{Error, Result};
 pub use query::{QueryRequest, QueryResponse};
 pub use run::{Admitted, RunEstimate, RunReport};

@@ -70,6 +70,35 @@ pub(crate) fn hf_cache() -> Option<afo_runtime::engine::HfCache> {
     )
 }
 
+/// The models found where `afo` looks when no model or catalog is given: the folder
+/// `$AFO_MODEL_DIR` (default `models`) and the Hugging Face cache, with a phrase saying
+/// where that was.
+///
+/// # Errors
+/// None found: the error says where it looked and how to get a model.
+pub(crate) fn found_models() -> anyhow::Result<(Vec<afo_runtime::FoundModel>, String)> {
+    let dir = std::env::var_os("AFO_MODEL_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("models"), PathBuf::from);
+    let cache = hf_cache();
+    let found = afo_runtime::find_models(std::slice::from_ref(&dir), cache.as_ref());
+    let places = match &cache {
+        Some(c) => format!(
+            "{} and the Hugging Face cache {}",
+            dir.display(),
+            c.root().display()
+        ),
+        None => dir.display().to_string(),
+    };
+    anyhow::ensure!(
+        !found.is_empty(),
+        "no models found in {places}: download one with `afo pull ORG/NAME` (for example \
+         `afo pull HuggingFaceTB/SmolLM2-135M-Instruct`), or run scripts/fetch-models.sh, or \
+         set AFO_MODEL_DIR"
+    );
+    Ok((found, places))
+}
+
 /// Whether `text` reads as a Hugging Face repository id, `ORG/NAME`.
 pub(crate) fn is_repo_id(text: &str) -> bool {
     text.matches('/').count() == 1

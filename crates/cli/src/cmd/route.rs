@@ -12,9 +12,12 @@ use afo_runtime::select::{
 pub(crate) struct Args {
     /// The query.
     query: String,
-    /// The model catalog (TOML or JSON).
+    /// The model catalog (TOML or JSON). Default: a catalog of the models found in
+    /// `$AFO_MODEL_DIR` (default `models`) and the Hugging Face cache, each read from
+    /// its file (parameters, scheme, context, size) with the neutral trinity score 95,
+    /// so routing comes down to what fits and is cheapest.
     #[arg(long)]
-    catalog: PathBuf,
+    catalog: Option<PathBuf>,
     /// The memory cutline; the headroom is the cutline less this process's resident
     /// memory now (a cgroup limit lowers the cutline, as the runtime does).
     #[arg(long, default_value = "20GiB")]
@@ -28,7 +31,10 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let catalog = Catalog::from_path(&args.catalog)?;
+    let catalog = match &args.catalog {
+        Some(path) => Catalog::from_path(path)?,
+        None => found_catalog()?,
+    };
     let probe = SystemProbe::new();
     let snapshot = probe.snapshot()?;
     let budget = MemoryBudget::builder().cutline(args.cutline).build()?;
@@ -89,4 +95,25 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         plan.temperature
     );
     Ok(())
+}
+
+/// The catalog of the models found on disk, announced on the first line.
+fn found_catalog() -> anyhow::Result<Catalog> {
+    let (found, places) = super::found_models()?;
+    let (catalog, skipped) = afo_runtime::catalog_of(&found);
+    for (model, why) in &skipped {
+        eprintln!("skipped {} ({}): {why}", model.id, model.path.display());
+    }
+    anyhow::ensure!(
+        !catalog.is_empty(),
+        "none of the {} models found in {places} could be read",
+        found.len()
+    );
+    out!(
+        "no --catalog: a catalog of {} models found in {places} (trinity score {} each: \
+         unmeasured)",
+        catalog.len(),
+        afo_runtime::UNSCORED_TRINITY_SCORE
+    );
+    Ok(catalog)
 }

@@ -15,8 +15,9 @@ pub(crate) struct Args {
     /// A model to serve (a GGUF file, a Hugging Face folder, or `ORG/NAME` in the
     /// Hugging Face cache); repeat for several. Its id is the file name without
     /// extension; `auto` routes through the selector. A Qwen3-VL folder is served as
-    /// a vision-language model that takes `image_url` parts.
-    #[arg(long = "model", required = true)]
+    /// a vision-language model that takes `image_url` parts. Default: every model
+    /// found in `$AFO_MODEL_DIR` (default `models`) and the Hugging Face cache.
+    #[arg(long = "model")]
     models: Vec<PathBuf>,
     /// The address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1")]
@@ -149,23 +150,35 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .prefill_chunk(args.prefill_chunk)
         .public_metrics(args.public_metrics)
         .default_max_tokens(args.default_max_tokens);
-    for spec in &args.models {
-        let path = super::resolve_model(spec)?;
-        let id = spec.file_stem().map_or_else(
-            || spec.display().to_string(),
-            |s| s.to_string_lossy().into_owned(),
+    let served: Vec<(String, PathBuf)> = if args.models.is_empty() {
+        let (found, places) = super::found_models()?;
+        let ids: Vec<&str> = found.iter().map(|m| m.id.as_str()).collect();
+        eprintln!(
+            "no --model: serving the {} models found in {places}: {}",
+            found.len(),
+            ids.join(", ")
         );
-        if args.pins.iter().any(|p| *p == id || p == "all") {
-            runtime.pin(&path, args.quantize);
+        found.into_iter().map(|m| (m.id, m.path)).collect()
+    } else {
+        args.models
+            .iter()
+            .map(|spec| {
+                let id = spec.file_stem().map_or_else(
+                    || spec.display().to_string(),
+                    |s| s.to_string_lossy().into_owned(),
+                );
+                Ok((id, super::resolve_model(spec)?))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    for (id, path) in &served {
+        if args.pins.iter().any(|p| p == id || p == "all") {
+            runtime.pin(path, args.quantize);
         }
-        server = server.model_as(id, path, args.quantize);
+        server = server.model_as(id.clone(), path.clone(), args.quantize);
     }
     for pin in &args.pins {
-        let known = pin == "all"
-            || args
-                .models
-                .iter()
-                .any(|m| m.file_stem().is_some_and(|s| s.to_string_lossy() == *pin));
+        let known = pin == "all" || served.iter().any(|(id, _)| id == pin);
         anyhow::ensure!(known, "--pin {pin}: no model with that id is served");
     }
     let api_key = args
