@@ -16,7 +16,8 @@
 //!   malformed lines as the caller chooses ([`ReadMode`]), and always skipping (and
 //!   reporting) a torn last line.
 //! - [`Summary`] condenses a log: count, error rate, latency percentiles, tokens/s,
-//!   cache hit rate, worst [`StatusBadge`].
+//!   cache hit rate, worst [`StatusBadge`]. [`MergedSummary`] does the same over
+//!   several logs (the replicas of a deployment), with a summary per log or replica.
 //! - [`json_schema`] prints the JSON Schema committed under `docs/schema/`.
 //!
 //! # Example
@@ -67,6 +68,7 @@
 
 mod badge;
 mod error;
+mod merged;
 mod reader;
 mod record;
 mod schema;
@@ -75,6 +77,7 @@ mod writer;
 
 pub use badge::{ParseBadgeError, StatusBadge};
 pub use error::{Error, Result};
+pub use merged::{MergedSummary, PartKind, PartSummary, SkippedLine};
 pub use reader::{Entry, LogReader, ReadMode, Skipped};
 pub use record::{
     AdmissionRecord, Record, RecordV1, RecordV2, RunStatus, SchemaVersion, Selection, Stage,

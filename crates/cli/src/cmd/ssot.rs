@@ -2,18 +2,22 @@
 
 use std::path::PathBuf;
 
-use afo_runtime::ssot::{LogReader, ReadMode, Summary};
-use anyhow::Context;
+use afo_runtime::ssot::MergedSummary;
 
 /// Subcommands of `afo ssot`.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
-    /// Summarise a log: count, error rate, latency percentiles, tokens/s, cache hit
-    /// rate, worst badge. Malformed and torn lines are reported on stderr and skipped.
+    /// Summarise one log or several taken together (the logs of a deployment's
+    /// replicas): count, error rate, latency percentiles, tokens/s, cache hit rate,
+    /// worst badge over every record, then a line per log, or per replica for records
+    /// that name one. Malformed and torn lines are reported on stderr with their log
+    /// and skipped.
     Summary {
-        /// The JSONL log.
-        log: PathBuf,
-        /// Print the summary as JSON.
+        /// The JSONL logs.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// Print the summary as JSON: the overall summary's fields, `parts` (one
+        /// summary per log or replica) and `skipped` (each skipped line with its log).
         #[arg(long)]
         json: bool,
     },
@@ -21,15 +25,12 @@ pub(crate) enum Command {
 
 pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
     match command {
-        Command::Summary { log, json } => {
-            let mut reader = LogReader::open(log, ReadMode::Skip)?;
-            let entries = reader
-                .read_all()
-                .with_context(|| format!("reading {}", log.display()))?;
-            for skipped in reader.skipped() {
+        Command::Summary { logs, json } => {
+            let merged = MergedSummary::from_logs(logs)?;
+            for skipped in &merged.skipped {
                 eprintln!(
                     "{}:{}: skipped{}: {}",
-                    log.display(),
+                    skipped.log.display(),
                     skipped.line,
                     if skipped.torn {
                         " (torn last line)"
@@ -39,12 +40,10 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
                     skipped.reason
                 );
             }
-            let summary =
-                Summary::from_records(entries.iter().map(|e| &e.record), reader.skipped().len());
             if *json {
-                out!("{}", serde_json::to_string_pretty(&summary)?);
+                out!("{}", serde_json::to_string_pretty(&merged)?);
             } else {
-                out!("{summary}");
+                out!("{merged}");
             }
             Ok(())
         }
