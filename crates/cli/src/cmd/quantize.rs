@@ -76,7 +76,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         .unwrap_or(0);
     let tracker = PeakTracker::start(None);
     let mut source = GgufFile::open(&path)?;
-    let report = save_gguf(loaded.model(), &mut source, Some(&policy), &args.out)?;
+    let spinner = super::spinner(format!("writing {}", args.out.display()));
+    let report = save_gguf(loaded.model(), &mut source, Some(&policy), &args.out);
+    spinner.finish_and_clear();
+    let report = report?;
     let save_peak = tracker.finish();
     out!(
         "wrote {} ({}, {} tensors) in {:.1} s; quantized in {quantize_s:.1} s to weights of {} \

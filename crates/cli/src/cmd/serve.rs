@@ -195,8 +195,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     }
     let server = server.build()?;
     if !args.lazy {
-        eprintln!("loading {} ...", server.model_ids().join(", "));
-        server.preload()?;
+        let spinner = super::spinner(format!("loading {}", server.model_ids().join(", ")));
+        let loaded = server.preload();
+        spinner.finish_and_clear();
+        loaded?;
     }
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
