@@ -207,6 +207,24 @@ impl LedgerSnapshot {
             .saturating_sub(self.margin)
             .saturating_sub(self.reserved_total())
     }
+
+    /// The KV caches' share of the memory they may have, 0 to 1: the bytes reserved
+    /// for KV caches over those bytes plus what the KV caches could still take, which
+    /// is [`available`](Self::available) and the prefix cache's blocks (dropped when a
+    /// run needs them). Weights, workspace, images and the runtime's own memory are
+    /// not KV capacity. 1 when there is no room for a KV cache at all, so that a
+    /// router reading it sends no more work here.
+    pub fn kv_cache_usage(&self) -> f64 {
+        let kv = self.reserved.get(MemoryKind::KvCache);
+        let capacity = kv
+            .saturating_add(self.reserved.get(MemoryKind::PrefixCache))
+            .saturating_add(self.available());
+        if capacity == 0 {
+            1.0
+        } else {
+            (kv as f64 / capacity as f64).clamp(0.0, 1.0)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -543,6 +561,28 @@ mod tests {
         drop(b);
         assert_eq!(ledger.reserved(), 0);
         assert_eq!(ledger.snapshot().peak_reserved, 900);
+    }
+
+    #[test]
+    fn kv_cache_usage_is_kv_over_the_room_kv_may_have() {
+        let ledger = Ledger::with_min_margin(1000, 100);
+        assert_eq!(ledger.snapshot().kv_cache_usage(), 0.0);
+        // Weights are not KV capacity: 900 usable, 500 of it weights, 400 left.
+        let _w = ledger.try_reserve(MemoryKind::Weights, 500).unwrap();
+        let kv = ledger.try_reserve(MemoryKind::KvCache, 100).unwrap();
+        // 100 of the 400 the KV caches may have.
+        assert_eq!(ledger.snapshot().kv_cache_usage(), 0.25);
+        // Prefix blocks can be dropped for a run: still room for KV.
+        let _p = ledger.try_reserve(MemoryKind::PrefixCache, 100).unwrap();
+        assert_eq!(ledger.snapshot().kv_cache_usage(), 0.25);
+        let _k2 = ledger.try_reserve(MemoryKind::KvCache, 200).unwrap();
+        assert_eq!(ledger.snapshot().kv_cache_usage(), 0.75);
+        drop(kv);
+        assert_eq!(ledger.snapshot().kv_cache_usage(), 0.5);
+        // No room for KV at all reads as full.
+        let full = Ledger::with_min_margin(1000, 100);
+        let _w = full.try_reserve(MemoryKind::Weights, 900).unwrap();
+        assert_eq!(full.snapshot().kv_cache_usage(), 1.0);
     }
 
     #[test]

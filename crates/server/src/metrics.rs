@@ -141,6 +141,9 @@ pub(crate) struct Gauges {
     pub(crate) model_cache_hit_rate: Option<f64>,
     /// Per model: `(id, running, waiting)`.
     pub(crate) models: Vec<(String, usize, usize)>,
+    /// The KV caches' share of the memory they may have, 0 to 1
+    /// ([`afo_runtime::guard::LedgerSnapshot::kv_cache_usage`]).
+    pub(crate) kv_cache_usage: f64,
 }
 
 impl Metrics {
@@ -332,7 +335,76 @@ impl Metrics {
                 "afo_scheduler_requests{{gen_ai_request_model=\"{model}\",state=\"waiting\"}} {waiting}"
             );
         }
+        router_gauges(&mut out, g);
         out
+    }
+}
+
+/// The gauges cluster routers read from a model server (the Gateway API Inference
+/// Extension's model server protocol, llm-d): requests waiting, requests running and
+/// KV-cache utilisation, under afo's names (process totals) and under the vLLM names
+/// the endpoint picker reads by default (per model, labelled `model_name`, the KV
+/// fraction being the process's, shared by its models). One set of values, two sets
+/// of names.
+fn router_gauges(out: &mut String, g: &Gauges) {
+    let (running, waiting) = g
+        .models
+        .iter()
+        .fold((0usize, 0usize), |(r, w), m| (r + m.1, w + m.2));
+    let total = |out: &mut String, name: &str, help: &str, v: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    total(
+        out,
+        "afo_requests_waiting",
+        "Requests queued and not yet running, all models.",
+        waiting as f64,
+    );
+    total(
+        out,
+        "afo_requests_running",
+        "Requests running (prefill or decode), all models.",
+        running as f64,
+    );
+    total(
+        out,
+        "afo_kv_cache_usage_ratio",
+        "KV-cache bytes reserved over the bytes KV caches may have under the cutline, 0-1.",
+        g.kv_cache_usage,
+    );
+    let per_model = |out: &mut String,
+                     name: &str,
+                     help: &str,
+                     value: &dyn Fn(&(String, usize, usize)) -> f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for m in &g.models {
+            let _ = writeln!(
+                out,
+                "{name}{{model_name=\"{}\"}} {}",
+                escape(&m.0),
+                value(m)
+            );
+        }
+    };
+    per_model(
+        out,
+        "vllm:num_requests_waiting",
+        "Requests waiting to be processed (afo_requests_waiting, per model).",
+        &|m| m.2 as f64,
+    );
+    per_model(
+        out,
+        "vllm:num_requests_running",
+        "Requests running (afo_requests_running, per model).",
+        &|m| m.1 as f64,
+    );
+    for name in ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"] {
+        per_model(
+            out,
+            name,
+            "KV-cache usage, 1 is full (afo_kv_cache_usage_ratio, shared by the process's models).",
+            &|_| g.kv_cache_usage,
+        );
     }
 }
 
@@ -396,5 +468,30 @@ mod tests {
             "9"
         );
         assert!(text.contains("# TYPE gen_ai_server_time_to_first_token_seconds histogram"));
+    }
+
+    #[test]
+    fn router_gauges_carry_the_same_values_under_both_names() {
+        let g = Gauges {
+            models: vec![("a".into(), 2, 3), ("b\"x".into(), 1, 0)],
+            kv_cache_usage: 0.25,
+            ..Gauges::default()
+        };
+        let text = Metrics::default().render(&g);
+        for line in [
+            "afo_requests_waiting 3",
+            "afo_requests_running 3",
+            "afo_kv_cache_usage_ratio 0.25",
+            "vllm:num_requests_waiting{model_name=\"a\"} 3",
+            "vllm:num_requests_waiting{model_name=\"b\\\"x\"} 0",
+            "vllm:num_requests_running{model_name=\"a\"} 2",
+            "vllm:num_requests_running{model_name=\"b\\\"x\"} 1",
+            "vllm:kv_cache_usage_perc{model_name=\"a\"} 0.25",
+            "vllm:gpu_cache_usage_perc{model_name=\"b\\\"x\"} 0.25",
+            "# TYPE vllm:num_requests_waiting gauge",
+            "# TYPE afo_kv_cache_usage_ratio gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
     }
 }

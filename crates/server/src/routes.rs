@@ -303,6 +303,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         unaccounted_bytes: h.as_ref().map_or(0, |h| h.ledger.unaccounted),
         health_score: h.as_ref().map_or(0.0, |h| h.health_score),
         badge_level: badge_level(badge(rss, budget)),
+        kv_cache_usage: h.as_ref().map_or(0.0, |h| h.ledger.kv_cache_usage()),
         model_cache_hit_rate: h.and_then(|h| h.cache_hit_rate),
         models: s
             .workers()
