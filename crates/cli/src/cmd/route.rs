@@ -110,9 +110,10 @@ fn found_catalog() -> anyhow::Result<Catalog> {
         found.len()
     );
     out!(
-        "no --catalog: a catalog of {} models found in {places} (trinity score {} each: \
+        "no --catalog: a catalog of {} model{} found in {places} (trinity score {} each: \
          unmeasured)",
         catalog.len(),
+        if catalog.len() == 1 { "" } else { "s" },
         afo_runtime::UNSCORED_TRINITY_SCORE
     );
     Ok(catalog)
