@@ -222,7 +222,7 @@ fn the_quick_suite_on_the_real_model_writes_the_page_and_its_results() {
     assert_eq!(
         kinds,
         [
-            "image", "memory", "speed", "speed", "speed", "batching", "prefix", "kv"
+            "memory", "image", "speed", "speed", "speed", "batching", "prefix", "kv"
         ]
     );
     let speed: Vec<&serde_json::Value> = results.iter().filter(|r| r["kind"] == "speed").collect();

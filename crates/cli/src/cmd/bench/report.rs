@@ -76,14 +76,10 @@ fn suite(args: &Args) -> anyhow::Result<Vec<BenchResult>> {
     };
     let step = |what: &str| eprintln!("afo bench report: {what}");
     let mut results = Vec::new();
-    // Image preprocessing and memory first, while the process holds nothing else:
-    // their peaks are measured against its resident memory.
-    step("image");
-    results.push(measure(&Args {
-        mode: Mode::Image,
-        image_sizes: z.images.iter().map(|s| (*s).to_owned()).collect(),
-        ..base.clone()
-    })?);
+    // Memory first, in a process that holds nothing else yet: its predictions fold in
+    // the process's resident memory that the ledger does not account for, which
+    // earlier steps would leave behind. Then image preprocessing, whose peak is
+    // measured above the resident memory before each call.
     step("memory");
     results.push(measure(&Args {
         mode: Mode::Memory,
@@ -91,6 +87,12 @@ fn suite(args: &Args) -> anyhow::Result<Vec<BenchResult>> {
         batches: z.batches.to_vec(),
         prompt: z.batch_prompt,
         generate: z.memory_generate,
+        ..base.clone()
+    })?);
+    step("image");
+    results.push(measure(&Args {
+        mode: Mode::Image,
+        image_sizes: z.images.iter().map(|s| (*s).to_owned()).collect(),
         ..base.clone()
     })?);
     let schemes = std::iter::once(None).chain(args.schemes.iter().copied().map(Some));
