@@ -132,8 +132,9 @@ fn quality(
     let path = super::resolve_model(model)?;
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-    eprintln!("loading {} as f32 (the baseline)", path.display());
+    let spin = super::spinner(format!("loading {} as f32 (the baseline)", path.display()));
     let base = LoadedModel::load_quantized(&path, QuantPolicy::uniform(QuantScheme::F32), |_| {})?;
+    spin.finish_and_clear();
     let mut tokens = base.tokenizer().encode(&text, false)?;
     if let Some(w) = windows {
         tokens.truncate(w * ctx);
@@ -155,12 +156,17 @@ fn quality(
         let loaded = if scheme == QuantScheme::F32 && policy == QuantPolicy::uniform(scheme) {
             None
         } else {
-            Some(LoadedModel::load_quantized(&path, policy, |_| {})?)
+            let spin = super::spinner(format!("quantizing to {policy}"));
+            let l = LoadedModel::load_quantized(&path, policy, |_| {})?;
+            spin.finish_and_clear();
+            Some(l)
         };
         let m = loaded.as_ref().map_or(base.model(), |l| l.model());
         let start = Instant::now();
+        let spin = super::spinner(format!("evaluating {scheme}"));
         let ppl = perplexity(m, &tokens, ctx, |_, _, _| {})?;
         let agree = compare_models(base.model(), m, &sequences)?;
+        spin.finish_and_clear();
         let bytes = m.weight_bytes();
         out!(
             "| {scheme} | {} | {} | {:.1}% | {:.4} | {:.2}% | {:.5} | {:.4} |",
@@ -192,7 +198,10 @@ pub(crate) fn measure_kv(
     policies: &[PrunePolicy],
     chunk: usize,
 ) -> anyhow::Result<KvResult> {
-    let loaded = LoadedModel::load(super::resolve_model(model)?)?;
+    let path = super::resolve_model(model)?;
+    let spin = super::spinner(format!("loading {}", path.display()));
+    let loaded = LoadedModel::load(&path)?;
+    spin.finish_and_clear();
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     let mut tokens = loaded.tokenizer().encode(&text, false)?;
@@ -357,7 +366,10 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
         Command::Perplexity {
             model, file, ctx, ..
         } => {
-            let loaded = LoadedModel::load(model)?;
+            let path = super::resolve_model(model)?;
+            let spin = super::spinner(format!("loading {}", path.display()));
+            let loaded = LoadedModel::load(&path)?;
+            spin.finish_and_clear();
             let text = std::fs::read_to_string(file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let tokens = loaded.tokenizer().encode(&text, false)?;
@@ -367,10 +379,17 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
                 tokens.len() / ctx
             );
             let start = Instant::now();
-            let p = perplexity(loaded.model(), &tokens, *ctx, |done, all, ppl| {
-                eprint!("\r[{done}/{all}] {ppl:.4}");
+            // A bar over the windows on a terminal; nothing when piped.
+            let bar = indicatif::ProgressBar::new((tokens.len() / ctx) as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} windows, {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let p = perplexity(loaded.model(), &tokens, *ctx, |done, _, ppl| {
+                bar.set_position(done as u64);
+                bar.set_message(format!("perplexity {ppl:.4}"));
             })?;
-            eprintln!();
+            bar.finish_and_clear();
             let secs = start.elapsed().as_secs_f64();
             out!(
                 "perplexity {:.4} (nll {:.4}) over {} scored tokens in {} windows of {ctx}; {:.1} s, {:.0} tokens/s",
