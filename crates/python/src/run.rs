@@ -40,6 +40,8 @@ pub(crate) struct Run {
     rx: Mutex<Receiver<Event>>,
     cancel: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The result of a run cancelled by a Python signal handler's exception.
+    interrupted: Option<afo_runtime::Result<GenerateResponse>>,
 }
 
 impl std::fmt::Debug for Run {
@@ -80,12 +82,14 @@ impl Run {
             rx: Mutex::new(rx),
             cancel,
             thread: Some(thread),
+            interrupted: None,
         })
     }
 
     /// The next event, `None` once the thread is gone. Waits with the GIL released;
     /// a Python signal handler that raises (Ctrl-C) cancels the run, waits for its
-    /// end (so that its record is written) and returns the exception.
+    /// end (so that its record is written; the result is kept in `interrupted`) and
+    /// returns the exception.
     fn next_event(&mut self, py: Python<'_>) -> PyResult<Option<Event>> {
         loop {
             let rx = &self.rx;
@@ -99,7 +103,7 @@ impl Run {
                 Err(RecvTimeoutError::Disconnected) => return Ok(None),
                 Err(RecvTimeoutError::Timeout) => {
                     if let Err(interrupt) = py.check_signals() {
-                        let _ = self.cancel_and_finish(py);
+                        self.interrupted = self.cancel_and_finish(py);
                         return Err(interrupt);
                     }
                 }
@@ -172,7 +176,9 @@ fn finish(
 /// `result` holds the `GenerateResult` (its text is the deltas joined). Breaking out
 /// of the loop and dropping the iterator, or calling `close()`, cancels the run; the
 /// run's SSOT record is written all the same (finish_reason "cancelled"). Ctrl-C
-/// while waiting for a delta cancels the run and raises KeyboardInterrupt. Errors
+/// while waiting for a delta cancels the run (`result` then holds what was generated)
+/// and raises KeyboardInterrupt; one that lands in the loop's own code leaves the
+/// run going until the stream is closed or dropped. Errors
 /// (a refusal, a model that cannot be loaded) are raised by the first `next()`.
 ///
 /// Also a context manager: leaving the `with` block closes the stream.
@@ -224,6 +230,10 @@ impl Stream {
                     return Err(thread_gone());
                 }
                 Err(interrupt) => {
+                    // The run was cancelled and has ended: keep what it generated.
+                    if let Some(Ok(inner)) = run.interrupted.take() {
+                        self.result = Some(Py::new(py, GenerateResult { inner })?);
+                    }
                     self.run = None;
                     return Err(interrupt);
                 }
