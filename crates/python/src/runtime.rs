@@ -170,6 +170,9 @@ pub struct PyRuntime {
 #[pymethods]
 impl PyRuntime {
     #[new]
+    #[pyo3(
+        text_signature = "(cutline='8GiB', ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None)"
+    )]
     #[pyo3(signature = (cutline=None, ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(

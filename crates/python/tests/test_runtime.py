@@ -161,6 +161,10 @@ def test_bad_arguments_raise_value_error(model):
         rt.generate(model, prompt="hi", scheme="q3_pretend")
     with pytest.raises(ValueError, match="cutline"):
         afo.Runtime(cutline="a lot")
+    # The default cutline is 8 GiB (lower only under a smaller container limit);
+    # an int is bytes.
+    assert 0 < afo.Runtime().cutline_bytes <= 8 << 30
+    assert afo.Runtime(cutline=300 << 20).cutline_bytes == 300 << 20
     with pytest.raises(ValueError, match="keep_alive"):
         afo.Runtime(keep_alive=-1.0)
 
@@ -350,6 +354,7 @@ def test_help_and_stubs_cover_the_api():
     for name in methods:
         assert getattr(afo.Runtime, name).__doc__, name
     assert "max_tokens=256" in afo.Runtime.generate.__text_signature__
+    assert "cutline='8GiB'" in afo.Runtime.__text_signature__
 
     stubs = pathlib.Path(afo.__file__).with_name("__init__.pyi")
     assert pathlib.Path(afo.__file__).with_name("py.typed").is_file()

@@ -159,7 +159,7 @@ class Runtime:
 
     def __init__(
         self,
-        cutline: Union[int, str, None] = None,
+        cutline: Union[int, str, None] = "8GiB",
         ssot_log: Optional[_Path] = None,
         keep_alive: Optional[float] = None,
         threads: Optional[int] = None,
