@@ -45,7 +45,7 @@ pw_dir=$(mktemp -d)
 (cd "$pw_dir" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1 >/dev/null)
 
 say "building afo"
-cargo build -p afo-cli
+cargo build -p afo-cli -p afo-workspace-hack
 afo="${CARGO_TARGET_DIR:-$root/target}/debug/afo"
 
 pids=()

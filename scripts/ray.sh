@@ -28,7 +28,7 @@ pip=("$venv/bin/pip" install --quiet --disable-pip-version-check)
 "${pip[@]}" -r deploy/ray/requirements.txt
 MATURIN_PEP517_ARGS="--profile ${AFO_PY_PROFILE:-dev}" \
   "${pip[@]}" --force-reinstall --no-deps ./crates/python
-cargo build -q -p afo-cli
+cargo build -q -p afo-cli -p afo-workspace-hack
 
 # Ray resolves 127.0.0.1 to the machine's address unless told to stay local.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
