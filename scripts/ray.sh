@@ -35,6 +35,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_USAGE_STATS_ENABLED=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
+# The ingress's retry and error paths with replicas that die on cue (seconds).
+timeout -k 10 120 "$venv/bin/python" -m deploy.ray.test_ingress
 timeout -k 30 "$limit" "$venv/bin/python" -m deploy.ray.test_cluster "${short[@]}" \
   --afo "$target/debug/afo" --out "$target/ray" --timeout $((limit - 30))
 echo "scripts/ray.sh ${short[*]}: $(( $(date +%s) - start )) s"

@@ -245,10 +245,28 @@ class Harness:
                   f"{replicas} replica(s): every request completes ({r['completed']}/{a.requests})")
             check(len(r["replicas_used"]) == replicas, f"{replicas} replica(s) served them")
             runs[replicas] = r
+            if replicas == 1:
+                self.completions()
         check(runs[1]["completion_tokens"] == runs[2]["completion_tokens"],
               "the same requests generate the same tokens on 1 and 2 replicas (greedy)")
         self.figures["throughput"] = {
             "1": runs[1], "2": runs[2], "speedup": round(runs[2]["tok_per_s"] / runs[1]["tok_per_s"], 2)}
+
+    def completions(self) -> None:
+        """`/v1/completions` through the ingress, whole and streamed, with the OpenAI client."""
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{self.base}/v1", api_key="none", max_retries=0, timeout=120)
+        whole = client.completions.create(model="auto", prompt="The capital of France is", max_tokens=8,
+                                          temperature=0)
+        text = whole.choices[0].text
+        extra = whole.model_extra or {}
+        check(bool(text) and whole.usage.completion_tokens >= 1 and bool(extra.get("replica_id")),
+              f"/v1/completions through Ray: {text!r} from replica {extra.get('replica_id')}")
+        parts = [c.choices[0].text for c in client.completions.create(
+            model="auto", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if c.choices]
+        check("".join(parts) == text, "/v1/completions streamed gives the same text (greedy)")
+        client.close()
 
     # ---- 1b. prefix affinity -------------------------------------------------------------
 
