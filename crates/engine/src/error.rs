@@ -50,6 +50,20 @@ pub enum Error {
     /// A generation was asked for with no prompt tokens.
     #[error("the prompt is empty: generation needs at least one prompt token")]
     EmptyPrompt,
+    /// A tool definition or a tool-calling request is invalid.
+    #[error("tool `{tool}`: {reason}")]
+    Tool {
+        /// The tool's name (empty when no tool is concerned).
+        tool: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A reasoning option is invalid.
+    #[error("reasoning: {reason}")]
+    Reasoning {
+        /// What is wrong.
+        reason: String,
+    },
     /// A model file names an architecture the engine does not run.
     #[error("unsupported architecture `{name}` (supported: {supported})")]
     UnsupportedArchitecture {

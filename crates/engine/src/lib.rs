@@ -29,6 +29,7 @@ mod stream;
 #[cfg(test)]
 mod testing;
 mod tokenizer;
+mod tools;
 mod vlm;
 
 pub use batch::{
@@ -59,6 +60,10 @@ pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};
 pub use tokenizer::{
     BpePreTokenizer, GgufTokenizerMetadata, GgufTokenizerModel, TokenType, Tokenizer,
+};
+pub use tools::{
+    MAX_TOOL_NAME_LEN, ParsedOutput, ToolCall, ToolCallFormat, ToolCallParser, ToolChoice,
+    ToolDefinition, ToolEvent, hermes_system_prompt,
 };
 pub use vlm::{
     IMAGE_PLACEHOLDER, QWEN3_VL_NAMES, TinyVlm, VisionActivation, VisionConfig, VisionEncoder,
