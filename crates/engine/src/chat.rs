@@ -29,7 +29,9 @@ use minijinja::{Environment, ErrorKind, Value, context};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::reasoning::prompt_opens_reasoning;
 use crate::tokenizer::Tokenizer;
+use crate::tools::{ToolCall, ToolCallFormat, ToolDefinition, hermes_system_prompt};
 
 /// Instructions a template may run for a conversation: a base, and more per message.
 const FUEL_BASE: u64 = 2_000_000;
@@ -49,12 +51,22 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// One chat message.
+///
+/// Templates see it as `apply_chat_template` does: `role`, `content`, and when set
+/// `tool_calls` (each `{"id", "type": "function", "function": {"name", "arguments"}}`
+/// with the arguments a JSON object) and `tool_call_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The message text.
     pub content: String,
+    /// The calls an `assistant` message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -63,6 +75,24 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// A `tool` message: the result of call `call_id`.
+    pub fn tool(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(call_id.into()),
+            ..Self::new("tool", content)
+        }
+    }
+
+    /// An `assistant` message that made `calls` (its content may be empty).
+    pub fn assistant_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls: calls,
+            ..Self::new("assistant", content)
         }
     }
 
@@ -84,11 +114,38 @@ impl Message {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// What a conversation is rendered with beyond its messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChatOptions {
+    /// Tools the model may call: the template's `tools` variable, or, for a template
+    /// that does not use one, a system prompt describing them in the Hermes format
+    /// ([`hermes_system_prompt`], merged into the first system message). Default none.
+    pub tools: Vec<ToolDefinition>,
+    /// The template's `enable_thinking` variable (Qwen3 and similar), when set.
+    /// Default unset (the template's own default).
+    pub enable_thinking: Option<bool>,
+}
+
+/// A conversation encoded for generation, with what reading the output needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatPrompt {
+    /// The prompt's token ids.
+    pub ids: Vec<u32>,
+    /// Whether the prompt ends inside a `<think>` block (the output starts in the
+    /// reasoning).
+    pub opens_reasoning: bool,
+    /// How the model writes tool calls.
+    pub tool_format: ToolCallFormat,
+}
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     name: String,
+    /// Whether the template reads a `tools` variable.
+    uses_tools: bool,
+    tool_format: ToolCallFormat,
     bos_token: String,
     eos_token: String,
 }
@@ -120,6 +177,8 @@ impl ChatTemplate {
         let name = name.into();
         let source = source.into();
         check_self_concatenation(&name, &source)?;
+        let uses_tools = source.contains("tools");
+        let tool_format = ToolCallFormat::detect(&source);
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL_BASE));
         env.set_trim_blocks(true);
@@ -136,6 +195,8 @@ impl ChatTemplate {
         Ok(Self {
             env,
             name,
+            uses_tools,
+            tool_format,
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })
@@ -160,6 +221,67 @@ impl ChatTemplate {
             Some(source) => Self::new(source, bos, eos),
             None => Self::chatml(bos, eos),
         }
+    }
+
+    /// How the model writes tool calls, as its template's text tells
+    /// ([`ToolCallFormat::detect`]).
+    pub fn tool_format(&self) -> ToolCallFormat {
+        self.tool_format
+    }
+
+    /// Whether the template reads a `tools` variable (otherwise tools are described
+    /// in a system prompt).
+    pub fn uses_tools(&self) -> bool {
+        self.uses_tools
+    }
+
+    /// Encodes a conversation with the generation prompt and `options` (tools,
+    /// `enable_thinking`), as [`ChatTemplate::encode`] does.
+    ///
+    /// # Errors
+    /// As [`ChatTemplate::encode`].
+    pub fn encode_chat(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        options: &ChatOptions,
+        keep: &[&str],
+    ) -> Result<ChatPrompt> {
+        let (messages, extra) = self.with_options(messages, options);
+        let ids = self.encode_with(tokenizer, &messages, true, extra.clone(), keep)?;
+        let rendered = self.render_with(&messages, true, extra)?;
+        Ok(ChatPrompt {
+            ids,
+            opens_reasoning: prompt_opens_reasoning(&rendered),
+            tool_format: self.tool_format,
+        })
+    }
+
+    /// The messages and extra variables that render `messages` with `options`.
+    fn with_options(&self, messages: &[Message], options: &ChatOptions) -> (Vec<Message>, Value) {
+        let mut messages = messages.to_vec();
+        let mut extra = serde_json::Map::new();
+        if !options.tools.is_empty() {
+            if self.uses_tools {
+                let tools = serde_json::to_value(&options.tools).unwrap_or_default();
+                extra.insert("tools".into(), tools);
+            } else {
+                let prompt = hermes_system_prompt(&options.tools);
+                match messages.first_mut().filter(|m| m.role == "system") {
+                    Some(system) => system.content = format!("{}\n\n{prompt}", system.content),
+                    None => messages.insert(0, Message::system(prompt)),
+                }
+            }
+        }
+        if let Some(on) = options.enable_thinking {
+            extra.insert("enable_thinking".into(), serde_json::Value::Bool(on));
+        }
+        let extra = if extra.is_empty() {
+            Value::UNDEFINED
+        } else {
+            Value::from_serialize(&extra)
+        };
+        (messages, extra)
     }
 
     /// Renders a conversation; `add_generation_prompt` appends the opening of the
@@ -282,7 +404,10 @@ impl ChatTemplate {
                 if is_trusted(m) {
                     m.clone()
                 } else {
-                    Message::new(m.role.clone(), marker(i))
+                    Message {
+                        content: marker(i),
+                        ..m.clone()
+                    }
                 }
             })
             .collect();

@@ -13,6 +13,7 @@
 mod batch;
 mod cache;
 mod chat;
+mod chat_output;
 mod config;
 mod error;
 mod eval;
@@ -24,6 +25,7 @@ mod hf_cache;
 mod loaded;
 mod model;
 mod quantize;
+mod reasoning;
 mod sampler;
 mod stream;
 #[cfg(test)]
@@ -36,7 +38,8 @@ pub use batch::{
     AdmitFn, AdmitQuery, DEFAULT_PREFILL_CHUNK, RequestId, Scheduler, StepOutput, Ticket,
 };
 pub use cache::{Acquired, CacheStats, CacheWeight, LoadedEntry, ModelCache};
-pub use chat::{CHATML_TEMPLATE, ChatTemplate, Message};
+pub use chat::{CHATML_TEMPLATE, ChatOptions, ChatPrompt, ChatTemplate, Message};
+pub use chat_output::{ChatEvent, ChatOutput, ChatOutputParser};
 pub use config::{
     ARCHITECTURES, Architecture, ArchitectureInfo, ModelConfig, RopeScaling,
     supported_architectures,
@@ -56,6 +59,9 @@ pub use quantize::{
     AFO_QUANT_VERSION, QuantizeProgress, QuantizingSource, SaveReport, linear_weight_count,
     save_gguf,
 };
+pub use reasoning::{
+    ReasoningEvent, ReasoningParser, SplitOutput, THINK_CLOSE, THINK_OPEN, prompt_opens_reasoning,
+};
 pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};
 pub use tokenizer::{
@@ -63,7 +69,7 @@ pub use tokenizer::{
 };
 pub use tools::{
     MAX_TOOL_NAME_LEN, ParsedOutput, ToolCall, ToolCallFormat, ToolCallParser, ToolChoice,
-    ToolDefinition, ToolEvent, hermes_system_prompt,
+    ToolDefinition, ToolEvent, hermes_system_prompt, tool_call_grammar,
 };
 pub use vlm::{
     IMAGE_PLACEHOLDER, QWEN3_VL_NAMES, TinyVlm, VisionActivation, VisionConfig, VisionEncoder,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::cache::CacheWeight;
-use crate::chat::{ChatTemplate, Message};
+use crate::chat::{ChatOptions, ChatPrompt, ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use afo_quant::QuantPolicy;
@@ -176,6 +176,20 @@ impl LoadedModel {
     /// Template and tokenizer errors.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
         self.chat.encode(&self.tokenizer, messages, true, &[])
+    }
+
+    /// As [`LoadedModel::encode_chat`], with tools and `enable_thinking`
+    /// ([`ChatTemplate::encode_chat`]).
+    ///
+    /// # Errors
+    /// Template and tokenizer errors.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[Message],
+        options: &ChatOptions,
+    ) -> Result<ChatPrompt> {
+        self.chat
+            .encode_chat(&self.tokenizer, messages, options, &[])
     }
 
     /// Encodes plain text, adding BOS when the tokenizer asks for it.

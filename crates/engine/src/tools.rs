@@ -256,14 +256,14 @@ pub struct ParsedOutput {
 }
 
 impl ParsedOutput {
-    fn add(&mut self, event: ToolEvent) {
+    pub(crate) fn add(&mut self, event: ToolEvent) {
         match event {
             ToolEvent::Content(t) => self.content.push_str(&t),
             ToolEvent::Call(c) => self.calls.push(c),
         }
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if !self.calls.is_empty() && self.content.trim().is_empty() {
             self.content.clear();
         }
@@ -570,6 +570,77 @@ fn merge(events: Vec<ToolEvent>) -> Vec<ToolEvent> {
         }
     }
     out
+}
+
+/// The grammar (llguidance's Lark dialect, for
+/// [`Constraint::lark`](crate::Constraint::lark)) that makes the model call tools in
+/// `format`: for [`ToolChoice::Required`] one of `tools`, for
+/// [`ToolChoice::Function`] that one, and with `parallel` one or more calls (one
+/// `<tool_call>` block each, for Hermes). Each call is `{"name": <the tool's name>,
+/// "arguments": <a value of the tool's parameters schema>}` (`"parameters"` for
+/// Llama 3 JSON). `None` for [`ToolChoice::Auto`] and [`ToolChoice::None`], which
+/// leave the output free.
+///
+/// # Errors
+/// [`Error::Tool`] when `tools` is empty or names no function that
+/// [`ToolChoice::Function`] asks for.
+pub fn tool_call_grammar(
+    tools: &[ToolDefinition],
+    choice: &ToolChoice,
+    format: ToolCallFormat,
+    parallel: bool,
+) -> Result<Option<String>> {
+    let chosen: Vec<&ToolDefinition> = match choice {
+        ToolChoice::Auto | ToolChoice::None => return Ok(None),
+        ToolChoice::Required => tools.iter().collect(),
+        ToolChoice::Function(name) => tools.iter().filter(|t| &t.name == name).collect(),
+    };
+    if chosen.is_empty() {
+        return Err(Error::Tool {
+            tool: match choice {
+                ToolChoice::Function(name) => name.clone(),
+                _ => String::new(),
+            },
+            reason: "tool_choice asks for a tool call, but no tool of that name was given"
+                .to_owned(),
+        });
+    }
+    let args_key = match format {
+        ToolCallFormat::Llama3Json => "parameters",
+        _ => "arguments",
+    };
+    let variants: Vec<Value> = chosen
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "name": {"const": t.name},
+                    args_key: t.parameters,
+                },
+                "required": ["name", args_key],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let schema = match <[Value; 1]>::try_from(variants) {
+        Ok([one]) => one,
+        Err(many) => serde_json::json!({ "anyOf": many }),
+    };
+    let call = match format {
+        ToolCallFormat::Hermes => "\"<tool_call>\\n\" body \"\\n</tool_call>\"",
+        ToolCallFormat::Llama3Json | ToolCallFormat::Mistral => "body",
+    };
+    let start = match (format, parallel) {
+        (ToolCallFormat::Hermes, true) => "call (\"\\n\" call)*",
+        (ToolCallFormat::Llama3Json, true) => "call (\"; \" call)*",
+        (ToolCallFormat::Mistral, true) => "\"[TOOL_CALLS][\" call (\", \" call)* \"]\"",
+        (ToolCallFormat::Mistral, false) => "\"[TOOL_CALLS][\" call \"]\"",
+        (_, false) => "call",
+    };
+    Ok(Some(format!(
+        "start: {start}\ncall: {call}\nbody: %json {schema}\n"
+    )))
 }
 
 /// The system prompt that describes `tools` to a model whose template does not take
