@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::generate::{
     Decode, FinishReason, GenerateOptions, PrefixReuse, publish_prefix, seed_from_prefix,
 };
+use crate::logprobs::{TokenLogprobs, check_top, token_logprobs};
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::stream::{StopMatcher, StreamDecoder};
@@ -50,6 +51,9 @@ pub struct StepOutput {
     pub text: String,
     /// The token sampled this step, if one was.
     pub token: Option<u32>,
+    /// With [`GenerateOptions::logprobs`]: the log-probabilities of this step's token
+    /// (not of an end-of-sequence token, which is not part of the output).
+    pub logprobs: Option<TokenLogprobs>,
     /// Set when the request ended this step.
     pub finish: Option<FinishReason>,
     /// In a request's first output: its prompt tokens reused from the prefix cache (0
@@ -200,10 +204,14 @@ impl<'m> Scheduler<'m> {
     /// Queues a request; it starts at a later [`Scheduler::step`], when it fits.
     ///
     /// # Errors
-    /// [`Error::EmptyPrompt`].
+    /// [`Error::EmptyPrompt`]; [`Error::InvalidSamplingParam`] for more
+    /// [`GenerateOptions::logprobs`] alternatives than [`crate::MAX_TOP_LOGPROBS`].
     pub fn add_request(&mut self, prompt: Vec<u32>, options: GenerateOptions) -> Result<RequestId> {
         if prompt.is_empty() {
             return Err(Error::EmptyPrompt);
+        }
+        if let Some(top) = options.logprobs {
+            check_top(top)?;
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -269,6 +277,7 @@ impl<'m> Scheduler<'m> {
             id,
             text: String::new(),
             token: None,
+            logprobs: None,
             finish: Some(FinishReason::Cancelled),
             prefix_hit_tokens: None,
             predicted_peak_bytes: None,
@@ -295,6 +304,7 @@ impl<'m> Scheduler<'m> {
                 id: seq.id,
                 text: String::new(),
                 token: Some(id),
+                logprobs: None,
                 finish: None,
                 predicted_peak_bytes: seq
                     .prefix_hit
@@ -306,6 +316,9 @@ impl<'m> Scheduler<'m> {
             if !seq.options.ignore_eos && self.tokenizer.is_eos(id) {
                 o.finish = Some(FinishReason::Eos);
             } else {
+                if let Some(top) = seq.options.logprobs {
+                    o.logprobs = Some(token_logprobs(&seq.logits, id, top)?);
+                }
                 seq.history.push(id);
                 seq.generated += 1;
                 let step = seq.stops.push(&seq.detok.step(id)?);

@@ -29,6 +29,7 @@ use std::time::Instant;
 use afo_kvcache::{KvCache, PrefixCache, Salt};
 
 use crate::error::{Error, Result};
+use crate::logprobs::{TokenLogprobs, check_top, token_logprobs};
 use crate::model::Model;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stream::{StopMatcher, StreamDecoder};
@@ -61,6 +62,11 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// Keep generating past end-of-sequence tokens. Default false.
     pub ignore_eos: bool,
+    /// Log-probabilities to report for each generated token: `None` computes none
+    /// (no cost); `Some(k)` reports the token's own and the `k` most likely tokens'
+    /// (`k` at most [`crate::MAX_TOP_LOGPROBS`]), under the model's raw distribution
+    /// (see [`crate::token_logprobs`]). Default `None`.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -70,6 +76,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -136,6 +143,9 @@ pub struct Generation {
     pub prefix_hit_tokens: usize,
     /// Why the generation ended.
     pub finish: FinishReason,
+    /// With [`GenerateOptions::logprobs`], one entry per token of
+    /// [`Generation::tokens`], in order; empty otherwise.
+    pub logprobs: Vec<TokenLogprobs>,
     /// What it cost.
     pub timings: GenerateTimings,
 }
@@ -336,6 +346,9 @@ where
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
+    if let Some(top) = options.logprobs {
+        check_top(top)?;
+    }
     let start = Instant::now();
     let mut sampler = Sampler::new(options.sampling.clone());
     let mut stops = StopMatcher::new(options.stop.iter().cloned())?;
@@ -344,6 +357,7 @@ where
     history.extend_from_slice(prompt);
     let mut text = String::new();
     let mut tokens = Vec::with_capacity(options.max_tokens);
+    let mut logprobs = Vec::new();
     let mut timings = GenerateTimings::default();
 
     let mut emit = |delta: &str, text: &mut String| -> ControlFlow<()> {
@@ -369,6 +383,9 @@ where
         if !options.ignore_eos && tokenizer.is_eos(id) {
             finish = FinishReason::Eos;
             break;
+        }
+        if let Some(top) = options.logprobs {
+            logprobs.push(token_logprobs(&logits, id, top)?);
         }
         tokens.push(id);
         history.push(id);
@@ -410,6 +427,7 @@ where
         prompt_tokens: prompt.len(),
         prefix_hit_tokens,
         finish,
+        logprobs,
         timings,
     })
 }

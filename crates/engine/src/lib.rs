@@ -23,6 +23,7 @@ mod gguf_write;
 mod hf;
 mod hf_cache;
 mod loaded;
+mod logprobs;
 mod model;
 mod quantize;
 mod reasoning;
@@ -54,6 +55,7 @@ pub use gguf::{GgufDescription, GgufFile, TypeCount};
 pub use hf::{HfConfig, HfRopeScaling, SafetensorsDir, gguf_to_hf_name};
 pub use hf_cache::{HfCache, model_file_in};
 pub use loaded::LoadedModel;
+pub use logprobs::{MAX_TOP_LOGPROBS, TokenLogprobs, token_logprobs};
 pub use model::{Logits, Model, WeightSource};
 pub use quantize::{
     AFO_QUANT_VERSION, QuantizeProgress, QuantizingSource, SaveReport, linear_weight_count,

@@ -507,7 +507,7 @@ fn cumulative_cut(sorted: &[(u32, f32)], target: f64) -> Option<usize> {
 /// Puts in `out` the `m` largest values above `floor` (with their ids), highest first,
 /// ties by lower id. A bounded min-heap: most values fail one comparison with the
 /// heap's root, so the cost is about one pass over `values`.
-fn top_m(values: &[f32], floor: f32, m: usize, out: &mut Vec<(u32, f32)>) {
+pub(crate) fn top_m(values: &[f32], floor: f32, m: usize, out: &mut Vec<(u32, f32)>) {
     out.clear();
     if m == 0 {
         return;

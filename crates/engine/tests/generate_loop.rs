@@ -54,6 +54,7 @@ fn greedy(max_tokens: usize, stop: &[&str]) -> GenerateOptions {
         stop: stop.iter().map(|s| s.to_string()).collect(),
         sampling: SamplingParams::greedy(),
         ignore_eos: false,
+        ..GenerateOptions::default()
     }
 }
 

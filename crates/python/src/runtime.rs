@@ -137,6 +137,7 @@ fn request(
         stop,
         sampling,
         ignore_eos,
+        ..GenerateOptions::default()
     });
     if let Some(s) = scheme {
         let scheme: QuantScheme = s.parse().map_err(|e| value_error(format!("scheme: {e}")))?;

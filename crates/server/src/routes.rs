@@ -645,6 +645,7 @@ async fn generate_inner(
         stop: req.sampling.stop.clone(),
         sampling,
         ignore_eos: false,
+        ..GenerateOptions::default()
     };
     // Then memory, before anything is queued: a request that could never fit (even
     // with every idle model evicted and the runs in flight ended) is refused now;

@@ -90,6 +90,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
             stop: args.stop.clone(),
             sampling: sampling.build()?,
             ignore_eos: false,
+            ..GenerateOptions::default()
         });
     request.scheme = args.quantize;
     // A spinner on a terminal while the model loads and the prompt runs; a plain line
