@@ -17,11 +17,12 @@
 //! a request admitted after another with the same system prompt or history (in the
 //! same step too) runs only what differs; see [`crate::generate_with_prefix`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use afo_guard::{MemoryKind, Refusal, Reservation};
 use afo_kvcache::KvCache;
 
+use crate::constraint::{SeqConstraint, overlap};
 use crate::error::{Error, Result};
 use crate::generate::{
     Decode, FinishReason, GenerateOptions, PrefixReuse, publish_prefix, seed_from_prefix,
@@ -79,6 +80,8 @@ struct Sequence<'t> {
     /// The memory the admission hook reserved, held while the request runs and given
     /// back when it ends.
     ticket: Option<Ticket>,
+    /// The output's grammar, when the request has a constraint.
+    constraint: Option<SeqConstraint>,
 }
 
 /// An admitted request whose prompt is running, chunk by chunk.
@@ -145,6 +148,8 @@ pub struct Scheduler<'m> {
     next_id: RequestId,
     admit_hook: Option<AdmitFn<'m>>,
     prefix: Option<PrefixReuse<'m>>,
+    /// The compiled constraints of requests that have not started decoding.
+    constraints: HashMap<RequestId, SeqConstraint>,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -177,6 +182,7 @@ impl<'m> Scheduler<'m> {
             next_id: 0,
             admit_hook: None,
             prefix: None,
+            constraints: HashMap::new(),
         }
     }
 
@@ -210,11 +216,20 @@ impl<'m> Scheduler<'m> {
         if prompt.is_empty() {
             return Err(Error::EmptyPrompt);
         }
+        // Compiled now, so that a bad constraint is this call's error, not a step's.
+        let constraint = options
+            .constraint
+            .as_ref()
+            .map(|c| c.start(self.tokenizer))
+            .transpose()?;
         if let Some(top) = options.logprobs {
             check_top(top)?;
         }
         let id = self.next_id;
         self.next_id += 1;
+        if let Some(c) = constraint {
+            self.constraints.insert(id, c);
+        }
         self.waiting.push_back((id, prompt, options));
         Ok(id)
     }
@@ -273,6 +288,7 @@ impl<'m> Scheduler<'m> {
         } else {
             return false;
         }
+        self.constraints.remove(&id);
         self.finished.push(StepOutput {
             id,
             text: String::new(),
@@ -299,6 +315,9 @@ impl<'m> Scheduler<'m> {
         let mut next = Vec::with_capacity(self.running.len());
         let mut ended = Vec::new();
         for (i, seq) in self.running.iter_mut().enumerate() {
+            if let Some(c) = &mut seq.constraint {
+                c.apply(&mut seq.logits)?;
+            }
             let id = seq.sampler.sample(&seq.logits, &seq.history)?;
             let mut o = StepOutput {
                 id: seq.id,
@@ -313,7 +332,9 @@ impl<'m> Scheduler<'m> {
                     .flatten(),
                 prefix_hit_tokens: seq.prefix_hit.take(),
             };
-            if !seq.options.ignore_eos && self.tokenizer.is_eos(id) {
+            let eos =
+                (!seq.options.ignore_eos || seq.constraint.is_some()) && self.tokenizer.is_eos(id);
+            if eos {
                 o.finish = Some(FinishReason::Eos);
             } else {
                 if let Some(top) = seq.options.logprobs {
@@ -323,8 +344,14 @@ impl<'m> Scheduler<'m> {
                 seq.generated += 1;
                 let step = seq.stops.push(&seq.detok.step(id)?);
                 o.text = step.text;
+                let complete = match &mut seq.constraint {
+                    Some(c) => c.commit(id)?,
+                    None => false,
+                };
                 if let Some(index) = step.stop {
                     o.finish = Some(FinishReason::Stop(index));
+                } else if complete {
+                    o.finish = Some(FinishReason::Eos);
                 } else if seq.generated >= seq.options.max_tokens {
                     o.finish = Some(FinishReason::Length);
                 } else {
@@ -353,14 +380,18 @@ impl<'m> Scheduler<'m> {
             let tokens: Vec<u32> = next.iter().map(|&(_, t)| t).collect();
             let logits = {
                 let mut caches: Vec<&mut KvCache> = Vec::with_capacity(next.len());
+                let mut constraints = Vec::new();
                 let mut j = 0;
                 for (i, seq) in self.running.iter_mut().enumerate() {
                     if next.get(j).is_some_and(|&(k, _)| k == i) {
                         caches.push(&mut seq.cache);
+                        constraints.extend(seq.constraint.as_mut());
                         j += 1;
                     }
                 }
-                self.model.forward_batch(&tokens, &mut caches)?
+                // The constrained sequences' next masks are computed meanwhile.
+                let model = self.model;
+                overlap(constraints, || model.forward_batch(&tokens, &mut caches))?
             };
             let rows: Vec<Vec<f32>> = logits.to_vec2()?;
             for (&(i, _), row) in next.iter().zip(rows) {
@@ -473,6 +504,7 @@ impl<'m> Scheduler<'m> {
             generated: 0,
             logits,
             prefix_hit: Some(p.reused.unwrap_or(0)),
+            constraint: self.constraints.remove(&p.id),
             ticket: p.ticket,
             cache: p.cache,
             options: p.options,

@@ -50,6 +50,16 @@ pub enum Error {
     /// A generation was asked for with no prompt tokens.
     #[error("the prompt is empty: generation needs at least one prompt token")]
     EmptyPrompt,
+    /// A generation's constraint (JSON schema, grammar, regex) could not be compiled,
+    /// or its grammar failed while the output was generated.
+    #[error("{kind} constraint: {reason}")]
+    Constraint {
+        /// What kind of constraint: `JSON schema`, `JSON object`, `Lark grammar`,
+        /// `regex`.
+        kind: &'static str,
+        /// llguidance's message.
+        reason: String,
+    },
     /// A tool definition or a tool-calling request is invalid.
     #[error("tool `{tool}`: {reason}")]
     Tool {
@@ -264,6 +274,24 @@ pub enum Error {
     EmptyStopString {
         /// Its position in the list.
         index: usize,
+    },
+    /// An embedding option is out of range.
+    #[error("embedding option `{name}` = {value}: {expected}")]
+    InvalidEmbedOption {
+        /// The option.
+        name: &'static str,
+        /// The rejected value.
+        value: String,
+        /// The accepted range.
+        expected: String,
+    },
+    /// An input to embed is longer than the model's context.
+    #[error("the input has {tokens} tokens; the model's context holds at most {context}")]
+    InputTooLong {
+        /// The input's tokens.
+        tokens: usize,
+        /// The model's context, in tokens.
+        context: usize,
     },
 }
 

@@ -28,6 +28,7 @@ use std::time::Instant;
 
 use afo_kvcache::{KvCache, PrefixCache, Salt};
 
+use crate::constraint::{Constraint, overlap};
 use crate::error::{Error, Result};
 use crate::logprobs::{TokenLogprobs, check_top, token_logprobs};
 use crate::model::Model;
@@ -60,8 +61,14 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Sampling parameters. Default: [`SamplingParams::default`].
     pub sampling: SamplingParams,
-    /// Keep generating past end-of-sequence tokens. Default false.
+    /// Keep generating past end-of-sequence tokens. Default false. With a
+    /// [`constraint`](Self::constraint) the grammar decides: end-of-sequence is
+    /// allowed only where the grammar may end, and then ends the generation.
     pub ignore_eos: bool,
+    /// What the output must be (a JSON schema, a Lark grammar, a regex): tokens it
+    /// does not allow are never sampled, and the generation ends when it is
+    /// complete. Default none. See [`Constraint`].
+    pub constraint: Option<Constraint>,
     /// Log-probabilities to report for each generated token: `None` computes none
     /// (no cost); `Some(k)` reports the token's own and the `k` most likely tokens'
     /// (`k` at most [`crate::MAX_TOP_LOGPROBS`]), under the model's raw distribution
@@ -76,6 +83,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             ignore_eos: false,
+            constraint: None,
             logprobs: None,
         }
     }
@@ -87,7 +95,8 @@ pub const PREFILL_CHUNK: usize = 512;
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FinishReason {
-    /// The model produced an end-of-sequence token.
+    /// The model produced an end-of-sequence token, or the output's
+    /// [`Constraint`] was complete with nothing more allowed.
     Eos,
     /// A stop string appeared; the index is into [`GenerateOptions::stop`].
     Stop(usize),
@@ -178,7 +187,8 @@ pub struct PrefixReuse<'a> {
 /// continues it).
 ///
 /// # Errors
-/// [`Error::EmptyPrompt`] for an empty prompt, and the model's, sampler's and
+/// [`Error::EmptyPrompt`] for an empty prompt, [`Error::Constraint`] for a
+/// constraint that does not compile (or fails), and the model's, sampler's and
 /// tokenizer's errors.
 pub fn generate<M, F>(
     model: &M,
@@ -350,6 +360,11 @@ where
         check_top(top)?;
     }
     let start = Instant::now();
+    let mut constraint = options
+        .constraint
+        .as_ref()
+        .map(|c| c.start(tokenizer))
+        .transpose()?;
     let mut sampler = Sampler::new(options.sampling.clone());
     let mut stops = StopMatcher::new(options.stop.iter().cloned())?;
     let mut detok = StreamDecoder::with_prompt(tokenizer, prompt, true);
@@ -368,22 +383,31 @@ where
         on_text(delta)
     };
 
-    let (mut logits, prefix_hit_tokens) = prefill(model, state)?;
+    // The first mask is computed while the prompt runs.
+    let (mut logits, prefix_hit_tokens) =
+        overlap(constraint.iter_mut().collect(), || prefill(model, state))?;
     timings.prefill_ms = ms_since(start);
     let mut first_token_at = None;
     let mut finish = FinishReason::Length;
 
     for i in 0..options.max_tokens {
+        if let Some(c) = &mut constraint {
+            c.apply(&mut logits)?;
+        }
         let id = sampler.sample(&logits, &history)?;
         if first_token_at.is_none() {
             let now = Instant::now();
             timings.ttft_ms = Some(now.duration_since(start).as_secs_f64() * 1e3);
             first_token_at = Some(now);
         }
-        if !options.ignore_eos && tokenizer.is_eos(id) {
+        if (!options.ignore_eos || constraint.is_some()) && tokenizer.is_eos(id) {
             finish = FinishReason::Eos;
             break;
         }
+        let complete = match &mut constraint {
+            Some(c) => c.commit(id)?,
+            None => false,
+        };
         if let Some(top) = options.logprobs {
             logprobs.push(token_logprobs(&logits, id, top)?);
         }
@@ -398,10 +422,17 @@ where
             finish = FinishReason::Stop(index);
             break;
         }
+        if complete {
+            finish = FinishReason::Eos;
+            break;
+        }
         if i + 1 == options.max_tokens {
             break;
         }
-        logits = model.decode(&[id], state)?;
+        // The next mask is computed while the token runs through the model.
+        logits = overlap(constraint.iter_mut().collect(), || {
+            model.decode(&[id], state)
+        })?;
     }
 
     if matches!(finish, FinishReason::Eos | FinishReason::Length) {

@@ -2,7 +2,8 @@
 //!
 //! `afo-engine` owns model formats (GGUF, safetensors directories, the Hugging Face
 //! cache layout), tokenizers and chat templates, the decoder forward passes, sampling,
-//! generation and streaming, the continuous-batching scheduler, the lazy model cache,
+//! generation and streaming, embeddings ([`embed()`]: pooled final hidden states), the
+//! continuous-batching scheduler, the lazy model cache,
 //! and the vision-language path ([`VisionLanguageModel`]: Qwen3-VL's encoder and its
 //! M-RoPE / DeepStack decoder on the same forward pass, with [`TinyVlm`] writing a
 //! seeded test checkpoint).
@@ -15,6 +16,8 @@ mod cache;
 mod chat;
 mod chat_output;
 mod config;
+mod constraint;
+mod embed;
 mod error;
 mod eval;
 mod generate;
@@ -45,6 +48,8 @@ pub use config::{
     ARCHITECTURES, Architecture, ArchitectureInfo, ModelConfig, RopeScaling,
     supported_architectures,
 };
+pub use constraint::Constraint;
+pub use embed::{EmbedOptions, Pooling, embed};
 pub use error::{Error, Result};
 pub use eval::{Agreement, Perplexity, compare_models, perplexity, streaming_perplexity};
 pub use generate::{

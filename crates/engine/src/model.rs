@@ -37,7 +37,8 @@ use crate::generate::Decode;
 /// The optional tensor of RoPE frequency divisors (Llama 3 scaling in GGUF files).
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
-/// Which positions' logits a forward pass returns.
+/// Which positions' logits a forward pass returns (or, for [`Model::forward_hidden`],
+/// which positions' hidden states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
     /// Only the last position's: `[1, vocab]`.
@@ -348,6 +349,40 @@ impl Model {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
+        let x = self.hidden_rows(inputs, cache, logits)?;
+        Ok(self.lm_head.as_ref().unwrap_or(&self.embed).forward(&x)?)
+    }
+
+    /// Runs `tokens` after what `cache` holds, as [`Model::forward`] does, and returns
+    /// the final hidden states (after the final norm, before the LM head), f32: `[1,
+    /// hidden]` for [`Logits::Last`], `[tokens, hidden]` for [`Logits::All`]. The
+    /// pooled embeddings of [`crate::embed`] are made from these.
+    ///
+    /// # Errors
+    /// As [`Model::forward`].
+    pub fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        rows: Logits,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        rayon::scope(|_| {
+            let x = self.embed.rows(tokens)?;
+            self.hidden_rows(RowInputs::plain(x), cache, rows)
+        })
+    }
+
+    /// The layer loop of every single-sequence pass: the final-normed hidden states of
+    /// the rows `rows` selects.
+    fn hidden_rows(
+        &self,
+        inputs: RowInputs<'_>,
+        cache: &mut KvCache,
+        rows: Logits,
+    ) -> Result<Tensor> {
         let RowInputs { x, rope, inject } = inputs;
         let t = x.dim(0)?;
         if t == 0 {
@@ -378,12 +413,11 @@ impl Model {
             }
         }
         cache.commit(t)?;
-        let x = match logits {
+        let x = match rows {
             Logits::Last => x.narrow(0, t - 1, 1)?,
             Logits::All => x,
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.as_ref().unwrap_or(&self.embed).forward(&x)?)
+        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
     }
 
     /// One decode step for many sequences at once: `tokens[i]` follows what

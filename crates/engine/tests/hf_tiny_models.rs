@@ -2,14 +2,15 @@
 //! written as Hugging Face directories (config.json + model.safetensors) and loaded
 //! through the same code as real checkpoints, against candle-transformers' models on
 //! the same files: Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Llama 3 (rope scaling)
-//! and Mistral-style grouped-query attention.
+//! and Mistral-style grouped-query attention. Embeddings (pooled final hidden states)
+//! are checked against the same references' hidden states, pooled here.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use afo_engine::{Architecture, Logits, SafetensorsDir};
+use afo_engine::{Architecture, EmbedOptions, Logits, Pooling, SafetensorsDir};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -230,6 +231,89 @@ fn llama3_with_rope_scaling_and_tied_embeddings() {
     let (first, next) = ours(dir.path());
     close("llama3 prompt", &first, &want_first);
     close("llama3 next", &next, &want_next);
+}
+
+/// A seeded input of `n` token ids.
+fn long_input(n: usize) -> Vec<u32> {
+    seeded(n, 77, 1.0)
+        .into_iter()
+        .map(|v| ((v + 1.0) / 2.0 * (VOCAB - 1) as f32) as u32)
+        .collect()
+}
+
+/// `v` divided by its L2 norm.
+fn unit(v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / norm).collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+/// Pools a reference's final hidden states `[1, tokens, hidden]` without the engine:
+/// the last row, and the mean of the rows, each L2-normalised.
+fn reference_pooled(hidden: &Tensor) -> [(Pooling, Vec<f32>); 2] {
+    let rows: Vec<Vec<f32>> = hidden.squeeze(0).unwrap().to_vec2().unwrap();
+    let n = rows.len() as f32;
+    let mean = (0..HIDDEN)
+        .map(|j| rows.iter().map(|r| r[j]).sum::<f32>() / n)
+        .collect();
+    [
+        (Pooling::Last, unit(rows[rows.len() - 1].clone())),
+        (Pooling::Mean, unit(mean)),
+    ]
+}
+
+/// Our embeddings of `ids` against the reference's pooled hidden states.
+fn embeddings_agree(name: &str, dir: &Path, ids: &[u32], hidden: &Tensor) {
+    let model = SafetensorsDir::open(dir).unwrap().load_model().unwrap();
+    for (pooling, want) in reference_pooled(hidden) {
+        let options = EmbedOptions {
+            pooling,
+            dimensions: None,
+        };
+        let got = afo_engine::embed(&model, ids, &options).unwrap();
+        assert_eq!(got.len(), HIDDEN);
+        let cos = cosine(&got, &want);
+        eprintln!(
+            "{name} {pooling} pooling, {} tokens: cosine {cos}",
+            ids.len()
+        );
+        assert!(cos >= 0.9999, "{name} {pooling} pooling: cosine {cos}");
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{name} {pooling}: norm {norm}");
+    }
+}
+
+#[test]
+fn embeddings_match_qwen2_hidden_states() {
+    use candle_transformers::models::qwen2;
+    let dir = tempfile::tempdir().unwrap();
+    let config = base_config("Qwen2ForCausalLM", "qwen2");
+    write_model(dir.path(), config.clone(), true, false, false);
+    let cfg: qwen2::Config = serde_json::from_value(config).unwrap();
+    for ids in [PROMPT.to_vec(), long_input(150)] {
+        let mut reference = qwen2::Model::new(&cfg, vb(dir.path())).unwrap();
+        let hidden = reference.forward(&input(&ids), 0, None).unwrap();
+        embeddings_agree("qwen2", dir.path(), &ids, &hidden);
+    }
+}
+
+#[test]
+fn embeddings_match_qwen3_hidden_states() {
+    use candle_transformers::models::qwen3;
+    let dir = tempfile::tempdir().unwrap();
+    let config = base_config("Qwen3ForCausalLM", "qwen3");
+    write_model(dir.path(), config.clone(), false, true, false);
+    let cfg: qwen3::Config = serde_json::from_value(config).unwrap();
+    let ids = long_input(60);
+    let mut reference = qwen3::Model::new(&cfg, vb(dir.path())).unwrap();
+    let hidden = reference.forward(&input(&ids), 0).unwrap();
+    embeddings_agree("qwen3", dir.path(), &ids, &hidden);
 }
 
 #[test]

@@ -90,6 +90,23 @@ pub struct RunPlan {
     pub image_pixels: Vec<u64>,
     /// Vision tokens the images become, in total.
     pub vision_tokens: u64,
+    /// What the run's last pass produces: logits to sample from, or pooled hidden
+    /// states.
+    pub output: RunOutput,
+}
+
+/// What a run produces from the model's final hidden states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunOutput {
+    /// Logits over the vocabulary for each sequence (a generation; the default).
+    #[default]
+    Logits,
+    /// Pooled hidden states, no LM head and no logits (an embedding run): `vectors`
+    /// vectors of `hidden` values in all.
+    Embeddings {
+        /// The vectors the run returns.
+        vectors: u64,
+    },
 }
 
 /// A prediction, broken down.
@@ -103,6 +120,8 @@ pub struct Estimate {
     pub activations: u64,
     /// Logits workspace.
     pub logits: u64,
+    /// Pooled embedding vectors (an embedding run).
+    pub embeddings: u64,
     /// Image buffers.
     pub images: u64,
     /// Runtime overhead.
@@ -123,7 +142,11 @@ impl fmt::Display for Estimate {
             ByteSize(self.logits),
             ByteSize(self.images),
             ByteSize(self.overhead)
-        )
+        )?;
+        if self.embeddings > 0 {
+            write!(f, " (embeddings {})", ByteSize(self.embeddings))?;
+        }
+        Ok(())
     }
 }
 
@@ -137,7 +160,11 @@ impl fmt::Display for Estimate {
 ///   reused across layers): `B x C x (4 x hidden + 3 x intermediate + (heads + 2 x
 ///   kv_heads) x head_dim) x 4` plus the attention scores `B x heads x C x T x 4`
 ///   twice (the scores and their softmax are alive together);
-/// - **logits**: `B x vocab x 4 x 2` (the logits and the sampler's working copy);
+/// - **logits**: `B x vocab x 4 x 2` (the logits and the sampler's working copy), for
+///   [`RunOutput::Logits`]; none for an embedding run;
+/// - **embeddings**: for [`RunOutput::Embeddings`], `vectors x hidden x 4 x 2` (the
+///   pooled vectors and their encoded copy in the response); the final hidden states
+///   they are pooled from are a chunk's activations, counted above;
 /// - **images**: for each image `pixels x 3 x (1 + 4)` (the u8 buffer and its f32
 ///   copy), plus `vision_tokens x hidden x 4 x 4` for the vision encoder's states;
 /// - **overhead**: [`Estimator::base_overhead`] (the runtime itself: code, tokenizer,
@@ -170,16 +197,20 @@ impl Estimator {
         let kv_cache = plan.kv_bytes_per_token * t * b;
         let per_token = 4 * s.hidden + 3 * s.intermediate + (s.heads + 2 * s.kv_heads) * s.head_dim;
         let activations = b * c * per_token * 4 + 2 * b * s.heads * c * t.max(1) * 4;
-        let logits = b * s.vocab * 4 * 2;
+        let (logits, embeddings) = match plan.output {
+            RunOutput::Logits => (b * s.vocab * 4 * 2, 0),
+            RunOutput::Embeddings { vectors } => (0, vectors * s.hidden * 4 * 2),
+        };
         let images = plan.image_pixels.iter().map(|p| p * 3 * 5).sum::<u64>()
             + plan.vision_tokens * s.hidden * 4 * 4;
-        let sum = weights + kv_cache + activations + logits + images;
+        let sum = weights + kv_cache + activations + logits + embeddings + images;
         let overhead = self.base_overhead + (sum as f64 * self.overhead_fraction) as u64;
         Estimate {
             weights,
             kv_cache,
             activations,
             logits,
+            embeddings,
             images,
             overhead,
             total: sum + overhead,
@@ -195,7 +226,7 @@ impl Estimator {
         KindBytes::of(MemoryKind::KvCache, slack(estimate.kv_cache))
             .with(
                 MemoryKind::Workspace,
-                slack(estimate.activations + estimate.logits),
+                slack(estimate.activations + estimate.logits + estimate.embeddings),
             )
             .with(MemoryKind::Images, slack(estimate.images))
     }
@@ -228,7 +259,28 @@ mod tests {
             prefill_chunk: 512,
             image_pixels: Vec::new(),
             vision_tokens: 0,
+            output: RunOutput::Logits,
         }
+    }
+
+    #[test]
+    fn an_embedding_run_has_no_logits_and_no_growth_past_its_input() {
+        let est = Estimator::default();
+        let mut embed = plan(100, 0, 1);
+        embed.output = RunOutput::Embeddings { vectors: 3 };
+        let e = est.estimate(&embed);
+        let g = est.estimate(&plan(100, 0, 1));
+        assert_eq!(e.logits, 0);
+        assert_eq!(e.embeddings, 3 * 576 * 4 * 2);
+        assert_eq!(e.kv_cache, g.kv_cache);
+        assert_eq!(e.activations, g.activations);
+        assert!(e.total < g.total);
+        assert_eq!(
+            e.total,
+            e.weights + e.kv_cache + e.activations + e.embeddings + e.images + e.overhead
+        );
+        let parts = est.run_parts(&e);
+        assert!(parts.get(MemoryKind::Workspace) >= e.activations + e.embeddings);
     }
 
     #[test]

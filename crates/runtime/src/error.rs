@@ -39,6 +39,22 @@ pub enum Error {
     /// [`Runtime::query`](crate::Runtime::query) needs a catalog.
     #[error("no model catalog: give the runtime one with RuntimeBuilder::catalog")]
     NoCatalog,
+    /// An input of an embedding request cannot be embedded.
+    #[error("input {index}: {reason}")]
+    EmbedInput {
+        /// The input's position in the request.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The inputs of an embedding request have more tokens in all than its limit.
+    #[error("the inputs have at least {tokens} tokens in all, more than the limit of {limit}")]
+    EmbedTooManyTokens {
+        /// The tokens counted when the limit was passed.
+        tokens: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A catalog card names no file to load, or a scheme the runtime cannot load.
     #[error("model `{id}` cannot be loaded: {reason}")]
     CardNotLoadable {

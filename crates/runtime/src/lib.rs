@@ -15,6 +15,9 @@
 //!    turned into a badge and a health score, and one v2 record is appended to the
 //!    SSOT log ([`Runtime::record`]) — for refused and failed runs too.
 //!
+//! [`Runtime::embed`] turns texts or token ids into pooled, normalised vectors from a
+//! decoder's final hidden states, admitted and recorded the same way.
+//!
 //! [`Runtime::chain`] runs the image-analysis -> summary chain: [`image`] preprocesses
 //! the images, a vision-language model ([`engine::VisionLanguageModel`]) describes
 //! them, and a text model (or the VLM's own language model, on the same loaded
@@ -81,6 +84,7 @@
 
 mod chain;
 mod discover;
+mod embed;
 mod error;
 mod query;
 mod run;
@@ -98,6 +102,7 @@ pub use chain::{
     ChainImage, ChainRequest, ChainResponse, DEFAULT_SUMMARY_PROMPT, ImageReport, TokenCounts,
 };
 pub use discover::{FoundModel, UNSCORED_TRINITY_SCORE, card_from_model, catalog_of, find_models};
+pub use embed::{EMBEDDINGS_CHAIN, EmbedInput, EmbedRequest, EmbedResponse};
 pub use error::{Error, Result};
 pub use query::{QueryRequest, QueryResponse};
 pub use run::{Admitted, RunEstimate, RunReport};

@@ -1,10 +1,11 @@
 //! The one run context: estimate, admit (or degrade, or refuse), measure, record.
 //!
 //! Every run of the runtime goes through here: [`Runtime::generate`],
-//! [`Runtime::generate_stream`], [`Runtime::query`], [`Runtime::chain`] and the
-//! server's batching and vision workers.
+//! [`Runtime::generate_stream`], [`Runtime::query`], [`Runtime::chain`],
+//! [`Runtime::embed`] and the server's batching and vision workers.
 //!
-//! - **One estimator**: [`Runtime::estimate_text`] and [`Runtime::estimate_vision`]
+//! - **One estimator**: [`Runtime::estimate_text`], [`Runtime::estimate_vision`] and
+//!   [`Runtime::estimate_embeddings`]
 //!   run the guard's [`Estimator`] on the model's own shape and its own
 //!   `kv_bytes_per_token` ([`afo_engine::Model::kv_bytes_per_token`]).
 //! - **One admission**: [`Runtime::admit`] asks the ledger for the first plan that
@@ -18,7 +19,7 @@
 use afo_engine::Model;
 use afo_guard::{
     Admission, Estimate, HealthInputs, KindBytes, MemoryKind, ModelShape, PlanOption, Refusal,
-    Reservation, RunPlan, Weights, badge, health_score,
+    Reservation, RunOutput, RunPlan, Weights, badge, health_score,
 };
 use afo_kvcache::PrunePolicy;
 use afo_ssot::{
@@ -147,6 +148,7 @@ impl Runtime {
             prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
             image_pixels: Vec::new(),
             vision_tokens: 0,
+            output: RunOutput::Logits,
         };
         let mut e = self.estimate_plan(&plan);
         let full = (prompt_tokens + max_tokens) as u64 * model.kv_bytes_per_token();
@@ -193,6 +195,33 @@ impl Runtime {
             prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
             image_pixels,
             vision_tokens: vision_tokens as u64,
+            output: RunOutput::Logits,
+        })
+    }
+
+    /// The memory an embedding run on `model` is predicted to take: its inputs run
+    /// one at a time, each through a KV cache of its own tokens only (nothing is
+    /// generated), the longest `longest_tokens`; no logits; `vectors` pooled vectors
+    /// returned.
+    pub fn estimate_embeddings(
+        &self,
+        model: &Model,
+        longest_tokens: usize,
+        vectors: usize,
+    ) -> RunEstimate {
+        self.estimate_plan(&RunPlan {
+            weights: Weights::Bytes(model.weight_bytes()),
+            shape: model_shape(model.config()),
+            prompt_tokens: longest_tokens as u64,
+            max_new_tokens: 0,
+            batch: 1,
+            kv_bytes_per_token: model.kv_bytes_per_token(),
+            prefill_chunk: afo_engine::PREFILL_CHUNK as u64,
+            image_pixels: Vec::new(),
+            vision_tokens: 0,
+            output: RunOutput::Embeddings {
+                vectors: vectors as u64,
+            },
         })
     }
 
@@ -480,7 +509,7 @@ impl Runtime {
 pub struct RunReport {
     /// The run's id.
     pub run_id: String,
-    /// `generate` or `image_summary`.
+    /// `generate`, `image_summary` or `embeddings`.
     pub chain: String,
     /// The model's id.
     pub model_id: String,

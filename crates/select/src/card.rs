@@ -167,6 +167,7 @@ pub fn estimate_bytes(
         prefill_chunk: 512,
         image_pixels: Vec::new(),
         vision_tokens: 0,
+        output: afo_guard::RunOutput::Logits,
     };
     ByteSize(estimator.estimate(&plan).total)
 }

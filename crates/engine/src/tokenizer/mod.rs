@@ -47,6 +47,8 @@ pub struct Tokenizer {
     plain: std::sync::OnceLock<tokenizers::Tokenizer>,
     /// The most bytes one token decodes to, found on first use.
     max_token_bytes: std::sync::OnceLock<usize>,
+    /// The vocabulary's token trie for constrained decoding, built on first use.
+    constraint_env: crate::constraint::ConstraintEnvCell,
 }
 
 impl Tokenizer {
@@ -78,6 +80,7 @@ impl Tokenizer {
             named_chat_templates: BTreeMap::new(),
             plain: std::sync::OnceLock::new(),
             max_token_bytes: std::sync::OnceLock::new(),
+            constraint_env: Default::default(),
         })
     }
 
@@ -111,6 +114,7 @@ impl Tokenizer {
             named_chat_templates: BTreeMap::new(),
             plain: std::sync::OnceLock::new(),
             max_token_bytes: std::sync::OnceLock::new(),
+            constraint_env: Default::default(),
         };
         if let Some((path, config)) = &config {
             tok.apply_hf_config(path, config)?;
@@ -402,6 +406,14 @@ impl Tokenizer {
     /// A named chat template (`tool_use`, `rag`) from `tokenizer_config.json`.
     pub fn chat_template_named(&self, name: &str) -> Option<&str> {
         self.named_chat_templates.get(name).map(String::as_str)
+    }
+
+    /// The token trie and grammar compiler of this vocabulary for constrained
+    /// decoding ([`crate::Constraint`]), built on first use and kept (an error, too).
+    pub(crate) fn constraint_env(
+        &self,
+    ) -> std::result::Result<std::sync::Arc<crate::constraint::ConstraintEnv>, String> {
+        self.constraint_env.get_or_build(self)
     }
 
     /// The underlying `tokenizers` pipeline.
