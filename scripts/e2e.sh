@@ -33,7 +33,7 @@ venv="$root/target/e2e-venv"
 if [[ ! -x "$venv/bin/python" ]]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check openai
+"$venv/bin/pip" install --quiet --disable-pip-version-check openai anthropic jsonschema
 if ! command -v chromium >/dev/null 2>&1; then
   sudo_cmd=""
   [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
@@ -75,6 +75,8 @@ say "openai client against afo serve"
 key="e2e-$(date +%s)"
 start_server "$artifacts/serve-openai.log" --model "$model" --api-key "$key" --log "$artifacts/runs-openai.jsonl"
 "$venv/bin/python" scripts/e2e/openai_client.py "$base/v1" "$key" "$model_id"
+"$venv/bin/python" scripts/e2e/embeddings.py "$base/v1" "$key" "$model_id"
+"$venv/bin/python" scripts/e2e/agent.py "$base/v1" "$key" "$model_id"
 
 say "openai client sends an image to afo serve over the tiny VLM"
 vlm_dir="$root/target/e2e-tiny-vlm"

@@ -15,6 +15,10 @@
 //!   the last the `finish_reason`, a usage chunk when `stream_options.include_usage`
 //!   is set, then `data: [DONE]`. Without streaming the response carries `usage`.
 //! - `POST /v1/completions`: a plain-text prompt, the same way.
+//! - `POST /v1/embeddings`: pooled, normalised final hidden states of a text model
+//!   (`input` as a string, strings, token ids or token-id lists; `encoding_format`
+//!   `float` or `base64`; `dimensions`; the extension `pooling`, `last` or `mean`),
+//!   through the runtime's one admission, one SSOT record per request.
 //! - `GET /v1/models`: the models served, and `auto`, which routes each request
 //!   through the runtime's model selector ([`afo_runtime::Runtime::route`]; the first
 //!   model served when the runtime has no catalog).
@@ -78,14 +82,20 @@
 #![warn(missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
+mod anthropic;
+mod compat;
 mod conn;
+mod embeddings;
 mod error;
 mod history;
+mod logprobs;
 mod metrics;
 pub mod openai;
+mod responses;
 mod routes;
 mod server;
 mod state;
+mod tools;
 mod vision;
 mod worker;
 

@@ -4,8 +4,8 @@
 //! empty message lists, unknown content parts and bad `image_url` data URLs become
 //! an [`ApiError`] naming the field. Fields that ask for nothing (`user`,
 //! `logprobs: false`, `tools: []`, ...) are accepted and ignored, as OpenAI clients
-//! send them; fields that ask for what the server does not do yet (`logprobs: true`,
-//! `tools`, a `response_format` schema) are refused with a 400 naming them. Every
+//! send them; fields that ask for what the server does not do (`functions`, `echo`,
+//! `suffix`, `best_of` > 1) are refused with a 400 naming them. Every
 //! client-controlled size has a limit ([`MAX_STOP_STRINGS`], [`MAX_STOP_BYTES`],
 //! [`MAX_MESSAGES`], [`MAX_MODEL_NAME_BYTES`], [`ParseLimits`]).
 
@@ -13,6 +13,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+pub use crate::tools::ChatControls;
 
 /// The most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -22,6 +23,11 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_MESSAGES: usize = 2048;
 /// The most bytes a `model` name may have.
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
+/// The most choices (`n`) one request may ask for: each is a sequence of its own,
+/// admitted on the ledger like a request.
+pub const MAX_CHOICES: usize = 8;
+/// The most `logit_bias` entries one request may give (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +75,10 @@ struct WireMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<serde_json::Value>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
 }
 
 /// Sampling fields shared by both endpoints.
@@ -126,6 +136,12 @@ struct WireSampling {
 struct WireChat {
     model: String,
     messages: Vec<WireMessage>,
+    #[serde(default)]
+    parallel_tool_calls: Option<serde_json::Value>,
+    #[serde(default)]
+    reasoning_effort: Option<serde_json::Value>,
+    #[serde(default)]
+    chat_template_kwargs: Option<serde_json::Value>,
     #[serde(flatten)]
     sampling: WireSampling,
 }
@@ -170,6 +186,10 @@ pub struct ChatMessage {
     /// Where each image stood among the parts: the byte offset into `text` at which
     /// image `k` goes (a vision-language prompt puts the image there).
     pub image_offsets: Vec<usize>,
+    /// The calls an `assistant` message made.
+    pub tool_calls: Vec<afo_runtime::engine::ToolCall>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// What to generate from.
@@ -214,6 +234,9 @@ pub struct Sampling {
     pub temperature: Option<f32>,
     /// Nucleus mass, in (0, 1].
     pub top_p: Option<f32>,
+    /// Sample among the `k` most likely tokens only (Anthropic's `top_k`; not an
+    /// OpenAI field).
+    pub top_k: Option<usize>,
     /// Seed.
     pub seed: Option<u64>,
     /// Stop strings.
@@ -222,6 +245,14 @@ pub struct Sampling {
     pub presence_penalty: Option<f32>,
     /// Frequency penalty, -2 to 2.
     pub frequency_penalty: Option<f32>,
+    /// `logit_bias`: (token id, bias in -100..=100), sorted by id. The ids are
+    /// checked against the model's vocabulary once the model is known.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Log-probabilities asked for, with the number of alternatives per token (chat:
+    /// `logprobs: true` and `top_logprobs`; completions: `logprobs: k`).
+    pub logprobs: Option<usize>,
+    /// `n`: how many choices to generate (1 when absent; 0 reads as 1).
+    pub n: usize,
 }
 
 /// Which endpoint a request came to.
@@ -258,6 +289,8 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
+    /// Tools and thinking (chat only).
+    pub chat: crate::tools::ChatControls,
 }
 
 /// Limits the parser enforces.
@@ -289,7 +322,7 @@ fn json_error(e: &serde_json::Error) -> ApiError {
     ApiError::invalid(format!("{what}: {e}"))
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid(
             "the request body is empty; send a JSON object",
@@ -303,7 +336,18 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
 /// # Errors
 /// An [`ApiError`] (400) naming what is wrong.
 pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ApiError> {
-    let wire: WireChat = parse_json(body)?;
+    let mut wire: WireChat = parse_json(body)?;
+    let chat = crate::tools::parse_controls(
+        wire.sampling.tools.take(),
+        wire.sampling.tool_choice.take(),
+        wire.parallel_tool_calls.take(),
+        wire.reasoning_effort.take(),
+        wire.chat_template_kwargs.take(),
+    )?;
+    let chat = ChatControls {
+        format: check_response_format(wire.sampling.response_format.take())?,
+        ..chat
+    };
     check_model_name(&wire.model)?;
     if wire.messages.is_empty() {
         return Err(
@@ -337,6 +381,19 @@ pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, Ap
             text: String::new(),
             images: Vec::new(),
             image_offsets: Vec::new(),
+            tool_calls: match m.tool_calls {
+                Some(calls) if role == "assistant" => {
+                    crate::tools::parse_history_calls(calls, &format!("messages[{i}]"))?
+                }
+                Some(serde_json::Value::Null) | None => Vec::new(),
+                Some(_) => {
+                    return Err(ApiError::invalid(format!(
+                        "messages[{i}].tool_calls: only `assistant` messages carry tool calls"
+                    ))
+                    .param(format!("messages[{i}].tool_calls")));
+                }
+            },
+            tool_call_id: m.tool_call_id,
         };
         match m.content {
             None => {}
@@ -378,7 +435,7 @@ pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, Ap
         }
         messages.push(message);
     }
-    let (sampling, stream, include_usage) = check_sampling(wire.sampling)?;
+    let (sampling, stream, include_usage) = check_sampling(wire.sampling, Endpoint::Chat)?;
     Ok(ParsedRequest {
         endpoint: Endpoint::Chat,
         model: wire.model,
@@ -386,6 +443,7 @@ pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, Ap
         sampling,
         stream,
         include_usage,
+        chat,
     })
 }
 
@@ -411,11 +469,12 @@ pub fn parse_completion(body: &[u8]) -> Result<ParsedRequest, ApiError> {
         return Err(ApiError::invalid("`prompt` is empty").param("prompt"));
     }
     let mut sampling = wire.sampling;
+    let format = check_response_format(sampling.response_format.take())?;
     // OpenAI's default for the legacy endpoint.
     if sampling.max_tokens.is_none() && sampling.max_completion_tokens.is_none() {
         sampling.max_tokens = Some(16);
     }
-    let (sampling, stream, include_usage) = check_sampling(sampling)?;
+    let (sampling, stream, include_usage) = check_sampling(sampling, Endpoint::Completion)?;
     Ok(ParsedRequest {
         endpoint: Endpoint::Completion,
         model: wire.model,
@@ -423,6 +482,10 @@ pub fn parse_completion(body: &[u8]) -> Result<ParsedRequest, ApiError> {
         sampling,
         stream,
         include_usage,
+        chat: crate::tools::ChatControls {
+            format,
+            ..crate::tools::ChatControls::default()
+        },
     })
 }
 
@@ -447,8 +510,8 @@ fn check_model_name(model: &str) -> Result<(), ApiError> {
 }
 
 /// Refuses the fields this server does not implement when they ask for something:
-/// a client that asks for log probabilities, tools or a JSON schema must not get a
-/// plain completion that silently ignored it.
+/// a client that asks for them must not get a plain completion that silently
+/// ignored them.
 fn refuse_unimplemented(w: &WireSampling) -> Result<(), ApiError> {
     use serde_json::Value;
     let asks = |v: &Option<Value>| match v {
@@ -458,17 +521,14 @@ fn refuse_unimplemented(w: &WireSampling) -> Result<(), ApiError> {
         Some(Value::Number(n)) => n.as_f64() != Some(0.0),
         Some(Value::String(_)) | Some(Value::Bool(true)) => true,
     };
-    let fields: [(&str, &Option<Value>); 8] = [
-        ("logprobs", &w.logprobs),
-        ("top_logprobs", &w.top_logprobs),
+    let fields: &[(&str, &Option<Value>)] = &[
         ("tools", &w.tools),
         ("functions", &w.functions),
         ("function_call", &w.function_call),
-        ("logit_bias", &w.logit_bias),
         ("echo", &w.echo),
         ("suffix", &w.suffix),
     ];
-    for (name, value) in fields {
+    for &(name, value) in fields {
         if asks(value) {
             return Err(ApiError::invalid(format!(
                 "`{name}` is not supported by this server yet; leave it out"
@@ -496,27 +556,221 @@ fn refuse_unimplemented(w: &WireSampling) -> Result<(), ApiError> {
             .param("best_of")
             .code("unsupported_parameter"));
     }
-    // `response_format: {"type": "text"}` is the default; anything else is not.
-    if let Some(format) = &w.response_format
-        && !matches!(format, Value::Null)
-        && format.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return Err(ApiError::invalid(
-            "`response_format` other than `{\"type\": \"text\"}` is not supported by this server yet",
-        )
-        .param("response_format")
-        .code("unsupported_parameter"));
-    }
     Ok(())
 }
 
-fn check_sampling(w: WireSampling) -> Result<(Sampling, bool, bool), ApiError> {
-    refuse_unimplemented(&w)?;
-    if let Some(n) = w.n.filter(|&n| n != 1) {
-        return Err(
-            ApiError::invalid(format!("`n` = {n}: this server returns one choice")).param("n"),
-        );
+/// The most bytes a `response_format` JSON schema may have, serialized.
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
+
+/// `response_format`: `{"type": "text"}` (the default: free text), `{"type":
+/// "json_object"}` (any JSON object) or `{"type": "json_schema", "json_schema":
+/// {"name", "schema", "strict"}}` (JSON that validates against the schema). Both JSON
+/// kinds are enforced token by token whether `strict` is set or not; a schema the
+/// grammar compiler cannot enforce or satisfy is a 400 here, before anything runs.
+pub(crate) fn check_response_format(
+    v: Option<serde_json::Value>,
+) -> Result<Option<afo_runtime::engine::Constraint>, ApiError> {
+    use afo_runtime::engine::Constraint;
+    use serde_json::Value;
+    let bad = |param: &str, m: String| ApiError::invalid(m).param(param);
+    let mut format = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(bad(
+                "response_format",
+                format!("`response_format` must be an object with a `type`, not `{other}`"),
+            ));
+        }
+    };
+    let constraint = match format.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok(None),
+        Some("json_object") => Constraint::json_object(),
+        Some("json_schema") => {
+            let Some(Value::Object(mut spec)) = format.remove("json_schema") else {
+                return Err(bad(
+                    "response_format.json_schema",
+                    "`response_format.json_schema` must be an object with a `schema`".into(),
+                ));
+            };
+            match spec.get("name") {
+                None | Some(Value::String(_)) => {}
+                Some(other) => {
+                    return Err(bad(
+                        "response_format.json_schema.name",
+                        format!(
+                            "`response_format.json_schema.name` must be a string, not `{other}`"
+                        ),
+                    ));
+                }
+            }
+            match spec.get("strict") {
+                None | Some(Value::Null | Value::Bool(_)) => {}
+                Some(other) => {
+                    return Err(bad(
+                        "response_format.json_schema.strict",
+                        format!(
+                            "`response_format.json_schema.strict` must be true or false, not `{other}`"
+                        ),
+                    ));
+                }
+            }
+            let schema = match spec.remove("schema") {
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => schema,
+                None => serde_json::json!({}),
+                Some(other) => {
+                    return Err(bad(
+                        "response_format.json_schema.schema",
+                        format!(
+                            "`response_format.json_schema.schema` must be a JSON schema object, not `{other}`"
+                        ),
+                    ));
+                }
+            };
+            let bytes = schema.to_string().len();
+            if bytes > MAX_SCHEMA_BYTES {
+                return Err(bad(
+                    "response_format.json_schema.schema",
+                    format!("the schema has {bytes} bytes; at most {MAX_SCHEMA_BYTES}"),
+                ));
+            }
+            Constraint::json_schema(schema)
+        }
+        Some(other) => {
+            return Err(bad(
+                "response_format.type",
+                format!(
+                    "`response_format.type` `{other}` is not one of text, json_object, json_schema"
+                ),
+            ));
+        }
+        None => {
+            return Err(bad(
+                "response_format.type",
+                "`response_format` needs a `type`: text, json_object or json_schema".into(),
+            ));
+        }
+    };
+    constraint.check().map_err(|e| {
+        let param = if matches!(constraint, Constraint::JsonSchema(_)) {
+            "response_format.json_schema.schema"
+        } else {
+            "response_format"
+        };
+        bad(
+            param,
+            format!("the response format cannot be enforced: {e}"),
+        )
+    })?;
+    Ok(Some(constraint))
+}
+
+/// `logit_bias`: an object from token ids (as strings) to biases in -100..=100.
+fn check_logit_bias(v: Option<&serde_json::Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    use serde_json::Value;
+    let bad = |m: String| ApiError::invalid(m).param("logit_bias");
+    let map = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(bad(
+                "`logit_bias` must be an object from token ids to biases".into(),
+            ));
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(bad(format!(
+            "`logit_bias` has {} entries; at most {MAX_LOGIT_BIAS}",
+            map.len()
+        )));
     }
+    let mut out = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let id: u32 = key.parse().map_err(|_| {
+            bad(format!(
+                "`logit_bias` key `{key}` is not a token id (a non-negative integer)"
+            ))
+        })?;
+        // Biases are applied as f32 logits.
+        #[allow(clippy::cast_possible_truncation)]
+        let bias = value.as_f64().map(|b| b as f32);
+        match bias {
+            Some(b) if (-100.0..=100.0).contains(&b) => out.push((id, b)),
+            _ => {
+                return Err(bad(format!(
+                    "`logit_bias` for token {id} is {value}; give a number in -100..=100"
+                )));
+            }
+        }
+    }
+    out.sort_by_key(|&(id, _)| id);
+    Ok(out)
+}
+
+/// The log-probabilities asked for: chat takes `logprobs: true` with
+/// `top_logprobs: 0..=20`, completions `logprobs: 0..=20` (the alternatives).
+fn check_logprobs(w: &WireSampling, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+    use serde_json::Value;
+    let max = afo_runtime::engine::MAX_TOP_LOGPROBS;
+    let count = |name: &str, v: &Value| -> Result<usize, ApiError> {
+        v.as_u64()
+            .and_then(|k| usize::try_from(k).ok())
+            .filter(|&k| k <= max)
+            .ok_or_else(|| {
+                ApiError::invalid(format!("`{name}` is {v}; give an integer in 0..={max}"))
+                    .param(name)
+            })
+    };
+    let top = match &w.top_logprobs {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(count("top_logprobs", v)?),
+    };
+    match endpoint {
+        Endpoint::Chat => {
+            let on = match &w.logprobs {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(v) => {
+                    return Err(ApiError::invalid(format!(
+                        "`logprobs` is {v}; give true or false (the alternatives go in `top_logprobs`)"
+                    ))
+                    .param("logprobs"));
+                }
+            };
+            if !on && top.is_some_and(|k| k > 0) {
+                return Err(ApiError::invalid("`top_logprobs` needs `logprobs: true`")
+                    .param("top_logprobs"));
+            }
+            Ok(on.then_some(top.unwrap_or(0)))
+        }
+        Endpoint::Completion => {
+            if top.is_some() {
+                return Err(ApiError::invalid(
+                    "`top_logprobs` is a chat field; completions take `logprobs: k`",
+                )
+                .param("top_logprobs"));
+            }
+            match &w.logprobs {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => count("logprobs", v).map(Some),
+            }
+        }
+    }
+}
+
+fn check_sampling(w: WireSampling, endpoint: Endpoint) -> Result<(Sampling, bool, bool), ApiError> {
+    refuse_unimplemented(&w)?;
+    let n = match w.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as u64).contains(&n) => usize::try_from(n).unwrap_or(1),
+        Some(n) => {
+            return Err(
+                ApiError::invalid(format!("`n` = {n}: give 1 to {MAX_CHOICES} choices")).param("n"),
+            );
+        }
+    };
+    let logit_bias = check_logit_bias(w.logit_bias.as_ref())?;
+    let logprobs = check_logprobs(&w, endpoint)?;
     let max = w.max_completion_tokens.or(w.max_tokens);
     let max_tokens = match max {
         Some(0) => {
@@ -568,10 +822,14 @@ fn check_sampling(w: WireSampling) -> Result<(Sampling, bool, bool), ApiError> {
             max_tokens,
             temperature,
             top_p,
+            top_k: None,
             seed: w.seed,
             stop,
             presence_penalty,
             frequency_penalty,
+            logit_bias,
+            logprobs,
+            n,
         },
         stream,
         include_usage,
@@ -717,8 +975,8 @@ mod tests {
                 "role `robot`",
             ),
             (
-                br#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
-                "`n` = 2",
+                br#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":9}"#,
+                "`n` = 9",
             ),
             (
                 br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":9}"#,

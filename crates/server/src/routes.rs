@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::error::ApiError;
+use crate::logprobs::TokenLogprob;
 use crate::metrics::Gauges;
 use crate::openai::{Endpoint, ParsedRequest, PromptInput, Usage, parse_chat, parse_completion};
 use crate::state::Shared;
@@ -33,10 +34,18 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(crate::embeddings::embeddings))
+        .route("/v1/responses", post(crate::responses::responses))
         .route("/v1/models", get(models))
         .route("/api/runs", get(runs))
         .route("/api/history", get(history))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), auth));
+    let anthropic = Router::new()
+        .route("/v1/messages", post(crate::anthropic::messages))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            crate::anthropic::auth,
+        ));
     let metrics_route = Router::new().route("/metrics", get(metrics));
     let metrics_route = if shared.config.public_metrics {
         metrics_route
@@ -45,6 +54,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     };
     Router::new()
         .merge(api)
+        .merge(anthropic)
         .merge(metrics_route)
         .route("/", get(dashboard))
         .route("/health", get(health))
@@ -75,13 +85,14 @@ async fn auth(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Res
     next.run(request).await
 }
 
-/// Whether `headers` carry the server's key (always, when it has none). The scheme
-/// name `Bearer` is matched without regard to case (RFC 7235).
-fn authorized(s: &Shared, headers: &axum::http::HeaderMap) -> bool {
+/// Whether `headers` carry the server's key (always, when it has none), as
+/// `Authorization: Bearer <key>` or `x-api-key: <key>`. The scheme name `Bearer` is
+/// matched without regard to case (RFC 7235).
+pub(crate) fn authorized(s: &Shared, headers: &axum::http::HeaderMap) -> bool {
     let Some(key) = &s.config.api_key else {
         return true;
     };
-    let given = headers
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -90,7 +101,15 @@ fn authorized(s: &Shared, headers: &axum::http::HeaderMap) -> bool {
                 .eq_ignore_ascii_case("bearer")
                 .then_some(token.trim())
         });
-    given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()))
+    // Anthropic's clients send the key as `x-api-key`.
+    let x_api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    [bearer, x_api_key]
+        .into_iter()
+        .flatten()
+        .any(|g| constant_time_eq(g.as_bytes(), key.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -331,7 +350,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
 /// Reads a request's body: at most `max_body_bytes` (413 past it), within the
 /// header timeout (408 past it: a client trickling its body does not hold a
 /// connection).
-async fn read_body(s: &Shared, request: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(s: &Shared, request: Request) -> Result<Bytes, ApiError> {
     let limit = s.config.max_body_bytes;
     let timeout = s.config.connections.header_timeout;
     match tokio::time::timeout(timeout, axum::body::to_bytes(request.into_body(), limit)).await {
@@ -361,13 +380,81 @@ async fn read_body(s: &Shared, request: Request) -> Result<Bytes, ApiError> {
     }
 }
 
+/// A run a worker has started, handed to the wire format that answers it.
+#[derive(Debug)]
+pub(crate) struct Started {
+    meta: Meta,
+    /// The run's events, after [`Event::Started`]; dropping it cancels the run.
+    pub rx: UnboundedReceiver<Event>,
+    /// With `n` > 1: the events of choices 1 to n - 1 (each a run of its own).
+    pub more: Vec<UnboundedReceiver<Event>>,
+    /// The request asked for a stream.
+    pub stream: bool,
+    /// The run's id (in its SSOT record).
+    pub run_id: String,
+    /// The model's id, as the API names it.
+    pub model: String,
+    /// Seconds since the Unix epoch when the run started.
+    pub created: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// The stop strings, which [`FinishReason::Stop`](afo_runtime::engine::FinishReason::Stop) indexes.
+    pub stop: Vec<String>,
+}
+
+impl Started {
+    /// The reader of the run's output (reasoning, content, tool calls), once; a
+    /// plain-text reader when the run is not a chat.
+    pub(crate) fn take_output(&mut self) -> afo_runtime::engine::ChatOutputParser {
+        self.meta
+            .output
+            .take()
+            .unwrap_or_else(|| afo_runtime::engine::ChatOutputParser::new(false, None))
+    }
+}
+
+/// The future of an answer to a started run.
+pub(crate) type Answer =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, ApiError>> + Send>>;
+
+/// The wire format a route speaks: how it answers a started run, and how it writes
+/// an error (the request's checks, admission and the run all share one path).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dialect {
+    pub answer: fn(Started) -> Answer,
+    pub error: fn(ApiError) -> Response,
+}
+
+/// OpenAI's chat and completion objects and chunks, and its error bodies.
+const OPENAI: Dialect = Dialect {
+    answer: openai_answer,
+    error: IntoResponse::into_response,
+};
+
+fn openai_answer(run: Started) -> Answer {
+    Box::pin(async move {
+        let mut choices = vec![(run.meta.clone(), run.rx)];
+        for (i, rx) in run.more.into_iter().enumerate() {
+            let mut meta = run.meta.clone();
+            meta.index = i + 1;
+            choices.push((meta, rx));
+        }
+        if run.stream {
+            Ok(stream_choices(choices))
+        } else {
+            collect_response(choices).await
+        }
+    })
+}
+
 /// Reads and parses a request (off the async threads: a body of megabytes takes a
-/// while to parse), then runs it; a request refused before a worker took it leaves
-/// its record here.
-async fn handle(
+/// while to parse), then runs it and answers in `dialect`; a request refused before
+/// a worker took it leaves its record here.
+pub(crate) async fn handle(
     s: Arc<Shared>,
     request: Request,
     parse: fn(&[u8], &crate::openai::ParseLimits) -> Result<ParsedRequest, ApiError>,
+    dialect: Dialect,
 ) -> Response {
     let received = Instant::now();
     // Until a worker takes the request or an answer is ready, a client that goes away
@@ -399,7 +486,7 @@ async fn handle(
     let result = match parsed {
         Ok(req) => {
             pending.model = Some(req.model.clone());
-            generate(s, req, received, &mut pending).await
+            generate(s, req, received, &mut pending, dialect).await
         }
         Err(e) => {
             pending.settled = true;
@@ -407,7 +494,7 @@ async fn handle(
             Err(e)
         }
     };
-    result.unwrap_or_else(IntoResponse::into_response)
+    result.unwrap_or_else(dialect.error)
 }
 
 /// A request no worker has taken and no answer has settled: dropped so (the client
@@ -441,14 +528,16 @@ impl Drop for Unanswered {
 }
 
 async fn chat(State(s): State<Arc<Shared>>, request: Request) -> Response {
-    handle(s, request, parse_chat).await
+    handle(s, request, parse_chat, OPENAI).await
 }
 
 async fn completions(State(s): State<Arc<Shared>>, request: Request) -> Response {
-    handle(s, request, |body, _| parse_completion(body)).await
+    handle(s, request, |body, _| parse_completion(body), OPENAI).await
 }
 
-fn sampling(req: &ParsedRequest) -> Result<SamplingParams, ApiError> {
+/// The sampling parameters of choice `choice` (its seed is the request's plus
+/// `choice`, so that choices differ and a repeat returns the same ones).
+fn sampling(req: &ParsedRequest, choice: usize) -> Result<SamplingParams, ApiError> {
     let p = &req.sampling;
     // OpenAI's defaults: temperature 1, top_p 1, no penalties.
     let mut b = SamplingParams::builder()
@@ -457,7 +546,13 @@ fn sampling(req: &ParsedRequest) -> Result<SamplingParams, ApiError> {
         .presence_penalty(p.presence_penalty.unwrap_or(0.0))
         .frequency_penalty(p.frequency_penalty.unwrap_or(0.0));
     if let Some(seed) = p.seed {
-        b = b.seed(seed);
+        b = b.seed(seed.wrapping_add(choice as u64));
+    }
+    for &(id, bias) in &p.logit_bias {
+        b = b.logit_bias(id, bias);
+    }
+    if let Some(k) = p.top_k {
+        b = b.top_k(k);
     }
     b.build()
         .map_err(|e| ApiError::invalid(format!("sampling parameters: {e}")))
@@ -469,9 +564,11 @@ fn plan_text(
     loaded: &LoadedModel,
     model_id: &str,
     prompt: &PromptInput,
+    chat: &crate::tools::ChatControls,
     max_tokens: Option<usize>,
     s: &Shared,
-) -> Result<Planned, ApiError> {
+) -> Result<(Planned, crate::tools::Reading), ApiError> {
+    let mut reading = crate::tools::Reading::plain(chat.format.clone());
     let context = loaded.model().config().max_position;
     // Before any token is made: a text longer than the context could hold even at the
     // longest token's length is refused on its bytes.
@@ -494,11 +591,9 @@ fn plan_text(
     }
     let prompt = match prompt {
         PromptInput::Chat(messages) => {
-            let messages: Vec<_> = messages
-                .iter()
-                .map(|m| afo_runtime::engine::Message::new(m.role.clone(), m.text.clone()))
-                .collect();
-            loaded.encode_chat(&messages)
+            let (encoded, r) = crate::tools::encode_chat(loaded, messages, chat)?;
+            reading = r;
+            Ok(encoded)
         }
         PromptInput::Text(t) => loaded.encode_text(t),
     }
@@ -519,7 +614,7 @@ fn plan_text(
     let estimate = s
         .runtime
         .estimate_text(loaded.model(), prompt.len(), max_tokens, None);
-    Ok(Planned {
+    let planned = Planned {
         prompt_tokens: prompt.len(),
         parts: estimate.parts,
         held: None,
@@ -528,7 +623,8 @@ fn plan_text(
         vision: None,
         image_pixels: 0,
         original_pixels: 0,
-    })
+    };
+    Ok((planned, reading))
 }
 
 /// Runs a checked request (see [`generate_inner`]); a request that ends before a
@@ -539,10 +635,19 @@ async fn generate(
     req: ParsedRequest,
     received: Instant,
     pending: &mut Unanswered,
+    dialect: Dialect,
 ) -> Result<Response, ApiError> {
     let model = req.model.clone();
     let held = pending.held.take();
-    let result = generate_inner(Arc::clone(&s), req, received, &mut pending.settled, held).await;
+    let result = generate_inner(
+        Arc::clone(&s),
+        req,
+        received,
+        &mut pending.settled,
+        held,
+        dialect,
+    )
+    .await;
     if let Err(e) = &result
         && !pending.settled
     {
@@ -561,6 +666,7 @@ async fn generate_inner(
     received: Instant,
     submitted: &mut bool,
     held: Option<Reservation>,
+    dialect: Dialect,
 ) -> Result<Response, ApiError> {
     if !s.accepting.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable(
@@ -588,9 +694,31 @@ async fn generate_inner(
         .param("messages")
         .code("model_not_vision"));
     }
+    let n = req.sampling.n.max(1);
+    if worker.accepts_images() && (n > 1 || req.sampling.logprobs.is_some()) {
+        let param = if n > 1 { "n" } else { "logprobs" };
+        return Err(ApiError::invalid(format!(
+            "model `{}` is a vision-language model; `{param}` is served for text models only",
+            worker.id
+        ))
+        .param(param));
+    }
+    if let Some(&(id, _)) = req.sampling.logit_bias.last() {
+        let vocab = match &served {
+            Served::Text(loaded) => loaded.model().config().vocab_size,
+            Served::Vision { model, .. } => model.tokenizer().vocab_size(),
+        };
+        if id as usize >= vocab {
+            return Err(ApiError::invalid(format!(
+                "`logit_bias` names token {id}; model `{}` has {vocab} tokens",
+                worker.id
+            ))
+            .param("logit_bias"));
+        }
+    }
     // Admission, first the queue limit (before the prompt is even encoded, so that
-    // refusals stay cheap under load).
-    if worker.queued.load(Ordering::SeqCst) >= s.config.max_queue {
+    // refusals stay cheap under load). Each of `n` choices is a job of its own.
+    if worker.queued.load(Ordering::SeqCst) + n > s.config.max_queue {
         s.metrics.rejected("queue_full");
         return Err(ApiError::busy(
             format!(
@@ -601,16 +729,19 @@ async fn generate_inner(
             1,
         ));
     }
-    let sampling = sampling(&req)?;
-    let planned = match &served {
+    let first_sampling = sampling(&req, 0)?;
+    let (planned, mut reading) = match &served {
         Served::Text(loaded) => {
             // Templating and tokenizing off the async threads.
             let (s2, loaded, id) = (Arc::clone(&s), Arc::clone(loaded), worker.id.clone());
             let prompt = std::mem::replace(&mut req.prompt, PromptInput::Text(String::new()));
             let max_tokens = req.sampling.max_tokens;
-            tokio::task::spawn_blocking(move || plan_text(&loaded, &id, &prompt, max_tokens, &s2))
-                .await
-                .map_err(|e| ApiError::internal(format!("prompt task failed: {e}")))??
+            let chat = req.chat.clone();
+            tokio::task::spawn_blocking(move || {
+                plan_text(&loaded, &id, &prompt, &chat, max_tokens, &s2)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("prompt task failed: {e}")))??
         }
         Served::Vision { model, pre } => {
             let (s2, model, pre, id) = (
@@ -621,7 +752,19 @@ async fn generate_inner(
             );
             let prompt = std::mem::replace(&mut req.prompt, PromptInput::Text(String::new()));
             let max_tokens = req.sampling.max_tokens;
-            tokio::task::spawn_blocking(move || {
+            if !req.chat.tools.is_empty() {
+                return Err(ApiError::invalid(format!(
+                    "model `{id}` is a vision-language model; tools are offered to text models only"
+                ))
+                .param("tools"));
+            }
+            if req.chat.format.is_some() {
+                return Err(ApiError::invalid(format!(
+                    "model `{id}` is a vision-language model; `response_format` is enforced for text models only"
+                ))
+                .param("response_format"));
+            }
+            let planned = tokio::task::spawn_blocking(move || {
                 vision::plan(
                     &s2.runtime,
                     &model,
@@ -633,7 +776,8 @@ async fn generate_inner(
                 )
             })
             .await
-            .map_err(|e| ApiError::internal(format!("image task failed: {e}")))??
+            .map_err(|e| ApiError::internal(format!("image task failed: {e}")))??;
+            (planned, crate::tools::Reading::plain(None))
         }
     };
     // The model is not held while the request waits: a retired worker's model can go.
@@ -641,11 +785,12 @@ async fn generate_inner(
     // Planned: the request's text is tokens now, counted by its own estimate.
     drop(held);
     let options = GenerateOptions {
+        constraint: reading.constraint.take(),
         max_tokens: planned.max_tokens,
         stop: req.sampling.stop.clone(),
-        sampling,
+        sampling: first_sampling,
         ignore_eos: false,
-        ..GenerateOptions::default()
+        logprobs: req.sampling.logprobs,
     };
     // Then memory, before anything is queued: a request that could never fit (even
     // with every idle model evicted and the runs in flight ended) is refused now;
@@ -661,55 +806,73 @@ async fn generate_inner(
             10,
         ));
     }
-    let run_id = s.next_run_id();
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let prompt_tokens = planned.prompt_tokens;
     let vision_worker = worker.accepts_images();
-    let mut job = Job {
-        run_id: run_id.clone(),
-        endpoint: req.endpoint,
-        prompt: planned.prompt,
-        options,
-        events: tx,
-        received,
-        deadline: received + s.config.request_timeout,
-        admit_by: received + s.config.queue_timeout,
-        parts: planned.parts,
-        held: planned.held,
-        selection: target.selection,
-        vision: planned.vision,
-        image_pixels: vision_worker.then_some(planned.image_pixels),
-        original_pixels: vision_worker.then_some(planned.original_pixels),
-    };
+    let (mut held, mut vision_job) = (planned.held, planned.vision);
     let mut worker = worker;
-    loop {
-        match worker.submit(job) {
-            Ok(()) => break,
-            Err(back) => {
-                // The worker retired (idle) or the server is stopping: a new worker
-                // takes it, or the request is refused.
-                job = *back;
-                let (s2, spec) = (Arc::clone(&s), target.spec.clone());
-                worker = tokio::task::spawn_blocking(move || s2.worker(&spec))
-                    .await
-                    .map_err(|e| ApiError::internal(format!("model task failed: {e}")))??
-                    .0;
+    // Each choice is a job of its own: admitted on the ledger by the worker like any
+    // request, with its own SSOT record.
+    let mut runs = Vec::with_capacity(n);
+    for choice in 0..n {
+        let run_id = s.next_run_id();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut options = options.clone();
+        if choice > 0 {
+            options.sampling = sampling(&req, choice)?;
+        }
+        let mut job = Job {
+            run_id: run_id.clone(),
+            endpoint: req.endpoint,
+            prompt: planned.prompt.clone(),
+            options,
+            events: tx,
+            received,
+            deadline: received + s.config.request_timeout,
+            admit_by: received + s.config.queue_timeout,
+            parts: planned.parts,
+            held: held.take(),
+            selection: target.selection.clone(),
+            vision: vision_job.take(),
+            image_pixels: vision_worker.then_some(planned.image_pixels),
+            original_pixels: vision_worker.then_some(planned.original_pixels),
+        };
+        loop {
+            match worker.submit(job) {
+                Ok(()) => break,
+                Err(back) => {
+                    // The worker retired (idle) or the server is stopping: a new worker
+                    // takes it, or the request is refused.
+                    job = *back;
+                    let (s2, spec) = (Arc::clone(&s), target.spec.clone());
+                    worker = tokio::task::spawn_blocking(move || s2.worker(&spec))
+                        .await
+                        .map_err(|e| ApiError::internal(format!("model task failed: {e}")))??
+                        .0;
+                }
             }
         }
+        *submitted = true;
+        runs.push((run_id, rx));
     }
-    *submitted = true;
     // The first event decides the status: an error before the first token is still
     // an HTTP error, not a broken stream.
-    match rx.recv().await {
-        Some(Event::Started) => {}
-        Some(Event::Failed(e)) => return Err(e),
-        Some(other) => {
-            return Err(ApiError::internal(format!(
-                "the worker sent {other:?} before starting"
-            )));
+    for (_, rx) in &mut runs {
+        match rx.recv().await {
+            Some(Event::Started) => {}
+            Some(Event::Failed(e)) => return Err(e),
+            Some(other) => {
+                return Err(ApiError::internal(format!(
+                    "the worker sent {other:?} before starting"
+                )));
+            }
+            None => return Err(ApiError::internal("the worker went away")),
         }
-        None => return Err(ApiError::internal("the worker went away")),
     }
+    let mut runs = runs.into_iter();
+    let Some((run_id, rx)) = runs.next() else {
+        return Err(ApiError::internal("no choice ran"));
+    };
+    let more: Vec<UnboundedReceiver<Event>> = runs.map(|(_, rx)| rx).collect();
     let meta = Meta {
         id: match req.endpoint {
             Endpoint::Chat => format!("chatcmpl-{run_id}"),
@@ -720,12 +883,25 @@ async fn generate_inner(
         endpoint: req.endpoint,
         include_usage: req.include_usage,
         prompt_tokens,
+        output: (req.endpoint == Endpoint::Chat).then_some(reading.parser),
+        calls: 0,
+        index: 0,
+        logprobs: req.sampling.logprobs.map(|_| Vec::new()),
+        text_offset: 0,
+        tally: None,
     };
-    if req.stream {
-        Ok(stream_response(meta, rx))
-    } else {
-        collect_response(meta, rx).await
-    }
+    let run = Started {
+        stream: req.stream,
+        run_id,
+        model: meta.model.clone(),
+        created: meta.created,
+        prompt_tokens,
+        stop: req.sampling.stop.clone(),
+        meta,
+        rx,
+        more,
+    };
+    (dialect.answer)(run).await
 }
 
 /// What every response object of one request repeats.
@@ -737,46 +913,108 @@ struct Meta {
     endpoint: Endpoint,
     include_usage: bool,
     prompt_tokens: usize,
+    /// Reads a chat's output into reasoning, content and tool calls.
+    output: Option<afo_runtime::engine::ChatOutputParser>,
+    /// Tool calls streamed so far.
+    calls: usize,
+    /// The choice's index (`n` > 1).
+    index: usize,
+    /// With `logprobs`: the tokens' log-probabilities not yet sent.
+    logprobs: Option<Vec<TokenLogprob>>,
+    /// The characters of the choice's text sent so far (completions' `text_offset`).
+    text_offset: usize,
+    /// With `n` > 1 in a stream: where the choice adds its completion tokens (the
+    /// usage chunk and `[DONE]` come after every choice has ended).
+    tally: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
+/// The answer of every choice: the choices run side by side in the worker, so
+/// reading them one after another waits only for the slowest.
 async fn collect_response(
+    choices: Vec<(Meta, UnboundedReceiver<Event>)>,
+) -> Result<Response, ApiError> {
+    let Some(meta) = choices.first().map(|c| c.0.clone()) else {
+        return Err(ApiError::internal("no choice ran"));
+    };
+    let mut out = Vec::with_capacity(choices.len());
+    let mut completion_tokens = 0u64;
+    for (meta, rx) in choices {
+        let (choice, tokens) = collect_choice(meta, rx).await?;
+        out.push(choice);
+        completion_tokens += tokens;
+    }
+    let usage = Usage::new(meta.prompt_tokens as u64, completion_tokens);
+    let object = match meta.endpoint {
+        Endpoint::Chat => "chat.completion",
+        Endpoint::Completion => "text_completion",
+    };
+    let body = json!({
+        "id": meta.id, "object": object, "created": meta.created,
+        "model": meta.model, "system_fingerprint": null,
+        "choices": out, "usage": usage,
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+/// One choice's object and its completion tokens.
+async fn collect_choice(
     meta: Meta,
     mut rx: UnboundedReceiver<Event>,
-) -> Result<Response, ApiError> {
+) -> Result<(Value, u64), ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     loop {
         match rx.recv().await {
             Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Logprob(lp)) => logprobs.push(lp),
             Some(Event::Started) => {}
             Some(Event::Failed(e)) => return Err(e),
             None => return Err(ApiError::internal("the worker went away")),
             Some(Event::Done(d)) => {
-                let usage = Usage::new(d.prompt_tokens as u64, d.completion_tokens as u64);
                 let finish = d.finish.as_openai();
-                let body = match meta.endpoint {
-                    Endpoint::Chat => json!({
-                        "id": meta.id, "object": "chat.completion", "created": meta.created,
-                        "model": meta.model, "system_fingerprint": null,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": null, "finish_reason": finish}],
-                        "usage": usage,
-                    }),
-                    Endpoint::Completion => json!({
-                        "id": meta.id, "object": "text_completion", "created": meta.created,
-                        "model": meta.model, "system_fingerprint": null,
-                        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-                        "usage": usage,
-                    }),
+                let lp = match (&meta.logprobs, meta.endpoint) {
+                    (None, _) => Value::Null,
+                    (Some(_), Endpoint::Chat) => crate::logprobs::chat(&logprobs),
+                    (Some(_), Endpoint::Completion) => crate::logprobs::completion(&logprobs, 0),
                 };
-                return Ok(axum::Json(body).into_response());
+                let choice = match meta.endpoint {
+                    Endpoint::Chat => {
+                        let (message, finish) = match meta.output.clone() {
+                            Some(parser) => crate::tools::message(parser, &text, finish),
+                            None => (json!({"role": "assistant", "content": text}), finish),
+                        };
+                        json!({"index": meta.index, "message": message,
+                               "logprobs": lp, "finish_reason": finish})
+                    }
+                    Endpoint::Completion => json!({"index": meta.index, "text": text,
+                                                   "logprobs": lp, "finish_reason": finish}),
+                };
+                return Ok((choice, d.completion_tokens as u64));
             }
         }
     }
 }
 
 impl Meta {
-    /// One chunk object with one choice; `usage: null` when usage was asked for.
-    fn chunk(&self, choice: Value) -> String {
+    /// One chunk object with one choice (this choice's index, and the
+    /// log-probabilities of the tokens since the last chunk when asked for); `usage:
+    /// null` when usage was asked for.
+    fn chunk(&mut self, mut choice: Value) -> String {
+        choice["index"] = json!(self.index);
+        if let Some(pending) = self.logprobs.as_mut().filter(|p| !p.is_empty()) {
+            let entries = std::mem::take(pending);
+            choice["logprobs"] = match self.endpoint {
+                Endpoint::Chat => crate::logprobs::chat(&entries),
+                Endpoint::Completion => {
+                    let v = crate::logprobs::completion(&entries, self.text_offset);
+                    self.text_offset += entries
+                        .iter()
+                        .map(|e| e.chosen.token.chars().count())
+                        .sum::<usize>();
+                    v
+                }
+            };
+        }
         let object = match self.endpoint {
             Endpoint::Chat => "chat.completion.chunk",
             Endpoint::Completion => "text_completion",
@@ -791,7 +1029,12 @@ impl Meta {
         sse(&v)
     }
 
-    fn text_chunk(&self, text: &str, finish: Option<&str>) -> String {
+    /// A chat chunk with one delta (`content`, `reasoning_content` or `tool_calls`).
+    fn delta_chunk(&mut self, delta: Value) -> String {
+        self.chunk(json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}))
+    }
+
+    fn text_chunk(&mut self, text: &str, finish: Option<&str>) -> String {
         match self.endpoint {
             Endpoint::Chat => {
                 let delta = if finish.is_some() && text.is_empty() {
@@ -837,6 +1080,47 @@ struct StreamState {
 /// Dropping the body (the client went away) drops the receiver, which the worker
 /// sees and cancels the request.
 fn stream_response(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
+    sse_response(choice_stream(meta, rx))
+}
+
+/// The SSE response of one or more choices: with `n` > 1 each choice's chunks carry
+/// its index, interleaved as they come; the usage chunk (completion tokens summed
+/// over the choices) and `data: [DONE]` come after every choice has ended.
+fn stream_choices(mut choices: Vec<(Meta, UnboundedReceiver<Event>)>) -> Response {
+    use futures_util::StreamExt as _;
+    if choices.len() == 1
+        && let Some((meta, rx)) = choices.pop()
+    {
+        return stream_response(meta, rx);
+    }
+    let Some(first) = choices.first().map(|c| c.0.clone()) else {
+        return ApiError::internal("no choice ran").into_response();
+    };
+    let tally = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let streams: Vec<_> = choices
+        .into_iter()
+        .map(|(mut meta, rx)| {
+            meta.tally = Some(Arc::clone(&tally));
+            Box::pin(choice_stream(meta, rx))
+        })
+        .collect();
+    let tail = futures_util::stream::once(async move {
+        let mut end = String::new();
+        if first.include_usage {
+            let tokens = tally.load(Ordering::SeqCst);
+            end.push_str(&first.usage_chunk(Usage::new(first.prompt_tokens as u64, tokens)));
+        }
+        end.push_str("data: [DONE]\n\n");
+        Ok::<_, Infallible>(end)
+    });
+    sse_response(futures_util::stream::select_all(streams).chain(tail))
+}
+
+/// One choice's chunks (see [`stream_response`]).
+fn choice_stream(
+    mut meta: Meta,
+    rx: UnboundedReceiver<Event>,
+) -> impl futures_util::Stream<Item = Result<String, Infallible>> + Send {
     let mut queue = VecDeque::new();
     if meta.endpoint == Endpoint::Chat {
         queue.push_back(meta.chunk(json!({
@@ -849,7 +1133,7 @@ fn stream_response(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
         queue,
         ended: false,
     };
-    let stream = futures_util::stream::unfold(state, |mut st| async move {
+    futures_util::stream::unfold(state, |mut st| async move {
         loop {
             if let Some(chunk) = st.queue.pop_front() {
                 return Some((Ok::<_, Infallible>(chunk), st));
@@ -859,13 +1143,40 @@ fn stream_response(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
             }
             match st.rx.recv().await {
                 Some(Event::Started) => {}
+                Some(Event::Logprob(lp)) => {
+                    if let Some(pending) = st.meta.logprobs.as_mut() {
+                        pending.push(lp);
+                    }
+                }
                 Some(Event::Text(t)) => {
-                    let c = st.meta.text_chunk(&t, None);
-                    st.queue.push_back(c);
+                    if let Some(p) = st.meta.output.as_mut() {
+                        let deltas = crate::tools::deltas(p.push(&t), &mut st.meta.calls);
+                        for d in deltas {
+                            let c = st.meta.delta_chunk(d);
+                            st.queue.push_back(c);
+                        }
+                    } else {
+                        let c = st.meta.text_chunk(&t, None);
+                        st.queue.push_back(c);
+                    }
                 }
                 Some(Event::Done(d)) => {
-                    let c = st.meta.text_chunk("", Some(d.finish.as_openai()));
+                    if let Some(p) = st.meta.output.as_mut() {
+                        let deltas = crate::tools::deltas(p.finish(), &mut st.meta.calls);
+                        for d in deltas {
+                            let c = st.meta.delta_chunk(d);
+                            st.queue.push_back(c);
+                        }
+                    }
+                    let finish =
+                        crate::tools::finish_reason(st.meta.calls > 0, d.finish.as_openai());
+                    let c = st.meta.text_chunk("", Some(finish));
                     st.queue.push_back(c);
+                    if let Some(tally) = &st.meta.tally {
+                        tally.fetch_add(d.completion_tokens as u64, Ordering::SeqCst);
+                        st.ended = true;
+                        continue;
+                    }
                     if st.meta.include_usage {
                         let u =
                             Usage::new(st.meta.prompt_tokens as u64, d.completion_tokens as u64);
@@ -886,7 +1197,12 @@ fn stream_response(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
                 }
             }
         }
-    });
+    })
+}
+
+fn sse_response(
+    stream: impl futures_util::Stream<Item = Result<String, Infallible>> + Send + 'static,
+) -> Response {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")

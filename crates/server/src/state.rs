@@ -354,9 +354,20 @@ impl Shared {
     /// error it got (a refusal for memory or a full queue, or an invalid request),
     /// with the ledger's figures when it was refused for memory.
     pub(crate) fn record_rejection(&self, model: Option<&str>, err: &ApiError, received: Instant) {
+        self.record_rejection_in("generate", model, err, received);
+    }
+
+    /// [`Shared::record_rejection`] for a request of another kind of run (`chain`).
+    pub(crate) fn record_rejection_in(
+        &self,
+        chain: &str,
+        model: Option<&str>,
+        err: &ApiError,
+        received: Instant,
+    ) {
         let memory = self.runtime.memory();
         let mut report =
-            afo_runtime::RunReport::new(self.next_run_id(), "generate", model.unwrap_or(""));
+            afo_runtime::RunReport::new(self.next_run_id(), chain, model.unwrap_or(""));
         report.error = Some(format!(
             "{} ({}): {}",
             err.status.as_u16(),

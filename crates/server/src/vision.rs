@@ -412,6 +412,8 @@ mod tests {
             text: text.to_owned(),
             images: Vec::new(),
             image_offsets: offsets.to_vec(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 

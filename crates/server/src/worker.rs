@@ -35,6 +35,9 @@ pub(crate) enum Event {
     Started,
     /// Generated text.
     Text(String),
+    /// The log-probabilities of the token whose text (if any) comes next, when the
+    /// job asked for them.
+    Logprob(crate::logprobs::TokenLogprob),
     /// The job ended normally.
     Done(Done),
     /// The job ended with an error.
@@ -445,6 +448,10 @@ fn run(
             if o.token.is_some() && o.finish != Some(FinishReason::Eos) {
                 a.completion_tokens += 1;
                 a.last_token = Some(now);
+            }
+            if let Some(lp) = &o.logprobs {
+                let lp = crate::logprobs::from_engine(model.tokenizer(), lp);
+                let _ = a.job.events.send(Event::Logprob(lp));
             }
             if !o.text.is_empty() {
                 let _ = a.job.events.send(Event::Text(o.text));

@@ -111,21 +111,23 @@ async fn unsupported_and_oversized_parameters_are_refused_by_name() {
         b
     };
     let cases = [
-        (with("logprobs", json!(true)), "logprobs"),
+        (with("logprobs", json!(3)), "logprobs"),
         (with("top_logprobs", json!(3)), "top_logprobs"),
+        (with("top_logprobs", json!(21)), "top_logprobs"),
         (
-            with(
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
-            ),
-            "tools",
+            with("tools", json!([{"type": "retrieval"}])),
+            "tools[0].type",
         ),
         (with("tool_choice", json!("required")), "tool_choice"),
         (
-            with("response_format", json!({"type": "json_object"})),
-            "response_format",
+            with("response_format", json!({"type": "yaml"})),
+            "response_format.type",
         ),
-        (with("logit_bias", json!({"50256": -100})), "logit_bias"),
+        (with("logit_bias", json!({"x": -100})), "logit_bias"),
+        (with("logit_bias", json!({"5": 101})), "logit_bias"),
+        (with("n", json!(9)), "n"),
+        (with("functions", json!([{"name": "f"}])), "functions"),
+        (with("echo", json!(true)), "echo"),
         (with("stop", json!(["x".repeat(3 << 20)])), "stop"),
         (with("stop", json!(["a", "b", "c", "d", "e"])), "stop"),
         (with("model", json!("m".repeat(1000))), "model"),
