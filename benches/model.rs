@@ -1,7 +1,9 @@
 //! Whole-model benches on SmolLM2-135M (GGUF Q4_1) with the threads rayon gives
 //! (`RAYON_NUM_THREADS`): prefill of a 128-token prompt, one decode step at position
 //! 64, one batched decode step of 8 sequences, and the time to first token of a
-//! 256-token prompt cold and with its first 240 tokens in the prefix cache.
+//! 256-token prompt cold and with its first 240 tokens in the prefix cache, and 64
+//! greedy tokens generated free against the same under a JSON schema (the cost of
+//! constrained decoding per token).
 //!
 //! `cargo bench -p afo-benches --bench model`; the model comes from
 //! `scripts/fetch-models.sh`.
@@ -14,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use afo_benches::{load_smollm2, prompt};
 use afo_runtime::engine::{
-    GenerateOptions, LoadedModel, Logits, PrefixReuse, SamplingParams, Scheduler, generate,
-    generate_with_prefix,
+    Constraint, FinishReason, GenerateOptions, LoadedModel, Logits, PrefixReuse, SamplingParams,
+    Scheduler, generate, generate_with_prefix,
 };
 use afo_runtime::kvcache::{PrefixCache, PrefixCacheConfig, Salt};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -192,5 +194,71 @@ fn prefix_reuse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, prefill_and_decode, batched_step, prefix_reuse);
+/// 64 tokens after a short chat prompt, free and under a JSON schema whose one
+/// string must be longer than 64 tokens (so both runs make exactly 64 tokens): the
+/// difference is the grammar's cost (its masks are computed during the forward
+/// passes, on a helper thread).
+fn constrained_decode(c: &mut Criterion) {
+    let loaded = loaded();
+    let model = loaded.model();
+    let chat = [afo_runtime::engine::Message::new(
+        "user",
+        "Write a long story about the sea, as JSON.",
+    )];
+    let prompt = check(loaded.encode_chat(&chat));
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"story": {"type": "string", "minLength": 400, "maxLength": 800}},
+        "required": ["story"]
+    });
+    let free = GenerateOptions {
+        max_tokens: 64,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    let constrained = GenerateOptions {
+        constraint: Some(Constraint::json_schema(schema)),
+        ..free.clone()
+    };
+    let mut group = c.benchmark_group("smollm2-q4_1");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(64));
+    for (name, options) in [
+        ("generate-64/free", &free),
+        ("generate-64/json-schema", &constrained),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut cache = model.new_cache(prompt.len() + 65);
+                let g = check(generate(
+                    model,
+                    loaded.tokenizer(),
+                    &prompt,
+                    options,
+                    &mut cache,
+                    |_| ControlFlow::Continue(()),
+                ));
+                assert!(
+                    g.finish == FinishReason::Length && g.tokens.len() == 64,
+                    "{name}: {:?} after {} tokens",
+                    g.finish,
+                    g.tokens.len()
+                );
+                g
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    prefill_and_decode,
+    batched_step,
+    prefix_reuse,
+    constrained_decode
+);
 criterion_main!(benches);
