@@ -145,6 +145,34 @@ pub fn available_kernels() -> Vec<Kernel> {
         .collect()
 }
 
+/// Says which kernel paths a test ran and which this CPU cannot run (so they were not
+/// tested here); printed by the kernel tests (`--nocapture` shows it).
+#[cfg(test)]
+pub(crate) fn report_kernel_coverage(test: &str) {
+    let names = |ks: Vec<Kernel>| {
+        ks.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let missing: Vec<Kernel> = Kernel::ALL
+        .into_iter()
+        .filter(|k| !k.is_available())
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "{test}: every kernel path ran ({})",
+            names(available_kernels())
+        );
+    } else {
+        println!(
+            "{test}: ran {}; NOT TESTED on this CPU (it lacks the instructions): {}",
+            names(available_kernels()),
+            names(missing)
+        );
+    }
+}
+
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

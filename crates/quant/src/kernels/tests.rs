@@ -142,6 +142,7 @@ fn activation_quantization() {
 
 #[test]
 fn every_kernel_matches_reference_and_candle() {
+    crate::kernels::report_kernel_coverage("every_kernel_matches_reference_and_candle");
     let kernels = available_kernels();
     assert_eq!(kernels[0], Kernel::Scalar);
     assert!(kernels.contains(&Kernel::detect()));

@@ -308,6 +308,7 @@ fn reference(
 
 #[test]
 fn every_kernel_matches_reference_and_scalar() {
+    crate::kernels::report_kernel_coverage("every_kernel_matches_reference_and_scalar");
     let kernels = available_kernels();
     assert_eq!(kernels[0], Kernel::Scalar);
     assert!(kernels.contains(&Kernel::detect()));
