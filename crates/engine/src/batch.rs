@@ -29,6 +29,7 @@ use crate::generate::{
 };
 use crate::logprobs::{TokenLogprobs, check_top, token_logprobs};
 use crate::model::Model;
+use crate::reasoning::BudgetState;
 use crate::sampler::Sampler;
 use crate::stream::{StopMatcher, StreamDecoder};
 use crate::tokenizer::Tokenizer;
@@ -82,6 +83,8 @@ struct Sequence<'t> {
     ticket: Option<Ticket>,
     /// The output's grammar, when the request has a constraint.
     constraint: Option<SeqConstraint>,
+    /// The reasoning budget, when the request has one.
+    budget: Option<BudgetState>,
 }
 
 /// An admitted request whose prompt is running, chunk by chunk.
@@ -318,7 +321,10 @@ impl<'m> Scheduler<'m> {
             if let Some(c) = &mut seq.constraint {
                 c.apply(&mut seq.logits)?;
             }
-            let id = seq.sampler.sample(&seq.logits, &seq.history)?;
+            let id = match seq.budget.as_mut().and_then(BudgetState::forced) {
+                Some(id) => id,
+                None => seq.sampler.sample(&seq.logits, &seq.history)?,
+            };
             let mut o = StepOutput {
                 id: seq.id,
                 text: String::new(),
@@ -342,7 +348,11 @@ impl<'m> Scheduler<'m> {
                 }
                 seq.history.push(id);
                 seq.generated += 1;
-                let step = seq.stops.push(&seq.detok.step(id)?);
+                let piece = seq.detok.step(id)?;
+                if let Some(b) = &mut seq.budget {
+                    b.observe(&piece);
+                }
+                let step = seq.stops.push(&piece);
                 o.text = step.text;
                 let complete = match &mut seq.constraint {
                     Some(c) => c.commit(id)?,
@@ -505,6 +515,7 @@ impl<'m> Scheduler<'m> {
             logits,
             prefix_hit: Some(p.reused.unwrap_or(0)),
             constraint: self.constraints.remove(&p.id),
+            budget: crate::generate::budget_state(&p.options, self.tokenizer)?,
             ticket: p.ticket,
             cache: p.cache,
             options: p.options,

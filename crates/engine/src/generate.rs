@@ -32,6 +32,7 @@ use crate::constraint::{Constraint, overlap};
 use crate::error::{Error, Result};
 use crate::logprobs::{TokenLogprobs, check_top, token_logprobs};
 use crate::model::Model;
+use crate::reasoning::{BudgetState, ReasoningBudget};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stream::{StopMatcher, StreamDecoder};
 use crate::tokenizer::Tokenizer;
@@ -69,6 +70,9 @@ pub struct GenerateOptions {
     /// does not allow are never sampled, and the generation ends when it is
     /// complete. Default none. See [`Constraint`].
     pub constraint: Option<Constraint>,
+    /// A cap on the tokens of the output's `<think>` block: once spent, the block is
+    /// closed and the answer begins. Default none. See [`ReasoningBudget`].
+    pub reasoning_budget: Option<ReasoningBudget>,
     /// Log-probabilities to report for each generated token: `None` computes none
     /// (no cost); `Some(k)` reports the token's own and the `k` most likely tokens'
     /// (`k` at most [`crate::MAX_TOP_LOGPROBS`]), under the model's raw distribution
@@ -84,6 +88,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             ignore_eos: false,
             constraint: None,
+            reasoning_budget: None,
             logprobs: None,
         }
     }
@@ -91,6 +96,18 @@ impl Default for GenerateOptions {
 
 /// The most prompt tokens [`generate`] runs in one forward pass.
 pub const PREFILL_CHUNK: usize = 512;
+
+/// The reasoning budget a generation follows: none with a constraint (the grammar
+/// decides every token).
+pub(crate) fn budget_state(
+    options: &GenerateOptions,
+    tokenizer: &Tokenizer,
+) -> Result<Option<BudgetState>> {
+    match options.reasoning_budget {
+        Some(b) if options.constraint.is_none() => BudgetState::new(b, tokenizer).map(Some),
+        _ => Ok(None),
+    }
+}
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -365,6 +382,7 @@ where
         .as_ref()
         .map(|c| c.start(tokenizer))
         .transpose()?;
+    let mut budget = budget_state(options, tokenizer)?;
     let mut sampler = Sampler::new(options.sampling.clone());
     let mut stops = StopMatcher::new(options.stop.iter().cloned())?;
     let mut detok = StreamDecoder::with_prompt(tokenizer, prompt, true);
@@ -394,7 +412,10 @@ where
         if let Some(c) = &mut constraint {
             c.apply(&mut logits)?;
         }
-        let id = sampler.sample(&logits, &history)?;
+        let id = match budget.as_mut().and_then(BudgetState::forced) {
+            Some(id) => id,
+            None => sampler.sample(&logits, &history)?,
+        };
         if first_token_at.is_none() {
             let now = Instant::now();
             timings.ttft_ms = Some(now.duration_since(start).as_secs_f64() * 1e3);
@@ -413,7 +434,11 @@ where
         }
         tokens.push(id);
         history.push(id);
-        let step = stops.push(&detok.step(id)?);
+        let piece = detok.step(id)?;
+        if let Some(b) = &mut budget {
+            b.observe(&piece);
+        }
+        let step = stops.push(&piece);
         if emit(&step.text, &mut text).is_break() {
             finish = FinishReason::Cancelled;
             break;

@@ -67,7 +67,8 @@ pub use quantize::{
     save_gguf,
 };
 pub use reasoning::{
-    ReasoningEvent, ReasoningParser, SplitOutput, THINK_CLOSE, THINK_OPEN, prompt_opens_reasoning,
+    ReasoningBudget, ReasoningEvent, ReasoningParser, SplitOutput, THINK_CLOSE, THINK_OPEN,
+    prompt_opens_reasoning,
 };
 pub use sampler::{Sampler, SamplingParams, SamplingParamsBuilder};
 pub use stream::{StopMatcher, StopStep, StreamDecoder};

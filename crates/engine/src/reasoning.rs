@@ -28,6 +28,130 @@ pub fn prompt_opens_reasoning(prompt: &str) -> bool {
     }
 }
 
+/// A cap on a generation's reasoning: once the output has spent `max_tokens` tokens
+/// inside its `<think>` block, the block is closed (the tokens of [`THINK_CLOSE`] are
+/// generated in place of sampled ones) and the answer begins. Put it in
+/// [`GenerateOptions::reasoning_budget`](crate::GenerateOptions::reasoning_budget).
+///
+/// The block is the one the output opens at its start (after whitespace), or the one
+/// the prompt opened (`starts_inside`, from [`prompt_opens_reasoning`] or
+/// [`ChatPrompt::opens_reasoning`](crate::ChatPrompt::opens_reasoning)). A generation
+/// with a [`Constraint`](crate::Constraint) ignores the budget (the grammar decides
+/// every token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasoningBudget {
+    /// The most tokens the reasoning may take (0 closes it at once).
+    pub max_tokens: usize,
+    /// The prompt ends inside the block.
+    pub starts_inside: bool,
+}
+
+impl ReasoningBudget {
+    /// A budget of `max_tokens`; `starts_inside` when the prompt opened the block.
+    pub fn new(max_tokens: usize, starts_inside: bool) -> Self {
+        Self {
+            max_tokens,
+            starts_inside,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budgeting {
+    /// Nothing but whitespace yet: the output may open the block.
+    Before,
+    /// Inside the block, this many tokens spent.
+    Inside(usize),
+    /// The block is closed, or there was none.
+    After,
+}
+
+/// A [`ReasoningBudget`] applied to one generation: it reads the output as it comes
+/// and says when to force the end of the block.
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetState {
+    budget: ReasoningBudget,
+    state: Budgeting,
+    /// The output's recent text (enough to see a marker split over tokens).
+    window: String,
+    /// The [`THINK_CLOSE`] tokens still to generate.
+    forced: std::collections::VecDeque<u32>,
+    close: Vec<u32>,
+}
+
+impl BudgetState {
+    /// # Errors
+    /// The tokenizer's, encoding [`THINK_CLOSE`].
+    pub(crate) fn new(
+        budget: ReasoningBudget,
+        tokenizer: &crate::Tokenizer,
+    ) -> crate::Result<Self> {
+        let close = tokenizer.encode(THINK_CLOSE, false)?;
+        let mut s = Self {
+            budget,
+            state: if budget.starts_inside {
+                Budgeting::Inside(0)
+            } else {
+                Budgeting::Before
+            },
+            window: String::new(),
+            forced: std::collections::VecDeque::new(),
+            close,
+        };
+        s.check_spent();
+        Ok(s)
+    }
+
+    /// The token to generate next in place of a sampled one, if the budget is spent.
+    pub(crate) fn forced(&mut self) -> Option<u32> {
+        self.forced.pop_front()
+    }
+
+    fn check_spent(&mut self) {
+        if let Budgeting::Inside(used) = self.state
+            && used >= self.budget.max_tokens
+            && self.forced.is_empty()
+        {
+            self.forced.extend(self.close.iter().copied());
+        }
+    }
+
+    /// Reads one generated token's text.
+    pub(crate) fn observe(&mut self, text: &str) {
+        match self.state {
+            Budgeting::After => return,
+            Budgeting::Before => {
+                self.window.push_str(text);
+                let t = self.window.trim_start();
+                if let Some(rest) = t.strip_prefix(THINK_OPEN) {
+                    self.state = Budgeting::Inside(0);
+                    self.window = rest.to_owned();
+                } else if !t.is_empty() && !THINK_OPEN.starts_with(t) {
+                    self.state = Budgeting::After;
+                }
+                self.check_spent();
+                return;
+            }
+            Budgeting::Inside(used) => {
+                self.window.push_str(text);
+                if self.window.contains(THINK_CLOSE) {
+                    self.state = Budgeting::After;
+                    self.forced.clear();
+                    return;
+                }
+                self.state = Budgeting::Inside(used + 1);
+            }
+        }
+        // Keep only what could be the start of a marker split over tokens.
+        let keep = self.window.len().saturating_sub(THINK_CLOSE.len());
+        let cut = (keep..=self.window.len())
+            .find(|&i| self.window.is_char_boundary(i))
+            .unwrap_or(self.window.len());
+        self.window.drain(..cut);
+        self.check_spent();
+    }
+}
+
 /// A piece of a model's output, as [`ReasoningParser`] splits it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReasoningEvent {
@@ -213,6 +337,59 @@ impl ReasoningParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn budget(max_tokens: usize, starts_inside: bool) -> BudgetState {
+        let budget = ReasoningBudget::new(max_tokens, starts_inside);
+        let mut s = BudgetState {
+            budget,
+            state: if starts_inside {
+                Budgeting::Inside(0)
+            } else {
+                Budgeting::Before
+            },
+            window: String::new(),
+            forced: std::collections::VecDeque::new(),
+            close: vec![7, 8],
+        };
+        s.check_spent();
+        s
+    }
+
+    #[test]
+    fn a_budget_forces_the_close_once_spent_and_only_inside() {
+        // Opened by the output after whitespace; three tokens allowed.
+        let mut b = budget(3, false);
+        for piece in ["\n", "<th", "ink>", "a", "b"] {
+            b.observe(piece);
+            assert_eq!(b.forced(), None, "{piece}");
+        }
+        b.observe("c");
+        assert_eq!(
+            (b.forced(), b.forced(), b.forced()),
+            (Some(7), Some(8), None)
+        );
+        // The forced tokens' text closes the block; nothing more is forced.
+        b.observe("</");
+        b.observe("think>");
+        b.observe("answer");
+        assert_eq!(b.forced(), None);
+
+        // A block the model closes itself within the budget: nothing forced.
+        let mut b = budget(3, true);
+        for piece in ["x", "</think", ">", "more", "text", "here"] {
+            b.observe(piece);
+            assert_eq!(b.forced(), None, "{piece}");
+        }
+        // An output that does not open a block has no budget to spend.
+        let mut b = budget(1, false);
+        for piece in ["Hello", "there", "<think>", "a", "b"] {
+            b.observe(piece);
+            assert_eq!(b.forced(), None, "{piece}");
+        }
+        // A zero budget inside the prompt's block closes it at once.
+        let mut b = budget(0, true);
+        assert_eq!(b.forced(), Some(7));
+    }
 
     fn same_in_pieces(inside: bool, text: &str) -> SplitOutput {
         let whole = ReasoningParser::split(inside, text);

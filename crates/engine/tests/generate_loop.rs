@@ -8,7 +8,8 @@ mod common;
 use std::ops::ControlFlow;
 
 use afo_engine::{
-    Decode, Error, FinishReason, GenerateOptions, Result, SamplingParams, Tokenizer, generate,
+    Decode, Error, FinishReason, GenerateOptions, ReasoningBudget, ReasoningParser, Result,
+    SamplingParams, Tokenizer, generate,
 };
 
 use common::smollm2_tokenizer as tokenizer;
@@ -195,4 +196,54 @@ fn the_same_seed_gives_the_same_output() {
     };
     assert_eq!(run(7), run(7));
     assert_ne!(run(7), run(8));
+}
+
+#[test]
+fn a_reasoning_budget_closes_the_block_with_forced_tokens() {
+    let tok = tokenizer();
+    let model = scripted(
+        &tok,
+        " one two three four five six seven eight nine ten eleven twelve thirteen fourteen",
+        false,
+    );
+    let close = tok.encode("</think>", false).unwrap();
+    let prompt = tok.encode("<think>", false).unwrap();
+    let options = |budget: Option<ReasoningBudget>| GenerateOptions {
+        reasoning_budget: budget,
+        ..greedy(12, &[])
+    };
+    // The prompt opened the block; three tokens of reasoning, then `</think>` in place
+    // of what the model would have said, then the model again.
+    let mut state = model.new_state();
+    let out = generate(
+        &model,
+        &tok,
+        &prompt,
+        &options(Some(ReasoningBudget::new(3, true))),
+        &mut state,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(out.tokens[..3], model.script[..3]);
+    assert_eq!(out.tokens[3..3 + close.len()], close[..]);
+    assert_eq!(
+        out.tokens[3 + close.len()..],
+        model.script[3 + close.len()..12]
+    );
+    let split = ReasoningParser::split(true, &out.text);
+    assert_eq!(split.reasoning.as_deref(), Some("one two three"));
+    assert!(
+        !split.content.is_empty() && !split.content.contains("think"),
+        "{split:?}"
+    );
+
+    // A budget larger than the output, or none: nothing is forced.
+    for budget in [Some(ReasoningBudget::new(50, true)), None] {
+        let mut state = model.new_state();
+        let out = generate(&model, &tok, &prompt, &options(budget), &mut state, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(out.tokens, model.script[..12], "{budget:?}");
+    }
 }

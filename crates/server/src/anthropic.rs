@@ -4,10 +4,12 @@
 //! the first message, text and base64 `image` blocks become `text` and `image_url`
 //! parts, `stop_sequences` becomes `stop`, `tools` and `tool_choice` their OpenAI
 //! forms, `tool_use` blocks an assistant's `tool_calls`, `tool_result` blocks `tool`
-//! messages) and parsed by [`parse_chat`]: admission, the run context, limits,
-//! logging, cancellation and the vision path are the chat route's. The answer is
-//! written back as a `message` object, or as Anthropic's stream of named events;
-//! errors as `{"type": "error", "error": {"type", "message"}}`.
+//! messages, `thinking` the template's `enable_thinking` and its `budget_tokens` the
+//! reasoning budget) and parsed by [`parse_chat`]: admission, the run context,
+//! limits, logging, cancellation and the vision path are the chat route's. The answer
+//! is written back as a `message` object whose content blocks are the model's
+//! thinking, its text and its `tool_use` calls, or as Anthropic's stream of named
+//! events; errors as `{"type": "error", "error": {"type", "message"}}`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -485,13 +487,38 @@ fn translate(m: &Map<String, Value>) -> Result<Translated, ApiError> {
             chat.insert("parallel_tool_calls".into(), json!(false));
         }
     }
-    if let Some(thinking) = obj(m, "thinking", "")?
-        && string(thinking, "type", "thinking")? != Some("disabled")
-    {
-        return Err(unsupported(
-            "thinking",
-            "extended thinking is not offered on this endpoint; leave it out or set `{\"type\": \"disabled\"}`",
-        ));
+    // Extended thinking: the template is asked to think (or not), and
+    // `budget_tokens` caps the thinking block.
+    if let Some(thinking) = obj(m, "thinking", "")? {
+        match string(thinking, "type", "thinking")? {
+            Some("disabled") => {
+                chat.insert(
+                    "chat_template_kwargs".into(),
+                    json!({"enable_thinking": false}),
+                );
+            }
+            Some("enabled") => {
+                let budget = number(thinking, "budget_tokens", "thinking")?
+                    .filter(|b| b.fract() == 0.0 && *b >= 0.0)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "`thinking.budget_tokens` must be a non-negative integer when thinking is enabled",
+                        )
+                        .param("thinking.budget_tokens")
+                    })?;
+                chat.insert(
+                    "chat_template_kwargs".into(),
+                    json!({"enable_thinking": true}),
+                );
+                chat.insert("max_reasoning_tokens".into(), json!(budget as u64));
+            }
+            _ => {
+                return Err(
+                    ApiError::invalid("`thinking.type` must be `enabled` or `disabled`")
+                        .param("thinking.type"),
+                );
+            }
+        }
     }
     if let Some(servers) = array(m, "mcp_servers", "")?
         && !servers.is_empty()
@@ -765,6 +792,24 @@ mod tests {
     }
 
     #[test]
+    fn thinking_asks_the_template_and_caps_the_block() {
+        let base =
+            json!({"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "x"}]});
+        let mut on = base.clone();
+        on["thinking"] = json!({"type": "enabled", "budget_tokens": 12});
+        let r = parse_value(on).unwrap();
+        assert_eq!(r.chat.enable_thinking, Some(true));
+        assert_eq!(r.chat.max_reasoning_tokens, Some(12));
+        let mut off = base.clone();
+        off["thinking"] = json!({"type": "disabled"});
+        let r = parse_value(off).unwrap();
+        assert_eq!(r.chat.enable_thinking, Some(false));
+        assert_eq!(r.chat.max_reasoning_tokens, None);
+        let r = parse_value(base).unwrap();
+        assert_eq!(r.chat.enable_thinking, None);
+    }
+
+    #[test]
     fn bad_requests_name_the_field() {
         let base = || json!({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]});
         let with = |key: &str, v: Value| {
@@ -808,12 +853,10 @@ mod tests {
             ),
             (with("system", json!(3)), "system"),
             (
-                with(
-                    "thinking",
-                    json!({"type": "enabled", "budget_tokens": 1024}),
-                ),
-                "thinking",
+                with("thinking", json!({"type": "enabled"})),
+                "thinking.budget_tokens",
             ),
+            (with("thinking", json!({"type": "always"})), "thinking.type"),
         ];
         for (body, param) in cases {
             let e = parse_value(body.clone()).unwrap_err();

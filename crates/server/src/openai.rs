@@ -142,8 +142,32 @@ struct WireChat {
     reasoning_effort: Option<serde_json::Value>,
     #[serde(default)]
     chat_template_kwargs: Option<serde_json::Value>,
+    #[serde(default)]
+    max_reasoning_tokens: Option<serde_json::Value>,
     #[serde(flatten)]
     sampling: WireSampling,
+}
+
+/// The largest `max_reasoning_tokens` accepted.
+pub const MAX_REASONING_TOKENS: u64 = 1 << 20;
+
+/// `max_reasoning_tokens` (an extension): the most tokens the model's `<think>`
+/// block may take before it is closed.
+fn check_reasoning_budget(v: Option<serde_json::Value>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n <= MAX_REASONING_TOKENS)
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "`max_reasoning_tokens` is {v}; give an integer in 0..={MAX_REASONING_TOKENS}"
+                ))
+                .param("max_reasoning_tokens")
+            }),
+    }
 }
 
 /// `prompt` of `/v1/completions`: a string or a list of one string.
@@ -346,6 +370,7 @@ pub fn parse_chat(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, Ap
     )?;
     let chat = ChatControls {
         format: check_response_format(wire.sampling.response_format.take())?,
+        max_reasoning_tokens: check_reasoning_budget(wire.max_reasoning_tokens.take())?,
         ..chat
     };
     check_model_name(&wire.model)?;

@@ -786,6 +786,7 @@ async fn generate_inner(
     drop(held);
     let options = GenerateOptions {
         constraint: reading.constraint.take(),
+        reasoning_budget: reading.budget,
         max_tokens: planned.max_tokens,
         stop: req.sampling.stop.clone(),
         sampling: first_sampling,

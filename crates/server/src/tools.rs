@@ -6,7 +6,7 @@
 
 use afo_runtime::engine::{
     ChatEvent, ChatOptions, ChatOutput, ChatOutputParser, Constraint, LoadedModel, Message,
-    ToolCall, ToolChoice, ToolDefinition, tool_call_grammar,
+    ReasoningBudget, ToolCall, ToolChoice, ToolDefinition, tool_call_grammar,
 };
 use serde_json::{Map, Value, json};
 
@@ -31,6 +31,8 @@ pub struct ChatControls {
     /// `response_format`: what the output must be (`json_object` or a
     /// `json_schema`), enforced token by token; `None` for free text.
     pub format: Option<Constraint>,
+    /// `max_reasoning_tokens`: the most tokens the `<think>` block may take.
+    pub max_reasoning_tokens: Option<usize>,
 }
 
 impl Default for ChatControls {
@@ -41,6 +43,7 @@ impl Default for ChatControls {
             parallel_tool_calls: true,
             enable_thinking: None,
             format: None,
+            max_reasoning_tokens: None,
         }
     }
 }
@@ -136,6 +139,7 @@ pub(crate) fn parse_controls(
         parallel_tool_calls,
         enable_thinking,
         format: None,
+        max_reasoning_tokens: None,
     })
 }
 
@@ -326,6 +330,9 @@ pub(crate) struct Reading {
     /// The grammar of `tool_choice: required` or a named function, else the
     /// `response_format`'s.
     pub constraint: Option<Constraint>,
+    /// The reasoning budget (`max_reasoning_tokens`) and whether the prompt opened
+    /// the block.
+    pub budget: Option<ReasoningBudget>,
 }
 
 impl Reading {
@@ -335,6 +342,7 @@ impl Reading {
         Self {
             parser: ChatOutputParser::new(false, None),
             constraint: format,
+            budget: None,
         }
     }
 }
@@ -395,8 +403,13 @@ pub(crate) fn encode_chat(
     } else {
         ChatOutputParser::for_prompt(&prompt, offered)
     };
+    let budget = chat
+        .max_reasoning_tokens
+        .filter(|_| !constrained)
+        .map(|n| ReasoningBudget::new(n, prompt.opens_reasoning));
     let reading = Reading {
         parser,
+        budget,
         constraint: grammar
             .map(Constraint::lark)
             .or_else(|| chat.format.clone()),

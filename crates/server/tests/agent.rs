@@ -499,3 +499,127 @@ async fn tool_calls_come_back_as_tool_use_blocks_and_function_call_items() {
         "greedy: the same call streamed"
     );
 }
+
+/// A Qwen3-style template that thinks: the generation prompt opens `<think>` unless
+/// `enable_thinking` is false, when it writes an empty block.
+const THINKING_TEMPLATE: &str = "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}\
+{%- if add_generation_prompt %}<|im_start|>assistant\n\
+{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- else %}<think>\n{%- endif %}\
+{%- endif %}";
+
+/// The tiny seeded Qwen3 text checkpoint (byte-level tokenizer) with
+/// [`THINKING_TEMPLATE`], served as `tiny-qwen3`.
+fn thinking_server(dir: &std::path::Path) -> afo_server::Server {
+    let model = dir.join("qwen3");
+    afo_runtime::engine::TinyVlm::default()
+        .write_language_model(&model)
+        .unwrap();
+    let path = model.join("tokenizer_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["chat_template"] = json!(THINKING_TEMPLATE);
+    std::fs::write(&path, config.to_string()).unwrap();
+    afo_server::Server::builder(runtime(&dir.join("runs.jsonl"), "20GiB"))
+        .model_as("tiny-qwen3", model, None)
+        .build()
+        .unwrap()
+}
+
+/// Greedy, with the model's own way out of the block (`<`, byte 60) and its special
+/// tokens (256-261, end of sequence among them) biased away: its noise can neither
+/// close the block nor stop, so only the budget ends the reasoning.
+fn thinking_request(extra: Value) -> Value {
+    let mut body = json!({"model": "tiny-qwen3", "max_tokens": 30, "temperature": 0,
+        "messages": [{"role": "user", "content": "Think, then answer."}],
+        "logit_bias": {"60": -100, "256": -100, "257": -100, "258": -100, "259": -100,
+                       "260": -100, "261": -100}});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_is_separated_streamed_and_capped_on_a_thinking_qwen3() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = thinking_server(dir.path());
+    let router = server.router();
+
+    // No budget: the block never closes, so everything is reasoning.
+    let (status, _, v) = send_json(
+        &router,
+        post("/v1/chat/completions", &thinking_request(json!({}))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let m = &v["choices"][0]["message"];
+    let all = m["reasoning_content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(!all.is_empty(), "{v}");
+    assert!(m["content"].as_str().is_none_or(str::is_empty), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 30);
+
+    // A budget of 6: six tokens of reasoning, then `</think>` (8 byte tokens, forced),
+    // then the answer; the reasoning is the first six tokens of the free run.
+    let capped = thinking_request(json!({"max_reasoning_tokens": 6}));
+    let (status, _, v) = send_json(&router, post("/v1/chat/completions", &capped)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let m = &v["choices"][0]["message"];
+    let reasoning = m["reasoning_content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"));
+    let content = m["content"].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!(!reasoning.is_empty() && !content.is_empty(), "{v}");
+    assert!(
+        all.starts_with(reasoning) && reasoning.len() < all.len(),
+        "{reasoning:?} / {all:?}"
+    );
+    assert!(!content.contains("</think>"), "{content:?}");
+    assert_eq!(v["usage"]["completion_tokens"], 30);
+
+    // Streamed: reasoning deltas first, then content deltas; the same text.
+    let mut streamed = capped.clone();
+    streamed["stream"] = json!(true);
+    let (status, _, sse) = send(&router, post("/v1/chat/completions", &streamed)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (mut r, mut c, mut content_started) = (String::new(), String::new(), false);
+    for e in sse_events(&sse).iter().filter(|e| *e != "[DONE]") {
+        let d: Value = serde_json::from_str(e).unwrap();
+        let delta = &d["choices"][0]["delta"];
+        if let Some(t) = delta["reasoning_content"].as_str() {
+            assert!(!content_started, "reasoning after content: {sse}");
+            r.push_str(t);
+        }
+        if let Some(t) = delta["content"].as_str() {
+            content_started |= !t.is_empty();
+            c.push_str(t);
+        }
+    }
+    assert_eq!((r.as_str(), c.as_str()), (reasoning, content));
+
+    // Thinking off: the template writes an empty block and the output is the answer.
+    let off = thinking_request(json!({"chat_template_kwargs": {"enable_thinking": false}}));
+    let (_, _, v) = send_json(&router, post("/v1/chat/completions", &off)).await;
+    let m = &v["choices"][0]["message"];
+    assert!(m["reasoning_content"].is_null(), "{v}");
+    assert!(!m["content"].as_str().unwrap().is_empty(), "{v}");
+
+    // Anthropic's extended thinking: a `thinking` block, then a `text` block.
+    let mut body = thinking_request(json!({"thinking": {"type": "enabled", "budget_tokens": 6}}));
+    body.as_object_mut().unwrap().remove("logit_bias");
+    let request = Request::post("/v1/messages")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let (status, _, v) = send_json(&router, request).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["content"][0]["type"], "thinking", "{v}");
+    assert!(
+        !v["content"][0]["thinking"].as_str().unwrap().is_empty(),
+        "{v}"
+    );
+    assert!(
+        v["content"].as_array().unwrap().len() == 1 || v["content"][1]["type"] == "text",
+        "{v}"
+    );
+}
