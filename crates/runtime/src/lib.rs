@@ -18,6 +18,13 @@
 //! [`Runtime::embed`] turns texts or token ids into pooled, normalised vectors from a
 //! decoder's final hidden states, admitted and recorded the same way.
 //!
+//! What the server's agent API offers is here without it: a
+//! [`Constraint`](engine::Constraint) (JSON schema, Lark grammar, regex) and a
+//! [`ReasoningBudget`](engine::ReasoningBudget) in [`GenerateRequest::options`], tools
+//! and thinking with [`GenerateRequest::with_tools`] and
+//! [`GenerateRequest::with_thinking`], and a chat's output read back as reasoning,
+//! answer and tool calls in [`GenerateResponse::output`].
+//!
 //! [`Runtime::chain`] runs the image-analysis -> summary chain: [`image`] preprocesses
 //! the images, a vision-language model ([`engine::VisionLanguageModel`]) describes
 //! them, and a text model (or the VLM's own language model, on the same loaded

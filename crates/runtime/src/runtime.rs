@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use afo_engine::{
-    FinishReason, GenerateOptions, GenerateTimings, LoadedModel, Message, ModelCache, PrefixReuse,
-    generate_with_prefix,
+    ChatOptions, ChatOutput, ChatOutputParser, Constraint, FinishReason, GenerateOptions,
+    GenerateTimings, LoadedModel, Message, ModelCache, PrefixReuse, ToolChoice, ToolDefinition,
+    generate_with_prefix, tool_call_grammar,
 };
 use afo_guard::{
     ByteSize, Estimator, HealthInputs, Ledger, LedgerSnapshot, MemoryBudget, MemoryKind,
@@ -49,8 +50,17 @@ pub struct GenerateRequest {
     pub scheme: Option<QuantScheme>,
     /// The prompt.
     pub prompt: Prompt,
-    /// Sampling, stops and the token budget.
+    /// Sampling, stops and the token budget (and a [`Constraint`] on the output, a
+    /// reasoning budget, log-probabilities).
     pub options: GenerateOptions,
+    /// For a [`Prompt::Chat`]: the tools offered and thinking, handed to the model's
+    /// chat template. Default none.
+    pub chat: ChatOptions,
+    /// For a [`Prompt::Chat`] with tools: [`ToolChoice::Required`] or a function
+    /// constrains the output to calls in the model's tool-call format (unless the
+    /// options carry a constraint of their own); [`ToolChoice::Auto`] (the default)
+    /// leaves it free. The calls come back in [`GenerateResponse::output`].
+    pub tool_choice: ToolChoice,
 }
 
 impl GenerateRequest {
@@ -62,7 +72,22 @@ impl GenerateRequest {
             scheme: None,
             prompt,
             options: GenerateOptions::default(),
+            chat: ChatOptions::default(),
+            tool_choice: ToolChoice::Auto,
         }
+    }
+
+    /// The same request offering `tools` to the model, with `choice`.
+    pub fn with_tools(mut self, tools: Vec<ToolDefinition>, choice: ToolChoice) -> Self {
+        self.chat.tools = tools;
+        self.tool_choice = choice;
+        self
+    }
+
+    /// The same request asking the chat template to think, or not.
+    pub fn with_thinking(mut self, enable: bool) -> Self {
+        self.chat.enable_thinking = Some(enable);
+        self
     }
 
     /// The same request with these options.
@@ -88,6 +113,9 @@ pub struct GenerateResponse {
     pub model_id: String,
     /// The generated text.
     pub text: String,
+    /// For a [`Prompt::Chat`]: the text read as the model's reasoning (a `<think>`
+    /// block), its answer, and the tool calls it made (when tools were offered).
+    pub output: Option<ChatOutput>,
     /// Why it ended.
     pub finish: FinishReason,
     /// Prompt tokens.
@@ -724,16 +752,29 @@ impl Runtime {
     {
         let acquired = self.acquire(&request.model, request.scheme, None)?;
         let loaded = &acquired.model;
-        let prompt = match &request.prompt {
-            Prompt::Text(text) => loaded.encode_text(text)?,
-            Prompt::Chat(messages) => loaded.encode_chat(messages)?,
+        let mut options = request.options.clone();
+        let (prompt, reader) = match &request.prompt {
+            Prompt::Text(text) => (loaded.encode_text(text)?, None),
+            Prompt::Chat(messages) => {
+                let encoded = loaded.encode_chat_with(messages, &request.chat)?;
+                if options.constraint.is_none() {
+                    options.constraint = tool_call_grammar(
+                        &request.chat.tools,
+                        &request.tool_choice,
+                        encoded.tool_format,
+                        true,
+                    )?
+                    .map(Constraint::lark);
+                }
+                let reader = ChatOutputParser::for_prompt(&encoded, !request.chat.tools.is_empty());
+                (encoded.ids, Some(reader))
+            }
         };
         let model = loaded.model();
         let (plan, admitted) =
             self.admit_text(model, prompt.len(), request.options.max_tokens, self.kv)?;
         tracing::debug!(estimate = %plan.estimate.estimate, run_id, plan = %plan.name, "admitted");
         let max_tokens = plan.max_tokens;
-        let mut options = request.options.clone();
         options.max_tokens = max_tokens;
         let mut cache = plan.new_cache(model, prompt.len());
         let prefix = self.prefix_cache(&request.model, request.scheme);
@@ -766,6 +807,7 @@ impl Runtime {
         Ok(GenerateResponse {
             run_id: run_id.to_owned(),
             model_id: loaded.id().to_owned(),
+            output: reader.map(|r| ChatOutput::parse(r, &generation.text)),
             text: generation.text,
             finish: generation.finish,
             prompt_tokens: generation.prompt_tokens,

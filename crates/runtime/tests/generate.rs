@@ -216,3 +216,62 @@ fn a_kv_budget_prunes_and_is_recorded() {
     assert_eq!(rec.kv_evicted_tokens, Some(r.kv_evicted_tokens));
     assert_eq!(rec.kv_cache_size, Some(r.kv_cache_bytes));
 }
+
+#[test]
+fn tools_and_a_schema_through_the_runtime_without_the_server() {
+    use afo_runtime::engine::{Constraint, Message, ToolChoice, ToolDefinition};
+    let runtime = Runtime::builder()
+        .cutline("8GiB".parse::<ByteSize>().unwrap())
+        .build()
+        .unwrap();
+    let weather = ToolDefinition::new(
+        "get_weather",
+        Some("The weather in a city".into()),
+        serde_json::json!({"type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"]}),
+    )
+    .unwrap();
+    let ask = || Prompt::Chat(vec![Message::user("What is the weather in Paris?")]);
+    let options = GenerateOptions {
+        max_tokens: 96,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    };
+    // A forced call: the output is a call, read back as one.
+    let r = runtime
+        .generate(
+            &GenerateRequest::new(model(), ask())
+                .with_options(options.clone())
+                .with_tools(
+                    vec![weather.clone()],
+                    ToolChoice::Function("get_weather".into()),
+                ),
+        )
+        .unwrap();
+    let output = r.output.expect("a chat has its output read");
+    assert!(!output.tool_calls.is_empty(), "{:?}", r.text);
+    assert!(output.tool_calls.iter().all(|c| c.name == "get_weather"));
+    assert!(
+        output.tool_calls[0].arguments["city"].is_string(),
+        "{:?}",
+        r.text
+    );
+
+    // A JSON schema on a plain chat: the text is the document.
+    let schema = serde_json::json!({"type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]});
+    let r = runtime
+        .generate(
+            &GenerateRequest::new(model(), Prompt::Chat(vec![Message::user("Is water wet?")]))
+                .with_options(GenerateOptions {
+                    constraint: Some(Constraint::json_schema(schema)),
+                    ..options
+                }),
+        )
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.text).unwrap();
+    assert!(v["answer"] == "yes" || v["answer"] == "no", "{v}");
+    assert_eq!(r.finish, FinishReason::Eos);
+    assert!(r.output.unwrap().tool_calls.is_empty());
+}
