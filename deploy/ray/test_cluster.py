@@ -11,7 +11,10 @@ package and the model models/SmolLM2-135M-Instruct.Q4_1.gguf, and fails without 
    one replica and then with two (aggregate tokens/s of the same requests).
    Prefix-aware routing: groups of requests sharing a long system prompt stay on one
    replica and hit its prefix cache (`prefix_cache_hit_tokens` in the SSOT records);
-   the same requests with random routing, for comparison.
+   the same requests with random routing, for comparison. `/v1/completions` whole and
+   streamed. Autoscaling (not with `--short`): the application deployed from
+   deploy/ray/serve.yaml's import path and args at 1 replica with room for 2 scales up
+   under waves of streams.
 2. Mid-load, SIGKILL of the worker node's replica process: Ray Serve starts a new
    replica on that node; the only requests that fail are streams that had already
    received tokens from the killed replica (each with an error naming it); every
@@ -268,6 +271,52 @@ class Harness:
         check("".join(parts) == text, "/v1/completions streamed gives the same text (greedy)")
         client.close()
 
+    # ---- 1c. autoscaling, deployed from serve.yaml --------------------------------------
+
+    def autoscale(self) -> None:
+        """Deploys the application as `serve run deploy/ray/serve.yaml` would (its
+        import path and args, with this test's model, logs and node pinning), starting at
+        1 replica with room for 2, then sends waves of concurrent streams until Serve
+        adds the second replica on the queued requests; the new replica must serve."""
+        import importlib
+
+        import yaml
+        from ray import serve
+
+        from deploy.ray.app import APP_NAME
+
+        print("\n== 1c. autoscaling on queued requests, deployed from deploy/ray/serve.yaml", flush=True)
+        with open(os.path.join(ROOT, "deploy", "ray", "serve.yaml")) as f:
+            spec = yaml.safe_load(f)["applications"][0]
+        module, _, attr = spec["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        ssot_dir = os.path.join(self.out_dir, "ssot", "autoscale")
+        shutil.rmtree(ssot_dir, ignore_errors=True)
+        args = dict(spec["args"], model=self.model_path, ssot_dir=ssot_dir, replicas=1, autoscale_max=2,
+                    target_ongoing_requests=1, resources={"afo_slot": 1})
+        serve.run(builder(args), name=APP_NAME, route_prefix=spec.get("route_prefix", "/"), blocking=False)
+        self.wait_healthy(1, timeout=180)
+        t = time.monotonic()
+        seen, waves, wave_replicas = 1, 0, []
+        deadline = t + (120 if self.args.short else 240)
+        while time.monotonic() < deadline:
+            try:
+                r = asyncio.run(asyncio.wait_for(self.load(8, 96), 180))
+            except asyncio.TimeoutError:
+                fail(f"autoscale wave {waves + 1} did not finish within 180 s; /health: "
+                     f"{json.dumps(get_json(f'{self.base}/health', timeout=10))[:2000]}")
+            waves += 1
+            check(r["completed"] == 8 and not r["errors"], f"autoscale wave {waves}: every request completes")
+            wave_replicas.append(len(r["replicas_used"]))
+            seen = max(seen, get_json(f"{self.base}/health", timeout=10).get("replicas_healthy", 0))
+            if seen >= 2 and wave_replicas[-1] >= 2:
+                break
+        check(seen == 2, f"Serve scaled the deployment from 1 to {seen} replica(s) on queued requests "
+              f"({time.monotonic() - t:.0f} s, {waves} wave(s) of 8 streams)")
+        check(wave_replicas[-1] == 2, f"the added replica serves requests (last wave on {wave_replicas[-1]})")
+        self.figures["autoscale"] = {"waves": waves, "replicas": seen, "scale_up_s": round(time.monotonic() - t, 1),
+                                     "replicas_per_wave": wave_replicas}
+
     # ---- 1b. prefix affinity -------------------------------------------------------------
 
     async def prefix_load(self, groups: int, per_group: int, concurrency: int) -> List[Outcome]:
@@ -283,9 +332,12 @@ class Harness:
             async with sem:
                 return await one_request(client, "auto", i, msgs, self.args.prefix_tokens, True, outcomes)
 
-        res = await asyncio.gather(*(run(i) for i in range(groups * per_group)))
+        # Each group's first request ends before the group's others start: a request
+        # can only reuse a prefix that an earlier one has published.
+        first = await asyncio.gather(*(run(i) for i in range(groups)))
+        rest = await asyncio.gather(*(run(i) for i in range(groups, groups * per_group)))
         await client.close()
-        return list(res)
+        return list(first) + list(rest)
 
     def prefix(self) -> None:
         a = self.args
@@ -434,6 +486,11 @@ class Harness:
         self.start_cluster()
         try:
             self.throughput()
+            if not self.args.short:
+                # Not in the short form: in one run of two, a wave sent right after
+                # Serve added the replica hung in the ingress and never reached a
+                # replica (deploy/ray/README.md, "Known issues").
+                self.autoscale()
             self.prefix()
             self.kill()
             self.summary()
