@@ -28,7 +28,7 @@ use crate::compat::{
     required_string, sse_event, string, unsupported, wrong_type,
 };
 use crate::error::ApiError;
-use crate::openai::{MAX_STOP_BYTES, MAX_STOP_STRINGS, ParseLimits, ParsedRequest, PromptInput};
+use crate::openai::{MAX_STOP_BYTES, MAX_STOP_STRINGS, ParseLimits, ParsedRequest};
 use crate::routes::{self, Answer, Dialect, Started};
 use crate::state::Shared;
 use crate::worker::Event;
@@ -110,19 +110,7 @@ struct Translated {
 impl Translated {
     /// `param` (an OpenAI path) as the request named it.
     fn rename(&self, param: &str) -> String {
-        let best = self
-            .paths
-            .iter()
-            .filter(|(from, _)| {
-                param
-                    .strip_prefix(from.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-            })
-            .max_by_key(|(from, _)| from.len());
-        match best {
-            Some((from, to)) => format!("{to}{}", &param[from.len()..]),
-            None => param.to_owned(),
-        }
+        compat::rename(&self.paths, param)
     }
 }
 
@@ -133,21 +121,8 @@ impl Translated {
 pub(crate) fn parse(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ApiError> {
     let m = compat::object(body)?;
     let t = translate(&m)?;
-    let top_k = t.top_k;
-    let chat = serde_json::to_vec(&t.chat)
-        .map_err(|e| ApiError::internal(format!("writing the chat request: {e}")))?;
-    let mut req = crate::openai::parse_chat(&chat, limits).map_err(|mut e| {
-        if let Some(p) = &e.param {
-            e.param = Some(t.rename(p));
-        }
-        e
-    })?;
-    req.sampling.top_k = top_k;
-    if let PromptInput::Chat(messages) = &mut req.prompt {
-        for image in messages.iter_mut().flat_map(|m| m.images.iter_mut()) {
-            image.part = t.rename(&image.part);
-        }
-    }
+    let mut req = compat::parse_translated(&t.chat, limits, |p| t.rename(p))?;
+    req.sampling.top_k = t.top_k;
     Ok(req)
 }
 
@@ -754,6 +729,7 @@ fn stream_response(mut run: Started) -> Response {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+    use crate::openai::PromptInput;
 
     const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
 

@@ -112,6 +112,47 @@ impl Blocks {
     }
 }
 
+/// `param` (a path in the translated chat body, `messages[2].content[1]...`) as the
+/// request named it: the longest prefix in `paths` (chat path, the request's path)
+/// replaced by the request's path.
+pub(crate) fn rename(paths: &[(String, String)], param: &str) -> String {
+    let best = paths
+        .iter()
+        .filter(|(from, _)| {
+            param
+                .strip_prefix(from.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+        .max_by_key(|(from, _)| from.len());
+    match best {
+        Some((from, to)) => format!("{to}{}", &param[from.len()..]),
+        None => param.to_owned(),
+    }
+}
+
+/// Parses a translated chat body with the chat route's parser; the fields its errors
+/// and images name are renamed by `rename` to the request's own paths.
+pub(crate) fn parse_translated(
+    chat: &Map<String, Value>,
+    limits: &crate::openai::ParseLimits,
+    rename: impl Fn(&str) -> String,
+) -> Result<crate::openai::ParsedRequest, ApiError> {
+    let bytes = serde_json::to_vec(chat)
+        .map_err(|e| ApiError::internal(format!("writing the chat request: {e}")))?;
+    let mut req = crate::openai::parse_chat(&bytes, limits).map_err(|mut e| {
+        if let Some(p) = &e.param {
+            e.param = Some(rename(p));
+        }
+        e
+    })?;
+    if let crate::openai::PromptInput::Chat(messages) = &mut req.prompt {
+        for image in messages.iter_mut().flat_map(|m| m.images.iter_mut()) {
+            image.part = rename(&image.part);
+        }
+    }
+    Ok(req)
+}
+
 /// The JSON type of `v`, for error messages.
 pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {

@@ -29,7 +29,7 @@ use crate::compat::{
     required_string, sse_event, string, unsupported, wrong_type,
 };
 use crate::error::ApiError;
-use crate::openai::{ParseLimits, ParsedRequest, PromptInput};
+use crate::openai::{ParseLimits, ParsedRequest};
 use crate::routes::{self, Answer, Dialect, Started};
 use crate::state::Shared;
 use crate::worker::Event;
@@ -57,19 +57,7 @@ struct Translated {
 impl Translated {
     /// `param` (a chat path) as the request named it.
     fn rename(&self, param: &str) -> String {
-        let best = self
-            .paths
-            .iter()
-            .filter(|(from, _)| {
-                param
-                    .strip_prefix(from.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-            })
-            .max_by_key(|(from, _)| from.len());
-        let renamed = match best {
-            Some((from, to)) => format!("{to}{}", &param[from.len()..]),
-            None => param.to_owned(),
-        };
+        let renamed = compat::rename(&self.paths, param);
         // `input_image` holds its URL in `image_url` itself.
         match renamed.strip_suffix(".image_url.url") {
             Some(part) if renamed.starts_with("input") => format!("{part}.image_url"),
@@ -85,19 +73,7 @@ impl Translated {
 pub(crate) fn parse(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, ApiError> {
     let m = compat::object(body)?;
     let t = translate(&m)?;
-    let chat = serde_json::to_vec(&t.chat)
-        .map_err(|e| ApiError::internal(format!("writing the chat request: {e}")))?;
-    let mut req = crate::openai::parse_chat(&chat, limits).map_err(|mut e| {
-        if let Some(p) = &e.param {
-            e.param = Some(t.rename(p));
-        }
-        e
-    })?;
-    if let PromptInput::Chat(messages) = &mut req.prompt {
-        for image in messages.iter_mut().flat_map(|m| m.images.iter_mut()) {
-            image.part = t.rename(&image.part);
-        }
-    }
+    let req = compat::parse_translated(&t.chat, limits, |p| t.rename(p))?;
     Ok(req)
 }
 
@@ -761,6 +737,7 @@ fn stream_response(mut run: Started) -> Response {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
+    use crate::openai::PromptInput;
 
     fn parse_value(v: Value) -> Result<ParsedRequest, ApiError> {
         parse(v.to_string().as_bytes(), &ParseLimits::default())
