@@ -2,7 +2,7 @@
 
 - `openai`: 50 chat requests with a JSON schema (nested objects, enums, arrays,
   required fields), sampled with 50 seeds, four at a time, each validated with the
-  `jsonschema` package; forced tool calls, whole and streamed, whose arguments
+  `jsonschema` package; 50 forced tool calls (40 whole, 10 streamed) whose arguments
   validate against their tool's parameters; `logprobs`, `n=3` and `seed`;
   `responses.create` whole and streamed, with a function call;
 - `anthropic`: `messages.create` whole and streamed, and a tool-use turn answered
@@ -117,7 +117,7 @@ def tools(client, model):
         "Tell me the time in UTC.",
     ]
     n = 0
-    for i, q in enumerate(questions * 2):
+    for i, q in enumerate(questions * 8):
         choice = "required" if i % 2 == 0 else {"type": "function", "function": {"name": "get_weather"}}
         r = client.chat.completions.create(
             model=model,
@@ -135,7 +135,7 @@ def tools(client, model):
             assert all(c.function.name == "get_weather" for c in r.choices[0].message.tool_calls)
         n += 1
     # Streamed: the calls arrive as deltas and add up to valid calls.
-    for i, q in enumerate(questions):
+    for i, q in enumerate(questions * 2):
         calls = {}
         finish = None
         for chunk in client.chat.completions.create(
@@ -178,7 +178,7 @@ def tools(client, model):
         max_tokens=32,
     )
     assert r.choices[0].message.content or r.choices[0].message.tool_calls, r
-    say("tools", start, f"{n} forced calls valid (10 whole, 5 streamed), tool result answered")
+    say("tools", start, f"{n} forced calls valid (40 whole, 10 streamed), tool result answered")
 
 
 def sampling(client, model):
