@@ -297,7 +297,16 @@ def test_generations_run_side_by_side_from_threads(model):
     assert len({r.run_id for r in results.values()}) == 3
 
 
-def test_ctrl_c_cancels_a_generation_and_raises_keyboard_interrupt(model, log):
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as in an interactive Python, even when the
+    test process inherited SIGINT ignored (started in the background by a shell)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_cancels_a_generation_and_raises_keyboard_interrupt(model, log, sigint_raises):
     rt = afo.Runtime(ssot_log=log)
     rt.preload(model)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
@@ -320,7 +329,7 @@ def test_ctrl_c_cancels_a_generation_and_raises_keyboard_interrupt(model, log):
     assert rt.evict() == 1
 
 
-def test_ctrl_c_while_streaming(model, log):
+def test_ctrl_c_while_streaming(model, log, sigint_raises):
     rt = afo.Runtime(ssot_log=log)
     rt.preload(model)
     stream = rt.stream(model, prompt="Once upon a time", max_tokens=4000, ignore_eos=True)
