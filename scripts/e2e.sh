@@ -154,11 +154,16 @@ for pid in "${pids[@]}"; do wait "$pid" || { echo "e2e: afo serve exited with an
 pids=()
 grep -q "afo serve: stopped" "$artifacts/serve-openai.log" || { echo "e2e: no clean stop" >&2; exit 1; }
 lines=$(wc -l <"$artifacts/runs-openai.jsonl")
-# Four completed requests, and one record for each refused one (unknown model, empty
-# messages); the wrong key is turned away before any route, with no record.
-[[ "$lines" -eq 6 ]] || { echo "e2e: expected 6 SSOT lines from the openai checks, found $lines" >&2; exit 1; }
+# openai_client.py: four completed requests, and one record for each refused one
+# (unknown model, empty messages); the wrong key is turned away before any route, with
+# no record. embeddings.py: four requests and one refused (`dimensions`). agent.py: 117
+# runs, none refused (50 schema, 50 forced calls, a tool result, 1 + 2 x 3 choices, 4
+# responses, 5 messages; each choice of `n` is a run of its own).
+[[ "$lines" -eq 128 ]] || { echo "e2e: expected 6 + 5 + 117 SSOT lines from the client checks, found $lines" >&2; exit 1; }
 errors=$(grep -c '"status":"error"' "$artifacts/runs-openai.jsonl" || true)
-[[ "$errors" -eq 2 ]] || { echo "e2e: expected 2 refused requests in the SSOT log, found $errors" >&2; exit 1; }
+[[ "$errors" -eq 3 ]] || { echo "e2e: expected 3 refused requests in the SSOT log, found $errors" >&2; exit 1; }
+embeddings=$(grep -c '"chain":"embeddings"' "$artifacts/runs-openai.jsonl" || true)
+[[ "$embeddings" -eq 5 ]] || { echo "e2e: expected 5 embeddings records, found $embeddings" >&2; exit 1; }
 vlm_lines=$(wc -l <"$artifacts/runs-vlm.jsonl")
 # Two completed image requests and the refused corrupt image.
 [[ "$vlm_lines" -eq 3 ]] || { echo "e2e: expected 3 SSOT lines from the image checks, found $vlm_lines" >&2; exit 1; }
