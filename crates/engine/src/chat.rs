@@ -247,6 +247,22 @@ impl ChatTemplate {
         options: &ChatOptions,
         keep: &[&str],
     ) -> Result<ChatPrompt> {
+        // Tool definitions come from the client: a template that renders them itself
+        // would read a control token in them as one, so none may hold one (a template
+        // without tools gets them in the system message, encoded as plain text).
+        if self.uses_tools {
+            for tool in &options.tools {
+                let text = serde_json::to_string(tool).unwrap_or_default();
+                if let Some(token) = tokenizer.find_special_token(&text) {
+                    return Err(Error::Tool {
+                        tool: tool.name.clone(),
+                        reason: format!(
+                            "the definition holds the control token `{token}`; tool names, descriptions and parameters may not"
+                        ),
+                    });
+                }
+            }
+        }
         let (messages, extra) = self.with_options(messages, options);
         let ids = self.encode_with(tokenizer, &messages, true, extra.clone(), keep)?;
         let rendered = self.render_with(&messages, true, extra)?;

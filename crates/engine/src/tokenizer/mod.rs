@@ -245,6 +245,17 @@ impl Tokenizer {
         }
     }
 
+    /// The first special token (a control token such as `<|im_start|>`) written in
+    /// `text`, if any.
+    pub(crate) fn find_special_token(&self, text: &str) -> Option<String> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .find(|c| text.contains(c.as_str()))
+    }
+
     /// Encodes `text` into token ids.
     ///
     /// With `add_special`, BOS and EOS are added as the model asks
