@@ -250,17 +250,21 @@ impl ChatTemplate {
         // Tool definitions come from the client: a template that renders them itself
         // would read a control token in them as one, so none may hold one (a template
         // without tools gets them in the system message, encoded as plain text).
-        if self.uses_tools {
-            for tool in &options.tools {
-                let text = serde_json::to_string(tool).unwrap_or_default();
-                if let Some(token) = tokenizer.find_special_token(&text) {
-                    return Err(Error::Tool {
-                        tool: tool.name.clone(),
-                        reason: format!(
-                            "the definition holds the control token `{token}`; tool names, descriptions and parameters may not"
-                        ),
-                    });
-                }
+        if self.uses_tools && !options.tools.is_empty() {
+            let text = serde_json::to_string(&options.tools).unwrap_or_default();
+            if let Some(token) = tokenizer.find_special_token(&text) {
+                // Named by the first tool that holds it.
+                let tool = options
+                    .tools
+                    .iter()
+                    .find(|t| serde_json::to_string(t).is_ok_and(|j| j.contains(&token)))
+                    .map_or_else(String::new, |t| t.name.clone());
+                return Err(Error::Tool {
+                    tool,
+                    reason: format!(
+                        "the definition holds the control token `{token}`; tool names, descriptions and parameters may not"
+                    ),
+                });
             }
         }
         let (messages, extra) = self.with_options(messages, options);

@@ -202,10 +202,13 @@ impl LoadedModel {
 }
 
 /// Bytes the tokenizer's tables take per vocabulary entry (the vocabulary, the merges,
-/// the added tokens and their indexes), twice: the tokenizer and its plain-text copy
-/// for client content ([`crate::Tokenizer::encode_plain`]). One copy measured on
-/// SmolLM2: 49,152 entries, about 15 MB resident beyond the weights.
-pub(crate) const TOKENIZER_BYTES_PER_ENTRY: u64 = 600;
+/// the added tokens and their indexes), three times: the tokenizer, its plain-text copy
+/// for client content ([`crate::Tokenizer::encode_plain`]), and the copy with the token
+/// trie that constrained decoding builds on the first request with a grammar
+/// ([`crate::Constraint`]), counted from the load so that the ledger holds it before it
+/// exists. One copy measured on SmolLM2: 49,152 entries, about 15 MB resident beyond
+/// the weights.
+pub(crate) const TOKENIZER_BYTES_PER_ENTRY: u64 = 900;
 
 impl CacheWeight for LoadedModel {
     /// The weights plus the tokenizer's tables.

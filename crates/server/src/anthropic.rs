@@ -128,60 +128,26 @@ pub(crate) fn parse(body: &[u8], limits: &ParseLimits) -> Result<ParsedRequest, 
 
 /// The text of `system` (a string, or a list of text blocks).
 fn system_text(v: &Value) -> Result<String, ApiError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(blocks) => {
-            let mut text = Vec::with_capacity(blocks.len());
-            for (i, b) in blocks.iter().enumerate() {
-                let path = format!("system[{i}]");
-                let b = as_obj(b, &path)?;
-                match required_string(b, "type", &path)? {
-                    "text" => text.push(required_string(b, "text", &path)?),
-                    other => {
-                        return Err(ApiError::invalid(format!(
-                            "`{path}.type` is `{other}`; a system block must be `text`"
-                        ))
-                        .param(format!("{path}.type")));
-                    }
-                }
-            }
-            Ok(text.join("\n"))
-        }
-        other => Err(wrong_type(
-            "system",
-            "a string or a list of text blocks",
-            other,
-        )),
-    }
+    compat::text_or_parts(
+        v,
+        "system",
+        "text",
+        "a system block must be `text`",
+        "a string or a list of text blocks",
+    )
 }
 
 /// A `tool_result` block's content as text (a string, or text blocks).
 fn tool_result_text(b: &Map<String, Value>, path: &str) -> Result<String, ApiError> {
     match get(b, "content") {
         None => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => {
-            let mut text = Vec::with_capacity(parts.len());
-            for (k, p) in parts.iter().enumerate() {
-                let ppath = format!("{path}.content[{k}]");
-                let p = as_obj(p, &ppath)?;
-                match required_string(p, "type", &ppath)? {
-                    "text" => text.push(required_string(p, "text", &ppath)?),
-                    other => {
-                        return Err(ApiError::invalid(format!(
-                            "`{ppath}.type` is `{other}`; a tool result here holds text only"
-                        ))
-                        .param(format!("{ppath}.type")));
-                    }
-                }
-            }
-            Ok(text.join("\n"))
-        }
-        Some(other) => Err(wrong_type(
+        Some(v) => compat::text_or_parts(
+            v,
             &format!("{path}.content"),
+            "text",
+            "a tool result here holds text only",
             "a string or a list of text blocks",
-            other,
-        )),
+        ),
     }
 }
 

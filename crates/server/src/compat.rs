@@ -153,6 +153,39 @@ pub(crate) fn parse_translated(
     Ok(req)
 }
 
+/// The text of the field at `path`: a string, or a list of parts `{"type": kind,
+/// "text"}` joined by newlines. A part of another type is a 400 whose message ends
+/// with `rule`; any other value one that says the field must be `want`.
+pub(crate) fn text_or_parts(
+    v: &Value,
+    path: &str,
+    kind: &str,
+    rule: &str,
+    want: &str,
+) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = Vec::with_capacity(parts.len());
+            for (i, p) in parts.iter().enumerate() {
+                let ppath = format!("{path}[{i}]");
+                let p = as_obj(p, &ppath)?;
+                match required_string(p, "type", &ppath)? {
+                    t if t == kind => text.push(required_string(p, "text", &ppath)?),
+                    other => {
+                        return Err(ApiError::invalid(format!(
+                            "`{ppath}.type` is `{other}`; {rule}"
+                        ))
+                        .param(format!("{ppath}.type")));
+                    }
+                }
+            }
+            Ok(text.join("\n"))
+        }
+        other => Err(wrong_type(path, want, other)),
+    }
+}
+
 /// The JSON type of `v`, for error messages.
 pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {

@@ -194,31 +194,13 @@ impl Messages {
         let call_id = required_string(item, "call_id", &path)?;
         let output = match get(item, "output") {
             None => return Err(missing(&format!("{path}.output"))),
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => {
-                let mut text = Vec::with_capacity(parts.len());
-                for (j, p) in parts.iter().enumerate() {
-                    let ppath = format!("{path}.output[{j}]");
-                    let p = as_obj(p, &ppath)?;
-                    match required_string(p, "type", &ppath)? {
-                        "input_text" => text.push(required_string(p, "text", &ppath)?),
-                        other => {
-                            return Err(ApiError::invalid(format!(
-                                "`{ppath}.type` is `{other}`; a function's output holds `input_text` here"
-                            ))
-                            .param(format!("{ppath}.type")));
-                        }
-                    }
-                }
-                text.join("\n")
-            }
-            Some(other) => {
-                return Err(wrong_type(
-                    &format!("{path}.output"),
-                    "a string or a list of parts",
-                    other,
-                ));
-            }
+            Some(v) => compat::text_or_parts(
+                v,
+                &format!("{path}.output"),
+                "input_text",
+                "a function's output holds `input_text` here",
+                "a string or a list of parts",
+            )?,
         };
         self.push(
             json!({"role": "tool", "tool_call_id": call_id, "content": output}),
