@@ -5,6 +5,9 @@
 //! - Groups `int_k…_n…_m…`: afo's integer formats (`int8`, `int4-g32`, and asymmetric
 //!   int4 with the largest group of 128, 64, 32 that divides `k`) with each kernel,
 //!   next to candle's Q8_0 `QMatMul` of the same matrix.
+//! - Groups `dense_…`: f32, f16 and bf16 weights through our dense kernels
+//!   ([`kernels::dense_gemm_with`]) against candle's matmul of the same tensor (what a
+//!   dense layer ran before), for decode (m = 1) and a batch of 4.
 //!
 //! Throughput is the weight bytes read per call (quants, scales, minimums), so
 //! criterion's rate is the effective weight bandwidth of each format. Every timed call
@@ -22,10 +25,11 @@
 use std::hint::black_box;
 
 use afo_quant::kernels::{
-    self, GgmlWeights, IntFormat, IntWeights, Kernel, QuantizedActs, WeightDType,
+    self, DenseData, DenseMatrix, GgmlWeights, IntFormat, IntWeights, Kernel, QuantizedActs,
+    WeightDType,
 };
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 /// `(format, k, n_out)`: FFN up/gate, FFN down, tied LM head.
@@ -170,5 +174,89 @@ fn bench_int(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_kernels, bench_int);
+fn bench_dense(c: &mut Criterion) {
+    let t = threads();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .build()
+        .expect("thread pool");
+    for (n_out, k) in INT_SHAPES {
+        let w = Tensor::from_vec(data(n_out * k, 1), (n_out, k), &Device::Cpu).expect("tensor");
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let wt = w.to_dtype(dtype).expect("dtype");
+            let (f32s, f16s, bf16s) = match dtype {
+                DType::F32 => (
+                    wt.flatten_all().and_then(|v| v.to_vec1()).expect("f32"),
+                    vec![],
+                    vec![],
+                ),
+                DType::F16 => (
+                    vec![],
+                    wt.flatten_all().and_then(|v| v.to_vec1()).expect("f16"),
+                    vec![],
+                ),
+                _ => (
+                    vec![],
+                    vec![],
+                    wt.flatten_all().and_then(|v| v.to_vec1()).expect("bf16"),
+                ),
+            };
+            let data_ref = match dtype {
+                DType::F32 => DenseData::F32(&f32s),
+                DType::F16 => DenseData::F16(&f16s),
+                _ => DenseData::BF16(&bf16s),
+            };
+            let matrix = DenseMatrix::new(data_ref, n_out, k).expect("matrix");
+            let wt_t = wt.t().expect("transpose");
+            for m in [1usize, 4] {
+                let mut group =
+                    c.benchmark_group(format!("dense_{}_k{k}_n{n_out}_m{m}", matrix.dtype_name()));
+                group.throughput(Throughput::Bytes(matrix.bytes() as u64));
+                let x = data(m * k, 2);
+                let mut y = vec![0.0f32; m * n_out];
+                for kernel in kernels::available_kernels() {
+                    if kernel == Kernel::Scalar && n_out * k > 1_000_000 {
+                        continue;
+                    }
+                    group.bench_function(
+                        BenchmarkId::new(kernel.to_string(), format!("t{t}")),
+                        |b| {
+                            b.iter(|| {
+                                pool.install(|| {
+                                    kernels::dense_gemm_with(
+                                        kernel,
+                                        matrix,
+                                        black_box(&x),
+                                        m,
+                                        &mut y,
+                                    )
+                                    .expect("dense gemm")
+                                });
+                                black_box(&y);
+                            })
+                        },
+                    );
+                }
+                // What a dense layer ran before: the activations converted to the weight's
+                // dtype, candle's matmul against the transposed weight, back to f32.
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
+                group.bench_function(BenchmarkId::new("candle", format!("t{t}")), |b| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            let y = xt
+                                .to_dtype(dtype)
+                                .and_then(|x| x.matmul(&wt_t))
+                                .and_then(|y| y.to_dtype(DType::F32))
+                                .expect("matmul");
+                            black_box(y)
+                        })
+                    })
+                });
+                group.finish();
+            }
+        }
+    }
+}
+
+criterion_group!(benches, bench_kernels, bench_int, bench_dense);
 criterion_main!(benches);

@@ -3,11 +3,13 @@
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{CpuStorage, DType, Module, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, GgmlWeights, IntFormat, IntWeights, QuantizedActs, WeightDType};
+use crate::kernels::{
+    self, DenseData, DenseMatrix, GgmlWeights, IntFormat, IntWeights, QuantizedActs, WeightDType,
+};
 use crate::scheme::QuantScheme;
 
 /// Which matmul runs GGML-quantized weights.
@@ -392,12 +394,15 @@ impl QLinear {
                 kernels::gemm(w, &xs, m, &mut ys)?;
                 Tensor::from_vec(ys, out_dims, x.device())?
             }
-            Weight::Dense(w) => {
-                let x2 = x.reshape((m, self.in_features))?.to_dtype(w.dtype())?;
-                x2.matmul(&w.t()?)?
-                    .to_dtype(DType::F32)?
-                    .reshape(out_dims)?
-            }
+            Weight::Dense(w) => match dense_gemv(w, x, m, self.out_features, self.in_features)? {
+                Some(ys) => Tensor::from_vec(ys, out_dims, x.device())?,
+                None => {
+                    let x2 = x.reshape((m, self.in_features))?.to_dtype(w.dtype())?;
+                    x2.matmul(&w.t()?)?
+                        .to_dtype(DType::F32)?
+                        .reshape(out_dims)?
+                }
+            },
             Weight::Candle(q, _) => {
                 let x2 = x.reshape((m, self.in_features))?.to_dtype(DType::F32)?;
                 q.forward(&x2)?.reshape(out_dims)?
@@ -515,6 +520,41 @@ impl QLinear {
             )?,
         })
     }
+}
+
+/// `x · wᵀ` for a dense CPU weight through [`kernels::dense_gemm`] when `x` has at
+/// most [`kernels::DENSE_GEMV_MAX_ROWS`] rows (a decode step); `None` where candle's
+/// packed GEMM runs it instead (more rows, a weight not contiguous in CPU memory).
+fn dense_gemv(
+    w: &Tensor,
+    x: &Tensor,
+    m: usize,
+    n_out: usize,
+    k: usize,
+) -> Result<Option<Vec<f32>>> {
+    if m > kernels::DENSE_GEMV_MAX_ROWS || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let data = match cpu {
+        CpuStorage::F32(v) => v.get(start..end).map(DenseData::F32),
+        CpuStorage::F16(v) => v.get(start..end).map(DenseData::F16),
+        CpuStorage::BF16(v) => v.get(start..end).map(DenseData::BF16),
+        _ => None,
+    };
+    let Some(data) = data else {
+        return Ok(None);
+    };
+    let matrix = DenseMatrix::new(data, n_out, k)?;
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut ys = vec![0f32; m * n_out];
+    kernels::dense_gemm(matrix, &xs, m, &mut ys)?;
+    Ok(Some(ys))
 }
 
 /// Dense rows appended in their dtype, to become one tensor without another copy.

@@ -13,6 +13,10 @@
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
 //! - [`Kernel::Scalar`]: portable Rust.
 //!
+//! Dense f32, f16 and bf16 weights have their own kernels for a few activation rows
+//! ([`dense_gemm`]: a decode step streams each weight row once through FMA chains,
+//! converting f16 with F16C / AVX-512F and bf16 with a shift).
+//!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
 //! (tests, benches). With several activation rows, each decoded weight block serves a
@@ -50,6 +54,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod blocks;
+mod dense;
 mod driver;
 mod error;
 mod int;
@@ -64,6 +69,9 @@ use std::sync::OnceLock;
 
 pub use acts::QuantizedActs;
 pub use blocks::{BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType};
+pub use dense::{
+    DENSE_GEMV_MAX_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, dense_gemm, dense_gemm_with,
+};
 pub use error::{Error, Result};
 pub use int::{INT4_GROUPS, IntFormat, IntWeights, gemm_int, gemm_int_with};
 

@@ -347,3 +347,143 @@ fn nan_and_zero_activations() {
         assert!(y.iter().all(|&v| v == 0.0), "{kernel}: {y:?}");
     }
 }
+
+/// The weights of `w` as the dense kernels see them, and their exact f64 products.
+fn dense_case(dtype: &str, n_out: usize, k: usize, seed: u64) -> (Vec<f32>, DenseOwned) {
+    let mut rng = Rng(seed);
+    let w = rng.vec(n_out * k);
+    let owned = match dtype {
+        "f32" => DenseOwned::F32(w.clone()),
+        "f16" => DenseOwned::F16(w.iter().map(|&v| half::f16::from_f32(v)).collect()),
+        _ => DenseOwned::BF16(w.iter().map(|&v| half::bf16::from_f32(v)).collect()),
+    };
+    let exact = match &owned {
+        DenseOwned::F32(v) => v.clone(),
+        DenseOwned::F16(v) => v.iter().map(|h| h.to_f32()).collect(),
+        DenseOwned::BF16(v) => v.iter().map(|h| h.to_f32()).collect(),
+    };
+    (exact, owned)
+}
+
+enum DenseOwned {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+}
+
+impl DenseOwned {
+    fn data(&self) -> DenseData<'_> {
+        match self {
+            DenseOwned::F32(v) => DenseData::F32(v),
+            DenseOwned::F16(v) => DenseData::F16(v),
+            DenseOwned::BF16(v) => DenseData::BF16(v),
+        }
+    }
+}
+
+#[test]
+fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count() {
+    // k: below one vector, tails after 8, 16 and 32-wide steps, and the model's sizes;
+    // n_out above 32 so that the output is split across threads; m across the tile.
+    let shapes = [
+        (5, 3, 1),
+        (40, 17, 2),
+        (70, 24, 3),
+        (33, 40, 4),
+        (64, 57, 5),
+        (96, 576, 1),
+        (48, 1536, 2),
+        (40, 576, 9),
+    ];
+    for kernel in available_kernels() {
+        for dtype in ["f32", "f16", "bf16"] {
+            for (i, &(n_out, k, m)) in shapes.iter().enumerate() {
+                let (wd, owned) = dense_case(dtype, n_out, k, 11 + i as u64);
+                let x = Rng(100 + i as u64).vec(m * k);
+                let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
+                assert_eq!(w.dtype_name(), dtype);
+                for threads in [1, 2, 3] {
+                    let mut y = vec![f32::NAN; m * n_out];
+                    pool(threads)
+                        .install(|| dense_gemm_with(kernel, w, &x, m, &mut y))
+                        .unwrap();
+                    for r in 0..m {
+                        for c in 0..n_out {
+                            let (exact, mag) = (0..k).fold((0.0f64, 0.0f64), |(e, a), j| {
+                                let p = f64::from(wd[c * k + j]) * f64::from(x[r * k + j]);
+                                (e + p, a + p.abs())
+                            });
+                            let got = f64::from(y[r * n_out + c]);
+                            // f32 sums of k products: a few ulps of the magnitude.
+                            let tol =
+                                4.0 * f64::from(f32::EPSILON) * (k as f64).sqrt() * mag + 1e-6;
+                            assert!(
+                                (got - exact).abs() <= tol,
+                                "{kernel} {dtype} {n_out}x{k} m={m} t={threads} [{r},{c}]: \
+                                 {got} vs {exact} (tol {tol})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    report_kernel_coverage("dense kernels");
+}
+
+#[test]
+fn dense_results_do_not_depend_on_the_thread_count() {
+    let (n_out, k, m) = (300, 200, 3);
+    for kernel in available_kernels() {
+        let (_, owned) = dense_case("f16", n_out, k, 5);
+        let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
+        let x = Rng(9).vec(m * k);
+        let run = |threads| {
+            let mut y = vec![0.0f32; m * n_out];
+            pool(threads)
+                .install(|| dense_gemm_with(kernel, w, &x, m, &mut y))
+                .unwrap();
+            y
+        };
+        let one = run(1);
+        assert_eq!(one, run(2), "{kernel}");
+        assert_eq!(one, run(4), "{kernel}");
+    }
+    report_kernel_coverage("dense thread independence");
+}
+
+#[test]
+fn dense_shapes_are_checked() {
+    let w = vec![0.0f32; 12];
+    assert!(matches!(
+        DenseMatrix::new(DenseData::F32(&w), 5, 3),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        DenseMatrix::new(DenseData::F32(&w), 0, 3),
+        Err(Error::EmptyDimension { .. })
+    ));
+    let m = DenseMatrix::new(DenseData::F32(&w), 4, 3).unwrap();
+    assert_eq!(m.bytes(), 48);
+    let mut y = vec![0.0f32; 4];
+    assert!(matches!(
+        dense_gemm(m, &[0.0; 4], 1, &mut y),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        dense_gemm(m, &[0.0; 3], 1, &mut [0.0; 3]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        dense_gemm(m, &[], 0, &mut []),
+        Err(Error::EmptyDimension { .. })
+    ));
+    for kernel in Kernel::ALL {
+        if !kernel.is_available() {
+            assert!(matches!(
+                dense_gemm_with(kernel, m, &[0.0; 3], 1, &mut y),
+                Err(Error::KernelUnavailable { .. })
+            ));
+        }
+    }
+}

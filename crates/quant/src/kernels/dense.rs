@@ -1,0 +1,549 @@
+//! Dense weights (f32, f16, bf16): `y = x · Wᵀ` for a few activation rows, the shape of
+//! a decode step (one row) or a small batch of them.
+//!
+//! A decode step reads every weight once and does two flops per weight, so it runs at
+//! the speed memory delivers the weights. These kernels stream each weight row once,
+//! convert it in registers (`vcvtph2ps` for f16 with F16C or AVX-512F, a 16-bit shift
+//! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in
+//! L1, with several independent FMA chains; output rows are split across the rayon
+//! pool as the quantized kernels split theirs. A packed, cache-blocked GEMM (candle's)
+//! wins once there are many activation rows, so [`QLinear`](crate::QLinear) uses these
+//! up to [`DENSE_GEMV_MAX_ROWS`] rows.
+//!
+//! Every path sums in f32 in the same order for every split of the output, so results
+//! do not depend on the thread count; they differ from the scalar reference only by
+//! the order of f32 additions.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::Kernel;
+use super::driver::split_columns;
+use super::error::{Error, Result};
+
+/// Activation rows one pass over the weights serves (more rows take more passes).
+pub const DENSE_TILE_ROWS: usize = 4;
+
+/// Up to this many activation rows, [`QLinear`](crate::QLinear) runs dense weights
+/// through [`dense_gemm`]; beyond it, through candle's packed GEMM.
+pub const DENSE_GEMV_MAX_ROWS: usize = 4;
+
+/// The elements of a dense weight matrix, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum DenseData<'a> {
+    /// 32-bit floats.
+    F32(&'a [f32]),
+    /// IEEE half precision.
+    F16(&'a [f16]),
+    /// bfloat16.
+    BF16(&'a [bf16]),
+}
+
+impl DenseData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            DenseData::F32(v) => v.len(),
+            DenseData::F16(v) => v.len(),
+            DenseData::BF16(v) => v.len(),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn elem_bytes(&self) -> usize {
+        match self {
+            DenseData::F32(_) => 4,
+            DenseData::F16(_) | DenseData::BF16(_) => 2,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            DenseData::F32(_) => "f32",
+            DenseData::F16(_) => "f16",
+            DenseData::BF16(_) => "bf16",
+        }
+    }
+}
+
+/// A row-major `[n_out, k]` dense weight matrix, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct DenseMatrix<'a> {
+    data: DenseData<'a>,
+    n_out: usize,
+    k: usize,
+}
+
+impl<'a> DenseMatrix<'a> {
+    /// A matrix over `data`, which must hold exactly `n_out * k` elements.
+    ///
+    /// # Errors
+    /// [`Error::EmptyDimension`] for a zero dimension, [`Error::LengthMismatch`] when
+    /// the data is not `n_out * k` long, [`Error::Overflow`] when that overflows.
+    pub fn new(data: DenseData<'a>, n_out: usize, k: usize) -> Result<Self> {
+        if n_out == 0 {
+            return Err(Error::EmptyDimension { what: "n_out" });
+        }
+        if k == 0 {
+            return Err(Error::EmptyDimension { what: "k" });
+        }
+        let expected = n_out
+            .checked_mul(k)
+            .ok_or(Error::Overflow { what: "n_out * k" })?;
+        if data.len() != expected {
+            return Err(Error::LengthMismatch {
+                what: "dense weight (n_out * k)",
+                expected,
+                actual: data.len(),
+                unit: "elements",
+            });
+        }
+        Ok(Self { data, n_out, k })
+    }
+
+    /// Output rows.
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Inner dimension.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The element type's name (`f32`, `f16`, `bf16`).
+    pub fn dtype_name(&self) -> &'static str {
+        self.data.name()
+    }
+
+    /// Weight bytes a multiplication reads.
+    pub fn bytes(&self) -> usize {
+        self.n_out * self.k * self.data.elem_bytes()
+    }
+}
+
+/// `y = x · Wᵀ` with the detected kernel: `x` is `m x k`, `y` is `m x n_out`, row-major.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] when `x` or `y` does not match the shapes.
+pub fn dense_gemm(w: DenseMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+    dense_gemm_with(Kernel::detect(), w, x, m, y)
+}
+
+/// `y = x · Wᵀ` with a chosen kernel; [`Error::KernelUnavailable`] if the CPU lacks it.
+///
+/// Runs on the current rayon pool (use `ThreadPool::install` to choose the thread count).
+///
+/// # Errors
+/// As [`dense_gemm`], and [`Error::KernelUnavailable`].
+pub fn dense_gemm_with(
+    kernel: Kernel,
+    w: DenseMatrix<'_>,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    if !kernel.is_available() {
+        return Err(Error::KernelUnavailable { kernel });
+    }
+    if m == 0 {
+        return Err(Error::EmptyDimension { what: "m" });
+    }
+    let check = |what: &'static str, n: usize, actual: usize| -> Result<()> {
+        let expected = m.checked_mul(n).ok_or(Error::Overflow { what })?;
+        if actual != expected {
+            return Err(Error::LengthMismatch {
+                what,
+                expected,
+                actual,
+                unit: "elements",
+            });
+        }
+        Ok(())
+    };
+    check("x (m * k)", w.k, x.len())?;
+    check("y (m * n_out)", w.n_out, y.len())?;
+    let f = range_fn(kernel);
+    split_columns(m, w.n_out, w.k, y, |cols, out, ld| {
+        f(w, x, m, cols, out, ld)
+    });
+    Ok(())
+}
+
+/// Computes `out[r * ld + (c - cols.start)]` for every activation row `r < m` and
+/// output row `c` in `cols`; shapes were checked by [`dense_gemm_with`].
+type DenseRangeFn =
+    fn(w: DenseMatrix<'_>, x: &[f32], m: usize, cols: Range<usize>, out: &mut [f32], ld: usize);
+
+fn range_fn(kernel: Kernel) -> DenseRangeFn {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => simd::range_avx512,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => simd::range_avx2,
+        _ => range_scalar,
+    }
+}
+
+/// The bounds the SIMD paths rely on before they read through raw pointers.
+fn in_bounds(
+    w: &DenseMatrix<'_>,
+    x: &[f32],
+    m: usize,
+    cols: &Range<usize>,
+    out: &[f32],
+    ld: usize,
+) -> bool {
+    let ncols = cols.end.saturating_sub(cols.start);
+    m >= 1
+        && cols.start < cols.end
+        && cols.end <= w.n_out
+        && w.data.len() == w.n_out * w.k
+        && x.len() >= m * w.k
+        && ld >= ncols
+        && out.len() >= (m - 1) * ld + ncols
+}
+
+/// The reference: one f32 dot product per output, in element order.
+fn range_scalar(
+    w: DenseMatrix<'_>,
+    x: &[f32],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let k = w.k;
+    for c in cols.clone() {
+        for (r, xr) in x.chunks_exact(k).take(m).enumerate() {
+            let range = c * k..(c + 1) * k;
+            let dot: f32 = match w.data {
+                DenseData::F32(v) => v
+                    .get(range)
+                    .unwrap_or(&[])
+                    .iter()
+                    .zip(xr)
+                    .map(|(a, b)| a * b)
+                    .sum(),
+                DenseData::F16(v) => v
+                    .get(range)
+                    .unwrap_or(&[])
+                    .iter()
+                    .zip(xr)
+                    .map(|(a, b)| a.to_f32() * b)
+                    .sum(),
+                DenseData::BF16(v) => v
+                    .get(range)
+                    .unwrap_or(&[])
+                    .iter()
+                    .zip(xr)
+                    .map(|(a, b)| a.to_f32() * b)
+                    .sum(),
+            };
+            if let Some(o) = out.get_mut(r * ld + (c - cols.start)) {
+                *o = dot;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::super::Kernel;
+    use super::super::avx2::hsum256;
+    use super::{DENSE_TILE_ROWS, DenseData, DenseMatrix, in_bounds};
+
+    /// Element type ids (const generic parameters).
+    const E_F32: u8 = 0;
+    const E_F16: u8 = 1;
+    const E_BF16: u8 = 2;
+
+    fn parts(w: &DenseMatrix<'_>) -> (u8, *const u8, usize) {
+        match w.data {
+            DenseData::F32(v) => (E_F32, v.as_ptr().cast(), 4),
+            DenseData::F16(v) => (E_F16, v.as_ptr().cast(), 2),
+            DenseData::BF16(v) => (E_BF16, v.as_ptr().cast(), 2),
+        }
+    }
+
+    /// See `DenseRangeFn`. Does nothing (and asserts in debug builds) without AVX2 or
+    /// out of bounds; [`dense_gemm_with`](super::dense_gemm_with) checks both first.
+    pub(super) fn range_avx2(
+        w: DenseMatrix<'_>,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        if !Kernel::Avx2.is_available() || !in_bounds(&w, x, m, &cols, out, ld) {
+            debug_assert!(false, "dense AVX2 kernel without AVX2 or out of bounds");
+            return;
+        }
+        let (e, p, eb) = parts(&w);
+        // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
+        unsafe {
+            match e {
+                E_F32 => avx2_impl::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
+                E_F16 => avx2_impl::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
+                _ => avx2_impl::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
+            }
+        }
+    }
+
+    /// See `DenseRangeFn`, with AVX-512F (the [`Kernel::Avx512Vnni`] machines have it).
+    pub(super) fn range_avx512(
+        w: DenseMatrix<'_>,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        if !Kernel::Avx512Vnni.is_available() || !in_bounds(&w, x, m, &cols, out, ld) {
+            debug_assert!(
+                false,
+                "dense AVX-512 kernel without AVX-512 or out of bounds"
+            );
+            return;
+        }
+        let (e, p, eb) = parts(&w);
+        // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds` holds.
+        unsafe {
+            match e {
+                E_F32 => avx512_impl::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
+                E_F16 => avx512_impl::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
+                _ => avx512_impl::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
+            }
+        }
+    }
+
+    /// Eight weights from `p` as f32.
+    ///
+    /// # Safety
+    /// `p` points to 8 elements of type `E`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8<const E: u8>(p: *const u8) -> __m256 {
+        // SAFETY: the caller vouches for 8 elements at `p`.
+        unsafe {
+            match E {
+                E_F32 => _mm256_loadu_ps(p.cast()),
+                E_F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                    _mm_loadu_si128(p.cast()),
+                ))),
+            }
+        }
+    }
+
+    /// Sixteen weights from `p` as f32.
+    ///
+    /// # Safety
+    /// `p` points to 16 elements of type `E`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16<const E: u8>(p: *const u8) -> __m512 {
+        // SAFETY: the caller vouches for 16 elements at `p`.
+        unsafe {
+            match E {
+                E_F32 => _mm512_loadu_ps(p.cast()),
+                E_F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+                _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256(p.cast()),
+                ))),
+            }
+        }
+    }
+
+    /// One weight element as f32 (the tails shorter than a vector).
+    ///
+    /// # Safety
+    /// `p` points to one element of type `E`.
+    #[inline]
+    unsafe fn load1<const E: u8>(p: *const u8) -> f32 {
+        // SAFETY: the caller vouches for one element at `p`.
+        unsafe {
+            match E {
+                E_F32 => p.cast::<f32>().read_unaligned(),
+                E_F16 => half::f16::from_bits(p.cast::<u16>().read_unaligned()).to_f32(),
+                _ => half::bf16::from_bits(p.cast::<u16>().read_unaligned()).to_f32(),
+            }
+        }
+    }
+
+    /// Dispatches a weight row over the activation rows in tiles of up to
+    /// [`DENSE_TILE_ROWS`]; `$row::<E, MR>(wp, k, xp, ld_x) -> [f32; MR]` computes one.
+    macro_rules! rows_loop {
+        ($row:ident, $E:ident, $p:ident, $eb:ident, $k:ident, $x:ident, $m:ident, $cols:ident, $out:ident, $ld:ident) => {{
+            let xp = $x.as_ptr();
+            for c in $cols.clone() {
+                // SAFETY: c < n_out, so the row lies inside the weight data.
+                let wp = unsafe { $p.add(c * $k * $eb) };
+                let cc = c - $cols.start;
+                let mut r = 0;
+                while r < $m {
+                    let mr = ($m - r).min(DENSE_TILE_ROWS);
+                    // SAFETY: activation rows r..r + mr are below m (x holds m * k).
+                    let xr = unsafe { xp.add(r * $k) };
+                    // SAFETY: as above; the row function reads k elements of each.
+                    unsafe {
+                        match mr {
+                            4 => store(&$row::<$E, 4>(wp, $k, xr), $out, $ld, r, cc),
+                            3 => store(&$row::<$E, 3>(wp, $k, xr), $out, $ld, r, cc),
+                            2 => store(&$row::<$E, 2>(wp, $k, xr), $out, $ld, r, cc),
+                            _ => store(&$row::<$E, 1>(wp, $k, xr), $out, $ld, r, cc),
+                        }
+                    }
+                    r += mr;
+                }
+            }
+        }};
+    }
+
+    #[inline]
+    fn store<const MR: usize>(t: &[f32; MR], out: &mut [f32], ld: usize, r: usize, cc: usize) {
+        for (i, v) in t.iter().enumerate() {
+            if let Some(o) = out.get_mut((r + i) * ld + cc) {
+                *o = *v;
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // the unpacked matrix and the output window
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2_impl<const E: u8>(
+        p: *const u8,
+        eb: usize,
+        k: usize,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        rows_loop!(row_avx2, E, p, eb, k, x, m, cols, out, ld)
+    }
+
+    #[allow(clippy::too_many_arguments)] // the unpacked matrix and the output window
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn avx512_impl<const E: u8>(
+        p: *const u8,
+        eb: usize,
+        k: usize,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        rows_loop!(row_avx512, E, p, eb, k, x, m, cols, out, ld)
+    }
+
+    /// Dot products of one weight row (`k` elements at `w`) with `MR` activation rows
+    /// (`k` apart from `x`): two 8-wide FMA chains per activation row.
+    ///
+    /// # Safety
+    /// `w` points to `k` elements of type `E`; `x` to `MR * k` floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // i indexes the accumulators and the rows
+    unsafe fn row_avx2<const E: u8, const MR: usize>(
+        w: *const u8,
+        k: usize,
+        x: *const f32,
+    ) -> [f32; MR] {
+        let eb = if E == E_F32 { 4 } else { 2 };
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut j = 0;
+        // SAFETY (whole loop): j + 16 <= k, inside the row and each activation row.
+        while j + 16 <= k {
+            let (w0, w1) = unsafe { (load8::<E>(w.add(j * eb)), load8::<E>(w.add((j + 8) * eb))) };
+            for i in 0..MR {
+                let xi = unsafe { x.add(i * k + j) };
+                acc[i][0] = _mm256_fmadd_ps(w0, unsafe { _mm256_loadu_ps(xi) }, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(w1, unsafe { _mm256_loadu_ps(xi.add(8)) }, acc[i][1]);
+            }
+            j += 16;
+        }
+        if j + 8 <= k {
+            // SAFETY: j + 8 <= k.
+            let w0 = unsafe { load8::<E>(w.add(j * eb)) };
+            for i in 0..MR {
+                let xi = unsafe { x.add(i * k + j) };
+                acc[i][0] = _mm256_fmadd_ps(w0, unsafe { _mm256_loadu_ps(xi) }, acc[i][0]);
+            }
+            j += 8;
+        }
+        let mut res = [0.0f32; MR];
+        for i in 0..MR {
+            res[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
+        }
+        while j < k {
+            // SAFETY: j < k.
+            let wj = unsafe { load1::<E>(w.add(j * eb)) };
+            for i in 0..MR {
+                res[i] = wj.mul_add(unsafe { *x.add(i * k + j) }, res[i]);
+            }
+            j += 1;
+        }
+        res
+    }
+
+    /// As [`row_avx2`], with two 16-wide chains per activation row.
+    ///
+    /// # Safety
+    /// As [`row_avx2`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // i indexes the accumulators and the rows
+    unsafe fn row_avx512<const E: u8, const MR: usize>(
+        w: *const u8,
+        k: usize,
+        x: *const f32,
+    ) -> [f32; MR] {
+        let eb = if E == E_F32 { 4 } else { 2 };
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut j = 0;
+        // SAFETY (whole loop): j + 32 <= k, inside the row and each activation row.
+        while j + 32 <= k {
+            let (w0, w1) = unsafe {
+                (
+                    load16::<E>(w.add(j * eb)),
+                    load16::<E>(w.add((j + 16) * eb)),
+                )
+            };
+            for i in 0..MR {
+                let xi = unsafe { x.add(i * k + j) };
+                acc[i][0] = _mm512_fmadd_ps(w0, unsafe { _mm512_loadu_ps(xi) }, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(w1, unsafe { _mm512_loadu_ps(xi.add(16)) }, acc[i][1]);
+            }
+            j += 32;
+        }
+        if j + 16 <= k {
+            // SAFETY: j + 16 <= k.
+            let w0 = unsafe { load16::<E>(w.add(j * eb)) };
+            for i in 0..MR {
+                let xi = unsafe { x.add(i * k + j) };
+                acc[i][0] = _mm512_fmadd_ps(w0, unsafe { _mm512_loadu_ps(xi) }, acc[i][0]);
+            }
+            j += 16;
+        }
+        let mut res = [0.0f32; MR];
+        for i in 0..MR {
+            res[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+        }
+        while j < k {
+            // SAFETY: j < k.
+            let wj = unsafe { load1::<E>(w.add(j * eb)) };
+            for i in 0..MR {
+                res[i] = wj.mul_add(unsafe { *x.add(i * k + j) }, res[i]);
+            }
+            j += 1;
+        }
+        res
+    }
+}
