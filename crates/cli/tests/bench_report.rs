@@ -98,6 +98,11 @@ fn saved_results_and_a_reference_render_one_self_contained_page() {
     assert!(html.contains(">1.05x<"), "{}", s[0]);
     assert!(html.contains(">1.10x<"), "{}", s[0]);
     assert!(html.contains("200.0 ± 3.8 (pp512)"), "{}", s[0]);
+    // The roofline from the int8 result's own fields: 21 GB/s over 150 MB a step is
+    // 140 tok/s, of which 69.3 is 50%; the Q4_1 result (an older file) has none.
+    assert!(s[0].contains(">50% of 140.0<"), "{}", s[0]);
+    assert!(s[0].contains(">int8 avx2, f16 dense avx2<"), "{}", s[0]);
+    assert_eq!(s[0].matches("% of ").count(), 1, "{}", s[0]);
     // int8 has no reference: its bars carry no ratio.
     assert!(!s[0].contains("int8 pp512</text><text"), "{}", s[0]);
     // The memory error and the KV policy's loss against the full cache.

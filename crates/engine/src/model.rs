@@ -220,6 +220,43 @@ impl Model {
         out
     }
 
+    /// The linear layers one forward pass multiplies, by GGUF name: every layer's
+    /// projections and the head (the embedding when tied). An untied embedding is only
+    /// looked up, a row a token, so it is not among them.
+    fn multiplied(&self) -> Vec<(String, &QLinear)> {
+        let tied = self.lm_head.is_none();
+        self.linears()
+            .into_iter()
+            .filter(|(name, _)| tied || name != "token_embd.weight")
+            .collect()
+    }
+
+    /// Weight bytes one decode step reads: every matrix it multiplies, once (see
+    /// [`Model::kernel_paths`]). With the KV cache's bytes, this is what a step's
+    /// speed is held against on the memory-bandwidth roofline.
+    pub fn decode_weight_bytes(&self) -> u64 {
+        self.multiplied().iter().map(|(_, q)| q.bytes()).sum()
+    }
+
+    /// Which kernel multiplies the weights for a pass of `rows` tokens (1: a decode
+    /// step), as `(path, matrices, bytes)` per distinct path, most bytes first; the
+    /// path is [`QLinear::kernel_path`]'s (`q8_0 avx2`, `f16 dense avx2`, ...).
+    pub fn kernel_paths(&self, rows: usize) -> Vec<(String, usize, u64)> {
+        let mut paths: Vec<(String, usize, u64)> = Vec::new();
+        for (_, q) in self.multiplied() {
+            let path = q.kernel_path(rows);
+            match paths.iter_mut().find(|(p, _, _)| *p == path) {
+                Some((_, n, b)) => {
+                    *n += 1;
+                    *b += q.bytes();
+                }
+                None => paths.push((path, 1, q.bytes())),
+            }
+        }
+        paths.sort_by(|a, b| b.2.cmp(&a.2));
+        paths
+    }
+
     /// Every vector (norm weights) by its GGUF name. Biases belong to their
     /// [`QLinear`]; RoPE frequency factors are folded into the RoPE tables.
     pub fn vectors(&self) -> Vec<(String, &Tensor)> {

@@ -352,6 +352,30 @@ impl QLinear {
         }
     }
 
+    /// Which code multiplies this layer's weight by `rows` activation rows, as a
+    /// `bench` output names it: the format, then the kernel (`Q8_0 avx2`, `f16 dense
+    /// avx512vnni`, `f32 candle gemm`, `Q4K candle qmatmul`, `int8 avx2`). The
+    /// integer formats run the AVX2 code on AVX-512 machines, and say so.
+    pub fn kernel_path(&self, rows: usize) -> String {
+        let best = kernels::Kernel::detect();
+        match &self.weight {
+            Weight::Fast(w) => format!("{} {best}", w.dtype()),
+            Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
+                format!("{} dense {best}", w.dtype().as_str())
+            }
+            Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
+            Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
+            Weight::Int(w) => {
+                let k = if best == kernels::Kernel::Avx512Vnni {
+                    kernels::Kernel::Avx2
+                } else {
+                    best
+                };
+                format!("{} {k}", w.format())
+            }
+        }
+    }
+
     /// Bytes the weight and bias keep resident.
     pub fn bytes(&self) -> u64 {
         let weight = match &self.weight {

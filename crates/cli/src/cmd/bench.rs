@@ -19,8 +19,8 @@ use afo_runtime::engine::{LoadedModel, Logits};
 use afo_runtime::guard::ByteSize;
 
 use results::{
-    BatchingPoint, BatchingResult, BenchResult, ImageResult, ImageRow, MemoryResult, MemoryRow,
-    MemoryRun, PrefixResult, SpeedResult,
+    BatchingPoint, BatchingResult, BenchResult, ImageResult, ImageRow, KernelUse, MemoryResult,
+    MemoryRow, MemoryRun, PrefixResult, SpeedResult,
 };
 
 /// What `afo bench` measures.
@@ -64,6 +64,10 @@ pub(crate) struct Args {
     /// Quantize the attention and MLP weights to this scheme while loading.
     #[arg(long)]
     scheme: Option<afo_runtime::quant::QuantScheme>,
+    /// With `--scheme`: the embedding and head's scheme (default: one step more
+    /// precise than `--scheme`, as `afo quantize` does).
+    #[arg(long, requires = "scheme")]
+    embeddings: Option<afo_runtime::quant::QuantScheme>,
     /// `memory`: prompt lengths (tokens) of the runs whose predicted peak is compared
     /// with the measured one.
     #[arg(long, value_delimiter = ',', default_value = "16,128,512,1024,2048")]
@@ -641,6 +645,19 @@ fn speed(
         }
         tg.push(args.generate as f64 / t.elapsed().as_secs_f64());
     }
+    let uses = |rows| {
+        model
+            .kernel_paths(rows)
+            .into_iter()
+            .map(|(path, matrices, bytes)| KernelUse {
+                path,
+                matrices,
+                bytes,
+            })
+            .collect()
+    };
+    // The measured steps read the KV cache at positions 1..=generate: on average half.
+    let kv = model.kv_bytes_per_token() * (args.generate as u64 + 1) / 2;
     Ok(SpeedResult {
         model: model_path.display().to_string(),
         format: args.format(model_path),
@@ -652,7 +669,37 @@ fn speed(
         decode_tok_s: median(tg),
         cold_load_ms,
         warm_acquire_ms,
+        cpu_features: machine::cpu_features(),
+        decode_kernels: uses(1),
+        prefill_kernels: uses(args.prompt),
+        decode_bytes_per_token: model.decode_weight_bytes() + kv,
+        read_bandwidth_gbs: afo_runtime::quant::kernels::measure_read_bandwidth(
+            BANDWIDTH_BUFFER_BYTES,
+            5,
+        ) / 1e9,
     })
+}
+
+/// The buffer the memory bandwidth is measured over: well above any last-level cache.
+const BANDWIDTH_BUFFER_BYTES: usize = 256 << 20;
+
+fn kernel_line(uses: &[KernelUse]) -> String {
+    uses.iter()
+        .map(|u| {
+            format!(
+                "{} ({} {}, {})",
+                u.path,
+                u.matrices,
+                if u.matrices == 1 {
+                    "matrix"
+                } else {
+                    "matrices"
+                },
+                ByteSize(u.bytes)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn print_speed(r: &SpeedResult) -> anyhow::Result<()> {
@@ -665,6 +712,17 @@ fn print_speed(r: &SpeedResult) -> anyhow::Result<()> {
         r.decode_tok_s,
         r.rounds,
         r.threads
+    );
+    out!("cpu: {}", r.cpu_features.join(" "));
+    out!("decode kernels: {}", kernel_line(&r.decode_kernels));
+    out!("prefill kernels: {}", kernel_line(&r.prefill_kernels));
+    out!(
+        "roofline: a decode step reads {} (weights it multiplies + KV at the mean position); \
+         memory reads {:.1} GB/s, so at most {:.1} tok/s: decode is {:.0}% of the roofline",
+        ByteSize(r.decode_bytes_per_token),
+        r.read_bandwidth_gbs,
+        r.roofline_tok_s(),
+        r.roofline_fraction() * 100.0
     );
     Ok(())
 }
@@ -690,7 +748,11 @@ fn measure(args: &Args) -> anyhow::Result<BenchResult> {
     );
     let loaded = match args.scheme {
         Some(s) => {
-            LoadedModel::load_quantized(&model, afo_runtime::quant::QuantPolicy::new(s), |_| {})?
+            let mut policy = afo_runtime::quant::QuantPolicy::new(s);
+            if let Some(e) = args.embeddings {
+                policy = policy.with_edges(e);
+            }
+            LoadedModel::load_quantized(&model, policy, |_| {})?
         }
         None => LoadedModel::load(&model)?,
     };

@@ -58,6 +58,7 @@ mod dense;
 mod driver;
 mod error;
 mod int;
+mod roofline;
 mod scalar;
 
 #[cfg(test)]
@@ -74,6 +75,7 @@ pub use dense::{
 };
 pub use error::{Error, Result};
 pub use int::{INT4_GROUPS, IntFormat, IntWeights, gemm_int, gemm_int_with};
+pub use roofline::measure_read_bandwidth;
 
 /// An implementation of the kernels, by instruction set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

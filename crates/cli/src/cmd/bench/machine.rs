@@ -4,7 +4,7 @@ use super::results::{BenchFile, BenchResult, Machine};
 
 /// Extensions that decide which kernels run, as `/proc/cpuinfo` names them.
 #[cfg(target_arch = "x86_64")]
-fn cpu_features() -> Vec<String> {
+pub(crate) fn cpu_features() -> Vec<String> {
     let detected = [
         ("sse4_2", std::is_x86_feature_detected!("sse4.2")),
         ("avx", std::is_x86_feature_detected!("avx")),
@@ -26,7 +26,7 @@ fn cpu_features() -> Vec<String> {
 }
 
 #[cfg(target_arch = "aarch64")]
-fn cpu_features() -> Vec<String> {
+pub(crate) fn cpu_features() -> Vec<String> {
     let detected = [
         ("neon", std::arch::is_aarch64_feature_detected!("neon")),
         (
@@ -44,7 +44,7 @@ fn cpu_features() -> Vec<String> {
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn cpu_features() -> Vec<String> {
+pub(crate) fn cpu_features() -> Vec<String> {
     Vec::new()
 }
 

@@ -261,6 +261,20 @@ fn speed_section(speed: &[&SpeedResult], reference: Option<(&Path, &[ReferenceTe
             format!("{:.1}", r.decode_tok_s),
             cell(tg),
             r_tg,
+            if r.roofline_tok_s() > 0.0 {
+                format!(
+                    "{:.0}% of {:.1}",
+                    r.roofline_fraction() * 100.0,
+                    r.roofline_tok_s()
+                )
+            } else {
+                "-".into()
+            },
+            r.decode_kernels
+                .iter()
+                .map(|u| u.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             format!("{:.1} ms", r.cold_load_ms),
             format!("{:.4} ms", r.warm_acquire_ms),
             r.threads.clone(),
@@ -296,6 +310,8 @@ fn speed_section(speed: &[&SpeedResult], reference: Option<(&Path, &[ReferenceTe
             "afo decode tok/s",
             "llama.cpp decode tok/s",
             "afo / llama.cpp",
+            "decode of the bandwidth roofline (tok/s)",
+            "decode kernels",
             "cold load",
             "warm re-acquire",
             "threads",

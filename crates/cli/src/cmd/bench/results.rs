@@ -48,6 +48,54 @@ pub(crate) struct SpeedResult {
     pub cold_load_ms: f64,
     /// Re-acquiring the cached model (median).
     pub warm_acquire_ms: f64,
+    /// The CPU features that decide which kernels run (`/proc/cpuinfo` names).
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
+    /// Which kernel multiplies the weights in a decode step, per distinct path.
+    #[serde(default)]
+    pub decode_kernels: Vec<KernelUse>,
+    /// Which kernel multiplies the weights in the prefill, per distinct path.
+    #[serde(default)]
+    pub prefill_kernels: Vec<KernelUse>,
+    /// Bytes one decode step reads: the weights it multiplies and the KV cache at the
+    /// mean position of the measured steps.
+    #[serde(default)]
+    pub decode_bytes_per_token: u64,
+    /// Main-memory read bandwidth measured with the same threads, GB/s (10^9 bytes).
+    #[serde(default)]
+    pub read_bandwidth_gbs: f64,
+}
+
+impl SpeedResult {
+    /// The decode speed memory allows: bandwidth over the bytes a step reads (tok/s);
+    /// 0 when either was not measured.
+    pub(crate) fn roofline_tok_s(&self) -> f64 {
+        if self.decode_bytes_per_token == 0 {
+            return 0.0;
+        }
+        self.read_bandwidth_gbs * 1e9 / self.decode_bytes_per_token as f64
+    }
+
+    /// Decode speed as a fraction of [`roofline_tok_s`](Self::roofline_tok_s).
+    pub(crate) fn roofline_fraction(&self) -> f64 {
+        let roof = self.roofline_tok_s();
+        if roof > 0.0 {
+            self.decode_tok_s / roof
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The weights one kernel path multiplies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct KernelUse {
+    /// Format and kernel (`q8_0 avx2`, `f16 dense avx512vnni`, `f32 candle gemm`).
+    pub path: String,
+    /// Weight matrices.
+    pub matrices: usize,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// Aggregate decode speed of many sequences batched.
