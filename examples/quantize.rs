@@ -2,7 +2,7 @@
 //! `cargo run --example quantize [SCHEME]` (default `int8`; `int4`, `q8_0`, ...).
 //!
 //! The attention and MLP weights are quantized while the file loads (one tensor at a
-//! time), the embedding and head one step more precisely; the export keeps the source
+//! time), the embedding and head at least as precisely; the export keeps the source
 //! file's metadata and tokenizer, so any GGUF reader can open it and the runtime
 //! runs it as stored, without quantizing again. The test model is stored in Q4_1, so
 //! an int8 export is larger than its source and `int4` smaller; from an f16 or f32

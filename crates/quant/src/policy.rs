@@ -69,9 +69,11 @@ impl FromStr for TensorRole {
 /// The scheme per [`TensorRole`].
 ///
 /// [`QuantPolicy::new`] is the default: attention and MLP in the scheme asked for, the
-/// embedding and the head one step more precise (int8 for 4-bit bodies, f16 for 8-bit
-/// ones, the same for dense ones), since they see every token and are where a coarse
-/// grid costs most quality.
+/// embedding and the head at least as precise (int8 for 4-bit and int8 bodies, f16 for
+/// GGML 8-bit ones, the same for dense ones), since they see every token and are where
+/// a coarse grid costs most quality. int8 edges for an int8 body were chosen on the
+/// measured quality and speed (docs/benchmarks.md): within 1% of f32's perplexity, and
+/// the tied head, the largest matrix, read at half the bytes of f16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantPolicy {
     /// Attention projections.
@@ -126,7 +128,11 @@ impl QuantPolicy {
     fn more_precise_than(body: QuantScheme) -> QuantScheme {
         if body.is_dense() {
             body
-        } else if body.bits_per_weight() < 8.0 {
+        } else if body.bits_per_weight() < 8.0 || body == QuantScheme::INT8 {
+            // An int8 body keeps int8 edges: on SmolLM2 (GPL-3, ctx 512) perplexity is
+            // +0.91% of f32 with int8 edges against +0.83% with f16 ones, top-1 the
+            // same (96.4%), and a decode step reads 17% fewer bytes (the tied head is
+            // the largest matrix); docs/benchmarks.md has the table.
             QuantScheme::Int(IntFormat::Int8)
         } else {
             QuantScheme::F16
@@ -177,7 +183,11 @@ mod tests {
         assert_eq!(p.scheme_for(TensorRole::Mlp), int4);
         assert_eq!(p.scheme_for(TensorRole::Embedding), QuantScheme::INT8);
         let p = QuantPolicy::new(QuantScheme::INT8);
-        assert_eq!(p.scheme_for(TensorRole::Head), QuantScheme::F16);
+        assert_eq!(p.scheme_for(TensorRole::Head), QuantScheme::INT8);
+        let q8 = QuantPolicy::new("q8_0".parse().unwrap());
+        assert_eq!(q8.scheme_for(TensorRole::Embedding), QuantScheme::F16);
+        let p = p.with_edges(QuantScheme::F16);
+        assert_eq!(p.scheme_for(TensorRole::Embedding), QuantScheme::F16);
         assert_eq!(
             QuantPolicy::new(QuantScheme::F32),
             QuantPolicy::uniform(QuantScheme::F32)

@@ -92,7 +92,7 @@ pub(crate) enum Command {
             default_value = "f32,f16,int8,int4,int4-g32-asym,int4-g64-asym,q8_0,q4_0"
         )]
         schemes: Vec<QuantScheme>,
-        /// Scheme of the embedding and head (default: one step more precise than each
+        /// Scheme of the embedding and head (default: at least as precise as each
         /// scheme, see `afo quantize`).
         #[arg(long)]
         embeddings: Option<QuantScheme>,
