@@ -253,7 +253,7 @@ impl Model {
                 None => paths.push((path, 1, q.bytes())),
             }
         }
-        paths.sort_by(|a, b| b.2.cmp(&a.2));
+        paths.sort_by_key(|p| std::cmp::Reverse(p.2));
         paths
     }
 
