@@ -435,11 +435,7 @@ impl Model {
         let eps = c.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (q, k, v) = (
-                layer.q.forward(&h)?,
-                layer.k.forward(&h)?,
-                layer.v.forward(&h)?,
-            );
+            let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
             let attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
             x = (x + layer.o.forward(&attn)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
@@ -483,11 +479,7 @@ impl Model {
         let eps = c.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (q, k, v) = (
-                layer.q.forward(&h)?,
-                layer.k.forward(&h)?,
-                layer.v.forward(&h)?,
-            );
+            let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
             let mut rows = Vec::with_capacity(b);
             for (s, (cache, step)) in caches.iter_mut().zip(&mut steps).enumerate() {
                 let row = |t: &Tensor| t.narrow(0, s, 1);
@@ -507,8 +499,7 @@ impl Model {
     /// The MLP block's output for `x` (before the residual).
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.config.rms_norm_eps as f32)?;
-        let g = layer.gate.forward(&h)?;
-        let u = layer.up.forward(&h)?;
+        let [g, u] = QLinear::forward_many([&layer.gate, &layer.up], &h)?;
         Ok(layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)
     }
 

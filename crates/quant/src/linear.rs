@@ -445,6 +445,69 @@ impl QLinear {
         }
     }
 
+    /// Applies several layers to the same `[..., in_features]` input (a decoder
+    /// layer's q, k and v, or gate and up): the same results as calling
+    /// [`QLinear::forward`] on each, but when the input is one row and every weight is
+    /// in a GGML block format, the activations are quantized once and the matrices run
+    /// in one parallel region ([`kernels::gemm_quantized_many`]).
+    ///
+    /// # Errors
+    /// As [`QLinear::forward`].
+    pub fn forward_many<const N: usize>(layers: [&QLinear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        Self::forward_slice(&layers, x)?
+            .try_into()
+            .map_err(|v: Vec<Tensor>| {
+                shape_err(
+                    "forward_many",
+                    format!("{} outputs for {N} layers", v.len()),
+                )
+            })
+    }
+
+    fn forward_slice(layers: &[&QLinear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let dims = x.dims();
+        let k = dims.last().copied();
+        // Every weight in a GGML block format over the input's last dimension.
+        let fused: Option<Vec<&GgmlWeights>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Fast(w) if Some(l.in_features) == k => Some(w),
+                _ => None,
+            })
+            .collect();
+        let one_row = dims
+            .split_last()
+            .is_some_and(|(_, lead)| lead.iter().product::<usize>() == 1);
+        let (Some(weights), Some(k), true, true) = (fused, k, one_row, x.device().is_cpu()) else {
+            return layers.iter().map(|l| l.forward(x)).collect();
+        };
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let acts = QuantizedActs::quantize(&xs, 1, k)?;
+        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.out_features]).collect();
+        let mut items: Vec<(kernels::GgmlMatrix<'_>, &mut [f32])> = weights
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(w, y)| (w.matrix(), y.as_mut_slice()))
+            .collect();
+        kernels::gemm_quantized_many(&mut items, &acts)?;
+        drop(items);
+        layers
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| {
+                let mut out_dims = dims.to_vec();
+                if let Some(last) = out_dims.last_mut() {
+                    *last = l.out_features;
+                }
+                let y = Tensor::from_vec(y, out_dims, x.device())?;
+                match &l.bias {
+                    Some(b) => Ok(y.broadcast_add(b)?),
+                    None => Ok(y),
+                }
+            })
+            .collect()
+    }
+
     /// The rows `ids` of the weight as f32 `[ids.len(), in_features]`: an embedding
     /// lookup that dequantizes only the rows asked for.
     ///
@@ -716,6 +779,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn forward_many_equals_separate_forwards() {
+        let dev = Device::Cpu;
+        let (inp, outs) = (128, [96, 32, 40]);
+        let layers: Vec<QLinear> = outs
+            .iter()
+            .zip([GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0])
+            .enumerate()
+            .map(|(i, (&out, t))| {
+                let w = Tensor::from_vec(data(out * inp, i as u32), (out, inp), &dev).unwrap();
+                let bias = Tensor::from_vec(data(out, 9), out, &dev).unwrap();
+                QLinear::from_qtensor("w", QTensor::quantize(&w, t).unwrap(), Some(bias)).unwrap()
+            })
+            .collect();
+        let refs = [&layers[0], &layers[1], &layers[2]];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for m in [1, 3] {
+            let x = Tensor::from_vec(data(m * inp, 4), (m, inp), &dev).unwrap();
+            let fused = pool.install(|| QLinear::forward_many(refs, &x)).unwrap();
+            assert_eq!(fused.len(), 3);
+            for (l, y) in layers.iter().zip(&fused) {
+                let want: Vec<f32> = l
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(y.dims(), &[m, l.out_features()]);
+                assert_eq!(got, want, "m = {m}");
+            }
+        }
+        // A wrong inner dimension is the same error as a single forward's.
+        let bad = Tensor::zeros((1, 64), DType::F32, &dev).unwrap();
+        assert!(QLinear::forward_many(refs, &bad).is_err());
+        // Mixed with a dense layer: each runs on its own, same results.
+        let dense = QLinear::quantize(
+            "d",
+            &Tensor::from_vec(data(8 * inp, 3), (8, inp), &dev).unwrap(),
+            None,
+            QuantScheme::F32,
+        )
+        .unwrap();
+        let x = Tensor::from_vec(data(inp, 5), (1, inp), &dev).unwrap();
+        let mixed = QLinear::forward_many([&layers[0], &dense], &x).unwrap();
+        let want: Vec<f32> = dense
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            mixed[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want
+        );
     }
 
     #[test]

@@ -118,6 +118,70 @@ pub(super) fn run(
     Ok(())
 }
 
+/// `ys[i] = x · W_iᵀ` for several matrices that read the same single activation row
+/// (q, k and v; gate and up), split across the current rayon pool as one parallel
+/// region instead of one per matrix. Each column is computed by the same code as in
+/// [`run`], so the results equal separate calls exactly.
+pub(super) fn run_many(
+    kernel: Kernel,
+    items: &mut [(GgmlMatrix<'_>, &mut [f32])],
+    acts: &QuantizedActs,
+) -> Result<()> {
+    if !kernel.is_available() {
+        return Err(Error::KernelUnavailable { kernel });
+    }
+    if acts.m() != 1 {
+        for (w, y) in items.iter_mut() {
+            run(kernel, *w, acts, y)?;
+        }
+        return Ok(());
+    }
+    for (w, y) in items.iter() {
+        if acts.k() != w.k() || acts.blocks() != w.blocks_per_row() {
+            return Err(Error::InnerDimensionMismatch {
+                acts_k: acts.k(),
+                weights_k: w.k(),
+                dtype: w.dtype(),
+            });
+        }
+        if y.len() != w.n_out() {
+            return Err(Error::LengthMismatch {
+                what: "y (m * n_out)",
+                expected: w.n_out(),
+                actual: y.len(),
+                unit: "elements",
+            });
+        }
+    }
+    let a = acts.view();
+    let threads = rayon::current_num_threads();
+    let work: usize = items.iter().map(|(w, _)| w.n_out() * w.k()).sum();
+    let mut tasks: Vec<(GgmlMatrix<'_>, RangeFn, usize, &mut [f32])> = Vec::new();
+    for (w, y) in items.iter_mut() {
+        let f = range_fn(kernel, w.dtype());
+        let chunk = if threads <= 1 || work < PAR_MIN_WORK {
+            w.n_out()
+        } else {
+            cols_per_task(w.n_out(), threads)
+        };
+        for (t, yc) in y.chunks_mut(chunk).enumerate() {
+            tasks.push((*w, f, t * chunk, yc));
+        }
+    }
+    if threads <= 1 || work < PAR_MIN_WORK {
+        for (w, f, c0, yc) in tasks {
+            let n = yc.len();
+            f(w, a, 1, c0..c0 + n, yc, n);
+        }
+    } else {
+        tasks.into_par_iter().for_each(|(w, f, c0, yc)| {
+            let n = yc.len();
+            f(w, a, 1, c0..c0 + n, yc, n);
+        });
+    }
+    Ok(())
+}
+
 /// Runs `f(cols, out, ld)`, which fills `out[r * ld + (c - cols.start)]` for every
 /// activation row `r < m` and column `c` in `cols`, over all `n_out` columns of the
 /// row-major `m x n_out` output `y`: in one call when the work (`m * n_out * k`) is

@@ -223,6 +223,21 @@ pub fn gemm_quantized(weights: GgmlMatrix<'_>, acts: &QuantizedActs, y: &mut [f3
     gemm_with(Kernel::detect(), weights, acts, y)
 }
 
+/// `ys[i] = x · W_iᵀ` for several matrices over the same activations (a layer's q, k
+/// and v, or gate and up), with the detected kernel. With one activation row the
+/// matrices' columns are split across the current rayon pool as one parallel region
+/// (one fork and join instead of one per matrix); with more rows each matrix runs as
+/// [`gemm_quantized`]. The results equal separate calls exactly.
+///
+/// # Errors
+/// As [`gemm_with`], for any of the matrices.
+pub fn gemm_quantized_many(
+    items: &mut [(GgmlMatrix<'_>, &mut [f32])],
+    acts: &QuantizedActs,
+) -> Result<()> {
+    driver::run_many(Kernel::detect(), items, acts)
+}
+
 /// `y = x · Wᵀ` with a chosen kernel; [`Error::KernelUnavailable`] if the CPU lacks it.
 ///
 /// Runs on the current rayon pool (use `ThreadPool::install` to choose the thread count).
