@@ -781,6 +781,10 @@ mod tests {
         }
     }
 
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     #[test]
     fn forward_many_equals_separate_forwards() {
         let dev = Device::Cpu;
@@ -805,16 +809,8 @@ mod tests {
             let fused = pool.install(|| QLinear::forward_many(refs, &x)).unwrap();
             assert_eq!(fused.len(), 3);
             for (l, y) in layers.iter().zip(&fused) {
-                let want: Vec<f32> = l
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
                 assert_eq!(y.dims(), &[m, l.out_features()]);
-                assert_eq!(got, want, "m = {m}");
+                assert_eq!(values(y), values(&l.forward(&x).unwrap()), "m = {m}");
             }
         }
         // A wrong inner dimension is the same error as a single forward's.
@@ -830,17 +826,7 @@ mod tests {
         .unwrap();
         let x = Tensor::from_vec(data(inp, 5), (1, inp), &dev).unwrap();
         let mixed = QLinear::forward_many([&layers[0], &dense], &x).unwrap();
-        let want: Vec<f32> = dense
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(
-            mixed[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want
-        );
+        assert_eq!(values(&mixed[1]), values(&dense.forward(&x).unwrap()));
     }
 
     #[test]
