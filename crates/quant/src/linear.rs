@@ -448,8 +448,9 @@ impl QLinear {
     /// Applies several layers to the same `[..., in_features]` input (a decoder
     /// layer's q, k and v, or gate and up): the same results as calling
     /// [`QLinear::forward`] on each, but when the input is one row and every weight is
-    /// in a GGML block format, the activations are quantized once and the matrices run
-    /// in one parallel region ([`kernels::gemm_quantized_many`]).
+    /// in a GGML block format (or every one in an integer format), the activations are
+    /// quantized once and the matrices run in one parallel region
+    /// ([`kernels::gemm_quantized_many`], [`kernels::gemm_int_many`]).
     ///
     /// # Errors
     /// As [`QLinear::forward`].
@@ -467,30 +468,51 @@ impl QLinear {
     fn forward_slice(layers: &[&QLinear], x: &Tensor) -> Result<Vec<Tensor>> {
         let dims = x.dims();
         let k = dims.last().copied();
-        // Every weight in a GGML block format over the input's last dimension.
-        let fused: Option<Vec<&GgmlWeights>> = layers
+        // Every weight in a GGML block format, or every one in an integer format, over
+        // the input's last dimension.
+        let ggml: Option<Vec<&GgmlWeights>> = layers
             .iter()
             .map(|l| match &l.weight {
                 Weight::Fast(w) if Some(l.in_features) == k => Some(w),
                 _ => None,
             })
             .collect();
+        let int: Option<Vec<&IntWeights>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Int(w) if Some(l.in_features) == k => Some(w),
+                _ => None,
+            })
+            .collect();
         let one_row = dims
             .split_last()
             .is_some_and(|(_, lead)| lead.iter().product::<usize>() == 1);
-        let (Some(weights), Some(k), true, true) = (fused, k, one_row, x.device().is_cpu()) else {
+        let (Some(k), true, true, true) = (
+            k,
+            one_row,
+            x.device().is_cpu(),
+            ggml.is_some() || int.is_some(),
+        ) else {
             return layers.iter().map(|l| l.forward(x)).collect();
         };
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let acts = QuantizedActs::quantize(&xs, 1, k)?;
         let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.out_features]).collect();
-        let mut items: Vec<(kernels::GgmlMatrix<'_>, &mut [f32])> = weights
-            .iter()
-            .zip(ys.iter_mut())
-            .map(|(w, y)| (w.matrix(), y.as_mut_slice()))
-            .collect();
-        kernels::gemm_quantized_many(&mut items, &acts)?;
-        drop(items);
+        if let Some(weights) = ggml {
+            let mut items: Vec<(kernels::GgmlMatrix<'_>, &mut [f32])> = weights
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|(w, y)| (w.matrix(), y.as_mut_slice()))
+                .collect();
+            kernels::gemm_quantized_many(&mut items, &acts)?;
+        } else if let Some(weights) = int {
+            let mut items: Vec<(&IntWeights, &mut [f32])> = weights
+                .into_iter()
+                .zip(ys.iter_mut())
+                .map(|(w, y)| (w, y.as_mut_slice()))
+                .collect();
+            kernels::gemm_int_many(&mut items, &acts)?;
+        }
         layers
             .iter()
             .zip(ys)
@@ -811,6 +833,28 @@ mod tests {
             for (l, y) in layers.iter().zip(&fused) {
                 assert_eq!(y.dims(), &[m, l.out_features()]);
                 assert_eq!(values(y), values(&l.forward(&x).unwrap()), "m = {m}");
+            }
+        }
+        // Integer formats: int8 for all three, then int4 groups beside int8 (mixed
+        // formats run one by one), the same results as separate forwards.
+        let x = Tensor::from_vec(data(inp, 6), (1, inp), &dev).unwrap();
+        for schemes in [
+            ["int8", "int8", "int8"],
+            ["int4-g32", "int8", "int4-g32-asym"],
+        ] {
+            let ints: Vec<QLinear> = schemes
+                .iter()
+                .zip(outs)
+                .map(|(name, out)| {
+                    let w = Tensor::from_vec(data(out * inp, 2), (out, inp), &dev).unwrap();
+                    QLinear::quantize("w", &w, None, name.parse().unwrap()).unwrap()
+                })
+                .collect();
+            let fused = pool
+                .install(|| QLinear::forward_many([&ints[0], &ints[1], &ints[2]], &x))
+                .unwrap();
+            for (l, y) in ints.iter().zip(&fused) {
+                assert_eq!(values(y), values(&l.forward(&x).unwrap()), "{schemes:?}");
             }
         }
         // A wrong inner dimension is the same error as a single forward's.

@@ -154,32 +154,57 @@ pub(super) fn run_many(
         }
     }
     let a = acts.view();
+    let tasks = items
+        .iter_mut()
+        .map(|(w, y)| {
+            (
+                (*w, range_fn(kernel, w.dtype())),
+                w.n_out(),
+                w.k(),
+                &mut **y,
+            )
+        })
+        .collect();
+    split_many(tasks, |(w, f), cols, out| {
+        let n = out.len();
+        f(w, a, 1, cols, out, n)
+    });
+    Ok(())
+}
+
+/// One activation row times several matrices as one parallel region: each item is a
+/// matrix, its `n_out` and `k`, and its output; `f(matrix, cols, out)` fills
+/// `out[c - cols.start]` for the columns `cols` of that matrix. Columns are split as
+/// [`split_columns`] splits them (the same chunks, so the same results), or run in
+/// order when the work is small.
+pub(super) fn split_many<W, F>(items: Vec<(W, usize, usize, &mut [f32])>, f: F)
+where
+    W: Copy + Send + Sync,
+    F: Fn(W, Range<usize>, &mut [f32]) + Sync,
+{
     let threads = rayon::current_num_threads();
-    let work: usize = items.iter().map(|(w, _)| w.n_out() * w.k()).sum();
-    let mut tasks: Vec<(GgmlMatrix<'_>, RangeFn, usize, &mut [f32])> = Vec::new();
-    for (w, y) in items.iter_mut() {
-        let f = range_fn(kernel, w.dtype());
-        let chunk = if threads <= 1 || work < PAR_MIN_WORK {
-            w.n_out()
+    let work: usize = items.iter().map(|(_, n, k, _)| n.saturating_mul(*k)).sum();
+    let parallel = threads > 1 && work >= PAR_MIN_WORK;
+    let mut tasks: Vec<(W, usize, &mut [f32])> = Vec::new();
+    for (w, n_out, _, y) in items {
+        let chunk = if parallel && n_out >= 32 {
+            cols_per_task(n_out, threads)
         } else {
-            cols_per_task(w.n_out(), threads)
+            n_out.max(1)
         };
         for (t, yc) in y.chunks_mut(chunk).enumerate() {
-            tasks.push((*w, f, t * chunk, yc));
+            tasks.push((w, t * chunk, yc));
         }
     }
-    if threads <= 1 || work < PAR_MIN_WORK {
-        for (w, f, c0, yc) in tasks {
-            let n = yc.len();
-            f(w, a, 1, c0..c0 + n, yc, n);
-        }
+    let run = |(w, c0, yc): (W, usize, &mut [f32])| {
+        let n = yc.len();
+        f(w, c0..c0 + n, yc)
+    };
+    if parallel {
+        tasks.into_par_iter().for_each(run);
     } else {
-        tasks.into_par_iter().for_each(|(w, f, c0, yc)| {
-            let n = yc.len();
-            f(w, a, 1, c0..c0 + n, yc, n);
-        });
+        tasks.into_iter().for_each(run);
     }
-    Ok(())
 }
 
 /// Runs `f(cols, out, ld)`, which fills `out[r * ld + (c - cols.start)]` for every

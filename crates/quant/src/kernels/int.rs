@@ -496,6 +496,17 @@ pub fn gemm_int(weights: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) -> Re
     gemm_int_with(Kernel::detect(), weights, acts, y)
 }
 
+/// `ys[i] = x · W_iᵀ` for several integer matrices over the same activations (a
+/// layer's q, k and v, or gate and up) with the detected kernel: with one activation
+/// row and one format, one parallel region with the activations laid out once;
+/// otherwise each as [`gemm_int`]. The results equal separate calls exactly.
+///
+/// # Errors
+/// As [`gemm_int`], for any of the matrices.
+pub fn gemm_int_many(items: &mut [(&IntWeights, &mut [f32])], acts: &QuantizedActs) -> Result<()> {
+    driver::run_many(Kernel::detect(), items, acts)
+}
+
 /// `y = x · Wᵀ` for integer weights with a chosen kernel.
 ///
 /// # Errors

@@ -6,7 +6,7 @@ use std::ops::Range;
 use super::super::Kernel;
 use super::super::acts::{ActsView, Line, QuantizedActs};
 use super::super::blocks::BLOCK_ELEMS;
-use super::super::driver::split_columns;
+use super::super::driver::{split_columns, split_many};
 use super::super::error::{Error, Result};
 use super::{IntFormat, IntWeights, scalar};
 
@@ -213,14 +213,26 @@ pub(super) fn run(
         });
     }
     let (f, pairs) = range_fn(kernel, w.format);
-    let view = acts.view();
-    let bufs = if pairs {
-        PairBufs::build(&view, m, w.format.has_mins())
+    let bufs = pair_bufs(acts, pairs, w.format);
+    let a = int_acts(acts, &bufs);
+    split_columns(m, w.n_out, w.k, y, |cols, out, ld| f(w, &a, cols, out, ld));
+    Ok(())
+}
+
+/// The rearranged activations a kernel that reads pairs needs for `format` (none
+/// otherwise).
+fn pair_bufs(acts: &QuantizedActs, pairs: bool, format: IntFormat) -> PairBufs {
+    if pairs {
+        PairBufs::build(&acts.view(), acts.m(), format.has_mins())
     } else {
         PairBufs::default()
-    };
-    let a = IntActs {
-        m,
+    }
+}
+
+fn int_acts<'a>(acts: &'a QuantizedActs, bufs: &'a PairBufs) -> IntActs<'a> {
+    let view = acts.view();
+    IntActs {
+        m: acts.m(),
         nb: acts.blocks(),
         view,
         np: view.stride / 2,
@@ -228,7 +240,55 @@ pub(super) fn run(
         dx: &bufs.dx,
         qs: &bufs.qs,
         ds: &bufs.ds,
+    }
+}
+
+/// As [`run`] for several matrices in the same format over one activation row, as one
+/// parallel region with the activations rearranged once (see
+/// [`split_many`](super::super::driver::split_many)); other cases run each matrix with
+/// [`run`]. The results equal separate calls exactly.
+pub(super) fn run_many(
+    kernel: Kernel,
+    items: &mut [(&IntWeights, &mut [f32])],
+    acts: &QuantizedActs,
+) -> Result<()> {
+    let format = items.first().map(|(w, _)| w.format);
+    let same = items.iter().all(|(w, _)| Some(w.format) == format);
+    let (Some(format), true, 1) = (format, same, acts.m()) else {
+        for (w, y) in items.iter_mut() {
+            run(kernel, w, acts, y)?;
+        }
+        return Ok(());
     };
-    split_columns(m, w.n_out, w.k, y, |cols, out, ld| f(w, &a, cols, out, ld));
+    if !kernel.is_available() {
+        return Err(Error::KernelUnavailable { kernel });
+    }
+    for (w, y) in items.iter() {
+        if acts.k() != w.k {
+            return Err(Error::IntInnerDimensionMismatch {
+                acts_k: acts.k(),
+                weights_k: w.k,
+            });
+        }
+        if y.len() != w.n_out {
+            return Err(Error::LengthMismatch {
+                what: "y (m * n_out)",
+                expected: w.n_out,
+                actual: y.len(),
+                unit: "elements",
+            });
+        }
+    }
+    let (f, pairs) = range_fn(kernel, format);
+    let bufs = pair_bufs(acts, pairs, format);
+    let a = int_acts(acts, &bufs);
+    let tasks = items
+        .iter_mut()
+        .map(|(w, y)| (*w, w.n_out, w.k, &mut **y))
+        .collect();
+    split_many(tasks, |w, cols, out| {
+        let n = out.len();
+        f(w, &a, cols, out, n)
+    });
     Ok(())
 }
