@@ -365,14 +365,7 @@ impl QLinear {
             }
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
-            Weight::Int(w) => {
-                let k = if best == kernels::Kernel::Avx512Vnni {
-                    kernels::Kernel::Avx2
-                } else {
-                    best
-                };
-                format!("{} {k}", w.format())
-            }
+            Weight::Int(w) => format!("{} {}", w.format(), kernels::int_kernel_for(best)),
         }
     }
 
@@ -439,6 +432,11 @@ impl QLinear {
                 Tensor::from_vec(ys, out_dims, x.device())?
             }
         };
+        self.add_bias(y)
+    }
+
+    /// `y` plus the bias, when the layer has one.
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
@@ -521,11 +519,7 @@ impl QLinear {
                 if let Some(last) = out_dims.last_mut() {
                     *last = l.out_features;
                 }
-                let y = Tensor::from_vec(y, out_dims, x.device())?;
-                match &l.bias {
-                    Some(b) => Ok(y.broadcast_add(b)?),
-                    None => Ok(y),
-                }
+                l.add_bias(Tensor::from_vec(y, out_dims, x.device())?)
             })
             .collect()
     }

@@ -81,12 +81,10 @@ fn cols_per_task(n_out: usize, threads: usize) -> usize {
     (n_out / (threads * 8)).clamp(16, 256).next_multiple_of(8)
 }
 
-pub(super) fn run(
-    kernel: Kernel,
-    w: GgmlMatrix<'_>,
-    acts: &QuantizedActs,
-    y: &mut [f32],
-) -> Result<()> {
+/// What [`run`] and [`run_many`] check before any kernel reads: the CPU runs
+/// `kernel`, the activations match the weight's `k` and blocks, and `y` holds
+/// `m * n_out` floats.
+fn check(kernel: Kernel, w: &GgmlMatrix<'_>, acts: &QuantizedActs, y: &[f32]) -> Result<()> {
     if !kernel.is_available() {
         return Err(Error::KernelUnavailable { kernel });
     }
@@ -97,10 +95,9 @@ pub(super) fn run(
             dtype: w.dtype(),
         });
     }
-    let m = acts.m();
-    let n_out = w.n_out();
-    let expected = m
-        .checked_mul(n_out)
+    let expected = acts
+        .m()
+        .checked_mul(w.n_out())
         .ok_or(Error::Overflow { what: "m * n_out" })?;
     if y.len() != expected {
         return Err(Error::LengthMismatch {
@@ -110,6 +107,18 @@ pub(super) fn run(
             unit: "elements",
         });
     }
+    Ok(())
+}
+
+pub(super) fn run(
+    kernel: Kernel,
+    w: GgmlMatrix<'_>,
+    acts: &QuantizedActs,
+    y: &mut [f32],
+) -> Result<()> {
+    check(kernel, &w, acts, y)?;
+    let m = acts.m();
+    let n_out = w.n_out();
     let f = range_fn(kernel, w.dtype());
     let a = acts.view();
     split_columns(m, n_out, w.k(), y, |cols, out, ld| {
@@ -127,9 +136,6 @@ pub(super) fn run_many(
     items: &mut [(GgmlMatrix<'_>, &mut [f32])],
     acts: &QuantizedActs,
 ) -> Result<()> {
-    if !kernel.is_available() {
-        return Err(Error::KernelUnavailable { kernel });
-    }
     if acts.m() != 1 {
         for (w, y) in items.iter_mut() {
             run(kernel, *w, acts, y)?;
@@ -137,21 +143,7 @@ pub(super) fn run_many(
         return Ok(());
     }
     for (w, y) in items.iter() {
-        if acts.k() != w.k() || acts.blocks() != w.blocks_per_row() {
-            return Err(Error::InnerDimensionMismatch {
-                acts_k: acts.k(),
-                weights_k: w.k(),
-                dtype: w.dtype(),
-            });
-        }
-        if y.len() != w.n_out() {
-            return Err(Error::LengthMismatch {
-                what: "y (m * n_out)",
-                expected: w.n_out(),
-                actual: y.len(),
-                unit: "elements",
-            });
-        }
+        check(kernel, w, acts, y)?;
     }
     let a = acts.view();
     let tasks = items

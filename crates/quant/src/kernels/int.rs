@@ -496,6 +496,12 @@ pub fn gemm_int(weights: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) -> Re
     gemm_int_with(Kernel::detect(), weights, acts, y)
 }
 
+/// The kernel that actually runs the integer formats when `kernel` is chosen (they
+/// have no AVX-512 VNNI code: an AVX-512 machine runs their AVX2 code).
+pub fn int_kernel_for(kernel: Kernel) -> Kernel {
+    driver::runs_as(kernel)
+}
+
 /// `ys[i] = x · W_iᵀ` for several integer matrices over the same activations (a
 /// layer's q, k and v, or gate and up) with the detected kernel: with one activation
 /// row and one format, one parallel region with the activations laid out once;

@@ -74,7 +74,9 @@ pub use dense::{
     DENSE_GEMV_MAX_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, dense_gemm, dense_gemm_with,
 };
 pub use error::{Error, Result};
-pub use int::{INT4_GROUPS, IntFormat, IntWeights, gemm_int, gemm_int_many, gemm_int_with};
+pub use int::{
+    INT4_GROUPS, IntFormat, IntWeights, gemm_int, gemm_int_many, gemm_int_with, int_kernel_for,
+};
 pub use roofline::measure_read_bandwidth;
 
 /// An implementation of the kernels, by instruction set.

@@ -174,23 +174,30 @@ fn avx2_fn(format: IntFormat) -> Option<(IntRangeFn, bool)> {
     })
 }
 
+/// The code that runs the integer formats when `kernel` is asked for:
+/// [`Kernel::Avx512Vnni`] runs the AVX2 code (every AVX-512 CPU has AVX2; there is no
+/// VNNI kernel for these formats yet).
+pub(in crate::kernels) fn runs_as(kernel: Kernel) -> Kernel {
+    match kernel {
+        Kernel::Avx512Vnni => Kernel::Avx2,
+        k => k,
+    }
+}
+
 /// The range function of `kernel` for `format`, and whether it reads the rearranged
-/// pairs. [`Kernel::Avx512Vnni`] runs the AVX2 code (every AVX-512 CPU has AVX2).
+/// pairs (see [`runs_as`]).
 fn range_fn(kernel: Kernel, format: IntFormat) -> (IntRangeFn, bool) {
     let scalar: (IntRangeFn, bool) = (scalar::range, false);
-    match kernel {
+    match runs_as(kernel) {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 | Kernel::Avx512Vnni => avx2_fn(format).unwrap_or(scalar),
+        Kernel::Avx2 => avx2_fn(format).unwrap_or(scalar),
         _ => scalar,
     }
 }
 
-pub(super) fn run(
-    kernel: Kernel,
-    w: &IntWeights,
-    acts: &QuantizedActs,
-    y: &mut [f32],
-) -> Result<()> {
+/// What [`run`] and [`run_many`] check before any kernel reads: the CPU runs
+/// `kernel`, the activations match the weight's `k`, and `y` holds `m * n_out` floats.
+fn check(kernel: Kernel, w: &IntWeights, acts: &QuantizedActs, y: &[f32]) -> Result<()> {
     if !kernel.is_available() {
         return Err(Error::KernelUnavailable { kernel });
     }
@@ -200,8 +207,8 @@ pub(super) fn run(
             weights_k: w.k,
         });
     }
-    let m = acts.m();
-    let expected = m
+    let expected = acts
+        .m()
         .checked_mul(w.n_out)
         .ok_or(Error::Overflow { what: "m * n_out" })?;
     if y.len() != expected {
@@ -212,6 +219,17 @@ pub(super) fn run(
             unit: "elements",
         });
     }
+    Ok(())
+}
+
+pub(super) fn run(
+    kernel: Kernel,
+    w: &IntWeights,
+    acts: &QuantizedActs,
+    y: &mut [f32],
+) -> Result<()> {
+    check(kernel, w, acts, y)?;
+    let m = acts.m();
     let (f, pairs) = range_fn(kernel, w.format);
     let bufs = pair_bufs(acts, pairs, w.format);
     let a = int_acts(acts, &bufs);
@@ -260,24 +278,8 @@ pub(super) fn run_many(
         }
         return Ok(());
     };
-    if !kernel.is_available() {
-        return Err(Error::KernelUnavailable { kernel });
-    }
     for (w, y) in items.iter() {
-        if acts.k() != w.k {
-            return Err(Error::IntInnerDimensionMismatch {
-                acts_k: acts.k(),
-                weights_k: w.k,
-            });
-        }
-        if y.len() != w.n_out {
-            return Err(Error::LengthMismatch {
-                what: "y (m * n_out)",
-                expected: w.n_out,
-                actual: y.len(),
-                unit: "elements",
-            });
-        }
+        check(kernel, w, acts, y)?;
     }
     let (f, pairs) = range_fn(kernel, format);
     let bufs = pair_bufs(acts, pairs, format);
