@@ -8,6 +8,8 @@
 //! - Groups `dense_…`: f32, f16 and bf16 weights through our dense kernels
 //!   ([`kernels::dense_gemm_with`]) against candle's matmul of the same tensor (what a
 //!   dense layer ran before), for decode (m = 1) and a batch of 4.
+//! - Groups `prefill_…`: a 512-row prompt through the FFN matrices in every GGML
+//!   format, ours against candle's `QMatMul`; the rate is multiply-adds per second.
 //!
 //! Throughput is the weight bytes read per call (quants, scales, minimums), so
 //! criterion's rate is the effective weight bandwidth of each format. Every timed call
@@ -258,5 +260,56 @@ fn bench_dense(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_kernels, bench_int, bench_dense);
+/// Prefill: a 512-row prompt through the FFN matrices of every GGML format, our
+/// kernels against candle's `QMatMul`. Throughput is multiply-adds (`m x n_out x k`),
+/// so criterion's rate is the kernel's MAC rate.
+fn bench_prefill(c: &mut Criterion) {
+    let t = threads();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .build()
+        .expect("thread pool");
+    let m = 512;
+    for dtype in [WeightDType::Q8_0, WeightDType::Q4_0, WeightDType::Q4_1] {
+        for (k, n_out) in [(576usize, 1536usize), (1536, 576)] {
+            let w = Tensor::from_vec(data(n_out * k, 1), (n_out, k), &Device::Cpu).expect("tensor");
+            let qt = QTensor::quantize(&w, dtype.to_ggml()).expect("quantize");
+            let weights = GgmlWeights::from_qtensor(&qt).expect("weights");
+            let qmm = QMatMul::from_qtensor(qt).expect("qmatmul");
+            let mut group = c.benchmark_group(format!("prefill_{dtype}_k{k}_n{n_out}_m{m}"));
+            group.throughput(Throughput::Elements((m * n_out * k) as u64));
+            group.sample_size(10);
+            let x = data(m * k, 2);
+            let mut y = vec![0.0f32; m * n_out];
+            for kernel in kernels::available_kernels() {
+                if kernel == Kernel::Scalar {
+                    continue;
+                }
+                group.bench_function(BenchmarkId::new(kernel.to_string(), format!("t{t}")), |b| {
+                    b.iter(|| {
+                        pool.install(|| {
+                            let acts = QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
+                            kernels::gemm_with(kernel, weights.matrix(), &acts, &mut y)
+                                .expect("gemm");
+                        });
+                        black_box(&y);
+                    })
+                });
+            }
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
+            group.bench_function(BenchmarkId::new("candle", format!("t{t}")), |b| {
+                b.iter(|| black_box(qmm.forward(black_box(&xt)).expect("forward")))
+            });
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(
+    benches,
+    bench_kernels,
+    bench_int,
+    bench_dense,
+    bench_prefill
+);
 criterion_main!(benches);

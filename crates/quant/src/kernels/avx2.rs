@@ -13,6 +13,7 @@ use super::Kernel;
 use super::acts::ActsView;
 use super::blocks::GgmlMatrix;
 use super::driver::{F_Q4_1, F_Q8_0, check_range, tile_loops};
+use super::packed::{self, PACKED_MIN_ROWS, PANEL};
 
 /// See [`RangeFn`](super::driver::RangeFn). Does nothing (and asserts in debug builds)
 /// if the CPU lacks AVX2 or the bounds do not hold; the driver checks both first.
@@ -41,6 +42,21 @@ unsafe fn range_impl<const F: u8>(
     out: &mut [f32],
     ld: usize,
 ) {
+    if m >= PACKED_MIN_ROWS {
+        // Whole panels through the packed kernel, the last few columns through the
+        // register tiles.
+        let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;
+        if split > cols.start {
+            // SAFETY: as this function's; the columns are a subrange of `cols`.
+            unsafe { packed::range_impl::<F>(w, a, m, cols.start..split, out, ld) };
+        }
+        let rest = split..cols.end;
+        if !rest.is_empty() {
+            let out = &mut out[split - cols.start..];
+            tile_loops!(F, w, a, m, rest, out, ld)
+        }
+        return;
+    }
     tile_loops!(F, w, a, m, cols, out, ld)
 }
 
@@ -69,7 +85,7 @@ pub(super) fn hsum256(v: __m256) -> f32 {
 /// `p` points to a whole block of format `F`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scales<const F: u8>(p: *const u8) -> (f32, f32) {
+pub(super) unsafe fn scales<const F: u8>(p: *const u8) -> (f32, f32) {
     if F == F_Q4_1 {
         // SAFETY: the block starts with two f16 (4 bytes).
         let dm = unsafe { p.cast::<i32>().read_unaligned() };
@@ -90,7 +106,7 @@ unsafe fn scales<const F: u8>(p: *const u8) -> (f32, f32) {
 /// `p` points to a whole block of format `F`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quants<const F: u8>(p: *const u8) -> __m256i {
+pub(super) unsafe fn quants<const F: u8>(p: *const u8) -> __m256i {
     if F == F_Q8_0 {
         // SAFETY: bytes 2..34 of the block are the quants.
         unsafe { _mm256_loadu_si256(p.add(2).cast()) }

@@ -58,6 +58,8 @@ mod dense;
 mod driver;
 mod error;
 mod int;
+#[cfg(target_arch = "x86_64")]
+mod packed;
 mod roofline;
 mod scalar;
 

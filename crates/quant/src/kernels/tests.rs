@@ -156,7 +156,7 @@ fn every_kernel_matches_reference_and_candle() {
                 let w = GgmlWeights::from_qtensor(&qt).unwrap();
                 let wd = w.dequantize().unwrap();
                 let qmm = QMatMul::from_qtensor(qt).unwrap();
-                for m in [1, 2, 3, 5, 8, 17] {
+                for m in [1, 2, 3, 5, 6, 7, 8, 17] {
                     let x = rng.vec(m * k);
                     let refs = reference(&wd, &x, m, n_out, k);
                     let acts = QuantizedActs::quantize(&x, m, k).unwrap();
@@ -208,6 +208,62 @@ fn every_kernel_matches_reference_and_candle() {
         }
     }
     assert!(checked > 100_000);
+}
+
+/// The largest quants a file can hold (Q8_0 -128 and 127, Q4 nibble 15) against
+/// activations at +-127: no 16-bit lane saturates in any kernel, for one row and for
+/// the packed rows of a prompt.
+#[test]
+fn extreme_quants_do_not_saturate() {
+    crate::kernels::report_kernel_coverage("extreme_quants_do_not_saturate");
+    let k = 1536;
+    let n_out = 19;
+    for dtype in WeightDType::ALL {
+        let bb = dtype.block_bytes();
+        let mut bytes = Vec::new();
+        for c in 0..n_out {
+            for b in 0..k / 32 {
+                let mut blk = vec![0u8; bb];
+                blk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+                let q = match dtype {
+                    WeightDType::Q8_0 if (c + b) % 2 == 0 => 0x80, // -128
+                    WeightDType::Q8_0 => 0x7F,
+                    _ => 0xFF, // nibbles 15 and 15
+                };
+                let off = bb - if dtype == WeightDType::Q8_0 { 32 } else { 16 };
+                blk[off..].iter_mut().for_each(|v| *v = q);
+                bytes.extend(blk);
+            }
+        }
+        let w = GgmlWeights::new(dtype, n_out, k, bytes).unwrap();
+        for m in [1, 9] {
+            // Every activation at +-1: quantized to +-127 with scale 1/127.
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| if (i / 32) % 3 == 0 { -1.0 } else { 1.0 })
+                .collect();
+            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+            let mut scalar = vec![0.0f32; m * n_out];
+            gemm_with(Kernel::Scalar, w.matrix(), &acts, &mut scalar).unwrap();
+            let wd = w.dequantize().unwrap();
+            let refs = reference(&wd, &x, m, n_out, k);
+            for (s, (exact, _, mag)) in scalar.iter().zip(&refs) {
+                assert!(
+                    (f64::from(*s) - exact).abs() <= 1e-4 * mag + 1e-3,
+                    "scalar {dtype}: {s} vs {exact}"
+                );
+            }
+            for kernel in available_kernels() {
+                let mut y = vec![f32::NAN; m * n_out];
+                gemm_with(kernel, w.matrix(), &acts, &mut y).unwrap();
+                for (i, (got, s)) in y.iter().zip(&scalar).enumerate() {
+                    assert!(
+                        (got - s).abs() <= 1e-5 * s.abs() + 1e-3,
+                        "{kernel} {dtype} m={m} [{i}]: {got} vs scalar {s}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,232 @@
+//! Packed GEMM for the GGML formats on AVX2, for prompts and batches of at least
+//! [`PACKED_MIN_ROWS`] activation rows.
+//!
+//! Eight weight rows (eight output columns) form a panel. Each call unpacks a panel
+//! once into a small buffer that stays in L1: per block, eight 32-byte vectors, vector
+//! `g` holding elements `4g..4g + 4` of each of the eight rows (row `j` in 32-bit lane
+//! `j`; Q4 nibbles widened to bytes), and the eight rows' scales (and minimums) as one
+//! f32 vector each. The activation rows then stream past the panel: four activation
+//! bytes are broadcast to every lane, so one `vpmaddubsw` (+ `vpmaddwd`) leaves in lane
+//! `j` the partial dot product of weight row `j` — eight output columns per
+//! instruction, no horizontal sums — and a block's scales apply as one vector FMA per
+//! activation row. Q4 products of a block are summed in 16 bits (at most
+//! `16 x 15 x 127 = 30,480`, no saturation) and widened once per block; Q8_0 uses the
+//! sign trick of the tile kernel and widens every group (a pair sum may reach
+//! 32,512). Four activation rows share each weight vector loaded.
+//!
+//! Scratch: `blocks_per_row x (256 + 64)` bytes per task (the panel's quants, scales
+//! and minimums; 15 KiB for `k = 1536`), reused for every panel of the task.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::acts::ActsView;
+use super::avx2::{quants, scales};
+use super::blocks::GgmlMatrix;
+use super::driver::F_Q8_0;
+
+/// Output columns per panel (one 32-bit lane each).
+pub(super) const PANEL: usize = 8;
+
+/// Activation rows from which the packed kernel runs instead of the register tiles:
+/// unpacking a panel costs about what one activation row's products cost, and from
+/// four rows on the packed kernel is faster (measured by the `prefill_` and
+/// `Q8_0_…_m64` benches).
+pub(super) const PACKED_MIN_ROWS: usize = 4;
+
+/// Activation rows that share each weight vector loaded.
+const MR: usize = 4;
+
+/// One panel, unpacked.
+struct Panel {
+    /// `nb x 8` vectors: block `b`, group `g` at `b * 8 + g`.
+    q: Vec<__m256i>,
+    /// `nb` vectors of the eight rows' scales.
+    d: Vec<__m256>,
+    /// `nb` vectors of the eight rows' minimums (Q4_1 `m`, Q4_0 `-8 d`; unused for Q8_0).
+    min: Vec<__m256>,
+}
+
+/// Computes the columns `cols` (a multiple of [`PANEL`] long) for every activation row
+/// `r < m`, into `out[r * ld + (c - cols.start)]`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and [`check_range`](super::driver::check_range)
+/// holds for these arguments.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn range_impl<const F: u8>(
+    w: GgmlMatrix<'_>,
+    a: ActsView<'_>,
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let nb = w.blocks_per_row();
+    let mut panel = Panel {
+        q: vec![_mm256_setzero_si256(); nb * 8],
+        d: vec![_mm256_setzero_ps(); nb],
+        min: vec![_mm256_setzero_ps(); nb],
+    };
+    let mut c = cols.start;
+    while c + PANEL <= cols.end {
+        // SAFETY: rows c..c + 8 are below n_out (checked by the caller).
+        unsafe { pack::<F>(&w, c, &mut panel) };
+        let cc = c - cols.start;
+        let mut r = 0;
+        while r < m {
+            // SAFETY: activation rows r..r + mr are below m (checked by the caller),
+            // and the output rows hold columns cc..cc + 8 (`ld >= cols.len()`).
+            unsafe {
+                match m - r {
+                    1 => rows::<F, 1>(&panel, &a, r, nb, out, ld, cc),
+                    2 => rows::<F, 2>(&panel, &a, r, nb, out, ld, cc),
+                    3 => rows::<F, 3>(&panel, &a, r, nb, out, ld, cc),
+                    _ => rows::<F, MR>(&panel, &a, r, nb, out, ld, cc),
+                }
+            }
+            r += MR;
+        }
+        c += PANEL;
+    }
+}
+
+/// Unpacks weight rows `c..c + 8` into `panel`.
+///
+/// # Safety
+/// Rows `c..c + 8` exist in `w`, and `panel` was sized for `w.blocks_per_row()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack<const F: u8>(w: &GgmlMatrix<'_>, c: usize, panel: &mut Panel) {
+    let rb = w.row_bytes();
+    let bb = w.dtype().block_bytes();
+    let base = w.bytes().as_ptr();
+    for b in 0..w.blocks_per_row() {
+        let mut v = [_mm256_setzero_si256(); PANEL];
+        let mut d = [0.0f32; PANEL];
+        let mut mn = [0.0f32; PANEL];
+        for j in 0..PANEL {
+            // SAFETY: block b of row c + j lies inside the weight bytes (caller).
+            unsafe {
+                let p = base.add((c + j) * rb + b * bb);
+                (d[j], mn[j]) = scales::<F>(p);
+                v[j] = quants::<F>(p);
+            }
+        }
+        let g = transpose8(v);
+        panel.q[b * 8..b * 8 + 8].copy_from_slice(&g);
+        // SAFETY: both arrays hold eight floats.
+        unsafe {
+            panel.d[b] = _mm256_loadu_ps(d.as_ptr());
+            panel.min[b] = _mm256_loadu_ps(mn.as_ptr());
+        }
+    }
+}
+
+/// Transposes an 8 x 8 matrix of 32-bit lanes: lane `j` of result `g` is lane `g` of
+/// input `j`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+    let s0 = _mm256_unpacklo_epi64(t0, t2);
+    let s1 = _mm256_unpackhi_epi64(t0, t2);
+    let s2 = _mm256_unpacklo_epi64(t1, t3);
+    let s3 = _mm256_unpackhi_epi64(t1, t3);
+    let s4 = _mm256_unpacklo_epi64(t4, t6);
+    let s5 = _mm256_unpackhi_epi64(t4, t6);
+    let s6 = _mm256_unpacklo_epi64(t5, t7);
+    let s7 = _mm256_unpackhi_epi64(t5, t7);
+    [
+        _mm256_permute2x128_si256::<0x20>(s0, s4),
+        _mm256_permute2x128_si256::<0x20>(s1, s5),
+        _mm256_permute2x128_si256::<0x20>(s2, s6),
+        _mm256_permute2x128_si256::<0x20>(s3, s7),
+        _mm256_permute2x128_si256::<0x31>(s0, s4),
+        _mm256_permute2x128_si256::<0x31>(s1, s5),
+        _mm256_permute2x128_si256::<0x31>(s2, s6),
+        _mm256_permute2x128_si256::<0x31>(s3, s7),
+    ]
+}
+
+/// Activation rows `r0..r0 + R` against the panel: eight columns each, written at
+/// `out[(r0 + i) * ld + cc..][..8]`.
+///
+/// # Safety
+/// Rows `r0..r0 + R` of `a` exist with at least `nb` blocks, the panel holds `nb`
+/// blocks, and `out` holds `(r0 + R - 1) * ld + cc + 8` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // i indexes several arrays at once
+unsafe fn rows<const F: u8, const R: usize>(
+    panel: &Panel,
+    a: &ActsView<'_>,
+    r0: usize,
+    nb: usize,
+    out: &mut [f32],
+    ld: usize,
+    cc: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let dptr = a.d.as_ptr();
+    let dsptr = a.ds.as_ptr();
+    let q = panel.q.as_ptr();
+    for b in 0..nb {
+        let mut s = [_mm256_setzero_si256(); R];
+        let mut x = [std::ptr::null::<i8>(); R];
+        for i in 0..R {
+            x[i] = a.block_ptr(r0 + i, b);
+        }
+        for g in 0..8 {
+            // SAFETY: the panel holds nb * 8 vectors.
+            let wv = unsafe { _mm256_load_si256(q.add(b * 8 + g)) };
+            let wa = if F == F_Q8_0 { _mm256_abs_epi8(wv) } else { wv };
+            for i in 0..R {
+                // SAFETY: block b of row r0 + i holds 32 bytes; 4g + 4 <= 32.
+                let xb =
+                    _mm256_set1_epi32(unsafe { x[i].add(4 * g).cast::<i32>().read_unaligned() });
+                if F == F_Q8_0 {
+                    let p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xb, wv));
+                    s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(p16, ones));
+                } else {
+                    s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(wv, xb));
+                }
+            }
+        }
+        let dw = panel.d[b];
+        let mw = panel.min[b];
+        for i in 0..R {
+            let idx = (r0 + i) * a.stride + b;
+            // SAFETY: the scales hold `stride` entries per row (checked by the caller).
+            let (dx, dsx) = unsafe { (*dptr.add(idx), *dsptr.add(idx)) };
+            let s32 = if F == F_Q8_0 {
+                s[i]
+            } else {
+                _mm256_madd_epi16(s[i], ones)
+            };
+            acc[i] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(s32),
+                _mm256_mul_ps(dw, _mm256_set1_ps(dx)),
+                acc[i],
+            );
+            if F != F_Q8_0 {
+                acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dsx), acc[i]);
+            }
+        }
+    }
+    for i in 0..R {
+        let at = (r0 + i) * ld + cc;
+        if let Some(dst) = out.get_mut(at..at + PANEL) {
+            // SAFETY: dst holds eight floats.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc[i]) };
+        }
+    }
+}
