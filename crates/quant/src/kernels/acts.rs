@@ -156,7 +156,18 @@ impl QuantizedActs {
     }
 }
 
-impl ActsView<'_> {
+impl<'a> ActsView<'a> {
+    /// The rows from `r0` on (empty past the end).
+    pub(crate) fn rows_from(&self, r0: usize) -> ActsView<'a> {
+        let at = r0 * self.stride;
+        ActsView {
+            lines: self.lines.get(at / 2..).unwrap_or(&[]),
+            d: self.d.get(at..).unwrap_or(&[]),
+            ds: self.ds.get(at..).unwrap_or(&[]),
+            stride: self.stride,
+        }
+    }
+
     /// The quants of block `b` of row `row` .
     #[inline]
     pub(crate) fn block(&self, row: usize, b: usize) -> &[i8; BLOCK_ELEMS] {

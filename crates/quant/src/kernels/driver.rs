@@ -121,10 +121,49 @@ pub(super) fn run(
     let n_out = w.n_out();
     let f = range_fn(kernel, w.dtype());
     let a = acts.view();
+    let threads = rayon::current_num_threads();
+    if m >= ROW_SPLIT_MIN_ROWS && threads > 1 {
+        // A prompt: blocks of whole output rows per task, written in place (no
+        // scratch to copy back); each task reads every weight row once.
+        let mut parts = Vec::new();
+        let mut rest = y;
+        for rows in row_blocks(m, threads * 2) {
+            let (head, tail) = rest.split_at_mut(rows.len() * n_out);
+            parts.push((rows, head));
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(|(rows, out)| {
+            f(w, a.rows_from(rows.start), rows.len(), 0..n_out, out, n_out)
+        });
+        return Ok(());
+    }
     split_columns(m, n_out, w.k(), y, |cols, out, ld| {
         f(w, a, m, cols, out, ld)
     });
     Ok(())
+}
+
+/// Activation rows from which a GGML product splits its output rows (not columns)
+/// across threads.
+const ROW_SPLIT_MIN_ROWS: usize = 64;
+
+/// `m` rows cut into about `parts` contiguous blocks, each a multiple of four rows
+/// except the last, and none shorter than four rows (what decides the kernel path for
+/// a block: [`super::packed`] from four rows on, so every row is computed by the same
+/// code whatever the thread count).
+fn row_blocks(m: usize, parts: usize) -> Vec<Range<usize>> {
+    let size = m.div_ceil(parts.max(1)).next_multiple_of(4).max(4);
+    let mut blocks: Vec<Range<usize>> = Vec::new();
+    let mut r = 0;
+    while r < m {
+        let end = (r + size).min(m);
+        match blocks.last_mut() {
+            Some(last) if end - r < 4 => last.end = end,
+            _ => blocks.push(r..end),
+        }
+        r = end;
+    }
+    blocks
 }
 
 /// `ys[i] = x · W_iᵀ` for several matrices that read the same single activation row
@@ -339,3 +378,24 @@ pub(super) use tile_loops;
 /// streams the weights in order, which measured fastest for matrices read from memory
 /// (the LM head: 2.4 ms against 4.7 ms with four interleaved rows, one thread).
 pub(super) const DECODE_NR: usize = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::row_blocks;
+
+    #[test]
+    fn row_blocks_cover_every_row_once_in_blocks_of_four_or_more() {
+        for m in 1..300 {
+            for parts in [1, 2, 3, 4, 8, 16] {
+                let blocks = row_blocks(m, parts);
+                let mut next = 0;
+                for b in &blocks {
+                    assert_eq!(b.start, next, "m={m} parts={parts}: {blocks:?}");
+                    assert!(b.len() >= 4.min(m), "m={m} parts={parts}: {blocks:?}");
+                    next = b.end;
+                }
+                assert_eq!(next, m, "m={m} parts={parts}");
+            }
+        }
+    }
+}

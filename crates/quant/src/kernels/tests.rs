@@ -266,6 +266,46 @@ fn extreme_quants_do_not_saturate() {
     }
 }
 
+/// Decode, batches and prompts (where output rows, not columns, are split across
+/// threads) give the same bits on one, two or three threads, and a prompt's rows equal
+/// the same rows computed in a smaller batch through the same kernel path.
+#[test]
+fn ggml_results_do_not_depend_on_the_thread_count() {
+    crate::kernels::report_kernel_coverage("ggml_results_do_not_depend_on_the_thread_count");
+    let (n_out, k) = (203, 576);
+    let mut rng = Rng(7);
+    for dtype in WeightDType::ALL {
+        let w = GgmlWeights::from_qtensor(&qtensor(dtype, n_out, k, 11)).unwrap();
+        for m in [1, 5, 64, 67, 130] {
+            let x = rng.vec(m * k);
+            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+            for kernel in available_kernels() {
+                let run = |threads| {
+                    let mut y = vec![f32::NAN; m * n_out];
+                    pool(threads)
+                        .install(|| gemm_with(kernel, w.matrix(), &acts, &mut y))
+                        .unwrap();
+                    y
+                };
+                let one = run(1);
+                for threads in [2, 3] {
+                    assert!(
+                        one.iter().zip(run(threads)).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{kernel} {dtype} m={m}: {threads} threads differ from one"
+                    );
+                }
+                if m >= 64 {
+                    // Rows 4..12 as a batch of their own take the same path.
+                    let part = QuantizedActs::quantize(&x[4 * k..12 * k], 8, k).unwrap();
+                    let mut y = vec![f32::NAN; 8 * n_out];
+                    gemm_with(kernel, w.matrix(), &part, &mut y).unwrap();
+                    assert_eq!(y, one[4 * n_out..12 * n_out], "{kernel} {dtype} m={m}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn gemm_entry_points_agree() {
     let (n_out, k, m) = (70, 576, 3);
