@@ -1159,7 +1159,14 @@ mod row_consistency {
                     .zip(want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                assert!(diff < 1e-3, "{t:?} row {i}: {diff}");
+                // A batch runs the packed kernel, one row the streaming one: the same
+                // integer products, summed in another order, so they may differ by
+                // f32 rounding (a few ulps of the largest output), nothing more.
+                let largest = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                assert!(
+                    diff <= 4e-6 * largest.max(1.0),
+                    "{t:?} row {i}: {diff} (largest {largest})"
+                );
             }
         }
     }

@@ -113,10 +113,22 @@ pub(super) unsafe fn quants<const F: u8>(p: *const u8) -> __m256i {
     } else {
         let off = if F == F_Q4_1 { 4 } else { 2 };
         // SAFETY: the 16 nibble bytes follow the header.
-        let raw = unsafe { _mm_loadu_si128(p.add(off).cast()) };
-        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        unsafe { nibbles(p.add(off)) }
     }
+}
+
+/// The 32 nibbles of the 16 bytes at `p` as bytes: the low nibbles first (elements
+/// `0..16` of a block), then the high nibbles (elements `16..32`).
+///
+/// # Safety
+/// `p` points to 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the caller's.
+    let raw = unsafe { _mm_loadu_si128(p.cast()) };
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
 /// Dot products of `MR` activation rows (from `r0`) with `NR` weight rows (from `w`,

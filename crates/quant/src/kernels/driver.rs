@@ -121,10 +121,26 @@ pub(super) fn run(
     let n_out = w.n_out();
     let f = range_fn(kernel, w.dtype());
     let a = acts.view();
+    split_rows_or_columns(m, n_out, w.k(), y, |rows, cols, out, ld| {
+        f(w, a.rows_from(rows.start), rows.len(), cols, out, ld)
+    });
+    Ok(())
+}
+
+/// Runs `f(rows, cols, out, ld)`, which fills `out[(r - rows.start) * ld + (c -
+/// cols.start)]` for every activation row `r` in `rows` and column `c` in `cols`, over
+/// the row-major `m x n_out` output `y`. A prompt (at least [`ROW_SPLIT_MIN_ROWS`]
+/// rows, several threads) is cut into blocks of whole output rows written in place,
+/// each reading every weight row once ([`row_blocks`]: at least four rows each, so
+/// every row takes the same kernel path whatever the thread count); fewer rows split
+/// the columns ([`split_columns`]).
+pub(super) fn split_rows_or_columns<F>(m: usize, n_out: usize, k: usize, y: &mut [f32], f: F)
+where
+    F: Fn(Range<usize>, Range<usize>, &mut [f32], usize) + Sync,
+{
     let threads = rayon::current_num_threads();
-    if m >= ROW_SPLIT_MIN_ROWS && threads > 1 {
-        // A prompt: blocks of whole output rows per task, written in place (no
-        // scratch to copy back); each task reads every weight row once.
+    let work = m.saturating_mul(n_out).saturating_mul(k);
+    if m >= ROW_SPLIT_MIN_ROWS && threads > 1 && work >= PAR_MIN_WORK {
         let mut parts = Vec::new();
         let mut rest = y;
         for rows in row_blocks(m, threads * 2) {
@@ -132,19 +148,16 @@ pub(super) fn run(
             parts.push((rows, head));
             rest = tail;
         }
-        parts.into_par_iter().for_each(|(rows, out)| {
-            f(w, a.rows_from(rows.start), rows.len(), 0..n_out, out, n_out)
-        });
-        return Ok(());
+        parts
+            .into_par_iter()
+            .for_each(|(rows, out)| f(rows, 0..n_out, out, n_out));
+        return;
     }
-    split_columns(m, n_out, w.k(), y, |cols, out, ld| {
-        f(w, a, m, cols, out, ld)
-    });
-    Ok(())
+    split_columns(m, n_out, k, y, |cols, out, ld| f(0..m, cols, out, ld));
 }
 
-/// Activation rows from which a GGML product splits its output rows (not columns)
-/// across threads.
+/// Activation rows from which a product splits its output rows (not columns) across
+/// threads.
 const ROW_SPLIT_MIN_ROWS: usize = 64;
 
 /// `m` rows cut into about `parts` contiguous blocks, each a multiple of four rows

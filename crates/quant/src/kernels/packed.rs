@@ -37,8 +37,8 @@ pub(super) const PACKED_MIN_ROWS: usize = 4;
 /// Activation rows that share each weight vector loaded.
 const MR: usize = 4;
 
-/// One panel, unpacked.
-struct Panel {
+/// One panel, unpacked: what every format's packing fills and [`run_panels`] reads.
+pub(super) struct Panel {
     /// `nb x 8` vectors: block `b`, group `g` at `b * 8 + g`.
     q: Vec<__m256i>,
     /// `nb` vectors of the eight rows' scales.
@@ -47,12 +47,88 @@ struct Panel {
     min: Vec<__m256>,
 }
 
-/// Computes the columns `cols` (a multiple of [`PANEL`] long) for every activation row
-/// `r < m`, into `out[r * ld + (c - cols.start)]`.
+impl Panel {
+    /// Sets block `b` from the eight rows' quants (`v[j]`: the 32 elements of row `j`
+    /// in order, as bytes), scales and minimums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn set(
+        &mut self,
+        b: usize,
+        v: [__m256i; PANEL],
+        d: &[f32; PANEL],
+        min: &[f32; PANEL],
+    ) {
+        let g = transpose8(v);
+        if let (Some(q), Some(dv), Some(mv)) = (
+            self.q.get_mut(b * 8..b * 8 + 8),
+            self.d.get_mut(b),
+            self.min.get_mut(b),
+        ) {
+            q.copy_from_slice(&g);
+            // SAFETY: both arrays hold eight floats.
+            unsafe {
+                *dv = _mm256_loadu_ps(d.as_ptr());
+                *mv = _mm256_loadu_ps(min.as_ptr());
+            }
+        }
+    }
+}
+
+/// Computes the columns `cols` for every activation row `r < m`, into
+/// `out[r * ld + (c - cols.start)]`, for whole panels only (the caller computes the
+/// columns past the last multiple of [`PANEL`]). `pack(c, panel)` fills the panel's
+/// `nb` blocks with weight rows `c..c + 8`. `F` chooses the arithmetic: [`F_Q8_0`]
+/// for signed 8-bit quants without minimums, any other for 4-bit quants (0..=15) with
+/// minimums.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C, and [`check_range`](super::driver::check_range)
-/// holds for these arguments.
+/// The CPU has AVX2, FMA and F16C; activation rows `0..m` of `a` exist with at least
+/// `nb` blocks each; `out` holds `(m - 1) * ld + cols.len()` floats; `pack` fills
+/// every block of the panel.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn run_panels<const F: u8>(
+    nb: usize,
+    mut pack: impl FnMut(usize, &mut Panel),
+    a: &ActsView<'_>,
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let mut panel = Panel {
+        q: vec![_mm256_setzero_si256(); nb * 8],
+        d: vec![_mm256_setzero_ps(); nb],
+        min: vec![_mm256_setzero_ps(); nb],
+    };
+    let mut c = cols.start;
+    while c + PANEL <= cols.end {
+        pack(c, &mut panel);
+        let cc = c - cols.start;
+        let mut r = 0;
+        while r < m {
+            // SAFETY: activation rows r..r + mr are below m, and the output rows hold
+            // columns cc..cc + 8 (the caller's bounds).
+            unsafe {
+                match m - r {
+                    1 => rows::<F, 1>(&panel, a, r, nb, out, ld, cc),
+                    2 => rows::<F, 2>(&panel, a, r, nb, out, ld, cc),
+                    3 => rows::<F, 3>(&panel, a, r, nb, out, ld, cc),
+                    _ => rows::<F, MR>(&panel, a, r, nb, out, ld, cc),
+                }
+            }
+            r += MR;
+        }
+        c += PANEL;
+    }
+}
+
+/// [`run_panels`] for a GGML matrix.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, [`check_range`](super::driver::check_range) holds
+/// for these arguments, and `cols` is a multiple of [`PANEL`] long.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn range_impl<const F: u8>(
     w: GgmlMatrix<'_>,
@@ -63,64 +139,28 @@ pub(super) unsafe fn range_impl<const F: u8>(
     ld: usize,
 ) {
     let nb = w.blocks_per_row();
-    let mut panel = Panel {
-        q: vec![_mm256_setzero_si256(); nb * 8],
-        d: vec![_mm256_setzero_ps(); nb],
-        min: vec![_mm256_setzero_ps(); nb],
-    };
-    let mut c = cols.start;
-    while c + PANEL <= cols.end {
-        // SAFETY: rows c..c + 8 are below n_out (checked by the caller).
-        unsafe { pack::<F>(&w, c, &mut panel) };
-        let cc = c - cols.start;
-        let mut r = 0;
-        while r < m {
-            // SAFETY: activation rows r..r + mr are below m (checked by the caller),
-            // and the output rows hold columns cc..cc + 8 (`ld >= cols.len()`).
-            unsafe {
-                match m - r {
-                    1 => rows::<F, 1>(&panel, &a, r, nb, out, ld, cc),
-                    2 => rows::<F, 2>(&panel, &a, r, nb, out, ld, cc),
-                    3 => rows::<F, 3>(&panel, &a, r, nb, out, ld, cc),
-                    _ => rows::<F, MR>(&panel, &a, r, nb, out, ld, cc),
-                }
-            }
-            r += MR;
-        }
-        c += PANEL;
-    }
-}
-
-/// Unpacks weight rows `c..c + 8` into `panel`.
-///
-/// # Safety
-/// Rows `c..c + 8` exist in `w`, and `panel` was sized for `w.blocks_per_row()`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack<const F: u8>(w: &GgmlMatrix<'_>, c: usize, panel: &mut Panel) {
     let rb = w.row_bytes();
     let bb = w.dtype().block_bytes();
     let base = w.bytes().as_ptr();
-    for b in 0..w.blocks_per_row() {
-        let mut v = [_mm256_setzero_si256(); PANEL];
-        let mut d = [0.0f32; PANEL];
-        let mut mn = [0.0f32; PANEL];
-        for j in 0..PANEL {
-            // SAFETY: block b of row c + j lies inside the weight bytes (caller).
-            unsafe {
-                let p = base.add((c + j) * rb + b * bb);
-                (d[j], mn[j]) = scales::<F>(p);
-                v[j] = quants::<F>(p);
+    let pack = |c: usize, panel: &mut Panel| {
+        for b in 0..nb {
+            let mut v = [_mm256_setzero_si256(); PANEL];
+            let mut d = [0.0f32; PANEL];
+            let mut mn = [0.0f32; PANEL];
+            for j in 0..PANEL {
+                // SAFETY: block b of row c + j lies inside the weight bytes (the rows
+                // of `cols` are below n_out, checked by the caller).
+                unsafe {
+                    let p = base.add((c + j) * rb + b * bb);
+                    (d[j], mn[j]) = scales::<F>(p);
+                    v[j] = quants::<F>(p);
+                }
             }
+            panel.set(b, v, &d, &mn);
         }
-        let g = transpose8(v);
-        panel.q[b * 8..b * 8 + 8].copy_from_slice(&g);
-        // SAFETY: both arrays hold eight floats.
-        unsafe {
-            panel.d[b] = _mm256_loadu_ps(d.as_ptr());
-            panel.min[b] = _mm256_loadu_ps(mn.as_ptr());
-        }
-    }
+    };
+    // SAFETY: the caller's bounds; `pack` fills every block.
+    unsafe { run_panels::<F>(nb, pack, &a, m, cols, out, ld) }
 }
 
 /// Transposes an 8 x 8 matrix of 32-bit lanes: lane `j` of result `g` is lane `g` of

@@ -290,7 +290,9 @@ fn ggml_results_do_not_depend_on_the_thread_count() {
                 let one = run(1);
                 for threads in [2, 3] {
                     assert!(
-                        one.iter().zip(run(threads)).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        one.iter()
+                            .zip(run(threads))
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
                         "{kernel} {dtype} m={m}: {threads} threads differ from one"
                     );
                 }

@@ -33,8 +33,11 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::super::Kernel;
-use super::super::avx2::hsum256;
+use super::super::avx2::{self as ggml_avx2, hsum256};
+use super::super::blocks::BLOCK_ELEMS;
 use super::super::driver::store;
+use super::super::driver::{F_Q4_1, F_Q8_0};
+use super::super::packed::{PACKED_MIN_ROWS, PANEL, Panel, run_panels};
 use super::IntWeights;
 use super::driver::{I4_ASYM, I4_SYM, I8, IntActs, check_range, format_is};
 
@@ -79,6 +82,95 @@ pub(super) fn range<const F: u8, const G: usize>(
 /// As [`range`] after its checks.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn range_impl<const F: u8, const G: usize>(
+    w: &IntWeights,
+    a: &IntActs<'_>,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    if a.m >= PACKED_MIN_ROWS {
+        // Whole panels through the packed kernel, the last few columns through the
+        // register tiles below.
+        let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;
+        if split > cols.start {
+            // SAFETY: as this function's; the columns are a subrange of `cols`.
+            unsafe { packed::<F>(w, a, cols.start..split, out, ld) };
+        }
+        if split == cols.end {
+            return;
+        }
+        let out = &mut out[split - cols.start..];
+        // SAFETY: as this function's, for the remaining columns.
+        return unsafe { tiles::<F, G>(w, a, split..cols.end, out, ld) };
+    }
+    // SAFETY: as this function's.
+    unsafe { tiles::<F, G>(w, a, cols, out, ld) }
+}
+
+/// The packed kernel ([`packed::run_panels`]) over the columns `cols`, a multiple of
+/// [`PANEL`] long: int8 as signed quants with the row's scale for every block, int4
+/// as nibbles with each block's group scale and minimum (`-8 x scale` when symmetric).
+///
+/// # Safety
+/// As [`range`] after its checks, and `cols` is a multiple of [`PANEL`] long.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn packed<const F: u8>(
+    w: &IntWeights,
+    a: &IntActs<'_>,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let (k, nb) = (w.k, a.nb);
+    let rb = w.format.quant_bytes_per_row(k);
+    let groups = w.format.groups_per_row(k);
+    let blocks_per_group = (k / groups.max(1) / BLOCK_ELEMS).max(1);
+    let base = w.quants.as_ptr();
+    let pack = |c: usize, panel: &mut Panel| {
+        for b in 0..nb {
+            let mut v = [_mm256_setzero_si256(); PANEL];
+            let mut d = [0.0f32; PANEL];
+            let mut mn = [0.0f32; PANEL];
+            for j in 0..PANEL {
+                let row = c + j;
+                // SAFETY: rows of `cols` are below n_out and block b below k / 32
+                // (checked by the caller), so the quants read lie inside the row.
+                unsafe {
+                    if F == I8 {
+                        v[j] = _mm256_loadu_si256(base.add(row * rb + b * BLOCK_ELEMS).cast());
+                        d[j] = *w.scales.as_ptr().add(row);
+                    } else {
+                        v[j] = ggml_avx2::nibbles(base.add(row * rb + b * BLOCK_ELEMS / 2));
+                        let g = row * groups + b / blocks_per_group;
+                        d[j] = *w.scales.as_ptr().add(g);
+                        mn[j] = if F == I4_ASYM {
+                            *w.mins.as_ptr().add(g)
+                        } else {
+                            -8.0 * d[j]
+                        };
+                    }
+                }
+            }
+            panel.set(b, v, &d, &mn);
+        }
+    };
+    // SAFETY: the caller's bounds; `pack` fills every block. Int8 takes the signed
+    // arithmetic of Q8_0, int4 that of the 4-bit formats with minimums.
+    unsafe {
+        if F == I8 {
+            run_panels::<F_Q8_0>(nb, pack, &a.view, a.m, cols, out, ld)
+        } else {
+            run_panels::<F_Q4_1>(nb, pack, &a.view, a.m, cols, out, ld)
+        }
+    }
+}
+
+/// The register tiles and the decode loops (see the module docs).
+///
+/// # Safety
+/// As [`range`] after its checks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tiles<const F: u8, const G: usize>(
     w: &IntWeights,
     a: &IntActs<'_>,
     cols: Range<usize>,

@@ -6,7 +6,7 @@ use std::ops::Range;
 use super::super::Kernel;
 use super::super::acts::{ActsView, Line, QuantizedActs};
 use super::super::blocks::BLOCK_ELEMS;
-use super::super::driver::{split_columns, split_many};
+use super::super::driver::{split_many, split_rows_or_columns};
 use super::super::error::{Error, Result};
 use super::{IntFormat, IntWeights, scalar};
 
@@ -44,6 +44,22 @@ pub(super) struct IntActs<'a> {
     pub(super) qs: &'a [[i32; 8]],
     /// `[ds0, 0, 0, 0, ds1, 0, 0, 0]` per pair (asymmetric int4).
     pub(super) ds: &'a [[f32; 8]],
+}
+
+impl<'a> IntActs<'a> {
+    /// The activation rows `rows` (a range inside `0..m`) on their own.
+    fn rows(&self, rows: Range<usize>) -> IntActs<'a> {
+        let at = rows.start * self.np;
+        IntActs {
+            m: rows.len(),
+            view: self.view.rows_from(rows.start),
+            pairs: self.pairs.get(at..).unwrap_or(&[]),
+            dx: self.dx.get(at..).unwrap_or(&[]),
+            qs: self.qs.get(at..).unwrap_or(&[]),
+            ds: self.ds.get(at..).unwrap_or(&[]),
+            ..*self
+        }
+    }
 }
 
 /// Owner of the rearranged activations of [`IntActs`].
@@ -233,7 +249,9 @@ pub(super) fn run(
     let (f, pairs) = range_fn(kernel, w.format);
     let bufs = pair_bufs(acts, pairs, w.format);
     let a = int_acts(acts, &bufs);
-    split_columns(m, w.n_out, w.k, y, |cols, out, ld| f(w, &a, cols, out, ld));
+    split_rows_or_columns(m, w.n_out, w.k, y, |rows, cols, out, ld| {
+        f(w, &a.rows(rows), cols, out, ld)
+    });
     Ok(())
 }
 

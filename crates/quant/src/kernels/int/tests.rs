@@ -368,12 +368,15 @@ fn thread_count_does_not_change_results() {
     let (one, two) = (pool(1), pool(2));
     let mut rng = Rng(5);
     // Large enough to be split (m * n_out * k >= 2^18, n_out >= 32), with an odd
-    // n_out and, for m > 1, a partial last tile of rows.
+    // n_out and, for m > 1, a partial last tile of rows; m = 67 splits rows, not
+    // columns, with columns past the last packed panel.
     for (m, n_out, k) in [
         (1, 257, 4096 + 128),
         (1, 1000, 384),
         (6, 257, 384),
         (17, 99, 256),
+        // A prompt: output rows split across threads, blocks with a partial tile.
+        (67, 45, 384),
     ] {
         let x = rng.vec(m * k, 0.0);
         let acts = QuantizedActs::quantize(&x, m, k).unwrap();
