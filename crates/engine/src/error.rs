@@ -136,6 +136,14 @@ pub enum Error {
         /// The shape found.
         got: Vec<usize>,
     },
+    /// The fused attention kernel cannot read one of its inputs.
+    #[error("attention: the {tensor} {reason}")]
+    AttentionInput {
+        /// Which input: `queries`, `keys`, `values` or `window`.
+        tensor: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A linear layer failed.
     #[error(transparent)]
     Quant(#[from] afo_quant::Error),

@@ -547,7 +547,19 @@ impl Model {
             )
         };
         let (k_all, v_all) = cache.append(i, &k, &v)?;
+        if seq.fused && q.dtype() == DType::F32 && k_all.dtype() == DType::F32 {
+            return crate::attention::causal_attention(&q, &k_all, &v_all, seq.window);
+        }
         let len = k_all.dim(2)?;
+        if seq.fused && seq.mask.is_none() && (t > 1 || len > seq.window) {
+            // The step expected the fused kernel and built no mask.
+            seq.mask = Some(causal_mask(
+                t,
+                len.saturating_sub(t),
+                seq.window,
+                &self.device,
+            )?);
+        }
         // Grouped-query attention without copying keys: the n_rep query heads of
         // each kv head are stacked as rows of one matrix.
         let q = q.reshape((1, c.num_kv_heads, n_rep * t, c.head_dim))?;
@@ -634,7 +646,15 @@ struct SeqStep {
     t: usize,
     cos: Tensor,
     sin: Tensor,
+    /// The additive mask of the materialised path (`None` when nothing is masked, and
+    /// for fused steps).
     mask: Option<Tensor>,
+    /// Query `i` at key index `p = len - t + i` sees key `j` iff `j <= p` and
+    /// `p - j < window` (`usize::MAX`: no window).
+    window: usize,
+    /// Whether attention runs in the fused kernel ([`crate::attention`]): f32 caches
+    /// on the CPU whose policy does not observe the attention weights.
+    fused: bool,
     observe: bool,
 }
 
@@ -647,23 +667,30 @@ impl SeqStep {
         let pos = cache.position();
         let held = cache.len();
         let (cos, sin) = model.rope.tables(pos, t, &model.device)?;
-        let mask = if held == pos {
+        let observe = cache.config().policy.needs_attention();
+        let fused = !observe && cache.config().dtype == DType::F32 && model.device.is_cpu();
+        let (window, mask) = if held == pos {
             let window = c.sliding_window.unwrap_or(usize::MAX);
-            (t > 1 || pos + t > window)
+            let masked = !fused && (t > 1 || pos + t > window);
+            let mask = masked
                 .then(|| causal_mask(t, pos, window, &model.device))
-                .transpose()?
+                .transpose()?;
+            (window, mask)
         } else {
             // Pruned: every held key is in the past of every new token.
-            (t > 1)
+            let mask = (!fused && t > 1)
                 .then(|| causal_mask(t, held, usize::MAX, &model.device))
-                .transpose()?
+                .transpose()?;
+            (usize::MAX, mask)
         };
         Ok(Self {
             t,
             cos,
             sin,
             mask,
-            observe: cache.config().policy.needs_attention(),
+            window,
+            fused,
+            observe,
         })
     }
 }
@@ -938,6 +965,32 @@ mod tests {
             m.forward_batch(&next[..2], &mut caches.iter_mut().collect::<Vec<_>>())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_fused_kernel_matches_the_materialised_path() {
+        // A policy that observes attention runs the materialised path; with a budget
+        // the sequence never reaches it prunes nothing, so both see the same keys.
+        let m = testing::model(0.5);
+        let ids = testing::tokens(37);
+        let h2o = PrunePolicy::HeavyHitters {
+            budget: 64,
+            recent: 8,
+        };
+        let mut fused = m.new_cache(64);
+        let mut materialised = m.new_pruned_cache(64, Some(64), h2o);
+        for chunk in [&ids[..29], &ids[29..30], &ids[30..]] {
+            let run = |cache: &mut KvCache| {
+                m.forward(chunk, cache, Logits::All)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let (a, b) = (run(&mut fused), run(&mut materialised));
+            assert!(max_diff(&a, &b) < 1e-4, "{}", max_diff(&a, &b));
+        }
     }
 
     #[test]

@@ -1,0 +1,1208 @@
+//! Fused causal attention on the CPU (flash-attention style): the decoder's
+//! `softmax(q k^T * scale + mask) v` without materialising the score matrix.
+//!
+//! # Inputs and semantics
+//!
+//! `q` is `[1, heads, t, head_dim]`, `k` and `v` are `[1, kv_heads, len, head_dim]`, all
+//! f32 on the CPU. They are read in place through their layouts (start offset, head
+//! and row strides; the last dimension must be contiguous), so the KV cache's narrowed
+//! views of its larger buffers are never copied. Query head `h` reads kv head
+//! `h / n_rep` (`n_rep = heads / kv_heads`, grouped-query attention). Query row `i`
+//! stands at key index `p = len - t + i` and sees key `j` iff `j <= p` and
+//! `p - j < window` (`usize::MAX`: no window). The scores are `(q . k) * s` with
+//! `s = 1 / sqrt(head_dim)` rounded to f32, as candle's `affine` rounds it. The
+//! result is `[t, heads * head_dim]`, row `i` the concatenation of the heads.
+//!
+//! # Algorithm
+//!
+//! Online softmax. The work is split into tasks, one per kv head and block of query
+//! positions: a block holds `B = max(1, TASK_ROWS / n_rep)` positions, so a task has
+//! `R = n_rep * min(t, B)` query rows (every query head of the kv head at every
+//! position of the block, position-major), and the keys and values it reads serve all
+//! of them. A task walks the keys that any of its rows can see (from the window's
+//! start for its first position to its last position: fully masked key chunks are
+//! never visited) in chunks of [`KEY_CHUNK`]. For each group of four query rows:
+//!
+//! 1. a micro-kernel computes the scores of the columns the group sees: as a small
+//!    GEMM against the chunk's keys, which are transposed once per chunk into scratch
+//!    and shared by all the task's rows (prefill), or, for tasks of at most
+//!    `DIRECT_ROWS` (8) rows (decode: `n_rep` rows), as dot products with the key rows
+//!    read in place;
+//! 2. each row scales its visible scores, keeps a running maximum `m` and sum `l`,
+//!    turns the scores into `exp(score - m)` (a vectorised Cephes `exp` in the AVX2
+//!    path, `f32::exp` in the portable one) and rescales its accumulator and sum by
+//!    `exp(m_old - m)` when the maximum grows; the columns a row does not see get
+//!    probability 0;
+//! 3. a second micro-kernel adds the probabilities times the value rows (read in
+//!    place) to the group's accumulators.
+//!
+//! At the end each row is divided by its sum, and the tasks' rows are copied into the
+//! output.
+//!
+//! The micro-kernels exist twice: AVX2 + FMA intrinsics, chosen at run time, and
+//! portable Rust. Tasks run on the rayon pool (on the calling thread when the work is
+//! small); each task's arithmetic is sequential and does not depend on which thread
+//! runs it, so the result does not depend on the number of threads.
+//!
+//! # Memory
+//!
+//! With `R` as above, `hd = head_dim` and `C =` [`KEY_CHUNK`] (64), a task allocates
+//!
+//! ```text
+//! scratch_bytes(R) = 4 * (2 * R * hd + 2 * R + 4 * C + (R > 8 ? hd * C : 0))
+//! ```
+//!
+//! its query rows and accumulator (`R * hd` each), the running maxima and sums (`R`
+//! each), one group's scores (`4 * C`) and, for tasks of more than 8 rows, the
+//! transposed key chunk (`hd * C`). At most one task per thread runs at a time. The
+//! accumulator of each finished task (`4 * R * hd` bytes) is kept until all tasks are
+//! done and then copied into the output tensor, so a call holds at most
+//!
+//! ```text
+//! threads * scratch_bytes(R) + 2 * 4 * t * heads * hd
+//! ```
+//!
+//! bytes (the second term: the tasks' results and the output). Nothing grows with
+//! `len`. For SmolLM2-135M (`n_rep` 3, `hd` 64, so `B` 21): prefill `R` 63, 50,168
+//! bytes per task; decode `R` 3, 2,584 bytes per task. The materialised path held at
+//! least `4 * heads * t * len` bytes of scores per layer (9.4 MB for a 512-token
+//! prefill), several copies of it.
+
+use std::ops::Range;
+
+use candle_core::{DType, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Query rows a task aims for: a block holds `max(1, TASK_ROWS / n_rep)` query
+/// positions.
+pub(crate) const TASK_ROWS: usize = 64;
+/// Keys per step of the online softmax (a multiple of [`COLS`]).
+pub(crate) const KEY_CHUNK: usize = 64;
+/// Query rows per micro-kernel call.
+const GROUP: usize = 4;
+/// Tasks with at most this many query rows (decode: `n_rep` rows) compute scores as
+/// dot products with the key rows in place; larger ones transpose each key chunk once
+/// and share it between their rows.
+const DIRECT_ROWS: usize = 8;
+/// Score columns per micro-kernel step (two AVX2 vectors).
+const COLS: usize = 16;
+/// Below this many multiply-adds (`heads * t * len * head_dim`), the tasks run on the
+/// calling thread.
+const PARALLEL_WORK: usize = 1 << 15;
+
+/// Which micro-kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// Plain Rust, for any CPU.
+    Portable,
+    /// AVX2 and FMA intrinsics (x86-64).
+    Avx2,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub(crate) fn best() -> Self {
+        if Self::Avx2.is_available() {
+            Self::Avx2
+        } else {
+            Self::Portable
+        }
+    }
+
+    /// Whether this CPU runs the kernel.
+    pub(crate) fn is_available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Avx2 => false,
+        }
+    }
+}
+
+/// Causal (optionally sliding-window) grouped-query attention of `q` over `k` and `v`;
+/// see the [module docs](self) for the shapes and the semantics. Returns
+/// `[t, heads * head_dim]`.
+///
+/// # Errors
+/// [`Error::TensorShape`] for shapes that do not fit together, and
+/// [`Error::AttentionInput`] for a tensor that is not f32 on the CPU, a layout whose
+/// last dimension is not contiguous or that reaches past its storage, or a window of
+/// 0.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: usize,
+) -> Result<Tensor> {
+    attention_with(q, k, v, window, Kernel::best())
+}
+
+/// The sizes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n_rep: usize,
+    t: usize,
+    len: usize,
+    head_dim: usize,
+    window: usize,
+    scale: f32,
+    /// Query positions per task.
+    block: usize,
+}
+
+/// [`causal_attention`] with a chosen kernel (the portable one when `kernel` is not
+/// available).
+pub(crate) fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: usize,
+    kernel: Kernel,
+) -> Result<Tensor> {
+    let kernel = if kernel.is_available() {
+        kernel
+    } else {
+        Kernel::Portable
+    };
+    let (heads, t, head_dim) = match *q.dims() {
+        [1, heads, t, d] => (heads, t, d),
+        _ => return Err(shape_error("attention queries", q, &[1, 0, 0, 0])),
+    };
+    let (kv_heads, len) = match *k.dims() {
+        [1, kv, len, d] if d == head_dim => (kv, len),
+        _ => return Err(shape_error("attention keys", k, &[1, 0, 0, head_dim])),
+    };
+    if v.dims() != k.dims() {
+        return Err(shape_error("attention values", v, k.dims()));
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 || t == 0 || t > len || head_dim == 0 {
+        return Err(input_error(
+            "queries",
+            format!(
+                "{:?} do not fit keys {:?}: the query heads must be a non-zero multiple \
+                 of the kv heads, and the queries (at least one) at most the keys",
+                q.dims(),
+                k.dims()
+            ),
+        ));
+    }
+    if window == 0 {
+        return Err(input_error(
+            "window",
+            "is 0: every query must see at least its own key".to_string(),
+        ));
+    }
+    let n_rep = heads / kv_heads;
+    let dims = Dims {
+        n_rep,
+        t,
+        len,
+        head_dim,
+        window,
+        scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+        block: (TASK_ROWS / n_rep).max(1),
+    };
+
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let qv = View::new(
+        "queries",
+        cpu_f32("queries", q.dtype(), &q_storage)?,
+        q_layout,
+    )?;
+    let kv = View::new("keys", cpu_f32("keys", k.dtype(), &k_storage)?, k_layout)?;
+    let vv = View::new(
+        "values",
+        cpu_f32("values", v.dtype(), &v_storage)?,
+        v_layout,
+    )?;
+
+    let blocks = t.div_ceil(dims.block);
+    let tasks: Vec<(usize, usize)> = (0..kv_heads)
+        .flat_map(|g| (0..blocks).map(move |b| (g, b)))
+        .collect();
+    let run = |&(g, b): &(usize, usize)| run_task(&dims, &qv, &kv, &vv, g, b, kernel);
+    let work = heads
+        .saturating_mul(t)
+        .saturating_mul(len)
+        .saturating_mul(head_dim);
+    let results: Vec<Vec<f32>> = if tasks.len() > 1 && work >= PARALLEL_WORK {
+        tasks.par_iter().map(run).collect()
+    } else {
+        tasks.iter().map(run).collect()
+    };
+
+    let width = heads * head_dim;
+    let mut out = vec![0.0f32; t * width];
+    for (&(g, b), acc) in tasks.iter().zip(&results) {
+        let i0 = b * dims.block;
+        let rows = acc.chunks_exact(head_dim);
+        for (r, src) in rows.enumerate() {
+            let i = i0 + r / n_rep;
+            let h = g * n_rep + r % n_rep;
+            let at = i * width + h * head_dim;
+            if let Some(dst) = out.get_mut(at..at + head_dim) {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (t, width), q.device())?)
+}
+
+fn shape_error(name: &str, got: &Tensor, expected: &[usize]) -> Error {
+    Error::TensorShape {
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        got: got.dims().to_vec(),
+    }
+}
+
+fn input_error(tensor: &'static str, reason: String) -> Error {
+    Error::AttentionInput { tensor, reason }
+}
+
+/// The f32 elements of a CPU tensor's storage.
+fn cpu_f32<'a>(name: &'static str, dtype: DType, storage: &'a Storage) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) if dtype == DType::F32 => Ok(cpu.as_slice::<f32>()?),
+        Storage::Cpu(_) => Err(input_error(
+            name,
+            format!("are {dtype:?}, the kernel reads f32"),
+        )),
+        _ => Err(input_error(name, "are not on the CPU device".to_string())),
+    }
+}
+
+/// A `[1, heads, rows, head_dim]` tensor read in place.
+#[derive(Debug, Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    start: usize,
+    head_stride: usize,
+    row_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// Checks that every element the layout addresses lies in `data`, and that rows
+    /// are contiguous.
+    fn new(name: &'static str, data: &'a [f32], layout: &Layout) -> Result<Self> {
+        let (dims, stride) = (layout.dims(), layout.stride());
+        let (&[_, heads, rows, hd], &[_, hs, rs, es]) = (dims, stride) else {
+            return Err(input_error(
+                name,
+                format!("have {} dimensions, expected 4", dims.len()),
+            ));
+        };
+        if es != 1 && hd > 1 {
+            return Err(input_error(
+                name,
+                format!("have element stride {es}: rows must be contiguous"),
+            ));
+        }
+        let start = layout.start_offset();
+        let end = heads
+            .checked_sub(1)
+            .and_then(|h| h.checked_mul(hs))
+            .zip(rows.checked_sub(1).and_then(|r| r.checked_mul(rs)))
+            .and_then(|(a, b)| a.checked_add(b))
+            .and_then(|x| x.checked_add(start))
+            .and_then(|x| x.checked_add(hd));
+        match end {
+            Some(end) if end <= data.len() => Ok(Self {
+                data,
+                start,
+                head_stride: hs,
+                row_stride: rs,
+            }),
+            _ => Err(input_error(
+                name,
+                format!(
+                    "have a layout (start {start}, dims {dims:?}, strides {stride:?}) that \
+                     reaches past the end of their storage ({} elements)",
+                    data.len()
+                ),
+            )),
+        }
+    }
+
+    /// The elements from head `h`'s first row on (rows `row_stride` apart).
+    fn head(&self, h: usize) -> &'a [f32] {
+        self.data
+            .get(self.start + h * self.head_stride..)
+            .unwrap_or_default()
+    }
+}
+
+/// The keys of a chunk starting at key `c0` with `n` keys that the query at key index
+/// `p` sees, relative to `c0` (empty when none).
+fn visible(p: usize, c0: usize, n: usize, window: usize) -> Range<usize> {
+    let a = (p + 1).saturating_sub(window).max(c0) - c0;
+    let b = (p + 1).min(c0 + n).saturating_sub(c0);
+    a.min(b)..b
+}
+
+/// One task: query positions of block `b` for every query head of kv head `g`.
+/// Returns the task's output rows, position-major (`[positions, n_rep, head_dim]`).
+fn run_task(
+    d: &Dims,
+    q: &View<'_>,
+    k: &View<'_>,
+    v: &View<'_>,
+    g: usize,
+    b: usize,
+    kernel: Kernel,
+) -> Vec<f32> {
+    let hd = d.head_dim;
+    let i0 = b * d.block;
+    let i1 = (i0 + d.block).min(d.t);
+    let rows = (i1 - i0) * d.n_rep;
+    let mut qs = Vec::with_capacity(rows * hd);
+    for i in i0..i1 {
+        for h in g * d.n_rep..(g + 1) * d.n_rep {
+            let head = q.head(h);
+            if let Some(row) = head.get(i * q.row_stride..i * q.row_stride + hd) {
+                qs.extend_from_slice(row);
+            }
+        }
+    }
+    let mut acc = vec![0.0f32; rows * hd];
+    if qs.len() != rows * hd {
+        return acc; // Unreachable: `View::new` checked the layout.
+    }
+    let past = d.len - d.t;
+    let position = |r: usize| past + i0 + r / d.n_rep;
+    let lo = (position(0) + 1).saturating_sub(d.window);
+    let hi = past + i1;
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut sum = vec![0.0f32; rows];
+    let direct = rows <= DIRECT_ROWS;
+    let mut kt = vec![0.0f32; if direct { 0 } else { hd * KEY_CHUNK }];
+    let mut s = vec![0.0f32; GROUP * KEY_CHUNK];
+    let (kh, vh) = (k.head(g), v.head(g));
+    let (krs, vrs) = (k.row_stride, v.row_stride);
+
+    let mut c0 = lo;
+    while c0 < hi {
+        let n = (hi - c0).min(KEY_CHUNK);
+        if !direct {
+            for c in 0..n {
+                let at = (c0 + c) * krs;
+                if let Some(row) = kh.get(at..at + hd) {
+                    for (dd, x) in row.iter().enumerate() {
+                        kt[dd * KEY_CHUNK + c] = *x;
+                    }
+                }
+            }
+        }
+        let (Some(kchunk), Some(vchunk)) = (kh.get(c0 * krs..), vh.get(c0 * vrs..)) else {
+            break; // Unreachable: `View::new` checked the layout.
+        };
+        for r0 in (0..rows).step_by(GROUP) {
+            let nr = GROUP.min(rows - r0);
+            let ranges: [Range<usize>; GROUP] =
+                std::array::from_fn(|j| visible(position(r0 + j.min(nr - 1)), c0, n, d.window));
+            let cols = ranges[..nr].iter().filter(|r| !r.is_empty()).fold(
+                None,
+                |u: Option<Range<usize>>, r| {
+                    Some(u.map_or(r.clone(), |u| u.start.min(r.start)..u.end.max(r.end)))
+                },
+            );
+            let Some(cols) = cols else { continue };
+            let qg = &qs[r0 * hd..(r0 + nr) * hd];
+            if direct {
+                scores_direct(kernel, qg, hd, kchunk, krs, &mut s, nr, cols.clone());
+            } else {
+                let padded = cols.start / COLS * COLS..cols.end.div_ceil(COLS) * COLS;
+                scores(kernel, qg, hd, &kt, &mut s, nr, padded);
+            }
+            for (j, range) in ranges[..nr].iter().enumerate() {
+                let r = r0 + j;
+                let srow = &mut s[j * KEY_CHUNK..(j + 1) * KEY_CHUNK];
+                let arow = &mut acc[r * hd..(r + 1) * hd];
+                if range.is_empty() {
+                    srow[cols.clone()].fill(0.0);
+                    continue;
+                }
+                let (m, total) = softmax_step(kernel, &mut srow[range.clone()], d.scale, max[r]);
+                let alpha = (max[r] - m).exp();
+                srow[cols.start..range.start].fill(0.0);
+                srow[range.end..cols.end].fill(0.0);
+                sum[r] = sum[r] * alpha + total;
+                max[r] = m;
+                if alpha != 1.0 {
+                    arow.iter_mut().for_each(|a| *a *= alpha);
+                }
+            }
+            let ag = &mut acc[r0 * hd..(r0 + nr) * hd];
+            accumulate(kernel, &s, vchunk, vrs, ag, nr, hd, cols);
+        }
+        c0 += n;
+    }
+    for (row, l) in acc.chunks_exact_mut(hd).zip(&sum) {
+        row.iter_mut().for_each(|a| *a /= l);
+    }
+    acc
+}
+
+/// `s[r][c] = q[r] . kt[.][c]` for the `nr` rows of `q` (`[nr, hd]`) and the columns
+/// `cols` (multiples of [`COLS`]) of the transposed key chunk `kt` (`[hd, KEY_CHUNK]`);
+/// `s` is `[GROUP, KEY_CHUNK]`.
+fn scores(
+    kernel: Kernel,
+    q: &[f32],
+    hd: usize,
+    kt: &[f32],
+    s: &mut [f32],
+    nr: usize,
+    cols: Range<usize>,
+) {
+    let fits = (1..=GROUP).contains(&nr)
+        && q.len() >= nr * hd
+        && kt.len() >= hd * KEY_CHUNK
+        && s.len() >= nr * KEY_CHUNK
+        && cols.start.is_multiple_of(COLS)
+        && cols.end.is_multiple_of(COLS)
+        && cols.start <= cols.end
+        && cols.end <= KEY_CHUNK;
+    if !fits {
+        debug_assert!(false, "attention scores called out of bounds");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 && kernel.is_available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
+        // above): every row `r < nr` of `q` has `hd` elements, every column
+        // `c < cols.end <= KEY_CHUNK` of `kt` has `hd` rows, `s` has `nr` rows of
+        // `KEY_CHUNK`.
+        unsafe {
+            match nr {
+                1 => avx2::scores::<1>(q, hd, kt, s, cols),
+                2 => avx2::scores::<2>(q, hd, kt, s, cols),
+                3 => avx2::scores::<3>(q, hd, kt, s, cols),
+                _ => avx2::scores::<4>(q, hd, kt, s, cols),
+            }
+        }
+        return;
+    }
+    let _ = kernel;
+    for r in 0..nr {
+        let out = &mut s[r * KEY_CHUNK + cols.start..r * KEY_CHUNK + cols.end];
+        out.fill(0.0);
+        for (dd, &qv) in q[r * hd..(r + 1) * hd].iter().enumerate() {
+            let krow = &kt[dd * KEY_CHUNK + cols.start..dd * KEY_CHUNK + cols.end];
+            for (o, &kk) in out.iter_mut().zip(krow) {
+                *o += qv * kk;
+            }
+        }
+    }
+}
+
+/// One row's online-softmax step over the visible scores `x` of a chunk: scales them
+/// by `scale`, and with `m = max(prev_max, max(x))` replaces each by `exp(x - m)`.
+/// Returns `m` and the sum of the new values.
+fn softmax_step(kernel: Kernel, x: &mut [f32], scale: f32, prev_max: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 && kernel.is_available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked).
+        return unsafe { avx2::softmax_step(x, scale, prev_max) };
+    }
+    let _ = kernel;
+    let mut m = prev_max;
+    for v in x.iter_mut() {
+        *v *= scale;
+        m = m.max(*v);
+    }
+    let mut total = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        total += *v;
+    }
+    (m, total)
+}
+
+/// `s[r][c] = q[r] . k[c]` for the `nr` rows of `q` (`[nr, hd]`) and the key rows
+/// `c` in `cols`, key row `c` starting at `k[c * krs]`; `s` is `[GROUP, KEY_CHUNK]`.
+#[allow(clippy::too_many_arguments)]
+fn scores_direct(
+    kernel: Kernel,
+    q: &[f32],
+    hd: usize,
+    k: &[f32],
+    krs: usize,
+    s: &mut [f32],
+    nr: usize,
+    cols: Range<usize>,
+) {
+    if cols.is_empty() {
+        return;
+    }
+    let fits = (1..=GROUP).contains(&nr)
+        && q.len() >= nr * hd
+        && s.len() >= nr * KEY_CHUNK
+        && cols.end <= KEY_CHUNK
+        && (cols.end - 1)
+            .checked_mul(krs)
+            .and_then(|x| x.checked_add(hd))
+            .is_some_and(|end| end <= k.len());
+    if !fits {
+        debug_assert!(false, "attention scores_direct called out of bounds");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 && kernel.is_available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
+        // above): key rows `c < cols.end` lie in `k`, `q` has `nr` rows of `hd`, `s`
+        // has `nr` rows of `KEY_CHUNK`.
+        unsafe { avx2::scores_direct(q, hd, k, krs, s, nr, cols) };
+        return;
+    }
+    let _ = kernel;
+    for r in 0..nr {
+        let qr = &q[r * hd..(r + 1) * hd];
+        for c in cols.clone() {
+            let kr = &k[c * krs..c * krs + hd];
+            s[r * KEY_CHUNK + c] = qr.iter().zip(kr).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+/// `acc[r] += sum over c in cols of p[r][c] * v[c]` for the `nr` rows of `acc`
+/// (`[nr, hd]`), where `p` is `[GROUP, KEY_CHUNK]` and value row `c` starts at
+/// `v[c * vrs]`.
+#[allow(clippy::too_many_arguments)]
+fn accumulate(
+    kernel: Kernel,
+    p: &[f32],
+    v: &[f32],
+    vrs: usize,
+    acc: &mut [f32],
+    nr: usize,
+    hd: usize,
+    cols: Range<usize>,
+) {
+    if cols.is_empty() {
+        return;
+    }
+    let fits = (1..=GROUP).contains(&nr)
+        && p.len() >= nr * KEY_CHUNK
+        && acc.len() >= nr * hd
+        && cols.end <= KEY_CHUNK
+        && (cols.end - 1)
+            .checked_mul(vrs)
+            .and_then(|x| x.checked_add(hd))
+            .is_some_and(|end| end <= v.len());
+    if !fits {
+        debug_assert!(false, "attention accumulate called out of bounds");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 && kernel.is_available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
+        // above): value rows `c < cols.end` lie in `v`, `p` has `nr` rows of
+        // `KEY_CHUNK`, `acc` has `nr` rows of `hd`.
+        unsafe {
+            match nr {
+                1 => avx2::accumulate::<1>(p, v, vrs, acc, hd, cols),
+                2 => avx2::accumulate::<2>(p, v, vrs, acc, hd, cols),
+                3 => avx2::accumulate::<3>(p, v, vrs, acc, hd, cols),
+                _ => avx2::accumulate::<4>(p, v, vrs, acc, hd, cols),
+            }
+        }
+        return;
+    }
+    let _ = kernel;
+    for r in 0..nr {
+        let arow = &mut acc[r * hd..(r + 1) * hd];
+        for c in cols.clone() {
+            let pc = p[r * KEY_CHUNK + c];
+            let vrow = &v[c * vrs..c * vrs + hd];
+            for (a, &x) in arow.iter_mut().zip(vrow) {
+                *a += pc * x;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The micro-kernels in AVX2 + FMA intrinsics.
+
+    use std::arch::x86_64::{
+        __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
+        _mm256_add_epi32, _mm256_add_ps, _mm256_castps256_ps128, _mm256_castsi256_ps,
+        _mm256_cvttps_epi32, _mm256_extractf128_ps, _mm256_floor_ps, _mm256_fmadd_ps,
+        _mm256_fnmadd_ps, _mm256_hadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps,
+        _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_set1_epi32, _mm256_set1_ps,
+        _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps,
+    };
+    use std::ops::Range;
+
+    use super::{COLS, KEY_CHUNK};
+
+    /// [`super::scores`] for `R` rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `q` holds `R * hd` elements, `kt` `hd * KEY_CHUNK`,
+    /// `s` `R * KEY_CHUNK`; `cols` are multiples of [`COLS`] up to `KEY_CHUNK`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores<const R: usize>(
+        q: &[f32],
+        hd: usize,
+        kt: &[f32],
+        s: &mut [f32],
+        cols: Range<usize>,
+    ) {
+        let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
+        let mut c = cols.start;
+        while c + COLS <= cols.end {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for d in 0..hd {
+                // SAFETY: `d < hd` and `c + 16 <= KEY_CHUNK`, so both loads lie in
+                // `kt`; `r * hd + d < R * hd`, in `q`.
+                unsafe {
+                    let k0 = _mm256_loadu_ps(kp.add(d * KEY_CHUNK + c));
+                    let k1 = _mm256_loadu_ps(kp.add(d * KEY_CHUNK + c + 8));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qb = _mm256_set1_ps(*qp.add(r * hd + d));
+                        a[0] = _mm256_fmadd_ps(qb, k0, a[0]);
+                        a[1] = _mm256_fmadd_ps(qb, k1, a[1]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: `r * KEY_CHUNK + c + 16 <= R * KEY_CHUNK`, in `s`.
+                unsafe {
+                    _mm256_storeu_ps(sp.add(r * KEY_CHUNK + c), a[0]);
+                    _mm256_storeu_ps(sp.add(r * KEY_CHUNK + c + 8), a[1]);
+                }
+            }
+            c += COLS;
+        }
+    }
+
+    /// `exp(x)` lane by lane (Cephes' single-precision polynomial: about 1 ulp for
+    /// `x` in [-87, 88]; below that it flushes to 0 or a tiny value).
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(88.376_26)),
+            _mm256_set1_ps(-88.376_26),
+        );
+        let fx = _mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        );
+        let fx = _mm256_floor_ps(fx);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x),
+            _mm256_set1_ps(1.0),
+        );
+        let n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(n));
+        _mm256_mul_ps(y, pow2n)
+    }
+
+    /// [`super::softmax_step`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_step(x: &mut [f32], scale: f32, prev_max: f32) -> (f32, f32) {
+        let n = x.len();
+        let body = n / 8 * 8;
+        let p = x.as_mut_ptr();
+        let vs = _mm256_set1_ps(scale);
+        let mut vm = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..body).step_by(8) {
+            // SAFETY: `i + 8 <= n`.
+            unsafe {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vs);
+                _mm256_storeu_ps(p.add(i), v);
+                vm = _mm256_max_ps(vm, v);
+            }
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds eight elements.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vm) };
+        let mut m = lanes.iter().fold(prev_max, |a, &b| a.max(b));
+        for v in &mut x[body..] {
+            *v *= scale;
+            m = m.max(*v);
+        }
+        let vmax = _mm256_set1_ps(m);
+        let mut vsum = _mm256_setzero_ps();
+        let p = x.as_mut_ptr();
+        for i in (0..body).step_by(8) {
+            // SAFETY: `i + 8 <= n`.
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+                _mm256_storeu_ps(p.add(i), e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+        }
+        let mut total = sum1(vsum);
+        for v in &mut x[body..] {
+            *v = (*v - m).exp();
+            total += *v;
+        }
+        (m, total)
+    }
+
+    /// The eight sums of `a[0]` .. `a[7]`, in order.
+    #[target_feature(enable = "avx2,fma")]
+    fn sum8(a: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        // Per 128-bit lane: the partial sums of a0..a3, then of a4..a7.
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+        _mm256_add_ps(lo, hi)
+    }
+
+    /// The sum of the eight lanes of `a`.
+    #[target_feature(enable = "avx2,fma")]
+    fn sum1(a: __m256) -> f32 {
+        let x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        let x = _mm_add_ss(x, _mm_shuffle_ps::<1>(x, x));
+        _mm_cvtss_f32(x)
+    }
+
+    /// [`super::scores_direct`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `q` holds `nr * hd` elements, `s`
+    /// `nr * KEY_CHUNK`; `cols` is not empty, `cols.end <= KEY_CHUNK` and
+    /// `(cols.end - 1) * krs + hd <= k.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores_direct(
+        q: &[f32],
+        hd: usize,
+        k: &[f32],
+        krs: usize,
+        s: &mut [f32],
+        nr: usize,
+        cols: Range<usize>,
+    ) {
+        let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
+        let body = hd / 8 * 8;
+        for r in 0..nr {
+            let qr = qp.wrapping_add(r * hd);
+            let mut c = cols.start;
+            // Eight keys at a time: eight accumulators, summed together.
+            while c + 8 <= cols.end {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for d in (0..body).step_by(8) {
+                    // SAFETY: `d + 8 <= hd`; query row `r < nr` and key rows
+                    // `c + j < cols.end` have `hd` elements.
+                    unsafe {
+                        let qv = _mm256_loadu_ps(qr.add(d));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let kv = _mm256_loadu_ps(kp.add((c + j) * krs + d));
+                            *a = _mm256_fmadd_ps(qv, kv, *a);
+                        }
+                    }
+                }
+                let mut sums = [0.0f32; 8];
+                // SAFETY: `sums` holds eight elements.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), sum8(&acc)) };
+                for (j, x) in sums.iter_mut().enumerate() {
+                    for e in body..hd {
+                        // SAFETY: `e < hd`, in the rows as above.
+                        unsafe { *x = (*qr.add(e)).mul_add(*kp.add((c + j) * krs + e), *x) };
+                    }
+                    // SAFETY: `r * KEY_CHUNK + c + j < nr * KEY_CHUNK`.
+                    unsafe { *sp.add(r * KEY_CHUNK + c + j) = *x };
+                }
+                c += 8;
+            }
+            while c < cols.end {
+                let mut acc = _mm256_setzero_ps();
+                for d in (0..body).step_by(8) {
+                    // SAFETY: as above, for key row `c`.
+                    unsafe {
+                        let kv = _mm256_loadu_ps(kp.add(c * krs + d));
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(d)), kv, acc);
+                    }
+                }
+                let mut x = sum1(acc);
+                for e in body..hd {
+                    // SAFETY: as above.
+                    unsafe { x = (*qr.add(e)).mul_add(*kp.add(c * krs + e), x) };
+                }
+                // SAFETY: as above.
+                unsafe { *sp.add(r * KEY_CHUNK + c) = x };
+                c += 1;
+            }
+        }
+    }
+
+    /// [`super::accumulate`] for `R` rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `p` holds `R * KEY_CHUNK` elements, `acc` `R * hd`;
+    /// `cols` is not empty, `cols.end <= KEY_CHUNK` and
+    /// `(cols.end - 1) * vrs + hd <= v.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate<const R: usize>(
+        p: &[f32],
+        v: &[f32],
+        vrs: usize,
+        acc: &mut [f32],
+        hd: usize,
+        cols: Range<usize>,
+    ) {
+        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let mut d = 0;
+        while d + 16 <= hd {
+            // SAFETY: `r * hd + d + 16 <= R * hd` (in `acc`); value row `c` has `hd`
+            // elements from `c * vrs` (in `v`); `r * KEY_CHUNK + c < R * KEY_CHUNK`.
+            unsafe {
+                let mut a: [[__m256; 2]; R] = [[_mm256_setzero_ps(); 2]; R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    a[0] = _mm256_loadu_ps(ap.add(r * hd + d));
+                    a[1] = _mm256_loadu_ps(ap.add(r * hd + d + 8));
+                }
+                for c in cols.clone() {
+                    let v0 = _mm256_loadu_ps(vp.add(c * vrs + d));
+                    let v1 = _mm256_loadu_ps(vp.add(c * vrs + d + 8));
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
+                        a[0] = _mm256_fmadd_ps(pb, v0, a[0]);
+                        a[1] = _mm256_fmadd_ps(pb, v1, a[1]);
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(r * hd + d), a[0]);
+                    _mm256_storeu_ps(ap.add(r * hd + d + 8), a[1]);
+                }
+            }
+            d += 16;
+        }
+        if d + 8 <= hd {
+            // SAFETY: as above, with 8 elements.
+            unsafe {
+                let mut a: [__m256; R] = [_mm256_setzero_ps(); R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(ap.add(r * hd + d));
+                }
+                for c in cols.clone() {
+                    let v0 = _mm256_loadu_ps(vp.add(c * vrs + d));
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
+                        *a = _mm256_fmadd_ps(pb, v0, *a);
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(r * hd + d), *a);
+                }
+            }
+            d += 8;
+        }
+        if d < hd {
+            for r in 0..R {
+                for c in cols.clone() {
+                    // SAFETY: as above, element by element.
+                    unsafe {
+                        let pc = *pp.add(r * KEY_CHUNK + c);
+                        for e in d..hd {
+                            let a = ap.add(r * hd + e);
+                            *a = pc.mul_add(*vp.add(c * vrs + e), *a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The materialised computation `Model::attend` ran before this kernel.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Tensor {
+        let (_, heads, t, hd) = q.dims4().unwrap();
+        let (_, kv, len, _) = k.dims4().unwrap();
+        let n_rep = heads / kv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let pos = len - t;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                let p = pos + i;
+                (0..len).map(move |j| {
+                    if j <= p && p - j < window {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, len), &Device::Cpu).unwrap();
+        let q = q
+            .contiguous()
+            .unwrap()
+            .reshape((1, kv, n_rep * t, hd))
+            .unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let scores = scores
+            .reshape((1, kv, n_rep, t, len))
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap()
+            .reshape((1, kv, n_rep * t, len))
+            .unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        probs
+            .matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .reshape((1, heads, t, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((t, heads * hd))
+            .unwrap()
+    }
+
+    /// Seeded values in [-scale, scale).
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    struct Case {
+        heads: usize,
+        kv: usize,
+        hd: usize,
+        t: usize,
+        past: usize,
+        window: usize,
+    }
+
+    /// Queries (contiguous or a transposed view) and keys and values narrowed from
+    /// larger buffers, as the KV cache hands them out.
+    fn inputs(c: &Case, seed: u64, transposed_q: bool) -> (Tensor, Tensor, Tensor) {
+        let len = c.past + c.t;
+        let cap = len + 9;
+        let dev = Device::Cpu;
+        let q = if transposed_q {
+            Tensor::from_vec(
+                values(c.t * c.heads * c.hd, seed, 2.0),
+                (1, c.t, c.heads, c.hd),
+                &dev,
+            )
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+        } else {
+            Tensor::from_vec(
+                values(c.heads * c.t * c.hd, seed, 2.0),
+                (1, c.heads, c.t, c.hd),
+                &dev,
+            )
+            .unwrap()
+        };
+        let buf = |s| {
+            Tensor::from_vec(
+                values(c.kv * cap * c.hd, s, 1.5),
+                (1, c.kv, cap, c.hd),
+                &dev,
+            )
+            .unwrap()
+        };
+        // Keys from the start of their buffer, values from an offset: both strided.
+        let k = buf(seed + 1).narrow(2, 0, len).unwrap();
+        let v = buf(seed + 2).narrow(2, 4, len).unwrap();
+        (q, k, v)
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .fold(0.0, f32::max)
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let all = [Kernel::Portable, Kernel::Avx2];
+        let have: Vec<Kernel> = all.into_iter().filter(|k| k.is_available()).collect();
+        println!("attention kernels run: {have:?}");
+        have
+    }
+
+    #[test]
+    fn matches_the_materialised_computation() {
+        let kernels = kernels();
+        let mut seed = 1;
+        let mut checked = 0;
+        for &(heads, kv) in &[(9, 3), (4, 4), (8, 2)] {
+            for &hd in &[64, 32, 80] {
+                for &t in &[1, 2, 7, 64, 130] {
+                    for &past in &[0, 5, 200] {
+                        for &window in &[usize::MAX, 16, 100] {
+                            let c = Case {
+                                heads,
+                                kv,
+                                hd,
+                                t,
+                                past,
+                                window,
+                            };
+                            seed += 1;
+                            let (q, k, v) = inputs(&c, seed, seed % 2 == 0);
+                            let want = reference(&q, &k, &v, c.window);
+                            for &kernel in &kernels {
+                                let got = attention_with(&q, &k, &v, c.window, kernel).unwrap();
+                                let diff = max_rel_diff(&got, &want);
+                                assert!(
+                                    diff < 1e-5,
+                                    "{kernel:?} heads {heads}/{kv} hd {hd} t {t} past {past} \
+                                     window {window}: {diff}"
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked >= 405);
+    }
+
+    #[test]
+    fn odd_sizes_match_too() {
+        // Head sizes that are not a multiple of 8 (with few rows: the direct scores,
+        // with more: the transposed ones), one query head per kv head, tiny windows.
+        for &(heads, kv, hd, t, past, window) in &[
+            (3, 1, 13, 5, 3, 1),
+            (3, 1, 13, 2, 30, 9),
+            (2, 1, 21, 1, 40, usize::MAX),
+            (2, 2, 8, 9, 0, 2),
+            (6, 2, 24, 33, 70, 5),
+            (1, 1, 1, 3, 2, usize::MAX),
+        ] {
+            let c = Case {
+                heads,
+                kv,
+                hd,
+                t,
+                past,
+                window,
+            };
+            let (q, k, v) = inputs(&c, 77, false);
+            let want = reference(&q, &k, &v, c.window);
+            for kernel in kernels() {
+                let got = attention_with(&q, &k, &v, c.window, kernel).unwrap();
+                assert!(max_rel_diff(&got, &want) < 1e-5, "{kernel:?} hd {hd} t {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_thread_count_does_not_change_the_result() {
+        let c = Case {
+            heads: 9,
+            kv: 3,
+            hd: 64,
+            t: 130,
+            past: 200,
+            window: 100,
+        };
+        let (q, k, v) = inputs(&c, 5, false);
+        for kernel in kernels() {
+            let run = |threads| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let out = pool.install(|| attention_with(&q, &k, &v, c.window, kernel).unwrap());
+                out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let one = run(1);
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&run(2)), "{kernel:?}");
+            assert_eq!(bits(&one), bits(&run(3)), "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn softmax_steps_agree_across_kernels() {
+        // Scores spread over the whole range exp is evaluated on (down to -100).
+        let scores: Vec<f32> = (0..203).map(|i| 3.0 - i as f32 * 0.5).collect();
+        let mut want = scores.clone();
+        let (m, total) = softmax_step(Kernel::Portable, &mut want, 0.9, 1.0);
+        for kernel in kernels() {
+            let mut got = scores.clone();
+            let (gm, gtotal) = softmax_step(kernel, &mut got, 0.9, 1.0);
+            assert_eq!(m, gm);
+            assert!(
+                (total - gtotal).abs() <= 1e-6 * total,
+                "{kernel:?}: {total} {gtotal}"
+            );
+            for (w, g) in want.iter().zip(&got) {
+                // Relative to the value, or absolute where it underflows.
+                assert!((w - g).abs() <= 4e-7 * w + 1e-37, "{kernel:?}: {w} {g}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 2, 8), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 5, 8), DType::F32, &dev).unwrap();
+        assert!(causal_attention(&q, &k, &k, 0).is_err());
+        assert!(causal_attention(&q, &k, &k.narrow(2, 0, 4).unwrap(), 9).is_err());
+        let k3 = Tensor::zeros((1, 3, 5, 8), DType::F32, &dev).unwrap();
+        assert!(causal_attention(&q, &k3, &k3, 9).is_err());
+        let short = Tensor::zeros((1, 2, 1, 8), DType::F32, &dev).unwrap();
+        assert!(causal_attention(&q, &short, &short, 9).is_err());
+        let f16 = k.to_dtype(DType::F16).unwrap();
+        assert!(matches!(
+            causal_attention(&q, &f16, &f16, 9),
+            Err(Error::AttentionInput { .. })
+        ));
+        // Keys whose last dimension is not contiguous.
+        let kt = Tensor::zeros((1, 2, 8, 5), DType::F32, &dev)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        assert!(causal_attention(&q, &kt, &kt, 9).is_err());
+        assert!(causal_attention(&q, &k, &k, 9).is_ok());
+    }
+}
