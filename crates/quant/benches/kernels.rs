@@ -7,7 +7,8 @@
 //!   next to candle's Q8_0 `QMatMul` of the same matrix.
 //! - Groups `dense_…`: f32, f16 and bf16 weights through our dense kernels
 //!   ([`kernels::dense_gemm_with`]) against candle's matmul of the same tensor (what a
-//!   dense layer ran before), for decode (m = 1) and a batch of 4.
+//!   dense layer ran before), for decode (m = 1), a batch of 4 and a 512-row prompt
+//!   (the packed GEMM).
 //! - Groups `prefill_…`: a 512-row prompt through the FFN matrices in every GGML
 //!   format, ours against candle's `QMatMul`; the rate is multiply-adds per second.
 //!
@@ -210,14 +211,23 @@ fn bench_dense(c: &mut Criterion) {
             };
             let matrix = DenseMatrix::new(data_ref, n_out, k).expect("matrix");
             let wt_t = wt.t().expect("transpose");
-            for m in [1usize, 4] {
+            // A 512-row prompt through the FFN shapes: the packed GEMM against candle's.
+            let ms: &[usize] = if n_out > 10_000 {
+                &[1, 4]
+            } else {
+                &[1, 4, 512]
+            };
+            for &m in ms {
                 let mut group =
                     c.benchmark_group(format!("dense_{}_k{k}_n{n_out}_m{m}", matrix.dtype_name()));
+                if m > 4 {
+                    group.sample_size(10);
+                }
                 group.throughput(Throughput::Bytes(matrix.bytes() as u64));
                 let x = data(m * k, 2);
                 let mut y = vec![0.0f32; m * n_out];
                 for kernel in kernels::available_kernels() {
-                    if kernel == Kernel::Scalar && n_out * k > 1_000_000 {
+                    if kernel == Kernel::Scalar && (n_out * k > 1_000_000 || m > 4) {
                         continue;
                     }
                     group.bench_function(

@@ -354,7 +354,8 @@ impl QLinear {
 
     /// Which code multiplies this layer's weight by `rows` activation rows, as a
     /// `bench` output names it: the format, then the kernel (`Q8_0 avx2`, `f16 dense
-    /// avx512vnni`, `f32 candle gemm`, `Q4K candle qmatmul`, `int8 avx2`). The
+    /// avx512vnni`, `f32 dense packed avx2`, `f32 candle gemm` on CPUs without AVX2,
+    /// `Q4K candle qmatmul`, `int8 avx2`). The
     /// integer formats run the AVX2 code on AVX-512 machines, and say so.
     pub fn kernel_path(&self, rows: usize) -> String {
         let best = kernels::Kernel::detect();
@@ -362,6 +363,9 @@ impl QLinear {
             Weight::Fast(w) => format!("{} {best}", w.dtype()),
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
+            }
+            Weight::Dense(w) if kernels::dense_packed_available() => {
+                format!("{} dense packed avx2", w.dtype().as_str())
             }
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
@@ -625,9 +629,10 @@ impl QLinear {
     }
 }
 
-/// `x · wᵀ` for a dense CPU weight through [`kernels::dense_gemm`] when `x` has at
-/// most [`kernels::DENSE_GEMV_MAX_ROWS`] rows (a decode step); `None` where candle's
-/// packed GEMM runs it instead (more rows, a weight not contiguous in CPU memory).
+/// `x · wᵀ` for a dense CPU weight through [`kernels::dense_gemm`]: its row kernel up
+/// to [`kernels::DENSE_GEMV_MAX_ROWS`] rows (a decode step), its packed GEMM beyond
+/// (where the CPU has AVX2); `None` where candle's GEMM runs it instead (many rows
+/// without AVX2, a weight not contiguous in CPU memory).
 fn dense_gemv(
     w: &Tensor,
     x: &Tensor,
@@ -635,7 +640,8 @@ fn dense_gemv(
     n_out: usize,
     k: usize,
 ) -> Result<Option<Vec<f32>>> {
-    if m > kernels::DENSE_GEMV_MAX_ROWS || !x.device().is_cpu() {
+    let rows_ok = m <= kernels::DENSE_GEMV_MAX_ROWS || kernels::dense_packed_available();
+    if !rows_ok || !x.device().is_cpu() {
         return Ok(None);
     }
     let (storage, layout) = w.storage_and_layout();

@@ -6,9 +6,13 @@
 //! convert it in registers (`vcvtph2ps` for f16 with F16C or AVX-512F, a 16-bit shift
 //! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in
 //! L1, with several independent FMA chains; output rows are split across the rayon
-//! pool as the quantized kernels split theirs. A packed, cache-blocked GEMM (candle's)
-//! wins once there are many activation rows, so [`QLinear`](crate::QLinear) uses these
-//! up to [`DENSE_GEMV_MAX_ROWS`] rows.
+//! pool as the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows (a
+//! prompt, a large batch) a packed GEMM runs instead (AVX2, also on AVX-512 machines):
+//! panels of 16 weight rows converted to f32 and transposed once per call, then 6 x 16
+//! register tiles of FMA chains over them; a prompt splits its activation rows across
+//! threads. Without AVX2 the many-row case is the scalar reference, so
+//! [`QLinear`](crate::QLinear) leaves it to candle's GEMM there
+//! ([`dense_packed_available`]).
 //!
 //! Every path sums in f32 in the same order for every split of the output, so results
 //! do not depend on the thread count; they differ from the scalar reference only by
@@ -19,15 +23,22 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use super::Kernel;
-use super::driver::split_columns;
+use super::driver::split_rows_or_columns;
 use super::error::{Error, Result};
 
 /// Activation rows one pass over the weights serves (more rows take more passes).
 pub const DENSE_TILE_ROWS: usize = 4;
 
-/// Up to this many activation rows, [`QLinear`](crate::QLinear) runs dense weights
-/// through [`dense_gemm`]; beyond it, through candle's packed GEMM.
+/// Up to this many activation rows, [`dense_gemm`] streams each weight row past the
+/// activation rows; beyond it, it runs the packed GEMM.
 pub const DENSE_GEMV_MAX_ROWS: usize = 4;
+
+/// Whether [`dense_gemm`] has its packed GEMM on this CPU (AVX2, FMA and F16C) for more
+/// than [`DENSE_GEMV_MAX_ROWS`] rows; without it the many-row case runs the scalar
+/// reference.
+pub fn dense_packed_available() -> bool {
+    Kernel::Avx2.is_available()
+}
 
 /// The elements of a dense weight matrix, borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -164,16 +175,30 @@ pub fn dense_gemm_with(
     check("x (m * k)", w.k, x.len())?;
     check("y (m * n_out)", w.n_out, y.len())?;
     let f = range_fn(kernel);
-    split_columns(m, w.n_out, w.k, y, |cols, out, ld| {
-        f(w, x, m, cols, out, ld)
+    // Decided by the whole call, not a thread's share of rows, so that the split does
+    // not change which code computes a row.
+    let packed = m > DENSE_GEMV_MAX_ROWS;
+    let k = w.k;
+    split_rows_or_columns(m, w.n_out, k, y, |rows, cols, out, ld| {
+        let xr = x.get(rows.start * k..rows.end * k).unwrap_or(&[]);
+        f(w, xr, rows.len(), cols, out, ld, packed)
     });
     Ok(())
 }
 
 /// Computes `out[r * ld + (c - cols.start)]` for every activation row `r < m` and
-/// output row `c` in `cols`; shapes were checked by [`dense_gemm_with`].
-type DenseRangeFn =
-    fn(w: DenseMatrix<'_>, x: &[f32], m: usize, cols: Range<usize>, out: &mut [f32], ld: usize);
+/// output row `c` in `cols`; shapes were checked by [`dense_gemm_with`]. `packed`: the
+/// call has more than [`DENSE_GEMV_MAX_ROWS`] rows, so the SIMD paths run the packed
+/// GEMM.
+type DenseRangeFn = fn(
+    w: DenseMatrix<'_>,
+    x: &[f32],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+    packed: bool,
+);
 
 fn range_fn(kernel: Kernel) -> DenseRangeFn {
     match kernel {
@@ -212,6 +237,7 @@ fn range_scalar(
     cols: Range<usize>,
     out: &mut [f32],
     ld: usize,
+    _packed: bool,
 ) {
     let k = w.k;
     for c in cols.clone() {
@@ -278,12 +304,24 @@ mod simd {
         cols: Range<usize>,
         out: &mut [f32],
         ld: usize,
+        packed: bool,
     ) {
         if !Kernel::Avx2.is_available() || !in_bounds(&w, x, m, &cols, out, ld) {
             debug_assert!(false, "dense AVX2 kernel without AVX2 or out of bounds");
             return;
         }
         let (e, p, eb) = parts(&w);
+        if packed {
+            // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
+            unsafe {
+                match e {
+                    E_F32 => packed_avx2::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
+                    E_F16 => packed_avx2::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
+                    _ => packed_avx2::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
+                }
+            }
+            return;
+        }
         // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
         unsafe {
             match e {
@@ -302,7 +340,12 @@ mod simd {
         cols: Range<usize>,
         out: &mut [f32],
         ld: usize,
+        packed: bool,
     ) {
+        if packed {
+            // The packed GEMM is the AVX2 one (AVX-512 machines have AVX2).
+            return range_avx2(w, x, m, cols, out, ld, packed);
+        }
         if !Kernel::Avx512Vnni.is_available() || !in_bounds(&w, x, m, &cols, out, ld) {
             debug_assert!(
                 false,
@@ -409,6 +452,195 @@ mod simd {
         for (i, v) in t.iter().enumerate() {
             if let Some(o) = out.get_mut((r + i) * ld + cc) {
                 *o = *v;
+            }
+        }
+    }
+
+    /// Output columns per packed panel (two vectors).
+    const PANEL: usize = 16;
+    /// Activation rows per packed micro-kernel: 6 x 2 accumulators, two weight vectors
+    /// and a broadcast fill the 16 `ymm` registers.
+    const PACKED_MR: usize = 6;
+
+    /// The packed GEMM for many activation rows: panels of 16 weight rows (8 for the
+    /// last ones) are converted to f32 and transposed once per call into a `k x 16`
+    /// buffer (`64 k` bytes, in L2), then every group of six activation rows runs
+    /// through it: per element of `k`, two weight vectors and six broadcast
+    /// activations in twelve FMA chains, one per output (so each output is summed in
+    /// element order, whatever the tile). Columns past the last multiple of 8 take the
+    /// row kernel.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `p` holds `n_out x k` elements of type `E` with
+    /// `cols` below `n_out`; `x` holds `m x k` floats; `out` holds `(m - 1) * ld +
+    /// cols.len()` floats.
+    #[allow(clippy::too_many_arguments)] // the unpacked matrix and the output window
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed_avx2<const E: u8>(
+        p: *const u8,
+        eb: usize,
+        k: usize,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let mut panel = vec![0.0f32; k * PANEL];
+        let mut c = cols.start;
+        while c + 8 <= cols.end {
+            let width = if c + PANEL <= cols.end { PANEL } else { 8 };
+            // SAFETY: rows c..c + width are below n_out (the caller's bounds).
+            unsafe { pack::<E>(p, eb, k, c, width, &mut panel) };
+            let cc = c - cols.start;
+            let mut r = 0;
+            while r < m {
+                let mr = (m - r).min(PACKED_MR);
+                // SAFETY: rows r..r + mr of x exist; the output holds them.
+                unsafe {
+                    match (mr, width) {
+                        (6, PANEL) => micro::<6, 2>(&panel, k, x, r, out, ld, cc),
+                        (5, PANEL) => micro::<5, 2>(&panel, k, x, r, out, ld, cc),
+                        (4, PANEL) => micro::<4, 2>(&panel, k, x, r, out, ld, cc),
+                        (3, PANEL) => micro::<3, 2>(&panel, k, x, r, out, ld, cc),
+                        (2, PANEL) => micro::<2, 2>(&panel, k, x, r, out, ld, cc),
+                        (_, PANEL) => micro::<1, 2>(&panel, k, x, r, out, ld, cc),
+                        (6, _) => micro::<6, 1>(&panel, k, x, r, out, ld, cc),
+                        (5, _) => micro::<5, 1>(&panel, k, x, r, out, ld, cc),
+                        (4, _) => micro::<4, 1>(&panel, k, x, r, out, ld, cc),
+                        (3, _) => micro::<3, 1>(&panel, k, x, r, out, ld, cc),
+                        (2, _) => micro::<2, 1>(&panel, k, x, r, out, ld, cc),
+                        _ => micro::<1, 1>(&panel, k, x, r, out, ld, cc),
+                    }
+                }
+                r += mr;
+            }
+            c += width;
+        }
+        if c < cols.end {
+            let out = &mut out[c - cols.start..];
+            let rest = c..cols.end;
+            // SAFETY: as this function's, for the last columns.
+            unsafe { avx2_impl::<E>(p, eb, k, x, m, rest, out, ld) }
+        }
+    }
+
+    /// Converts weight rows `c..c + width` (`width` 8 or 16) to f32 into `panel`,
+    /// transposed: element `kk` of row `c + j` at `panel[kk * width + j]`.
+    ///
+    /// # Safety
+    /// Rows `c..c + width` of `k` elements of type `E` exist at `p`; `panel` holds
+    /// `k * width` floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pack<const E: u8>(
+        p: *const u8,
+        eb: usize,
+        k: usize,
+        c: usize,
+        width: usize,
+        panel: &mut [f32],
+    ) {
+        let dst = panel.as_mut_ptr();
+        for half in 0..width / 8 {
+            let rows: [*const u8; 8] =
+                std::array::from_fn(|j| p.wrapping_add((c + half * 8 + j) * k * eb));
+            let mut kk = 0;
+            while kk + 8 <= k {
+                // SAFETY: elements kk..kk + 8 of the eight rows exist.
+                let v: [__m256; 8] =
+                    std::array::from_fn(|j| unsafe { load8::<E>(rows[j].add(kk * eb)) });
+                let t = transpose8(v);
+                for (i, ti) in t.iter().enumerate() {
+                    // SAFETY: (kk + i) * width + half * 8 + 8 <= k * width.
+                    unsafe { _mm256_storeu_ps(dst.add((kk + i) * width + half * 8), *ti) };
+                }
+                kk += 8;
+            }
+            while kk < k {
+                for (j, row) in rows.iter().enumerate() {
+                    // SAFETY: element kk of the row exists; the panel holds k * width.
+                    unsafe { *dst.add(kk * width + half * 8 + j) = load1::<E>(row.add(kk * eb)) };
+                }
+                kk += 1;
+            }
+        }
+    }
+
+    /// Transposes 8 x 8 floats: lane `j` of result `i` is lane `i` of input `j`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn transpose8(v: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// `MR` activation rows from `r0` times a panel of `NV x 8` columns, written at
+    /// `out[(r0 + i) * ld + cc..]`.
+    ///
+    /// # Safety
+    /// Rows `r0..r0 + MR` of `x` (`k` floats each) exist, the panel holds `k * NV * 8`
+    /// floats, and `out` holds `(r0 + MR - 1) * ld + cc + NV * 8` floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // i and v index the tile
+    unsafe fn micro<const MR: usize, const NV: usize>(
+        panel: &[f32],
+        k: usize,
+        x: &[f32],
+        r0: usize,
+        out: &mut [f32],
+        ld: usize,
+        cc: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        let pp = panel.as_ptr();
+        let xp = x.as_ptr();
+        for kk in 0..k {
+            let mut b = [_mm256_setzero_ps(); NV];
+            for v in 0..NV {
+                // SAFETY: kk < k, so the panel holds these eight floats.
+                b[v] = unsafe { _mm256_loadu_ps(pp.add(kk * NV * 8 + v * 8)) };
+            }
+            for i in 0..MR {
+                // SAFETY: row r0 + i of x holds element kk.
+                let a = _mm256_set1_ps(unsafe { *xp.add((r0 + i) * k + kk) });
+                for v in 0..NV {
+                    acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
+                }
+            }
+        }
+        for i in 0..MR {
+            for v in 0..NV {
+                let at = (r0 + i) * ld + cc + v * 8;
+                if let Some(dst) = out.get_mut(at..at + 8) {
+                    // SAFETY: dst holds eight floats.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc[i][v]) };
+                }
             }
         }
     }

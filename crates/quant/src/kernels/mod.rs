@@ -13,9 +13,14 @@
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
 //! - [`Kernel::Scalar`]: portable Rust.
 //!
-//! Dense f32, f16 and bf16 weights have their own kernels for a few activation rows
-//! ([`dense_gemm`]: a decode step streams each weight row once through FMA chains,
-//! converting f16 with F16C / AVX-512F and bf16 with a shift).
+//! Dense f32, f16 and bf16 weights have their own kernels ([`dense_gemm`]: a decode
+//! step streams each weight row once through FMA chains, converting f16 with F16C /
+//! AVX-512F and bf16 with a shift; a prompt runs a packed GEMM of 6 x 16 register
+//! tiles).
+//!
+//! From four activation rows on (a prompt, a batch), the GGML and integer formats run
+//! a packed kernel on AVX2 (eight weight rows unpacked per panel, one
+//! output column per 32-bit lane).
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
@@ -74,6 +79,7 @@ pub use acts::QuantizedActs;
 pub use blocks::{BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType};
 pub use dense::{
     DENSE_GEMV_MAX_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, dense_gemm, dense_gemm_with,
+    dense_packed_available,
 };
 pub use error::{Error, Result};
 pub use int::{

@@ -482,7 +482,8 @@ impl DenseOwned {
 #[test]
 fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count() {
     // k: below one vector, tails after 8, 16 and 32-wide steps, and the model's sizes;
-    // n_out above 32 so that the output is split across threads; m across the tile.
+    // n_out above 32 so that the output is split across threads; m across the tile
+    // and, above 4 rows, through the packed GEMM.
     let shapes = [
         (5, 3, 1),
         (40, 17, 2),
@@ -492,6 +493,10 @@ fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count(
         (96, 576, 1),
         (48, 1536, 2),
         (40, 576, 9),
+        // The packed GEMM: panels of 16 and 8, columns past them, rows in groups of
+        // six, and a prompt whose rows are split across threads.
+        (70, 100, 13),
+        (45, 64, 67),
     ];
     for kernel in available_kernels() {
         for dtype in ["f32", "f16", "bf16"] {
@@ -531,21 +536,24 @@ fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count(
 
 #[test]
 fn dense_results_do_not_depend_on_the_thread_count() {
-    let (n_out, k, m) = (300, 200, 3);
-    for kernel in available_kernels() {
-        let (_, owned) = dense_case("f16", n_out, k, 5);
-        let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
-        let x = Rng(9).vec(m * k);
-        let run = |threads| {
-            let mut y = vec![0.0f32; m * n_out];
-            pool(threads)
-                .install(|| dense_gemm_with(kernel, w, &x, m, &mut y))
-                .unwrap();
-            y
-        };
-        let one = run(1);
-        assert_eq!(one, run(2), "{kernel}");
-        assert_eq!(one, run(4), "{kernel}");
+    // A decode batch (row kernel), a small batch and a prompt (packed GEMM; the prompt
+    // splits its rows across threads, the others their columns).
+    for (n_out, k, m) in [(300, 200, 3), (300, 200, 9), (100, 200, 70)] {
+        for kernel in available_kernels() {
+            let (_, owned) = dense_case("f16", n_out, k, 5);
+            let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
+            let x = Rng(9).vec(m * k);
+            let run = |threads| {
+                let mut y = vec![0.0f32; m * n_out];
+                pool(threads)
+                    .install(|| dense_gemm_with(kernel, w, &x, m, &mut y))
+                    .unwrap();
+                y
+            };
+            let one = run(1);
+            assert_eq!(one, run(2), "{kernel} m={m}");
+            assert_eq!(one, run(4), "{kernel} m={m}");
+        }
     }
     report_kernel_coverage("dense thread independence");
 }
