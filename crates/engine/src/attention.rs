@@ -21,13 +21,12 @@
 //! position of the block, position-major), and the keys and values it reads serve all
 //! of them. A task walks the keys that any of its rows can see (from the window's
 //! start for its first position to its last position: fully masked key chunks are
-//! never visited) in chunks of [`KEY_CHUNK`]. For each group of four query rows:
+//! never visited) in chunks of [`KEY_CHUNK`] aligned to multiples of [`KEY_CHUNK`].
+//! Each chunk of keys is transposed once into scratch, shared by all the task's rows.
+//! For each group of four query rows:
 //!
-//! 1. a micro-kernel computes the scores of the columns the group sees: as a small
-//!    GEMM against the chunk's keys, which are transposed once per chunk into scratch
-//!    and shared by all the task's rows (prefill), or, for tasks of at most
-//!    `DIRECT_ROWS` (8) rows (decode: `n_rep` rows), as dot products with the key rows
-//!    read in place;
+//! 1. a micro-kernel computes the scores of the columns the group sees (a small GEMM
+//!    against the transposed chunk; each score sums over `head_dim` in order);
 //! 2. each row scales its visible scores, keeps a running maximum `m` and sum `l`,
 //!    turns the scores into `exp(score - m)` (a vectorised Cephes `exp` in the AVX2
 //!    path, `f32::exp` in the portable one) and rescales its accumulator and sum by
@@ -39,6 +38,12 @@
 //! At the end each row is divided by its sum, and the tasks' rows are copied into the
 //! output.
 //!
+//! A row's arithmetic does not depend on the other rows computed with it: the chunks
+//! are aligned, each score and each accumulator lane is its own chain of operations,
+//! and the columns a row does not see add exact zeros. So a position's output is the
+//! same bit for bit whether it comes from a prefill or from a decode step over the
+//! same keys and values (tested).
+//!
 //! The micro-kernels exist twice: AVX2 + FMA intrinsics, chosen at run time, and
 //! portable Rust. Tasks run on the rayon pool (on the calling thread when the work is
 //! small); each task's arithmetic is sequential and does not depend on which thread
@@ -49,12 +54,11 @@
 //! With `R` as above, `hd = head_dim` and `C =` [`KEY_CHUNK`] (64), a task allocates
 //!
 //! ```text
-//! scratch_bytes(R) = 4 * (2 * R * hd + 2 * R + 4 * C + (R > 8 ? hd * C : 0))
+//! scratch_bytes(R) = 4 * (2 * R * hd + 2 * R + 4 * C + hd * C)
 //! ```
 //!
 //! its query rows and accumulator (`R * hd` each), the running maxima and sums (`R`
-//! each), one group's scores (`4 * C`) and, for tasks of more than 8 rows, the
-//! transposed key chunk (`hd * C`). At most one task per thread runs at a time. The
+//! each), one group's scores (`4 * C`) and the transposed key chunk (`hd * C`). At most one task per thread runs at a time. The
 //! accumulator of each finished task (`4 * R * hd` bytes) is kept until all tasks are
 //! done and then copied into the output tensor, so a call holds at most
 //!
@@ -64,7 +68,7 @@
 //!
 //! bytes (the second term: the tasks' results and the output). Nothing grows with
 //! `len`. For SmolLM2-135M (`n_rep` 3, `hd` 64, so `B` 21): prefill `R` 63, 50,168
-//! bytes per task; decode `R` 3, 2,584 bytes per task. The materialised path held at
+//! bytes per task; decode `R` 3, 18,968 bytes per task. The materialised path held at
 //! least `4 * heads * t * len` bytes of scores per layer (9.4 MB for a 512-token
 //! prefill), several copies of it.
 
@@ -82,10 +86,6 @@ pub(crate) const TASK_ROWS: usize = 64;
 pub(crate) const KEY_CHUNK: usize = 64;
 /// Query rows per micro-kernel call.
 const GROUP: usize = 4;
-/// Tasks with at most this many query rows (decode: `n_rep` rows) compute scores as
-/// dot products with the key rows in place; larger ones transpose each key chunk once
-/// and share it between their rows.
-const DIRECT_ROWS: usize = 8;
 /// Score columns per micro-kernel step (two AVX2 vectors).
 const COLS: usize = 16;
 /// Below this many multiply-adds (`heads * t * len * head_dim`), the tasks run on the
@@ -376,12 +376,13 @@ fn run_task(
     }
     let past = d.len - d.t;
     let position = |r: usize| past + i0 + r / d.n_rep;
-    let lo = (position(0) + 1).saturating_sub(d.window);
+    // Chunks aligned to multiples of KEY_CHUNK, whatever the block: a row's sums do
+    // not depend on which rows it is computed with.
+    let lo = (position(0) + 1).saturating_sub(d.window) / KEY_CHUNK * KEY_CHUNK;
     let hi = past + i1;
     let mut max = vec![f32::NEG_INFINITY; rows];
     let mut sum = vec![0.0f32; rows];
-    let direct = rows <= DIRECT_ROWS;
-    let mut kt = vec![0.0f32; if direct { 0 } else { hd * KEY_CHUNK }];
+    let mut kt = vec![0.0f32; hd * KEY_CHUNK];
     let mut s = vec![0.0f32; GROUP * KEY_CHUNK];
     let (kh, vh) = (k.head(g), v.head(g));
     let (krs, vrs) = (k.row_stride, v.row_stride);
@@ -389,17 +390,15 @@ fn run_task(
     let mut c0 = lo;
     while c0 < hi {
         let n = (hi - c0).min(KEY_CHUNK);
-        if !direct {
-            for c in 0..n {
-                let at = (c0 + c) * krs;
-                if let Some(row) = kh.get(at..at + hd) {
-                    for (dd, x) in row.iter().enumerate() {
-                        kt[dd * KEY_CHUNK + c] = *x;
-                    }
+        for c in 0..n {
+            let at = (c0 + c) * krs;
+            if let Some(row) = kh.get(at..at + hd) {
+                for (dd, x) in row.iter().enumerate() {
+                    kt[dd * KEY_CHUNK + c] = *x;
                 }
             }
         }
-        let (Some(kchunk), Some(vchunk)) = (kh.get(c0 * krs..), vh.get(c0 * vrs..)) else {
+        let Some(vchunk) = vh.get(c0 * vrs..) else {
             break; // Unreachable: `View::new` checked the layout.
         };
         for r0 in (0..rows).step_by(GROUP) {
@@ -414,12 +413,8 @@ fn run_task(
             );
             let Some(cols) = cols else { continue };
             let qg = &qs[r0 * hd..(r0 + nr) * hd];
-            if direct {
-                scores_direct(kernel, qg, hd, kchunk, krs, &mut s, nr, cols.clone());
-            } else {
-                let padded = cols.start / COLS * COLS..cols.end.div_ceil(COLS) * COLS;
-                scores(kernel, qg, hd, &kt, &mut s, nr, padded);
-            }
+            let padded = cols.start / COLS * COLS..cols.end.div_ceil(COLS) * COLS;
+            scores(kernel, qg, hd, &kt, &mut s, nr, padded);
             for (j, range) in ranges[..nr].iter().enumerate() {
                 let r = r0 + j;
                 let srow = &mut s[j * KEY_CHUNK..(j + 1) * KEY_CHUNK];
@@ -525,52 +520,6 @@ fn softmax_step(kernel: Kernel, x: &mut [f32], scale: f32, prev_max: f32) -> (f3
     (m, total)
 }
 
-/// `s[r][c] = q[r] . k[c]` for the `nr` rows of `q` (`[nr, hd]`) and the key rows
-/// `c` in `cols`, key row `c` starting at `k[c * krs]`; `s` is `[GROUP, KEY_CHUNK]`.
-#[allow(clippy::too_many_arguments)]
-fn scores_direct(
-    kernel: Kernel,
-    q: &[f32],
-    hd: usize,
-    k: &[f32],
-    krs: usize,
-    s: &mut [f32],
-    nr: usize,
-    cols: Range<usize>,
-) {
-    if cols.is_empty() {
-        return;
-    }
-    let fits = (1..=GROUP).contains(&nr)
-        && q.len() >= nr * hd
-        && s.len() >= nr * KEY_CHUNK
-        && cols.end <= KEY_CHUNK
-        && (cols.end - 1)
-            .checked_mul(krs)
-            .and_then(|x| x.checked_add(hd))
-            .is_some_and(|end| end <= k.len());
-    if !fits {
-        debug_assert!(false, "attention scores_direct called out of bounds");
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx2 && kernel.is_available() {
-        // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
-        // above): key rows `c < cols.end` lie in `k`, `q` has `nr` rows of `hd`, `s`
-        // has `nr` rows of `KEY_CHUNK`.
-        unsafe { avx2::scores_direct(q, hd, k, krs, s, nr, cols) };
-        return;
-    }
-    let _ = kernel;
-    for r in 0..nr {
-        let qr = &q[r * hd..(r + 1) * hd];
-        for c in cols.clone() {
-            let kr = &k[c * krs..c * krs + hd];
-            s[r * KEY_CHUNK + c] = qr.iter().zip(kr).map(|(a, b)| a * b).sum();
-        }
-    }
-}
-
 /// `acc[r] += sum over c in cols of p[r][c] * v[c]` for the `nr` rows of `acc`
 /// (`[nr, hd]`), where `p` is `[GROUP, KEY_CHUNK]` and value row `c` starts at
 /// `v[c * vrs]`.
@@ -636,9 +585,9 @@ mod avx2 {
         __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
         _mm256_add_epi32, _mm256_add_ps, _mm256_castps256_ps128, _mm256_castsi256_ps,
         _mm256_cvttps_epi32, _mm256_extractf128_ps, _mm256_floor_ps, _mm256_fmadd_ps,
-        _mm256_fnmadd_ps, _mm256_hadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps,
-        _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_set1_epi32, _mm256_set1_ps,
-        _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps,
+        _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps,
+        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
+        _mm256_sub_ps,
     };
     use std::ops::Range;
 
@@ -766,21 +715,6 @@ mod avx2 {
         (m, total)
     }
 
-    /// The eight sums of `a[0]` .. `a[7]`, in order.
-    #[target_feature(enable = "avx2,fma")]
-    fn sum8(a: &[__m256; 8]) -> __m256 {
-        let t0 = _mm256_hadd_ps(a[0], a[1]);
-        let t1 = _mm256_hadd_ps(a[2], a[3]);
-        let t2 = _mm256_hadd_ps(a[4], a[5]);
-        let t3 = _mm256_hadd_ps(a[6], a[7]);
-        // Per 128-bit lane: the partial sums of a0..a3, then of a4..a7.
-        let u0 = _mm256_hadd_ps(t0, t1);
-        let u1 = _mm256_hadd_ps(t2, t3);
-        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
-        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
-        _mm256_add_ps(lo, hi)
-    }
-
     /// The sum of the eight lanes of `a`.
     #[target_feature(enable = "avx2,fma")]
     fn sum1(a: __m256) -> f32 {
@@ -788,75 +722,6 @@ mod avx2 {
         let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
         let x = _mm_add_ss(x, _mm_shuffle_ps::<1>(x, x));
         _mm_cvtss_f32(x)
-    }
-
-    /// [`super::scores_direct`].
-    ///
-    /// # Safety
-    /// AVX2 and FMA are available; `q` holds `nr * hd` elements, `s`
-    /// `nr * KEY_CHUNK`; `cols` is not empty, `cols.end <= KEY_CHUNK` and
-    /// `(cols.end - 1) * krs + hd <= k.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores_direct(
-        q: &[f32],
-        hd: usize,
-        k: &[f32],
-        krs: usize,
-        s: &mut [f32],
-        nr: usize,
-        cols: Range<usize>,
-    ) {
-        let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
-        let body = hd / 8 * 8;
-        for r in 0..nr {
-            let qr = qp.wrapping_add(r * hd);
-            let mut c = cols.start;
-            // Eight keys at a time: eight accumulators, summed together.
-            while c + 8 <= cols.end {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for d in (0..body).step_by(8) {
-                    // SAFETY: `d + 8 <= hd`; query row `r < nr` and key rows
-                    // `c + j < cols.end` have `hd` elements.
-                    unsafe {
-                        let qv = _mm256_loadu_ps(qr.add(d));
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            let kv = _mm256_loadu_ps(kp.add((c + j) * krs + d));
-                            *a = _mm256_fmadd_ps(qv, kv, *a);
-                        }
-                    }
-                }
-                let mut sums = [0.0f32; 8];
-                // SAFETY: `sums` holds eight elements.
-                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), sum8(&acc)) };
-                for (j, x) in sums.iter_mut().enumerate() {
-                    for e in body..hd {
-                        // SAFETY: `e < hd`, in the rows as above.
-                        unsafe { *x = (*qr.add(e)).mul_add(*kp.add((c + j) * krs + e), *x) };
-                    }
-                    // SAFETY: `r * KEY_CHUNK + c + j < nr * KEY_CHUNK`.
-                    unsafe { *sp.add(r * KEY_CHUNK + c + j) = *x };
-                }
-                c += 8;
-            }
-            while c < cols.end {
-                let mut acc = _mm256_setzero_ps();
-                for d in (0..body).step_by(8) {
-                    // SAFETY: as above, for key row `c`.
-                    unsafe {
-                        let kv = _mm256_loadu_ps(kp.add(c * krs + d));
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr.add(d)), kv, acc);
-                    }
-                }
-                let mut x = sum1(acc);
-                for e in body..hd {
-                    // SAFETY: as above.
-                    unsafe { x = (*qr.add(e)).mul_add(*kp.add(c * krs + e), x) };
-                }
-                // SAFETY: as above.
-                unsafe { *sp.add(r * KEY_CHUNK + c) = x };
-                c += 1;
-            }
-        }
     }
 
     /// [`super::accumulate`] for `R` rows.
@@ -1106,8 +971,8 @@ mod tests {
 
     #[test]
     fn odd_sizes_match_too() {
-        // Head sizes that are not a multiple of 8 (with few rows: the direct scores,
-        // with more: the transposed ones), one query head per kv head, tiny windows.
+        // Head sizes that are not a multiple of 8, one query head per kv head, tiny
+        // windows.
         for &(heads, kv, hd, t, past, window) in &[
             (3, 1, 13, 5, 3, 1),
             (3, 1, 13, 2, 30, 9),
@@ -1157,6 +1022,52 @@ mod tests {
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&one), bits(&run(2)), "{kernel:?}");
             assert_eq!(bits(&one), bits(&run(3)), "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn a_position_is_the_same_in_a_prefill_and_a_decode_step() {
+        // Row i of a prefill over the keys 0..len equals a one-query step over the
+        // keys 0..=p (p = len - t + i), bit for bit.
+        for window in [usize::MAX, 16, 100] {
+            let c = Case {
+                heads: 9,
+                kv: 3,
+                hd: 64,
+                t: 130,
+                past: 70,
+                window,
+            };
+            let (q, k, v) = inputs(&c, 9, false);
+            for kernel in kernels() {
+                let all = attention_with(&q, &k, &v, window, kernel).unwrap();
+                for i in [0, 1, 20, 21, 63, 64, 129] {
+                    let p = c.past + i;
+                    let qi = q.narrow(2, i, 1).unwrap();
+                    let (ki, vi) = (
+                        k.narrow(2, 0, p + 1).unwrap(),
+                        v.narrow(2, 0, p + 1).unwrap(),
+                    );
+                    let one = attention_with(&qi, &ki, &vi, window, kernel).unwrap();
+                    let want: Vec<u32> = all
+                        .get(i)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect();
+                    let got: Vec<u32> = one
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect();
+                    assert_eq!(got, want, "{kernel:?} window {window} row {i}");
+                }
+            }
         }
     }
 

@@ -64,17 +64,35 @@ struct Comparison {
     prefill: f32,
     /// Largest logit difference over the greedy steps.
     decode: f32,
-    /// Greedy steps where the two picked different tokens, each a near tie in the
-    /// reference (its logit for our token within `decode` of its best).
+    /// Prefills and greedy steps where the two picked different tokens, each a near
+    /// tie in the reference (its logit for our token within the logits' difference of
+    /// its best).
     near_ties: usize,
 }
 
 /// Runs our decoder and `quantized_llama` side by side: prompts of several lengths
 /// (one prefill each), then the 64-token prompt and 32 greedy steps through each
 /// side's KV cache, comparing the last position's logits at every step. Both are fed
-/// our greedy token; where the two argmaxes differ, the reference must see a near tie.
+/// our greedy token; wherever the two argmaxes differ (prefill or step), the reference
+/// must see a near tie.
 fn side_by_side(ours: &Model, reference_path: &std::path::Path, prompt: &[u32]) -> Comparison {
-    let mut worst_prefill = 0f32;
+    // Where the argmaxes differ, the reference's logit for our token must lie within
+    // the logits' difference of its best.
+    let near_tie = |a: &Tensor, b: &Tensor, diff: f32, what: &str| {
+        let (next, their_next) = (argmax(a), argmax(b));
+        if next == their_next {
+            return false;
+        }
+        let theirs: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let gap = theirs[their_next as usize] - theirs[next as usize];
+        assert!(
+            gap <= diff,
+            "{what}: {next} vs {their_next}, a gap of {gap} in the reference's logits, \
+             more than the difference {diff}"
+        );
+        true
+    };
+    let (mut worst_prefill, mut near_ties) = (0f32, 0);
     for n in [1, 2, 3, 5, 8, 13, 21, 34, 55, 64] {
         let a = ours
             .forward(&prompt[..n], &mut ours.new_cache(64), Logits::Last)
@@ -82,28 +100,20 @@ fn side_by_side(ours: &Model, reference_path: &std::path::Path, prompt: &[u32]) 
         let b = reference(reference_path)
             .forward(&row(&prompt[..n]), 0)
             .unwrap();
-        worst_prefill = worst_prefill.max(max_abs_diff(&a, &b));
-        assert_eq!(argmax(&a), argmax(&b), "{n}-token prompt");
+        let diff = max_abs_diff(&a, &b);
+        worst_prefill = worst_prefill.max(diff);
+        near_ties += usize::from(near_tie(&a, &b, diff, &format!("{n}-token prompt")));
     }
     let mut reference = reference(reference_path);
     let mut cache = ours.new_cache(128);
     let mut a = ours.forward(prompt, &mut cache, Logits::Last).unwrap();
     let mut b = reference.forward(&row(prompt), 0).unwrap();
-    let (mut worst_decode, mut near_ties) = (0f32, 0);
+    let mut worst_decode = 0f32;
     for step in 0..32 {
         let diff = max_abs_diff(&a, &b);
         worst_decode = worst_decode.max(diff);
-        let (next, their_next) = (argmax(&a), argmax(&b));
-        if next != their_next {
-            let theirs: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-            let gap = theirs[their_next as usize] - theirs[next as usize];
-            assert!(
-                gap <= diff,
-                "greedy step {step}: {next} vs {their_next}, a gap of {gap} in the \
-                 reference's logits, more than the difference {diff}"
-            );
-            near_ties += 1;
-        }
+        let next = argmax(&a);
+        near_ties += usize::from(near_tie(&a, &b, diff, &format!("greedy step {step}")));
         a = ours.forward(&[next], &mut cache, Logits::Last).unwrap();
         b = reference
             .forward(&row(&[next]), prompt.len() + step)
@@ -138,11 +148,12 @@ fn matches_quantized_llama_with_f32_weights() {
 }
 
 /// The shipped Q4_1 file with candle's quantized matmul under both. The weights'
-/// arithmetic is the same, and where the attention shapes give the same summation
-/// order the logits are bit for bit equal (the 1-token and the 64-token prompts);
-/// elsewhere a last-bit difference can flip the rounding of one 8-bit activation in a
-/// block holding one of SmolLM2's huge outlier channels (a jump of `max|x| / 127`),
-/// so logits move by up to ~2: the greedy tokens agree except at near ties.
+/// arithmetic is the same, so with one token (attention over one key returns its
+/// value exactly) the logits are bit for bit equal. With more, our fused attention
+/// sums in another order than candle's matmul and softmax, and a last-bit difference
+/// can flip the rounding of one 8-bit activation in a block holding one of SmolLM2's
+/// huge outlier channels (a jump of `max|x| / 127`), so logits move by up to ~2: the
+/// greedy tokens agree except at near ties.
 #[test]
 fn matches_quantized_llama() {
     let path = common::smollm2_path();
@@ -151,12 +162,14 @@ fn matches_quantized_llama() {
     gguf.set_kernels(KernelChoice::Candle);
     let model = gguf.load_model().unwrap();
     let prompt = gpl3(&tokenizer)[..64].to_vec();
-    for n in [1, 64] {
+    for (n, bound) in [(1, 0.0), (64, 2.5)] {
         let a = model
             .forward(&prompt[..n], &mut model.new_cache(64), Logits::Last)
             .unwrap();
         let b = reference(&path).forward(&row(&prompt[..n]), 0).unwrap();
-        assert_eq!(max_abs_diff(&a, &b), 0.0, "{n}-token prompt");
+        let diff = max_abs_diff(&a, &b);
+        eprintln!("{n}-token prompt vs quantized_llama: max abs logit difference {diff}");
+        assert!(diff <= bound, "{n}-token prompt: {diff}");
     }
     let c = side_by_side(&model, &path, &prompt);
     eprintln!("Q4_1 vs quantized_llama: {c:?}");
