@@ -319,6 +319,23 @@ impl Model {
         }
     }
 
+    /// Whether attention over a cache of layout `cache` runs in the fused kernel
+    /// ([`crate::attention`]): f32 caches on the CPU whose pruning policy does not read
+    /// the attention weights. Otherwise the scores are materialised.
+    fn fused_attention(&self, cache: &KvCacheConfig) -> bool {
+        !cache.policy.needs_attention() && cache.dtype == DType::F32 && self.device.is_cpu()
+    }
+
+    /// How this model's attention holds its scores with caches pruned by `policy`
+    /// (`None` for unpruned caches): what the memory estimate counts for it.
+    pub fn attention_memory(&self, policy: PrunePolicy) -> afo_guard::AttentionMemory {
+        if self.fused_attention(&self.cache_config(1, None, policy)) {
+            afo_guard::AttentionMemory::Fused
+        } else {
+            afo_guard::AttentionMemory::Materialized
+        }
+    }
+
     /// KV-cache bytes one token of one sequence takes in this model's caches (all
     /// layers, keys and values, in the caches' element type): the figure every memory
     /// estimate of this model uses.
@@ -668,7 +685,7 @@ impl SeqStep {
         let held = cache.len();
         let (cos, sin) = model.rope.tables(pos, t, &model.device)?;
         let observe = cache.config().policy.needs_attention();
-        let fused = !observe && cache.config().dtype == DType::F32 && model.device.is_cpu();
+        let fused = model.fused_attention(cache.config());
         let (window, mask) = if held == pos {
             let window = c.sliding_window.unwrap_or(usize::MAX);
             let masked = !fused && (t > 1 || pos + t > window);

@@ -93,6 +93,24 @@ pub struct RunPlan {
     /// What the run's last pass produces: logits to sample from, or pooled hidden
     /// states.
     pub output: RunOutput,
+    /// How the model's attention holds its scores.
+    pub attention: AttentionMemory,
+}
+
+/// How a forward pass's attention holds its scores: what the activations term counts
+/// for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionMemory {
+    /// A fused (flash-style) kernel: scores live a chunk of keys at a time in each
+    /// thread's scratch (tens of KiB, under the base overhead); what grows is its
+    /// per-query accumulators and its output, `2 x B x C x heads x head_dim x 4`,
+    /// whatever the context length. The engine's CPU attention over f32 caches.
+    #[default]
+    Fused,
+    /// The score matrix and its softmax materialised, `2 x B x heads x C x T x 4`
+    /// (another device, another cache element type, or a pruning policy that reads the
+    /// attention weights).
+    Materialized,
 }
 
 /// What a run produces from the model's final hidden states.
@@ -158,8 +176,10 @@ impl fmt::Display for Estimate {
 ///   `layers x 2 x kv_heads x head_dim x` the bytes of its element type);
 /// - **activations** (one layer's working set in the largest forward pass, buffers
 ///   reused across layers): `B x C x (4 x hidden + 3 x intermediate + (heads + 2 x
-///   kv_heads) x head_dim) x 4` plus the attention scores `B x heads x C x T x 4`
-///   twice (the scores and their softmax are alive together);
+///   kv_heads) x head_dim) x 4` plus attention's own ([`AttentionMemory`]): for the
+///   fused kernel `2 x B x C x heads x head_dim x 4` (its accumulators and output),
+///   for materialised scores `B x heads x C x T x 4` twice (the scores and their
+///   softmax are alive together);
 /// - **logits**: `B x vocab x 4 x 2` (the logits and the sampler's working copy), for
 ///   [`RunOutput::Logits`]; none for an embedding run;
 /// - **embeddings**: for [`RunOutput::Embeddings`], `vectors x hidden x 4 x 2` (the
@@ -196,7 +216,11 @@ impl Estimator {
         let weights = plan.weights.bytes();
         let kv_cache = plan.kv_bytes_per_token * t * b;
         let per_token = 4 * s.hidden + 3 * s.intermediate + (s.heads + 2 * s.kv_heads) * s.head_dim;
-        let activations = b * c * per_token * 4 + 2 * b * s.heads * c * t.max(1) * 4;
+        let attention = match plan.attention {
+            AttentionMemory::Fused => 2 * b * c * s.heads * s.head_dim * 4,
+            AttentionMemory::Materialized => 2 * b * s.heads * c * t.max(1) * 4,
+        };
+        let activations = b * c * per_token * 4 + attention;
         let (logits, embeddings) = match plan.output {
             RunOutput::Logits => (b * s.vocab * 4 * 2, 0),
             RunOutput::Embeddings { vectors } => (0, vectors * s.hidden * 4 * 2),
@@ -260,7 +284,30 @@ mod tests {
             image_pixels: Vec::new(),
             vision_tokens: 0,
             output: RunOutput::Logits,
+            attention: AttentionMemory::Fused,
         }
+    }
+
+    #[test]
+    fn fused_attention_does_not_grow_with_the_context() {
+        let est = Estimator::default();
+        let fused = |prompt, new| est.estimate(&plan(prompt, new, 1)).activations;
+        let materialized = |prompt, new| {
+            let mut p = plan(prompt, new, 1);
+            p.attention = AttentionMemory::Materialized;
+            est.estimate(&p).activations
+        };
+        // 512 prompt tokens (one chunk): the activations of a chunk, the same for any
+        // number of generated tokens when fused.
+        assert_eq!(fused(512, 100), fused(512, 8000));
+        let per_token = 4 * 576 + 3 * 1536 + (9 + 2 * 3) * 64;
+        assert_eq!(fused(512, 100), 512 * per_token * 4 + 2 * 512 * 9 * 64 * 4);
+        // Materialised scores grow with every position the chunk attends to.
+        assert_eq!(
+            materialized(512, 100) - 512 * per_token * 4,
+            2 * 9 * 512 * 612 * 4
+        );
+        assert!(materialized(512, 8000) > 10 * fused(512, 8000));
     }
 
     #[test]

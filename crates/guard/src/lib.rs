@@ -29,7 +29,8 @@
 //!
 //! ```
 //! use afo_guard::{Admission, Estimator, KindBytes, Ledger, MemoryBudget, MemoryKind,
-//!                 ModelShape, PlanOption, RunOutput, RunPlan, Weights, badge, StatusBadge};
+//!                 ModelShape, PlanOption, RunOutput, RunPlan, Weights, badge, StatusBadge,
+//!                 AttentionMemory};
 //!
 //! let budget = MemoryBudget::builder().cutline("2GiB".parse::<afo_guard::ByteSize>()?).build()?;
 //! let ledger = Ledger::new(budget.cutline());
@@ -43,7 +44,7 @@
 //!     prompt_tokens: 64, max_new_tokens: 256, batch: 1,
 //!     kv_bytes_per_token: 30 * 2 * 3 * 64 * 4,
 //!     prefill_chunk: 512, image_pixels: vec![], vision_tokens: 0,
-//!     output: RunOutput::Logits,
+//!     output: RunOutput::Logits, attention: AttentionMemory::Fused,
 //! };
 //! let estimate = estimator.estimate(&plan);
 //! let run = PlanOption::new("as asked", estimator.run_parts(&estimate));
@@ -90,7 +91,8 @@ pub use bytesize::ByteSize;
 pub use cgroup::{CgroupMemory, CgroupProbe, CgroupVersion};
 pub use error::{Error, Result};
 pub use estimator::{
-    Estimate, Estimator, ModelShape, RunOutput, RunPlan, Weights, kv_bytes_per_token,
+    AttentionMemory, Estimate, Estimator, ModelShape, RunOutput, RunPlan, Weights,
+    kv_bytes_per_token,
 };
 pub use health::{ERROR_PENALTY, FALLBACK_PENALTY, HealthInputs, badge, health_score};
 pub use ledger::{

@@ -149,6 +149,8 @@ impl Runtime {
             image_pixels: Vec::new(),
             vision_tokens: 0,
             output: RunOutput::Logits,
+            // A pruned plan keeps sinks and a window, which read no attention weights.
+            attention: model.attention_memory(PrunePolicy::None),
         };
         let mut e = self.estimate_plan(&plan);
         let full = (prompt_tokens + max_tokens) as u64 * model.kv_bytes_per_token();
@@ -196,6 +198,7 @@ impl Runtime {
             image_pixels,
             vision_tokens: vision_tokens as u64,
             output: RunOutput::Logits,
+            attention: text.attention_memory(PrunePolicy::None),
         })
     }
 
@@ -222,6 +225,7 @@ impl Runtime {
             output: RunOutput::Embeddings {
                 vectors: vectors as u64,
             },
+            attention: model.attention_memory(PrunePolicy::None),
         })
     }
 

@@ -168,6 +168,8 @@ pub fn estimate_bytes(
         image_pixels: Vec::new(),
         vision_tokens: 0,
         output: afo_guard::RunOutput::Logits,
+        // ... and attend with the fused kernel on the CPU.
+        attention: afo_guard::AttentionMemory::Fused,
     };
     ByteSize(estimator.estimate(&plan).total)
 }
