@@ -18,18 +18,19 @@
 //! AVX-512F and bf16 with a shift; a prompt runs a packed GEMM of 6 x 16 register
 //! tiles).
 //!
-//! From four activation rows on (a prompt, a batch), the GGML and integer formats run
-//! a packed kernel on AVX2 (eight weight rows unpacked per panel, one
-//! output column per 32-bit lane).
-//!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
-//! (tests, benches). With several activation rows, each decoded weight block serves a
-//! register tile (GGML: 4 rows x 2 outputs; int8: 4 x 2; int4: 6 x 1), so weights are
+//! (tests, benches). From four activation rows on (a prompt, a batch), the AVX2 kernel
+//! of every GGML and integer format is packed: eight weight rows are unpacked per call
+//! into a panel in L1, one output column per 32-bit lane, and every activation row
+//! streams past it (the AVX-512 kernel keeps 4 x 2 register tiles for the GGML
+//! formats). Between two and three rows, each decoded weight block serves a register
+//! tile (GGML: 4 rows x 2 outputs; int8: 4 x 2; int4: 6 x 1), so weights are
 //! read once per call; a single row streams the weight rows in order (the integer
 //! formats take four rows at a time for matrices up to 1 MiB). Output columns are
 //! split across the current rayon pool when the work is large enough
-//! (`m * n_out * k >= 2^18`); results do not depend on the thread count. The tests run
+//! (`m * n_out * k >= 2^18`), a prompt's rows (64 or more) instead of its columns;
+//! results do not depend on the thread count. The tests run
 //! every kernel the machine has, so the AVX-512 kernel is exercised only on CPUs with
 //! AVX-512 VNNI.
 //!
