@@ -455,7 +455,7 @@ impl Model {
             let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
             let attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
             x = (x + layer.o.forward(&attn)?)?;
-            x = (&x + self.mlp(layer, &x)?)?;
+            x = (&x + self.mlp(layer, &x, false)?)?;
             if let Some((rows, features)) = inject
                 && let Some(f) = features.get(i)
             {
@@ -496,28 +496,45 @@ impl Model {
         let eps = c.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
+            // Each row is its own sequence: computed as it would be alone, so that
+            // batching never changes what a sequence generates.
+            let [q, k, v] = QLinear::forward_many_sequences([&layer.q, &layer.k, &layer.v], &h)?;
             let mut rows = Vec::with_capacity(b);
             for (s, (cache, step)) in caches.iter_mut().zip(&mut steps).enumerate() {
                 let row = |t: &Tensor| t.narrow(0, s, 1);
                 rows.push(self.attend(i, layer, &row(&q)?, &row(&k)?, &row(&v)?, cache, step)?);
             }
             let attn = Tensor::cat(&rows, 0)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            x = (&x + self.mlp(layer, &x)?)?;
+            x = (x + layer.o.forward_sequences(&attn)?)?;
+            x = (&x + self.mlp(layer, &x, true)?)?;
         }
         for cache in caches.iter_mut() {
             cache.commit(1)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.as_ref().unwrap_or(&self.embed).forward(&x)?)
+        Ok(self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .forward_sequences(&x)?)
     }
 
-    /// The MLP block's output for `x` (before the residual).
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+    /// The MLP block's output for `x` (before the residual); `sequences`: the rows are
+    /// independent sequences (see [`QLinear::forward_sequences`]).
+    fn mlp(&self, layer: &Layer, x: &Tensor, sequences: bool) -> Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.config.rms_norm_eps as f32)?;
-        let [g, u] = QLinear::forward_many([&layer.gate, &layer.up], &h)?;
-        Ok(layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)
+        let gate_up = [&layer.gate, &layer.up];
+        let [g, u] = if sequences {
+            QLinear::forward_many_sequences(gate_up, &h)?
+        } else {
+            QLinear::forward_many(gate_up, &h)?
+        };
+        let act = (candle_nn::ops::silu(&g)? * u)?;
+        Ok(if sequences {
+            layer.down.forward_sequences(&act)?
+        } else {
+            layer.down.forward(&act)?
+        })
     }
 
     /// Self-attention of one sequence's `t` new tokens (`q`, `k`, `v` are their

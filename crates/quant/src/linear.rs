@@ -392,6 +392,24 @@ impl QLinear {
     /// # Errors
     /// When the input's last dimension is not `in_features`, or a kernel fails.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_rows(x, false)
+    }
+
+    /// As [`QLinear::forward`], for rows that are independent sequences (a batched
+    /// decode step): with GGML weights each row's result is bit-identical to
+    /// forwarding that row alone ([`QuantizedActs::set_independent_rows`]), so batching
+    /// never changes what a sequence generates. The integer formats keep the register
+    /// tiles too, but their one-row loops sum in another order, and dense weights
+    /// beyond [`kernels::DENSE_GEMV_MAX_ROWS`] rows run the packed GEMM: there a batch
+    /// and one row may differ by f32 rounding.
+    ///
+    /// # Errors
+    /// As [`QLinear::forward`].
+    pub fn forward_sequences(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_rows(x, true)
+    }
+
+    fn forward_rows(&self, x: &Tensor, independent: bool) -> Result<Tensor> {
         let dims = x.dims();
         let Some((&last, lead)) = dims.split_last() else {
             return Err(shape_err("input", "a scalar is not a matrix".into()));
@@ -411,8 +429,10 @@ impl QLinear {
         let y = match &self.weight {
             Weight::Fast(w) => {
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut acts = QuantizedActs::quantize(&xs, m, self.in_features)?;
+                acts.set_independent_rows(independent);
                 let mut ys = vec![0f32; m * self.out_features];
-                kernels::gemm(w, &xs, m, &mut ys)?;
+                kernels::gemm_quantized(w.matrix(), &acts, &mut ys)?;
                 Tensor::from_vec(ys, out_dims, x.device())?
             }
             Weight::Dense(w) => match dense_gemv(w, x, m, self.out_features, self.in_features)? {
@@ -430,7 +450,8 @@ impl QLinear {
             }
             Weight::Int(w) => {
                 let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let acts = QuantizedActs::quantize(&xs, m, self.in_features)?;
+                let mut acts = QuantizedActs::quantize(&xs, m, self.in_features)?;
+                acts.set_independent_rows(independent);
                 let mut ys = vec![0f32; m * self.out_features];
                 kernels::gemm_int(w, &acts, &mut ys)?;
                 Tensor::from_vec(ys, out_dims, x.device())?
@@ -449,15 +470,35 @@ impl QLinear {
 
     /// Applies several layers to the same `[..., in_features]` input (a decoder
     /// layer's q, k and v, or gate and up): the same results as calling
-    /// [`QLinear::forward`] on each, but when the input is one row and every weight is
-    /// in a GGML block format (or every one in an integer format), the activations are
-    /// quantized once and the matrices run in one parallel region
+    /// [`QLinear::forward`] on each, but when every weight is in a GGML block format
+    /// (or every one in an integer format) the activations are quantized once, and
+    /// when the input is one row the matrices run in one parallel region
     /// ([`kernels::gemm_quantized_many`], [`kernels::gemm_int_many`]).
     ///
     /// # Errors
     /// As [`QLinear::forward`].
     pub fn forward_many<const N: usize>(layers: [&QLinear; N], x: &Tensor) -> Result<[Tensor; N]> {
-        Self::forward_slice(&layers, x)?
+        Self::forward_many_rows(layers, x, false)
+    }
+
+    /// As [`QLinear::forward_many`], for rows that are independent sequences (see
+    /// [`QLinear::forward_sequences`]).
+    ///
+    /// # Errors
+    /// As [`QLinear::forward`].
+    pub fn forward_many_sequences<const N: usize>(
+        layers: [&QLinear; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        Self::forward_many_rows(layers, x, true)
+    }
+
+    fn forward_many_rows<const N: usize>(
+        layers: [&QLinear; N],
+        x: &Tensor,
+        independent: bool,
+    ) -> Result<[Tensor; N]> {
+        Self::forward_slice(&layers, x, independent)?
             .try_into()
             .map_err(|v: Vec<Tensor>| {
                 shape_err(
@@ -467,7 +508,7 @@ impl QLinear {
             })
     }
 
-    fn forward_slice(layers: &[&QLinear], x: &Tensor) -> Result<Vec<Tensor>> {
+    fn forward_slice(layers: &[&QLinear], x: &Tensor, independent: bool) -> Result<Vec<Tensor>> {
         let dims = x.dims();
         let k = dims.last().copied();
         // Every weight in a GGML block format, or every one in an integer format, over
@@ -486,20 +527,25 @@ impl QLinear {
                 _ => None,
             })
             .collect();
-        let one_row = dims
-            .split_last()
-            .is_some_and(|(_, lead)| lead.iter().product::<usize>() == 1);
-        let (Some(k), true, true, true) = (
+        let (Some(k), Some((_, lead)), true, true) = (
             k,
-            one_row,
+            dims.split_last(),
             x.device().is_cpu(),
             ggml.is_some() || int.is_some(),
         ) else {
-            return layers.iter().map(|l| l.forward(x)).collect();
+            return layers
+                .iter()
+                .map(|l| l.forward_rows(x, independent))
+                .collect();
         };
+        let m: usize = lead.iter().product();
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let acts = QuantizedActs::quantize(&xs, 1, k)?;
-        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.out_features]).collect();
+        let mut acts = QuantizedActs::quantize(&xs, m, k)?;
+        acts.set_independent_rows(independent);
+        let mut ys: Vec<Vec<f32>> = layers
+            .iter()
+            .map(|l| vec![0f32; m * l.out_features])
+            .collect();
         if let Some(weights) = ggml {
             let mut items: Vec<(kernels::GgmlMatrix<'_>, &mut [f32])> = weights
                 .iter()
@@ -1154,6 +1200,7 @@ mod row_consistency {
             let layer =
                 QLinear::from_qtensor("w", QTensor::quantize(&w, t).unwrap(), None).unwrap();
             let all: Vec<Vec<f32>> = layer.forward(&x).unwrap().to_vec2().unwrap();
+            let seqs: Vec<Vec<f32>> = layer.forward_sequences(&x).unwrap().to_vec2().unwrap();
             for (i, want) in all.iter().enumerate() {
                 let one: Vec<Vec<f32>> = layer
                     .forward(&x.narrow(0, i, 1).unwrap())
@@ -1173,6 +1220,8 @@ mod row_consistency {
                     diff <= 4e-6 * largest.max(1.0),
                     "{t:?} row {i}: {diff} (largest {largest})"
                 );
+                // Declared independent sequences, a batch gives every row's bits.
+                assert_eq!(one[0], seqs[i], "{t:?} row {i} as a sequence");
             }
         }
     }

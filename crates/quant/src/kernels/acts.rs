@@ -30,6 +30,9 @@ pub struct QuantizedActs {
     lines: Vec<Line>,
     d: Vec<f32>,
     ds: Vec<f32>,
+    /// Whether the rows are independent sequences whose results must equal one-row
+    /// products bit for bit (see [`QuantizedActs::set_independent_rows`]).
+    independent: bool,
 }
 
 impl std::fmt::Debug for QuantizedActs {
@@ -52,6 +55,9 @@ pub(crate) struct ActsView<'a> {
     pub(crate) ds: &'a [f32],
     /// Blocks per row in the arrays (padded to even).
     pub(crate) stride: usize,
+    /// The rows are independent sequences: every row must be computed as a one-row
+    /// product would compute it (no packed kernel).
+    pub(crate) independent: bool,
 }
 
 impl QuantizedActs {
@@ -142,6 +148,22 @@ impl QuantizedActs {
         Some((q, d, ds))
     }
 
+    /// Declares the rows independent sequences (a batched decode step): the kernels
+    /// then keep their register tiles, whose GGML results are bit-identical to
+    /// multiplying each row alone, so batching never changes what a sequence
+    /// generates. Without it (the default: a prompt's rows), four rows or more may take
+    /// the packed kernel, whose sums differ from one row's by f32 rounding. Kept until
+    /// changed, also across [`quantize_into`](Self::quantize_into).
+    pub fn set_independent_rows(&mut self, independent: bool) {
+        self.independent = independent;
+    }
+
+    /// Whether the rows were declared independent sequences
+    /// ([`set_independent_rows`](Self::set_independent_rows)).
+    pub fn independent_rows(&self) -> bool {
+        self.independent
+    }
+
     pub(crate) fn blocks(&self) -> usize {
         self.nb
     }
@@ -152,6 +174,7 @@ impl QuantizedActs {
             d: &self.d,
             ds: &self.ds,
             stride: self.stride,
+            independent: self.independent,
         }
     }
 }
@@ -165,6 +188,7 @@ impl<'a> ActsView<'a> {
             d: self.d.get(at..).unwrap_or(&[]),
             ds: self.ds.get(at..).unwrap_or(&[]),
             stride: self.stride,
+            independent: self.independent,
         }
     }
 

@@ -42,7 +42,7 @@ unsafe fn range_impl<const F: u8>(
     out: &mut [f32],
     ld: usize,
 ) {
-    if m >= PACKED_MIN_ROWS {
+    if m >= PACKED_MIN_ROWS && !a.independent {
         // Whole panels through the packed kernel, the last few columns through the
         // register tiles.
         let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;

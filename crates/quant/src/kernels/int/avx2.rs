@@ -88,7 +88,7 @@ unsafe fn range_impl<const F: u8, const G: usize>(
     out: &mut [f32],
     ld: usize,
 ) {
-    if a.m >= PACKED_MIN_ROWS {
+    if a.m >= PACKED_MIN_ROWS && !a.view.independent {
         // Whole panels through the packed kernel, the last few columns through the
         // register tiles below.
         let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;
