@@ -815,20 +815,7 @@ mod tests {
         let (_, kv, len, _) = k.dims4().unwrap();
         let n_rep = heads / kv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let pos = len - t;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                let p = pos + i;
-                (0..len).map(move |j| {
-                    if j <= p && p - j < window {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, len), &Device::Cpu).unwrap();
+        let mask = crate::model::causal_mask(t, len - t, window, &Device::Cpu).unwrap();
         let q = q
             .contiguous()
             .unwrap()

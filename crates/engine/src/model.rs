@@ -747,7 +747,7 @@ impl Decode for Model {
 
 /// `[t, pos + t]`: 0 where query `i` (at position `p = pos + i`) may see key `j`
 /// (`j <= p` and `p - j < window`), -inf elsewhere.
-fn causal_mask(t: usize, pos: usize, window: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(t: usize, pos: usize, window: usize, device: &Device) -> Result<Tensor> {
     let len = pos + t;
     let data: Vec<f32> = (0..t)
         .flat_map(|i| {
