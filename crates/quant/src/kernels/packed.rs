@@ -1,5 +1,6 @@
-//! Packed GEMM for the GGML formats on AVX2, for prompts and batches of at least
-//! [`PACKED_MIN_ROWS`] activation rows.
+//! Packed GEMM on AVX2 for the GGML formats and afo's integer formats, for prompts of
+//! at least [`PACKED_MIN_ROWS`] activation rows (batched decode steps keep the register
+//! tiles: see [`QuantizedActs::set_independent_rows`](super::QuantizedActs::set_independent_rows)).
 //!
 //! Eight weight rows (eight output columns) form a panel. Each call unpacks a panel
 //! once into a small buffer that stays in L1: per block, eight 32-byte vectors, vector
@@ -29,9 +30,9 @@ use super::driver::F_Q8_0;
 pub(super) const PANEL: usize = 8;
 
 /// Activation rows from which the packed kernel runs instead of the register tiles:
-/// unpacking a panel costs about what one activation row's products cost, and from
-/// four rows on the packed kernel is faster (measured by the `prefill_` and
-/// `Q8_0_…_m64` benches).
+/// unpacking a panel costs about what one activation row's products cost, so from a
+/// few rows on it pays. The crossover was not measured; the `prefill_` bench measures
+/// 512 rows.
 pub(super) const PACKED_MIN_ROWS: usize = 4;
 
 /// Activation rows that share each weight vector loaded.
