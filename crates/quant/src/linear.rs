@@ -353,14 +353,14 @@ impl QLinear {
     }
 
     /// Which code multiplies this layer's weight by `rows` activation rows, as a
-    /// `bench` output names it: the format, then the kernel (`Q8_0 avx2`, `f16 dense
-    /// avx512vnni`, `f32 dense packed avx2`, `f32 candle gemm` on CPUs without AVX2,
-    /// `Q4K candle qmatmul`, `int8 avx2`). The
+    /// `bench` output names it: the format, then the kernel (`q8_0 avx2`, `q8_0 avx2
+    /// packed` for a prompt, `f16 dense avx512vnni`, `f32 dense packed avx2`, `f32
+    /// candle gemm` on CPUs without AVX2, `Q4K candle qmatmul`, `int8 avx2`). The
     /// integer formats run the AVX2 code on AVX-512 machines, and say so.
     pub fn kernel_path(&self, rows: usize) -> String {
         let best = kernels::Kernel::detect();
         match &self.weight {
-            Weight::Fast(w) => format!("{} {best}", w.dtype()),
+            Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
             }
@@ -369,7 +369,10 @@ impl QLinear {
             }
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
-            Weight::Int(w) => format!("{} {}", w.format(), kernels::int_kernel_for(best)),
+            Weight::Int(w) => {
+                let k = kernels::int_kernel_for(best);
+                with_packed(format!("{} {k}", w.format()), k, rows)
+            }
         }
     }
 
@@ -672,6 +675,16 @@ impl QLinear {
                 &device,
             )?,
         })
+    }
+}
+
+/// `path`, with ` packed` when a prompt of `rows` through `kernel` takes the packed
+/// kernel ([`kernels::prompt_runs_packed`]).
+fn with_packed(path: String, kernel: kernels::Kernel, rows: usize) -> String {
+    if kernels::prompt_runs_packed(kernel, rows) {
+        format!("{path} packed")
+    } else {
+        path
     }
 }
 
@@ -1159,6 +1172,23 @@ mod tests {
             let v: Vec<f32> = self.flatten_all().unwrap().to_vec1().unwrap();
             v[v.len() - 4..].to_vec()
         }
+    }
+
+    #[test]
+    fn kernel_path_names_the_packed_kernel_for_prompts_only() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(data(64 * 64, 3), (64, 64), &dev).unwrap();
+        let layer =
+            QLinear::from_qtensor("w", QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(), None)
+                .unwrap();
+        let best = kernels::Kernel::detect();
+        assert_eq!(layer.kernel_path(1), format!("q8_0 {best}"));
+        let prompt = layer.kernel_path(512);
+        assert_eq!(
+            prompt.ends_with(" packed"),
+            best == kernels::Kernel::Avx2,
+            "{prompt}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::Kernel;
 use super::acts::ActsView;
 use super::blocks::GgmlMatrix;
 use super::driver::{F_Q4_1, F_Q8_0, check_range, tile_loops};
-use super::packed::{self, PACKED_MIN_ROWS, PANEL};
+use super::packed::{self, PANEL};
 
 /// See [`RangeFn`](super::driver::RangeFn). Does nothing (and asserts in debug builds)
 /// if the CPU lacks AVX2 or the bounds do not hold; the driver checks both first.
@@ -42,7 +42,7 @@ unsafe fn range_impl<const F: u8>(
     out: &mut [f32],
     ld: usize,
 ) {
-    if m >= PACKED_MIN_ROWS && !a.independent {
+    if packed::takes_packed(m, a.independent) {
         // Whole panels through the packed kernel, the last few columns through the
         // register tiles.
         let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;

@@ -158,6 +158,23 @@ fn has_avx512_vnni() -> bool {
     false
 }
 
+/// Whether `rows` activation rows of a prompt through `kernel` take the packed kernel
+/// (the AVX2 code of the GGML and integer formats, from four rows on; batched decode
+/// steps, declared with [`QuantizedActs::set_independent_rows`], keep the register
+/// tiles). On [`Kernel::Avx512Vnni`] the integer formats run the AVX2 code
+/// ([`int_kernel_for`]), the GGML formats their own tiles.
+pub fn prompt_runs_packed(kernel: Kernel, rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        kernel == Kernel::Avx2 && packed::takes_packed(rows, false)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kernel, rows);
+        false
+    }
+}
+
 /// The kernels this CPU can run, slowest first (always starts with [`Kernel::Scalar`]).
 pub fn available_kernels() -> Vec<Kernel> {
     Kernel::ALL

@@ -35,6 +35,12 @@ pub(super) const PANEL: usize = 8;
 /// 512 rows.
 pub(super) const PACKED_MIN_ROWS: usize = 4;
 
+/// Whether a call of `m` activation rows takes the packed kernel (on AVX2): a prompt of
+/// at least [`PACKED_MIN_ROWS`] rows, not rows declared independent sequences.
+pub(super) fn takes_packed(m: usize, independent: bool) -> bool {
+    m >= PACKED_MIN_ROWS && !independent
+}
+
 /// Activation rows that share each weight vector loaded.
 const MR: usize = 4;
 

@@ -37,7 +37,7 @@ use super::super::avx2::{self as ggml_avx2, hsum256};
 use super::super::blocks::BLOCK_ELEMS;
 use super::super::driver::store;
 use super::super::driver::{F_Q4_1, F_Q8_0};
-use super::super::packed::{PACKED_MIN_ROWS, PANEL, Panel, run_panels};
+use super::super::packed::{PANEL, Panel, run_panels, takes_packed};
 use super::IntWeights;
 use super::driver::{I4_ASYM, I4_SYM, I8, IntActs, check_range, format_is};
 
@@ -88,7 +88,7 @@ unsafe fn range_impl<const F: u8, const G: usize>(
     out: &mut [f32],
     ld: usize,
 ) {
-    if a.m >= PACKED_MIN_ROWS && !a.view.independent {
+    if takes_packed(a.m, a.view.independent) {
         // Whole panels through the packed kernel, the last few columns through the
         // register tiles below.
         let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;
