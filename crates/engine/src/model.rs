@@ -581,19 +581,12 @@ impl Model {
             )
         };
         let (k_all, v_all) = cache.append(i, &k, &v)?;
-        if seq.fused && q.dtype() == DType::F32 && k_all.dtype() == DType::F32 {
+        if seq.fused {
+            // f32 queries and caches on the CPU (`fused_attention`); the kernel checks
+            // its inputs and says what is wrong otherwise.
             return crate::attention::causal_attention(&q, &k_all, &v_all, seq.window);
         }
         let len = k_all.dim(2)?;
-        if seq.fused && seq.mask.is_none() && (t > 1 || len > seq.window) {
-            // The step expected the fused kernel and built no mask.
-            seq.mask = Some(causal_mask(
-                t,
-                len.saturating_sub(t),
-                seq.window,
-                &self.device,
-            )?);
-        }
         // Grouped-query attention without copying keys: the n_rep query heads of
         // each kv head are stacked as rows of one matrix.
         let q = q.reshape((1, c.num_kv_heads, n_rep * t, c.head_dim))?;

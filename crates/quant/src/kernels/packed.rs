@@ -44,8 +44,8 @@ pub(super) fn takes_packed(m: usize, independent: bool) -> bool {
 /// Activation rows that share each weight vector loaded.
 const MR: usize = 4;
 
-/// One panel, unpacked: what every format's packing fills and [`run_panels`] reads.
-pub(super) struct Panel {
+/// One panel, unpacked: what [`run_panels`] fills from each format's blocks and reads.
+struct Panel {
     /// `nb x 8` vectors: block `b`, group `g` at `b * 8 + g`.
     q: Vec<__m256i>,
     /// `nb` vectors of the eight rows' scales.
@@ -59,13 +59,7 @@ impl Panel {
     /// in order, as bytes), scales and minimums.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn set(
-        &mut self,
-        b: usize,
-        v: [__m256i; PANEL],
-        d: &[f32; PANEL],
-        min: &[f32; PANEL],
-    ) {
+    fn set(&mut self, b: usize, v: [__m256i; PANEL], d: &[f32; PANEL], min: &[f32; PANEL]) {
         let g = transpose8(v);
         if let (Some(q), Some(dv), Some(mv)) = (
             self.q.get_mut(b * 8..b * 8 + 8),
@@ -84,20 +78,21 @@ impl Panel {
 
 /// Computes the columns `cols` for every activation row `r < m`, into
 /// `out[r * ld + (c - cols.start)]`, for whole panels only (the caller computes the
-/// columns past the last multiple of [`PANEL`]). `pack(c, panel)` fills the panel's
-/// `nb` blocks with weight rows `c..c + 8`. `F` chooses the arithmetic: [`F_Q8_0`]
+/// columns past the last multiple of [`PANEL`]). `block(row, b)` gives block `b` of
+/// weight row `row`: its 32 elements in order as bytes, its scale and its minimum.
+/// `F` chooses the arithmetic: [`F_Q8_0`]
 /// for signed 8-bit quants without minimums, any other for 4-bit quants (0..=15) with
 /// minimums.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; activation rows `0..m` of `a` exist with at least
-/// `nb` blocks each; `out` holds `(m - 1) * ld + cols.len()` floats; `pack` fills
-/// every block of the panel.
+/// `nb` blocks each; `out` holds `(m - 1) * ld + cols.len()` floats; `block` reads
+/// only inside the weights for the rows of `cols` and blocks below `nb`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run_panels<const F: u8>(
     nb: usize,
-    mut pack: impl FnMut(usize, &mut Panel),
+    block: impl Fn(usize, usize) -> (__m256i, f32, f32),
     a: &ActsView<'_>,
     m: usize,
     cols: Range<usize>,
@@ -111,7 +106,15 @@ pub(super) unsafe fn run_panels<const F: u8>(
     };
     let mut c = cols.start;
     while c + PANEL <= cols.end {
-        pack(c, &mut panel);
+        for b in 0..nb {
+            let mut v = [_mm256_setzero_si256(); PANEL];
+            let mut d = [0.0f32; PANEL];
+            let mut mn = [0.0f32; PANEL];
+            for j in 0..PANEL {
+                (v[j], d[j], mn[j]) = block(c + j, b);
+            }
+            panel.set(b, v, &d, &mn);
+        }
         let cc = c - cols.start;
         let mut r = 0;
         while r < m {
@@ -149,25 +152,17 @@ pub(super) unsafe fn range_impl<const F: u8>(
     let rb = w.row_bytes();
     let bb = w.dtype().block_bytes();
     let base = w.bytes().as_ptr();
-    let pack = |c: usize, panel: &mut Panel| {
-        for b in 0..nb {
-            let mut v = [_mm256_setzero_si256(); PANEL];
-            let mut d = [0.0f32; PANEL];
-            let mut mn = [0.0f32; PANEL];
-            for j in 0..PANEL {
-                // SAFETY: block b of row c + j lies inside the weight bytes (the rows
-                // of `cols` are below n_out, checked by the caller).
-                unsafe {
-                    let p = base.add((c + j) * rb + b * bb);
-                    (d[j], mn[j]) = scales::<F>(p);
-                    v[j] = quants::<F>(p);
-                }
-            }
-            panel.set(b, v, &d, &mn);
+    let block = |row: usize, b: usize| {
+        // SAFETY: block b of a row of `cols` lies inside the weight bytes (the rows are
+        // below n_out, checked by the caller).
+        unsafe {
+            let p = base.add(row * rb + b * bb);
+            let (d, min) = scales::<F>(p);
+            (quants::<F>(p), d, min)
         }
     };
-    // SAFETY: the caller's bounds; `pack` fills every block.
-    unsafe { run_panels::<F>(nb, pack, &a, m, cols, out, ld) }
+    // SAFETY: the caller's bounds; `block` reads inside the weights.
+    unsafe { run_panels::<F>(nb, block, &a, m, cols, out, ld) }
 }
 
 /// Transposes an 8 x 8 matrix of 32-bit lanes: lane `j` of result `g` is lane `g` of

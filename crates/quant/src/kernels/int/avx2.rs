@@ -37,7 +37,7 @@ use super::super::avx2::{self as ggml_avx2, hsum256};
 use super::super::blocks::BLOCK_ELEMS;
 use super::super::driver::store;
 use super::super::driver::{F_Q4_1, F_Q8_0};
-use super::super::packed::{PANEL, Panel, run_panels, takes_packed};
+use super::super::packed::{PANEL, run_panels, takes_packed};
 use super::IntWeights;
 use super::driver::{I4_ASYM, I4_SYM, I8, IntActs, check_range, format_is};
 
@@ -126,41 +126,33 @@ unsafe fn packed<const F: u8>(
     let groups = w.format.groups_per_row(k);
     let blocks_per_group = (k / groups.max(1) / BLOCK_ELEMS).max(1);
     let base = w.quants.as_ptr();
-    let pack = |c: usize, panel: &mut Panel| {
-        for b in 0..nb {
-            let mut v = [_mm256_setzero_si256(); PANEL];
-            let mut d = [0.0f32; PANEL];
-            let mut mn = [0.0f32; PANEL];
-            for j in 0..PANEL {
-                let row = c + j;
-                // SAFETY: rows of `cols` are below n_out and block b below k / 32
-                // (checked by the caller), so the quants read lie inside the row.
-                unsafe {
-                    if F == I8 {
-                        v[j] = _mm256_loadu_si256(base.add(row * rb + b * BLOCK_ELEMS).cast());
-                        d[j] = *w.scales.as_ptr().add(row);
-                    } else {
-                        v[j] = ggml_avx2::nibbles(base.add(row * rb + b * BLOCK_ELEMS / 2));
-                        let g = row * groups + b / blocks_per_group;
-                        d[j] = *w.scales.as_ptr().add(g);
-                        mn[j] = if F == I4_ASYM {
-                            *w.mins.as_ptr().add(g)
-                        } else {
-                            -8.0 * d[j]
-                        };
-                    }
-                }
+    let block = |row: usize, b: usize| {
+        // SAFETY: rows of `cols` are below n_out and block b below k / 32 (checked by
+        // the caller), so the quants, scales and minimums read lie inside the weights.
+        unsafe {
+            if F == I8 {
+                let q = _mm256_loadu_si256(base.add(row * rb + b * BLOCK_ELEMS).cast());
+                (q, *w.scales.as_ptr().add(row), 0.0)
+            } else {
+                let q = ggml_avx2::nibbles(base.add(row * rb + b * BLOCK_ELEMS / 2));
+                let g = row * groups + b / blocks_per_group;
+                let d = *w.scales.as_ptr().add(g);
+                let min = if F == I4_ASYM {
+                    *w.mins.as_ptr().add(g)
+                } else {
+                    -8.0 * d
+                };
+                (q, d, min)
             }
-            panel.set(b, v, &d, &mn);
         }
     };
-    // SAFETY: the caller's bounds; `pack` fills every block. Int8 takes the signed
+    // SAFETY: the caller's bounds; `block` reads inside the weights. Int8 takes the signed
     // arithmetic of Q8_0, int4 that of the 4-bit formats with minimums.
     unsafe {
         if F == I8 {
-            run_panels::<F_Q8_0>(nb, pack, &a.view, a.m, cols, out, ld)
+            run_panels::<F_Q8_0>(nb, block, &a.view, a.m, cols, out, ld)
         } else {
-            run_panels::<F_Q4_1>(nb, pack, &a.view, a.m, cols, out, ld)
+            run_panels::<F_Q4_1>(nb, block, &a.view, a.m, cols, out, ld)
         }
     }
 }
