@@ -3,10 +3,14 @@
 //!
 //! # Inputs and semantics
 //!
-//! `q` is `[1, heads, t, head_dim]`, `k` and `v` are `[1, kv_heads, len, head_dim]`, all
-//! f32 on the CPU. They are read in place through their layouts (start offset, head
-//! and row strides; the last dimension must be contiguous), so the KV cache's narrowed
-//! views of its larger buffers are never copied. Query head `h` reads kv head
+//! `q` is `[1, heads, t, head_dim]` f32, `k` and `v` are `[1, kv_heads, len, width]`
+//! in any of the KV cache's formats ([`afo_kvcache::KvFormat`]): f32, f16 or bf16 rows
+//! (`width = head_dim`), or Q8_0 blocks as `u8` (`width = head_dim / 32 x 34`), all on
+//! the CPU. They are read in place through their layouts (start offset, head and row
+//! strides; the last dimension must be contiguous), so the KV cache's narrowed views of
+//! its larger buffers are never copied; rows not held in f32 are decoded as a chunk is
+//! visited (a key row before its transpose, the chunk's value rows into scratch), so
+//! the result is the one of the decoded rows in f32, bit for bit (tested). Query head `h` reads kv head
 //! `h / n_rep` (`n_rep = heads / kv_heads`, grouped-query attention). Query row `i`
 //! stands at key index `p = len - t + i` and sees key `j` iff `j <= p` and
 //! `p - j < window` (`usize::MAX`: no window). The scores are `(q . k) * s` with
@@ -58,7 +62,9 @@
 //! ```
 //!
 //! its query rows and accumulator (`R * hd` each), the running maxima and sums (`R`
-//! each), one group's scores (`4 * C`) and the transposed key chunk (`hd * C`). At most one task per thread runs at a time. The
+//! each), one group's scores (`4 * C`) and the transposed key chunk (`hd * C`), plus
+//! `4 * (hd + C * hd)` for a cache not held in f32 (a decoded key row and a chunk of
+//! decoded values). At most one task per thread runs at a time. The
 //! accumulator of each finished task (`4 * R * hd` bytes) is kept until all tasks are
 //! done and then copied into the output tensor, so a call holds at most
 //!
@@ -75,6 +81,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Layout, Storage, Tensor};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -172,12 +179,27 @@ pub(crate) fn attention_with(
         [1, heads, t, d] => (heads, t, d),
         _ => return Err(shape_error("attention queries", q, &[1, 0, 0, 0])),
     };
+    let width = stored_width(k.dtype(), head_dim);
     let (kv_heads, len) = match *k.dims() {
-        [1, kv, len, d] if d == head_dim => (kv, len),
-        _ => return Err(shape_error("attention keys", k, &[1, 0, 0, head_dim])),
+        [1, kv, len, w] if w == width => (kv, len),
+        _ => return Err(shape_error("attention keys", k, &[1, 0, 0, width])),
     };
     if v.dims() != k.dims() {
         return Err(shape_error("attention values", v, k.dims()));
+    }
+    if v.dtype() != k.dtype() {
+        return Err(input_error(
+            "values",
+            format!("are {:?}, the keys {:?}", v.dtype(), k.dtype()),
+        ));
+    }
+    if k.dtype() == DType::U8 && !head_dim.is_multiple_of(32) {
+        return Err(input_error(
+            "keys",
+            format!(
+                "are Q8_0 blocks, which need a head size that is a multiple of 32, not {head_dim}"
+            ),
+        ));
     }
     if kv_heads == 0 || heads % kv_heads != 0 || t == 0 || t > len || head_dim == 0 {
         return Err(input_error(
@@ -215,12 +237,8 @@ pub(crate) fn attention_with(
         cpu_f32("queries", q.dtype(), &q_storage)?,
         q_layout,
     )?;
-    let kv = View::new("keys", cpu_f32("keys", k.dtype(), &k_storage)?, k_layout)?;
-    let vv = View::new(
-        "values",
-        cpu_f32("values", v.dtype(), &v_storage)?,
-        v_layout,
-    )?;
+    let kv = Rows::new("keys", k.dtype(), &k_storage, k_layout, head_dim)?;
+    let vv = Rows::new("values", v.dtype(), &v_storage, v_layout, head_dim)?;
 
     let blocks = t.div_ceil(dims.block);
     let tasks: Vec<(usize, usize)> = (0..kv_heads)
@@ -278,19 +296,107 @@ fn cpu_f32<'a>(name: &'static str, dtype: DType, storage: &'a Storage) -> Result
     }
 }
 
-/// A `[1, heads, rows, head_dim]` tensor read in place.
+/// Elements per stored row of keys or values of `head_dim`: `head_dim` floats, or
+/// for `u8` (Q8_0 blocks) `head_dim / 32 x 34` bytes.
+fn stored_width(dtype: DType, head_dim: usize) -> usize {
+    if dtype == DType::U8 {
+        afo_kvcache::KvFormat::Q8_0.row_bytes(head_dim as u64) as usize
+    } else {
+        head_dim
+    }
+}
+
+/// Keys or values as the KV cache holds them, read in place: f32 rows, f16 or bf16
+/// rows, or Q8_0 blocks (`u8`, GGML's layout, 34 bytes per 32 elements).
 #[derive(Debug, Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
+enum Rows<'a> {
+    F32(View<'a, f32>),
+    F16(View<'a, f16>),
+    Bf16(View<'a, bf16>),
+    Q8_0(View<'a, u8>),
+}
+
+impl<'a> Rows<'a> {
+    fn new(
+        name: &'static str,
+        dtype: DType,
+        storage: &'a Storage,
+        layout: &Layout,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let Storage::Cpu(cpu) = storage else {
+            return Err(input_error(name, "are not on the CPU device".to_string()));
+        };
+        Ok(match dtype {
+            DType::F32 => Rows::F32(View::new(name, cpu.as_slice::<f32>()?, layout)?),
+            DType::F16 => Rows::F16(View::new(name, cpu.as_slice::<f16>()?, layout)?),
+            DType::BF16 => Rows::Bf16(View::new(name, cpu.as_slice::<bf16>()?, layout)?),
+            DType::U8
+                if stored_width(dtype, head_dim) == layout.dims().last().copied().unwrap_or(0) =>
+            {
+                Rows::Q8_0(View::new(name, cpu.as_slice::<u8>()?, layout)?)
+            }
+            other => {
+                return Err(input_error(
+                    name,
+                    format!("are {other:?}; the kernel reads f32, f16, bf16 or Q8_0 (u8) rows"),
+                ));
+            }
+        })
+    }
+
+    /// The f32 rows of head `h` in place (`row_stride` apart), for f32 storage.
+    fn f32_head(&self, h: usize) -> Option<(&'a [f32], usize)> {
+        match self {
+            Rows::F32(v) => Some((v.head(h), v.row_stride)),
+            _ => None,
+        }
+    }
+
+    /// Decodes row `j` of head `h` into `out` (`head_dim` floats). The layout was
+    /// checked by [`View::new`]; a row out of range leaves `out` as it is.
+    fn decode(&self, h: usize, j: usize, out: &mut [f32]) {
+        let hd = out.len();
+        match self {
+            Rows::F32(v) => {
+                if let Some(r) = v.head(h).get(j * v.row_stride..j * v.row_stride + hd) {
+                    out.copy_from_slice(r);
+                }
+            }
+            Rows::F16(v) => {
+                if let Some(r) = v.head(h).get(j * v.row_stride..j * v.row_stride + hd) {
+                    out.iter_mut().zip(r).for_each(|(o, x)| *o = x.to_f32());
+                }
+            }
+            Rows::Bf16(v) => {
+                if let Some(r) = v.head(h).get(j * v.row_stride..j * v.row_stride + hd) {
+                    out.iter_mut().zip(r).for_each(|(o, x)| *o = x.to_f32());
+                }
+            }
+            Rows::Q8_0(v) => {
+                let width = stored_width(DType::U8, hd);
+                if let Some(r) = v.head(h).get(j * v.row_stride..j * v.row_stride + width) {
+                    // Lengths match by construction (`stored_width`).
+                    let _ = afo_quant::kernels::dequantize_q8_0(r, out);
+                }
+            }
+        }
+    }
+}
+
+/// A `[1, heads, rows, width]` tensor read in place.
+#[derive(Debug, Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
     start: usize,
     head_stride: usize,
     row_stride: usize,
 }
 
-impl<'a> View<'a> {
+impl<'a, T> View<'a, T> {
     /// Checks that every element the layout addresses lies in `data`, and that rows
     /// are contiguous.
-    fn new(name: &'static str, data: &'a [f32], layout: &Layout) -> Result<Self> {
+    fn new(name: &'static str, data: &'a [T], layout: &Layout) -> Result<Self> {
         let (dims, stride) = (layout.dims(), layout.stride());
         let (&[_, heads, rows, hd], &[_, hs, rs, es]) = (dims, stride) else {
             return Err(input_error(
@@ -331,7 +437,7 @@ impl<'a> View<'a> {
     }
 
     /// The elements from head `h`'s first row on (rows `row_stride` apart).
-    fn head(&self, h: usize) -> &'a [f32] {
+    fn head(&self, h: usize) -> &'a [T] {
         self.data
             .get(self.start + h * self.head_stride..)
             .unwrap_or_default()
@@ -350,9 +456,9 @@ fn visible(p: usize, c0: usize, n: usize, window: usize) -> Range<usize> {
 /// Returns the task's output rows, position-major (`[positions, n_rep, head_dim]`).
 fn run_task(
     d: &Dims,
-    q: &View<'_>,
-    k: &View<'_>,
-    v: &View<'_>,
+    q: &View<'_, f32>,
+    k: &Rows<'_>,
+    v: &Rows<'_>,
     g: usize,
     b: usize,
     kernel: Kernel,
@@ -384,22 +490,42 @@ fn run_task(
     let mut sum = vec![0.0f32; rows];
     let mut kt = vec![0.0f32; hd * KEY_CHUNK];
     let mut s = vec![0.0f32; GROUP * KEY_CHUNK];
-    let (kh, vh) = (k.head(g), v.head(g));
-    let (krs, vrs) = (k.row_stride, v.row_stride);
+    // Rows not held in f32 are decoded: a key row at a time before its transpose, a
+    // chunk of value rows at a time.
+    let mut krow = vec![0.0f32; hd];
+    let mut vdec = match v.f32_head(g) {
+        Some(_) => Vec::new(),
+        None => vec![0.0f32; KEY_CHUNK * hd],
+    };
 
     let mut c0 = lo;
     while c0 < hi {
         let n = (hi - c0).min(KEY_CHUNK);
         for c in 0..n {
-            let at = (c0 + c) * krs;
-            if let Some(row) = kh.get(at..at + hd) {
+            let row = match k.f32_head(g) {
+                Some((kh, krs)) => kh.get((c0 + c) * krs..(c0 + c) * krs + hd),
+                None => {
+                    k.decode(g, c0 + c, &mut krow);
+                    Some(&krow[..])
+                }
+            };
+            if let Some(row) = row {
                 for (dd, x) in row.iter().enumerate() {
                     kt[dd * KEY_CHUNK + c] = *x;
                 }
             }
         }
-        let Some(vchunk) = vh.get(c0 * vrs..) else {
-            break; // Unreachable: `View::new` checked the layout.
+        let (vchunk, vrs) = match v.f32_head(g) {
+            Some((vh, vrs)) => match vh.get(c0 * vrs..) {
+                Some(chunk) => (chunk, vrs),
+                None => break, // Unreachable: `View::new` checked the layout.
+            },
+            None => {
+                for (c, out) in vdec.chunks_exact_mut(hd).take(n).enumerate() {
+                    v.decode(g, c0 + c, out);
+                }
+                (&vdec[..], hd)
+            }
         };
         for r0 in (0..rows).step_by(GROUP) {
             let nr = GROUP.min(rows - r0);
@@ -1059,6 +1185,56 @@ mod tests {
     }
 
     #[test]
+    fn every_cache_format_is_read_as_its_decoded_rows() {
+        use afo_kvcache::{KvCacheConfig, KvFormat};
+        for format in [KvFormat::F16, KvFormat::BF16, KvFormat::Q8_0] {
+            for &(t, past, window) in &[(1, 150, usize::MAX), (70, 30, usize::MAX), (9, 80, 40)] {
+                let c = Case {
+                    heads: 9,
+                    kv: 3,
+                    hd: 64,
+                    t,
+                    past,
+                    window,
+                };
+                let (q, k, v) = inputs(&c, 31 + t as u64, false);
+                let config = KvCacheConfig {
+                    layers: 1,
+                    kv_heads: 3,
+                    head_dim: 64,
+                    max_tokens: 1 << 12,
+                    block_tokens: 64,
+                    format,
+                    budget_tokens: None,
+                    policy: Default::default(),
+                };
+                // Encoded into a larger buffer and narrowed, as the cache hands it out.
+                let stored = |x: &Tensor| {
+                    let pad = Tensor::zeros_like(&x.narrow(2, 0, 5).unwrap()).unwrap();
+                    let full = Tensor::cat(&[x, &pad], 2).unwrap();
+                    config
+                        .encode(&full)
+                        .unwrap()
+                        .narrow(2, 0, x.dim(2).unwrap())
+                        .unwrap()
+                };
+                let (ks, vs) = (stored(&k), stored(&v));
+                let (kd, vd) = (config.decode(&ks).unwrap(), config.decode(&vs).unwrap());
+                let want = reference(&q, &kd, &vd, window);
+                for kernel in kernels() {
+                    let got = attention_with(&q, &ks, &vs, window, kernel).unwrap();
+                    let diff = max_rel_diff(&got, &want);
+                    assert!(diff < 1e-5, "{format} {kernel:?} t {t} past {past}: {diff}");
+                    // And the decoded rows in f32 give the same bits: decoding is the
+                    // only difference between the formats.
+                    let f32_rows = attention_with(&q, &kd, &vd, window, kernel).unwrap();
+                    assert_eq!(max_rel_diff(&got, &f32_rows), 0.0, "{format} {kernel:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn softmax_steps_agree_across_kernels() {
         // Scores spread over the whole range exp is evaluated on (down to -100).
         let scores: Vec<f32> = (0..203).map(|i| 3.0 - i as f32 * 0.5).collect();
@@ -1090,9 +1266,18 @@ mod tests {
         assert!(causal_attention(&q, &k3, &k3, 9).is_err());
         let short = Tensor::zeros((1, 2, 1, 8), DType::F32, &dev).unwrap();
         assert!(causal_attention(&q, &short, &short, 9).is_err());
+        // Keys and values must share a format; u8 rows are Q8_0 blocks, which need
+        // whole blocks per head (head_dim 8 is not).
         let f16 = k.to_dtype(DType::F16).unwrap();
         assert!(matches!(
-            causal_attention(&q, &f16, &f16, 9),
+            causal_attention(&q, &f16, &k, 9),
+            Err(Error::AttentionInput { .. })
+        ));
+        let u8s = Tensor::zeros((1, 2, 5, 34), DType::U8, &dev).unwrap();
+        assert!(causal_attention(&q, &u8s, &u8s, 9).is_err());
+        let i64s = k.to_dtype(DType::I64).unwrap();
+        assert!(matches!(
+            causal_attention(&q, &i64s, &i64s, 9),
             Err(Error::AttentionInput { .. })
         ));
         // Keys whose last dimension is not contiguous.

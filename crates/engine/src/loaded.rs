@@ -154,6 +154,15 @@ impl LoadedModel {
         &self.model
     }
 
+    /// How the decoder's KV caches hold keys and values: see
+    /// [`Model::set_kv_format`].
+    ///
+    /// # Errors
+    /// As [`Model::set_kv_format`].
+    pub fn set_kv_format(&mut self, format: afo_kvcache::KvFormat) -> Result<()> {
+        self.model.set_kv_format(format)
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer

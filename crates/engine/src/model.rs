@@ -26,9 +26,9 @@
 
 use std::sync::RwLock;
 
-use afo_kvcache::{KvCache, KvCacheConfig, PrunePolicy};
+use afo_kvcache::{KvCache, KvCacheConfig, KvFormat, PrunePolicy};
 use afo_quant::QLinear;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
@@ -89,6 +89,8 @@ pub struct Model {
     lm_head: Option<QLinear>,
     rope: Rope,
     device: Device,
+    /// How this model's KV caches hold keys and values.
+    kv_format: KvFormat,
 }
 
 impl Model {
@@ -166,7 +168,30 @@ impl Model {
             lm_head,
             rope,
             device: Device::Cpu,
+            kv_format: KvFormat::F32,
         })
+    }
+
+    /// How this model's KV caches hold keys and values (default f32). Every cache it
+    /// makes from now on, and every memory estimate of it ([`Model::kv_bytes_per_token`]),
+    /// uses `format`.
+    ///
+    /// # Errors
+    /// [`Error::KvCache`] when the format cannot hold this model's heads (Q8_0 needs a
+    /// head size that is a multiple of 32).
+    pub fn set_kv_format(&mut self, format: KvFormat) -> Result<()> {
+        let probe = KvCacheConfig {
+            format,
+            ..self.cache_config(1, None, PrunePolicy::None)
+        };
+        probe.validate()?;
+        self.kv_format = format;
+        Ok(())
+    }
+
+    /// How this model's KV caches hold keys and values.
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv_format
     }
 
     /// The configuration.
@@ -313,17 +338,18 @@ impl Model {
             head_dim: c.head_dim,
             max_tokens: max_tokens.min(c.max_position).max(1),
             block_tokens: 64,
-            dtype: DType::F32,
+            format: self.kv_format,
             budget_tokens: budget,
             policy,
         }
     }
 
     /// Whether attention over a cache of layout `cache` runs in the fused kernel
-    /// ([`crate::attention`]): f32 caches on the CPU whose pruning policy does not read
-    /// the attention weights. Otherwise the scores are materialised.
+    /// ([`crate::attention`], which reads every cache format in place): caches on the
+    /// CPU whose pruning policy does not read the attention weights. Otherwise the
+    /// scores are materialised.
     fn fused_attention(&self, cache: &KvCacheConfig) -> bool {
-        !cache.policy.needs_attention() && cache.dtype == DType::F32 && self.device.is_cpu()
+        !cache.policy.needs_attention() && self.device.is_cpu()
     }
 
     /// How this model's attention holds its scores with caches pruned by `policy`
@@ -332,7 +358,9 @@ impl Model {
         if self.fused_attention(&self.cache_config(1, None, policy)) {
             afo_guard::AttentionMemory::Fused
         } else {
-            afo_guard::AttentionMemory::Materialized
+            afo_guard::AttentionMemory::Materialized {
+                decoded_cache: self.kv_format != KvFormat::F32,
+            }
         }
     }
 
@@ -582,10 +610,18 @@ impl Model {
         };
         let (k_all, v_all) = cache.append(i, &k, &v)?;
         if seq.fused {
-            // f32 queries and caches on the CPU (`fused_attention`); the kernel checks
-            // its inputs and says what is wrong otherwise.
+            // f32 queries and caches of any format on the CPU (`fused_attention`); the
+            // kernel checks its inputs and says what is wrong otherwise.
             return crate::attention::causal_attention(&q, &k_all, &v_all, seq.window);
         }
+        // The materialised product needs f32 keys and values (a copy of this layer's
+        // when the cache holds another format: counted by `attention_memory`).
+        let (k_all, v_all) = if self.kv_format == KvFormat::F32 {
+            (k_all, v_all)
+        } else {
+            let c = cache.config();
+            (c.decode(&k_all)?, c.decode(&v_all)?)
+        };
         let len = k_all.dim(2)?;
         // Grouped-query attention without copying keys: the n_rep query heads of
         // each kv head are stacked as rows of one matrix.
@@ -920,6 +956,94 @@ mod tests {
                 .unwrap();
         }
         assert!(max_diff(&last, &expect) < 1e-4);
+    }
+
+    #[test]
+    fn kv_formats_change_the_cache_bytes_not_the_answer() {
+        // Heads of 32: whole Q8_0 blocks.
+        let mut c = testing::config();
+        (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) = (64, 4, 2, 32);
+        let base = testing::model_with(c.clone(), 0.5);
+        let ids = testing::tokens(70);
+        // A prompt, then decode steps one token at a time.
+        let run = |m: &Model, policy: PrunePolicy| -> Vec<f32> {
+            let budget = policy.kept().map(|_| 128);
+            let mut cache = m.new_pruned_cache(128, budget, policy);
+            let mut out = m
+                .forward(&ids[..60], &mut cache, Logits::Last)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for id in &ids[60..] {
+                out = m
+                    .forward(&[*id], &mut cache, Logits::Last)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+            }
+            assert_eq!(cache.config().format, m.kv_format());
+            assert_eq!(cache.used_bytes(), 70 * m.kv_bytes_per_token());
+            out
+        };
+        let want = run(&base, PrunePolicy::None);
+        let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        for (format, tol) in [
+            (KvFormat::F16, 1e-2),
+            (KvFormat::BF16, 8e-2),
+            // 8 bits per element against the block's largest (the seeded model's
+            // random weights amplify it; SmolLM2's perplexity moves by 0.4%).
+            (KvFormat::Q8_0, 8e-2),
+        ] {
+            let mut m = testing::model_with(c.clone(), 0.5);
+            m.set_kv_format(format).unwrap();
+            assert_eq!(m.kv_format(), format);
+            let got = run(&m, PrunePolicy::None);
+            let d = max_diff(&got, &want);
+            println!("{format}: max logit difference {d} (logits up to {scale})");
+            assert!(
+                d > 0.0 && d < tol * scale,
+                "{format}: {d} (logits up to {scale})"
+            );
+            // The materialised path (a policy that reads the attention weights)
+            // decodes the same rows: the same logits within f32 rounding.
+            let hh = PrunePolicy::HeavyHitters {
+                budget: 128,
+                recent: 32,
+            };
+            assert_eq!(
+                m.attention_memory(hh),
+                afo_guard::AttentionMemory::Materialized {
+                    decoded_cache: true
+                }
+            );
+            let materialised = run(&m, hh);
+            assert!(max_diff(&materialised, &got) < 1e-4 * scale, "{format}");
+        }
+        // The bytes a token takes: f32 64 x 4 = 256 per head row, Q8_0 two blocks.
+        let mut q8 = testing::model_with(c.clone(), 0.5);
+        q8.set_kv_format(KvFormat::Q8_0).unwrap();
+        assert_eq!(base.kv_bytes_per_token(), 2 * 2 * 2 * 32 * 4);
+        assert_eq!(q8.kv_bytes_per_token(), 2 * 2 * 2 * 34);
+        assert_eq!(
+            base.attention_memory(PrunePolicy::HeavyHitters {
+                budget: 8,
+                recent: 2
+            }),
+            afo_guard::AttentionMemory::Materialized {
+                decoded_cache: false
+            }
+        );
+        // Heads of 8 cannot be held in Q8_0 blocks: refused with the reason, the
+        // format unchanged.
+        let mut small = testing::model(0.5);
+        let err = small.set_kv_format(KvFormat::Q8_0).unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"), "{err}");
+        assert_eq!(small.kv_format(), KvFormat::F32);
+        small.set_kv_format(KvFormat::F16).unwrap();
     }
 
     #[test]

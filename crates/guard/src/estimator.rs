@@ -25,19 +25,80 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// KV-cache bytes one token takes in this model with `elem_bytes` per element:
-    /// see [`kv_bytes_per_token`].
-    pub fn kv_bytes_per_token(&self, elem_bytes: u64) -> u64 {
-        kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, elem_bytes)
+    /// KV-cache bytes one token takes in this model with caches in `format`: see
+    /// [`kv_bytes_per_token`].
+    pub fn kv_bytes_per_token(&self, format: KvFormat) -> u64 {
+        kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, format)
+    }
+}
+
+/// How a KV cache stores its keys and values: what one head's key (or value) row of
+/// `head_dim` elements costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[allow(non_camel_case_types)]
+pub enum KvFormat {
+    /// 32-bit floats (the default).
+    #[default]
+    F32,
+    /// IEEE half floats.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// GGML's Q8_0 blocks: per 32 elements one `f16` scale and 32 `i8` quants, 34
+    /// bytes (8.5 bits per element). `head_dim` must be a multiple of 32.
+    Q8_0,
+}
+
+impl KvFormat {
+    /// Every format.
+    pub const ALL: [KvFormat; 4] = [KvFormat::F32, KvFormat::F16, KvFormat::BF16, KvFormat::Q8_0];
+
+    /// Bytes of one head's key (or value) row of `head_dim` elements (for Q8_0, whole
+    /// blocks: `head_dim / 32 x 34`, rounded up).
+    pub const fn row_bytes(self, head_dim: u64) -> u64 {
+        match self {
+            KvFormat::F32 => head_dim * 4,
+            KvFormat::F16 | KvFormat::BF16 => head_dim * 2,
+            KvFormat::Q8_0 => head_dim.div_ceil(32) * 34,
+        }
+    }
+
+    /// The name users write (`f32`, `f16`, `bf16`, `q8_0`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            KvFormat::F32 => "f32",
+            KvFormat::F16 => "f16",
+            KvFormat::BF16 => "bf16",
+            KvFormat::Q8_0 => "q8_0",
+        }
+    }
+}
+
+impl fmt::Display for KvFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        KvFormat::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                format!("unknown KV cache format {s:?}: expected one of f32, f16, bf16, q8_0")
+            })
     }
 }
 
 /// KV-cache bytes one token of one sequence takes: `layers x 2 (keys and values) x
-/// kv_heads x head_dim x elem_bytes`. The one formula: the KV cache's own layout
-/// (`afo_kvcache::KvCacheConfig::bytes_per_token`) and the catalog's estimates both
-/// call it.
-pub fn kv_bytes_per_token(layers: u64, kv_heads: u64, head_dim: u64, elem_bytes: u64) -> u64 {
-    layers * 2 * kv_heads * head_dim * elem_bytes
+/// kv_heads x` [`KvFormat::row_bytes`]`(head_dim)`. The one formula: the KV cache's
+/// own layout (`afo_kvcache::KvCacheConfig::bytes_per_token`) and the catalog's
+/// estimates both call it.
+pub fn kv_bytes_per_token(layers: u64, kv_heads: u64, head_dim: u64, format: KvFormat) -> u64 {
+    layers * 2 * kv_heads * format.row_bytes(head_dim)
 }
 
 /// Where the weights' bytes come from.
@@ -108,9 +169,14 @@ pub enum AttentionMemory {
     #[default]
     Fused,
     /// The score matrix and its softmax materialised, `2 x B x heads x C x T x 4`
-    /// (another device, another cache element type, or a pruning policy that reads the
-    /// attention weights).
-    Materialized,
+    /// (another device, or a pruning policy that reads the attention weights); with
+    /// `decoded_cache`, a cache not held in f32 is also decoded to f32 for the
+    /// product, one layer's keys and values at a time: `2 x B x kv_heads x T x
+    /// head_dim x 4` more.
+    Materialized {
+        /// Whether the cache's keys and values are decoded to f32 copies.
+        decoded_cache: bool,
+    },
 }
 
 /// What a run produces from the model's final hidden states.
@@ -173,13 +239,14 @@ impl fmt::Display for Estimate {
 ///
 /// - **weights**: [`Weights::bytes`];
 /// - **KV cache**: `kv_bytes_per_token x T x B` (the cache's own figure per token:
-///   `layers x 2 x kv_heads x head_dim x` the bytes of its element type);
+///   `layers x 2 x kv_heads x` the bytes of a head row in its [`KvFormat`]);
 /// - **activations** (one layer's working set in the largest forward pass, buffers
 ///   reused across layers): `B x C x (4 x hidden + 3 x intermediate + (heads + 2 x
 ///   kv_heads) x head_dim) x 4` plus attention's own ([`AttentionMemory`]): for the
 ///   fused kernel `2 x B x C x heads x head_dim x 4` (its accumulators and output),
 ///   for materialised scores `B x heads x C x T x 4` twice (the scores and their
-///   softmax are alive together);
+///   softmax are alive together), plus `2 x B x kv_heads x T x head_dim x 4` when a
+///   cache held in another format is decoded to f32 for them;
 /// - **logits**: `B x vocab x 4 x 2` (the logits and the sampler's working copy), for
 ///   [`RunOutput::Logits`]; none for an embedding run;
 /// - **embeddings**: for [`RunOutput::Embeddings`], `vectors x hidden x 4 x 2` (the
@@ -218,7 +285,14 @@ impl Estimator {
         let per_token = 4 * s.hidden + 3 * s.intermediate + (s.heads + 2 * s.kv_heads) * s.head_dim;
         let attention = match plan.attention {
             AttentionMemory::Fused => 2 * b * c * s.heads * s.head_dim * 4,
-            AttentionMemory::Materialized => 2 * b * s.heads * c * t.max(1) * 4,
+            AttentionMemory::Materialized { decoded_cache } => {
+                let decoded = if decoded_cache {
+                    2 * b * s.kv_heads * t.max(1) * s.head_dim * 4
+                } else {
+                    0
+                };
+                2 * b * s.heads * c * t.max(1) * 4 + decoded
+            }
         };
         let activations = b * c * per_token * 4 + attention;
         let (logits, embeddings) = match plan.output {
@@ -294,7 +368,9 @@ mod tests {
         let fused = |prompt, new| est.estimate(&plan(prompt, new, 1)).activations;
         let materialized = |prompt, new| {
             let mut p = plan(prompt, new, 1);
-            p.attention = AttentionMemory::Materialized;
+            p.attention = AttentionMemory::Materialized {
+                decoded_cache: false,
+            };
             est.estimate(&p).activations
         };
         // 512 prompt tokens (one chunk): the activations of a chunk, the same for any
@@ -328,6 +404,35 @@ mod tests {
         );
         let parts = est.run_parts(&e);
         assert!(parts.get(MemoryKind::Workspace) >= e.activations + e.embeddings);
+    }
+
+    #[test]
+    fn the_cache_format_sets_the_bytes_of_a_row() {
+        let s = smollm2();
+        assert_eq!(s.kv_bytes_per_token(KvFormat::F32), 30 * 2 * 3 * 64 * 4);
+        assert_eq!(s.kv_bytes_per_token(KvFormat::F16), 30 * 2 * 3 * 64 * 2);
+        assert_eq!(s.kv_bytes_per_token(KvFormat::BF16), 30 * 2 * 3 * 64 * 2);
+        // Two Q8_0 blocks of 34 bytes per 64-element head row: 8.5 bits per element.
+        assert_eq!(s.kv_bytes_per_token(KvFormat::Q8_0), 30 * 2 * 3 * 2 * 34);
+        assert_eq!(
+            KvFormat::Q8_0.row_bytes(40),
+            2 * 34,
+            "partial blocks count whole"
+        );
+        for f in KvFormat::ALL {
+            assert_eq!(f.name().parse::<KvFormat>(), Ok(f));
+            assert_eq!(f.to_string().to_uppercase().parse::<KvFormat>(), Ok(f));
+        }
+        let err = "q4_k".parse::<KvFormat>().unwrap_err();
+        assert!(err.contains("q4_k") && err.contains("q8_0"), "{err}");
+        // A decoded cache adds one layer's f32 keys and values to materialised scores.
+        let est = Estimator::default();
+        let with = |decoded_cache| {
+            let mut p = plan(100, 28, 2);
+            p.attention = AttentionMemory::Materialized { decoded_cache };
+            est.estimate(&p).activations
+        };
+        assert_eq!(with(true) - with(false), 2 * 2 * 3 * 128 * 64 * 4);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub use bytesize::ByteSize;
 pub use cgroup::{CgroupMemory, CgroupProbe, CgroupVersion};
 pub use error::{Error, Result};
 pub use estimator::{
-    AttentionMemory, Estimate, Estimator, ModelShape, RunOutput, RunPlan, Weights,
+    AttentionMemory, Estimate, Estimator, KvFormat, ModelShape, RunOutput, RunPlan, Weights,
     kv_bytes_per_token,
 };
 pub use health::{ERROR_PENALTY, FALLBACK_PENALTY, HealthInputs, badge, health_score};

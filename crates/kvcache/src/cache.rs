@@ -1,5 +1,6 @@
 //! The per-sequence KV cache.
 
+use afo_guard::KvFormat;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -18,8 +19,8 @@ pub struct KvCacheConfig {
     pub max_tokens: usize,
     /// Growth granularity, in tokens.
     pub block_tokens: usize,
-    /// Storage dtype (f32, f16 or bf16).
-    pub dtype: DType,
+    /// How keys and values are stored (f32, f16, bf16 or Q8_0 blocks).
+    pub format: KvFormat,
     /// The most tokens held at once; above it the cache prunes by `policy`. `None`:
     /// never prune (appending past `max_tokens` is an error).
     pub budget_tokens: Option<usize>,
@@ -34,8 +35,85 @@ impl KvCacheConfig {
             self.layers as u64,
             self.kv_heads as u64,
             self.head_dim as u64,
-            self.dtype.size_in_bytes() as u64,
+            self.format,
         )
+    }
+
+    /// How a head's key (or value) row is held in the buffers: the element type and
+    /// the elements per row. Float formats hold `head_dim` elements of their type;
+    /// Q8_0 holds its blocks' bytes (`head_dim / 32 x 34` of `u8`).
+    pub fn storage(&self) -> (DType, usize) {
+        match self.format {
+            KvFormat::F32 => (DType::F32, self.head_dim),
+            KvFormat::F16 => (DType::F16, self.head_dim),
+            KvFormat::BF16 => (DType::BF16, self.head_dim),
+            KvFormat::Q8_0 => (
+                DType::U8,
+                KvFormat::Q8_0.row_bytes(self.head_dim as u64) as usize,
+            ),
+        }
+    }
+
+    /// Checks that the format can hold rows of `head_dim` (Q8_0: a multiple of 32).
+    ///
+    /// # Errors
+    /// [`Error::Format`] otherwise.
+    pub fn validate(&self) -> Result<()> {
+        if self.format == KvFormat::Q8_0 && !self.head_dim.is_multiple_of(32) {
+            return Err(Error::Format {
+                format: self.format,
+                reason: format!(
+                    "its blocks hold 32 elements, and a head has {} (not a multiple of 32)",
+                    self.head_dim
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Encodes keys or values (`[1, kv_heads, t, head_dim]`, any float type) into the
+    /// buffers' layout ([`KvCacheConfig::storage`]).
+    ///
+    /// # Errors
+    /// [`Error::Format`] for a head size the format cannot hold; tensor errors.
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let (dtype, width) = self.storage();
+        if self.format != KvFormat::Q8_0 {
+            return Ok(x.to_dtype(dtype)?.contiguous()?);
+        }
+        self.validate()?;
+        let (b, h, t, d) = x.dims4()?;
+        let values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut bytes = vec![0u8; b * h * t * width];
+        for (row, out) in values.chunks_exact(d).zip(bytes.chunks_exact_mut(width)) {
+            afo_quant::kernels::quantize_q8_0(row, out).map_err(|e| Error::Format {
+                format: self.format,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(Tensor::from_vec(bytes, (b, h, t, width), x.device())?)
+    }
+
+    /// Decodes rows held in the buffers' layout (`[1, kv_heads, n, width]`, as
+    /// [`KvCache::append`] returns them) to f32 `[1, kv_heads, n, head_dim]`.
+    ///
+    /// # Errors
+    /// [`Error::Format`] for bytes that are not whole rows; tensor errors.
+    pub fn decode(&self, stored: &Tensor) -> Result<Tensor> {
+        if self.format != KvFormat::Q8_0 {
+            return Ok(stored.to_dtype(DType::F32)?);
+        }
+        let (b, h, n, width) = stored.dims4()?;
+        let d = self.head_dim;
+        let bytes: Vec<u8> = stored.flatten_all()?.to_vec1()?;
+        let mut values = vec![0.0f32; b * h * n * d];
+        for (row, out) in bytes.chunks_exact(width).zip(values.chunks_exact_mut(d)) {
+            afo_quant::kernels::dequantize_q8_0(row, out).map_err(|e| Error::Format {
+                format: self.format,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(Tensor::from_vec(values, (b, h, n, d), stored.device())?)
     }
 }
 
@@ -274,7 +352,9 @@ impl KvCache {
     }
 
     /// Writes `k` and `v` (`[1, kv_heads, t, head_dim]`) for `layer` after the tokens
-    /// held, and returns the keys and values of all `len + t` positions. Call it for
+    /// held, and returns the keys and values of all `len + t` positions, as the
+    /// buffers hold them (`[1, kv_heads, len + t, width]` in the layout of
+    /// [`KvCacheConfig::storage`]; [`KvCacheConfig::decode`] gives f32). Call it for
     /// every layer, then [`KvCache::commit`] with `t`.
     ///
     /// # Errors
@@ -300,8 +380,33 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<usize> {
         let c = self.config;
-        let (b, h, t, d) = k.dims4().map_err(|_| self.shape_err(k))?;
+        let (b, h, _, d) = k.dims4().map_err(|_| self.shape_err(k))?;
         if b != 1 || h != c.kv_heads || d != c.head_dim || v.dims() != k.dims() {
+            return Err(self.shape_err(if v.dims() != k.dims() { v } else { k }));
+        }
+        let (k, v) = (c.encode(k)?, c.encode(v)?);
+        self.write_stored_at(layer, offset, &k, &v)
+    }
+
+    /// [`KvCache::write_at`] for rows already in the buffers' layout
+    /// ([`KvCacheConfig::storage`]): a prefix block's copies.
+    pub(crate) fn write_stored_at(
+        &mut self,
+        layer: usize,
+        offset: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<usize> {
+        let c = self.config;
+        let (dtype, width) = c.storage();
+        let (b, h, t, d) = k.dims4().map_err(|_| self.shape_err(k))?;
+        if b != 1
+            || h != c.kv_heads
+            || d != width
+            || v.dims() != k.dims()
+            || k.dtype() != dtype
+            || v.dtype() != dtype
+        {
             return Err(self.shape_err(if v.dims() != k.dims() { v } else { k }));
         }
         if layer >= c.layers {
@@ -328,24 +433,12 @@ impl KvCache {
         let buffers = match &mut self.layers[layer] {
             Some(l) => l,
             slot => slot.insert(Layer {
-                k: Tensor::zeros(
-                    (1, c.kv_heads, self.capacity, c.head_dim),
-                    c.dtype,
-                    &self.device,
-                )?,
-                v: Tensor::zeros(
-                    (1, c.kv_heads, self.capacity, c.head_dim),
-                    c.dtype,
-                    &self.device,
-                )?,
+                k: Tensor::zeros((1, c.kv_heads, self.capacity, width), dtype, &self.device)?,
+                v: Tensor::zeros((1, c.kv_heads, self.capacity, width), dtype, &self.device)?,
             }),
         };
-        buffers
-            .k
-            .slice_set(&k.to_dtype(c.dtype)?.contiguous()?, 2, at)?;
-        buffers
-            .v
-            .slice_set(&v.to_dtype(c.dtype)?.contiguous()?, 2, at)?;
+        buffers.k.slice_set(&k.contiguous()?, 2, at)?;
+        buffers.v.slice_set(&v.contiguous()?, 2, at)?;
         Ok(end)
     }
 
@@ -370,7 +463,8 @@ impl KvCache {
         Ok(())
     }
 
-    /// Views of the keys and values held at `layer` (`[1, kv_heads, len, head_dim]`);
+    /// Views of the keys and values held at `layer` (`[1, kv_heads, len, width]`, the
+    /// buffers' layout);
     /// `None` before the layer's first append. The views share the cache's buffers:
     /// copy them before keeping them past the next write.
     pub(crate) fn held(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
@@ -439,8 +533,9 @@ impl KvCache {
             .map_or(c.max_tokens, |b| b.min(c.max_tokens));
         let new_cap = new_cap.min(limit).max(needed);
         for layer in self.layers.iter_mut().flatten() {
-            let k = Tensor::zeros((1, c.kv_heads, new_cap, c.head_dim), c.dtype, &self.device)?;
-            let v = Tensor::zeros((1, c.kv_heads, new_cap, c.head_dim), c.dtype, &self.device)?;
+            let (dtype, width) = c.storage();
+            let k = Tensor::zeros((1, c.kv_heads, new_cap, width), dtype, &self.device)?;
+            let v = Tensor::zeros((1, c.kv_heads, new_cap, width), dtype, &self.device)?;
             if self.len > 0 {
                 k.slice_set(&layer.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                 v.slice_set(&layer.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
@@ -472,7 +567,7 @@ mod tests {
             head_dim: 4,
             max_tokens: max,
             block_tokens: 8,
-            dtype: DType::F32,
+            format: KvFormat::F32,
             budget_tokens: None,
             policy: PrunePolicy::None,
         }
@@ -635,6 +730,124 @@ mod tests {
         let (ka, _) = a.append(0, &tok(1, 500.0), &tok(1, 500.0)).unwrap();
         let last = |k: &Tensor| -> f32 { k.i((0, 0, 3, 0)).unwrap().to_scalar().unwrap() };
         assert_eq!((last(&ka), last(&kb)), (500.0, 7.0));
+    }
+
+    #[test]
+    fn q8_0_caches_hold_blocks_and_decode_within_half_a_step() {
+        let mut c = config(100);
+        c.head_dim = 64;
+        c.format = KvFormat::Q8_0;
+        let mut cache = KvCache::new(c, &Device::Cpu);
+        let rows = |t: usize, base: f32| {
+            let data: Vec<f32> = (0..2 * t * 64)
+                .map(|i| ((i as f32 * 0.37 + base).sin()) * (1.0 + (i % 7) as f32))
+                .collect();
+            Tensor::from_vec(data, (1, 2, t, 64), &Device::Cpu).unwrap()
+        };
+        let mut all = Vec::new();
+        for step in 0..12 {
+            let t = if step == 0 { 9 } else { 1 };
+            let k = rows(t, step as f32);
+            for layer in 0..2 {
+                let (ks, vs) = cache.append(layer, &k, &k).unwrap();
+                // Two blocks of 34 bytes per row of 64.
+                assert_eq!(ks.dims(), [1, 2, cache.len() + t, 68]);
+                assert_eq!((ks.dtype(), vs.dims()), (DType::U8, ks.dims()));
+            }
+            cache.commit(t).unwrap();
+            all.push(k);
+        }
+        let want = Tensor::cat(&all, 2).unwrap();
+        let (held, _) = cache.held(0).unwrap().unwrap();
+        let got = c.decode(&held).unwrap();
+        assert_eq!(got.dims(), [1, 2, 20, 64]);
+        let (w, g): (Vec<f32>, Vec<f32>) = (
+            want.flatten_all().unwrap().to_vec1().unwrap(),
+            got.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for (bw, bg) in w.chunks(32).zip(g.chunks(32)) {
+            let amax = bw.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            for (x, y) in bw.iter().zip(bg) {
+                assert!(
+                    (x - y).abs() <= amax / 254.0 + amax * 2f32.powi(-11),
+                    "{x} vs {y}"
+                );
+            }
+        }
+        // Bytes are the format's: 2 layers x 2 (k, v) x 2 heads x 68 per token.
+        assert_eq!(c.bytes_per_token(), 2 * 2 * 2 * 68);
+        assert_eq!(cache.bytes(), cache.capacity() as u64 * 2 * 2 * 2 * 68);
+        let f32_cache = KvCacheConfig {
+            format: KvFormat::F32,
+            ..c
+        };
+        assert!(c.bytes_per_token() * 3 < f32_cache.bytes_per_token());
+        // A clone copies the blocks; pruning moves them like any rows.
+        let copy = cache.clone();
+        assert_eq!(
+            copy.held(1)
+                .unwrap()
+                .unwrap()
+                .0
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap(),
+            cache
+                .held(1)
+                .unwrap()
+                .unwrap()
+                .0
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn q8_0_needs_whole_blocks_per_head() {
+        let mut c = config(10);
+        c.format = KvFormat::Q8_0; // head_dim 4
+        assert!(matches!(c.validate(), Err(Error::Format { .. })));
+        let mut cache = KvCache::new(c, &Device::Cpu);
+        let err = cache.append(0, &tok(1, 0.0), &tok(1, 0.0)).unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"), "{err}");
+        c.head_dim = 96;
+        assert!(c.validate().is_ok());
+        assert_eq!(c.storage(), (DType::U8, 3 * 34));
+    }
+
+    #[test]
+    fn pruning_a_q8_0_cache_keeps_the_chosen_rows() {
+        let mut c = config(1000);
+        c.head_dim = 32;
+        c.format = KvFormat::Q8_0;
+        c.budget_tokens = Some(16);
+        c.policy = PrunePolicy::SlidingWindow { window: 12 };
+        let mut cache = KvCache::new(c, &Device::Cpu);
+        for p in 0..40 {
+            cache.make_room(1).unwrap();
+            // Position p in every element: Q8_0 holds small integers exactly.
+            let k = Tensor::full((p % 100) as f32, (1, 2, 1, 32), &Device::Cpu).unwrap();
+            for layer in 0..2 {
+                cache.append(layer, &k, &k).unwrap();
+            }
+            cache.commit(1).unwrap();
+        }
+        let (k, _) = cache.held(0).unwrap().unwrap();
+        let first: Vec<f32> = c
+            .decode(&k)
+            .unwrap()
+            .i((0, 1, .., 0))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(first.len() <= 16);
+        let want: Vec<f32> = (40 - first.len()..40).map(|p| p as f32).collect();
+        for (a, b) in first.iter().zip(&want) {
+            assert!((a - b).abs() <= b / 254.0 + b * 2f32.powi(-11), "{first:?}");
+        }
     }
 
     #[test]

@@ -91,6 +91,14 @@ pub enum Error {
         /// The cache's position.
         position: usize,
     },
+    /// The cache's format cannot hold this model's keys and values.
+    #[error("KV cache format {format} cannot be used: {reason}")]
+    Format {
+        /// The format.
+        format: afo_guard::KvFormat,
+        /// Why.
+        reason: String,
+    },
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

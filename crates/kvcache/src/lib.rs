@@ -17,6 +17,18 @@
 //! slots at a time (at most a quarter of the budget) so that decoding does not compact
 //! the cache at every step.
 //!
+//! # Formats
+//!
+//! [`KvCacheConfig::format`] says how keys and values are held ([`KvFormat`]): f32
+//! (the default), f16, bf16, or GGML's Q8_0 blocks (per 32 elements one `f16` scale
+//! and 32 `i8` quants, 8.5 bits per element: 26.6% of f32). [`KvCache::append`] takes
+//! keys and values in any float type and encodes them
+//! ([`KvCacheConfig::encode`]); it returns the held rows as the buffers store them
+//! (`[1, kv_heads, len, width]`, [`KvCacheConfig::storage`]), which the engine's fused
+//! attention reads in place and [`KvCacheConfig::decode`] turns into f32. Every
+//! byte figure ([`KvCacheConfig::bytes_per_token`], [`KvCache::bytes`]) is the
+//! format's, through the guard's one formula ([`afo_guard::kv_bytes_per_token`]).
+//!
 //! # Positions after pruning
 //!
 //! Keys are cached after RoPE, rotated for the position they were computed at, and they
@@ -46,12 +58,12 @@
 //! # Example
 //!
 //! ```
-//! use afo_kvcache::{KvCache, KvCacheConfig};
+//! use afo_kvcache::{KvCache, KvCacheConfig, KvFormat};
 //! use candle_core::{DType, Device, Tensor};
 //!
 //! # fn main() -> Result<(), afo_kvcache::Error> {
 //! let config = KvCacheConfig { layers: 2, kv_heads: 3, head_dim: 64, max_tokens: 1024,
-//!                              block_tokens: 32, dtype: DType::F32,
+//!                              block_tokens: 32, format: KvFormat::F32,
 //!                              budget_tokens: None, policy: Default::default() };
 //! let mut cache = KvCache::new(config, &Device::Cpu);
 //! let k = Tensor::zeros((1, 3, 5, 64), DType::F32, &Device::Cpu)?;
@@ -67,12 +79,12 @@
 //! Reusing a prefix:
 //!
 //! ```
-//! use afo_kvcache::{KvCache, KvCacheConfig, PrefixCache, PrefixCacheConfig, Salt};
+//! use afo_kvcache::{KvCache, KvCacheConfig, KvFormat, PrefixCache, PrefixCacheConfig, Salt};
 //! use candle_core::{DType, Device, Tensor};
 //!
 //! # fn main() -> Result<(), afo_kvcache::Error> {
 //! let config = KvCacheConfig { layers: 1, kv_heads: 1, head_dim: 8, max_tokens: 256,
-//!                              block_tokens: 32, dtype: DType::F32,
+//!                              block_tokens: 32, format: KvFormat::F32,
 //!                              budget_tokens: None, policy: Default::default() };
 //! let prefixes = PrefixCache::new(PrefixCacheConfig::default())?; // blocks of 16 tokens
 //! let salt = Salt::new(b"my-model");
@@ -107,6 +119,7 @@ mod error;
 mod policy;
 pub mod prefix;
 
+pub use afo_guard::KvFormat;
 pub use cache::{KvCache, KvCacheConfig};
 pub use error::{Error, Result};
 pub use policy::PrunePolicy;

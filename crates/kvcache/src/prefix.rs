@@ -195,12 +195,13 @@ impl PrefixHit {
             });
         }
         let c = *cache.config();
+        let (dtype, width) = c.storage();
         for (b, block) in self.blocks.iter().enumerate() {
             let fits = block.layers.len() == c.layers
                 && block.layers.iter().all(|(k, v)| {
-                    k.dims() == [1, c.kv_heads, self.block_tokens, c.head_dim]
+                    k.dims() == [1, c.kv_heads, self.block_tokens, width]
                         && v.dims() == k.dims()
-                        && k.dtype() == c.dtype
+                        && k.dtype() == dtype
                 });
             if !fits {
                 let got = block.layers.first().map_or_else(Vec::new, |(k, _)| {
@@ -211,7 +212,7 @@ impl PrefixHit {
                 return Err(Error::PrefixLayout {
                     block: b,
                     got,
-                    want: vec![c.layers, 1, c.kv_heads, self.block_tokens, c.head_dim],
+                    want: vec![c.layers, 1, c.kv_heads, self.block_tokens, width],
                 });
             }
         }
@@ -219,7 +220,7 @@ impl PrefixHit {
         for layer in 0..c.layers {
             for (b, block) in self.blocks.iter().enumerate() {
                 let (k, v) = &block.layers[layer];
-                cache.write_at(layer, b * self.block_tokens, k, v)?;
+                cache.write_stored_at(layer, b * self.block_tokens, k, v)?;
             }
         }
         cache.commit(self.tokens())
@@ -539,7 +540,7 @@ mod tests {
     use super::*;
     use crate::cache::KvCacheConfig;
     use crate::policy::PrunePolicy;
-    use candle_core::{DType, Device, IndexOp};
+    use candle_core::{Device, IndexOp};
 
     const BT: usize = 4;
 
@@ -550,7 +551,7 @@ mod tests {
             head_dim: 3,
             max_tokens: 256,
             block_tokens: 8,
-            dtype: DType::F32,
+            format: crate::KvFormat::F32,
             budget_tokens: None,
             policy: PrunePolicy::None,
         }
@@ -611,6 +612,69 @@ mod tests {
 
     fn salt() -> Salt {
         Salt::new(b"model-a")
+    }
+
+    #[test]
+    fn q8_0_blocks_seed_a_q8_0_cache_byte_for_byte() {
+        let config = KvCacheConfig {
+            head_dim: 32,
+            format: crate::KvFormat::Q8_0,
+            ..kv_config()
+        };
+        let fill = |tokens: &[u32]| {
+            let mut cache = KvCache::new(config, &Device::Cpu);
+            for layer in 0..2 {
+                let n = tokens.len();
+                // A function of (layer, head, position, element), as a forward pass.
+                let data: Vec<f32> = (0..2 * n * 32)
+                    .map(|i| {
+                        let (h, p, d) = (i / (n * 32), i / 32 % n, i % 32);
+                        ((layer * 7 + h * 5 + p * 3 + d) as f32 * 0.731).sin() * 3.0
+                    })
+                    .collect();
+                let k = Tensor::from_vec(data, (1, 2, tokens.len(), 32), &Device::Cpu).unwrap();
+                cache.append(layer, &k, &(&k * 0.5).unwrap()).unwrap();
+            }
+            cache.commit(tokens.len()).unwrap();
+            cache
+        };
+        let bytes = |cache: &KvCache, layer: usize| -> Vec<u8> {
+            let (k, v) = cache.held(layer).unwrap().unwrap();
+            let mut b: Vec<u8> = k.flatten_all().unwrap().to_vec1().unwrap();
+            b.extend(v.flatten_all().unwrap().to_vec1::<u8>().unwrap());
+            b
+        };
+        let pc = PrefixCache::new(PrefixCacheConfig {
+            block_tokens: BT,
+            budget_bytes: 100 * BT as u64 * config.bytes_per_token(),
+            ttl: None,
+        })
+        .unwrap();
+        let prompt = ids(10, 3);
+        let a = fill(&prompt);
+        assert_eq!(pc.insert(salt(), &prompt, &a).unwrap(), 2);
+        // The blocks are counted in the format's bytes: 34 per row of 32, not 128.
+        assert_eq!(pc.stats().bytes, 2 * BT as u64 * 2 * 2 * 2 * 34);
+        let hit = pc.lookup(salt(), &prompt);
+        let mut b = KvCache::new(config, &Device::Cpu);
+        hit.seed(&mut b).unwrap();
+        assert_eq!(b.len(), 8);
+        let want = fill(&prompt[..8]);
+        for layer in 0..2 {
+            assert_eq!(bytes(&b, layer), bytes(&want, layer));
+        }
+        // An f32 cache cannot take Q8_0 blocks: the layout error says so.
+        let mut f = KvCache::new(
+            KvCacheConfig {
+                format: crate::KvFormat::F32,
+                ..config
+            },
+            &Device::Cpu,
+        );
+        assert!(matches!(
+            pc.lookup(salt(), &prompt).seed(&mut f),
+            Err(Error::PrefixLayout { .. })
+        ));
     }
 
     #[test]

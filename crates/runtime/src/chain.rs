@@ -252,7 +252,9 @@ impl Runtime {
         let key = crate::runtime::cache_key(dir, None);
         loop {
             let result = self.vlm_cache.acquire(&key, safetensors_bytes(dir), || {
-                VisionLanguageModel::load(dir)
+                let mut vlm = VisionLanguageModel::load(dir)?;
+                vlm.set_kv_format(self.kv_format)?;
+                Ok(vlm)
             });
             match result {
                 Err(afo_engine::Error::ModelTooLarge { .. }) if self.make_room() => continue,

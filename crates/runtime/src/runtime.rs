@@ -243,6 +243,7 @@ pub struct RuntimeBuilder {
     catalog: Option<Catalog>,
     router: Option<std::sync::Arc<dyn Router + Send + Sync>>,
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
+    kv_format: afo_kvcache::KvFormat,
     prefix: Option<PrefixCacheConfig>,
     replica_id: Option<String>,
     node_id: Option<String>,
@@ -304,6 +305,15 @@ impl RuntimeBuilder {
     /// [`afo_kvcache`]). Default: a full cache for the prompt and `max_tokens`.
     pub fn kv_budget(mut self, budget: usize, policy: afo_kvcache::PrunePolicy) -> Self {
         self.kv = Some((budget, policy));
+        self
+    }
+
+    /// How every model's KV caches hold keys and values: f32 (the default), f16, bf16
+    /// or Q8_0 blocks (26.6% of f32's bytes; see [`afo_kvcache::KvFormat`]). Every
+    /// memory estimate and ledger reservation of a run counts the format's bytes. A
+    /// model whose heads the format cannot hold fails to load with the reason.
+    pub fn kv_format(mut self, format: afo_kvcache::KvFormat) -> Self {
+        self.kv_format = format;
         self
     }
 
@@ -388,6 +398,7 @@ impl RuntimeBuilder {
             runs: AtomicU64::new(0),
             catalog: self.catalog,
             kv: self.kv,
+            kv_format: self.kv_format,
             prefix,
             prefix_caches: Mutex::default(),
             stored_schemes: Default::default(),
@@ -417,6 +428,8 @@ pub struct Runtime {
     pub(crate) catalog: Option<Catalog>,
     pub(crate) router: std::sync::Arc<dyn Router + Send + Sync>,
     kv: Option<(usize, afo_kvcache::PrunePolicy)>,
+    /// How loaded models' KV caches hold keys and values.
+    pub(crate) kv_format: afo_kvcache::KvFormat,
     pub(crate) prefix: PrefixCacheConfig,
     /// Each loaded model's prefix cache, by model cache key.
     prefix_caches: Mutex<HashMap<String, PrefixSlot>>,
@@ -634,9 +647,13 @@ impl Runtime {
             // The cache reserves the estimate in the ledger before loading, evicting
             // its own idle models while the ledger refuses; when that is not enough,
             // the other cache's idle models and the prefix blocks can make room.
-            let result = self.cache.acquire(&key, estimate, || match scheme {
-                None => LoadedModel::load(model),
-                Some(s) => LoadedModel::load_quantized(model, QuantPolicy::new(s), |_| {}),
+            let result = self.cache.acquire(&key, estimate, || {
+                let mut loaded = match scheme {
+                    None => LoadedModel::load(model),
+                    Some(s) => LoadedModel::load_quantized(model, QuantPolicy::new(s), |_| {}),
+                }?;
+                loaded.set_kv_format(self.kv_format)?;
+                Ok(loaded)
             });
             match result {
                 Err(afo_engine::Error::ModelTooLarge { .. }) if self.make_room() => continue,

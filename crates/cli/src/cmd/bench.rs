@@ -68,6 +68,9 @@ pub(crate) struct Args {
     /// precise than `--scheme`, as `afo quantize` does).
     #[arg(long, requires = "scheme")]
     embeddings: Option<afo_runtime::quant::QuantScheme>,
+    /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
+    #[arg(long, default_value = "f32")]
+    kv_cache: afo_runtime::kvcache::KvFormat,
     /// `memory`: prompt lengths (tokens) of the runs whose predicted peak is compared
     /// with the measured one.
     #[arg(long, value_delimiter = ',', default_value = "16,128,512,1024,2048")]
@@ -377,7 +380,7 @@ fn predict(args: &Args, model: &Path) -> anyhow::Result<MemoryResult> {
     use afo_runtime::engine::{GenerateOptions, SamplingParams};
     use afo_runtime::{GenerateRequest, Prompt};
 
-    let runtime = Runtime::builder().build()?;
+    let runtime = Runtime::builder().kv_format(args.kv_cache).build()?;
     let request = |prompt: String| {
         let mut r =
             GenerateRequest::new(model, Prompt::Text(prompt)).with_options(GenerateOptions {
@@ -608,7 +611,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Cold load and warm re-acquire of the model in a fresh runtime, in ms.
 fn load_times(args: &Args, model: &Path) -> anyhow::Result<(f64, f64)> {
-    let runtime = Runtime::builder().build()?;
+    let runtime = Runtime::builder().kv_format(args.kv_cache).build()?;
     let cold_ms = runtime.preload(model)?.acquire_ms;
     let warm: Vec<f64> = (0..args.rounds.max(1) * 20)
         .map(|_| runtime.preload(model).map(|p| p.acquire_ms))
@@ -746,7 +749,7 @@ fn measure(args: &Args) -> anyhow::Result<BenchResult> {
         warm_ms,
         cold_ms / warm_ms
     );
-    let loaded = match args.scheme {
+    let mut loaded = match args.scheme {
         Some(s) => {
             let mut policy = afo_runtime::quant::QuantPolicy::new(s);
             if let Some(e) = args.embeddings {
@@ -756,6 +759,7 @@ fn measure(args: &Args) -> anyhow::Result<BenchResult> {
         }
         None => LoadedModel::load(&model)?,
     };
+    loaded.set_kv_format(args.kv_cache)?;
     Ok(match args.mode {
         Mode::Batching => {
             let r = batch(args, &model, &loaded)?;

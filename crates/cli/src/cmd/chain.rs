@@ -38,6 +38,10 @@ pub(crate) struct Args {
     /// from looping).
     #[arg(long, default_value_t = 1.2)]
     repetition_penalty: f32,
+    /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0 (8.5 bits per
+    /// element, 26.6% of f32; memory estimates count the format's bytes).
+    #[arg(long, default_value = "f32")]
+    kv_cache: afo_runtime::kvcache::KvFormat,
     /// The memory cutline, e.g. 8GiB.
     #[arg(long, default_value = "20GiB")]
     cutline: ByteSize,
@@ -102,7 +106,9 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
         }
     };
     let llm = args.llm.as_deref().map(super::resolve_model).transpose()?;
-    let mut builder = Runtime::builder().cutline(args.cutline);
+    let mut builder = Runtime::builder()
+        .cutline(args.cutline)
+        .kv_format(args.kv_cache);
     if let Some(log) = &args.log {
         builder = builder.ssot_log(log);
     }

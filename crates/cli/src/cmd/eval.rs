@@ -8,7 +8,7 @@ use afo_runtime::engine::{
     LoadedModel, Logits, Model, compare_models, perplexity, streaming_perplexity,
 };
 use afo_runtime::guard::ByteSize;
-use afo_runtime::kvcache::PrunePolicy;
+use afo_runtime::kvcache::{KvFormat, PrunePolicy};
 use afo_runtime::quant::{QuantPolicy, QuantScheme};
 
 use super::bench::results::{KvResult, KvRow};
@@ -51,6 +51,9 @@ pub(crate) enum Command {
         /// KV budget in tokens for the policy (default: a quarter of `--ctx`).
         #[arg(long)]
         kv_budget: Option<usize>,
+        /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
+        #[arg(long, default_value = "f32")]
+        kv_cache: KvFormat,
     },
     /// Perplexity over one long context with the KV cache limited to a budget, for
     /// each pruning policy, against the full cache.
@@ -74,6 +77,9 @@ pub(crate) enum Command {
         /// Tokens per forward pass.
         #[arg(long, default_value_t = 16)]
         chunk: usize,
+        /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
+        #[arg(long, default_value = "f32")]
+        kv_cache: KvFormat,
         /// Write the result as JSON to this file (for `afo bench report --from`).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -197,10 +203,12 @@ pub(crate) fn measure_kv(
     budget: Option<usize>,
     policies: &[PrunePolicy],
     chunk: usize,
+    format: KvFormat,
 ) -> anyhow::Result<KvResult> {
     let path = super::resolve_model(model)?;
     let spin = super::spinner(format!("loading {}", path.display()));
-    let loaded = LoadedModel::load(&path)?;
+    let mut loaded = LoadedModel::load(&path)?;
+    loaded.set_kv_format(format)?;
     spin.finish_and_clear();
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -304,9 +312,10 @@ fn kv(
     budget: Option<usize>,
     policies: &[PrunePolicy],
     chunk: usize,
+    format: KvFormat,
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let r = measure_kv(model, file, n, budget, policies, chunk)?;
+    let r = measure_kv(model, file, n, budget, policies, chunk, format)?;
     print_kv(&r)?;
     if let Some(path) = json {
         super::bench::write_json(path, super::bench::results::BenchResult::Kv(r))?;
@@ -323,6 +332,7 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             budget,
             policies,
             chunk,
+            kv_cache,
             json,
         } => kv(
             model,
@@ -331,6 +341,7 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             *budget,
             policies,
             *chunk,
+            *kv_cache,
             json.as_deref(),
         ),
         Command::Quality {
@@ -347,6 +358,7 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             ctx,
             kv_policy,
             kv_budget,
+            kv_cache,
         } if kv_policy != "full" => {
             let budget = kv_budget.unwrap_or(ctx / 4);
             let policy = match kv_policy.as_str() {
@@ -361,14 +373,28 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
                 },
                 other => other.parse()?,
             };
-            kv(model, file, *ctx, Some(budget), &[policy], 16, None)
+            kv(
+                model,
+                file,
+                *ctx,
+                Some(budget),
+                &[policy],
+                16,
+                *kv_cache,
+                None,
+            )
         }
         Command::Perplexity {
-            model, file, ctx, ..
+            model,
+            file,
+            ctx,
+            kv_cache,
+            ..
         } => {
             let path = super::resolve_model(model)?;
             let spin = super::spinner(format!("loading {}", path.display()));
-            let loaded = LoadedModel::load(&path)?;
+            let mut loaded = LoadedModel::load(&path)?;
+            loaded.set_kv_format(*kv_cache)?;
             spin.finish_and_clear();
             let text = std::fs::read_to_string(file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
@@ -392,13 +418,14 @@ pub(crate) fn run(command: &Command) -> anyhow::Result<()> {
             bar.finish_and_clear();
             let secs = start.elapsed().as_secs_f64();
             out!(
-                "perplexity {:.4} (nll {:.4}) over {} scored tokens in {} windows of {ctx}; {:.1} s, {:.0} tokens/s",
+                "perplexity {:.4} (nll {:.4}) over {} scored tokens in {} windows of {ctx}; {:.1} s, {:.0} tokens/s; KV cache {kv_cache}, {} per token",
                 p.ppl,
                 p.nll,
                 p.tokens_scored,
                 p.windows,
                 secs,
-                (p.windows * ctx) as f64 / secs
+                (p.windows * ctx) as f64 / secs,
+                ByteSize(loaded.model().kv_bytes_per_token())
             );
             Ok(())
         }

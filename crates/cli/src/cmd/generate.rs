@@ -47,6 +47,10 @@ pub(crate) struct Args {
     /// Stop strings.
     #[arg(long)]
     stop: Vec<String>,
+    /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0 (8.5 bits per
+    /// element, 26.6% of f32; memory estimates count the format's bytes).
+    #[arg(long, default_value = "f32")]
+    kv_cache: afo_runtime::kvcache::KvFormat,
     /// The memory cutline, e.g. 8GiB.
     #[arg(long, default_value = "20GiB")]
     cutline: ByteSize,
@@ -60,7 +64,9 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
-    let mut builder = Runtime::builder().cutline(args.cutline);
+    let mut builder = Runtime::builder()
+        .cutline(args.cutline)
+        .kv_format(args.kv_cache);
     if let Some(log) = &args.log {
         builder = builder.ssot_log(log);
     }

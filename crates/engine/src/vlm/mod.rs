@@ -218,6 +218,15 @@ impl VisionLanguageModel {
         &self.text
     }
 
+    /// How the language model's KV caches hold keys and values: see
+    /// [`Model::set_kv_format`].
+    ///
+    /// # Errors
+    /// As [`Model::set_kv_format`].
+    pub fn set_kv_format(&mut self, format: afo_kvcache::KvFormat) -> Result<()> {
+        self.text.set_kv_format(format)
+    }
+
     /// The vision encoder.
     pub fn vision(&self) -> &VisionEncoder {
         &self.vision

@@ -210,7 +210,7 @@ impl<'a> ActsView<'a> {
 }
 
 /// Quantizes one block of 32 floats; returns the scale and the sum of the quants.
-fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -228,7 +228,7 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 /// maximum ignores NaN, rounding is to nearest even); falls back to it when the CPU lacks
 /// AVX2 or the block is not 32 floats.
 #[cfg(target_arch = "x86_64")]
-fn quantize_block_avx2(x: &[f32], q: &mut [i8; BLOCK_ELEMS]) -> (f32, i32) {
+pub(crate) fn quantize_block_avx2(x: &[f32], q: &mut [i8; BLOCK_ELEMS]) -> (f32, i32) {
     match <&[f32; BLOCK_ELEMS]>::try_from(x) {
         // SAFETY: the CPU has AVX2 and FMA (checked).
         Ok(x) if super::Kernel::Avx2.is_available() => unsafe { quantize_block_avx2_impl(x, q) },

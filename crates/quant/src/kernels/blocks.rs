@@ -104,6 +104,67 @@ impl WeightDType {
     }
 }
 
+/// Encodes `x` (a whole number of 32-float blocks) as GGML Q8_0 blocks into `out`
+/// (34 bytes per block): per block `d = max|x| / 127` stored as a little-endian `f16`
+/// and quants `round(x / d)` in `-127..=127` (the activation quantizer's rule, NaN to
+/// 0). Decoding gives back each element within `d / 2` plus the `f16` rounding of `d`
+/// (relative `2^-11`). The KV cache stores its Q8_0 keys and values with it.
+///
+/// # Errors
+/// [`Error::KNotMultipleOfBlock`] when `x` is not whole blocks,
+/// [`Error::LengthMismatch`] when `out` is not 34 bytes per block.
+pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) -> Result<()> {
+    let nb = blocks_per_row(x.len())?;
+    let bb = WeightDType::Q8_0.block_bytes();
+    if out.len() != nb * bb {
+        return Err(Error::LengthMismatch {
+            what: "Q8_0 bytes",
+            expected: nb * bb,
+            actual: out.len(),
+            unit: "bytes",
+        });
+    }
+    let mut q = [0i8; BLOCK_ELEMS];
+    for (xb, ob) in x.chunks_exact(BLOCK_ELEMS).zip(out.chunks_exact_mut(bb)) {
+        #[cfg(target_arch = "x86_64")]
+        let (d, _) = super::acts::quantize_block_avx2(xb, &mut q);
+        #[cfg(not(target_arch = "x86_64"))]
+        let (d, _) = super::acts::quantize_block(xb, &mut q);
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for (o, v) in ob[2..].iter_mut().zip(q) {
+            *o = v as u8;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes GGML Q8_0 blocks (`bytes`, 34 per block) into `out` (32 floats per block).
+///
+/// # Errors
+/// [`Error::LengthMismatch`] when the lengths do not match.
+pub fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    let bb = WeightDType::Q8_0.block_bytes();
+    let nb = out.len() / BLOCK_ELEMS;
+    if !out.len().is_multiple_of(BLOCK_ELEMS) || bytes.len() != nb * bb {
+        return Err(Error::LengthMismatch {
+            what: "Q8_0 bytes",
+            expected: nb * bb,
+            actual: bytes.len(),
+            unit: "bytes",
+        });
+    }
+    for (ob, block) in out
+        .chunks_exact_mut(BLOCK_ELEMS)
+        .zip(bytes.chunks_exact(bb))
+    {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (o, &q) in ob.iter_mut().zip(&block[2..]) {
+            *o = d * f32::from(q as i8);
+        }
+    }
+    Ok(())
+}
+
 fn read_f16(bytes: &[u8]) -> Result<(f32, &[u8])> {
     match bytes.split_first_chunk::<2>() {
         Some((h, rest)) => Ok((f16::from_le_bytes(*h).to_f32(), rest)),

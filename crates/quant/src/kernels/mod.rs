@@ -77,7 +77,9 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 pub use acts::QuantizedActs;
-pub use blocks::{BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType};
+pub use blocks::{
+    BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType, dequantize_q8_0, quantize_q8_0,
+};
 pub use dense::{
     DENSE_GEMV_MAX_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, dense_gemm, dense_gemm_with,
     dense_packed_available,

@@ -102,6 +102,44 @@ fn layouts_match_candle_dequantize() {
 }
 
 #[test]
+fn q8_0_rows_round_trip_within_half_a_step_and_read_as_ggml_blocks() {
+    let mut rng = Rng(41);
+    let mut x = rng.vec(4 * 32);
+    x[5] = 0.0;
+    x[40] = f32::NAN; // quantizes to 0
+    x[64..96].fill(0.0); // an all-zero block: scale 0, quants 0
+    let mut bytes = vec![0u8; 4 * 34];
+    quantize_q8_0(&x, &mut bytes).unwrap();
+    let mut back = vec![0.0f32; x.len()];
+    dequantize_q8_0(&bytes, &mut back).unwrap();
+    for (b, xb) in x.chunks(32).enumerate() {
+        let amax = xb
+            .iter()
+            .filter(|v| !v.is_nan())
+            .fold(0.0f32, |a, v| a.max(v.abs()));
+        // Half a quantization step, plus the f16 rounding of the scale times 127.
+        let bound = amax / 254.0 + amax * 2f32.powi(-11) + 1e-7;
+        for j in 0..32 {
+            let (i, got) = (b * 32 + j, back[b * 32 + j]);
+            let want = if x[i].is_nan() { 0.0 } else { x[i] };
+            assert!((got - want).abs() <= bound, "element {i}: {got} vs {want}");
+        }
+    }
+    assert!(back[64..96].iter().all(|v| *v == 0.0));
+    // The bytes are GGML Q8_0 blocks: the block decoder reads them the same.
+    let mut one = [0.0f32; BLOCK_ELEMS];
+    WeightDType::Q8_0
+        .dequantize_block(&bytes[34..68], &mut one)
+        .unwrap();
+    assert_eq!(&one[..], &back[32..64]);
+    // Wrong lengths are errors.
+    assert!(quantize_q8_0(&x[..31], &mut bytes[..34]).is_err());
+    assert!(quantize_q8_0(&x, &mut bytes[..100]).is_err());
+    assert!(dequantize_q8_0(&bytes[..33], &mut back[..32]).is_err());
+    assert!(dequantize_q8_0(&bytes, &mut back[..31]).is_err());
+}
+
+#[test]
 fn q4_1_nibble_order() {
     // d = 1, m = 0; byte j = j (low nibble) | (15 - j) << 4 (high nibble).
     let mut block = vec![0x00, 0x3c, 0x00, 0x00];

@@ -121,7 +121,15 @@ fn suite(args: &Args) -> anyhow::Result<Vec<BenchResult>> {
         ..base
     })?);
     step("KV policies");
-    let kv = super::super::eval::measure_kv(&model, &args.text, z.kv_tokens, None, &[], 16)?;
+    let kv = super::super::eval::measure_kv(
+        &model,
+        &args.text,
+        z.kv_tokens,
+        None,
+        &[],
+        16,
+        afo_runtime::kvcache::KvFormat::F32,
+    )?;
     super::super::eval::print_kv(&kv)?;
     results.push(BenchResult::Kv(kv));
     Ok(results)
