@@ -71,6 +71,10 @@ pub(crate) struct Args {
     /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
     #[arg(long, default_value = "f32")]
     kv_cache: afo_runtime::kvcache::KvFormat,
+    /// Tokens already in the KV cache when the decode steps are timed (speed mode;
+    /// llama-bench's `-d`): decode at depth reads the cache as well as the weights.
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
     /// `memory`: prompt lengths (tokens) of the runs whose predicted peak is compared
     /// with the measured one.
     #[arg(long, value_delimiter = ',', default_value = "16,128,512,1024,2048")]
@@ -639,8 +643,14 @@ fn speed(
         let logits = model.forward(&prompt, &mut cache, Logits::Last)?;
         pp.push(args.prompt as f64 / t.elapsed().as_secs_f64());
         let mut next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        let mut cache = model.new_cache(args.generate + 2);
-        model.forward(&[next], &mut cache, Logits::Last)?;
+        let mut cache = model.new_cache(args.depth + args.generate + 2);
+        let context: Vec<u32> = (0..args.depth as u32)
+            .map(|i| (i * 7919 + 13) % vocab)
+            .chain([next])
+            .collect();
+        for chunk in context.chunks(512) {
+            model.forward(chunk, &mut cache, Logits::Last)?;
+        }
         let t = Instant::now();
         for _ in 0..args.generate {
             let logits = model.forward(&[next], &mut cache, Logits::Last)?;
@@ -659,8 +669,9 @@ fn speed(
             })
             .collect()
     };
-    // The measured steps read the KV cache at positions 1..=generate: on average half.
-    let kv = model.kv_bytes_per_token() * (args.generate as u64 + 1) / 2;
+    // The measured steps read the KV cache at positions depth + 1..=generate: on
+    // average depth and half.
+    let kv = model.kv_bytes_per_token() * (2 * args.depth as u64 + args.generate as u64 + 1) / 2;
     Ok(SpeedResult {
         model: model_path.display().to_string(),
         format: args.format(model_path),
@@ -680,6 +691,8 @@ fn speed(
             BANDWIDTH_BUFFER_BYTES,
             5,
         ) / 1e9,
+        depth: args.depth,
+        kv_format: model.kv_format().to_string(),
     })
 }
 
@@ -706,15 +719,21 @@ fn kernel_line(uses: &[KernelUse]) -> String {
 }
 
 fn print_speed(r: &SpeedResult) -> anyhow::Result<()> {
+    let depth = if r.depth > 0 {
+        format!(" @ d{}", r.depth)
+    } else {
+        String::new()
+    };
     out!(
-        "prefill pp{}: {:.1} tok/s (median of {}), decode tg{}: {:.1} tok/s (median of {}), threads {}",
+        "prefill pp{}: {:.1} tok/s (median of {}), decode tg{}{depth}: {:.1} tok/s (median of {}), threads {}, KV cache {}",
         r.prompt_tokens,
         r.prefill_tok_s,
         r.rounds,
         r.generated_tokens,
         r.decode_tok_s,
         r.rounds,
-        r.threads
+        r.threads,
+        r.kv_format
     );
     out!("cpu: {}", r.cpu_features.join(" "));
     out!("decode kernels: {}", kernel_line(&r.decode_kernels));

@@ -279,7 +279,7 @@ mod simd {
     use std::ops::Range;
 
     use super::super::Kernel;
-    use super::super::avx2::hsum256;
+    use super::super::avx2::{hsum256, transpose8};
     use super::{DENSE_TILE_ROWS, DenseData, DenseMatrix, in_bounds};
 
     /// Element type ids (const generic parameters).
@@ -565,38 +565,6 @@ mod simd {
                 kk += 1;
             }
         }
-    }
-
-    /// Transposes 8 x 8 floats: lane `j` of result `i` is lane `i` of input `j`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn transpose8(v: [__m256; 8]) -> [__m256; 8] {
-        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
-        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
-        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
-        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
-        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
-        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
-        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
-        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
-        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        [
-            _mm256_permute2f128_ps::<0x20>(s0, s4),
-            _mm256_permute2f128_ps::<0x20>(s1, s5),
-            _mm256_permute2f128_ps::<0x20>(s2, s6),
-            _mm256_permute2f128_ps::<0x20>(s3, s7),
-            _mm256_permute2f128_ps::<0x31>(s0, s4),
-            _mm256_permute2f128_ps::<0x31>(s1, s5),
-            _mm256_permute2f128_ps::<0x31>(s2, s6),
-            _mm256_permute2f128_ps::<0x31>(s3, s7),
-        ]
     }
 
     /// `MR` activation rows from `r0` times a panel of `NV x 8` columns, written at

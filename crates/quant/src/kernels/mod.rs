@@ -77,6 +77,8 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 pub use acts::QuantizedActs;
+#[cfg(target_arch = "x86_64")]
+pub use avx2::transpose8 as transpose8_avx2;
 pub use blocks::{
     BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType, dequantize_q8_0, quantize_q8_0,
 };

@@ -64,6 +64,16 @@ pub(crate) struct SpeedResult {
     /// Main-memory read bandwidth measured with the same threads, GB/s (10^9 bytes).
     #[serde(default)]
     pub read_bandwidth_gbs: f64,
+    /// Tokens in the KV cache before the measured decode steps (`--depth`).
+    #[serde(default)]
+    pub depth: usize,
+    /// How the KV cache held keys and values (`f32`, `q8_0`, ...).
+    #[serde(default = "default_kv_format")]
+    pub kv_format: String,
+}
+
+fn default_kv_format() -> String {
+    "f32".to_owned()
 }
 
 impl SpeedResult {
