@@ -310,7 +310,11 @@ fn a_q8_0_kv_cache_is_reserved_and_reported_in_its_bytes() {
     assert_eq!(q8_long.token_budget, 8000);
     assert!(q8_long.predicted_peak_bytes <= ByteSize::mib(420).0);
     match with(KvFormat::F32, cutline, 8000) {
-        Ok(r) => assert!(r.token_budget < 8000, "f32 ran as asked: {}", r.token_budget),
+        Ok(r) => assert!(
+            r.token_budget < 8000,
+            "f32 ran as asked: {}",
+            r.token_budget
+        ),
         Err(e) => assert!(e.to_string().contains("cutline"), "{e}"),
     }
 }
