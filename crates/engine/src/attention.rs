@@ -39,14 +39,21 @@
 //! 3. a second micro-kernel adds the probabilities times the value rows (read in
 //!    place) to the group's accumulators.
 //!
-//! At the end each row is divided by its sum, and the tasks' rows are copied into the
-//! output.
+//! Every [`SEGMENT`] keys (256, aligned) a row's state starts afresh, and the
+//! segments' states are merged in key order by one function (`State::merge`: both
+//! rescaled to the larger maximum; a segment the row sees nothing of changes nothing).
+//! A task over many segments merges them as it goes. When the tasks would leave
+//! threads idle (fewer than two per thread: a decode step has one per kv head), each
+//! segment of each kv head is a task of its own and the call merges their states in
+//! the same order — flash-decoding, with the same result as one task. At the end each
+//! row is divided by its sum and copied into the output.
 //!
-//! A row's arithmetic does not depend on the other rows computed with it: the chunks
-//! are aligned, each score and each accumulator lane is its own chain of operations,
-//! and the columns a row does not see add exact zeros. So a position's output is the
-//! same bit for bit whether it comes from a prefill or from a decode step over the
-//! same keys and values (tested).
+//! A row's arithmetic does not depend on the other rows computed with it nor on how
+//! its keys are split among tasks: the chunks and segments are aligned, each score
+//! and each accumulator lane is its own chain of operations, the columns a row does
+//! not see add exact zeros, and segments merge in one order. So a position's output
+//! is the same bit for bit whether it comes from a prefill or from a decode step over
+//! the same keys and values, with any number of threads (tested).
 //!
 //! The micro-kernels exist twice: AVX2 + FMA intrinsics, chosen at run time, and
 //! portable Rust. Tasks run on the rayon pool (on the calling thread when the work is
@@ -58,25 +65,28 @@
 //! With `R` as above, `hd = head_dim` and `C =` [`KEY_CHUNK`] (64), a task allocates
 //!
 //! ```text
-//! scratch_bytes(R) = 4 * (2 * R * hd + 2 * R + 4 * C + hd * C)
+//! scratch_bytes(R) = 4 * (3 * R * hd + 4 * R + 4 * C + hd * C)
 //! ```
 //!
-//! its query rows and accumulator (`R * hd` each), the running maxima and sums (`R`
-//! each), one group's scores (`4 * C`) and the transposed key chunk (`hd * C`), plus
-//! `4 * (hd + C * hd)` for a cache not held in f32 (a decoded key row and a chunk of
-//! decoded values). At most one task per thread runs at a time. The
-//! accumulator of each finished task (`4 * R * hd` bytes) is kept until all tasks are
-//! done and then copied into the output tensor, so a call holds at most
+//! its query rows and the accumulators of its current segment and of its merged
+//! state (`R * hd` each), their maxima and sums (`R` each), one group's scores
+//! (`4 * C`) and the transposed key chunk (`hd * C`), plus `4 * (8 * hd + C * hd)` for
+//! a cache not held in f32 (eight decoded key rows and a chunk of decoded values). At
+//! most one task per thread runs at a time. The state of each finished task
+//! (`4 * (R * hd + 2 * R)` bytes) is kept until all tasks are done and then merged
+//! into the output tensor, so a call holds at most
 //!
 //! ```text
-//! threads * scratch_bytes(R) + 2 * 4 * t * heads * hd
+//! threads * scratch_bytes(R) + 2 * 4 * t * heads * hd + S
 //! ```
 //!
-//! bytes (the second term: the tasks' results and the output). Nothing grows with
-//! `len`. For SmolLM2-135M (`n_rep` 3, `hd` 64, so `B` 21): prefill `R` 63, 50,168
-//! bytes per task; decode `R` 3, 18,968 bytes per task. The materialised path held at
-//! least `4 * heads * t * len` bytes of scores per layer (9.4 MB for a 512-token
-//! prefill), several copies of it.
+//! bytes (the second term: the tasks' results and the output), where `S` is the
+//! segment states of a split call, `4 * kv_heads * ceil(len / SEGMENT) * (R * hd +
+//! 2 * R)`: the only part that grows with `len`, 77 KB for a SmolLM2 decode step at
+//! 8,192 keys (under the estimator's base overhead). For SmolLM2-135M (`n_rep` 3,
+//! `hd` 64, so `B` 21): prefill `R` 63, 66,800 bytes per task; decode `R` 3, 19,760
+//! bytes per task. The materialised path held at least `4 * heads * t * len` bytes of
+//! scores per layer (9.4 MB for a 512-token prefill), several copies of it.
 
 use std::ops::Range;
 
@@ -91,6 +101,10 @@ use crate::error::{Error, Result};
 pub(crate) const TASK_ROWS: usize = 64;
 /// Keys per step of the online softmax (a multiple of [`COLS`]).
 pub(crate) const KEY_CHUNK: usize = 64;
+/// Keys per segment: each row's online softmax starts afresh every `SEGMENT` keys
+/// (a multiple of [`KEY_CHUNK`]) and the segments' states are merged in order, so a
+/// decode step can run its segments as parallel tasks with the same result.
+pub(crate) const SEGMENT: usize = 256;
 /// Query rows per micro-kernel call.
 const GROUP: usize = 4;
 /// Score columns per micro-kernel step (two AVX2 vectors).
@@ -159,6 +173,18 @@ struct Dims {
     scale: f32,
     /// Query positions per task.
     block: usize,
+}
+
+impl Dims {
+    /// The keys the rows of block `b` visit: from the chunk where the window of its
+    /// first position starts, to its last position.
+    fn keys(&self, b: usize) -> (usize, usize) {
+        let past = self.len - self.t;
+        let i0 = b * self.block;
+        let i1 = (i0 + self.block).min(self.t);
+        let lo = (past + i0 + 1).saturating_sub(self.window) / KEY_CHUNK * KEY_CHUNK;
+        (lo, past + i1)
+    }
 }
 
 /// [`causal_attention`] with a chosen kernel (the portable one when `kernel` is not
@@ -242,15 +268,28 @@ pub(crate) fn attention_with(
 
     let blocks = t.div_ceil(dims.block);
     // One task per kv head and block: every query head of the kv head shares the
-    // task's reads of the keys and values. (Splitting a decode step's three tasks per
-    // query head, to balance two threads, read the cache three times and was 12-15%
-    // slower at 2,048 positions.)
+    // task's reads of the keys and values. When that leaves threads idle (a decode
+    // step: one block per kv head), each segment of keys is a task of its own and the
+    // segments' states are merged here, in order, as a whole-range task merges them:
+    // the result is the same either way. (Splitting per query head instead read the
+    // cache three times and was 12-15% slower at 2,048 positions.)
+    let split = kv_heads * blocks < 2 * rayon::current_num_threads();
     let tasks: Vec<Task> = (0..kv_heads)
-        .flat_map(|g| {
-            (0..blocks).map(move |b| Task {
+        .flat_map(|g| (0..blocks).map(move |b| (g, b)))
+        .flat_map(|(g, b)| {
+            let (lo, hi) = dims.keys(b);
+            let keys: Vec<Range<usize>> = if split {
+                (lo / SEGMENT..hi.div_ceil(SEGMENT))
+                    .map(|s| s * SEGMENT..(s + 1) * SEGMENT)
+                    .collect()
+            } else {
+                std::iter::once(0..len).collect()
+            };
+            keys.into_iter().map(move |keys| Task {
                 g,
                 b,
                 reps: 0..n_rep,
+                keys,
             })
         })
         .collect();
@@ -259,7 +298,7 @@ pub(crate) fn attention_with(
         .saturating_mul(t)
         .saturating_mul(len)
         .saturating_mul(head_dim);
-    let results: Vec<Vec<f32>> = if tasks.len() > 1 && work >= PARALLEL_WORK {
+    let results: Vec<State> = if tasks.len() > 1 && work >= PARALLEL_WORK {
         tasks.par_iter().map(run).collect()
     } else {
         tasks.iter().map(run).collect()
@@ -267,16 +306,24 @@ pub(crate) fn attention_with(
 
     let width = heads * head_dim;
     let mut out = vec![0.0f32; t * width];
-    for (task, acc) in tasks.iter().zip(&results) {
-        let i0 = task.b * dims.block;
-        let nr = task.reps.len();
-        let rows = acc.chunks_exact(head_dim);
-        for (r, src) in rows.enumerate() {
-            let i = i0 + r / nr;
-            let h = task.g * n_rep + task.reps.start + r % nr;
-            let at = i * width + h * head_dim;
+    let mut i = 0;
+    while i < tasks.len() {
+        // The tasks of one kv head and block, in key order.
+        let (g, b) = (tasks[i].g, tasks[i].b);
+        let mut total = State::empty(results[i].max.len(), head_dim);
+        while i < tasks.len() && (tasks[i].g, tasks[i].b) == (g, b) {
+            total.merge(&results[i], head_dim);
+            i += 1;
+        }
+        let i0 = b * dims.block;
+        for (r, (src, l)) in total.acc.chunks_exact(head_dim).zip(&total.sum).enumerate() {
+            let pos = i0 + r / n_rep;
+            let h = g * n_rep + r % n_rep;
+            let at = pos * width + h * head_dim;
             if let Some(dst) = out.get_mut(at..at + head_dim) {
-                dst.copy_from_slice(src);
+                for (o, a) in dst.iter_mut().zip(src) {
+                    *o = a / l;
+                }
             }
         }
     }
@@ -456,12 +503,70 @@ impl<'a, T> View<'a, T> {
 }
 
 /// One task: the query heads `g * n_rep + reps` (of kv head `g`) at the positions of
-/// block `b`.
+/// block `b`, over the keys in `keys` (a whole number of [`SEGMENT`]s, or all).
 #[derive(Debug, Clone)]
 struct Task {
     g: usize,
     b: usize,
     reps: Range<usize>,
+    keys: Range<usize>,
+}
+
+/// The online softmax's state of a task's rows: running maxima, sums, and the
+/// unnormalised accumulators (`rows x head_dim`).
+#[derive(Debug, Clone)]
+struct State {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl State {
+    fn empty(rows: usize, hd: usize) -> Self {
+        Self {
+            max: vec![f32::NEG_INFINITY; rows],
+            sum: vec![0.0; rows],
+            acc: vec![0.0; rows * hd],
+        }
+    }
+
+    /// Folds `seg`, the state of the keys that follow this state's, into this one, row
+    /// by row: a row that saw no key in `seg` is left as it is, a row that saw none
+    /// before takes `seg`'s state as it is, and otherwise both are rescaled to the
+    /// larger maximum. The one merge of the module: whole-range tasks merge their
+    /// segments with it, and the caller merges segment tasks with it.
+    fn merge(&mut self, seg: &State, hd: usize) {
+        for r in 0..self.max.len().min(seg.max.len()) {
+            let sm = seg.max[r];
+            if sm == f32::NEG_INFINITY {
+                continue;
+            }
+            let (dst, src) = (
+                &mut self.acc[r * hd..(r + 1) * hd],
+                &seg.acc[r * hd..(r + 1) * hd],
+            );
+            let tm = self.max[r];
+            if tm == f32::NEG_INFINITY {
+                self.max[r] = sm;
+                self.sum[r] = seg.sum[r];
+                dst.copy_from_slice(src);
+                continue;
+            }
+            let m = tm.max(sm);
+            let (a, b) = ((tm - m).exp(), (sm - m).exp());
+            self.max[r] = m;
+            self.sum[r] = self.sum[r] * a + seg.sum[r] * b;
+            for (x, y) in dst.iter_mut().zip(src) {
+                *x = *x * a + *y * b;
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.max.fill(f32::NEG_INFINITY);
+        self.sum.fill(0.0);
+        self.acc.fill(0.0);
+    }
 }
 
 /// The keys of a chunk starting at key `c0` with `n` keys that the query at key index
@@ -472,8 +577,9 @@ fn visible(p: usize, c0: usize, n: usize, window: usize) -> Range<usize> {
     a.min(b)..b
 }
 
-/// One task: query positions of block `b` for the query heads `reps` of kv head `g`.
-/// Returns the task's output rows, position-major (`[positions, reps, head_dim]`).
+/// One task: query positions of block `b` for the query heads `reps` of kv head `g`,
+/// over the task's keys. Returns the rows' state (position-major, `[positions, reps]`),
+/// its segments merged in order; the caller divides by the sums.
 fn run_task(
     d: &Dims,
     q: &View<'_, f32>,
@@ -481,7 +587,7 @@ fn run_task(
     v: &Rows<'_>,
     task: &Task,
     kernel: Kernel,
-) -> Vec<f32> {
+) -> State {
     let (g, b) = (task.g, task.b);
     let nrep = task.reps.len();
     let hd = d.head_dim;
@@ -497,18 +603,18 @@ fn run_task(
             }
         }
     }
-    let mut acc = vec![0.0f32; rows * hd];
+    let mut total = State::empty(rows, hd);
     if qs.len() != rows * hd {
-        return acc; // Unreachable: `View::new` checked the layout.
+        return total; // Unreachable: `View::new` checked the layout.
     }
     let past = d.len - d.t;
     let position = |r: usize| past + i0 + r / nrep;
-    // Chunks aligned to multiples of KEY_CHUNK, whatever the block: a row's sums do
-    // not depend on which rows it is computed with.
-    let lo = (position(0) + 1).saturating_sub(d.window) / KEY_CHUNK * KEY_CHUNK;
-    let hi = past + i1;
-    let mut max = vec![f32::NEG_INFINITY; rows];
-    let mut sum = vec![0.0f32; rows];
+    // Chunks aligned to multiples of KEY_CHUNK, whatever the block, and a fresh state
+    // per SEGMENT of keys: a row's sums do not depend on which rows it is computed
+    // with, nor on how the keys are split among tasks.
+    let (lo, hi) = d.keys(b);
+    let (lo, hi) = (lo.max(task.keys.start), hi.min(task.keys.end));
+    let mut seg = State::empty(rows, hd);
     let mut kt = vec![0.0f32; hd * KEY_CHUNK];
     let mut s = vec![0.0f32; GROUP * KEY_CHUNK];
     // Rows not held in f32 are decoded: eight key rows at a time before their
@@ -524,6 +630,11 @@ fn run_task(
 
     let mut c0 = lo;
     while c0 < hi {
+        if c0.is_multiple_of(SEGMENT) && c0 != lo {
+            total.merge(&seg, hd);
+            seg.reset();
+        }
+        let State { max, sum, acc } = &mut seg;
         let n = (hi - c0).min(KEY_CHUNK);
         transpose_keys(kernel, k, g, c0, n, hd, &mut kt, &mut kdec);
         let (vchunk, vrs) = match v.f32_head(g) {
@@ -560,11 +671,12 @@ fn run_task(
                     srow[cols.clone()].fill(0.0);
                     continue;
                 }
-                let (m, total) = softmax_step(kernel, &mut srow[range.clone()], d.scale, max[r]);
+                let (m, chunk_sum) =
+                    softmax_step(kernel, &mut srow[range.clone()], d.scale, max[r]);
                 let alpha = (max[r] - m).exp();
                 srow[cols.start..range.start].fill(0.0);
                 srow[range.end..cols.end].fill(0.0);
-                sum[r] = sum[r] * alpha + total;
+                sum[r] = sum[r] * alpha + chunk_sum;
                 max[r] = m;
                 if alpha != 1.0 {
                     arow.iter_mut().for_each(|a| *a *= alpha);
@@ -575,10 +687,8 @@ fn run_task(
         }
         c0 += n;
     }
-    for (row, l) in acc.chunks_exact_mut(hd).zip(&sum) {
-        row.iter_mut().for_each(|a| *a /= l);
-    }
-    acc
+    total.merge(&seg, hd);
+    total
 }
 
 /// Writes keys `c0..c0 + n` of kv head `g` transposed into `kt` (`[hd, KEY_CHUNK]`:
@@ -1210,13 +1320,21 @@ mod tests {
 
     #[test]
     fn the_thread_count_does_not_change_the_result() {
+        // A prefill, and decode steps over several segments of keys (with one thread
+        // each kv head is one task; with more, each segment is).
+        for (t, past, window) in [(130, 200, 100), (1, 1000, usize::MAX), (3, 700, 300)] {
+            the_thread_count_does_not_change(t, past, window);
+        }
+    }
+
+    fn the_thread_count_does_not_change(t: usize, past: usize, window: usize) {
         let c = Case {
             heads: 9,
             kv: 3,
             hd: 64,
-            t: 130,
-            past: 200,
-            window: 100,
+            t,
+            past,
+            window,
         };
         let (q, k, v) = inputs(&c, 5, false);
         for kernel in kernels() {
@@ -1238,27 +1356,49 @@ mod tests {
     #[test]
     fn a_position_is_the_same_in_a_prefill_and_a_decode_step() {
         // Row i of a prefill over the keys 0..len equals a one-query step over the
-        // keys 0..=p (p = len - t + i), bit for bit.
-        for window in [usize::MAX, 16, 100] {
+        // keys 0..=p (p = len - t + i), bit for bit, whether the step's segments of
+        // keys run as one task or several.
+        for (past, window) in [
+            (70, usize::MAX),
+            (70, 16),
+            (70, 100),
+            (600, usize::MAX),
+            (600, 300),
+        ] {
             let c = Case {
                 heads: 9,
                 kv: 3,
                 hd: 64,
                 t: 130,
-                past: 70,
+                past,
                 window,
             };
             let (q, k, v) = inputs(&c, 9, false);
+            // One thread: a decode step is one task per kv head; four: one per segment.
+            let pools: Vec<rayon::ThreadPool> = [1, 4]
+                .iter()
+                .map(|&n| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(n)
+                        .build()
+                        .unwrap()
+                })
+                .collect();
             for kernel in kernels() {
                 let all = attention_with(&q, &k, &v, window, kernel).unwrap();
-                for i in [0, 1, 20, 21, 63, 64, 129] {
+                for (i, pool) in [0, 1, 20, 21, 63, 64, 129]
+                    .into_iter()
+                    .flat_map(|i| pools.iter().map(move |p| (i, p)))
+                {
                     let p = c.past + i;
                     let qi = q.narrow(2, i, 1).unwrap();
                     let (ki, vi) = (
                         k.narrow(2, 0, p + 1).unwrap(),
                         v.narrow(2, 0, p + 1).unwrap(),
                     );
-                    let one = attention_with(&qi, &ki, &vi, window, kernel).unwrap();
+                    let one = pool
+                        .install(|| attention_with(&qi, &ki, &vi, window, kernel))
+                        .unwrap();
                     let want: Vec<u32> = all
                         .get(i)
                         .unwrap()
