@@ -310,16 +310,22 @@ fn bench_prefill(c: &mut Criterion) {
                 // afo's int8 (per-row scale) on the same source weights.
                 let wf = data(n_out * k, 1);
                 let int8 = IntWeights::quantize(IntFormat::Int8, &wf, n_out, k).expect("int8");
-                group.bench_function(BenchmarkId::new("int8-avx2", format!("t{t}")), |b| {
-                    b.iter(|| {
-                        pool.install(|| {
-                            let acts = QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
-                            kernels::gemm_int_with(Kernel::Avx2, &int8, &acts, &mut y)
-                                .expect("gemm");
-                        });
-                        black_box(&y);
-                    })
-                });
+                for kernel in [Kernel::Avx2, Kernel::Avx512Vnni] {
+                    if !kernel.is_available() {
+                        continue;
+                    }
+                    let id = BenchmarkId::new(format!("int8-{kernel}"), format!("t{t}"));
+                    group.bench_function(id, |b| {
+                        b.iter(|| {
+                            pool.install(|| {
+                                let acts =
+                                    QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
+                                kernels::gemm_int_with(kernel, &int8, &acts, &mut y).expect("gemm");
+                            });
+                            black_box(&y);
+                        })
+                    });
+                }
             }
             let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
             group.bench_function(BenchmarkId::new("candle", format!("t{t}")), |b| {

@@ -356,7 +356,7 @@ impl QLinear {
     /// `bench` output names it: the format, then the kernel (`q8_0 avx2`, `q8_0 avx2
     /// packed` for a prompt, `f16 dense avx512vnni`, `f32 dense packed avx2`, `f32
     /// candle gemm` on CPUs without AVX2, `Q4K candle qmatmul`, `int8 avx2`). The
-    /// integer formats run the AVX2 code on AVX-512 machines, and say so.
+    /// integer formats' decode steps run the AVX2 code on AVX-512 machines, and say so.
     pub fn kernel_path(&self, rows: usize) -> String {
         let best = kernels::Kernel::detect();
         match &self.weight {
@@ -369,10 +369,10 @@ impl QLinear {
             }
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
-            Weight::Int(w) => {
-                let k = kernels::int_kernel_for(best);
-                with_packed(format!("{} {k}", w.format()), k, rows)
+            Weight::Int(w) if kernels::prompt_runs_packed(best, rows) => {
+                format!("{} {best} packed", w.format())
             }
+            Weight::Int(w) => format!("{} {}", w.format(), kernels::int_kernel_for(best)),
         }
     }
 
@@ -1186,7 +1186,7 @@ mod tests {
         let prompt = layer.kernel_path(512);
         assert_eq!(
             prompt.ends_with(" packed"),
-            best == kernels::Kernel::Avx2,
+            matches!(best, kernels::Kernel::Avx2 | kernels::Kernel::Avx512Vnni),
             "{prompt}"
         );
     }

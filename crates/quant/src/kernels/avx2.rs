@@ -48,7 +48,7 @@ unsafe fn range_impl<const F: u8>(
         let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;
         if split > cols.start {
             // SAFETY: as this function's; the columns are a subrange of `cols`.
-            unsafe { packed::range_impl::<F>(w, a, m, cols.start..split, out, ld) };
+            unsafe { packed::range_impl::<F>(false, w, a, m, cols.start..split, out, ld) };
         }
         let rest = split..cols.end;
         if !rest.is_empty() {

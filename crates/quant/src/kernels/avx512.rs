@@ -5,6 +5,9 @@
 //! the Q4_0 offset folded into the block minimum (`-8 d`). Q8_0 quants get 128 added
 //! (`xor 0x80`), which adds `128 * sum(q_x)` to the dot product; the block minimum
 //! `-128 d` times the activation's precomputed `d_x * sum(q_x)` takes it back out.
+//!
+//! From four activation rows on (a prompt), whole panels of sixteen columns run the
+//! packed kernel of [`super::packed_vnni`] instead of these tiles.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -14,6 +17,7 @@ use super::acts::ActsView;
 use super::avx2::hsum256;
 use super::blocks::GgmlMatrix;
 use super::driver::{F_Q4_1, F_Q8_0, check_range, tile_loops};
+use super::packed::{self, PANEL};
 
 /// See [`RangeFn`](super::driver::RangeFn). Does nothing (and asserts in debug builds)
 /// if the CPU lacks AVX-512 VNNI or the bounds do not hold; the driver checks both first.
@@ -46,6 +50,22 @@ unsafe fn range_impl<const F: u8>(
     out: &mut [f32],
     ld: usize,
 ) {
+    if packed::takes_packed(m, a.independent) {
+        // Whole panels through the packed kernel (sixteen columns with `vpdpbusd`, a last
+        // eight through the AVX2 panel), the last few columns through the register tiles.
+        let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;
+        if split > cols.start {
+            // SAFETY: as this function's (the CPU has AVX-512 VNNI and AVX2); the
+            // columns are a subrange of `cols`.
+            unsafe { packed::range_impl::<F>(true, w, a, m, cols.start..split, out, ld) };
+        }
+        let rest = split..cols.end;
+        if !rest.is_empty() {
+            let out = &mut out[split - cols.start..];
+            tile_loops!(F, w, a, m, rest, out, ld)
+        }
+        return;
+    }
     tile_loops!(F, w, a, m, cols, out, ld)
 }
 

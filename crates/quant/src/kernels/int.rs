@@ -457,9 +457,9 @@ fn quantize_group4(w: &[f32], asymmetric: bool) -> (f32, f32, Vec<u8>) {
 ///   scale applied once per row, int4 two blocks per register with `scale_g * d_x` per
 ///   block and the minimum term `min_g * d_x * sum(q_x)` (`min_g = -8 scale_g`
 ///   symmetric, folded in as an integer);
-/// - [`Kernel::Avx512Vnni`] runs the same AVX2 code for these formats (every such CPU
-///   has AVX2): there is no VNNI kernel for them yet, as the machines they were
-///   developed on lack AVX-512 and could not have tested one;
+/// - [`Kernel::Avx512Vnni`]: a prompt's packed panels with `vpdpbusd` (sixteen columns
+///   per instruction, bit-identical to the AVX2 panels); decode steps and register
+///   tiles run the AVX2 code (every such CPU has AVX2);
 /// - [`Kernel::Scalar`]: portable Rust, the reference the others are tested against.
 ///
 /// One activation row (decode) reads four weight rows per step for matrices up to
@@ -496,8 +496,9 @@ pub fn gemm_int(weights: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) -> Re
     gemm_int_with(Kernel::detect(), weights, acts, y)
 }
 
-/// The kernel that actually runs the integer formats when `kernel` is chosen (they
-/// have no AVX-512 VNNI code: an AVX-512 machine runs their AVX2 code).
+/// The kernel that runs the integer formats' decode steps and register tiles when
+/// `kernel` is chosen (an AVX-512 machine runs their AVX2 code; only a prompt's packed
+/// panels use VNNI, see [`prompt_runs_packed`](super::prompt_runs_packed)).
 pub fn int_kernel_for(kernel: Kernel) -> Kernel {
     driver::runs_as(kernel)
 }

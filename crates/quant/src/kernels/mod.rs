@@ -9,7 +9,8 @@
 //! integer dot products:
 //!
 //! - [`Kernel::Avx512Vnni`]: `vpdpbusd` on two blocks per 512-bit register for the GGML
-//!   formats; the integer formats run the AVX2 code (no VNNI kernel for them yet);
+//!   formats, and for a prompt's packed panels of every format; the integer formats'
+//!   decode steps run the AVX2 code;
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
 //! - [`Kernel::Scalar`]: portable Rust.
 //!
@@ -20,11 +21,11 @@
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
-//! (tests, benches). From four activation rows on (a prompt, a batch), the AVX2 kernel
-//! of every GGML and integer format is packed: eight weight rows are unpacked per call
-//! into a panel in L1, one output column per 32-bit lane, and every activation row
-//! streams past it (the AVX-512 kernel keeps 4 x 2 register tiles for the GGML
-//! formats). Between two and three rows, each decoded weight block serves a register
+//! (tests, benches). From four activation rows on (a prompt), the kernel of every GGML
+//! and integer format is packed: eight weight rows (AVX2) or sixteen (AVX-512 VNNI,
+//! `vpdpbusd`, bit-identical to the AVX2 panels) are unpacked per call into a panel in
+//! L1, one output column per 32-bit lane, and every activation row streams past it.
+//! Between two and three rows (and for batched decode steps), each decoded weight block serves a register
 //! tile (GGML: 4 rows x 2 outputs; int8: 4 x 2; int4: 6 x 1), so weights are
 //! read once per call; a single row streams the weight rows in order (the integer
 //! formats take four rows at a time for matrices up to 1 MiB). Output columns are
@@ -66,6 +67,8 @@ mod error;
 mod int;
 #[cfg(target_arch = "x86_64")]
 mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_vnni;
 mod roofline;
 mod scalar;
 
@@ -163,14 +166,14 @@ fn has_avx512_vnni() -> bool {
 }
 
 /// Whether `rows` activation rows of a prompt through `kernel` take the packed kernel
-/// (the AVX2 code of the GGML and integer formats, from four rows on; batched decode
-/// steps, declared with [`QuantizedActs::set_independent_rows`], keep the register
-/// tiles). On [`Kernel::Avx512Vnni`] the integer formats run the AVX2 code
-/// ([`int_kernel_for`]), the GGML formats their own tiles.
+/// (the GGML and integer formats, from four rows on, on [`Kernel::Avx2`] with
+/// eight-column panels and on [`Kernel::Avx512Vnni`] with sixteen-column `vpdpbusd`
+/// panels; batched decode steps, declared with
+/// [`QuantizedActs::set_independent_rows`], keep the register tiles).
 pub fn prompt_runs_packed(kernel: Kernel, rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        kernel == Kernel::Avx2 && packed::takes_packed(rows, false)
+        matches!(kernel, Kernel::Avx2 | Kernel::Avx512Vnni) && packed::takes_packed(rows, false)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -25,6 +25,7 @@ use super::acts::ActsView;
 use super::avx2::{quants, scales};
 use super::blocks::GgmlMatrix;
 use super::driver::F_Q8_0;
+use super::packed_vnni::{self, PANEL16};
 
 /// Output columns per panel (one 32-bit lane each).
 pub(super) const PANEL: usize = 8;
@@ -134,13 +135,15 @@ pub(super) unsafe fn run_panels<const F: u8>(
     }
 }
 
-/// [`run_panels`] for a GGML matrix.
+/// [`run_panels_on`] for a GGML matrix.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C, [`check_range`](super::driver::check_range) holds
-/// for these arguments, and `cols` is a multiple of [`PANEL`] long.
+/// The CPU has AVX2, FMA and F16C (and AVX-512 F/BW/VL/VNNI when `vnni` is set),
+/// [`check_range`](super::driver::check_range) holds for these arguments, and `cols`
+/// is a multiple of [`PANEL`] long.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn range_impl<const F: u8>(
+    vnni: bool,
     w: GgmlMatrix<'_>,
     a: ActsView<'_>,
     m: usize,
@@ -161,15 +164,51 @@ pub(super) unsafe fn range_impl<const F: u8>(
             (quants::<F>(p), d, min)
         }
     };
-    // SAFETY: the caller's bounds; `block` reads inside the weights.
-    unsafe { run_panels::<F>(nb, block, &a, m, cols, out, ld) }
+    // SAFETY: the caller's bounds (with AVX-512 VNNI when `vnni`); `block` reads inside
+    // the weights.
+    unsafe { run_panels_on::<F>(vnni, nb, block, &a, m, cols, out, ld) }
+}
+
+/// [`run_panels`], or where `vnni` is set the sixteen-column panels of
+/// [`super::packed_vnni`] for as many columns as they cover and eight-column panels for
+/// the rest (a multiple of [`PANEL`]): both compute a column alike, bit for bit.
+///
+/// # Safety
+/// As [`run_panels`], and the CPU has AVX-512 F/BW/VL/VNNI when `vnni` is set.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn run_panels_on<const F: u8>(
+    vnni: bool,
+    nb: usize,
+    block: impl Fn(usize, usize) -> (__m256i, f32, f32),
+    a: &ActsView<'_>,
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let mut start = cols.start;
+    if vnni {
+        let split = start + (cols.end - start) / PANEL16 * PANEL16;
+        if split > start {
+            // SAFETY: the caller's bounds, AVX-512 VNNI included; the columns are a
+            // subrange of `cols`.
+            unsafe { packed_vnni::run_panels::<F>(nb, &block, a, m, start..split, out, ld) };
+        }
+        start = split;
+    }
+    if start < cols.end {
+        let out = &mut out[start - cols.start..];
+        // SAFETY: the caller's bounds, for the remaining columns.
+        unsafe { run_panels::<F>(nb, &block, a, m, start..cols.end, out, ld) };
+    }
 }
 
 /// Transposes an 8 x 8 matrix of 32-bit lanes: lane `j` of result `g` is lane `g` of
 /// input `j`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+pub(super) fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
     let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
     let t2 = _mm256_unpacklo_epi32(v[2], v[3]);

@@ -346,6 +346,58 @@ fn ggml_results_do_not_depend_on_the_thread_count() {
     }
 }
 
+/// A prompt's sixteen-column AVX-512 VNNI panels compute every column bit for bit as
+/// the AVX2 eight-column panels do (so which of the two a column falls into, by its
+/// place in a thread's range, never shows), for every GGML format, with widths that
+/// leave eight-column panels and tile columns after the last sixteen (the columns past
+/// the last panel run each kernel's own register tiles, checked against the reference
+/// in `every_kernel_matches_reference_and_candle`).
+#[test]
+fn vnni_panels_equal_avx2_panels_bit_for_bit() {
+    if !Kernel::Avx512Vnni.is_available() {
+        println!(
+            "vnni_panels_equal_avx2_panels_bit_for_bit: NOT TESTED on this CPU (it lacks \
+             AVX-512 VNNI)"
+        );
+        return;
+    }
+    let mut rng = Rng(99);
+    let mut compared = 0usize;
+    for dtype in WeightDType::ALL {
+        for (n_out, k) in [(16, 32), (24, 96), (40, 576), (51, 1536), (200, 64)] {
+            let w = GgmlWeights::from_qtensor(&qtensor(dtype, n_out, k, 5)).unwrap();
+            for m in (4..=19).chain([64, 130]) {
+                let x = rng.vec(m * k);
+                let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+                let run = |kernel, threads| {
+                    let mut y = vec![f32::NAN; m * n_out];
+                    pool(threads)
+                        .install(|| gemm_with(kernel, w.matrix(), &acts, &mut y))
+                        .unwrap();
+                    y
+                };
+                let avx2 = run(Kernel::Avx2, 1);
+                for threads in [1, 2, 3] {
+                    let vnni = run(Kernel::Avx512Vnni, threads);
+                    for (i, (a, v)) in avx2.iter().zip(&vnni).enumerate() {
+                        if i % n_out >= n_out / 8 * 8 {
+                            continue; // past the last panel: each kernel's own tiles
+                        }
+                        assert_eq!(
+                            a.to_bits(),
+                            v.to_bits(),
+                            "{dtype} m={m} n_out={n_out} k={k} threads={threads} [{i}]: \
+                             avx2 {a} vs vnni {v}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 100_000, "{compared}");
+}
+
 #[test]
 fn gemm_entry_points_agree() {
     let (n_out, k, m) = (70, 576, 3);

@@ -37,7 +37,7 @@ use super::super::avx2::{self as ggml_avx2, hsum256};
 use super::super::blocks::BLOCK_ELEMS;
 use super::super::driver::store;
 use super::super::driver::{F_Q4_1, F_Q8_0};
-use super::super::packed::{PANEL, run_panels, takes_packed};
+use super::super::packed::{PANEL, run_panels_on, takes_packed};
 use super::IntWeights;
 use super::driver::{I4_ASYM, I4_SYM, I8, IntActs, check_range, format_is};
 
@@ -53,10 +53,11 @@ const fn tile_shape(f: u8) -> (usize, usize) {
 const INT4_MR: usize = 6;
 
 /// See [`IntRangeFn`](super::driver::IntRangeFn). `F` is the format id, `G` the blocks
-/// per int4 group. Does nothing (and asserts in debug builds) if the CPU lacks AVX2,
-/// the weights are of another format or the bounds do not hold; the driver checks all
-/// three first.
-pub(super) fn range<const F: u8, const G: usize>(
+/// per int4 group; `V` runs a prompt's panels with AVX-512 VNNI
+/// ([`super::super::packed_vnni`]). Does nothing (and asserts in debug builds) if the
+/// CPU lacks AVX2 (or AVX-512 VNNI for `V`), the weights are of another format or the
+/// bounds do not hold; the driver checks all three first.
+pub(super) fn range<const F: u8, const G: usize, const V: bool>(
     w: &IntWeights,
     a: &IntActs<'_>,
     cols: Range<usize>,
@@ -64,6 +65,7 @@ pub(super) fn range<const F: u8, const G: usize>(
     ld: usize,
 ) {
     if !Kernel::Avx2.is_available()
+        || (V && !Kernel::Avx512Vnni.is_available())
         || !format_is::<F, G>(w.format)
         || !check_range(w, a, &cols, out, ld, F != I8)
     {
@@ -75,13 +77,13 @@ pub(super) fn range<const F: u8, const G: usize>(
     }
     // SAFETY: the CPU has AVX2, FMA and F16C (checked above), the format is the one the
     // kernel reads, and `check_range` holds.
-    unsafe { range_impl::<F, G>(w, a, cols, out, ld) }
+    unsafe { range_impl::<F, G, V>(w, a, cols, out, ld) }
 }
 
 /// # Safety
 /// As [`range`] after its checks.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn range_impl<const F: u8, const G: usize>(
+unsafe fn range_impl<const F: u8, const G: usize, const V: bool>(
     w: &IntWeights,
     a: &IntActs<'_>,
     cols: Range<usize>,
@@ -94,7 +96,7 @@ unsafe fn range_impl<const F: u8, const G: usize>(
         let split = cols.start + (cols.end - cols.start) / PANEL * PANEL;
         if split > cols.start {
             // SAFETY: as this function's; the columns are a subrange of `cols`.
-            unsafe { packed::<F>(w, a, cols.start..split, out, ld) };
+            unsafe { packed::<F>(V, w, a, cols.start..split, out, ld) };
         }
         if split == cols.end {
             return;
@@ -107,14 +109,15 @@ unsafe fn range_impl<const F: u8, const G: usize>(
     unsafe { tiles::<F, G>(w, a, cols, out, ld) }
 }
 
-/// The packed kernel ([`packed::run_panels`]) over the columns `cols`, a multiple of
-/// [`PANEL`] long: int8 as signed quants with the row's scale for every block, int4
+/// The packed kernel ([`run_panels_on`], with AVX-512 VNNI where `vnni` is set) over
+/// the columns `cols`, a multiple of [`PANEL`] long: int8 as signed quants with the row's scale for every block, int4
 /// as nibbles with each block's group scale and minimum (`-8 x scale` when symmetric).
 ///
 /// # Safety
 /// As [`range`] after its checks, and `cols` is a multiple of [`PANEL`] long.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn packed<const F: u8>(
+    vnni: bool,
     w: &IntWeights,
     a: &IntActs<'_>,
     cols: Range<usize>,
@@ -150,9 +153,9 @@ unsafe fn packed<const F: u8>(
     // arithmetic of Q8_0, int4 that of the 4-bit formats with minimums.
     unsafe {
         if F == I8 {
-            run_panels::<F_Q8_0>(nb, block, &a.view, a.m, cols, out, ld)
+            run_panels_on::<F_Q8_0>(vnni, nb, block, &a.view, a.m, cols, out, ld)
         } else {
-            run_panels::<F_Q4_1>(nb, block, &a.view, a.m, cols, out, ld)
+            run_panels_on::<F_Q4_1>(vnni, nb, block, &a.view, a.m, cols, out, ld)
         }
     }
 }

@@ -169,20 +169,22 @@ pub(super) fn format_is<const F: u8, const G: usize>(format: IntFormat) -> bool 
     }
 }
 
-/// The SIMD kernel for a format, and whether it reads the rearranged pairs.
+/// The SIMD kernel for a format, and whether it reads the rearranged pairs; `V` runs
+/// prompts through the AVX-512 VNNI panels (decode steps and the last columns keep the
+/// AVX2 code).
 #[cfg(target_arch = "x86_64")]
-fn avx2_fn(format: IntFormat) -> Option<(IntRangeFn, bool)> {
+fn avx2_fn<const V: bool>(format: IntFormat) -> Option<(IntRangeFn, bool)> {
     use super::avx2::range;
     Some(match format {
-        IntFormat::Int8 => (range::<I8, 1>, false),
+        IntFormat::Int8 => (range::<I8, 1, V>, false),
         IntFormat::Int4 { group, asymmetric } => {
             let f: IntRangeFn = match (group, asymmetric) {
-                (32, false) => range::<I4_SYM, 1>,
-                (64, false) => range::<I4_SYM, 2>,
-                (128, false) => range::<I4_SYM, 4>,
-                (32, true) => range::<I4_ASYM, 1>,
-                (64, true) => range::<I4_ASYM, 2>,
-                (128, true) => range::<I4_ASYM, 4>,
+                (32, false) => range::<I4_SYM, 1, V>,
+                (64, false) => range::<I4_SYM, 2, V>,
+                (128, false) => range::<I4_SYM, 4, V>,
+                (32, true) => range::<I4_ASYM, 1, V>,
+                (64, true) => range::<I4_ASYM, 2, V>,
+                (128, true) => range::<I4_ASYM, 4, V>,
                 _ => return None,
             };
             (f, true)
@@ -190,9 +192,9 @@ fn avx2_fn(format: IntFormat) -> Option<(IntRangeFn, bool)> {
     })
 }
 
-/// The code that runs the integer formats when `kernel` is asked for:
-/// [`Kernel::Avx512Vnni`] runs the AVX2 code (every AVX-512 CPU has AVX2; there is no
-/// VNNI kernel for these formats yet).
+/// The code that runs the integer formats' decode steps and register tiles when
+/// `kernel` is asked for: [`Kernel::Avx512Vnni`] runs the AVX2 code there (every
+/// AVX-512 CPU has AVX2); only a prompt's packed panels use VNNI.
 pub(in crate::kernels) fn runs_as(kernel: Kernel) -> Kernel {
     match kernel {
         Kernel::Avx512Vnni => Kernel::Avx2,
@@ -204,9 +206,11 @@ pub(in crate::kernels) fn runs_as(kernel: Kernel) -> Kernel {
 /// pairs (see [`runs_as`]).
 fn range_fn(kernel: Kernel, format: IntFormat) -> (IntRangeFn, bool) {
     let scalar: (IntRangeFn, bool) = (scalar::range, false);
-    match runs_as(kernel) {
+    match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => avx2_fn(format).unwrap_or(scalar),
+        Kernel::Avx512Vnni => avx2_fn::<true>(format).unwrap_or(scalar),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => avx2_fn::<false>(format).unwrap_or(scalar),
         _ => scalar,
     }
 }

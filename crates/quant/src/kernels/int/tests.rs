@@ -363,6 +363,65 @@ fn every_kernel_matches_reference_and_scalar() {
     assert!(checked > 100_000, "{checked}");
 }
 
+/// A prompt's sixteen-column AVX-512 VNNI panels compute every column bit for bit as
+/// the AVX2 eight-column panels do, for every integer format (int8 at the largest
+/// codes, -128 and 127, included), with widths that leave eight-column panels and tile
+/// columns after the last sixteen (those past the last panel run the tiles).
+#[test]
+fn vnni_panels_equal_avx2_panels_bit_for_bit() {
+    if !Kernel::Avx512Vnni.is_available() {
+        println!(
+            "vnni_panels_equal_avx2_panels_bit_for_bit (int): NOT TESTED on this CPU (it \
+             lacks AVX-512 VNNI)"
+        );
+        return;
+    }
+    let mut rng = Rng(17);
+    let mut compared = 0usize;
+    for f in FORMATS {
+        for (n_out, k) in [(16usize, 128usize), (24, 256), (40, 384), (57, 1536)] {
+            if !k.is_multiple_of(group_of(f, k)) {
+                continue;
+            }
+            let mut q = IntWeights::quantize(f, &rng.vec(n_out * k, 0.3), n_out, k).unwrap();
+            if f == IntFormat::Int8 {
+                // The extreme codes: every weight -128 or 127.
+                for (i, v) in q.quants.iter_mut().enumerate() {
+                    *v = if i % 3 == 0 { 0x80 } else { 0x7F };
+                }
+            }
+            for m in (4..=13).chain([64, 67]) {
+                let x = rng.vec(m * k, 0.0);
+                let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+                let run = |kernel, threads| {
+                    let mut y = vec![f32::NAN; m * n_out];
+                    pool(threads)
+                        .install(|| gemm_int_with(kernel, &q, &acts, &mut y))
+                        .unwrap();
+                    y
+                };
+                let avx2 = run(Kernel::Avx2, 1);
+                for threads in [1, 2] {
+                    let vnni = run(Kernel::Avx512Vnni, threads);
+                    for (i, (a, v)) in avx2.iter().zip(&vnni).enumerate() {
+                        if i % n_out >= n_out / 8 * 8 {
+                            continue; // past the last panel: each kernel's own tiles
+                        }
+                        assert_eq!(
+                            a.to_bits(),
+                            v.to_bits(),
+                            "{f} m={m} n_out={n_out} k={k} threads={threads} [{i}]: avx2 {a} \
+                             vs vnni {v}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 50_000, "{compared}");
+}
+
 #[test]
 fn thread_count_does_not_change_results() {
     let (one, two) = (pool(1), pool(2));
