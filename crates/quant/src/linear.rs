@@ -365,7 +365,7 @@ impl QLinear {
                 format!("{} dense {best}", w.dtype().as_str())
             }
             Weight::Dense(w) if kernels::dense_packed_available() => {
-                format!("{} dense packed avx2", w.dtype().as_str())
+                format!("{} dense packed {best}", w.dtype().as_str())
             }
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),

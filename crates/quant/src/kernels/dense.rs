@@ -315,9 +315,9 @@ mod simd {
             // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
             unsafe {
                 match e {
-                    E_F32 => packed_avx2::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
-                    E_F16 => packed_avx2::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
-                    _ => packed_avx2::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
+                    E_F32 => packed_gemm::<E_F32, false>(p, eb, w.k, x, m, cols, out, ld),
+                    E_F16 => packed_gemm::<E_F16, false>(p, eb, w.k, x, m, cols, out, ld),
+                    _ => packed_gemm::<E_BF16, false>(p, eb, w.k, x, m, cols, out, ld),
                 }
             }
             return;
@@ -342,10 +342,6 @@ mod simd {
         ld: usize,
         packed: bool,
     ) {
-        if packed {
-            // The packed GEMM is the AVX2 one (AVX-512 machines have AVX2).
-            return range_avx2(w, x, m, cols, out, ld, packed);
-        }
         if !Kernel::Avx512Vnni.is_available() || !in_bounds(&w, x, m, &cols, out, ld) {
             debug_assert!(
                 false,
@@ -354,6 +350,18 @@ mod simd {
             return;
         }
         let (e, p, eb) = parts(&w);
+        if packed {
+            // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds`
+            // holds.
+            unsafe {
+                match e {
+                    E_F32 => packed_gemm::<E_F32, true>(p, eb, w.k, x, m, cols, out, ld),
+                    E_F16 => packed_gemm::<E_F16, true>(p, eb, w.k, x, m, cols, out, ld),
+                    _ => packed_gemm::<E_BF16, true>(p, eb, w.k, x, m, cols, out, ld),
+                }
+            }
+            return;
+        }
         // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds` holds.
         unsafe {
             match e {
@@ -462,21 +470,27 @@ mod simd {
     /// and a broadcast fill the 16 `ymm` registers.
     const PACKED_MR: usize = 6;
 
+    /// Activation rows per AVX-512 packed micro-kernel: 12 accumulators of 16 columns,
+    /// the panel vector and broadcasts, of the 32 `zmm` registers.
+    const PACKED_MR_512: usize = 12;
+
     /// The packed GEMM for many activation rows: panels of 16 weight rows (8 for the
     /// last ones) are converted to f32 and transposed once per call into a `k x 16`
     /// buffer (`64 k` bytes, in L2), then every group of six activation rows runs
     /// through it: per element of `k`, two weight vectors and six broadcast
     /// activations in twelve FMA chains, one per output (so each output is summed in
-    /// element order, whatever the tile). Columns past the last multiple of 8 take the
-    /// row kernel.
+    /// element order, whatever the tile). With `ZMM` (AVX-512F), a 16-column panel
+    /// meets twelve activation rows at a time, one 512-bit vector and twelve FMA
+    /// chains per element: the same chains, so the same bits as the AVX2 tiles.
+    /// Columns past the last multiple of 8 take the row kernel.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `p` holds `n_out x k` elements of type `E` with
-    /// `cols` below `n_out`; `x` holds `m x k` floats; `out` holds `(m - 1) * ld +
-    /// cols.len()` floats.
+    /// The CPU has AVX2, FMA and F16C (and AVX-512F/BW/VL with `ZMM`); `p` holds
+    /// `n_out x k` elements of type `E` with `cols` below `n_out`; `x` holds `m x k`
+    /// floats; `out` holds `(m - 1) * ld + cols.len()` floats.
     #[allow(clippy::too_many_arguments)] // the unpacked matrix and the output window
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn packed_avx2<const E: u8>(
+    unsafe fn packed_gemm<const E: u8, const ZMM: bool>(
         p: *const u8,
         eb: usize,
         k: usize,
@@ -494,6 +508,15 @@ mod simd {
             unsafe { pack::<E>(p, eb, k, c, width, &mut panel) };
             let cc = c - cols.start;
             let mut r = 0;
+            if ZMM && width == PANEL {
+                while r < m {
+                    let mr = (m - r).min(PACKED_MR_512);
+                    // SAFETY: the CPU has AVX-512F (the caller's); rows r..r + mr of x
+                    // exist; the output holds them.
+                    unsafe { micro512_any(mr, &panel, k, x, r, out, ld, cc) };
+                    r += mr;
+                }
+            }
             while r < m {
                 let mr = (m - r).min(PACKED_MR);
                 // SAFETY: rows r..r + mr of x exist; the output holds them.
@@ -609,6 +632,81 @@ mod simd {
                     // SAFETY: dst holds eight floats.
                     unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc[i][v]) };
                 }
+            }
+        }
+    }
+
+    /// [`micro512`] for `mr` (1 to [`PACKED_MR_512`]) rows.
+    ///
+    /// # Safety
+    /// As [`micro512`], with the CPU's AVX-512F.
+    #[allow(clippy::too_many_arguments)] // the panel, the rows and the output window
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn micro512_any(
+        mr: usize,
+        panel: &[f32],
+        k: usize,
+        x: &[f32],
+        r0: usize,
+        out: &mut [f32],
+        ld: usize,
+        cc: usize,
+    ) {
+        // SAFETY: the caller's bounds for `mr` rows.
+        unsafe {
+            match mr {
+                12 => micro512::<12>(panel, k, x, r0, out, ld, cc),
+                11 => micro512::<11>(panel, k, x, r0, out, ld, cc),
+                10 => micro512::<10>(panel, k, x, r0, out, ld, cc),
+                9 => micro512::<9>(panel, k, x, r0, out, ld, cc),
+                8 => micro512::<8>(panel, k, x, r0, out, ld, cc),
+                7 => micro512::<7>(panel, k, x, r0, out, ld, cc),
+                6 => micro512::<6>(panel, k, x, r0, out, ld, cc),
+                5 => micro512::<5>(panel, k, x, r0, out, ld, cc),
+                4 => micro512::<4>(panel, k, x, r0, out, ld, cc),
+                3 => micro512::<3>(panel, k, x, r0, out, ld, cc),
+                2 => micro512::<2>(panel, k, x, r0, out, ld, cc),
+                _ => micro512::<1>(panel, k, x, r0, out, ld, cc),
+            }
+        }
+    }
+
+    /// `MR` activation rows from `r0` times a 16-column panel, written at
+    /// `out[(r0 + i) * ld + cc..][..16]`: [`micro`]'s FMA chains in 512-bit registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; rows `r0..r0 + MR` of `x` (`k` floats each) exist, the
+    /// panel holds `k * 16` floats, and `out` holds `(r0 + MR - 1) * ld + cc + 16`
+    /// floats.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // i indexes the tile
+    unsafe fn micro512<const MR: usize>(
+        panel: &[f32],
+        k: usize,
+        x: &[f32],
+        r0: usize,
+        out: &mut [f32],
+        ld: usize,
+        cc: usize,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); MR];
+        let pp = panel.as_ptr();
+        let xp = x.as_ptr();
+        for kk in 0..k {
+            // SAFETY: kk < k, so the panel holds these sixteen floats.
+            let b = unsafe { _mm512_loadu_ps(pp.add(kk * PANEL)) };
+            for i in 0..MR {
+                // SAFETY: row r0 + i of x holds element kk.
+                let a = _mm512_set1_ps(unsafe { *xp.add((r0 + i) * k + kk) });
+                acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
+            }
+        }
+        for i in 0..MR {
+            let at = (r0 + i) * ld + cc;
+            if let Some(dst) = out.get_mut(at..at + PANEL) {
+                // SAFETY: dst holds sixteen floats.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), acc[i]) };
             }
         }
     }

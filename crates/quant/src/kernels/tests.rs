@@ -624,6 +624,55 @@ fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count(
     report_kernel_coverage("dense kernels");
 }
 
+/// A prompt through the dense packed GEMM gives the same bits with AVX-512 (sixteen
+/// columns per 512-bit vector, twelve rows at a time) as with AVX2 (two vectors, six
+/// rows): the same FMA chain per output, for every dtype, with 8-column panels and
+/// row-kernel columns after the last 16 and every row count of a tile.
+#[test]
+fn dense_avx512_packed_equals_avx2_packed_bit_for_bit() {
+    if !Kernel::Avx512Vnni.is_available() {
+        println!(
+            "dense_avx512_packed_equals_avx2_packed_bit_for_bit: NOT TESTED on this CPU (it \
+             lacks AVX-512)"
+        );
+        return;
+    }
+    let mut compared = 0usize;
+    for dtype in ["f32", "f16", "bf16"] {
+        for (n_out, k) in [(16, 40), (29, 96), (64, 576), (40, 1536)] {
+            let (_, owned) = dense_case(dtype, n_out, k, 3);
+            let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
+            for m in (5..=26).chain([70]) {
+                let x = Rng(m as u64).vec(m * k);
+                let run = |kernel, threads| {
+                    let mut y = vec![f32::NAN; m * n_out];
+                    pool(threads)
+                        .install(|| dense_gemm_with(kernel, w, &x, m, &mut y))
+                        .unwrap();
+                    y
+                };
+                let avx2 = run(Kernel::Avx2, 1);
+                for threads in [1, 2] {
+                    let zmm = run(Kernel::Avx512Vnni, threads);
+                    for (i, (a, z)) in avx2.iter().zip(&zmm).enumerate() {
+                        if i % n_out >= n_out / 8 * 8 {
+                            continue; // past the last panel: each kernel's row code
+                        }
+                        assert_eq!(
+                            a.to_bits(),
+                            z.to_bits(),
+                            "{dtype} {n_out}x{k} m={m} t={threads} [{i}]: avx2 {a} vs \
+                             avx512 {z}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 20_000, "{compared}");
+}
+
 #[test]
 fn dense_results_do_not_depend_on_the_thread_count() {
     // A decode batch (row kernel), a small batch and a prompt (packed GEMM; the prompt
