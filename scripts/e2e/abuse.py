@@ -237,6 +237,11 @@ class Server:
         vals = [v for v in (s.max_between(t0, t1) for s in self.samplers) if v is not None]
         return max(vals) if vals else None
 
+    def rss_now(self):
+        """The RSS read right now from the live instance(s), or None if none is alive."""
+        vals = [v[0] for v in (s.read() for s in self.samplers) if v is not None]
+        return max(vals) if vals else None
+
     def stop(self, grace):
         """SIGTERM, SIGKILL after `grace` s. Returns (clean, seconds, how it ended)."""
         if not self.alive():
@@ -721,6 +726,10 @@ class Phase:
                    f"{self.health['p99_ms']}/{self.health['max_ms']} ms, status "
                    f"{self.health['status']}{', errors ' + str(self.health['errors']) if self.health['errors'] else ''}")
         self.peak_rss = s.peak_between(self.t0, self.t1)
+        if self.peak_rss is None:
+            # A phase shorter than the sampling period (a request refused in 20 ms on a
+            # fast machine) has no sample in its window: read the RSS at its end.
+            self.peak_rss = s.rss_now()
         self.check("rss", self.peak_rss is not None and self.peak_rss < cut,
                    f"peak {mib(self.peak_rss)} vs cutline {mib(cut)}")
         unanswered = [label for label, r in self.requests if r.status is None]
