@@ -56,9 +56,7 @@
 //! the same keys and values, with any number of threads (tested).
 //!
 //! The micro-kernels exist twice: AVX2 + FMA intrinsics, chosen at run time, and
-//! portable Rust; on CPUs with AVX-512F the scores and the weighted sums of values run
-//! in 512-bit registers, with the same FMA chain per output as AVX2 (the same bits,
-//! tested), and the softmax and key transposes keep the AVX2 code. Tasks run on the rayon pool (on the calling thread when the work is
+//! portable Rust. Tasks run on the rayon pool (on the calling thread when the work is
 //! small); each task's arithmetic is sequential and does not depend on which thread
 //! runs it, so the result does not depend on the number of threads.
 //!
@@ -122,19 +120,16 @@ pub(crate) enum Kernel {
     Portable,
     /// AVX2 and FMA intrinsics (x86-64).
     Avx2,
-    /// The AVX2 kernels with the scores and the weighted sums of values in 512-bit
-    /// registers (AVX-512F): the same FMA chain per output, so the same bits as
-    /// [`Kernel::Avx2`].
-    Avx512,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs.
     pub(crate) fn best() -> Self {
-        [Self::Avx512, Self::Avx2]
-            .into_iter()
-            .find(|k| k.is_available())
-            .unwrap_or(Self::Portable)
+        if Self::Avx2.is_available() {
+            Self::Avx2
+        } else {
+            Self::Portable
+        }
     }
 
     /// Whether this CPU runs the kernel.
@@ -143,17 +138,9 @@ impl Kernel {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => Self::Avx2.is_available() && is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2 | Self::Avx512 => false,
+            Self::Avx2 => false,
         }
-    }
-
-    /// Whether the kernel runs the AVX2 code (the AVX-512 kernel does where it has no
-    /// code of its own), and the CPU has it.
-    fn runs_avx2(self) -> bool {
-        matches!(self, Self::Avx2 | Self::Avx512) && self.is_available()
     }
 }
 
@@ -744,7 +731,12 @@ fn transpose_keys(
         }
         let whole = group == 8 && rows.iter().all(|r| r.len() == hd) && hd.is_multiple_of(8);
         #[cfg(target_arch = "x86_64")]
-        if whole && kernel.runs_avx2() && kt.len() >= hd * KEY_CHUNK && c + 8 <= KEY_CHUNK {
+        if whole
+            && kernel == Kernel::Avx2
+            && kernel.is_available()
+            && kt.len() >= hd * KEY_CHUNK
+            && c + 8 <= KEY_CHUNK
+        {
             // SAFETY: the CPU has AVX2 (checked); every row holds `hd` floats, a
             // multiple of 8, and `kt` holds `hd` rows of KEY_CHUNK with columns
             // c..c + 8 inside (checked).
@@ -789,20 +781,6 @@ fn scores(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 && kernel.is_available() {
-        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked), and the bounds hold
-        // (as below).
-        unsafe {
-            match nr {
-                1 => avx512::scores::<1>(q, hd, kt, s, cols),
-                2 => avx512::scores::<2>(q, hd, kt, s, cols),
-                3 => avx512::scores::<3>(q, hd, kt, s, cols),
-                _ => avx512::scores::<4>(q, hd, kt, s, cols),
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx2 && kernel.is_available() {
         // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
         // above): every row `r < nr` of `q` has `hd` elements, every column
@@ -836,7 +814,7 @@ fn scores(
 /// Returns `m` and the sum of the new values.
 fn softmax_step(kernel: Kernel, x: &mut [f32], scale: f32, prev_max: f32) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    if kernel.runs_avx2() {
+    if kernel == Kernel::Avx2 && kernel.is_available() {
         // SAFETY: the CPU has AVX2 and FMA (checked).
         return unsafe { avx2::softmax_step(x, scale, prev_max) };
     }
@@ -881,20 +859,6 @@ fn accumulate(
             .is_some_and(|end| end <= v.len());
     if !fits {
         debug_assert!(false, "attention accumulate called out of bounds");
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 && kernel.is_available() {
-        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked), and the bounds hold
-        // (as below).
-        unsafe {
-            match nr {
-                1 => avx512::accumulate::<1>(p, v, vrs, acc, hd, cols),
-                2 => avx512::accumulate::<2>(p, v, vrs, acc, hd, cols),
-                3 => avx512::accumulate::<3>(p, v, vrs, acc, hd, cols),
-                _ => avx512::accumulate::<4>(p, v, vrs, acc, hd, cols),
-            }
-        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1172,119 +1136,6 @@ mod avx2 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    //! The scores and the weighted sums of values in AVX-512F: sixteen columns (or
-    //! elements of a head) per register, each output's FMA chain in the order of the
-    //! AVX2 kernels, so the results are theirs bit for bit.
-
-    use std::arch::x86_64::{
-        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps,
-        _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
-    };
-    use std::ops::Range;
-
-    use super::{COLS, KEY_CHUNK};
-
-    /// [`super::scores`] for `R` rows: one 512-bit vector per [`COLS`] columns.
-    ///
-    /// # Safety
-    /// AVX-512F and FMA are available; `q` holds `R * hd` elements, `kt`
-    /// `hd * KEY_CHUNK`, `s` `R * KEY_CHUNK`; `cols` are multiples of [`COLS`] (16) up
-    /// to `KEY_CHUNK`.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn scores<const R: usize>(
-        q: &[f32],
-        hd: usize,
-        kt: &[f32],
-        s: &mut [f32],
-        cols: Range<usize>,
-    ) {
-        let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
-        let mut c = cols.start;
-        while c + COLS <= cols.end {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for d in 0..hd {
-                // SAFETY: `d < hd` and `c + 16 <= KEY_CHUNK`, so the load lies in `kt`;
-                // `r * hd + d < R * hd`, in `q`.
-                unsafe {
-                    let k = _mm512_loadu_ps(kp.add(d * KEY_CHUNK + c));
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * hd + d)), k, *a);
-                    }
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                // SAFETY: `r * KEY_CHUNK + c + 16 <= R * KEY_CHUNK`, in `s`.
-                unsafe { _mm512_storeu_ps(sp.add(r * KEY_CHUNK + c), *a) };
-            }
-            c += COLS;
-        }
-    }
-
-    /// [`super::accumulate`] for `R` rows: a head's elements sixteen at a time (the
-    /// last few under a mask), each row's probabilities broadcast once per value row
-    /// for up to 64 elements.
-    ///
-    /// # Safety
-    /// AVX-512F and FMA are available; `p` holds `R * KEY_CHUNK` elements, `acc`
-    /// `R * hd`; `cols` is not empty, `cols.end <= KEY_CHUNK` and
-    /// `(cols.end - 1) * vrs + hd <= v.len()`.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn accumulate<const R: usize>(
-        p: &[f32],
-        v: &[f32],
-        vrs: usize,
-        acc: &mut [f32],
-        hd: usize,
-        cols: Range<usize>,
-    ) {
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut d = 0;
-        while d < hd {
-            // Up to four vectors of 16 elements; the last one masked to the head.
-            let width = (hd - d).min(64);
-            let nv = width.div_ceil(16);
-            let last = width - (nv - 1) * 16;
-            let mask: u16 = if last == 16 {
-                u16::MAX
-            } else {
-                (1u16 << last) - 1
-            };
-            let m = |i: usize| if i + 1 == nv { mask } else { u16::MAX };
-            // SAFETY: element `d + 16 i + lane` is below `hd` for every lane the mask
-            // keeps, so the accesses lie in row `r` of `acc` and in value row `c`
-            // (`c * vrs + hd <= v.len()`); `r * KEY_CHUNK + c < R * KEY_CHUNK`.
-            unsafe {
-                let mut a = [[_mm512_setzero_ps(); 4]; R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    for (i, ai) in a.iter_mut().enumerate().take(nv) {
-                        *ai = _mm512_maskz_loadu_ps(m(i), ap.add(r * hd + d + 16 * i));
-                    }
-                }
-                for c in cols.clone() {
-                    let mut vv = [_mm512_setzero_ps(); 4];
-                    for (i, x) in vv.iter_mut().enumerate().take(nv) {
-                        *x = _mm512_mask_loadu_ps(*x, m(i), vp.add(c * vrs + d + 16 * i));
-                    }
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm512_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        for (ai, x) in a.iter_mut().zip(&vv).take(nv) {
-                            *ai = _mm512_fmadd_ps(pb, *x, *ai);
-                        }
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    for (i, ai) in a.iter().enumerate().take(nv) {
-                        _mm512_mask_storeu_ps(ap.add(r * hd + d + 16 * i), m(i), *ai);
-                    }
-                }
-            }
-            d += width;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
@@ -1393,10 +1244,9 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        let all = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512];
-        let (have, lacking): (Vec<Kernel>, Vec<Kernel>) =
-            all.into_iter().partition(|k| k.is_available());
-        println!("attention kernels run: {have:?}; NOT TESTED on this CPU: {lacking:?}");
+        let all = [Kernel::Portable, Kernel::Avx2];
+        let have: Vec<Kernel> = all.into_iter().filter(|k| k.is_available()).collect();
+        println!("attention kernels run: {have:?}");
         have
     }
 
@@ -1466,54 +1316,6 @@ mod tests {
                 assert!(max_rel_diff(&got, &want) < 1e-5, "{kernel:?} hd {hd} t {t}");
             }
         }
-    }
-
-    /// The AVX-512 kernel gives the AVX2 kernel's bits (the same FMA chain for every
-    /// score and every output element), for head sizes that fill whole 512-bit
-    /// vectors, end in a masked one, or exceed 64.
-    #[test]
-    fn avx512_equals_avx2_bit_for_bit() {
-        if !Kernel::Avx512.is_available() {
-            println!("avx512_equals_avx2_bit_for_bit: NOT TESTED on this CPU (no AVX-512F)");
-            return;
-        }
-        let mut compared = 0;
-        for &(heads, kv, hd, t, past, window) in &[
-            (9, 3, 64, 1, 700, usize::MAX),
-            (9, 3, 64, 130, 0, usize::MAX),
-            (4, 2, 80, 33, 40, 100),
-            (3, 1, 13, 5, 3, 2),
-            (2, 1, 24, 9, 300, usize::MAX),
-            (2, 2, 128, 17, 70, usize::MAX),
-        ] {
-            let c = Case {
-                heads,
-                kv,
-                hd,
-                t,
-                past,
-                window,
-            };
-            let (q, k, v) = inputs(&c, 5 + hd as u64, t % 2 == 0);
-            let a: Vec<f32> = attention_with(&q, &k, &v, window, Kernel::Avx2)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = attention_with(&q, &k, &v, window, Kernel::Avx512)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(a.len(), b.len());
-            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                assert_eq!(x.to_bits(), y.to_bits(), "hd {hd} t {t} past {past} [{i}]");
-                compared += 1;
-            }
-        }
-        assert!(compared > 10_000, "{compared}");
     }
 
     #[test]
