@@ -157,6 +157,9 @@ fn request(
 ///   effect only before the first run of the process.
 /// - replica_id, node_id: written in every SSOT record (a Ray Serve replica, a node).
 /// - catalog: path of a model catalog (TOML or JSON) for `query`.
+/// - kv_cache: how every model's KV cache holds keys and values: "f32" (the default),
+///   "f16", "bf16" or "q8_0" (26.6% of the f32 bytes); estimates and reservations
+///   count the chosen format.
 ///
 /// Methods release the GIL while the runtime works, so Python threads can run
 /// generations side by side. One Runtime per process is the intended use: it owns
@@ -172,9 +175,9 @@ pub struct PyRuntime {
 impl PyRuntime {
     #[new]
     #[pyo3(
-        text_signature = "(cutline='8GiB', ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None)"
+        text_signature = "(cutline='8GiB', ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None, kv_cache='f32')"
     )]
-    #[pyo3(signature = (cutline=None, ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None))]
+    #[pyo3(signature = (cutline=None, ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None, kv_cache=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -185,6 +188,7 @@ impl PyRuntime {
         replica_id: Option<String>,
         node_id: Option<String>,
         catalog: Option<PathBuf>,
+        kv_cache: Option<&str>,
     ) -> PyResult<Self> {
         let cutline = match cutline {
             Some(c) => byte_size(c)?,
@@ -215,6 +219,12 @@ impl PyRuntime {
             let c = afo_runtime::select::Catalog::from_path(&path)
                 .map_err(|e| to_py(py, &afo_runtime::Error::from(e)))?;
             builder = builder.catalog(c);
+        }
+        if let Some(name) = kv_cache {
+            let format: afo_runtime::kvcache::KvFormat = name
+                .parse()
+                .map_err(|e| value_error(format!("kv_cache: {e}")))?;
+            builder = builder.kv_format(format);
         }
         let runtime = py.detach(|| builder.build()).map_err(|e| to_py(py, &e))?;
         let cutline_bytes = runtime.budget().cutline();
