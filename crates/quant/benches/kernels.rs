@@ -72,8 +72,12 @@ fn bench_kernels(c: &mut Criterion) {
         let w = Tensor::from_vec(data(n_out * k, 1), (n_out, k), &Device::Cpu).expect("tensor");
         let qt = QTensor::quantize(&w, dtype.to_ggml()).expect("quantize");
         let weights = GgmlWeights::from_qtensor(&qt).expect("weights");
+        // The layout the runtime loads for AVX-512 VNNI: panels of sixteen rows.
+        let panels = Kernel::Avx512Vnni
+            .is_available()
+            .then(|| weights.clone().into_panels().expect("panels"));
         let qmm = QMatMul::from_qtensor(qt).expect("qmatmul");
-        for m in [1usize, 64] {
+        for m in [1usize, 4, 64] {
             let mut group = c.benchmark_group(format!("{dtype}_k{k}_n{n_out}_m{m}"));
             group.throughput(Throughput::Bytes(weights.bytes().len() as u64));
             if m * n_out * k > 100_000_000 {
@@ -95,6 +99,22 @@ fn bench_kernels(c: &mut Criterion) {
                         black_box(&y);
                     })
                 });
+            }
+            if let Some(p) = &panels {
+                group.bench_function(
+                    BenchmarkId::new("avx512vnni-panels", format!("t{t}")),
+                    |b| {
+                        b.iter(|| {
+                            pool.install(|| {
+                                let acts =
+                                    QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
+                                kernels::gemm_with(Kernel::Avx512Vnni, p.matrix(), &acts, &mut y)
+                                    .expect("gemm");
+                            });
+                            black_box(&y);
+                        })
+                    },
+                );
             }
             let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
             group.bench_function(BenchmarkId::new("candle", format!("t{t}")), |b| {

@@ -144,7 +144,10 @@ impl QLinear {
             GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
                 if qtensor.device().is_cpu() && kernels == KernelChoice::Fastest =>
             {
-                Weight::Fast(GgmlWeights::from_qtensor(&qtensor)?)
+                // Panels of sixteen rows where the AVX-512 VNNI kernel runs.
+                Weight::Fast(
+                    GgmlWeights::from_qtensor(&qtensor)?.for_kernel(kernels::Kernel::detect())?,
+                )
             }
             other => Weight::Candle(QMatMul::from_qtensor(qtensor)?, other),
         };
@@ -306,7 +309,7 @@ impl QLinear {
             Weight::Dense(w) => WeightData::Dense(w),
             Weight::Fast(w) => WeightData::Ggml {
                 dtype: w.dtype().to_ggml(),
-                bytes: Cow::Borrowed(w.bytes()),
+                bytes: w.row_major_bytes()?,
             },
             Weight::Candle(QMatMul::QTensor(t), dtype) => WeightData::Ggml {
                 dtype: *dtype,
@@ -360,6 +363,7 @@ impl QLinear {
     pub fn kernel_path(&self, rows: usize) -> String {
         let best = kernels::Kernel::detect();
         match &self.weight {
+            Weight::Fast(w) if w.in_panels() => format!("{} {best} panels", w.dtype()),
             Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
@@ -1177,18 +1181,28 @@ mod tests {
     #[test]
     fn kernel_path_names_the_packed_kernel_for_prompts_only() {
         let dev = Device::Cpu;
-        let w = Tensor::from_vec(data(64 * 64, 3), (64, 64), &dev).unwrap();
-        let layer =
-            QLinear::from_qtensor("w", QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(), None)
-                .unwrap();
         let best = kernels::Kernel::detect();
-        assert_eq!(layer.kernel_path(1), format!("q8_0 {best}"));
-        let prompt = layer.kernel_path(512);
-        assert_eq!(
-            prompt.ends_with(" packed"),
-            matches!(best, kernels::Kernel::Avx2 | kernels::Kernel::Avx512Vnni),
-            "{prompt}"
-        );
+        // 64 rows fill panels of sixteen (AVX-512 VNNI: one kernel for every row
+        // count); 72 do not (AVX2's packed panels for prompts, tiles for decode).
+        for n_out in [64, 72] {
+            let w = Tensor::from_vec(data(n_out * 64, 3), (n_out, 64), &dev).unwrap();
+            let layer =
+                QLinear::from_qtensor("w", QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(), None)
+                    .unwrap();
+            let panels = best == kernels::Kernel::Avx512Vnni && n_out % 16 == 0;
+            if panels {
+                assert_eq!(layer.kernel_path(1), format!("q8_0 {best} panels"));
+                assert_eq!(layer.kernel_path(512), format!("q8_0 {best} panels"));
+                continue;
+            }
+            assert_eq!(layer.kernel_path(1), format!("q8_0 {best}"));
+            let prompt = layer.kernel_path(512);
+            assert_eq!(
+                prompt.ends_with(" packed"),
+                matches!(best, kernels::Kernel::Avx2 | kernels::Kernel::Avx512Vnni),
+                "{prompt}"
+            );
+        }
     }
 
     #[test]

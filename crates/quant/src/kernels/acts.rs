@@ -30,6 +30,7 @@ pub struct QuantizedActs {
     lines: Vec<Line>,
     d: Vec<f32>,
     ds: Vec<f32>,
+    sums: Vec<i32>,
     /// Whether the rows are independent sequences whose results must equal one-row
     /// products bit for bit (see [`QuantizedActs::set_independent_rows`]).
     independent: bool,
@@ -53,6 +54,9 @@ pub(crate) struct ActsView<'a> {
     pub(crate) d: &'a [f32],
     /// `d * sum(q)`, `stride` per row.
     pub(crate) ds: &'a [f32],
+    /// `sum(q)` of each block as an integer, `stride` per row (what offset weights add
+    /// to a dot product, taken back exactly).
+    pub(crate) sums: &'a [i32],
     /// Blocks per row in the arrays (padded to even).
     pub(crate) stride: usize,
     /// The rows are independent sequences: every row must be computed as a one-row
@@ -100,6 +104,8 @@ impl QuantizedActs {
         self.d.resize(m * stride, 0.0);
         self.ds.clear();
         self.ds.resize(m * stride, 0.0);
+        self.sums.clear();
+        self.sums.resize(m * stride, 0);
 
         #[cfg(target_arch = "x86_64")]
         let simd = super::Kernel::Avx2.is_available();
@@ -107,6 +113,7 @@ impl QuantizedActs {
             let lines = &mut self.lines[row * stride / 2..(row + 1) * stride / 2];
             let d = &mut self.d[row * stride..(row + 1) * stride];
             let ds = &mut self.ds[row * stride..(row + 1) * stride];
+            let sums = &mut self.sums[row * stride..(row + 1) * stride];
             for (b, xb) in xr.chunks_exact(BLOCK_ELEMS).enumerate() {
                 let q = &mut lines[b / 2].0[b % 2];
                 #[cfg(target_arch = "x86_64")]
@@ -119,6 +126,7 @@ impl QuantizedActs {
                 let (scale, sum) = quantize_block(xb, q);
                 d[b] = scale;
                 ds[b] = scale * sum as f32;
+                sums[b] = sum;
             }
         }
         Ok(())
@@ -173,6 +181,7 @@ impl QuantizedActs {
             lines: &self.lines,
             d: &self.d,
             ds: &self.ds,
+            sums: &self.sums,
             stride: self.stride,
             independent: self.independent,
         }
@@ -187,6 +196,7 @@ impl<'a> ActsView<'a> {
             lines: self.lines.get(at / 2..).unwrap_or(&[]),
             d: self.d.get(at..).unwrap_or(&[]),
             ds: self.ds.get(at..).unwrap_or(&[]),
+            sums: self.sums.get(at..).unwrap_or(&[]),
             stride: self.stride,
             independent: self.independent,
         }

@@ -11,6 +11,7 @@
 //! where `nibble(j)` is the low nibble of `qs[j]` for `j < 16` and the high nibble of
 //! `qs[j - 16]` for `j >= 16`. All `f16` are little-endian.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
+use super::Kernel;
 use super::error::{Error, Result};
 
 /// Number of elements in one block of every supported format.
@@ -212,16 +214,19 @@ impl FromStr for WeightDType {
     }
 }
 
-/// A borrowed, validated `[n_out, k]` matrix of GGML blocks, row-major, as stored in GGUF.
+/// A borrowed, validated `[n_out, k]` matrix of GGML blocks: row-major as stored in
+/// GGUF, or repacked in panels of sixteen rows ([`GgmlWeights::into_panels`]).
 ///
-/// Row `r` (output feature `r`) is `k / 32` consecutive blocks. Build it over bytes
-/// that live elsewhere (a memory map, a candle `QTensor`) with [`GgmlMatrix::new`].
+/// Row-major, row `r` (output feature `r`) is `k / 32` consecutive blocks. Build it over
+/// bytes that live elsewhere (a memory map, a candle `QTensor`) with
+/// [`GgmlMatrix::new`].
 #[derive(Clone, Copy)]
 pub struct GgmlMatrix<'a> {
     dtype: WeightDType,
     n_out: usize,
     k: usize,
     bytes: &'a [u8],
+    panels: bool,
 }
 
 impl fmt::Debug for GgmlMatrix<'_> {
@@ -231,6 +236,7 @@ impl fmt::Debug for GgmlMatrix<'_> {
             .field("n_out", &self.n_out)
             .field("k", &self.k)
             .field("bytes", &self.bytes.len())
+            .field("panels", &self.panels)
             .finish()
     }
 }
@@ -278,7 +284,14 @@ impl<'a> GgmlMatrix<'a> {
             n_out,
             k,
             bytes,
+            panels: false,
         })
+    }
+
+    /// Whether the bytes are in panels of sixteen rows (read only by the AVX-512 VNNI
+    /// kernel) rather than row-major.
+    pub fn in_panels(&self) -> bool {
+        self.panels
     }
 
     /// The block format.
@@ -296,7 +309,8 @@ impl<'a> GgmlMatrix<'a> {
         self.k
     }
 
-    /// The raw GGML bytes, row-major; exactly `n_out * row_bytes()` long.
+    /// The bytes as stored: GGML blocks row-major, or in panels when
+    /// [`in_panels`](Self::in_panels); exactly `n_out * row_bytes()` long either way.
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
     }
@@ -321,23 +335,39 @@ impl<'a> GgmlMatrix<'a> {
                 unit: "elements",
             });
         }
-        let rb = self.row_bytes();
-        let row_bytes = self
-            .bytes
-            .get(row * rb..(row + 1) * rb)
-            .ok_or(Error::LengthMismatch {
+        if row >= self.n_out {
+            return Err(Error::LengthMismatch {
                 what: "weight rows (n_out)",
                 expected: self.n_out,
                 actual: row + 1,
                 unit: "rows",
-            })?;
+            });
+        }
         let bb = self.dtype.block_bytes();
-        for (block, o) in row_bytes
-            .chunks_exact(bb)
-            .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-        {
-            let mut tmp = [0.0f32; BLOCK_ELEMS];
-            self.dtype.dequantize_block(block, &mut tmp)?;
+        let mut block = [0u8; 34];
+        let mut tmp = [0.0f32; BLOCK_ELEMS];
+        for (b, o) in out.chunks_exact_mut(BLOCK_ELEMS).enumerate() {
+            let bytes = if self.panels {
+                super::panels::block(
+                    self.dtype,
+                    self.n_out,
+                    self.k,
+                    self.bytes,
+                    row,
+                    b,
+                    &mut block[..bb],
+                )?;
+                &block[..bb]
+            } else {
+                let at = (row * self.blocks_per_row() + b) * bb;
+                self.bytes.get(at..at + bb).ok_or(Error::LengthMismatch {
+                    what: "weight bytes",
+                    expected: self.n_out * self.row_bytes(),
+                    actual: self.bytes.len(),
+                    unit: "bytes",
+                })?
+            };
+            self.dtype.dequantize_block(bytes, &mut tmp)?;
             o.copy_from_slice(&tmp);
         }
         Ok(())
@@ -355,13 +385,16 @@ impl<'a> GgmlMatrix<'a> {
 
 /// An owned `[n_out, k]` matrix of GGML blocks (shared bytes, cheap to clone).
 ///
-/// [`matrix`](Self::matrix) borrows it as a [`GgmlMatrix`] for the kernels.
+/// [`matrix`](Self::matrix) borrows it as a [`GgmlMatrix`] for the kernels. Built
+/// row-major; [`into_panels`](Self::into_panels) repacks it for the AVX-512 VNNI
+/// kernel (same size, every number of activation rows).
 #[derive(Clone)]
 pub struct GgmlWeights {
     dtype: WeightDType,
     n_out: usize,
     k: usize,
     bytes: Arc<[u8]>,
+    panels: bool,
 }
 
 impl fmt::Debug for GgmlWeights {
@@ -385,7 +418,63 @@ impl GgmlWeights {
             n_out,
             k,
             bytes,
+            panels: false,
         })
+    }
+
+    /// The weights in the layout `kernel` reads fastest: repacked into panels of
+    /// sixteen rows for [`Kernel::Avx512Vnni`] when `n_out` is a multiple of 16
+    /// (the same bytes, reordered: see [`GgmlMatrix::in_panels`]), otherwise unchanged.
+    /// Panels are read by that kernel only; [`gemm_with`](super::gemm_with) with
+    /// another kernel refuses them.
+    ///
+    /// # Errors
+    /// Only on a broken invariant of the stored bytes (their length).
+    pub fn for_kernel(self, kernel: Kernel) -> Result<Self> {
+        if kernel != Kernel::Avx512Vnni || self.panels || !super::panels::fits(self.n_out) {
+            return Ok(self);
+        }
+        self.into_panels()
+    }
+
+    /// Repacks row-major weights into panels of sixteen rows (a no-op when they are
+    /// already); see [`GgmlMatrix::in_panels`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `n_out` is not a multiple of 16.
+    pub fn into_panels(self) -> Result<Self> {
+        if self.panels {
+            return Ok(self);
+        }
+        let bytes = super::panels::from_rows(self.dtype, self.n_out, self.k, &self.bytes)?;
+        Ok(Self {
+            bytes: bytes.into(),
+            panels: true,
+            ..self
+        })
+    }
+
+    /// Whether the bytes are in panels ([`into_panels`](Self::into_panels)).
+    pub fn in_panels(&self) -> bool {
+        self.panels
+    }
+
+    /// The GGML bytes row-major, as a GGUF file stores them (borrowed unless the
+    /// weights are in panels).
+    ///
+    /// # Errors
+    /// Only on a broken invariant of the stored bytes (their length).
+    pub fn row_major_bytes(&self) -> Result<Cow<'_, [u8]>> {
+        if self.panels {
+            Ok(Cow::Owned(super::panels::to_rows(
+                self.dtype,
+                self.n_out,
+                self.k,
+                &self.bytes,
+            )?))
+        } else {
+            Ok(Cow::Borrowed(&self.bytes))
+        }
     }
 
     /// Copies the bytes of a CPU candle `QTensor` of shape `[n_out, k]`.
@@ -408,6 +497,7 @@ impl GgmlWeights {
             n_out: self.n_out,
             k: self.k,
             bytes: &self.bytes,
+            panels: self.panels,
         }
     }
 
@@ -426,7 +516,9 @@ impl GgmlWeights {
         self.k
     }
 
-    /// The raw GGML bytes, row-major.
+    /// The bytes as stored (row-major, or in panels when
+    /// [`in_panels`](Self::in_panels); [`row_major_bytes`](Self::row_major_bytes) gives
+    /// GGUF's order).
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }

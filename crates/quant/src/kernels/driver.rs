@@ -53,8 +53,14 @@ pub(super) fn check_range(
 /// Smallest amount of work (`m * n_out * k` multiply-adds) worth splitting over threads.
 const PAR_MIN_WORK: usize = 1 << 18;
 
-fn range_fn(kernel: Kernel, dtype: WeightDType) -> RangeFn {
+fn range_fn(kernel: Kernel, dtype: WeightDType, panels: bool) -> RangeFn {
     match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni if panels => match dtype {
+            WeightDType::Q4_0 => super::panels::range::<F_Q4_0>,
+            WeightDType::Q4_1 => super::panels::range::<F_Q4_1>,
+            WeightDType::Q8_0 => super::panels::range::<F_Q8_0>,
+        },
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => match dtype {
             WeightDType::Q4_0 => super::avx512::range::<F_Q4_0>,
@@ -76,9 +82,10 @@ fn range_fn(kernel: Kernel, dtype: WeightDType) -> RangeFn {
 }
 
 /// Output columns per task: enough tasks to balance a noisy machine, few enough that
-/// a task is worth its scheduling cost.
+/// a task is worth its scheduling cost; a multiple of sixteen, so a task never splits
+/// an AVX-512 panel (sixteen columns) or an AVX2 one (eight).
 fn cols_per_task(n_out: usize, threads: usize) -> usize {
-    (n_out / (threads * 8)).clamp(16, 256).next_multiple_of(8)
+    (n_out / (threads * 8)).clamp(16, 256).next_multiple_of(16)
 }
 
 /// What [`run`] and [`run_many`] check before any kernel reads: the CPU runs
@@ -87,6 +94,9 @@ fn cols_per_task(n_out: usize, threads: usize) -> usize {
 fn check(kernel: Kernel, w: &GgmlMatrix<'_>, acts: &QuantizedActs, y: &[f32]) -> Result<()> {
     if !kernel.is_available() {
         return Err(Error::KernelUnavailable { kernel });
+    }
+    if w.in_panels() && kernel != Kernel::Avx512Vnni {
+        return Err(Error::PanelsNeedVnni { kernel });
     }
     if acts.k() != w.k() || acts.blocks() != w.blocks_per_row() {
         return Err(Error::InnerDimensionMismatch {
@@ -119,7 +129,7 @@ pub(super) fn run(
     check(kernel, &w, acts, y)?;
     let m = acts.m();
     let n_out = w.n_out();
-    let f = range_fn(kernel, w.dtype());
+    let f = range_fn(kernel, w.dtype(), w.in_panels());
     let a = acts.view();
     split_rows_or_columns(m, n_out, w.k(), y, |rows, cols, out, ld| {
         f(w, a.rows_from(rows.start), rows.len(), cols, out, ld)
@@ -202,7 +212,7 @@ pub(super) fn run_many(
         .iter_mut()
         .map(|(w, y)| {
             (
-                (*w, range_fn(kernel, w.dtype())),
+                (*w, range_fn(kernel, w.dtype(), w.in_panels())),
                 w.n_out(),
                 w.k(),
                 &mut **y,

@@ -58,6 +58,15 @@ pub enum Error {
         /// The kernel that was requested.
         kernel: Kernel,
     },
+    /// Weights repacked in panels of sixteen rows were given to a kernel that reads
+    /// row-major blocks.
+    #[error(
+        "these weights are repacked in 16-row panels, which only the AVX-512 VNNI kernel reads; kernel {kernel} needs row-major blocks"
+    )]
+    PanelsNeedVnni {
+        /// The kernel that was requested.
+        kernel: Kernel,
+    },
     /// Activations quantized for one inner dimension were used with weights of another.
     #[error("activations have k = {acts_k}, weights ({dtype}) have k = {weights_k}")]
     InnerDimensionMismatch {

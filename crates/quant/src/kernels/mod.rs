@@ -69,6 +69,7 @@ mod int;
 mod packed;
 #[cfg(target_arch = "x86_64")]
 mod packed_vnni;
+mod panels;
 mod roofline;
 mod scalar;
 

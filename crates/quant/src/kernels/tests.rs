@@ -732,3 +732,179 @@ fn dense_shapes_are_checked() {
         }
     }
 }
+
+/// Panels of sixteen rows hold the same blocks: back to GGUF's row-major bytes
+/// exactly, the same dequantized rows, and only the AVX-512 VNNI kernel reads them.
+#[test]
+fn panels_hold_the_same_blocks_as_rows() {
+    for dtype in WeightDType::ALL {
+        for (n_out, k) in [(16, 32), (32, 576), (48, 1536 + 32)] {
+            let rows = GgmlWeights::from_qtensor(&qtensor(dtype, n_out, k, 3)).unwrap();
+            let panels = rows.clone().into_panels().unwrap();
+            assert!(panels.in_panels() && panels.matrix().in_panels() && !rows.in_panels());
+            assert_eq!(
+                panels.bytes().len(),
+                rows.bytes().len(),
+                "{dtype}: same size"
+            );
+            assert_ne!(panels.bytes(), rows.bytes(), "{dtype}: reordered");
+            assert_eq!(&*panels.row_major_bytes().unwrap(), rows.bytes(), "{dtype}");
+            assert_eq!(
+                panels.dequantize().unwrap(),
+                rows.dequantize().unwrap(),
+                "{dtype}"
+            );
+            let mut a = vec![0.0f32; k];
+            let mut b = vec![0.0f32; k];
+            for r in [0, 5, n_out - 1] {
+                panels.matrix().dequantize_row(r, &mut a).unwrap();
+                rows.matrix().dequantize_row(r, &mut b).unwrap();
+                assert_eq!(a, b, "{dtype} row {r}");
+            }
+            assert!(panels.matrix().dequantize_row(n_out, &mut a).is_err());
+            // Already in panels: unchanged.
+            let again = panels.clone().into_panels().unwrap();
+            assert_eq!(again.bytes(), panels.bytes());
+            // Only the AVX-512 VNNI kernel gets panels.
+            assert!(!rows.clone().for_kernel(Kernel::Avx2).unwrap().in_panels());
+            assert!(
+                rows.clone()
+                    .for_kernel(Kernel::Avx512Vnni)
+                    .unwrap()
+                    .in_panels()
+            );
+            let acts = QuantizedActs::quantize(&vec![0.5; k], 1, k).unwrap();
+            let mut y = vec![0.0; n_out];
+            for kernel in [Kernel::Scalar, Kernel::Avx2] {
+                let err = gemm_with(kernel, panels.matrix(), &acts, &mut y);
+                assert!(
+                    matches!(
+                        err,
+                        Err(Error::PanelsNeedVnni { .. }) | Err(Error::KernelUnavailable { .. })
+                    ),
+                    "{kernel}: {err:?}"
+                );
+            }
+        }
+        // Rows that do not fill whole panels stay row-major.
+        let odd = GgmlWeights::from_qtensor(&qtensor(dtype, 17, 64, 3)).unwrap();
+        assert!(odd.clone().into_panels().is_err());
+        assert!(!odd.for_kernel(Kernel::Avx512Vnni).unwrap().in_panels());
+    }
+}
+
+/// The panel kernel against the exact product and the scalar kernel on row-major
+/// bytes, for one row (decode), batches and prompts, on one to three threads (the same
+/// bits); each row of a batch equals that row alone bit for bit, whatever the batch;
+/// and the largest quants do not overflow.
+#[test]
+fn panel_kernel_matches_reference_and_each_row_alone() {
+    if !Kernel::Avx512Vnni.is_available() {
+        println!(
+            "panel_kernel_matches_reference_and_each_row_alone: NOT TESTED on this CPU (it \
+             lacks AVX-512 VNNI)"
+        );
+        return;
+    }
+    let mut rng = Rng(123);
+    let mut checked = 0usize;
+    for dtype in WeightDType::ALL {
+        for (n_out, k) in [(16, 32), (32, 64), (192, 576), (576, 1536), (48, 4096 + 32)] {
+            let rows = GgmlWeights::from_qtensor(&qtensor(dtype, n_out, k, 17)).unwrap();
+            let panels = rows.clone().into_panels().unwrap();
+            let wd = rows.dequantize().unwrap();
+            for m in [1, 2, 3, 4, 5, 8, 17, 64, 70] {
+                let x = rng.vec(m * k);
+                let refs = reference(&wd, &x, m, n_out, k);
+                let mut acts = QuantizedActs::quantize(&x, m, k).unwrap();
+                let mut scalar = vec![0.0f32; m * n_out];
+                gemm_with(Kernel::Scalar, rows.matrix(), &acts, &mut scalar).unwrap();
+                let run = |acts: &QuantizedActs, threads| {
+                    let mut y = vec![f32::NAN; acts.m() * n_out];
+                    pool(threads)
+                        .install(|| gemm_with(Kernel::Avx512Vnni, panels.matrix(), acts, &mut y))
+                        .unwrap();
+                    y
+                };
+                let y = run(&acts, 1);
+                for (i, ((&got, &(exact, bound, mag)), &s)) in
+                    y.iter().zip(&refs).zip(&scalar).enumerate()
+                {
+                    let what = format!("{dtype} m={m} n_out={n_out} k={k} [{i}]");
+                    let slack = 1e-4 * mag + 1e-6;
+                    let err = (f64::from(got) - exact).abs();
+                    assert!(err <= bound + slack, "{what}: {got} vs exact {exact}");
+                    assert!(
+                        (f64::from(got) - f64::from(s)).abs() <= slack,
+                        "{what}: {got} vs scalar {s}"
+                    );
+                    checked += 1;
+                }
+                for threads in [2, 3] {
+                    let other = run(&acts, threads);
+                    assert!(
+                        y.iter()
+                            .zip(&other)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype} m={m} n_out={n_out}: {threads} threads differ from one"
+                    );
+                }
+                acts.set_independent_rows(true);
+                assert!(
+                    y.iter()
+                        .zip(run(&acts, 2))
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype} m={m}: independent rows"
+                );
+                for r in [0, m / 2, m - 1] {
+                    let one = QuantizedActs::quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
+                    let alone = run(&one, 1);
+                    assert!(
+                        alone
+                            .iter()
+                            .zip(&y[r * n_out..(r + 1) * n_out])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype} m={m} n_out={n_out}: row {r} alone differs from the batch"
+                    );
+                }
+            }
+        }
+        // Extreme quants (Q8_0 -128 and 127, nibbles 15) against activations at +-127.
+        let (n_out, k) = (32, 1536);
+        let bb = dtype.block_bytes();
+        let mut bytes = Vec::new();
+        for c in 0..n_out {
+            for b in 0..k / 32 {
+                let mut blk = vec![0u8; bb];
+                blk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+                let q = match dtype {
+                    WeightDType::Q8_0 if (c + b) % 2 == 0 => 0x80,
+                    WeightDType::Q8_0 => 0x7F,
+                    _ => 0xFF,
+                };
+                let off = bb - if dtype == WeightDType::Q8_0 { 32 } else { 16 };
+                blk[off..].iter_mut().for_each(|v| *v = q);
+                bytes.extend(blk);
+            }
+        }
+        let rows = GgmlWeights::new(dtype, n_out, k, bytes).unwrap();
+        let panels = rows.clone().into_panels().unwrap();
+        for m in [1, 9] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| if (i / 32) % 3 == 0 { -1.0 } else { 1.0 })
+                .collect();
+            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+            let mut scalar = vec![0.0f32; m * n_out];
+            gemm_with(Kernel::Scalar, rows.matrix(), &acts, &mut scalar).unwrap();
+            let mut y = vec![f32::NAN; m * n_out];
+            gemm_with(Kernel::Avx512Vnni, panels.matrix(), &acts, &mut y).unwrap();
+            for (i, (got, s)) in y.iter().zip(&scalar).enumerate() {
+                assert!(
+                    (got - s).abs() <= 1e-5 * s.abs() + 1e-3,
+                    "extreme {dtype} m={m} [{i}]: {got} vs scalar {s}"
+                );
+            }
+        }
+    }
+    assert!(checked > 50_000, "{checked}");
+}

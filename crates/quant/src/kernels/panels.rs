@@ -1,0 +1,384 @@
+//! GGML weights repacked at load into panels of sixteen rows, and the AVX-512 VNNI
+//! kernel that reads them for every number of activation rows.
+//!
+//! # Layout
+//!
+//! Rows `16p..16p + 16` form panel `p`, `16 x row_bytes` bytes at `16p x row_bytes`, the
+//! same bytes a row-major matrix gives those rows. Inside a panel, block `b` of the
+//! sixteen rows is one chunk of `16 x block_bytes` bytes:
+//!
+//! - a header: the sixteen rows' f16 scales `d` (32 bytes), for Q4_1 then their f16
+//!   minimums (32 bytes);
+//! - the quants as 64-byte vectors, one 32-bit lane per row: Q4_0/Q4_1 four vectors,
+//!   lane `j` of vector `v` holding bytes `4v..4v + 4` of row `j`'s sixteen nibble bytes
+//!   (low nibbles: elements `4v..4v + 4`, high nibbles: elements `16 + 4v..`); Q8_0 eight
+//!   vectors, lane `j` of vector `g` holding quants `4g..4g + 4` of row `j` plus 128 (as
+//!   unsigned bytes).
+//!
+//! So one `vpdpbusd` per broadcast of four activation bytes multiplies sixteen rows, with
+//! no shuffle: the whole step is loads, two masks and a shift for the nibbles, and the
+//! dot products. The matrix takes exactly its GGML size; [`to_rows`] gives the GGML
+//! bytes back (for writing a file) and [`block`] one block of one row (for embedding
+//! lookups and dequantization).
+//!
+//! # Arithmetic
+//!
+//! Per block and row the integer sum is exact: nibbles `0..=15` (Q4_0 takes
+//! `8 x sum(q_x)` back, Q4_1 adds `m x d_x x sum(q_x)` as a float) and Q8_0 quants plus
+//! 128 (takes `128 x sum(q_x)` back). Then `acc += isum x (d_w x d_x)` in f32, block by
+//! block, the same for every row whatever the number of rows in the call: a batched
+//! decode step, a prompt and one decode step compute each row identically, and the
+//! result does not depend on the thread count.
+
+use super::blocks::{BLOCK_ELEMS, WeightDType};
+use super::error::{Error, Result};
+
+/// Weight rows per panel (one 32-bit lane of a 512-bit register each).
+pub(super) const PANEL_ROWS: usize = 16;
+
+/// Header bytes per block of a panel: sixteen f16 scales, and for Q4_1 sixteen f16
+/// minimums.
+const fn header_bytes(dtype: WeightDType) -> usize {
+    match dtype {
+        WeightDType::Q4_1 => 4 * PANEL_ROWS,
+        _ => 2 * PANEL_ROWS,
+    }
+}
+
+/// Bytes of one row's block header (scale, and minimum for Q4_1).
+const fn row_header_bytes(dtype: WeightDType) -> usize {
+    header_bytes(dtype) / PANEL_ROWS
+}
+
+/// Whether a matrix of `n_out` rows can be stored in panels.
+pub(super) fn fits(n_out: usize) -> bool {
+    n_out > 0 && n_out.is_multiple_of(PANEL_ROWS)
+}
+
+/// Where the byte `i` of block `b` of row `row` (in GGML order) lies in a panel matrix:
+/// `Some(offset)` (for Q8_0 quants the stored byte is the GGML byte plus 128).
+#[inline]
+fn offset(dtype: WeightDType, nb: usize, row: usize, b: usize, i: usize) -> usize {
+    let bb = dtype.block_bytes();
+    let (p, j) = (row / PANEL_ROWS, row % PANEL_ROWS);
+    let chunk = (p * nb + b) * PANEL_ROWS * bb;
+    let rh = row_header_bytes(dtype);
+    if i < rh {
+        // The f16 scale (bytes 0, 1) and for Q4_1 the minimum (bytes 2, 3).
+        let field = i / 2;
+        chunk + field * 2 * PANEL_ROWS + 2 * j + i % 2
+    } else {
+        let q = i - rh;
+        chunk + header_bytes(dtype) + (q / 4) * 4 * PANEL_ROWS + 4 * j + q % 4
+    }
+}
+
+fn check(dtype: WeightDType, n_out: usize, k: usize, len: usize) -> Result<usize> {
+    let nb = super::blocks::blocks_per_row(k)?;
+    if !fits(n_out) {
+        return Err(Error::LengthMismatch {
+            what: "panel rows (n_out, a multiple of 16)",
+            expected: n_out.next_multiple_of(PANEL_ROWS),
+            actual: n_out,
+            unit: "rows",
+        });
+    }
+    let expected = n_out * nb * dtype.block_bytes();
+    if len != expected {
+        return Err(Error::LengthMismatch {
+            what: "weight bytes",
+            expected,
+            actual: len,
+            unit: "bytes",
+        });
+    }
+    Ok(nb)
+}
+
+/// Whether byte `i` of a block is a Q8_0 quant (stored plus 128).
+#[inline]
+fn flipped(dtype: WeightDType, i: usize) -> bool {
+    dtype == WeightDType::Q8_0 && i >= row_header_bytes(dtype)
+}
+
+/// Repacks a row-major GGML matrix (`n_out` a multiple of 16) into panels.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] when `n_out` is not a multiple of 16 or `rows` has another
+/// length than the shape calls for.
+pub(super) fn from_rows(
+    dtype: WeightDType,
+    n_out: usize,
+    k: usize,
+    rows: &[u8],
+) -> Result<Vec<u8>> {
+    let nb = check(dtype, n_out, k, rows.len())?;
+    let bb = dtype.block_bytes();
+    let mut out = vec![0u8; rows.len()];
+    for (row, r) in rows.chunks_exact(nb * bb).enumerate() {
+        for (b, block) in r.chunks_exact(bb).enumerate() {
+            for (i, &byte) in block.iter().enumerate() {
+                let v = if flipped(dtype, i) { byte ^ 0x80 } else { byte };
+                out[offset(dtype, nb, row, b, i)] = v;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Block `b` of row `row` of a panel matrix, in GGML bytes, into `out`
+/// (`dtype.block_bytes()` long).
+///
+/// # Errors
+/// [`Error::LengthMismatch`] when the row or block lies outside the matrix or `out` has
+/// another length.
+pub(super) fn block(
+    dtype: WeightDType,
+    n_out: usize,
+    k: usize,
+    panels: &[u8],
+    row: usize,
+    b: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    let nb = check(dtype, n_out, k, panels.len())?;
+    let bb = dtype.block_bytes();
+    if row >= n_out || b >= nb {
+        return Err(Error::LengthMismatch {
+            what: "weight rows (n_out)",
+            expected: n_out,
+            actual: row + 1,
+            unit: "rows",
+        });
+    }
+    if out.len() != bb {
+        return Err(Error::LengthMismatch {
+            what: "block",
+            expected: bb,
+            actual: out.len(),
+            unit: "bytes",
+        });
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let v = panels[offset(dtype, nb, row, b, i)];
+        *o = if flipped(dtype, i) { v ^ 0x80 } else { v };
+    }
+    Ok(())
+}
+
+/// The row-major GGML bytes of a panel matrix (the inverse of [`from_rows`]).
+///
+/// # Errors
+/// As [`from_rows`].
+pub(super) fn to_rows(
+    dtype: WeightDType,
+    n_out: usize,
+    k: usize,
+    panels: &[u8],
+) -> Result<Vec<u8>> {
+    let nb = check(dtype, n_out, k, panels.len())?;
+    let bb = dtype.block_bytes();
+    let mut out = vec![0u8; panels.len()];
+    for (row, r) in out.chunks_exact_mut(nb * bb).enumerate() {
+        for (b, blk) in r.chunks_exact_mut(bb).enumerate() {
+            for (i, o) in blk.iter_mut().enumerate() {
+                let v = panels[offset(dtype, nb, row, b, i)];
+                *o = if flipped(dtype, i) { v ^ 0x80 } else { v };
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Elements per block (for the docs' arithmetic).
+const _: () = assert!(BLOCK_ELEMS == 32);
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use simd::range;
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::super::Kernel;
+    use super::super::acts::ActsView;
+    use super::super::blocks::GgmlMatrix;
+    use super::super::driver::{F_Q4_0, F_Q4_1, F_Q8_0, check_range};
+    use super::{PANEL_ROWS, header_bytes};
+
+    /// Rows of activations that share each weight vector loaded.
+    const MR: usize = 4;
+
+    /// See [`RangeFn`](super::super::driver::RangeFn), for a matrix in panels: `cols`
+    /// must start and end on panel boundaries (the driver splits columns in multiples
+    /// of sixteen). Does nothing (and asserts in debug builds) if the CPU lacks AVX-512
+    /// VNNI, the matrix is not in panels or the bounds do not hold.
+    pub(in super::super) fn range<const F: u8>(
+        w: GgmlMatrix<'_>,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let ok = Kernel::Avx512Vnni.is_available()
+            && w.in_panels()
+            && cols.start.is_multiple_of(PANEL_ROWS)
+            && cols.end.is_multiple_of(PANEL_ROWS)
+            && a.sums.len() >= m * a.stride
+            && check_range(&w, &a, m, &cols, out, ld);
+        if !ok {
+            debug_assert!(
+                false,
+                "panel kernel called without AVX-512 VNNI or out of bounds"
+            );
+            return;
+        }
+        // SAFETY: the CPU has every feature `range_impl` enables (checked above), and
+        // the bounds hold.
+        unsafe { range_impl::<F>(w, a, m, cols, out, ld) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn range_impl<const F: u8>(
+        w: GgmlMatrix<'_>,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let nb = w.blocks_per_row();
+        let rb = w.row_bytes();
+        let base = w.bytes().as_ptr();
+        let mut c = cols.start;
+        while c < cols.end {
+            // SAFETY: rows c..c + 16 are within n_out (a panel of the checked matrix).
+            let p = unsafe { base.add(c * rb) };
+            let cc = c - cols.start;
+            let mut r = 0;
+            while r < m {
+                let mr = (m - r).min(MR);
+                // SAFETY: activation rows r..r + mr exist (checked); the panel lies
+                // inside the weight bytes.
+                unsafe {
+                    match mr {
+                        4 => store::<4>(panel::<F, 4>(p, &a, r, nb), out, ld, r, cc),
+                        3 => store::<3>(panel::<F, 3>(p, &a, r, nb), out, ld, r, cc),
+                        2 => store::<2>(panel::<F, 2>(p, &a, r, nb), out, ld, r, cc),
+                        _ => store::<1>(panel::<F, 1>(p, &a, r, nb), out, ld, r, cc),
+                    }
+                }
+                r += mr;
+            }
+            c += PANEL_ROWS;
+        }
+    }
+
+    /// Writes sixteen results per row at row `r`, column `cc` of `out`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store<const N: usize>(v: [__m512; N], out: &mut [f32], ld: usize, r: usize, cc: usize) {
+        for (i, v) in v.iter().enumerate() {
+            let at = (r + i) * ld + cc;
+            if let Some(dst) = out.get_mut(at..at + PANEL_ROWS) {
+                // SAFETY: `dst` holds sixteen floats.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *v) };
+            }
+        }
+    }
+
+    /// The sixteen dot products of the panel at `p` with activation rows
+    /// `r0..r0 + N`, `nb` blocks each.
+    ///
+    /// # Safety
+    /// `p` points to a whole panel of `nb` blocks of format `F`; rows `r0..r0 + N` of
+    /// `a` exist with at least `nb` blocks, scales and sums.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn panel<const F: u8, const N: usize>(
+        p: *const u8,
+        a: &ActsView<'_>,
+        r0: usize,
+        nb: usize,
+    ) -> [__m512; N] {
+        let wt = super::dtype_of(F);
+        let chunk = PANEL_ROWS * wt.block_bytes();
+        let hb = header_bytes(wt);
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut accm = [_mm512_setzero_ps(); N];
+        for b in 0..nb {
+            // SAFETY: block b of the panel is inside it (b < nb).
+            let blk = unsafe { p.add(b * chunk) };
+            // SAFETY: the header's sixteen f16 scales (and minimums) are its first bytes.
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
+            let mins = if F == F_Q4_1 {
+                // SAFETY: as above, the minimums follow the scales.
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(32).cast()) })
+            } else {
+                d
+            };
+            let q = unsafe { blk.add(hb) };
+            let mut wv = [_mm512_setzero_si512(); 8];
+            if F == F_Q8_0 {
+                for (g, v) in wv.iter_mut().enumerate() {
+                    // SAFETY: eight 64-byte vectors of quants follow the header.
+                    *v = unsafe { _mm512_loadu_si512(q.add(64 * g).cast()) };
+                }
+            } else {
+                for g in 0..4 {
+                    // SAFETY: four 64-byte vectors of nibbles follow the header.
+                    let raw = unsafe { _mm512_loadu_si512(q.add(64 * g).cast()) };
+                    wv[g] = _mm512_and_si512(raw, low);
+                    wv[g + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                }
+            }
+            for i in 0..N {
+                let idx = (r0 + i) * a.stride + b;
+                // Block b of row r0 + i exists (caller's contract); its 32 quants are
+                // eight 4-byte groups.
+                let x = a.block_ptr(r0 + i, b).cast::<i32>();
+                let (dx, sx) = unsafe { (*a.d.get_unchecked(idx), *a.sums.get_unchecked(idx)) };
+                let mut s0 = _mm512_setzero_si512();
+                let mut s1 = _mm512_setzero_si512();
+                for g in 0..4 {
+                    // SAFETY: groups g and g + 4 are inside the block.
+                    let (x0, x1) =
+                        unsafe { (x.add(g).read_unaligned(), x.add(g + 4).read_unaligned()) };
+                    s0 = _mm512_dpbusd_epi32(s0, wv[g], _mm512_set1_epi32(x0));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[g + 4], _mm512_set1_epi32(x1));
+                }
+                let mut s = _mm512_add_epi32(s0, s1);
+                if F == F_Q4_0 {
+                    s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * sx));
+                } else if F == F_Q8_0 {
+                    s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * sx));
+                } else {
+                    // SAFETY: as for the scale.
+                    let dsx = unsafe { *a.ds.get_unchecked(idx) };
+                    accm[i] = _mm512_fmadd_ps(mins, _mm512_set1_ps(dsx), accm[i]);
+                }
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[i]);
+            }
+        }
+        if F == F_Q4_1 {
+            for i in 0..N {
+                acc[i] = _mm512_add_ps(acc[i], accm[i]);
+            }
+        }
+        acc
+    }
+}
+
+/// The format of a kernel's const format id.
+#[cfg(target_arch = "x86_64")]
+const fn dtype_of(f: u8) -> WeightDType {
+    match f {
+        super::driver::F_Q4_1 => WeightDType::Q4_1,
+        super::driver::F_Q8_0 => WeightDType::Q8_0,
+        _ => WeightDType::Q4_0,
+    }
+}
