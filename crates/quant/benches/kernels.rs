@@ -305,6 +305,9 @@ fn bench_prefill(c: &mut Criterion) {
             let w = Tensor::from_vec(data(n_out * k, 1), (n_out, k), &Device::Cpu).expect("tensor");
             let qt = QTensor::quantize(&w, dtype.to_ggml()).expect("quantize");
             let weights = GgmlWeights::from_qtensor(&qt).expect("weights");
+            let panels = Kernel::Avx512Vnni
+                .is_available()
+                .then(|| weights.clone().into_panels().expect("panels"));
             let qmm = QMatMul::from_qtensor(qt).expect("qmatmul");
             let mut group = c.benchmark_group(format!("prefill_{dtype}_k{k}_n{n_out}_m{m}"));
             group.throughput(Throughput::Elements((m * n_out * k) as u64));
@@ -325,6 +328,22 @@ fn bench_prefill(c: &mut Criterion) {
                         black_box(&y);
                     })
                 });
+            }
+            if let Some(p) = &panels {
+                group.bench_function(
+                    BenchmarkId::new("avx512vnni-panels", format!("t{t}")),
+                    |b| {
+                        b.iter(|| {
+                            pool.install(|| {
+                                let acts =
+                                    QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
+                                kernels::gemm_with(Kernel::Avx512Vnni, p.matrix(), &acts, &mut y)
+                                    .expect("gemm");
+                            });
+                            black_box(&y);
+                        })
+                    },
+                );
             }
             if dtype == WeightDType::Q8_0 {
                 // afo's int8 (per-row scale) on the same source weights.

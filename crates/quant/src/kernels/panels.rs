@@ -208,7 +208,7 @@ mod simd {
     use super::{PANEL_ROWS, header_bytes};
 
     /// Rows of activations that share each weight vector loaded.
-    const MR: usize = 4;
+    const MR: usize = 8;
 
     /// See [`RangeFn`](super::super::driver::RangeFn), for a matrix in panels: `cols`
     /// must start and end on panel boundaries (the driver splits columns in multiples
@@ -264,6 +264,10 @@ mod simd {
                 // inside the weight bytes.
                 unsafe {
                     match mr {
+                        8 => store::<8>(panel::<F, 8>(p, &a, r, nb), out, ld, r, cc),
+                        7 => store::<7>(panel::<F, 7>(p, &a, r, nb), out, ld, r, cc),
+                        6 => store::<6>(panel::<F, 6>(p, &a, r, nb), out, ld, r, cc),
+                        5 => store::<5>(panel::<F, 5>(p, &a, r, nb), out, ld, r, cc),
                         4 => store::<4>(panel::<F, 4>(p, &a, r, nb), out, ld, r, cc),
                         3 => store::<3>(panel::<F, 3>(p, &a, r, nb), out, ld, r, cc),
                         2 => store::<2>(panel::<F, 2>(p, &a, r, nb), out, ld, r, cc),
