@@ -435,8 +435,9 @@ impl QLinear {
         out_dims.push(self.out_features);
         let y = match &self.weight {
             Weight::Fast(w) => {
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut acts = QuantizedActs::quantize(&xs, m, self.in_features)?;
+                let mut acts = with_f32(x, |xs| {
+                    Ok(QuantizedActs::quantize(xs, m, self.in_features)?)
+                })?;
                 acts.set_independent_rows(independent);
                 let mut ys = vec![0f32; m * self.out_features];
                 kernels::gemm_quantized(w.matrix(), &acts, &mut ys)?;
@@ -456,8 +457,9 @@ impl QLinear {
                 q.forward(&x2)?.reshape(out_dims)?
             }
             Weight::Int(w) => {
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut acts = QuantizedActs::quantize(&xs, m, self.in_features)?;
+                let mut acts = with_f32(x, |xs| {
+                    Ok(QuantizedActs::quantize(xs, m, self.in_features)?)
+                })?;
                 acts.set_independent_rows(independent);
                 let mut ys = vec![0f32; m * self.out_features];
                 kernels::gemm_int(w, &acts, &mut ys)?;
@@ -546,8 +548,7 @@ impl QLinear {
                 .collect();
         };
         let m: usize = lead.iter().product();
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut acts = QuantizedActs::quantize(&xs, m, k)?;
+        let mut acts = with_f32(x, |xs| Ok(QuantizedActs::quantize(xs, m, k)?))?;
         acts.set_independent_rows(independent);
         let mut ys: Vec<Vec<f32>> = layers
             .iter()
@@ -723,10 +724,26 @@ fn dense_gemv(
         return Ok(None);
     };
     let matrix = DenseMatrix::new(data, n_out, k)?;
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut ys = vec![0f32; m * n_out];
-    kernels::dense_gemm(matrix, &xs, m, &mut ys)?;
+    with_f32(x, |xs| Ok(kernels::dense_gemm(matrix, xs, m, &mut ys)?))?;
     Ok(Some(ys))
+}
+
+/// Runs `f` over all of `x`'s elements as one f32 slice: read in place when `x` is a
+/// contiguous f32 CPU tensor (a layer's input, most of the time), otherwise through a
+/// converted copy.
+fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    if x.dtype() == DType::F32 {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+            && let Some(xs) = v.get(start..end)
+        {
+            return f(xs);
+        }
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    f(&xs)
 }
 
 /// Dense rows appended in their dtype, to become one tensor without another copy.
