@@ -30,6 +30,8 @@
 //! decode step, a prompt and one decode step compute each row identically, and the
 //! result does not depend on the thread count.
 
+use rayon::prelude::*;
+
 use super::blocks::{BLOCK_ELEMS, WeightDType};
 use super::error::{Error, Result};
 
@@ -55,21 +57,34 @@ pub(super) fn fits(n_out: usize) -> bool {
     n_out > 0 && n_out.is_multiple_of(PANEL_ROWS)
 }
 
-/// Where the byte `i` of block `b` of row `row` (in GGML order) lies in a panel matrix:
-/// `Some(offset)` (for Q8_0 quants the stored byte is the GGML byte plus 128).
-#[inline]
-fn offset(dtype: WeightDType, nb: usize, row: usize, b: usize, i: usize) -> usize {
-    let bb = dtype.block_bytes();
-    let (p, j) = (row / PANEL_ROWS, row % PANEL_ROWS);
-    let chunk = (p * nb + b) * PANEL_ROWS * bb;
+/// Copies one block between its GGML bytes and row `j`'s place in its panel's chunk
+/// of that block, in the direction `to_panel` says: each f16 field (the scale, for Q4_1
+/// the minimum) to `2j` in its 32-byte array, each group `g` of four quant bytes to
+/// `4j` in the chunk's vector `g` (Q8_0 quants flip their top bit either way).
+fn copy_block(dtype: WeightDType, block: &mut [u8], chunk: &mut [u8], j: usize, to_panel: bool) {
     let rh = row_header_bytes(dtype);
-    if i < rh {
-        // The f16 scale (bytes 0, 1) and for Q4_1 the minimum (bytes 2, 3).
-        let field = i / 2;
-        chunk + field * 2 * PANEL_ROWS + 2 * j + i % 2
-    } else {
-        let q = i - rh;
-        chunk + header_bytes(dtype) + (q / 4) * 4 * PANEL_ROWS + 4 * j + q % 4
+    let hb = header_bytes(dtype);
+    let flip = if dtype == WeightDType::Q8_0 { 0x80 } else { 0 };
+    for f in 0..rh / 2 {
+        let (src, dst) = (
+            &mut block[2 * f..2 * f + 2],
+            &mut chunk[2 * PANEL_ROWS * f + 2 * j..][..2],
+        );
+        if to_panel {
+            dst.copy_from_slice(src);
+        } else {
+            src.copy_from_slice(dst);
+        }
+    }
+    for g in 0..(dtype.block_bytes() - rh) / 4 {
+        let (src, dst) = (
+            &mut block[rh + 4 * g..rh + 4 * g + 4],
+            &mut chunk[hb + 4 * PANEL_ROWS * g + 4 * j..][..4],
+        );
+        let (from, to) = if to_panel { (&*src, dst) } else { (&*dst, src) };
+        let mut v = [0u8; 4];
+        v.copy_from_slice(from);
+        to.copy_from_slice(&v.map(|q| q ^ flip));
     }
 }
 
@@ -95,12 +110,6 @@ fn check(dtype: WeightDType, n_out: usize, k: usize, len: usize) -> Result<usize
     Ok(nb)
 }
 
-/// Whether byte `i` of a block is a Q8_0 quant (stored plus 128).
-#[inline]
-fn flipped(dtype: WeightDType, i: usize) -> bool {
-    dtype == WeightDType::Q8_0 && i >= row_header_bytes(dtype)
-}
-
 /// Repacks a row-major GGML matrix (`n_out` a multiple of 16) into panels.
 ///
 /// # Errors
@@ -115,14 +124,20 @@ pub(super) fn from_rows(
     let nb = check(dtype, n_out, k, rows.len())?;
     let bb = dtype.block_bytes();
     let mut out = vec![0u8; rows.len()];
-    for (row, r) in rows.chunks_exact(nb * bb).enumerate() {
-        for (b, block) in r.chunks_exact(bb).enumerate() {
-            for (i, &byte) in block.iter().enumerate() {
-                let v = if flipped(dtype, i) { byte ^ 0x80 } else { byte };
-                out[offset(dtype, nb, row, b, i)] = v;
+    out.par_chunks_exact_mut(PANEL_ROWS * nb * bb)
+        .zip(rows.par_chunks_exact(PANEL_ROWS * nb * bb))
+        .for_each(|(panel, src)| {
+            let mut block = [0u8; 34];
+            for (j, row) in src.chunks_exact(nb * bb).enumerate() {
+                for (blk, chunk) in row
+                    .chunks_exact(bb)
+                    .zip(panel.chunks_exact_mut(PANEL_ROWS * bb))
+                {
+                    block[..bb].copy_from_slice(blk);
+                    copy_block(dtype, &mut block[..bb], chunk, j, true);
+                }
             }
-        }
-    }
+        });
     Ok(out)
 }
 
@@ -159,10 +174,9 @@ pub(super) fn block(
             unit: "bytes",
         });
     }
-    for (i, o) in out.iter_mut().enumerate() {
-        let v = panels[offset(dtype, nb, row, b, i)];
-        *o = if flipped(dtype, i) { v ^ 0x80 } else { v };
-    }
+    let at = ((row / PANEL_ROWS) * nb + b) * PANEL_ROWS * bb;
+    let mut chunk = panels[at..at + PANEL_ROWS * bb].to_vec();
+    copy_block(dtype, out, &mut chunk, row % PANEL_ROWS, false);
     Ok(())
 }
 
@@ -179,11 +193,18 @@ pub(super) fn to_rows(
     let nb = check(dtype, n_out, k, panels.len())?;
     let bb = dtype.block_bytes();
     let mut out = vec![0u8; panels.len()];
-    for (row, r) in out.chunks_exact_mut(nb * bb).enumerate() {
-        for (b, blk) in r.chunks_exact_mut(bb).enumerate() {
-            for (i, o) in blk.iter_mut().enumerate() {
-                let v = panels[offset(dtype, nb, row, b, i)];
-                *o = if flipped(dtype, i) { v ^ 0x80 } else { v };
+    let mut chunk = vec![0u8; PANEL_ROWS * bb];
+    for (panel, dst) in panels
+        .chunks_exact(PANEL_ROWS * nb * bb)
+        .zip(out.chunks_exact_mut(PANEL_ROWS * nb * bb))
+    {
+        for (j, row) in dst.chunks_exact_mut(nb * bb).enumerate() {
+            for (blk, src) in row
+                .chunks_exact_mut(bb)
+                .zip(panel.chunks_exact(PANEL_ROWS * bb))
+            {
+                chunk.copy_from_slice(src);
+                copy_block(dtype, blk, &mut chunk, j, false);
             }
         }
     }
