@@ -464,6 +464,9 @@ mod simd {
         }
     }
 
+    /// How far ahead of its loads the one-row kernel prefetches weight bytes.
+    const PREFETCH: usize = 8192;
+
     /// Output columns per packed panel (two vectors).
     const PANEL: usize = 16;
     /// Activation rows per packed micro-kernel: 6 x 2 accumulators, two weight vectors
@@ -808,6 +811,12 @@ mod simd {
         let mut j = 0;
         // SAFETY (whole loop): j + 32 <= k, inside the row and each activation row.
         while j + 32 <= k {
+            // Ask for the weight bytes PREFETCH ahead (the next rows when this one
+            // ends): a decode step streams every weight once, from memory.
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * eb + PREFETCH).cast());
+            if E == E_F32 {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * eb + PREFETCH + 64).cast());
+            }
             let (w0, w1) = unsafe {
                 (
                     load16::<E>(w.add(j * eb)),

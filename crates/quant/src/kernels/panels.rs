@@ -228,6 +228,9 @@ mod simd {
     use super::super::driver::{F_Q4_0, F_Q4_1, F_Q8_0, check_range};
     use super::{PANEL_ROWS, header_bytes};
 
+    /// How far ahead of its loads the kernel prefetches weight bytes.
+    const PREFETCH: usize = 8192;
+
     /// Rows of activations that share each weight vector loaded.
     const MR: usize = 8;
 
@@ -337,6 +340,12 @@ mod simd {
         for b in 0..nb {
             // SAFETY: block b of the panel is inside it (b < nb).
             let blk = unsafe { p.add(b * chunk) };
+            // Ask for the bytes PREFETCH ahead (the next panels when this one ends).
+            let mut at = 0;
+            while at < chunk {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + at).cast());
+                at += 64;
+            }
             // SAFETY: the header's sixteen f16 scales (and minimums) are its first bytes.
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
             let mins = if F == F_Q4_1 {
