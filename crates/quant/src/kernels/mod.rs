@@ -8,9 +8,13 @@
 //! bits per block of 32 ([`QuantizedActs`]), then each weight block is multiplied with
 //! integer dot products:
 //!
-//! - [`Kernel::Avx512Vnni`]: `vpdpbusd` on two blocks per 512-bit register for the GGML
-//!   formats, and for a prompt's packed panels of every format; the integer formats'
-//!   decode steps run the AVX2 code;
+//! - [`Kernel::Avx512Vnni`]: GGML weights repacked at load into panels of sixteen rows
+//!   ([`GgmlWeights::for_kernel`], same size): one `vpdpbusd` per broadcast of four
+//!   activation bytes multiplies sixteen rows, for decode, batches and prompts alike
+//!   (eight activation rows per weight load, each row bit-identical to that row
+//!   alone); row-major GGML weights (a row count that is not a multiple of 16) run
+//!   `vpdpbusd` on two blocks per 512-bit register, and a prompt's packed panels; the
+//!   integer formats' packed panels use it too, their decode steps run the AVX2 code;
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
 //! - [`Kernel::Scalar`]: portable Rust.
 //!
@@ -21,7 +25,8 @@
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
-//! (tests, benches). From four activation rows on (a prompt), the kernel of every GGML
+//! (tests, benches). Apart from GGML weights in panels (read by one kernel whatever
+//! the row count), from four activation rows on (a prompt) the kernel of every GGML
 //! and integer format is packed: eight weight rows (AVX2) or sixteen (AVX-512 VNNI,
 //! `vpdpbusd`, bit-identical to the AVX2 panels) are unpacked per call into a panel in
 //! L1, one output column per 32-bit lane, and every activation row streams past it.
