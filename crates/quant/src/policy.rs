@@ -4,6 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use candle_core::quantized::GgmlDType;
+
 use crate::kernels::IntFormat;
 use crate::scheme::QuantScheme;
 
@@ -69,11 +71,12 @@ impl FromStr for TensorRole {
 /// The scheme per [`TensorRole`].
 ///
 /// [`QuantPolicy::new`] is the default: attention and MLP in the scheme asked for, the
-/// embedding and the head at least as precise (int8 for 4-bit and int8 bodies, f16 for
-/// GGML 8-bit ones, the same for dense ones), since they see every token and are where
-/// a coarse grid costs most quality. int8 edges for an int8 body were chosen on the
-/// measured quality and speed (docs/benchmarks.md): within 1% of f32's perplexity, and
-/// the tied head, the largest matrix, read at half the bytes of f16.
+/// embedding and the head at least as precise (int8 for 4-bit bodies, Q8_0 for int8
+/// ones, f16 for GGML 8-bit ones, the same for dense ones), since they see every token
+/// and are where a coarse grid costs most quality. Q8_0 edges for an int8 body were
+/// chosen on the measured quality, size and speed (docs/benchmarks.md): within 1% of
+/// f32's perplexity with the file under 30% of f32's, the tied head (the largest
+/// matrix) read at about half the bytes of f16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantPolicy {
     /// Attention projections.
@@ -128,12 +131,15 @@ impl QuantPolicy {
     fn more_precise_than(body: QuantScheme) -> QuantScheme {
         if body.is_dense() {
             body
-        } else if body.bits_per_weight() < 8.0 || body == QuantScheme::INT8 {
-            // An int8 body keeps int8 edges: on SmolLM2 (GPL-3, ctx 512) perplexity is
-            // +0.91% of f32 with int8 edges against +0.83% with f16 ones, top-1 the
-            // same (96.4%), and a decode step reads 17% fewer bytes (the tied head is
-            // the largest matrix); docs/benchmarks.md has the table.
-            QuantScheme::Int(IntFormat::Int8)
+        } else if body == QuantScheme::INT8 {
+            // An int8 body takes Q8_0 edges: on SmolLM2 (GPL-3, ctx 512, 14 windows)
+            // perplexity is +0.72% of f32 with Q8_0 edges (the file 25.7% of f32's),
+            // against +1.12% with int8 ones (25.4%) and +0.72% with f16 ones (30.4%),
+            // and decode as fast as with int8 edges (the head runs the GGML kernels);
+            // docs/benchmarks.md has the figures.
+            QuantScheme::Ggml(GgmlDType::Q8_0)
+        } else if body.bits_per_weight() < 8.0 {
+            QuantScheme::INT8
         } else {
             QuantScheme::F16
         }
@@ -183,7 +189,11 @@ mod tests {
         assert_eq!(p.scheme_for(TensorRole::Mlp), int4);
         assert_eq!(p.scheme_for(TensorRole::Embedding), QuantScheme::INT8);
         let p = QuantPolicy::new(QuantScheme::INT8);
-        assert_eq!(p.scheme_for(TensorRole::Head), QuantScheme::INT8);
+        assert_eq!(p.scheme_for(TensorRole::Mlp), QuantScheme::INT8);
+        assert_eq!(
+            p.scheme_for(TensorRole::Head),
+            QuantScheme::Ggml(GgmlDType::Q8_0)
+        );
         let q8 = QuantPolicy::new("q8_0".parse().unwrap());
         assert_eq!(q8.scheme_for(TensorRole::Embedding), QuantScheme::F16);
         let p = p.with_edges(QuantScheme::F16);
