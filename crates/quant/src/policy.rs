@@ -134,7 +134,7 @@ impl QuantPolicy {
         } else if body == QuantScheme::INT8 {
             // An int8 body takes Q8_0 edges: on SmolLM2 (GPL-3, ctx 512, 14 windows)
             // perplexity is +0.72% of f32 with Q8_0 edges (the file 25.7% of f32's),
-            // against +1.12% with int8 ones (25.4%) and +0.72% with f16 ones (30.4%),
+            // against +1.12% with int8 ones (25.4%) and +0.72% with f16 ones (30.6%),
             // and decode as fast as with int8 edges (the head runs the GGML kernels);
             // docs/benchmarks.md has the figures.
             QuantScheme::Ggml(GgmlDType::Q8_0)
