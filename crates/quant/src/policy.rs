@@ -6,7 +6,6 @@ use std::str::FromStr;
 use crate::error::{Error, Result};
 use candle_core::quantized::GgmlDType;
 
-use crate::kernels::IntFormat;
 use crate::scheme::QuantScheme;
 
 /// What a weight matrix does in a decoder, as far as quantization cares.
