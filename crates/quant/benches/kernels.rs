@@ -54,6 +54,23 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// What to time on a GGML matrix: every kernel this CPU runs on the row-major weights,
+/// then (`avx512vnni-panels`) the AVX-512 VNNI kernel on the weights in panels, the
+/// layout the runtime loads on such a CPU.
+fn ggml_variants<'a>(
+    rows: &'a GgmlWeights,
+    panels: Option<&'a GgmlWeights>,
+) -> Vec<(String, Kernel, &'a GgmlWeights)> {
+    let mut v: Vec<(String, Kernel, &GgmlWeights)> = kernels::available_kernels()
+        .into_iter()
+        .map(|k| (k.to_string(), k, rows))
+        .collect();
+    if let Some(p) = panels {
+        v.push(("avx512vnni-panels".to_owned(), Kernel::Avx512Vnni, p));
+    }
+    v
+}
+
 fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -85,36 +102,19 @@ fn bench_kernels(c: &mut Criterion) {
             }
             let x = data(m * k, 2);
             let mut y = vec![0.0f32; m * n_out];
-            for kernel in kernels::available_kernels() {
+            for (name, kernel, w) in ggml_variants(&weights, panels.as_ref()) {
                 if kernel == Kernel::Scalar && m * n_out * k > 100_000_000 {
                     continue;
                 }
-                group.bench_function(BenchmarkId::new(kernel.to_string(), format!("t{t}")), |b| {
+                group.bench_function(BenchmarkId::new(name, format!("t{t}")), |b| {
                     b.iter(|| {
                         pool.install(|| {
                             let acts = QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
-                            kernels::gemm_with(kernel, weights.matrix(), &acts, &mut y)
-                                .expect("gemm");
+                            kernels::gemm_with(kernel, w.matrix(), &acts, &mut y).expect("gemm");
                         });
                         black_box(&y);
                     })
                 });
-            }
-            if let Some(p) = &panels {
-                group.bench_function(
-                    BenchmarkId::new("avx512vnni-panels", format!("t{t}")),
-                    |b| {
-                        b.iter(|| {
-                            pool.install(|| {
-                                let acts =
-                                    QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
-                                kernels::gemm_with(Kernel::Avx512Vnni, p.matrix(), &acts, &mut y)
-                                    .expect("gemm");
-                            });
-                            black_box(&y);
-                        })
-                    },
-                );
             }
             let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("tensor");
             group.bench_function(BenchmarkId::new("candle", format!("t{t}")), |b| {
@@ -314,36 +314,19 @@ fn bench_prefill(c: &mut Criterion) {
             group.sample_size(10);
             let x = data(m * k, 2);
             let mut y = vec![0.0f32; m * n_out];
-            for kernel in kernels::available_kernels() {
+            for (name, kernel, w) in ggml_variants(&weights, panels.as_ref()) {
                 if kernel == Kernel::Scalar {
                     continue;
                 }
-                group.bench_function(BenchmarkId::new(kernel.to_string(), format!("t{t}")), |b| {
+                group.bench_function(BenchmarkId::new(name, format!("t{t}")), |b| {
                     b.iter(|| {
                         pool.install(|| {
                             let acts = QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
-                            kernels::gemm_with(kernel, weights.matrix(), &acts, &mut y)
-                                .expect("gemm");
+                            kernels::gemm_with(kernel, w.matrix(), &acts, &mut y).expect("gemm");
                         });
                         black_box(&y);
                     })
                 });
-            }
-            if let Some(p) = &panels {
-                group.bench_function(
-                    BenchmarkId::new("avx512vnni-panels", format!("t{t}")),
-                    |b| {
-                        b.iter(|| {
-                            pool.install(|| {
-                                let acts =
-                                    QuantizedActs::quantize(black_box(&x), m, k).expect("acts");
-                                kernels::gemm_with(Kernel::Avx512Vnni, p.matrix(), &acts, &mut y)
-                                    .expect("gemm");
-                            });
-                            black_box(&y);
-                        })
-                    },
-                );
             }
             if dtype == WeightDType::Q8_0 {
                 // afo's int8 (per-row scale) on the same source weights.

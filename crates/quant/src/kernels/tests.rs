@@ -248,6 +248,28 @@ fn every_kernel_matches_reference_and_candle() {
     assert!(checked > 100_000);
 }
 
+/// A matrix of the largest quants a file can hold: scale 0.5, Q8_0 quants -128 and 127
+/// in alternate blocks, Q4 nibbles all 15 (and for Q4_1 a minimum of 0).
+fn extreme_weights(dtype: WeightDType, n_out: usize, k: usize) -> GgmlWeights {
+    let bb = dtype.block_bytes();
+    let mut bytes = Vec::new();
+    for c in 0..n_out {
+        for b in 0..k / 32 {
+            let mut blk = vec![0u8; bb];
+            blk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+            let q = match dtype {
+                WeightDType::Q8_0 if (c + b) % 2 == 0 => 0x80, // -128
+                WeightDType::Q8_0 => 0x7F,
+                _ => 0xFF, // nibbles 15 and 15
+            };
+            let off = bb - if dtype == WeightDType::Q8_0 { 32 } else { 16 };
+            blk[off..].iter_mut().for_each(|v| *v = q);
+            bytes.extend(blk);
+        }
+    }
+    GgmlWeights::new(dtype, n_out, k, bytes).unwrap()
+}
+
 /// The largest quants a file can hold (Q8_0 -128 and 127, Q4 nibble 15) against
 /// activations at +-127: no 16-bit lane saturates in any kernel, for one row and for
 /// the packed rows of a prompt.
@@ -257,23 +279,7 @@ fn extreme_quants_do_not_saturate() {
     let k = 1536;
     let n_out = 19;
     for dtype in WeightDType::ALL {
-        let bb = dtype.block_bytes();
-        let mut bytes = Vec::new();
-        for c in 0..n_out {
-            for b in 0..k / 32 {
-                let mut blk = vec![0u8; bb];
-                blk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
-                let q = match dtype {
-                    WeightDType::Q8_0 if (c + b) % 2 == 0 => 0x80, // -128
-                    WeightDType::Q8_0 => 0x7F,
-                    _ => 0xFF, // nibbles 15 and 15
-                };
-                let off = bb - if dtype == WeightDType::Q8_0 { 32 } else { 16 };
-                blk[off..].iter_mut().for_each(|v| *v = q);
-                bytes.extend(blk);
-            }
-        }
-        let w = GgmlWeights::new(dtype, n_out, k, bytes).unwrap();
+        let w = extreme_weights(dtype, n_out, k);
         for m in [1, 9] {
             // Every activation at +-1: quantized to +-127 with scale 1/127.
             let x: Vec<f32> = (0..m * k)
@@ -871,23 +877,7 @@ fn panel_kernel_matches_reference_and_each_row_alone() {
         }
         // Extreme quants (Q8_0 -128 and 127, nibbles 15) against activations at +-127.
         let (n_out, k) = (32, 1536);
-        let bb = dtype.block_bytes();
-        let mut bytes = Vec::new();
-        for c in 0..n_out {
-            for b in 0..k / 32 {
-                let mut blk = vec![0u8; bb];
-                blk[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
-                let q = match dtype {
-                    WeightDType::Q8_0 if (c + b) % 2 == 0 => 0x80,
-                    WeightDType::Q8_0 => 0x7F,
-                    _ => 0xFF,
-                };
-                let off = bb - if dtype == WeightDType::Q8_0 { 32 } else { 16 };
-                blk[off..].iter_mut().for_each(|v| *v = q);
-                bytes.extend(blk);
-            }
-        }
-        let rows = GgmlWeights::new(dtype, n_out, k, bytes).unwrap();
+        let rows = extreme_weights(dtype, n_out, k);
         let panels = rows.clone().into_panels().unwrap();
         for m in [1, 9] {
             let x: Vec<f32> = (0..m * k)
