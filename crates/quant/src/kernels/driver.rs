@@ -46,6 +46,7 @@ pub(super) fn check_range(
         && a.lines.len() * 2 >= m * a.stride
         && a.d.len() >= m * a.stride
         && a.ds.len() >= m * a.stride
+        && a.sums.len() >= m * a.stride
         && ld >= ncols
         && out.len() >= (m - 1) * ld + ncols
 }

@@ -12,7 +12,8 @@
 //! column.
 //!
 //! Scratch: `blocks_per_row x (512 + 128)` bytes per task for the panel (30 KiB for
-//! `k = 1536`), and for 8-bit weights one `i32` per block of the task's activation rows.
+//! `k = 1536`); the offsets come from the activation blocks' integer sums, kept when
+//! they were quantized.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -66,15 +67,6 @@ pub(super) unsafe fn run_panels<const F: u8>(
         d: vec![_mm512_setzero_ps(); nb],
         min: vec![_mm512_setzero_ps(); nb],
     };
-    // 128 x the sum of each activation block's quants: what the offset weights add.
-    let offsets: Vec<i32> = if F == F_Q8_0 {
-        (0..m)
-            .flat_map(|r| (0..nb).map(move |b| (r, b)))
-            .map(|(r, b)| 128 * a.block(r, b).iter().map(|&q| i32::from(q)).sum::<i32>())
-            .collect()
-    } else {
-        Vec::new()
-    };
     let flip = _mm256_set1_epi8(-128);
     let mut c = cols.start;
     while c + PANEL16 <= cols.end {
@@ -111,19 +103,18 @@ pub(super) unsafe fn run_panels<const F: u8>(
         let cc = c - cols.start;
         let mut r = 0;
         while r < m {
-            // SAFETY: activation rows r..r + mr are below m, `offsets` holds m * nb
-            // entries for 8-bit weights, and the output rows hold columns cc..cc + 16
-            // (the caller's bounds).
+            // SAFETY: activation rows r..r + mr are below m, with their blocks' sums, and
+            // the output rows hold columns cc..cc + 16 (the caller's bounds).
             unsafe {
                 match m - r {
-                    1 => rows::<F, 1>(&panel, a, &offsets, r, nb, out, ld, cc),
-                    2 => rows::<F, 2>(&panel, a, &offsets, r, nb, out, ld, cc),
-                    3 => rows::<F, 3>(&panel, a, &offsets, r, nb, out, ld, cc),
-                    4 => rows::<F, 4>(&panel, a, &offsets, r, nb, out, ld, cc),
-                    5 => rows::<F, 5>(&panel, a, &offsets, r, nb, out, ld, cc),
-                    6 => rows::<F, 6>(&panel, a, &offsets, r, nb, out, ld, cc),
-                    7 => rows::<F, 7>(&panel, a, &offsets, r, nb, out, ld, cc),
-                    _ => rows::<F, MR>(&panel, a, &offsets, r, nb, out, ld, cc),
+                    1 => rows::<F, 1>(&panel, a, r, nb, out, ld, cc),
+                    2 => rows::<F, 2>(&panel, a, r, nb, out, ld, cc),
+                    3 => rows::<F, 3>(&panel, a, r, nb, out, ld, cc),
+                    4 => rows::<F, 4>(&panel, a, r, nb, out, ld, cc),
+                    5 => rows::<F, 5>(&panel, a, r, nb, out, ld, cc),
+                    6 => rows::<F, 6>(&panel, a, r, nb, out, ld, cc),
+                    7 => rows::<F, 7>(&panel, a, r, nb, out, ld, cc),
+                    _ => rows::<F, MR>(&panel, a, r, nb, out, ld, cc),
                 }
             }
             r += MR;
@@ -137,15 +128,13 @@ pub(super) unsafe fn run_panels<const F: u8>(
 ///
 /// # Safety
 /// Rows `r0..r0 + R` of `a` exist with at least `nb` blocks, the panel holds `nb`
-/// blocks, `offsets` holds `nb` entries per row from `r0 + R` on for 8-bit weights,
-/// and `out` holds `(r0 + R - 1) * ld + cc + 16` floats.
+/// blocks, and `out` holds `(r0 + R - 1) * ld + cc + 16` floats.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)] // i indexes several arrays
 unsafe fn rows<const F: u8, const R: usize>(
     panel: &Panel16,
     a: &ActsView<'_>,
-    offsets: &[i32],
     r0: usize,
     nb: usize,
     out: &mut [f32],
@@ -179,8 +168,9 @@ unsafe fn rows<const F: u8, const R: usize>(
             // SAFETY: the scales hold `stride` entries per row (checked by the caller).
             let (dx, dsx) = unsafe { (*dptr.add(idx), *dsptr.add(idx)) };
             let s32 = if F == F_Q8_0 {
-                // SAFETY: `offsets` holds nb entries per row (the caller's bounds).
-                let off = unsafe { *offsets.as_ptr().add((r0 + i) * nb + b) };
+                // 128 x the block's quant sum: what the offset weights add. SAFETY: the
+                // sums hold `stride` entries per row, as the scales.
+                let off = 128 * unsafe { *a.sums.as_ptr().add(idx) };
                 _mm512_sub_epi32(s[i], _mm512_set1_epi32(off))
             } else {
                 s[i]

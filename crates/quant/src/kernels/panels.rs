@@ -250,7 +250,6 @@ mod simd {
             && w.in_panels()
             && cols.start.is_multiple_of(PANEL_ROWS)
             && cols.end.is_multiple_of(PANEL_ROWS)
-            && a.sums.len() >= m * a.stride
             && check_range(&w, &a, m, &cols, out, ld);
         if !ok {
             debug_assert!(
