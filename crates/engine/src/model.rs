@@ -616,7 +616,7 @@ impl Model {
         }
         // The materialised product needs f32 keys and values (a copy of this layer's
         // when the cache holds another format: counted by `attention_memory`).
-        let (k_all, v_all) = if self.kv_format == KvFormat::F32 {
+        let (k_all, v_all) = if cache.config().format == KvFormat::F32 {
             (k_all, v_all)
         } else {
             let c = cache.config();

@@ -105,7 +105,23 @@ impl KvCacheConfig {
         }
         let (b, h, n, width) = stored.dims4()?;
         let d = self.head_dim;
-        let bytes: Vec<u8> = stored.flatten_all()?.to_vec1()?;
+        // The stored bytes in place when they are one contiguous CPU buffer (the cache's
+        // own), otherwise a copy.
+        let (storage, layout) = stored.storage_and_layout();
+        let in_place = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::U8(v)), Some((start, end))) => {
+                v.get(start..end)
+            }
+            _ => None,
+        };
+        let copied: Vec<u8>;
+        let bytes: &[u8] = match in_place {
+            Some(b) => b,
+            None => {
+                copied = stored.flatten_all()?.to_vec1()?;
+                &copied
+            }
+        };
         let mut values = vec![0.0f32; b * h * n * d];
         for (row, out) in bytes.chunks_exact(width).zip(values.chunks_exact_mut(d)) {
             afo_quant::kernels::dequantize_q8_0(row, out).map_err(|e| Error::Format {
