@@ -17,8 +17,8 @@ pub(crate) struct Args {
     /// int4-g128, int4-g32-asym, ..., a GGML type (q8_0, q4_0, q4_k, ...), f16, bf16, f32.
     #[arg(long)]
     scheme: QuantScheme,
-    /// Scheme of the embedding and the head (default: int8 for 4-bit and int8
-    /// `--scheme`, f16 for GGML 8-bit ones, the same for dense ones).
+    /// Scheme of the embedding and the head (default: int8 for 4-bit `--scheme`, q8_0
+    /// for int8, f16 for GGML 8-bit ones, the same for dense ones).
     #[arg(long)]
     embeddings: Option<QuantScheme>,
     /// The GGUF file to write.
