@@ -383,7 +383,7 @@ impl ToolCallParser {
                     }
                 }
                 State::Call => {
-                    if !self.scan_call(out) {
+                    if !self.scan_call(out, end) {
                         return;
                     }
                 }
@@ -434,14 +434,17 @@ impl ToolCallParser {
         true
     }
 
-    /// Inside a call: a Hermes block ends at `</tool_call>`; the other formats run
-    /// to the end of the output. Returns whether the state changed.
-    fn scan_call(&mut self, out: &mut Vec<ToolEvent>) -> bool {
+    /// Inside a call: a Hermes block ends at the first `</tool_call>` outside a JSON
+    /// string (an argument may hold the tag as text); at the end of the output, with no
+    /// such tag, at the first one anywhere. The other formats run to the end of the
+    /// output. Returns whether the state changed.
+    fn scan_call(&mut self, out: &mut Vec<ToolEvent>, end: bool) -> bool {
         if self.format != ToolCallFormat::Hermes {
             return false;
         }
         const CLOSE: &str = "</tool_call>";
-        let Some(at) = self.buf.find(CLOSE) else {
+        let found = find_outside_strings(&self.buf, CLOSE);
+        let Some(at) = found.or_else(|| end.then(|| self.buf.find(CLOSE)).flatten()) else {
             return false;
         };
         let body: String = self.buf[..at].to_owned();
@@ -659,6 +662,28 @@ pub fn hermes_system_prompt(tools: &[ToolDefinition]) -> String {
     s
 }
 
+/// Where `pat` first occurs in `s` outside JSON strings (`"` to an unescaped `"`).
+fn find_outside_strings(s: &str, pat: &str) -> Option<usize> {
+    let bytes = s.as_bytes();
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, &c) in bytes.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+        } else if c == b'"' {
+            in_string = true;
+        } else if bytes[i..].starts_with(pat.as_bytes()) {
+            return Some(i);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -722,6 +747,26 @@ mod tests {
         assert_eq!(out.calls[0].id, "call_0");
         assert_eq!(out.calls[1].name, "now");
         assert_eq!(out.calls[1].id, "call_1");
+    }
+
+    /// A closing tag inside an argument's string (a sampled model wrote one) is text:
+    /// the block ends at the tag after the JSON, however the output is cut.
+    #[test]
+    fn hermes_closing_tag_inside_a_string_is_an_argument() {
+        let text = "<tool_call>\n{\"name\": \"get_time\",\"arguments\":{\"zone\":\"Jal \\\"x\\\" }}</tool_call>\"\n\n}\n\n}\n</tool_call>";
+        let out = same_in_pieces(ToolCallFormat::Hermes, text);
+        assert_eq!(out.content, "");
+        assert_eq!(out.calls.len(), 1, "{out:?}");
+        assert_eq!(out.calls[0].name, "get_time");
+        assert_eq!(
+            out.calls[0].arguments,
+            args(json!({"zone": "Jal \"x\" }}</tool_call>"}))
+        );
+        // A block that never closes outside a string still ends at the tag at the end.
+        let text = "<tool_call>{\"name\": \"f\", \"arguments\": {}} \"</tool_call> after";
+        let out = same_in_pieces(ToolCallFormat::Hermes, text);
+        assert!(out.calls.is_empty(), "{out:?}");
+        assert!(out.content.contains("after"), "{out:?}");
     }
 
     #[test]
