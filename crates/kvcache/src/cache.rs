@@ -109,8 +109,8 @@ impl KvCacheConfig {
         // own), otherwise a copy.
         let (storage, layout) = stored.storage_and_layout();
         let in_place = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(candle_core::CpuStorage::U8(v)), Some((start, end))) => {
-                v.get(start..end)
+            (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+                cpu.as_slice::<u8>().ok().and_then(|v| v.get(start..end))
             }
             _ => None,
         };

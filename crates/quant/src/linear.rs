@@ -145,9 +145,10 @@ impl QLinear {
                 if qtensor.device().is_cpu() && kernels == KernelChoice::Fastest =>
             {
                 // Panels of sixteen rows where the AVX-512 VNNI kernel runs.
-                Weight::Fast(
-                    GgmlWeights::from_qtensor(&qtensor)?.for_kernel(kernels::Kernel::detect())?,
-                )
+                Weight::Fast(GgmlWeights::from_qtensor_for(
+                    &qtensor,
+                    kernels::Kernel::detect(),
+                )?)
             }
             other => Weight::Candle(QMatMul::from_qtensor(qtensor)?, other),
         };
@@ -733,15 +734,14 @@ fn dense_gemv(
 /// contiguous f32 CPU tensor (a layer's input, most of the time), otherwise through a
 /// converted copy.
 fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    if x.dtype() == DType::F32 {
-        let (storage, layout) = x.storage_and_layout();
-        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
-            && let Some(xs) = v.get(start..end)
-        {
-            return f(xs);
-        }
+    let (storage, layout) = x.storage_and_layout();
+    if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+        && let Some(xs) = cpu.as_slice::<f32>().ok().and_then(|v| v.get(start..end))
+    {
+        return f(xs);
     }
+    drop(storage);
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     f(&xs)
 }

@@ -344,7 +344,7 @@ impl<'a> GgmlMatrix<'a> {
             });
         }
         let bb = self.dtype.block_bytes();
-        let mut block = [0u8; 34];
+        let mut block = [0u8; WeightDType::Q8_0.block_bytes()];
         let mut tmp = [0.0f32; BLOCK_ELEMS];
         for (b, o) in out.chunks_exact_mut(BLOCK_ELEMS).enumerate() {
             let bytes = if self.panels {
@@ -431,7 +431,7 @@ impl GgmlWeights {
     /// # Errors
     /// Only on a broken invariant of the stored bytes (their length).
     pub fn for_kernel(self, kernel: Kernel) -> Result<Self> {
-        if kernel != Kernel::Avx512Vnni || self.panels || !super::panels::fits(self.n_out) {
+        if self.panels || !super::panels::chosen_for(kernel, self.n_out) {
             return Ok(self);
         }
         self.into_panels()
@@ -448,7 +448,7 @@ impl GgmlWeights {
         }
         let bytes = super::panels::from_rows(self.dtype, self.n_out, self.k, &self.bytes)?;
         Ok(Self {
-            bytes: bytes.into(),
+            bytes,
             panels: true,
             ..self
         })
@@ -479,6 +479,15 @@ impl GgmlWeights {
 
     /// Copies the bytes of a CPU candle `QTensor` of shape `[n_out, k]`.
     pub fn from_qtensor(qtensor: &QTensor) -> Result<Self> {
+        Self::from_qtensor_for(qtensor, Kernel::Scalar)
+    }
+
+    /// As [`from_qtensor`](Self::from_qtensor), in the layout `kernel` reads fastest
+    /// ([`for_kernel`](Self::for_kernel)), repacked straight from the tensor's bytes.
+    ///
+    /// # Errors
+    /// As [`from_qtensor`](Self::from_qtensor).
+    pub fn from_qtensor_for(qtensor: &QTensor, kernel: Kernel) -> Result<Self> {
         let dtype = WeightDType::from_ggml(qtensor.dtype())?;
         let dims = qtensor.shape().dims();
         let &[n_out, k] = dims else {
@@ -487,6 +496,17 @@ impl GgmlWeights {
             });
         };
         let data = qtensor.data()?;
+        GgmlMatrix::new(dtype, n_out, k, &data)?;
+        if super::panels::chosen_for(kernel, n_out) {
+            let bytes = super::panels::from_rows(dtype, n_out, k, &data)?;
+            return Ok(Self {
+                dtype,
+                n_out,
+                k,
+                bytes,
+                panels: true,
+            });
+        }
         Self::new(dtype, n_out, k, Arc::<[u8]>::from(&*data))
     }
 

@@ -30,6 +30,8 @@
 //! decode step, a prompt and one decode step compute each row identically, and the
 //! result does not depend on the thread count.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use super::blocks::{BLOCK_ELEMS, WeightDType};
@@ -57,34 +59,63 @@ pub(super) fn fits(n_out: usize) -> bool {
     n_out > 0 && n_out.is_multiple_of(PANEL_ROWS)
 }
 
-/// Copies one block between its GGML bytes and row `j`'s place in its panel's chunk
-/// of that block, in the direction `to_panel` says: each f16 field (the scale, for Q4_1
-/// the minimum) to `2j` in its 32-byte array, each group `g` of four quant bytes to
-/// `4j` in the chunk's vector `g` (Q8_0 quants flip their top bit either way).
-fn copy_block(dtype: WeightDType, block: &mut [u8], chunk: &mut [u8], j: usize, to_panel: bool) {
-    let rh = row_header_bytes(dtype);
-    let hb = header_bytes(dtype);
-    let flip = if dtype == WeightDType::Q8_0 { 0x80 } else { 0 };
-    for f in 0..rh / 2 {
-        let (src, dst) = (
-            &mut block[2 * f..2 * f + 2],
-            &mut chunk[2 * PANEL_ROWS * f + 2 * j..][..2],
-        );
-        if to_panel {
-            dst.copy_from_slice(src);
-        } else {
-            src.copy_from_slice(dst);
-        }
+/// Whether weights of `n_out` rows are kept in panels when `kernel` runs them.
+pub(super) fn chosen_for(kernel: super::Kernel, n_out: usize) -> bool {
+    kernel == super::Kernel::Avx512Vnni && fits(n_out)
+}
+
+/// Where row `j` of a panel keeps, in its chunk of one block, the f16 field `f` of its
+/// GGML block header (0: the scale, 1: the Q4_1 minimum): `2j` into the field's 32-byte
+/// array.
+const fn field_at(f: usize, j: usize) -> usize {
+    2 * PANEL_ROWS * f + 2 * j
+}
+
+/// Where row `j` keeps its quant group `g` (GGML quant bytes `4g..4g + 4`): lane `j` of
+/// the chunk's vector `g`.
+const fn group_at(dtype: WeightDType, g: usize, j: usize) -> usize {
+    header_bytes(dtype) + 4 * PANEL_ROWS * g + 4 * j
+}
+
+/// What a Q8_0 quant byte is stored as (plus 128, as unsigned); the flip is its own
+/// inverse. Other formats store their bytes as they are.
+const fn flip(dtype: WeightDType) -> u8 {
+    if matches!(dtype, WeightDType::Q8_0) {
+        0x80
+    } else {
+        0
     }
+}
+
+/// Writes one GGML block into row `j`'s places in its panel chunk.
+fn write_block(dtype: WeightDType, block: &[u8], chunk: &mut [u8], j: usize) {
+    let rh = row_header_bytes(dtype);
+    for f in 0..rh / 2 {
+        let at = field_at(f, j);
+        chunk[at..at + 2].copy_from_slice(&block[2 * f..2 * f + 2]);
+    }
+    let x = flip(dtype);
     for g in 0..(dtype.block_bytes() - rh) / 4 {
-        let (src, dst) = (
-            &mut block[rh + 4 * g..rh + 4 * g + 4],
-            &mut chunk[hb + 4 * PANEL_ROWS * g + 4 * j..][..4],
-        );
-        let (from, to) = if to_panel { (&*src, dst) } else { (&*dst, src) };
         let mut v = [0u8; 4];
-        v.copy_from_slice(from);
-        to.copy_from_slice(&v.map(|q| q ^ flip));
+        v.copy_from_slice(&block[rh + 4 * g..rh + 4 * g + 4]);
+        let at = group_at(dtype, g, j);
+        chunk[at..at + 4].copy_from_slice(&v.map(|q| q ^ x));
+    }
+}
+
+/// Reads row `j`'s block back from its panel chunk into GGML bytes.
+fn read_block(dtype: WeightDType, chunk: &[u8], j: usize, block: &mut [u8]) {
+    let rh = row_header_bytes(dtype);
+    for f in 0..rh / 2 {
+        let at = field_at(f, j);
+        block[2 * f..2 * f + 2].copy_from_slice(&chunk[at..at + 2]);
+    }
+    let x = flip(dtype);
+    for g in 0..(dtype.block_bytes() - rh) / 4 {
+        let mut v = [0u8; 4];
+        let at = group_at(dtype, g, j);
+        v.copy_from_slice(&chunk[at..at + 4]);
+        block[rh + 4 * g..rh + 4 * g + 4].copy_from_slice(&v.map(|q| q ^ x));
     }
 }
 
@@ -120,21 +151,24 @@ pub(super) fn from_rows(
     n_out: usize,
     k: usize,
     rows: &[u8],
-) -> Result<Vec<u8>> {
+) -> Result<Arc<[u8]>> {
     let nb = check(dtype, n_out, k, rows.len())?;
     let bb = dtype.block_bytes();
-    let mut out = vec![0u8; rows.len()];
-    out.par_chunks_exact_mut(PANEL_ROWS * nb * bb)
+    // Written in place in its final allocation: a load holds the source and the panels,
+    // never a third copy.
+    let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, rows.len()).collect();
+    // A new Arc has one owner: `make_mut` hands out its bytes without a copy.
+    let panels = Arc::make_mut(&mut out);
+    panels
+        .par_chunks_exact_mut(PANEL_ROWS * nb * bb)
         .zip(rows.par_chunks_exact(PANEL_ROWS * nb * bb))
         .for_each(|(panel, src)| {
-            let mut block = [0u8; 34];
             for (j, row) in src.chunks_exact(nb * bb).enumerate() {
                 for (blk, chunk) in row
                     .chunks_exact(bb)
                     .zip(panel.chunks_exact_mut(PANEL_ROWS * bb))
                 {
-                    block[..bb].copy_from_slice(blk);
-                    copy_block(dtype, &mut block[..bb], chunk, j, true);
+                    write_block(dtype, blk, chunk, j);
                 }
             }
         });
@@ -175,8 +209,12 @@ pub(super) fn block(
         });
     }
     let at = ((row / PANEL_ROWS) * nb + b) * PANEL_ROWS * bb;
-    let mut chunk = panels[at..at + PANEL_ROWS * bb].to_vec();
-    copy_block(dtype, out, &mut chunk, row % PANEL_ROWS, false);
+    read_block(
+        dtype,
+        &panels[at..at + PANEL_ROWS * bb],
+        row % PANEL_ROWS,
+        out,
+    );
     Ok(())
 }
 
@@ -193,18 +231,16 @@ pub(super) fn to_rows(
     let nb = check(dtype, n_out, k, panels.len())?;
     let bb = dtype.block_bytes();
     let mut out = vec![0u8; panels.len()];
-    let mut chunk = vec![0u8; PANEL_ROWS * bb];
     for (panel, dst) in panels
         .chunks_exact(PANEL_ROWS * nb * bb)
         .zip(out.chunks_exact_mut(PANEL_ROWS * nb * bb))
     {
         for (j, row) in dst.chunks_exact_mut(nb * bb).enumerate() {
-            for (blk, src) in row
+            for (blk, chunk) in row
                 .chunks_exact_mut(bb)
                 .zip(panel.chunks_exact(PANEL_ROWS * bb))
             {
-                chunk.copy_from_slice(src);
-                copy_block(dtype, blk, &mut chunk, j, false);
+                read_block(dtype, chunk, j, blk);
             }
         }
     }
@@ -339,11 +375,14 @@ mod simd {
         for b in 0..nb {
             // SAFETY: block b of the panel is inside it (b < nb).
             let blk = unsafe { p.add(b * chunk) };
-            // Ask for the bytes PREFETCH ahead (the next panels when this one ends).
-            let mut at = 0;
-            while at < chunk {
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + at).cast());
-                at += 64;
+            // Ask for the bytes PREFETCH ahead (the next panels when this one ends),
+            // while the first rows stream the panel; later rows find it in cache.
+            if r0 == 0 {
+                let mut at = 0;
+                while at < chunk {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + at).cast());
+                    at += 64;
+                }
             }
             // SAFETY: the header's sixteen f16 scales (and minimums) are its first bytes.
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
