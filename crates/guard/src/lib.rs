@@ -65,7 +65,7 @@
 //! # Features
 //!
 //! None. The probes read Linux's `/proc` and cgroup files and fall back to `sysinfo`
-//! elsewhere. The one `unsafe` call is glibc's `malloc_trim`, in `trim.rs`.
+//! elsewhere. The only `unsafe` calls are glibc's `malloc_trim` and `mallopt`, in `trim.rs`.
 
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
@@ -101,4 +101,7 @@ pub use ledger::{
 };
 pub use peak::{PeakTracker, SAMPLE_INTERVAL};
 pub use probe::{FixedProbe, MemorySnapshot, Probe, SystemProbe, parse_proc_status, process_rss};
-pub use trim::{MMAP_THRESHOLD, release_free_memory, return_large_blocks};
+pub use trim::{
+    MAX_KEPT_BYTES, MMAP_THRESHOLD, allocator_thresholds, release_free_memory, return_large_blocks,
+    reuse_workspace,
+};

@@ -258,7 +258,20 @@ impl Runtime {
             });
             match result {
                 Err(afo_engine::Error::ModelTooLarge { .. }) if self.make_room() => continue,
-                other => return Ok(other?),
+                other => {
+                    let acquired = other?;
+                    if !acquired.hit {
+                        let chunk = self.estimate_vision(
+                            &acquired.model,
+                            afo_engine::PREFILL_CHUNK,
+                            0,
+                            Vec::new(),
+                            0,
+                        );
+                        afo_guard::reuse_workspace(chunk.estimate.activations);
+                    }
+                    return Ok(acquired);
+                }
             }
         }
     }

@@ -349,8 +349,10 @@ impl RuntimeBuilder {
     }
 
     /// Builds the runtime: checks the budget, reads the cgroup limit, opens the log,
-    /// and fixes the allocator's mmap threshold so that large freed blocks return to
-    /// the system ([`afo_guard::return_large_blocks`], process-wide).
+    /// and fixes the allocator's thresholds so that large freed blocks return to the
+    /// system ([`afo_guard::return_large_blocks`], process-wide). Each model loaded
+    /// then lets the allocator keep one prefill chunk's activations between
+    /// operations ([`afo_guard::reuse_workspace`]).
     ///
     /// # Errors
     /// An invalid budget or prefix cache block size, an unreadable cgroup file, a log
@@ -657,7 +659,19 @@ impl Runtime {
             });
             match result {
                 Err(afo_engine::Error::ModelTooLarge { .. }) if self.make_room() => continue,
-                other => return Ok(other?),
+                other => {
+                    let acquired = other?;
+                    if !acquired.hit {
+                        let chunk = self.estimate_text(
+                            acquired.model.model(),
+                            afo_engine::PREFILL_CHUNK,
+                            0,
+                            None,
+                        );
+                        afo_guard::reuse_workspace(chunk.estimate.activations);
+                    }
+                    return Ok(acquired);
+                }
             }
         }
     }
