@@ -120,16 +120,19 @@ pub(crate) enum Kernel {
     Portable,
     /// AVX2 and FMA intrinsics (x86-64).
     Avx2,
+    /// AVX-512F intrinsics for the scores and the accumulation (sixteen lanes, a
+    /// row of 64 values in four registers); the transpose and the softmax step are
+    /// the AVX2 ones.
+    Avx512,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs.
     pub(crate) fn best() -> Self {
-        if Self::Avx2.is_available() {
-            Self::Avx2
-        } else {
-            Self::Portable
-        }
+        [Self::Avx512, Self::Avx2]
+            .into_iter()
+            .find(|k| k.is_available())
+            .unwrap_or(Self::Portable)
     }
 
     /// Whether this CPU runs the kernel.
@@ -138,9 +141,16 @@ impl Kernel {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => Self::Avx2.is_available() && is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2 => false,
+            Self::Avx2 | Self::Avx512 => false,
         }
+    }
+
+    /// Whether the AVX2 transpose and softmax step run (both x86 kernels).
+    fn has_avx2(self) -> bool {
+        matches!(self, Self::Avx2 | Self::Avx512) && self.is_available()
     }
 }
 
@@ -731,12 +741,7 @@ fn transpose_keys(
         }
         let whole = group == 8 && rows.iter().all(|r| r.len() == hd) && hd.is_multiple_of(8);
         #[cfg(target_arch = "x86_64")]
-        if whole
-            && kernel == Kernel::Avx2
-            && kernel.is_available()
-            && kt.len() >= hd * KEY_CHUNK
-            && c + 8 <= KEY_CHUNK
-        {
+        if whole && kernel.has_avx2() && kt.len() >= hd * KEY_CHUNK && c + 8 <= KEY_CHUNK {
             // SAFETY: the CPU has AVX2 (checked); every row holds `hd` floats, a
             // multiple of 8, and `kt` holds `hd` rows of KEY_CHUNK with columns
             // c..c + 8 inside (checked).
@@ -781,6 +786,20 @@ fn scores(
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 && kernel.is_available() {
+        // SAFETY: the CPU has AVX-512F (checked), and the bounds hold (checked above),
+        // as for the AVX2 kernel below.
+        unsafe {
+            match nr {
+                1 => avx512::scores::<1>(q, hd, kt, s, cols),
+                2 => avx512::scores::<2>(q, hd, kt, s, cols),
+                3 => avx512::scores::<3>(q, hd, kt, s, cols),
+                _ => avx512::scores::<4>(q, hd, kt, s, cols),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx2 && kernel.is_available() {
         // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
         // above): every row `r < nr` of `q` has `hd` elements, every column
@@ -814,7 +833,7 @@ fn scores(
 /// Returns `m` and the sum of the new values.
 fn softmax_step(kernel: Kernel, x: &mut [f32], scale: f32, prev_max: f32) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx2 && kernel.is_available() {
+    if kernel.has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked).
         return unsafe { avx2::softmax_step(x, scale, prev_max) };
     }
@@ -859,6 +878,20 @@ fn accumulate(
             .is_some_and(|end| end <= v.len());
     if !fits {
         debug_assert!(false, "attention accumulate called out of bounds");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 && kernel.is_available() {
+        // SAFETY: the CPU has AVX-512F (checked), and the bounds hold (checked above),
+        // as for the AVX2 kernel below.
+        unsafe {
+            match nr {
+                1 => avx512::accumulate::<1>(p, v, vrs, acc, hd, cols),
+                2 => avx512::accumulate::<2>(p, v, vrs, acc, hd, cols),
+                3 => avx512::accumulate::<3>(p, v, vrs, acc, hd, cols),
+                _ => avx512::accumulate::<4>(p, v, vrs, acc, hd, cols),
+            }
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1136,6 +1169,164 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The score and accumulation micro-kernels in AVX-512F intrinsics: sixteen lanes,
+    //! the same products as the AVX2 ones in the same order per element.
+
+    use std::arch::x86_64::{
+        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_storeu_ps,
+    };
+    use std::ops::Range;
+
+    use super::{COLS, KEY_CHUNK};
+
+    /// [`super::scores`] for `R` rows: 32 columns per step (two registers a row),
+    /// then 16.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `q` holds `R * hd` elements, `kt` `hd * KEY_CHUNK`,
+    /// `s` `R * KEY_CHUNK`; `cols` are multiples of [`COLS`] up to `KEY_CHUNK`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores<const R: usize>(
+        q: &[f32],
+        hd: usize,
+        kt: &[f32],
+        s: &mut [f32],
+        cols: Range<usize>,
+    ) {
+        let (qp, kp, sp) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
+        let mut c = cols.start;
+        while c + 2 * COLS <= cols.end {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for d in 0..hd {
+                // SAFETY: `d < hd` and `c + 32 <= KEY_CHUNK`, so both loads lie in
+                // `kt`; `r * hd + d < R * hd`, in `q`.
+                unsafe {
+                    let k0 = _mm512_loadu_ps(kp.add(d * KEY_CHUNK + c));
+                    let k1 = _mm512_loadu_ps(kp.add(d * KEY_CHUNK + c + 16));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qb = _mm512_set1_ps(*qp.add(r * hd + d));
+                        a[0] = _mm512_fmadd_ps(qb, k0, a[0]);
+                        a[1] = _mm512_fmadd_ps(qb, k1, a[1]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: `r * KEY_CHUNK + c + 32 <= R * KEY_CHUNK`, in `s`.
+                unsafe {
+                    _mm512_storeu_ps(sp.add(r * KEY_CHUNK + c), a[0]);
+                    _mm512_storeu_ps(sp.add(r * KEY_CHUNK + c + 16), a[1]);
+                }
+            }
+            c += 2 * COLS;
+        }
+        if c + COLS <= cols.end {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for d in 0..hd {
+                // SAFETY: as above, with 16 columns.
+                unsafe {
+                    let k0 = _mm512_loadu_ps(kp.add(d * KEY_CHUNK + c));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*qp.add(r * hd + d)), k0, *a);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: as above, with 16 columns.
+                unsafe { _mm512_storeu_ps(sp.add(r * KEY_CHUNK + c), *a) };
+            }
+        }
+    }
+
+    /// [`super::accumulate`] for `R` rows: 64 elements of each row per pass over the
+    /// columns (four registers a row), then 16 at a time, then one by one.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `p` holds `R * KEY_CHUNK` elements, `acc` `R * hd`;
+    /// `cols` is not empty, `cols.end <= KEY_CHUNK` and
+    /// `(cols.end - 1) * vrs + hd <= v.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn accumulate<const R: usize>(
+        p: &[f32],
+        v: &[f32],
+        vrs: usize,
+        acc: &mut [f32],
+        hd: usize,
+        cols: Range<usize>,
+    ) {
+        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let mut d = 0;
+        while d + 64 <= hd {
+            // SAFETY: `r * hd + d + 64 <= R * hd` (in `acc`); value row `c` has `hd`
+            // elements from `c * vrs` (in `v`); `r * KEY_CHUNK + c < R * KEY_CHUNK`.
+            unsafe {
+                let mut a: [[__m512; 4]; R] = [[_mm512_setzero_ps(); 4]; R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    for (j, x) in a.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(ap.add(r * hd + d + 16 * j));
+                    }
+                }
+                for c in cols.clone() {
+                    let row = vp.add(c * vrs + d);
+                    let vv: [__m512; 4] = [
+                        _mm512_loadu_ps(row),
+                        _mm512_loadu_ps(row.add(16)),
+                        _mm512_loadu_ps(row.add(32)),
+                        _mm512_loadu_ps(row.add(48)),
+                    ];
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let pb = _mm512_set1_ps(*pp.add(r * KEY_CHUNK + c));
+                        for (x, y) in a.iter_mut().zip(vv) {
+                            *x = _mm512_fmadd_ps(pb, y, *x);
+                        }
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    for (j, x) in a.iter().enumerate() {
+                        _mm512_storeu_ps(ap.add(r * hd + d + 16 * j), *x);
+                    }
+                }
+            }
+            d += 64;
+        }
+        while d + 16 <= hd {
+            // SAFETY: as above, with 16 elements.
+            unsafe {
+                let mut a: [__m512; R] = [_mm512_setzero_ps(); R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(ap.add(r * hd + d));
+                }
+                for c in cols.clone() {
+                    let v0 = _mm512_loadu_ps(vp.add(c * vrs + d));
+                    for (r, a) in a.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(r * KEY_CHUNK + c)), v0, *a);
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(ap.add(r * hd + d), *a);
+                }
+            }
+            d += 16;
+        }
+        if d < hd {
+            for r in 0..R {
+                for c in cols.clone() {
+                    // SAFETY: as above, element by element.
+                    unsafe {
+                        let pc = *pp.add(r * KEY_CHUNK + c);
+                        for e in d..hd {
+                            let a = ap.add(r * hd + e);
+                            *a = pc.mul_add(*vp.add(c * vrs + e), *a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
@@ -1244,7 +1435,7 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        let all = [Kernel::Portable, Kernel::Avx2];
+        let all = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512];
         let have: Vec<Kernel> = all.into_iter().filter(|k| k.is_available()).collect();
         println!("attention kernels run: {have:?}");
         have
