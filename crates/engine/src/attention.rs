@@ -928,11 +928,9 @@ mod avx2 {
 
     use std::arch::x86_64::{
         __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
-        _mm256_add_epi32, _mm256_add_ps, _mm256_castps256_ps128, _mm256_castsi256_ps,
-        _mm256_cvttps_epi32, _mm256_extractf128_ps, _mm256_floor_ps, _mm256_fmadd_ps,
-        _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps,
-        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps,
-        _mm256_sub_ps,
+        _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps, _mm256_sub_ps,
     };
     use std::ops::Range;
 
@@ -1000,41 +998,6 @@ mod avx2 {
         }
     }
 
-    /// `exp(x)` lane by lane (Cephes' single-precision polynomial: about 1 ulp for
-    /// `x` in [-87, 88]; below that it flushes to 0 or a tiny value).
-    #[target_feature(enable = "avx2,fma")]
-    fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(
-            _mm256_min_ps(x, _mm256_set1_ps(88.376_26)),
-            _mm256_set1_ps(-88.376_26),
-        );
-        let fx = _mm256_fmadd_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-            _mm256_set1_ps(0.5),
-        );
-        let fx = _mm256_floor_ps(fx);
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
-        }
-        let y = _mm256_add_ps(
-            _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x),
-            _mm256_set1_ps(1.0),
-        );
-        let n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(n));
-        _mm256_mul_ps(y, pow2n)
-    }
-
     /// [`super::softmax_step`].
     ///
     /// # Safety
@@ -1068,7 +1031,7 @@ mod avx2 {
         for i in (0..body).step_by(8) {
             // SAFETY: `i + 8 <= n`.
             unsafe {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+                let e = crate::activation::exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
                 _mm256_storeu_ps(p.add(i), e);
                 vsum = _mm256_add_ps(vsum, e);
             }

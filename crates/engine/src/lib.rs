@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+mod activation;
 mod attention;
 mod batch;
 mod cache;

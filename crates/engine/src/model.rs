@@ -557,7 +557,7 @@ impl Model {
         } else {
             QLinear::forward_many(gate_up, &h)?
         };
-        let act = (candle_nn::ops::silu(&g)? * u)?;
+        let act = crate::activation::silu_mul(&g, &u)?;
         Ok(if sequences {
             layer.down.forward_sequences(&act)?
         } else {
