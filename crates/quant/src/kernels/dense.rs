@@ -477,6 +477,14 @@ mod simd {
     /// the panel vector and broadcasts, of the 32 `zmm` registers.
     const PACKED_MR_512: usize = 12;
 
+    /// Output columns per wide AVX-512 panel (four vectors).
+    const WIDE_PANEL: usize = 64;
+    /// Activation rows per wide AVX-512 micro-kernel: 6 x 4 accumulators, the four
+    /// panel vectors and a broadcast, of the 32 `zmm` registers. Per element of `k`,
+    /// ten loads feed 24 FMAs (the 12-row kernel's thirteen loads fed twelve, and two
+    /// loads a cycle held it at about 60% of the FMA units).
+    const WIDE_MR: usize = 6;
+
     /// The packed GEMM for many activation rows: panels of 16 weight rows (8 for the
     /// last ones) are converted to f32 and transposed once per call into a `k x 16`
     /// buffer (`64 k` bytes, in L2), then every group of six activation rows runs
@@ -503,8 +511,22 @@ mod simd {
         out: &mut [f32],
         ld: usize,
     ) {
-        let mut panel = vec![0.0f32; k * PANEL];
+        let mut panel = vec![0.0f32; k * if ZMM { WIDE_PANEL } else { PANEL }];
         let mut c = cols.start;
+        while ZMM && c + WIDE_PANEL <= cols.end {
+            // SAFETY: rows c..c + 64 are below n_out (the caller's bounds).
+            unsafe { pack::<E>(p, eb, k, c, WIDE_PANEL, &mut panel) };
+            let cc = c - cols.start;
+            let mut r = 0;
+            while r < m {
+                let mr = (m - r).min(WIDE_MR);
+                // SAFETY: the CPU has AVX-512F (the caller's); rows r..r + mr of x
+                // exist; the output holds them.
+                unsafe { micro512_wide_any(mr, &panel, k, x, r, out, ld, cc) };
+                r += mr;
+            }
+            c += WIDE_PANEL;
+        }
         while c + 8 <= cols.end {
             let width = if c + PANEL <= cols.end { PANEL } else { 8 };
             // SAFETY: rows c..c + width are below n_out (the caller's bounds).
@@ -634,6 +656,82 @@ mod simd {
                 if let Some(dst) = out.get_mut(at..at + 8) {
                     // SAFETY: dst holds eight floats.
                     unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), acc[i][v]) };
+                }
+            }
+        }
+    }
+
+    /// [`micro512_wide`] for `mr` (1 to [`WIDE_MR`]) rows.
+    ///
+    /// # Safety
+    /// As [`micro512_wide`], with the CPU's AVX-512F.
+    #[allow(clippy::too_many_arguments)] // the panel, the rows and the output window
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn micro512_wide_any(
+        mr: usize,
+        panel: &[f32],
+        k: usize,
+        x: &[f32],
+        r0: usize,
+        out: &mut [f32],
+        ld: usize,
+        cc: usize,
+    ) {
+        // SAFETY: the caller's bounds for `mr` rows.
+        unsafe {
+            match mr {
+                6 => micro512_wide::<6>(panel, k, x, r0, out, ld, cc),
+                5 => micro512_wide::<5>(panel, k, x, r0, out, ld, cc),
+                4 => micro512_wide::<4>(panel, k, x, r0, out, ld, cc),
+                3 => micro512_wide::<3>(panel, k, x, r0, out, ld, cc),
+                2 => micro512_wide::<2>(panel, k, x, r0, out, ld, cc),
+                _ => micro512_wide::<1>(panel, k, x, r0, out, ld, cc),
+            }
+        }
+    }
+
+    /// `MR` activation rows from `r0` times a 64-column panel, written at
+    /// `out[(r0 + i) * ld + cc..][..64]`: [`micro`]'s FMA chains (one per output, in
+    /// element order), four 512-bit vectors a row.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; rows `r0..r0 + MR` of `x` (`k` floats each) exist, the
+    /// panel holds `k * 64` floats, and `out` holds `(r0 + MR - 1) * ld + cc + 64`
+    /// floats.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // i and v index the tile
+    unsafe fn micro512_wide<const MR: usize>(
+        panel: &[f32],
+        k: usize,
+        x: &[f32],
+        r0: usize,
+        out: &mut [f32],
+        ld: usize,
+        cc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+        let pp = panel.as_ptr();
+        let xp = x.as_ptr();
+        for kk in 0..k {
+            // SAFETY: kk < k, so the panel holds these 64 floats.
+            let b: [__m512; 4] = std::array::from_fn(|v| unsafe {
+                _mm512_loadu_ps(pp.add(kk * WIDE_PANEL + 16 * v))
+            });
+            for i in 0..MR {
+                // SAFETY: row r0 + i of x holds element kk.
+                let a = _mm512_set1_ps(unsafe { *xp.add((r0 + i) * k + kk) });
+                for v in 0..4 {
+                    acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
+                }
+            }
+        }
+        for i in 0..MR {
+            for v in 0..4 {
+                let at = (r0 + i) * ld + cc + 16 * v;
+                if let Some(dst) = out.get_mut(at..at + 16) {
+                    // SAFETY: dst holds sixteen floats.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), acc[i][v]) };
                 }
             }
         }

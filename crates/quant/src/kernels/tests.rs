@@ -589,10 +589,11 @@ fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count(
         (96, 576, 1),
         (48, 1536, 2),
         (40, 576, 9),
-        // The packed GEMM: panels of 16 and 8, columns past them, rows in groups of
-        // six, and a prompt whose rows are split across threads.
+        // The packed GEMM: panels of 64 (AVX-512), 16 and 8, columns past them, rows
+        // in groups of six, and a prompt whose rows are split across threads.
         (70, 100, 13),
         (45, 64, 67),
+        (150, 40, 13),
     ];
     for kernel in available_kernels() {
         for dtype in ["f32", "f16", "bf16"] {
@@ -630,10 +631,11 @@ fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count(
     report_kernel_coverage("dense kernels");
 }
 
-/// A prompt through the dense packed GEMM gives the same bits with AVX-512 (sixteen
-/// columns per 512-bit vector, twelve rows at a time) as with AVX2 (two vectors, six
-/// rows): the same FMA chain per output, for every dtype, with 8-column panels and
-/// row-kernel columns after the last 16 and every row count of a tile.
+/// A prompt through the dense packed GEMM gives the same bits with AVX-512 (64-column
+/// panels six rows at a time, then sixteen columns twelve rows at a time) as with AVX2
+/// (two vectors, six rows): the same FMA chain per output, for every dtype, with
+/// 8-column panels and row-kernel columns after the last 16 and every row count of a
+/// tile.
 #[test]
 fn dense_avx512_packed_equals_avx2_packed_bit_for_bit() {
     if !Kernel::Avx512Vnni.is_available() {
@@ -645,7 +647,7 @@ fn dense_avx512_packed_equals_avx2_packed_bit_for_bit() {
     }
     let mut compared = 0usize;
     for dtype in ["f32", "f16", "bf16"] {
-        for (n_out, k) in [(16, 40), (29, 96), (64, 576), (40, 1536)] {
+        for (n_out, k) in [(16, 40), (29, 96), (64, 576), (40, 1536), (150, 96)] {
             let (_, owned) = dense_case(dtype, n_out, k, 3);
             let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
             for m in (5..=26).chain([70]) {
