@@ -132,7 +132,7 @@ pub(super) fn run(
     let n_out = w.n_out();
     let f = range_fn(kernel, w.dtype(), w.in_panels());
     let a = acts.view();
-    split_rows_or_columns(m, n_out, w.k(), y, |rows, cols, out, ld| {
+    split_rows_or_columns(m, n_out, w.k(), y, 2, |rows, cols, out, ld| {
         f(w, a.rows_from(rows.start), rows.len(), cols, out, ld)
     });
     Ok(())
@@ -143,10 +143,18 @@ pub(super) fn run(
 /// the row-major `m x n_out` output `y`. A prompt (at least [`ROW_SPLIT_MIN_ROWS`]
 /// rows, several threads) is cut into blocks of whole output rows written in place,
 /// each reading every weight row once ([`row_blocks`]: at least four rows each, so
-/// every row takes the same kernel path whatever the thread count); fewer rows split
-/// the columns ([`split_columns`]).
-pub(super) fn split_rows_or_columns<F>(m: usize, n_out: usize, k: usize, y: &mut [f32], f: F)
-where
+/// every row takes the same kernel path whatever the thread count), `blocks_per_thread`
+/// of them per thread (two balance a noisy machine; one where each block repacks the
+/// whole matrix, as the dense GEMM does); fewer rows split the columns
+/// ([`split_columns`]).
+pub(super) fn split_rows_or_columns<F>(
+    m: usize,
+    n_out: usize,
+    k: usize,
+    y: &mut [f32],
+    blocks_per_thread: usize,
+    f: F,
+) where
     F: Fn(Range<usize>, Range<usize>, &mut [f32], usize) + Sync,
 {
     let threads = rayon::current_num_threads();
@@ -154,7 +162,7 @@ where
     if m >= ROW_SPLIT_MIN_ROWS && threads > 1 && work >= PAR_MIN_WORK {
         let mut parts = Vec::new();
         let mut rest = y;
-        for rows in row_blocks(m, threads * 2) {
+        for rows in row_blocks(m, threads * blocks_per_thread.max(1)) {
             let (head, tail) = rest.split_at_mut(rows.len() * n_out);
             parts.push((rows, head));
             rest = tail;

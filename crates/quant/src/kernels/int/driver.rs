@@ -253,7 +253,7 @@ pub(super) fn run(
     let (f, pairs) = range_fn(kernel, w.format);
     let bufs = pair_bufs(acts, pairs, w.format);
     let a = int_acts(acts, &bufs);
-    split_rows_or_columns(m, w.n_out, w.k, y, |rows, cols, out, ld| {
+    split_rows_or_columns(m, w.n_out, w.k, y, 2, |rows, cols, out, ld| {
         f(w, &a.rows(rows), cols, out, ld)
     });
     Ok(())
