@@ -111,7 +111,7 @@ impl Kernel {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::exp8;
+pub(crate) use x86::{exp8, exp16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

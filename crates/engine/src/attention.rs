@@ -833,6 +833,11 @@ fn scores(
 /// Returns `m` and the sum of the new values.
 fn softmax_step(kernel: Kernel, x: &mut [f32], scale: f32, prev_max: f32) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 && kernel.is_available() {
+        // SAFETY: the CPU has AVX-512F (checked).
+        return unsafe { avx512::softmax_step(x, scale, prev_max) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if kernel.has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked).
         return unsafe { avx2::softmax_step(x, scale, prev_max) };
@@ -1138,12 +1143,57 @@ mod avx512 {
     //! the same products as the AVX2 ones in the same order per element.
 
     use std::arch::x86_64::{
-        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps,
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_mul_ps,
+        _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_storeu_ps, _mm512_sub_ps,
     };
     use std::ops::Range;
 
     use super::{COLS, KEY_CHUNK};
+
+    /// [`super::softmax_step`] in sixteen lanes (the tail after the last sixteen as
+    /// the portable step does it).
+    ///
+    /// # Safety
+    /// AVX-512F is available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_step(x: &mut [f32], scale: f32, prev_max: f32) -> (f32, f32) {
+        let n = x.len();
+        let body = n / 16 * 16;
+        let p = x.as_mut_ptr();
+        let vs = _mm512_set1_ps(scale);
+        let mut vm = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..body).step_by(16) {
+            // SAFETY: `i + 16 <= n`.
+            unsafe {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), vs);
+                _mm512_storeu_ps(p.add(i), v);
+                vm = _mm512_max_ps(vm, v);
+            }
+        }
+        let mut m = prev_max.max(_mm512_reduce_max_ps(vm));
+        for v in &mut x[body..] {
+            *v *= scale;
+            m = m.max(*v);
+        }
+        let vmax = _mm512_set1_ps(m);
+        let mut vsum = _mm512_setzero_ps();
+        let p = x.as_mut_ptr();
+        for i in (0..body).step_by(16) {
+            // SAFETY: `i + 16 <= n`.
+            unsafe {
+                let e = crate::activation::exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmax));
+                _mm512_storeu_ps(p.add(i), e);
+                vsum = _mm512_add_ps(vsum, e);
+            }
+        }
+        let mut total = _mm512_reduce_add_ps(vsum);
+        for v in &mut x[body..] {
+            *v = (*v - m).exp();
+            total += *v;
+        }
+        (m, total)
+    }
 
     /// [`super::scores`] for `R` rows: 32 columns per step (two registers a row),
     /// then 16.
