@@ -42,28 +42,29 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let mut out = vec![0.0f32; n];
     let kernel = Kernel::best();
     if n <= TASK {
-        kernel.run(g, u, &mut out);
+        kernel.silu_mul(g, u, &mut out);
     } else {
         out.par_chunks_mut(TASK)
             .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)))
-            .for_each(|(o, (g, u))| kernel.run(g, u, o));
+            .for_each(|(o, (g, u))| kernel.silu_mul(g, u, o));
     }
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
-/// Which pass runs.
+/// Which SIMD code runs, for SwiGLU here and for attention's micro-kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
-    /// Plain Rust with the C library's `exp`, for any CPU.
+    /// Plain Rust, for any CPU.
     Portable,
-    /// AVX2 and FMA, eight lanes.
+    /// AVX2 and FMA intrinsics (x86-64).
     Avx2,
-    /// AVX-512F, sixteen lanes.
+    /// AVX-512F intrinsics (sixteen lanes); attention's key transpose stays AVX2,
+    /// which every AVX-512 CPU has.
     Avx512,
 }
 
 impl Kernel {
-    /// The fastest pass this CPU runs.
+    /// The fastest kernel this CPU runs.
     pub(crate) fn best() -> Self {
         [Self::Avx512, Self::Avx2]
             .into_iter()
@@ -71,22 +72,27 @@ impl Kernel {
             .unwrap_or(Self::Portable)
     }
 
-    /// Whether this CPU runs the pass.
+    /// Whether this CPU runs the kernel.
     pub(crate) fn is_available(self) -> bool {
         match self {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => is_x86_feature_detected!("avx512f"),
+            Self::Avx512 => Self::Avx2.is_available() && is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
             Self::Avx2 | Self::Avx512 => false,
         }
     }
 
+    /// Whether the AVX2 code runs (on both x86 kernels).
+    pub(crate) fn has_avx2(self) -> bool {
+        matches!(self, Self::Avx2 | Self::Avx512) && self.is_available()
+    }
+
     /// `out[i] = silu(g[i]) * u[i]` over the common length (the portable pass where
     /// this kernel is not available).
-    pub(crate) fn run(self, g: &[f32], u: &[f32], out: &mut [f32]) {
+    pub(crate) fn silu_mul(self, g: &[f32], u: &[f32], out: &mut [f32]) {
         let n = out.len().min(g.len()).min(u.len());
         let (g, u, out) = (&g[..n], &u[..n], &mut out[..n]);
         #[cfg(target_arch = "x86_64")]
@@ -201,7 +207,7 @@ mod x86 {
         _mm512_mul_ps(y, pow2n)
     }
 
-    /// [`super::Kernel::run`] in sixteen lanes.
+    /// [`super::Kernel::silu_mul`] in sixteen lanes.
     ///
     /// # Safety
     /// AVX-512F is available; `g`, `u` and `out` have the same length.
@@ -220,10 +226,10 @@ mod x86 {
                 _mm512_storeu_ps(op.add(i), _mm512_mul_ps(s, _mm512_loadu_ps(up.add(i))));
             }
         }
-        super::Kernel::Portable.run(&g[body..], &u[body..], &mut out[body..]);
+        super::Kernel::Portable.silu_mul(&g[body..], &u[body..], &mut out[body..]);
     }
 
-    /// [`super::Kernel::run`] in eight lanes.
+    /// [`super::Kernel::silu_mul`] in eight lanes.
     ///
     /// # Safety
     /// AVX2 and FMA are available; `g`, `u` and `out` have the same length.
@@ -242,7 +248,7 @@ mod x86 {
                 _mm256_storeu_ps(op.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.add(i))));
             }
         }
-        super::Kernel::Portable.run(&g[body..], &u[body..], &mut out[body..]);
+        super::Kernel::Portable.silu_mul(&g[body..], &u[body..], &mut out[body..]);
     }
 }
 
@@ -277,7 +283,7 @@ mod tests {
             for n in [0, 1, 7, 8, 15, 16, 17, 33, 1000] {
                 let (g, u) = inputs(n);
                 let mut out = vec![f32::NAN; n];
-                kernel.run(&g, &u, &mut out);
+                kernel.silu_mul(&g, &u, &mut out);
                 for i in 0..n {
                     let (x, y) = (f64::from(g[i]), f64::from(u[i]));
                     let want = x / (1.0 + (-x).exp()) * y;

@@ -94,6 +94,7 @@ use candle_core::{DType, Layout, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+pub(crate) use crate::activation::Kernel;
 use crate::error::{Error, Result};
 
 /// Query rows a task aims for: a block holds `max(1, TASK_ROWS / n_rep)` query
@@ -112,47 +113,6 @@ const COLS: usize = 16;
 /// Below this many multiply-adds (`heads * t * len * head_dim`), the tasks run on the
 /// calling thread.
 const PARALLEL_WORK: usize = 1 << 15;
-
-/// Which micro-kernels run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kernel {
-    /// Plain Rust, for any CPU.
-    Portable,
-    /// AVX2 and FMA intrinsics (x86-64).
-    Avx2,
-    /// AVX-512F intrinsics for the scores and the accumulation (sixteen lanes, a
-    /// row of 64 values in four registers); the transpose and the softmax step are
-    /// the AVX2 ones.
-    Avx512,
-}
-
-impl Kernel {
-    /// The fastest kernel this CPU runs.
-    pub(crate) fn best() -> Self {
-        [Self::Avx512, Self::Avx2]
-            .into_iter()
-            .find(|k| k.is_available())
-            .unwrap_or(Self::Portable)
-    }
-
-    /// Whether this CPU runs the kernel.
-    pub(crate) fn is_available(self) -> bool {
-        match self {
-            Self::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => Self::Avx2.is_available() && is_x86_feature_detected!("avx512f"),
-            #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2 | Self::Avx512 => false,
-        }
-    }
-
-    /// Whether the AVX2 transpose and softmax step run (both x86 kernels).
-    fn has_avx2(self) -> bool {
-        matches!(self, Self::Avx2 | Self::Avx512) && self.is_available()
-    }
-}
 
 /// Causal (optionally sliding-window) grouped-query attention of `q` over `k` and `v`;
 /// see the [module docs](self) for the shapes and the semantics. Returns

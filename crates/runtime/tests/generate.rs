@@ -15,15 +15,7 @@ use afo_runtime::guard::ByteSize;
 use afo_runtime::ssot::{LogReader, ReadMode, Record, RunStatus, StatusBadge};
 use afo_runtime::{GenerateRequest, Prompt, Runtime};
 
-fn request(max_tokens: usize) -> GenerateRequest {
-    GenerateRequest::new(model(), Prompt::Text("The capital of France is".into())).with_options(
-        GenerateOptions {
-            max_tokens,
-            sampling: SamplingParams::greedy(),
-            ..GenerateOptions::default()
-        },
-    )
-}
+use common::capital_request as request;
 
 #[test]
 fn generates_streams_and_records_each_run() {

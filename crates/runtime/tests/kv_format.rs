@@ -7,21 +7,10 @@
 
 mod common;
 
-use afo_runtime::engine::{GenerateOptions, SamplingParams};
 use afo_runtime::guard::ByteSize;
-use afo_runtime::{GenerateRequest, Prompt, Runtime};
+use afo_runtime::Runtime;
 
-fn request(max_tokens: usize) -> GenerateRequest {
-    GenerateRequest::new(
-        common::smollm2(),
-        Prompt::Text("The capital of France is".into()),
-    )
-    .with_options(GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        ..GenerateOptions::default()
-    })
-}
+use common::capital_request as request;
 
 #[test]
 fn a_q8_0_kv_cache_is_reserved_and_reported_in_its_bytes() {
