@@ -7,8 +7,8 @@
 
 mod common;
 
-use afo_runtime::guard::ByteSize;
 use afo_runtime::Runtime;
+use afo_runtime::guard::ByteSize;
 
 use common::capital_request as request;
 
