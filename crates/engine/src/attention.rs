@@ -33,7 +33,7 @@
 //!    against the transposed chunk; each score sums over `head_dim` in order);
 //! 2. each row scales its visible scores, keeps a running maximum `m` and sum `l`,
 //!    turns the scores into `exp(score - m)` (a vectorised Cephes `exp` in the AVX2
-//!    path, `f32::exp` in the portable one) and rescales its accumulator and sum by
+//!    and AVX-512 paths, `f32::exp` in the portable one) and rescales its accumulator and sum by
 //!    `exp(m_old - m)` when the maximum grows; the columns a row does not see get
 //!    probability 0;
 //! 3. a second micro-kernel adds the probabilities times the value rows (read in
@@ -55,8 +55,9 @@
 //! is the same bit for bit whether it comes from a prefill or from a decode step over
 //! the same keys and values, with any number of threads (tested).
 //!
-//! The micro-kernels exist twice: AVX2 + FMA intrinsics, chosen at run time, and
-//! portable Rust. Tasks run on the rayon pool (on the calling thread when the work is
+//! The micro-kernels exist three times: AVX-512F and AVX2 + FMA intrinsics, the best
+//! the CPU runs chosen at run time, and portable Rust (the AVX-512 path keeps the AVX2
+//! key transpose). Tasks run on the rayon pool (on the calling thread when the work is
 //! small); each task's arithmetic is sequential and does not depend on which thread
 //! runs it, so the result does not depend on the number of threads.
 //!
@@ -108,7 +109,7 @@ pub(crate) const KEY_CHUNK: usize = 64;
 pub(crate) const SEGMENT: usize = 256;
 /// Query rows per micro-kernel call.
 const GROUP: usize = 4;
-/// Score columns per micro-kernel step (two AVX2 vectors).
+/// Score columns per micro-kernel step (two AVX2 vectors, one AVX-512 vector).
 const COLS: usize = 16;
 /// Below this many multiply-adds (`heads * t * len * head_dim`), the tasks run on the
 /// calling thread.

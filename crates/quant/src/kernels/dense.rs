@@ -7,10 +7,12 @@
 //! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in
 //! L1, with several independent FMA chains; output rows are split across the rayon
 //! pool as the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows (a
-//! prompt, a large batch) a packed GEMM runs instead (AVX2, also on AVX-512 machines):
-//! panels of 16 weight rows converted to f32 and transposed once per call, then 6 x 16
-//! register tiles of FMA chains over them; a prompt splits its activation rows across
-//! threads. Without AVX2 the many-row case is the scalar reference, so
+//! prompt, a large batch) a packed GEMM runs instead: panels of 16 weight rows
+//! converted to f32 and transposed once per call, then 6 x 16 register tiles of FMA
+//! chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles (four
+//! 512-bit registers a row) and the last columns through 12 x 16 ones, the same FMA
+//! chain per output. A prompt splits its activation rows across threads, one block per
+//! thread (each block packs every panel). Without AVX2 the many-row case is the scalar reference, so
 //! [`QLinear`](crate::QLinear) leaves it to candle's GEMM there
 //! ([`dense_packed_available`]).
 //!
