@@ -37,8 +37,13 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return Ok((candle_nn::ops::silu(gate)? * up)?);
     };
     let n = gate.elem_count();
-    let g = &gs.as_slice::<f32>()?[gl.start_offset()..][..n];
-    let u = &us.as_slice::<f32>()?[ul.start_offset()..][..n];
+    let (Some(g), Some(u)) = (
+        window(gs.as_slice::<f32>()?, gl.start_offset(), n),
+        window(us.as_slice::<f32>()?, ul.start_offset(), n),
+    ) else {
+        // Unreachable for a contiguous tensor: its layout lies inside its storage.
+        return Ok((candle_nn::ops::silu(gate)? * up)?);
+    };
     let mut out = vec![0.0f32; n];
     let kernel = Kernel::best();
     if n <= TASK {
@@ -49,6 +54,11 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             .for_each(|(o, (g, u))| kernel.silu_mul(g, u, o));
     }
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
+}
+
+/// `n` elements of `data` from `at`, if it holds them.
+fn window(data: &[f32], at: usize, n: usize) -> Option<&[f32]> {
+    data.get(at..at.checked_add(n)?)
 }
 
 /// Which SIMD code runs, for SwiGLU here and for attention's micro-kernels.
