@@ -102,6 +102,6 @@ pub use ledger::{
 pub use peak::{PeakTracker, SAMPLE_INTERVAL};
 pub use probe::{FixedProbe, MemorySnapshot, Probe, SystemProbe, parse_proc_status, process_rss};
 pub use trim::{
-    MAX_KEPT_BYTES, MMAP_THRESHOLD, allocator_thresholds, release_free_memory, return_large_blocks,
-    reuse_workspace,
+    MAX_KEPT_BYTES, MMAP_THRESHOLD, allocator_thresholds, kept_workspace, release_free_memory,
+    return_large_blocks, reuse_workspace,
 };

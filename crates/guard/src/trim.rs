@@ -88,6 +88,12 @@ pub fn reuse_workspace(workspace: u64) -> bool {
     imp::apply(allocator_thresholds(before.max(workspace)))
 }
 
+/// The largest workspace asked for so far ([`reuse_workspace`]; 0 before any), whose
+/// [`allocator_thresholds`] are in force.
+pub fn kept_workspace() -> u64 {
+    WORKSPACE.load(Ordering::Relaxed)
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 mod imp {
@@ -190,7 +196,7 @@ mod tests {
         );
         // A later runtime's fixed thresholds keep the largest workspace asked for.
         assert!(return_large_blocks());
-        assert_eq!(WORKSPACE.load(Ordering::Relaxed), 24 << 20);
+        assert_eq!(kept_workspace(), 24 << 20);
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

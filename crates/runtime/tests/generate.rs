@@ -267,3 +267,23 @@ fn tools_and_a_schema_through_the_runtime_without_the_server() {
     assert_eq!(r.finish, FinishReason::Eos);
     assert!(r.output.unwrap().tool_calls.is_empty());
 }
+
+#[test]
+fn a_loaded_model_lets_the_allocator_keep_its_prefill_chunk() {
+    let runtime = Runtime::builder()
+        .cutline("8GiB".parse::<ByteSize>().unwrap())
+        .build()
+        .unwrap();
+    let acquired = runtime.acquire_model(&model(), None).unwrap();
+    let chunk = runtime.estimate_text(
+        acquired.model.model(),
+        afo_runtime::engine::PREFILL_CHUNK,
+        0,
+        None,
+    );
+    // One 512-token chunk of SmolLM2's activations: about 16 MiB.
+    let activations = chunk.estimate.activations;
+    assert!(activations > 8 << 20, "{activations}");
+    // The process-wide setting holds the largest model's workspace loaded so far.
+    assert!(afo_runtime::guard::kept_workspace() >= activations);
+}
