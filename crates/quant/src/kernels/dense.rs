@@ -12,8 +12,8 @@
 //! chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles (four
 //! 512-bit registers a row) and the last columns through 12 x 16 ones, the same FMA
 //! chain per output. A prompt splits its activation rows across threads, one block per
-//! thread (each block packs every panel). Without AVX2 the many-row case is the scalar reference, so
-//! [`QLinear`](crate::QLinear) leaves it to candle's GEMM there
+//! thread (each block packs every panel). Without AVX2 the many-row case is the scalar
+//! reference, so [`QLinear`](crate::QLinear) leaves it to candle's GEMM there
 //! ([`dense_packed_available`]).
 //!
 //! Every path sums in f32 in the same order for every split of the output, so results
@@ -494,9 +494,10 @@ mod simd {
     /// buffer (`64 k` bytes, in L2), then every group of six activation rows runs
     /// through it: per element of `k`, two weight vectors and six broadcast
     /// activations in twelve FMA chains, one per output (so each output is summed in
-    /// element order, whatever the tile). With `ZMM` (AVX-512F), a 16-column panel
-    /// meets twelve activation rows at a time, one 512-bit vector and twelve FMA
-    /// chains per element: the same chains, so the same bits as the AVX2 tiles.
+    /// element order, whatever the tile). With `ZMM` (AVX-512F), 64-column panels
+    /// first (`256 k` bytes) meet six activation rows at a time, four 512-bit vectors
+    /// and 24 FMA chains per element, then a 16-column panel meets twelve rows, one
+    /// vector and twelve chains: the same chains, so the same bits as the AVX2 tiles.
     /// Columns past the last multiple of 8 take the row kernel.
     ///
     /// # Safety
