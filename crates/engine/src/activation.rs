@@ -7,7 +7,7 @@
 //! with `exp` evaluated sixteen (AVX-512F) or eight (AVX2) lanes at a time by the
 //! polynomial below, and the rows are split among the threads.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -22,43 +22,25 @@ const TASK: usize = 1 << 14;
 /// # Errors
 /// Shapes that differ, and candle's errors.
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let fast = gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.dims() == up.dims()
-        && matches!(gate.device(), Device::Cpu)
-        && gate.is_contiguous()
-        && up.is_contiguous();
-    if !fast {
-        return Ok((candle_nn::ops::silu(gate)? * up)?);
-    }
-    let (gs, gl) = gate.storage_and_layout();
-    let (us, ul) = up.storage_and_layout();
-    let (candle_core::Storage::Cpu(gs), candle_core::Storage::Cpu(us)) = (&*gs, &*us) else {
-        return Ok((candle_nn::ops::silu(gate)? * up)?);
+    let pass = |g: &[f32], u: &[f32]| {
+        let mut out = vec![0.0f32; g.len()];
+        let kernel = Kernel::best();
+        if g.len() <= TASK {
+            kernel.silu_mul(g, u, &mut out);
+        } else {
+            out.par_chunks_mut(TASK)
+                .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)))
+                .for_each(|(o, (g, u))| kernel.silu_mul(g, u, o));
+        }
+        out
     };
-    let n = gate.elem_count();
-    let (Some(g), Some(u)) = (
-        window(gs.as_slice::<f32>()?, gl.start_offset(), n),
-        window(us.as_slice::<f32>()?, ul.start_offset(), n),
-    ) else {
-        // Unreachable for a contiguous tensor: its layout lies inside its storage.
-        return Ok((candle_nn::ops::silu(gate)? * up)?);
-    };
-    let mut out = vec![0.0f32; n];
-    let kernel = Kernel::best();
-    if n <= TASK {
-        kernel.silu_mul(g, u, &mut out);
-    } else {
-        out.par_chunks_mut(TASK)
-            .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)))
-            .for_each(|(o, (g, u))| kernel.silu_mul(g, u, o));
+    if gate.dims() == up.dims()
+        && let Ok(Some(out)) =
+            afo_quant::in_place(gate, |g| afo_quant::in_place(up, |u| pass(g, u)).ok())
+    {
+        return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
     }
-    Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
-}
-
-/// `n` elements of `data` from `at`, if it holds them.
-fn window(data: &[f32], at: usize, n: usize) -> Option<&[f32]> {
-    data.get(at..at.checked_add(n)?)
+    Ok((candle_nn::ops::silu(gate)? * up)?)
 }
 
 /// Which SIMD code runs, for SwiGLU here and for attention's micro-kernels.
@@ -264,6 +246,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::{DType, Device};
+
     use super::*;
 
     fn kernels() -> Vec<Kernel> {

@@ -105,30 +105,22 @@ impl KvCacheConfig {
         }
         let (b, h, n, width) = stored.dims4()?;
         let d = self.head_dim;
+        let decode = |bytes: &[u8]| -> Result<Vec<f32>> {
+            let mut values = vec![0.0f32; b * h * n * d];
+            for (row, out) in bytes.chunks_exact(width).zip(values.chunks_exact_mut(d)) {
+                afo_quant::kernels::dequantize_q8_0(row, out).map_err(|e| Error::Format {
+                    format: self.format,
+                    reason: e.to_string(),
+                })?;
+            }
+            Ok(values)
+        };
         // The stored bytes in place when they are one contiguous CPU buffer (the cache's
         // own), otherwise a copy.
-        let (storage, layout) = stored.storage_and_layout();
-        let in_place = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
-                cpu.as_slice::<u8>().ok().and_then(|v| v.get(start..end))
-            }
-            _ => None,
-        };
-        let copied: Vec<u8>;
-        let bytes: &[u8] = match in_place {
-            Some(b) => b,
-            None => {
-                copied = stored.flatten_all()?.to_vec1()?;
-                &copied
-            }
-        };
-        let mut values = vec![0.0f32; b * h * n * d];
-        for (row, out) in bytes.chunks_exact(width).zip(values.chunks_exact_mut(d)) {
-            afo_quant::kernels::dequantize_q8_0(row, out).map_err(|e| Error::Format {
-                format: self.format,
-                reason: e.to_string(),
-            })?;
-        }
+        let values = match afo_quant::in_place(stored, decode) {
+            Ok(values) => values,
+            Err(decode) => decode(&stored.flatten_all()?.to_vec1::<u8>()?),
+        }?;
         Ok(Tensor::from_vec(values, (b, h, n, d), stored.device())?)
     }
 }

@@ -43,6 +43,6 @@ mod policy;
 mod scheme;
 
 pub use error::{Error, Result};
-pub use linear::{KernelChoice, QLinear, WeightData, has_fast_kernel};
+pub use linear::{KernelChoice, QLinear, WeightData, has_fast_kernel, in_place};
 pub use policy::{QuantPolicy, TensorRole};
 pub use scheme::QuantScheme;

@@ -734,16 +734,34 @@ fn dense_gemv(
 /// contiguous f32 CPU tensor (a layer's input, most of the time), otherwise through a
 /// converted copy.
 fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let (storage, layout) = x.storage_and_layout();
-    if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-        && let Some(xs) = cpu.as_slice::<f32>().ok().and_then(|v| v.get(start..end))
-    {
-        return f(xs);
+    match in_place(x, f) {
+        Ok(r) => r,
+        Err(f) => f(&x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
     }
-    drop(storage);
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    f(&xs)
+}
+
+/// Runs `f` over all of `x`'s elements in place, as one slice of `T`, when `x` is a
+/// contiguous CPU tensor of `T`; otherwise gives `f` back uncalled. The one way afo
+/// reads a tensor's buffer without copying it.
+///
+/// # Errors
+/// `Err(f)` for a tensor not on the CPU, not of type `T`, or not contiguous.
+pub fn in_place<T, R, F>(x: &Tensor, f: F) -> std::result::Result<R, F>
+where
+    T: candle_core::WithDType,
+    F: FnOnce(&[T]) -> R,
+{
+    let (storage, layout) = x.storage_and_layout();
+    let slice = match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            cpu.as_slice::<T>().ok().and_then(|v| v.get(start..end))
+        }
+        _ => None,
+    };
+    match slice {
+        Some(xs) => Ok(f(xs)),
+        None => Err(f),
+    }
 }
 
 /// Dense rows appended in their dtype, to become one tensor without another copy.
