@@ -163,7 +163,8 @@ const WRITE_ROWS: usize = 1024;
 
 /// Writes a dense tensor in its dtype (f32 for anything but f16/bf16), a block of
 /// rows at a time.
-fn dense_writer<'a>(t: Tensor) -> WriteFn<'a> {
+/// Writes `t` a block of rows at a time as `dtype` (f16, bf16, or f32 for any other).
+fn dense_writer<'a>(t: Tensor, dtype: DType) -> WriteFn<'a> {
     Box::new(move |w: &mut dyn Write| {
         let rows = t.dims().first().copied().unwrap_or(1);
         let t2 = t.reshape((rows, ()))?;
@@ -172,13 +173,15 @@ fn dense_writer<'a>(t: Tensor) -> WriteFn<'a> {
             let block = t2
                 .narrow(0, start, WRITE_ROWS.min(rows - start))?
                 .flatten_all()?;
-            let bytes: Vec<u8> = match t.dtype() {
+            let bytes: Vec<u8> = match dtype {
                 DType::F16 => block
+                    .to_dtype(DType::F16)?
                     .to_vec1::<half::f16>()?
                     .iter()
                     .flat_map(|v| v.to_le_bytes())
                     .collect(),
                 DType::BF16 => block
+                    .to_dtype(DType::BF16)?
                     .to_vec1::<half::bf16>()?
                     .iter()
                     .flat_map(|v| v.to_le_bytes())
@@ -243,17 +246,21 @@ pub fn save_gguf(
     for (name, layer) in &linears {
         let (out, inp) = (layer.out_features(), layer.in_features());
         match layer.weight_data()? {
-            WeightData::Dense(t) => {
-                let dtype = match t.dtype() {
-                    DType::F16 => GgmlDType::F16,
-                    DType::BF16 => GgmlDType::BF16,
-                    _ => GgmlDType::F32,
+            data @ (WeightData::Dense(t) | WeightData::Narrowed(t)) => {
+                // A narrowed f32 weight is written as the f32 it declares.
+                let dtype = match (&data, t.dtype()) {
+                    (WeightData::Narrowed(_), _) => DType::F32,
+                    (_, dtype) => dtype,
                 };
                 entries.push(TensorEntry {
                     name: name.clone(),
-                    dtype,
+                    dtype: match dtype {
+                        DType::F16 => GgmlDType::F16,
+                        DType::BF16 => GgmlDType::BF16,
+                        _ => GgmlDType::F32,
+                    },
                     dims: vec![out, inp],
-                    write: dense_writer(t.clone()),
+                    write: dense_writer(t.clone(), dtype),
                 });
             }
             WeightData::Ggml { dtype, .. } => {
@@ -313,7 +320,7 @@ pub fn save_gguf(
                 name: bias_name.clone(),
                 dtype: GgmlDType::F32,
                 dims: vec![out],
-                write: dense_writer(b.to_dtype(DType::F32)?),
+                write: dense_writer(b.to_dtype(DType::F32)?, DType::F32),
             });
             written.insert(bias_name);
         }
@@ -323,7 +330,7 @@ pub fn save_gguf(
             name: name.clone(),
             dtype: GgmlDType::F32,
             dims: t.dims().to_vec(),
-            write: dense_writer(t.to_dtype(DType::F32)?),
+            write: dense_writer(t.to_dtype(DType::F32)?, DType::F32),
         });
         written.insert(name.clone());
     }

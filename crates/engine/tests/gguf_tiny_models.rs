@@ -575,3 +575,80 @@ fn schemes_that_do_not_fit_the_model_are_named_errors() {
         "{err}"
     );
 }
+
+/// An f32 file whose matrices hold bf16 values (a bf16 checkpoint converted to f32, as
+/// most f32 files are) loads at half the bytes where the dense kernels run, computes
+/// the same logits, bit for bit, as the bf16 file it came from, and matches candle's
+/// f32 reference on the f32 file; and saving it writes f32 again.
+#[test]
+fn f32_files_of_bf16_values_load_at_half_the_bytes_with_the_same_logits() {
+    use afo_engine::{QuantizingSource, linear_weight_count, save_gguf};
+    use afo_quant::{QuantPolicy, QuantScheme};
+
+    let dir = tempfile::tempdir().unwrap();
+    let src = write_gguf(
+        dir.path(),
+        Extras {
+            arch: "llama",
+            qkv_bias: false,
+            qk_norm: false,
+            matrices: GgmlDType::BF16,
+            rope_freqs: false,
+        },
+    );
+    let bf16 = GgufFile::open(&src).unwrap().load_model().unwrap();
+    let policy = QuantPolicy::new(QuantScheme::F32);
+    let mut gguf = GgufFile::open(&src).unwrap();
+    let config = gguf.config().unwrap();
+    let total = linear_weight_count(config.num_layers, gguf.contains("output.weight"));
+    let converted = {
+        let mut q = QuantizingSource::new(&mut gguf, policy, total, |_| {});
+        Model::load(config, &mut q).unwrap()
+    };
+    let f32_path = dir.path().join("llama-f32.gguf");
+    save_gguf(&converted, &mut gguf, Some(&policy), &f32_path).unwrap();
+    let described = GgufFile::open(&f32_path).unwrap().describe();
+    assert!(
+        described.by_type.iter().all(|t| t.scheme == "F32"),
+        "{:?}",
+        described.by_type
+    );
+
+    let model = GgufFile::open(&f32_path).unwrap().load_model().unwrap();
+    let narrow = afo_quant::kernels::dense_packed_available();
+    for (name, layer) in model.linears() {
+        assert_eq!(layer.scheme(), QuantScheme::F32, "{name}");
+        let path = layer.kernel_path(1);
+        assert_eq!(path.starts_with("f32 as bf16 "), narrow, "{name}: {path}");
+    }
+    let f32_bytes = 2 * bf16.weight_bytes() - norms_bytes(&bf16);
+    if narrow {
+        assert_eq!(model.weight_bytes(), bf16.weight_bytes());
+    } else {
+        println!("f32 files of bf16 values: no AVX2/FMA/F16C here, so they stay f32 (checked)");
+        assert_eq!(model.weight_bytes(), f32_bytes);
+    }
+    let got = ours(&model, &STEPS);
+    if narrow {
+        assert_eq!(max_diff(&got, &ours(&bf16, &STEPS)), 0.0);
+    }
+    let (content, mut file) = reader(&f32_path);
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content,
+        &mut file,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let diff = max_diff(
+        &got,
+        &theirs(|x, p| reference.forward(x, p).unwrap(), &STEPS),
+    );
+    eprintln!("f32 file of bf16 values: max abs logit difference to candle {diff:.2e}");
+    assert!(diff < 1e-4, "{diff}");
+}
+
+/// The bytes of a model's vectors (norms), which are f32 in every file.
+fn norms_bytes(model: &Model) -> u64 {
+    let matrices: u64 = model.linears().iter().map(|(_, l)| l.bytes()).sum();
+    model.weight_bytes() - matrices
+}

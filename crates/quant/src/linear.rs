@@ -24,7 +24,9 @@ pub enum KernelChoice {
 
 /// `y = x · Wᵀ (+ b)` with `W` stored dense or quantized.
 ///
-/// - Dense f32/f16/bf16 weights use candle's matmul.
+/// - Dense f32/f16/bf16 weights use this crate's dense kernels ([`kernels::dense_gemm`]);
+///   an f32 weight whose every value is exactly a bf16 or an f16 (an upcast 16-bit
+///   checkpoint) is kept in that type, half the bytes, with bit-identical products.
 /// - GGML Q4_0, Q4_1 and Q8_0 weights use this crate's [`kernels`] (integer dot
 ///   products with run-time SIMD dispatch), straight from the GGUF bytes.
 /// - Other GGML types (the k-quants) use candle's quantized matmul.
@@ -43,6 +45,9 @@ pub struct QLinear {
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
+    /// A declared-f32 weight held in the 16-bit dtype that stores every value exactly
+    /// ([`exact_narrowing`]); computes as f32.
+    Narrowed(Tensor),
     Fast(GgmlWeights),
     Candle(QMatMul, GgmlDType),
     Int(IntWeights),
@@ -53,6 +58,9 @@ enum Weight {
 pub enum WeightData<'a> {
     /// Dense f32, f16 or bf16 `[out, in]`.
     Dense(&'a Tensor),
+    /// A dense f32 `[out, in]` weight held in the 16-bit dtype that stores every one
+    /// of its values exactly (bf16 or f16): its f32 values are `tensor.to_dtype(F32)`.
+    Narrowed(&'a Tensor),
     /// GGML blocks, as in a GGUF file.
     Ggml {
         /// The GGML type.
@@ -94,8 +102,12 @@ impl QLinear {
             ));
         }
         Self::check_bias(name, bias.as_ref(), out_features)?;
+        let weight = match exact_narrowing(&weight)? {
+            Some(narrow) => Weight::Narrowed(narrow),
+            None => Weight::Dense(weight),
+        };
         Ok(Self {
-            weight: Weight::Dense(weight),
+            weight,
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
             in_features,
             out_features,
@@ -130,7 +142,14 @@ impl QLinear {
         Self::check_bias(name, bias.as_ref(), out_features)?;
         let dtype = qtensor.dtype();
         let weight = match dtype {
-            GgmlDType::F32 => Weight::Dense(qtensor.dequantize(&candle_core::Device::Cpu)?),
+            GgmlDType::F32 => {
+                let w = qtensor.dequantize(&candle_core::Device::Cpu)?;
+                drop(qtensor);
+                match exact_narrowing(&w)? {
+                    Some(narrow) => Weight::Narrowed(narrow),
+                    None => Weight::Dense(w),
+                }
+            }
             GgmlDType::F16 => Weight::Dense(
                 qtensor
                     .dequantize(&candle_core::Device::Cpu)?
@@ -272,6 +291,7 @@ impl QLinear {
                         mins.extend_from_slice(w.mins());
                     }
                     (_, WeightData::Dense(t)) => dense.push(t)?,
+                    (_, WeightData::Narrowed(t)) => dense.push(&t.to_dtype(DType::F32)?)?,
                     (_, WeightData::Ggml { bytes: b, .. }) => bytes.extend_from_slice(&b),
                     (_, WeightData::Int(_)) => {
                         return Err(cannot("a block of rows was not converted".into()));
@@ -308,6 +328,7 @@ impl QLinear {
     pub fn weight_data(&self) -> Result<WeightData<'_>> {
         Ok(match &self.weight {
             Weight::Dense(w) => WeightData::Dense(w),
+            Weight::Narrowed(w) => WeightData::Narrowed(w),
             Weight::Fast(w) => WeightData::Ggml {
                 dtype: w.dtype().to_ggml(),
                 bytes: w.row_major_bytes()?,
@@ -350,6 +371,7 @@ impl QLinear {
     pub fn scheme(&self) -> QuantScheme {
         match &self.weight {
             Weight::Dense(w) => QuantScheme::from_dtype(w.dtype()).unwrap_or(QuantScheme::F32),
+            Weight::Narrowed(_) => QuantScheme::F32,
             Weight::Fast(w) => QuantScheme::Ggml(w.dtype().to_ggml()),
             Weight::Candle(_, t) => QuantScheme::Ggml(*t),
             Weight::Int(w) => QuantScheme::Int(w.format()),
@@ -369,9 +391,13 @@ impl QLinear {
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
             }
+            Weight::Narrowed(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
+                format!("f32 as {} dense {best}", w.dtype().as_str())
+            }
             Weight::Dense(w) if kernels::dense_packed_available() => {
                 format!("{} dense packed {best}", w.dtype().as_str())
             }
+            Weight::Narrowed(w) => format!("f32 as {} dense packed {best}", w.dtype().as_str()),
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
             Weight::Int(w) if kernels::prompt_runs_packed(best, rows) => {
@@ -384,7 +410,7 @@ impl QLinear {
     /// Bytes the weight and bias keep resident.
     pub fn bytes(&self) -> u64 {
         let weight = match &self.weight {
-            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Dense(w) | Weight::Narrowed(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Fast(w) => w.bytes().len(),
             Weight::Candle(_, t) => {
                 self.in_features * self.out_features / t.block_size() * t.type_size()
@@ -444,15 +470,23 @@ impl QLinear {
                 kernels::gemm_quantized(w.matrix(), &acts, &mut ys)?;
                 Tensor::from_vec(ys, out_dims, x.device())?
             }
-            Weight::Dense(w) => match dense_gemv(w, x, m, self.out_features, self.in_features)? {
-                Some(ys) => Tensor::from_vec(ys, out_dims, x.device())?,
-                None => {
-                    let x2 = x.reshape((m, self.in_features))?.to_dtype(w.dtype())?;
-                    x2.matmul(&w.t()?)?
-                        .to_dtype(DType::F32)?
-                        .reshape(out_dims)?
+            Weight::Dense(w) | Weight::Narrowed(w) => {
+                match dense_gemv(w, x, m, self.out_features, self.in_features)? {
+                    Some(ys) => Tensor::from_vec(ys, out_dims, x.device())?,
+                    None => {
+                        // candle multiplies in the weight's dtype: a narrowed weight
+                        // is widened back, so that its products stay f32 ones.
+                        let w = match &self.weight {
+                            Weight::Narrowed(w) => Cow::Owned(w.to_dtype(DType::F32)?),
+                            _ => Cow::Borrowed(w),
+                        };
+                        let x2 = x.reshape((m, self.in_features))?.to_dtype(w.dtype())?;
+                        x2.matmul(&w.t()?)?
+                            .to_dtype(DType::F32)?
+                            .reshape(out_dims)?
+                    }
                 }
-            },
+            }
             Weight::Candle(q, _) => {
                 let x2 = x.reshape((m, self.in_features))?.to_dtype(DType::F32)?;
                 q.forward(&x2)?.reshape(out_dims)?
@@ -612,7 +646,7 @@ impl QLinear {
                     &device,
                 )?)
             }
-            Weight::Dense(w) => {
+            Weight::Dense(w) | Weight::Narrowed(w) => {
                 let idx = Tensor::new(ids, w.device())?;
                 Ok(w.index_select(&idx, 0)?.to_dtype(DType::F32)?)
             }
@@ -665,7 +699,7 @@ impl QLinear {
     pub fn dequantize(&self) -> Result<Tensor> {
         let device = candle_core::Device::Cpu;
         Ok(match &self.weight {
-            Weight::Dense(w) => w.to_dtype(DType::F32)?,
+            Weight::Dense(w) | Weight::Narrowed(w) => w.to_dtype(DType::F32)?,
             Weight::Fast(w) => Tensor::from_vec(
                 w.dequantize()?,
                 (self.out_features, self.in_features),
@@ -681,6 +715,61 @@ impl QLinear {
                 &device,
             )?,
         })
+    }
+}
+
+/// The 16-bit copy of an f32 weight that holds every one of its values exactly, where
+/// this crate's dense kernels run every row count (AVX2, FMA and F16C:
+/// [`kernels::dense_packed_available`]); `None` for any other weight, or where a
+/// prompt would go to candle's GEMM, which would multiply in the narrow dtype.
+///
+/// A bf16 is the top half of an f32, so an f32 whose low 16 bits are all zero is a
+/// bf16 (a checkpoint published in bf16 and converted to f32, as most are); otherwise
+/// every value must come back from f16 with the same bits. The dense kernels widen
+/// each element to that same f32 before the same FMA chain, so every product, and
+/// every output, is bit-identical to the f32 weight's (tested), at half the bytes per
+/// decode step. The scan stops at the first value that does not fit.
+///
+/// # Errors
+/// When candle cannot build the narrowed tensor.
+fn exact_narrowing(w: &Tensor) -> Result<Option<Tensor>> {
+    if w.dtype() != DType::F32 || !kernels::dense_packed_available() {
+        return Ok(None);
+    }
+    let Ok((n_out, k)) = w.dims2() else {
+        return Ok(None);
+    };
+    const CHUNK: usize = 1 << 16;
+    let narrowed = in_place(w, |v: &[f32]| -> Option<DenseRows> {
+        let is_bf16 = |x: &f32| x.to_bits() & 0xffff == 0;
+        let is_f16 = |x: &f32| half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits();
+        if v.par_chunks(CHUNK).all(|c| c.iter().all(is_bf16)) {
+            let mut out = vec![half::bf16::ZERO; v.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(o, c)| {
+                    for (o, x) in o.iter_mut().zip(c) {
+                        *o = half::bf16::from_bits((x.to_bits() >> 16) as u16);
+                    }
+                });
+            Some(DenseRows::BF16(out))
+        } else if v.par_chunks(CHUNK).all(|c| c.iter().all(is_f16)) {
+            let mut out = vec![half::f16::ZERO; v.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(o, c)| {
+                    for (o, x) in o.iter_mut().zip(c) {
+                        *o = half::f16::from_f32(*x);
+                    }
+                });
+            Some(DenseRows::F16(out))
+        } else {
+            None
+        }
+    });
+    match narrowed {
+        Ok(Some(rows)) => Ok(Some(rows.into_tensor(n_out, k)?)),
+        Ok(None) | Err(_) => Ok(None),
     }
 }
 
@@ -1237,6 +1326,87 @@ mod tests {
                 matches!(best, kernels::Kernel::Avx2 | kernels::Kernel::Avx512Vnni),
                 "{prompt}"
             );
+        }
+    }
+
+    /// An f32 weight whose values are all bf16s (or f16s) is kept in that type: half
+    /// the bytes, still an f32 layer to every reader (scheme, rows, dequantize, the
+    /// data a file is written from), and the same bits out of `forward` as the dense
+    /// kernels give the f32 values. Any other f32 weight stays f32.
+    #[test]
+    fn an_f32_weight_of_16_bit_values_is_kept_narrow_with_the_same_results() {
+        let dev = Device::Cpu;
+        let (out, inp) = (96, 576);
+        let raw = data(out * inp, 5);
+        let narrow = kernels::dense_packed_available();
+        if !narrow {
+            println!(
+                "an_f32_weight_of_16_bit_values_is_kept_narrow: this CPU lacks AVX2/FMA/F16C, \
+                 so weights stay f32 (checked); the narrowed path is NOT TESTED here"
+            );
+        }
+        let cases: [(&str, Vec<f32>); 3] = [
+            (
+                "bf16",
+                raw.iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect(),
+            ),
+            (
+                "f16",
+                raw.iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect(),
+            ),
+            ("f32", raw.clone()),
+        ];
+        let best = kernels::Kernel::detect();
+        for (held, vals) in cases {
+            let held = if narrow { held } else { "f32" };
+            let w = Tensor::from_vec(vals.clone(), (out, inp), &dev).unwrap();
+            let q = QTensor::quantize(&w, GgmlDType::F32).unwrap();
+            for layer in [
+                QLinear::dense("w", w.clone(), None).unwrap(),
+                QLinear::from_qtensor("w", q, None).unwrap(),
+            ] {
+                assert_eq!(layer.scheme(), QuantScheme::F32, "{held}");
+                let per = if held == "f32" { 4 } else { 2 };
+                assert_eq!(layer.bytes(), (out * inp * per) as u64, "{held}");
+                let path = layer.kernel_path(1);
+                if held == "f32" {
+                    assert!(path.starts_with("f32 dense") || path.starts_with("f32 candle"));
+                } else {
+                    assert_eq!(path, format!("f32 as {held} dense {best}"));
+                }
+                match layer.weight_data().unwrap() {
+                    WeightData::Narrowed(t) => assert_eq!(t.dtype().as_str(), held),
+                    WeightData::Dense(t) => {
+                        assert_eq!((t.dtype(), held), (DType::F32, "f32"));
+                    }
+                    _ => panic!("{held}: not dense"),
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&values(&layer.dequantize().unwrap())), bits(&vals));
+                let rows = values(&layer.rows(&[3, 0]).unwrap());
+                let want: Vec<f32> = [3, 0]
+                    .iter()
+                    .flat_map(|&r| vals[r * inp..(r + 1) * inp].to_vec())
+                    .collect();
+                assert_eq!(bits(&rows), bits(&want), "{held}: rows");
+                if !narrow {
+                    continue;
+                }
+                // A decode row, a small batch and a prompt (the packed GEMM).
+                for m in [1, 3, 70] {
+                    let xs = data(m * inp, 11);
+                    let x = Tensor::from_vec(xs.clone(), (m, inp), &dev).unwrap();
+                    let y = values(&layer.forward(&x).unwrap());
+                    let mut want = vec![0f32; m * out];
+                    let wide = DenseMatrix::new(DenseData::F32(&vals), out, inp).unwrap();
+                    kernels::dense_gemm(wide, &xs, m, &mut want).unwrap();
+                    assert_eq!(bits(&y), bits(&want), "{held} m={m}");
+                }
+            }
         }
     }
 

@@ -681,6 +681,55 @@ fn dense_avx512_packed_equals_avx2_packed_bit_for_bit() {
     assert!(compared > 20_000, "{compared}");
 }
 
+/// An f32 matrix whose values are all bf16s (or f16s) gives the same bits through
+/// every dense kernel as the 16-bit matrix itself, for decode rows and prompts and any
+/// thread count: what lets a layer keep such a weight at half the bytes.
+#[test]
+fn dense_f32_of_16_bit_values_equals_the_16_bit_matrix_bit_for_bit() {
+    let mut compared = 0usize;
+    for kernel in available_kernels() {
+        for narrow in ["f16", "bf16"] {
+            for (i, &(n_out, k, m)) in [
+                (40, 17, 1),
+                (96, 576, 1),
+                (48, 1536, 3),
+                (70, 100, 4),
+                (45, 64, 9),
+                (150, 96, 70),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let (values, owned) = dense_case(narrow, n_out, k, 30 + i as u64);
+                let wide = DenseMatrix::new(DenseData::F32(&values), n_out, k).unwrap();
+                let w16 = DenseMatrix::new(owned.data(), n_out, k).unwrap();
+                let x = Rng(40 + i as u64).vec(m * k);
+                for threads in [1, 2] {
+                    let run = |w| {
+                        let mut y = vec![f32::NAN; m * n_out];
+                        pool(threads)
+                            .install(|| dense_gemm_with(kernel, w, &x, m, &mut y))
+                            .unwrap();
+                        y
+                    };
+                    let (a, b) = (run(wide), run(w16));
+                    for (j, (a, b)) in a.iter().zip(&b).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{kernel} {narrow} {n_out}x{k} m={m} t={threads} [{j}]: f32 {a} \
+                             vs {narrow} {b}"
+                        );
+                    }
+                    compared += a.len();
+                }
+            }
+        }
+    }
+    assert!(compared > 10_000, "{compared}");
+    report_kernel_coverage("dense f32 of 16-bit values");
+}
+
 #[test]
 fn dense_results_do_not_depend_on_the_thread_count() {
     // A decode batch (row kernel), a small batch and a prompt (packed GEMM; the prompt
