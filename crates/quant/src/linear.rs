@@ -142,14 +142,10 @@ impl QLinear {
         Self::check_bias(name, bias.as_ref(), out_features)?;
         let dtype = qtensor.dtype();
         let weight = match dtype {
-            GgmlDType::F32 => {
-                let w = qtensor.dequantize(&candle_core::Device::Cpu)?;
-                drop(qtensor);
-                match exact_narrowing(&w)? {
-                    Some(narrow) => Weight::Narrowed(narrow),
-                    None => Weight::Dense(w),
-                }
-            }
+            GgmlDType::F32 => match exact_narrowing_of(&qtensor, out_features, in_features)? {
+                Some(narrow) => Weight::Narrowed(narrow),
+                None => Weight::Dense(qtensor.dequantize(&candle_core::Device::Cpu)?),
+            },
             GgmlDType::F16 => Weight::Dense(
                 qtensor
                     .dequantize(&candle_core::Device::Cpu)?
@@ -733,43 +729,71 @@ impl QLinear {
 /// # Errors
 /// When candle cannot build the narrowed tensor.
 fn exact_narrowing(w: &Tensor) -> Result<Option<Tensor>> {
-    if w.dtype() != DType::F32 || !kernels::dense_packed_available() {
+    if w.dtype() != DType::F32 {
         return Ok(None);
     }
     let Ok((n_out, k)) = w.dims2() else {
         return Ok(None);
     };
-    const CHUNK: usize = 1 << 16;
-    let narrowed = in_place(w, |v: &[f32]| -> Option<DenseRows> {
-        let is_bf16 = |x: &f32| x.to_bits() & 0xffff == 0;
-        let is_f16 = |x: &f32| half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits();
-        if v.par_chunks(CHUNK).all(|c| c.iter().all(is_bf16)) {
-            let mut out = vec![half::bf16::ZERO; v.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(v.par_chunks(CHUNK))
-                .for_each(|(o, c)| {
-                    for (o, x) in o.iter_mut().zip(c) {
-                        *o = half::bf16::from_bits((x.to_bits() >> 16) as u16);
-                    }
-                });
-            Some(DenseRows::BF16(out))
-        } else if v.par_chunks(CHUNK).all(|c| c.iter().all(is_f16)) {
-            let mut out = vec![half::f16::ZERO; v.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(v.par_chunks(CHUNK))
-                .for_each(|(o, c)| {
-                    for (o, x) in o.iter_mut().zip(c) {
-                        *o = half::f16::from_f32(*x);
-                    }
-                });
-            Some(DenseRows::F16(out))
-        } else {
-            None
-        }
-    });
-    match narrowed {
+    match in_place(w, |v: &[f32]| narrowed_rows(v, |x| x.to_bits())) {
         Ok(Some(rows)) => Ok(Some(rows.into_tensor(n_out, k)?)),
         Ok(None) | Err(_) => Ok(None),
+    }
+}
+
+/// [`exact_narrowing`] of a GGUF f32 tensor, read from its bytes in place (no f32 copy
+/// of the matrix first).
+fn exact_narrowing_of(q: &QTensor, n_out: usize, k: usize) -> Result<Option<Tensor>> {
+    if q.dtype() != GgmlDType::F32 || !q.device().is_cpu() {
+        return Ok(None);
+    }
+    let data = q.data()?;
+    let (words, rest) = data.as_chunks::<4>();
+    if !rest.is_empty() || words.len() != n_out * k {
+        return Ok(None);
+    }
+    match narrowed_rows(words, |b| u32::from_ne_bytes(*b)) {
+        Some(rows) => Ok(Some(rows.into_tensor(n_out, k)?)),
+        None => Ok(None),
+    }
+}
+
+/// The values of `v` (f32s, as their bits) in bf16 or f16 when that type holds every
+/// one exactly, where the dense kernels run every row count; `None` otherwise. Parallel,
+/// and the scan stops at the first value that does not fit.
+fn narrowed_rows<T: Sync>(v: &[T], bits: impl Fn(&T) -> u32 + Sync) -> Option<DenseRows> {
+    const CHUNK: usize = 1 << 16;
+    if !kernels::dense_packed_available() {
+        return None;
+    }
+    let f32_of = |x: &T| f32::from_bits(bits(x));
+    let is_bf16 = |x: &T| bits(x) & 0xffff == 0;
+    let is_f16 = |x: &T| {
+        let f = f32_of(x);
+        half::f16::from_f32(f).to_f32().to_bits() == f.to_bits()
+    };
+    if v.par_chunks(CHUNK).all(|c| c.iter().all(is_bf16)) {
+        let mut out = vec![half::bf16::ZERO; v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(o, c)| {
+                for (o, x) in o.iter_mut().zip(c) {
+                    *o = half::bf16::from_bits((bits(x) >> 16) as u16);
+                }
+            });
+        Some(DenseRows::BF16(out))
+    } else if v.par_chunks(CHUNK).all(|c| c.iter().all(is_f16)) {
+        let mut out = vec![half::f16::ZERO; v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(o, c)| {
+                for (o, x) in o.iter_mut().zip(c) {
+                    *o = half::f16::from_f32(f32_of(x));
+                }
+            });
+        Some(DenseRows::F16(out))
+    } else {
+        None
     }
 }
 
