@@ -773,25 +773,11 @@ fn narrowed_rows<T: Sync>(v: &[T], bits: impl Fn(&T) -> u32 + Sync) -> Option<De
         half::f16::from_f32(f).to_f32().to_bits() == f.to_bits()
     };
     if v.par_chunks(CHUNK).all(|c| c.iter().all(is_bf16)) {
-        let mut out = vec![half::bf16::ZERO; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, c)| {
-                for (o, x) in o.iter_mut().zip(c) {
-                    *o = half::bf16::from_bits((bits(x) >> 16) as u16);
-                }
-            });
-        Some(DenseRows::BF16(out))
+        let top = |x: &T| half::bf16::from_bits((bits(x) >> 16) as u16);
+        Some(DenseRows::BF16(v.par_iter().map(top).collect()))
     } else if v.par_chunks(CHUNK).all(|c| c.iter().all(is_f16)) {
-        let mut out = vec![half::f16::ZERO; v.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|(o, c)| {
-                for (o, x) in o.iter_mut().zip(c) {
-                    *o = half::f16::from_f32(f32_of(x));
-                }
-            });
-        Some(DenseRows::F16(out))
+        let f16 = |x: &T| half::f16::from_f32(f32_of(x));
+        Some(DenseRows::F16(v.par_iter().map(f16).collect()))
     } else {
         None
     }
