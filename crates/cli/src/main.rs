@@ -12,6 +12,10 @@ struct Cli {
     /// Compute threads (default: the cores available to this process).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// The most capable kernels to run: `avx512vnni` (the default: the best this CPU
+    /// has), `avx2` (as on a CPU without AVX-512), or `scalar` (portable code only).
+    #[arg(long, global = true, value_name = "KERNEL")]
+    kernels: Option<afo_runtime::quant::kernels::Kernel>,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +73,10 @@ fn set_threads(threads: Option<usize>) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     set_threads(cli.threads);
+    if let Some(kernel) = cli.kernels {
+        // First thing, before any matrix product chooses its kernel.
+        afo_runtime::quant::kernels::limit_kernels(kernel);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

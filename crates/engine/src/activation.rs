@@ -57,11 +57,16 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs, within afo-quant's cap
+    /// ([`afo_quant::kernels::limit_kernels`]: AVX2 at most under an AVX2 cap, the
+    /// portable code under a scalar one).
     pub(crate) fn best() -> Self {
-        [Self::Avx512, Self::Avx2]
+        use afo_quant::kernels::{Kernel as Isa, kernel_limit};
+        let limit = kernel_limit();
+        [(Self::Avx512, Isa::Avx512Vnni), (Self::Avx2, Isa::Avx2)]
             .into_iter()
-            .find(|k| k.is_available())
-            .unwrap_or(Self::Portable)
+            .find(|(k, isa)| k.is_available() && *isa <= limit)
+            .map_or(Self::Portable, |(k, _)| k)
     }
 
     /// Whether this CPU runs the kernel.

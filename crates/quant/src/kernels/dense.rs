@@ -35,11 +35,12 @@ pub const DENSE_TILE_ROWS: usize = 4;
 /// activation rows; beyond it, it runs the packed GEMM.
 pub const DENSE_GEMV_MAX_ROWS: usize = 4;
 
-/// Whether [`dense_gemm`] has its packed GEMM on this CPU (AVX2, FMA and F16C) for more
-/// than [`DENSE_GEMV_MAX_ROWS`] rows; without it the many-row case runs the scalar
+/// Whether [`dense_gemm`] runs its packed GEMM for more than [`DENSE_GEMV_MAX_ROWS`]
+/// rows: the CPU has AVX2, FMA and F16C, and [`Kernel::detect`] chose a SIMD kernel
+/// (not capped at [`Kernel::Scalar`]); otherwise the many-row case runs the scalar
 /// reference.
 pub fn dense_packed_available() -> bool {
-    Kernel::Avx2.is_available()
+    Kernel::detect() >= Kernel::Avx2
 }
 
 /// The elements of a dense weight matrix, borrowed.

@@ -117,14 +117,15 @@ impl Kernel {
     /// Every kernel, slowest first.
     pub const ALL: [Kernel; 3] = [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512Vnni];
 
-    /// The fastest kernel this CPU runs (detected once, then cached).
+    /// The fastest kernel this CPU runs, at most [`kernel_limit`] (chosen once, then
+    /// cached).
     pub fn detect() -> Kernel {
-        static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| {
+            let limit = kernel_limit();
             Kernel::ALL
                 .into_iter()
                 .rev()
-                .find(|k| k.is_available())
+                .find(|k| k.is_available() && *k <= limit)
                 .unwrap_or(Kernel::Scalar)
         })
     }
@@ -137,6 +138,27 @@ impl Kernel {
             Kernel::Avx512Vnni => has_avx512_vnni(),
         }
     }
+}
+
+/// The kernel [`Kernel::detect`] chose, once.
+static BEST: OnceLock<Kernel> = OnceLock::new();
+/// The most capable kernel this process may choose ([`limit_kernels`]).
+static LIMIT: OnceLock<Kernel> = OnceLock::new();
+
+/// Caps the kernels this process runs at `kernel`: [`Kernel::detect`] then picks the
+/// fastest the CPU has up to it, and the code that follows this crate's choice (the
+/// engine's attention and activations) does the same. For timing one path against
+/// another on one machine, or running as a CPU without AVX-512 (`afo --kernels avx2`).
+///
+/// The choice is made once: the cap takes effect only before the first
+/// [`Kernel::detect`], and only the first cap counts. Returns whether this call set it.
+pub fn limit_kernels(kernel: Kernel) -> bool {
+    BEST.get().is_none() && LIMIT.set(kernel).is_ok()
+}
+
+/// The cap of [`limit_kernels`]; [`Kernel::Avx512Vnni`] (no cap) when none was set.
+pub fn kernel_limit() -> Kernel {
+    LIMIT.get().copied().unwrap_or(Kernel::Avx512Vnni)
 }
 
 #[cfg(target_arch = "x86_64")]

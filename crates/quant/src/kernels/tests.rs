@@ -949,3 +949,14 @@ fn panel_kernel_matches_reference_and_each_row_alone() {
     }
     assert!(checked > 50_000, "{checked}");
 }
+
+/// Once a kernel is chosen, a later cap is refused and changes nothing: the choice is
+/// made once per process.
+#[test]
+fn a_cap_after_the_choice_is_refused() {
+    let chosen = Kernel::detect();
+    assert!(!limit_kernels(Kernel::Scalar));
+    assert_eq!(Kernel::detect(), chosen);
+    assert_eq!(kernel_limit(), Kernel::Avx512Vnni);
+    assert!(chosen.is_available());
+}

@@ -1,0 +1,87 @@
+//! `afo --kernels`: capping the kernels a run chooses, as `afo bench` reports them, on
+//! the real model.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The real test model; fails the test (never skips it) when missing.
+fn smollm2() -> PathBuf {
+    let dir = std::env::var_os("AFO_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
+        path.display()
+    );
+    path
+}
+
+fn bench(kernels: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_afo"));
+    if let Some(k) = kernels {
+        c.args(["--kernels", k]);
+    }
+    c.args(["--threads", "2", "bench", "--model"])
+        .arg(smollm2())
+        .args(["--rounds", "1", "--prompt", "8", "--generate", "4"]);
+    c.output().unwrap()
+}
+
+/// The `decode kernels:` line of a bench run, after checking that it succeeded.
+fn decode_line(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "status {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().find(|l| l.starts_with("decode kernels:"));
+    assert!(line.is_some(), "no decode kernels line in:\n{stdout}");
+    line.unwrap().to_owned()
+}
+
+#[test]
+fn the_cap_chooses_the_kernels_and_the_default_takes_the_best() {
+    let scalar = decode_line(&bench(Some("scalar")));
+    assert!(scalar.contains("q4_1 scalar"), "{scalar}");
+    let best = decode_line(&bench(None));
+    let have_avx2 = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    let have_vnni = have_avx2
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni");
+    if have_avx2 {
+        let avx2 = decode_line(&bench(Some("avx2")));
+        assert!(avx2.contains("q4_1 avx2"), "{avx2}");
+        assert!(!avx2.contains("avx512"), "{avx2}");
+    } else {
+        println!("--kernels avx2: NOT TESTED on this CPU (it lacks AVX2, FMA or F16C)");
+    }
+    let expected = if have_vnni {
+        "q4_1 avx512vnni panels"
+    } else if have_avx2 {
+        "q4_1 avx2"
+    } else {
+        "q4_1 scalar"
+    };
+    assert!(best.contains(expected), "{best}");
+}
+
+#[test]
+fn an_unknown_kernel_is_a_clear_error() {
+    let out = bench(Some("neon"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--kernels") && stderr.contains("neon"),
+        "{stderr}"
+    );
+}
