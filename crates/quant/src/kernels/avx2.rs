@@ -172,6 +172,10 @@ pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
 /// `rb` bytes apart), `nb` blocks each.
 ///
 /// # Safety
+/// How far ahead of its loads the register tile prefetches weight bytes (as the
+/// AVX-512 panels and the dense rows do).
+const PREFETCH: usize = 8192;
+
 /// `w` points to `NR` whole rows of `nb` blocks of format `F`; rows `r0..r0 + MR` of
 /// `a` exist and have at least `nb` blocks.
 #[inline]
@@ -199,6 +203,9 @@ unsafe fn tile<const F: u8, const MR: usize, const NR: usize>(
             // SAFETY: block b of weight row j is inside the rows the caller vouched for.
             unsafe {
                 let p = w.add(j * rb + b * bb);
+                // The bytes PREFETCH ahead (the rows after these): a decode step
+                // streams every weight once, from memory.
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
                 (dw[j], mw[j]) = scales::<F>(p);
                 wq[j] = quants::<F>(p);
             }
