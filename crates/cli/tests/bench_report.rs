@@ -4,6 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::smollm2;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -17,20 +21,6 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/bench")
         .join(name)
-}
-
-/// The real test model; fails the test (never skips it) when missing.
-fn smollm2() -> PathBuf {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    path
 }
 
 fn text(out: &Output) -> String {

@@ -5,9 +5,13 @@
 // Helpers outside `#[test]` functions unwrap too: a failure is a test failure.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::smollm2;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
@@ -21,19 +25,6 @@ fn afo(cache: &Path) -> Command {
         .env_remove("HF_HUB_OFFLINE")
         .env_remove("HF_ENDPOINT");
     c
-}
-
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("AFO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh (or set AFO_MODEL_DIR)",
-        path.display()
-    );
-    path
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -280,7 +271,7 @@ fn small(name: &str, bytes: &[u8], lfs: bool) -> HubFile {
 
 #[test]
 fn a_cut_download_resumes_and_the_pulled_gguf_generates() {
-    let gguf = std::fs::read(model_path()).unwrap();
+    let gguf = std::fs::read(smollm2()).unwrap();
     let name = "SmolLM2-135M-Instruct.Q4_1.gguf";
     let repo = "TestOrg/SmolLM2-GGUF";
     let hub = Hub::start(
