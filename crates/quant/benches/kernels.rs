@@ -55,8 +55,8 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// What to time on a GGML matrix: every kernel this CPU runs on the row-major weights,
-/// then (`avx512vnni-panels`) the AVX-512 VNNI kernel on the weights in panels, the
-/// layout the runtime loads on such a CPU.
+/// then (`avx512vnni-panels`, `avx2-panels`) each kernel that reads this format in
+/// panels on the weights in panels, the layout the runtime loads for it.
 fn ggml_variants<'a>(
     rows: &'a GgmlWeights,
     panels: Option<&'a GgmlWeights>,
@@ -66,9 +66,22 @@ fn ggml_variants<'a>(
         .map(|k| (k.to_string(), k, rows))
         .collect();
     if let Some(p) = panels {
-        v.push(("avx512vnni-panels".to_owned(), Kernel::Avx512Vnni, p));
+        for k in kernels::available_kernels() {
+            let reads = rows.clone().for_kernel(k).is_ok_and(|w| w.in_panels());
+            if reads {
+                v.push((format!("{k}-panels"), k, p));
+            }
+        }
     }
     v
+}
+
+/// The weights in panels of sixteen rows, where some kernel of this CPU reads them.
+fn panels_of(weights: &GgmlWeights) -> Option<GgmlWeights> {
+    let read = kernels::available_kernels()
+        .into_iter()
+        .any(|k| weights.clone().for_kernel(k).is_ok_and(|w| w.in_panels()));
+    read.then(|| weights.clone().into_panels().expect("panels"))
 }
 
 fn threads() -> usize {
@@ -89,10 +102,8 @@ fn bench_kernels(c: &mut Criterion) {
         let w = Tensor::from_vec(data(n_out * k, 1), (n_out, k), &Device::Cpu).expect("tensor");
         let qt = QTensor::quantize(&w, dtype.to_ggml()).expect("quantize");
         let weights = GgmlWeights::from_qtensor(&qt).expect("weights");
-        // The layout the runtime loads for AVX-512 VNNI: panels of sixteen rows.
-        let panels = Kernel::Avx512Vnni
-            .is_available()
-            .then(|| weights.clone().into_panels().expect("panels"));
+        // The layout the runtime loads for the kernels that read panels.
+        let panels = panels_of(&weights);
         let qmm = QMatMul::from_qtensor(qt).expect("qmatmul");
         for m in [1usize, 4, 64] {
             let mut group = c.benchmark_group(format!("{dtype}_k{k}_n{n_out}_m{m}"));
@@ -305,9 +316,7 @@ fn bench_prefill(c: &mut Criterion) {
             let w = Tensor::from_vec(data(n_out * k, 1), (n_out, k), &Device::Cpu).expect("tensor");
             let qt = QTensor::quantize(&w, dtype.to_ggml()).expect("quantize");
             let weights = GgmlWeights::from_qtensor(&qt).expect("weights");
-            let panels = Kernel::Avx512Vnni
-                .is_available()
-                .then(|| weights.clone().into_panels().expect("panels"));
+            let panels = panels_of(&weights);
             let qmm = QMatMul::from_qtensor(qt).expect("qmatmul");
             let mut group = c.benchmark_group(format!("prefill_{dtype}_k{k}_n{n_out}_m{m}"));
             group.throughput(Throughput::Elements((m * n_out * k) as u64));

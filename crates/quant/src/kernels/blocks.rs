@@ -288,8 +288,8 @@ impl<'a> GgmlMatrix<'a> {
         })
     }
 
-    /// Whether the bytes are in panels of sixteen rows (read only by the AVX-512 VNNI
-    /// kernel) rather than row-major.
+    /// Whether the bytes are in panels of sixteen rows (read by the AVX-512 VNNI
+    /// kernel, and for Q4_0 and Q4_1 by the AVX2 one) rather than row-major.
     pub fn in_panels(&self) -> bool {
         self.panels
     }
@@ -423,15 +423,16 @@ impl GgmlWeights {
     }
 
     /// The weights in the layout `kernel` reads fastest: repacked into panels of
-    /// sixteen rows for [`Kernel::Avx512Vnni`] when `n_out` is a multiple of 16
-    /// (the same bytes, reordered: see [`GgmlMatrix::in_panels`]), otherwise unchanged.
-    /// Panels are read by that kernel only; [`gemm_with`](super::gemm_with) with
-    /// another kernel refuses them.
+    /// sixteen rows when `n_out` is a multiple of 16 and the kernel reads this format
+    /// in panels ([`Kernel::Avx512Vnni`] every format, [`Kernel::Avx2`] Q4_0 and Q4_1;
+    /// the same bytes, reordered: see [`GgmlMatrix::in_panels`]), otherwise unchanged.
+    /// [`gemm_with`](super::gemm_with) with a kernel that does not read them refuses
+    /// panels.
     ///
     /// # Errors
     /// Only on a broken invariant of the stored bytes (their length).
     pub fn for_kernel(self, kernel: Kernel) -> Result<Self> {
-        if self.panels || !super::panels::chosen_for(kernel, self.n_out) {
+        if self.panels || !super::panels::chosen_for(kernel, self.dtype, self.n_out) {
             return Ok(self);
         }
         self.into_panels()
@@ -497,7 +498,7 @@ impl GgmlWeights {
         };
         let data = qtensor.data()?;
         GgmlMatrix::new(dtype, n_out, k, &data)?;
-        if super::panels::chosen_for(kernel, n_out) {
+        if super::panels::chosen_for(kernel, dtype, n_out) {
             let bytes = super::panels::from_rows(dtype, n_out, k, &data)?;
             return Ok(Self {
                 dtype,

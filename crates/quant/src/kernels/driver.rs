@@ -69,6 +69,12 @@ fn range_fn(kernel: Kernel, dtype: WeightDType, panels: bool) -> RangeFn {
             WeightDType::Q8_0 => super::avx512::range::<F_Q8_0>,
         },
         #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if panels => match dtype {
+            WeightDType::Q4_1 => super::panels::range_avx2::<F_Q4_1>,
+            // Q8_0 is never in panels for AVX2 (`check` refuses it before this runs).
+            _ => super::panels::range_avx2::<F_Q4_0>,
+        },
+        #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => match dtype {
             WeightDType::Q4_0 => super::avx2::range::<F_Q4_0>,
             WeightDType::Q4_1 => super::avx2::range::<F_Q4_1>,
@@ -96,8 +102,11 @@ fn check(kernel: Kernel, w: &GgmlMatrix<'_>, acts: &QuantizedActs, y: &[f32]) ->
     if !kernel.is_available() {
         return Err(Error::KernelUnavailable { kernel });
     }
-    if w.in_panels() && kernel != Kernel::Avx512Vnni {
-        return Err(Error::PanelsNeedVnni { kernel });
+    if w.in_panels() && !super::panels::readable_by(kernel, w.dtype()) {
+        return Err(Error::PanelsUnreadable {
+            kernel,
+            dtype: w.dtype(),
+        });
     }
     if acts.k() != w.k() || acts.blocks() != w.blocks_per_row() {
         return Err(Error::InnerDimensionMismatch {

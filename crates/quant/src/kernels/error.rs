@@ -61,11 +61,13 @@ pub enum Error {
     /// Weights repacked in panels of sixteen rows were given to a kernel that reads
     /// row-major blocks.
     #[error(
-        "these weights are repacked in 16-row panels, which only the AVX-512 VNNI kernel reads; kernel {kernel} needs row-major blocks"
+        "these {dtype} weights are repacked in 16-row panels, which kernel {kernel} does not read (AVX-512 VNNI reads every format's, AVX2 Q4_0's and Q4_1's); it needs row-major blocks"
     )]
-    PanelsNeedVnni {
+    PanelsUnreadable {
         /// The kernel that was requested.
         kernel: Kernel,
+        /// The weights' format.
+        dtype: WeightDType,
     },
     /// Activations quantized for one inner dimension were used with weights of another.
     #[error("activations have k = {acts_k}, weights ({dtype}) have k = {weights_k}")]

@@ -24,7 +24,7 @@ use std::ops::Range;
 use super::acts::ActsView;
 use super::avx2::{quants, scales};
 use super::blocks::GgmlMatrix;
-use super::driver::F_Q8_0;
+use super::driver::{F_Q4_0, F_Q4_1, F_Q8_0};
 use super::packed_vnni::{self, PANEL16};
 
 /// Output columns per panel (one 32-bit lane each).
@@ -45,17 +45,29 @@ pub(super) fn takes_packed(m: usize, independent: bool) -> bool {
 /// Activation rows that share each weight vector loaded.
 const MR: usize = 4;
 
-/// One panel, unpacked: what [`run_panels`] fills from each format's blocks and reads.
-struct Panel {
+/// One panel, unpacked: what [`run_panels`] fills from each format's blocks (and the
+/// AVX2 prompt kernel of [`super::panels`] from a stored panel's half) and reads.
+pub(super) struct Panel {
     /// `nb x 8` vectors: block `b`, group `g` at `b * 8 + g`.
-    q: Vec<__m256i>,
+    pub(super) q: Vec<__m256i>,
     /// `nb` vectors of the eight rows' scales.
-    d: Vec<__m256>,
-    /// `nb` vectors of the eight rows' minimums (Q4_1 `m`, Q4_0 `-8 d`; unused for Q8_0).
-    min: Vec<__m256>,
+    pub(super) d: Vec<__m256>,
+    /// `nb` vectors of the eight rows' minimums (Q4_1 `m`, Q4_0 `-8 d`; unused for Q8_0
+    /// and, for Q4_0, by [`panel_rows`] with the offset arithmetic).
+    pub(super) min: Vec<__m256>,
 }
 
 impl Panel {
+    /// A panel of `nb` blocks, zeroed.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn new(nb: usize) -> Self {
+        Self {
+            q: vec![_mm256_setzero_si256(); nb * 8],
+            d: vec![_mm256_setzero_ps(); nb],
+            min: vec![_mm256_setzero_ps(); nb],
+        }
+    }
+
     /// Sets block `b` from the eight rows' quants (`v[j]`: the 32 elements of row `j`
     /// in order, as bytes), scales and minimums.
     #[inline]
@@ -100,11 +112,7 @@ pub(super) unsafe fn run_panels<const F: u8>(
     out: &mut [f32],
     ld: usize,
 ) {
-    let mut panel = Panel {
-        q: vec![_mm256_setzero_si256(); nb * 8],
-        d: vec![_mm256_setzero_ps(); nb],
-        min: vec![_mm256_setzero_ps(); nb],
-    };
+    let mut panel = Panel::new(nb);
     let mut c = cols.start;
     while c + PANEL <= cols.end {
         for b in 0..nb {
@@ -116,22 +124,47 @@ pub(super) unsafe fn run_panels<const F: u8>(
             }
             panel.set(b, v, &d, &mn);
         }
-        let cc = c - cols.start;
-        let mut r = 0;
-        while r < m {
-            // SAFETY: activation rows r..r + mr are below m, and the output rows hold
-            // columns cc..cc + 8 (the caller's bounds).
-            unsafe {
-                match m - r {
-                    1 => rows::<F, 1>(&panel, a, r, nb, out, ld, cc),
-                    2 => rows::<F, 2>(&panel, a, r, nb, out, ld, cc),
-                    3 => rows::<F, 3>(&panel, a, r, nb, out, ld, cc),
-                    _ => rows::<F, MR>(&panel, a, r, nb, out, ld, cc),
-                }
-            }
-            r += MR;
-        }
+        // SAFETY: the caller's bounds: rows 0..m of `a`, columns cc..cc + 8 of `out`.
+        unsafe { panel_rows::<F, false>(&panel, a, m, nb, out, ld, c - cols.start) };
         c += PANEL;
+    }
+}
+
+/// Every activation row `r < m` against the unpacked `panel` of `nb` blocks: eight
+/// columns each, at `out[r * ld + cc..][..8]`. With `OFFSET` (Q4_0 and Q4_1 only) the
+/// arithmetic of [`super::panels`]: Q4_0 takes `8 x sum(q_x)` from the block's
+/// integer sum instead of adding `-8 d x d_x x sum(q_x)` as a float, and Q4_1 sums its
+/// minimums' terms apart and adds them at the end, so each output equals the panel
+/// kernels' bit for bit.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; rows `0..m` of `a` exist with at least `nb` blocks,
+/// scales and sums; the panel holds `nb` blocks; `out` holds `(m - 1) * ld + cc + 8`
+/// floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn panel_rows<const F: u8, const OFFSET: bool>(
+    panel: &Panel,
+    a: &ActsView<'_>,
+    m: usize,
+    nb: usize,
+    out: &mut [f32],
+    ld: usize,
+    cc: usize,
+) {
+    let mut r = 0;
+    while r < m {
+        // SAFETY: activation rows r..r + mr are below m, and the output rows hold
+        // columns cc..cc + 8 (the caller's bounds).
+        unsafe {
+            match m - r {
+                1 => rows::<F, 1, OFFSET>(panel, a, r, nb, out, ld, cc),
+                2 => rows::<F, 2, OFFSET>(panel, a, r, nb, out, ld, cc),
+                3 => rows::<F, 3, OFFSET>(panel, a, r, nb, out, ld, cc),
+                _ => rows::<F, MR, OFFSET>(panel, a, r, nb, out, ld, cc),
+            }
+        }
+        r += MR;
     }
 }
 
@@ -246,7 +279,7 @@ pub(super) fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // i indexes several arrays at once
-unsafe fn rows<const F: u8, const R: usize>(
+unsafe fn rows<const F: u8, const R: usize, const OFFSET: bool>(
     panel: &Panel,
     a: &ActsView<'_>,
     r0: usize,
@@ -257,6 +290,7 @@ unsafe fn rows<const F: u8, const R: usize>(
 ) {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
+    let mut accm = [_mm256_setzero_ps(); R];
     let dptr = a.d.as_ptr();
     let dsptr = a.ds.as_ptr();
     let q = panel.q.as_ptr();
@@ -288,19 +322,31 @@ unsafe fn rows<const F: u8, const R: usize>(
             let idx = (r0 + i) * a.stride + b;
             // SAFETY: the scales hold `stride` entries per row (checked by the caller).
             let (dx, dsx) = unsafe { (*dptr.add(idx), *dsptr.add(idx)) };
-            let s32 = if F == F_Q8_0 {
+            let mut s32 = if F == F_Q8_0 {
                 s[i]
             } else {
                 _mm256_madd_epi16(s[i], ones)
             };
+            if OFFSET && F == F_Q4_0 {
+                // SAFETY: the sums hold `stride` entries per row, as the scales.
+                let sx = unsafe { *a.sums.as_ptr().add(idx) };
+                s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * sx));
+            }
             acc[i] = _mm256_fmadd_ps(
                 _mm256_cvtepi32_ps(s32),
                 _mm256_mul_ps(dw, _mm256_set1_ps(dx)),
                 acc[i],
             );
-            if F != F_Q8_0 {
+            if OFFSET && F == F_Q4_1 {
+                accm[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dsx), accm[i]);
+            } else if !OFFSET && F != F_Q8_0 {
                 acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dsx), acc[i]);
             }
+        }
+    }
+    if OFFSET && F == F_Q4_1 {
+        for i in 0..R {
+            acc[i] = _mm256_add_ps(acc[i], accm[i]);
         }
     }
     for i in 0..R {

@@ -59,9 +59,22 @@ pub(super) fn fits(n_out: usize) -> bool {
     n_out > 0 && n_out.is_multiple_of(PANEL_ROWS)
 }
 
-/// Whether weights of `n_out` rows are kept in panels when `kernel` runs them.
-pub(super) fn chosen_for(kernel: super::Kernel, n_out: usize) -> bool {
-    kernel == super::Kernel::Avx512Vnni && fits(n_out)
+/// Whether `kernel` reads weights of `dtype` in panels: AVX-512 VNNI every format;
+/// AVX2 the 4-bit ones (`vpmaddubsw` takes the nibbles as its unsigned operand, but a
+/// Q8_0 quant stored plus 128 times an activation byte would saturate its 16-bit pair
+/// sums, so Q8_0 stays row-major there).
+pub(super) fn readable_by(kernel: super::Kernel, dtype: WeightDType) -> bool {
+    match kernel {
+        super::Kernel::Avx512Vnni => true,
+        super::Kernel::Avx2 => !matches!(dtype, WeightDType::Q8_0),
+        super::Kernel::Scalar => false,
+    }
+}
+
+/// Whether weights of `dtype` with `n_out` rows are kept in panels when `kernel` runs
+/// them.
+pub(super) fn chosen_for(kernel: super::Kernel, dtype: WeightDType, n_out: usize) -> bool {
+    readable_by(kernel, dtype) && fits(n_out)
 }
 
 /// Where row `j` of a panel keeps, in its chunk of one block, the f16 field `f` of its
@@ -251,7 +264,7 @@ pub(super) fn to_rows(
 const _: () = assert!(BLOCK_ELEMS == 32);
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use simd::range;
+pub(super) use simd::{range, range_avx2};
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
@@ -262,6 +275,7 @@ mod simd {
     use super::super::acts::ActsView;
     use super::super::blocks::GgmlMatrix;
     use super::super::driver::{F_Q4_0, F_Q4_1, F_Q8_0, check_range};
+    use super::super::packed;
     use super::{PANEL_ROWS, header_bytes};
 
     /// How far ahead of its loads the kernel prefetches weight bytes.
@@ -439,6 +453,253 @@ mod simd {
         if F == F_Q4_1 {
             for i in 0..N {
                 acc[i] = _mm512_add_ps(acc[i], accm[i]);
+            }
+        }
+        acc
+    }
+
+    /// Rows of activations that share each weight vector loaded, on AVX2 (sixteen
+    /// registers: two accumulators per row, one sum per row, the weights and the
+    /// broadcasts).
+    const MR_AVX2: usize = 4;
+
+    /// [`range`] on AVX2, for Q4_0 and Q4_1 panels: each 64-byte vector of a panel is
+    /// two 256-bit halves (rows 0-7, rows 8-15), and `vpmaddubsw` (nibbles as the
+    /// unsigned operand) + `vpmaddwd` take the place of `vpdpbusd`. A block's sixteen
+    /// nibble products per lane are summed in 16 bits (at most `16 x 15 x 127 =
+    /// 30,480`, activations never reach -128) and widened once, so each block's integer
+    /// sum is exactly the one `vpdpbusd` gives, and the scales apply in the same order:
+    /// every output equals the AVX-512 panel kernel's bit for bit (tested). Does nothing
+    /// (and asserts in debug builds) if the CPU lacks AVX2, the format is Q8_0, the
+    /// matrix is not in panels or the bounds do not hold.
+    pub(in super::super) fn range_avx2<const F: u8>(
+        w: GgmlMatrix<'_>,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let ok = Kernel::Avx2.is_available()
+            && F != F_Q8_0
+            && w.in_panels()
+            && cols.start.is_multiple_of(PANEL_ROWS)
+            && cols.end.is_multiple_of(PANEL_ROWS)
+            && check_range(&w, &a, m, &cols, out, ld);
+        if !ok {
+            debug_assert!(
+                false,
+                "AVX2 panel kernel called without AVX2 or out of bounds"
+            );
+            return;
+        }
+        // SAFETY: the CPU has every feature `range_avx2_impl` enables (checked above),
+        // and the bounds hold.
+        unsafe { range_avx2_impl::<F>(w, a, m, cols, out, ld) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn range_avx2_impl<const F: u8>(
+        w: GgmlMatrix<'_>,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let nb = w.blocks_per_row();
+        let rb = w.row_bytes();
+        let base = w.bytes().as_ptr();
+        let prompt = packed::takes_packed(m, a.independent);
+        let mut scratch = if prompt {
+            Some(packed::Panel::new(nb))
+        } else {
+            None
+        };
+        let mut c = cols.start;
+        while c < cols.end {
+            // SAFETY: rows c..c + 16 are within n_out (a panel of the checked matrix).
+            let p = unsafe { base.add(c * rb) };
+            let cc = c - cols.start;
+            if let Some(panel) = scratch.as_mut() {
+                // A prompt: each half of the panel unpacked once into L1 (nibbles to
+                // bytes; already one row per lane, no transpose), then every activation
+                // row streams past it, with the arithmetic of the kernel below.
+                for h in 0..2 {
+                    // SAFETY: the panel at p holds nb blocks; rows 0..m of `a` and
+                    // columns cc + 8h..cc + 8h + 8 of `out` exist (checked).
+                    unsafe {
+                        unpack_half::<F>(p, h, nb, panel);
+                        packed::panel_rows::<F, true>(panel, &a, m, nb, out, ld, cc + HALF * h);
+                    }
+                }
+                c += PANEL_ROWS;
+                continue;
+            }
+            let mut r = 0;
+            while r < m {
+                let mr = (m - r).min(MR_AVX2);
+                // SAFETY: activation rows r..r + mr exist (checked); the panel lies
+                // inside the weight bytes.
+                for h in 0..2 {
+                    let c = cc + HALF * h;
+                    unsafe {
+                        match mr {
+                            4 => store_avx2(panel_avx2::<F, 4>(p, h, &a, r, nb), out, ld, r, c),
+                            3 => store_avx2(panel_avx2::<F, 3>(p, h, &a, r, nb), out, ld, r, c),
+                            2 => store_avx2(panel_avx2::<F, 2>(p, h, &a, r, nb), out, ld, r, c),
+                            _ => store_avx2(panel_avx2::<F, 1>(p, h, &a, r, nb), out, ld, r, c),
+                        }
+                    }
+                }
+                r += mr;
+            }
+            c += PANEL_ROWS;
+        }
+    }
+
+    /// Writes eight results per row at row `r`, column `cc` (the panel's half).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store_avx2<const N: usize>(v: [__m256; N], out: &mut [f32], ld: usize, r: usize, cc: usize) {
+        for (i, v) in v.iter().enumerate() {
+            let at = (r + i) * ld + cc;
+            if let Some(dst) = out.get_mut(at..at + HALF) {
+                // SAFETY: `dst` holds eight floats.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), *v) };
+            }
+        }
+    }
+
+    /// Rows per half panel (one 32-bit lane of a 256-bit register each).
+    const HALF: usize = PANEL_ROWS / 2;
+
+    /// Unpacks half `h` (rows `8h..8h + 8`) of the Q4 panel at `p` into `out`: per
+    /// block, the low nibbles of vector `g` are group `g`, the high ones group `g + 4`.
+    ///
+    /// # Safety
+    /// `p` points to a whole panel of `nb` blocks of format `F` (Q4_0 or Q4_1), `h` is
+    /// 0 or 1, and `out` was made for `nb` blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack_half<const F: u8>(p: *const u8, h: usize, nb: usize, out: &mut packed::Panel) {
+        let wt = super::dtype_of(F);
+        let chunk = PANEL_ROWS * wt.block_bytes();
+        let hb = header_bytes(wt);
+        let low = _mm256_set1_epi8(0x0F);
+        for b in 0..nb {
+            // SAFETY: block b of the panel is inside it (b < nb).
+            let blk = unsafe { p.add(b * chunk) };
+            if let (Some(q), Some(d), Some(mn)) = (
+                out.q.get_mut(b * 8..b * 8 + 8),
+                out.d.get_mut(b),
+                out.min.get_mut(b),
+            ) {
+                for g in 0..4 {
+                    // SAFETY: four 64-byte vectors of nibbles follow the header.
+                    let raw = unsafe { _mm256_loadu_si256(blk.add(hb + 64 * g + 32 * h).cast()) };
+                    q[g] = _mm256_and_si256(raw, low);
+                    q[g + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                }
+                // SAFETY: the sixteen f16 scales open the header, the Q4_1 minimums
+                // follow.
+                unsafe {
+                    *d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h).cast()));
+                    if F == F_Q4_1 {
+                        *mn = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h).cast()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The eight dot products of half `h` (rows `8h..8h + 8`) of the Q4 panel at `p`
+    /// with activation rows `r0..r0 + N`, `nb` blocks each.
+    ///
+    /// # Safety
+    /// `p` points to a whole panel of `nb` blocks of format `F` (Q4_0 or Q4_1), `h` is
+    /// 0 or 1; rows `r0..r0 + N` of `a` exist with at least `nb` blocks, scales and
+    /// sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::needless_range_loop)] // i indexes several arrays at once
+    unsafe fn panel_avx2<const F: u8, const N: usize>(
+        p: *const u8,
+        h: usize,
+        a: &ActsView<'_>,
+        r0: usize,
+        nb: usize,
+    ) -> [__m256; N] {
+        let wt = super::dtype_of(F);
+        let chunk = PANEL_ROWS * wt.block_bytes();
+        let hb = header_bytes(wt);
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut accm = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            // SAFETY: block b of the panel is inside it (b < nb).
+            let blk = unsafe { p.add(b * chunk) };
+            // Ask for the bytes PREFETCH ahead while the first pass streams the panel;
+            // later rows and the second half find it in cache.
+            if r0 == 0 && h == 0 {
+                let mut at = 0;
+                while at < chunk {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + at).cast());
+                    at += 64;
+                }
+            }
+            let mut x = [std::ptr::null::<i32>(); N];
+            for i in 0..N {
+                x[i] = a.block_ptr(r0 + i, b).cast::<i32>();
+            }
+            let mut s = [_mm256_setzero_si256(); N];
+            for g in 0..4 {
+                // SAFETY: four 64-byte vectors of nibbles follow the header; this half
+                // is 32 bytes of each.
+                let raw = unsafe { _mm256_loadu_si256(blk.add(hb + 64 * g + 32 * h).cast()) };
+                // The low nibbles are group g of the eight rows, the high ones group
+                // g + 4; one at a time keeps the registers for the activation rows.
+                for (gg, w) in [
+                    (g, _mm256_and_si256(raw, low)),
+                    (g + 4, _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low)),
+                ] {
+                    for i in 0..N {
+                        // SAFETY: group gg < 8 of block b of row r0 + i is inside its 32
+                        // bytes.
+                        let xg = unsafe { x[i].add(gg).read_unaligned() };
+                        s[i] =
+                            _mm256_add_epi16(s[i], _mm256_maddubs_epi16(w, _mm256_set1_epi32(xg)));
+                    }
+                }
+            }
+            // SAFETY: the header's sixteen f16 scales are its first bytes; this half's
+            // eight are 16 of them.
+            let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.add(16 * h).cast()) });
+            for i in 0..N {
+                let idx = (r0 + i) * a.stride + b;
+                // SAFETY: the scales and sums hold `stride` entries per row (checked).
+                let (dx, sx) = unsafe { (*a.d.get_unchecked(idx), *a.sums.get_unchecked(idx)) };
+                let mut s32 = _mm256_madd_epi16(s[i], ones);
+                if F == F_Q4_0 {
+                    s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * sx));
+                } else {
+                    // SAFETY: the sixteen minimums follow the scales; as for the scale.
+                    let (mins, dsx) = unsafe {
+                        (
+                            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h).cast())),
+                            *a.ds.get_unchecked(idx),
+                        )
+                    };
+                    accm[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(dsx), accm[i]);
+                }
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, acc[i]);
+            }
+        }
+        if F == F_Q4_1 {
+            for i in 0..N {
+                acc[i] = _mm256_add_ps(acc[i], accm[i]);
             }
         }
         acc
