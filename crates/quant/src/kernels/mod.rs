@@ -16,6 +16,8 @@
 //!   `vpdpbusd` on two blocks per 512-bit register, and a prompt's packed panels; the
 //!   integer formats' packed panels use it too, their decode steps run the AVX2 code;
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
+//!   Q4_0 and Q4_1 weights in the same panels, each 512-bit vector read as two halves
+//!   of eight rows (bit-identical to the VNNI kernel's), Q8_0 row-major;
 //! - [`Kernel::Scalar`]: portable Rust.
 //!
 //! Dense f32, f16 and bf16 weights have their own kernels ([`dense_gemm`]: a decode
@@ -25,8 +27,9 @@
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
-//! (tests, benches). Apart from GGML weights in panels (read by one kernel whatever
-//! the row count), from four activation rows on (a prompt) the kernel of every GGML
+//! (tests, benches). Apart from GGML weights in panels (one arithmetic whatever the
+//! row count: AVX2 unpacks a prompt's panel halves into L1 first), from four
+//! activation rows on (a prompt) the kernel of every GGML
 //! and integer format is packed: eight weight rows (AVX2) or sixteen (AVX-512 VNNI,
 //! `vpdpbusd`, bit-identical to the AVX2 panels) are unpacked per call into a panel in
 //! L1, one output column per 32-bit lane, and every activation row streams past it.

@@ -1,5 +1,8 @@
-//! GGML weights repacked at load into panels of sixteen rows, and the AVX-512 VNNI
-//! kernel that reads them for every number of activation rows.
+//! GGML weights repacked at load into panels of sixteen rows, and the kernels that read
+//! them for every number of activation rows: AVX-512 VNNI for every format, AVX2 for
+//! Q4_0 and Q4_1 (each 64-byte vector as two 256-bit halves of eight rows, `vpmaddubsw`
+//! + `vpmaddwd` for `vpdpbusd`; a prompt unpacks each half once into L1 and streams its
+//! activation rows past it, see [`super::packed`]).
 //!
 //! # Layout
 //!
@@ -28,7 +31,9 @@
 //! 128 (takes `128 x sum(q_x)` back). Then `acc += isum x (d_w x d_x)` in f32, block by
 //! block, the same for every row whatever the number of rows in the call: a batched
 //! decode step, a prompt and one decode step compute each row identically, and the
-//! result does not depend on the thread count.
+//! result does not depend on the thread count. The AVX2 kernel sums a block's Q4
+//! products in 16 bits (at most `16 x 15 x 127 = 30,480` per lane) before widening, the
+//! same integer, so it gives the VNNI kernel's results bit for bit.
 
 use std::sync::Arc;
 
