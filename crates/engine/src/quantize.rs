@@ -287,7 +287,13 @@ pub fn save_gguf(
                     name: format!("{name}{QUANTS_SUFFIX}"),
                     dtype: GgmlDType::F32,
                     dims: vec![out, row_bytes / 4],
-                    write: bytes_writer(w.quants()),
+                    // Row-major again if in panels, one matrix at a time as it is
+                    // written.
+                    write: Box::new(move |out: &mut dyn Write| {
+                        let q = w.quants().map_err(|e| export_err(e.to_string()))?;
+                        out.write_all(&q).map_err(write_err)?;
+                        Ok(q.len() as u64)
+                    }),
                 });
                 entries.push(TensorEntry {
                     name: format!("{name}{SCALES_SUFFIX}"),

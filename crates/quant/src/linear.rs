@@ -181,6 +181,8 @@ impl QLinear {
     /// [`Error::Shape`] when the bias does not match.
     pub fn from_int(name: &str, weight: IntWeights, bias: Option<Tensor>) -> Result<Self> {
         Self::check_bias(name, bias.as_ref(), weight.n_out())?;
+        // Int8 in panels of sixteen rows where the AVX-512 VNNI kernel runs.
+        let weight = weight.for_kernel(kernels::Kernel::detect())?;
         Ok(Self {
             in_features: weight.k(),
             out_features: weight.n_out(),
@@ -282,7 +284,7 @@ impl QLinear {
             for p in parts {
                 match (&p.weight, p.weight_data()?) {
                     (Weight::Int(w), _) => {
-                        quants.extend_from_slice(w.quants());
+                        quants.extend_from_slice(&w.quants()?);
                         scales.extend_from_slice(w.scales());
                         mins.extend_from_slice(w.mins());
                     }
@@ -377,8 +379,9 @@ impl QLinear {
     /// Which code multiplies this layer's weight by `rows` activation rows, as a
     /// `bench` output names it: the format, then the kernel (`q8_0 avx2`, `q8_0 avx2
     /// packed` for a prompt, `f16 dense avx512vnni`, `f32 dense packed avx2`, `f32
-    /// candle gemm` on CPUs without AVX2, `Q4K candle qmatmul`, `int8 avx2`). The
-    /// integer formats' decode steps run the AVX2 code on AVX-512 machines, and say so.
+    /// candle gemm` on CPUs without AVX2, `Q4K candle qmatmul`, `int8 avx2`, `q4_0
+    /// avx512vnni panels`). Int4's decode steps run the AVX2 code on AVX-512 machines,
+    /// and say so; int8 there is in panels.
     pub fn kernel_path(&self, rows: usize) -> String {
         let best = kernels::Kernel::detect();
         match &self.weight {
@@ -396,6 +399,7 @@ impl QLinear {
             Weight::Narrowed(w) => format!("f32 as {} dense packed {best}", w.dtype().as_str()),
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
+            Weight::Int(w) if w.in_panels() => format!("{} {best} panels", w.format()),
             Weight::Int(w) if kernels::prompt_runs_packed(best, rows) => {
                 format!("{} {best} packed", w.format())
             }
@@ -929,7 +933,7 @@ fn quantize_rows(
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
     for p in &parts {
-        quants.extend_from_slice(p.quants());
+        quants.extend_from_slice(&p.quants()?);
         scales.extend_from_slice(p.scales());
         mins.extend_from_slice(p.mins());
     }
@@ -1336,6 +1340,26 @@ mod tests {
                 matches!(best, kernels::Kernel::Avx2 | kernels::Kernel::Avx512Vnni),
                 "{prompt}"
             );
+        }
+        // Int8: panels with AVX-512 VNNI (every row count), else the AVX2 code for
+        // decode and the packed kernel for prompts; int4 never in panels.
+        for n_out in [64, 72] {
+            let w = Tensor::from_vec(data(n_out * 64, 5), (n_out, 64), &dev).unwrap();
+            let int8 = QuantScheme::Int(IntFormat::Int8);
+            let layer = QLinear::quantize("w", &w, None, int8).unwrap();
+            if best == kernels::Kernel::Avx512Vnni && n_out % 16 == 0 {
+                assert_eq!(layer.kernel_path(1), format!("int8 {best} panels"));
+                assert_eq!(layer.kernel_path(512), format!("int8 {best} panels"));
+            } else {
+                let decode = kernels::int_kernel_for(best);
+                assert_eq!(layer.kernel_path(1), format!("int8 {decode}"));
+            }
+            let int4 = QuantScheme::Int(IntFormat::Int4 {
+                group: 32,
+                asymmetric: false,
+            });
+            let layer = QLinear::quantize("w", &w, None, int4).unwrap();
+            assert!(!layer.kernel_path(1).ends_with("panels"));
         }
     }
 

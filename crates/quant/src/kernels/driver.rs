@@ -13,6 +13,9 @@ use super::{Kernel, WeightDType, scalar};
 pub(super) const F_Q4_0: u8 = 0;
 pub(super) const F_Q4_1: u8 = 1;
 pub(super) const F_Q8_0: u8 = 2;
+/// afo's int8 rows in panels (see [`super::panels`]): Q8_0's arithmetic without a block
+/// scale, the row scale applied at the end.
+pub(super) const F_I8: u8 = 3;
 
 /// Computes `out[r * ld + (c - cols.start)]` for every row `r < m` and column `c` in
 /// `cols`. Implementations may rely on the checks of [`check_range`].
@@ -35,12 +38,25 @@ pub(super) fn check_range(
     out: &[f32],
     ld: usize,
 ) -> bool {
-    let nb = w.blocks_per_row();
+    cols.end <= w.n_out()
+        && w.bytes().len() == w.n_out() * w.row_bytes()
+        && acts_and_out_fit(a, m, w.blocks_per_row(), cols, out, ld)
+}
+
+/// The activation and output bounds of [`check_range`]: rows `0..m` of `a` hold `nb`
+/// blocks with their scales and sums, `cols` is not empty, and `out` holds `m` rows of
+/// `cols.len()` floats `ld` apart.
+pub(super) fn acts_and_out_fit(
+    a: &ActsView<'_>,
+    m: usize,
+    nb: usize,
+    cols: &Range<usize>,
+    out: &[f32],
+    ld: usize,
+) -> bool {
     let ncols = cols.end.saturating_sub(cols.start);
     m >= 1
         && cols.start < cols.end
-        && cols.end <= w.n_out()
-        && w.bytes().len() == w.n_out() * w.row_bytes()
         && a.stride >= nb
         && a.stride.is_multiple_of(2)
         && a.lines.len() * 2 >= m * a.stride
@@ -105,7 +121,7 @@ fn check(kernel: Kernel, w: &GgmlMatrix<'_>, acts: &QuantizedActs, y: &[f32]) ->
     if w.in_panels() && !super::panels::readable_by(kernel, w.dtype()) {
         return Err(Error::PanelsUnreadable {
             kernel,
-            dtype: w.dtype(),
+            format: w.dtype().to_string(),
         });
     }
     if acts.k() != w.k() || acts.blocks() != w.blocks_per_row() {

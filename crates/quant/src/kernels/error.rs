@@ -61,13 +61,13 @@ pub enum Error {
     /// Weights repacked in panels of sixteen rows were given to a kernel that reads
     /// row-major blocks.
     #[error(
-        "these {dtype} weights are repacked in 16-row panels, which kernel {kernel} does not read (AVX-512 VNNI reads every format's, AVX2 Q4_0's and Q4_1's); it needs row-major blocks"
+        "these {format} weights are repacked in 16-row panels, which kernel {kernel} does not read (AVX-512 VNNI reads every panel format's, AVX2 Q4_0's and Q4_1's); it needs row-major weights"
     )]
     PanelsUnreadable {
         /// The kernel that was requested.
         kernel: Kernel,
-        /// The weights' format.
-        dtype: WeightDType,
+        /// The weights' format (`q4_0`, `int8`, ...).
+        format: String,
     },
     /// Activations quantized for one inner dimension were used with weights of another.
     #[error("activations have k = {acts_k}, weights ({dtype}) have k = {weights_k}")]

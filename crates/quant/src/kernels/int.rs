@@ -2,6 +2,7 @@
 //! ([`IntFormat`], [`IntWeights`]), their quantization, and the integer kernels
 //! ([`gemm_int`]).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -17,6 +18,7 @@ use super::Kernel;
 use super::acts::QuantizedActs;
 use super::blocks::BLOCK_ELEMS;
 use super::error::{Error, Result};
+use super::panels::PanelFormat;
 
 /// Group sizes the int4 format accepts.
 pub const INT4_GROUPS: [usize; 3] = [32, 64, 128];
@@ -159,6 +161,8 @@ pub struct IntWeights {
     quants: Vec<u8>,
     scales: Vec<f32>,
     mins: Vec<f32>,
+    /// Int8 quants in panels of sixteen rows ([`IntWeights::for_kernel`]).
+    panels: bool,
 }
 
 impl fmt::Debug for IntWeights {
@@ -271,6 +275,7 @@ impl IntWeights {
             quants,
             scales,
             mins,
+            panels: false,
         })
     }
 
@@ -320,6 +325,7 @@ impl IntWeights {
             quants,
             scales,
             mins,
+            panels: false,
         })
     }
 
@@ -338,9 +344,53 @@ impl IntWeights {
         self.k
     }
 
-    /// The quants (see the [layout](IntWeights#layout)).
-    pub fn quants(&self) -> &[u8] {
-        &self.quants
+    /// The quants row-major (see the [layout](IntWeights#layout)); borrowed unless the
+    /// weights are in panels.
+    ///
+    /// # Errors
+    /// Only on a broken invariant of the stored bytes (their length).
+    pub fn quants(&self) -> Result<Cow<'_, [u8]>> {
+        if self.panels {
+            Ok(Cow::Owned(super::panels::to_rows(
+                PanelFormat::Int8,
+                self.n_out,
+                self.k,
+                &self.quants,
+            )?))
+        } else {
+            Ok(Cow::Borrowed(&self.quants))
+        }
+    }
+
+    /// The weights in the layout `kernel` reads fastest: int8 with
+    /// [`Kernel::Avx512Vnni`] and a row count that is a multiple of 16 is repacked into
+    /// panels of sixteen rows (the same bytes, reordered, as the GGML formats' panels
+    /// without block headers: one `vpdpbusd` per four activation bytes multiplies
+    /// sixteen rows, for decode, batches and prompts alike); otherwise unchanged.
+    /// [`gemm_int_with`] with another kernel refuses panels.
+    ///
+    /// # Errors
+    /// Only on a broken invariant of the stored bytes (their length).
+    pub fn for_kernel(self, kernel: Kernel) -> Result<Self> {
+        let wanted = self.format == IntFormat::Int8
+            && kernel == Kernel::Avx512Vnni
+            && super::panels::fits(self.n_out);
+        if self.panels || !wanted {
+            return Ok(self);
+        }
+        let quants =
+            super::panels::from_rows_vec(PanelFormat::Int8, self.n_out, self.k, &self.quants)?;
+        Ok(Self {
+            quants,
+            panels: true,
+            ..self
+        })
+    }
+
+    /// Whether the int8 quants are in panels of sixteen rows
+    /// ([`for_kernel`](Self::for_kernel)), read only by the AVX-512 VNNI kernel.
+    pub fn in_panels(&self) -> bool {
+        self.panels
     }
 
     /// The scales, row-major `[n_out, groups]`.
@@ -382,6 +432,24 @@ impl IntWeights {
         let groups = self.format.groups_per_row(k);
         for (r, o) in rows.zip(out.chunks_exact_mut(k)) {
             match self.format {
+                IntFormat::Int8 if self.panels => {
+                    let s = self.scales[r];
+                    let mut q = [0u8; BLOCK_ELEMS];
+                    for (b, ob) in o.chunks_exact_mut(BLOCK_ELEMS).enumerate() {
+                        super::panels::block(
+                            PanelFormat::Int8,
+                            self.n_out,
+                            k,
+                            &self.quants,
+                            r,
+                            b,
+                            &mut q,
+                        )?;
+                        for (v, &q) in ob.iter_mut().zip(&q) {
+                            *v = s * f32::from(q as i8);
+                        }
+                    }
+                }
                 IntFormat::Int8 => {
                     let s = self.scales[r];
                     for (v, &q) in o.iter_mut().zip(&self.quants[r * k..(r + 1) * k]) {
@@ -457,9 +525,13 @@ fn quantize_group4(w: &[f32], asymmetric: bool) -> (f32, f32, Vec<u8>) {
 ///   scale applied once per row, int4 two blocks per register with `scale_g * d_x` per
 ///   block and the minimum term `min_g * d_x * sum(q_x)` (`min_g = -8 scale_g`
 ///   symmetric, folded in as an integer);
-/// - [`Kernel::Avx512Vnni`]: a prompt's packed panels with `vpdpbusd` (sixteen columns
-///   per instruction, bit-identical to the AVX2 panels); decode steps and register
-///   tiles run the AVX2 code (every such CPU has AVX2);
+/// - [`Kernel::Avx512Vnni`]: int8 weights in panels of sixteen rows
+///   ([`IntWeights::for_kernel`], as a model loads them there) run one kernel for
+///   decode, batches and prompts, one `vpdpbusd` per four activation bytes and sixteen
+///   rows (each row computed as it would be alone); row-major weights run a prompt's
+///   packed panels with `vpdpbusd` (sixteen columns per instruction, bit-identical to
+///   the AVX2 panels), and their decode steps and register tiles (int4's always) the
+///   AVX2 code (every such CPU has AVX2);
 /// - [`Kernel::Scalar`]: portable Rust, the reference the others are tested against.
 ///
 /// One activation row (decode) reads four weight rows per step for matrices up to
@@ -496,9 +568,11 @@ pub fn gemm_int(weights: &IntWeights, acts: &QuantizedActs, y: &mut [f32]) -> Re
     gemm_int_with(Kernel::detect(), weights, acts, y)
 }
 
-/// The kernel that runs the integer formats' decode steps and register tiles when
-/// `kernel` is chosen (an AVX-512 machine runs their AVX2 code; only a prompt's packed
-/// panels use VNNI, see [`prompt_runs_packed`](super::prompt_runs_packed)).
+/// The kernel that runs the integer formats' decode steps and register tiles on
+/// row-major weights when `kernel` is chosen (an AVX-512 machine runs their AVX2 code;
+/// a prompt's packed panels use VNNI, see
+/// [`prompt_runs_packed`](super::prompt_runs_packed); int8 in panels runs VNNI for
+/// every row count).
 pub fn int_kernel_for(kernel: Kernel) -> Kernel {
     driver::runs_as(kernel)
 }

@@ -13,8 +13,10 @@
 //!   activation bytes multiplies sixteen rows, for decode, batches and prompts alike
 //!   (eight activation rows per weight load, each row bit-identical to that row
 //!   alone); row-major GGML weights (a row count that is not a multiple of 16) run
-//!   `vpdpbusd` on two blocks per 512-bit register, and a prompt's packed panels; the
-//!   integer formats' packed panels use it too, their decode steps run the AVX2 code;
+//!   `vpdpbusd` on two blocks per 512-bit register, and a prompt's packed panels; int8
+//!   weights are repacked into the same panels (no block headers, the row scale
+//!   applied at the end) and run the same kernel; int4's packed panels use it too, its
+//!   decode steps run the AVX2 code;
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
 //!   Q4_0 and Q4_1 weights in the same panels, each 512-bit vector read as two halves
 //!   of eight rows (bit-identical to the VNNI kernel's), Q8_0 row-major;

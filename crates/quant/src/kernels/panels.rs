@@ -1,8 +1,9 @@
 //! GGML weights repacked at load into panels of sixteen rows, and the kernels that read
 //! them for every number of activation rows: AVX-512 VNNI for every format, AVX2 for
 //! Q4_0 and Q4_1 (each 64-byte vector as two 256-bit halves of eight rows, `vpmaddubsw`
-//! + `vpmaddwd` for `vpdpbusd`; a prompt unpacks each half once into L1 and streams its
-//! activation rows past it, see [`super::packed`]).
+//! and `vpmaddwd` for `vpdpbusd`; a prompt unpacks each half once into L1 and streams
+//! its activation rows past it, see [`super::packed`]). afo's int8 rows take the same
+//! layout without block headers ([`PanelFormat::Int8`]), read by the VNNI kernel.
 //!
 //! # Layout
 //!
@@ -45,18 +46,45 @@ use super::error::{Error, Result};
 /// Weight rows per panel (one 32-bit lane of a 512-bit register each).
 pub(super) const PANEL_ROWS: usize = 16;
 
+/// What a panel holds: a GGML format's blocks, or afo's int8 rows (32 quants a block, no
+/// header: the scale is per row, kept beside the quants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PanelFormat {
+    /// Q4_0, Q4_1 or Q8_0 blocks.
+    Ggml(WeightDType),
+    /// [`IntFormat::Int8`](super::IntFormat::Int8) quants.
+    Int8,
+}
+
+impl From<WeightDType> for PanelFormat {
+    fn from(dtype: WeightDType) -> Self {
+        PanelFormat::Ggml(dtype)
+    }
+}
+
+impl PanelFormat {
+    /// Bytes of one row's block as stored row-major.
+    const fn block_bytes(self) -> usize {
+        match self {
+            PanelFormat::Ggml(dtype) => dtype.block_bytes(),
+            PanelFormat::Int8 => BLOCK_ELEMS,
+        }
+    }
+}
+
 /// Header bytes per block of a panel: sixteen f16 scales, and for Q4_1 sixteen f16
-/// minimums.
-const fn header_bytes(dtype: WeightDType) -> usize {
-    match dtype {
-        WeightDType::Q4_1 => 4 * PANEL_ROWS,
-        _ => 2 * PANEL_ROWS,
+/// minimums; none for int8.
+const fn header_bytes(format: PanelFormat) -> usize {
+    match format {
+        PanelFormat::Ggml(WeightDType::Q4_1) => 4 * PANEL_ROWS,
+        PanelFormat::Ggml(_) => 2 * PANEL_ROWS,
+        PanelFormat::Int8 => 0,
     }
 }
 
 /// Bytes of one row's block header (scale, and minimum for Q4_1).
-const fn row_header_bytes(dtype: WeightDType) -> usize {
-    header_bytes(dtype) / PANEL_ROWS
+const fn row_header_bytes(format: PanelFormat) -> usize {
+    header_bytes(format) / PANEL_ROWS
 }
 
 /// Whether a matrix of `n_out` rows can be stored in panels.
@@ -91,22 +119,26 @@ const fn field_at(f: usize, j: usize) -> usize {
 
 /// Where row `j` keeps its quant group `g` (GGML quant bytes `4g..4g + 4`): lane `j` of
 /// the chunk's vector `g`.
-const fn group_at(dtype: WeightDType, g: usize, j: usize) -> usize {
-    header_bytes(dtype) + 4 * PANEL_ROWS * g + 4 * j
+const fn group_at(format: PanelFormat, g: usize, j: usize) -> usize {
+    header_bytes(format) + 4 * PANEL_ROWS * g + 4 * j
 }
 
-/// What a Q8_0 quant byte is stored as (plus 128, as unsigned); the flip is its own
-/// inverse. Other formats store their bytes as they are.
-const fn flip(dtype: WeightDType) -> u8 {
-    if matches!(dtype, WeightDType::Q8_0) {
+/// What a signed 8-bit quant byte (Q8_0, int8) is stored as (plus 128, as unsigned);
+/// the flip is its own inverse. Other formats store their bytes as they are.
+const fn flip(format: PanelFormat) -> u8 {
+    if matches!(
+        format,
+        PanelFormat::Ggml(WeightDType::Q8_0) | PanelFormat::Int8
+    ) {
         0x80
     } else {
         0
     }
 }
 
-/// Writes one GGML block into row `j`'s places in its panel chunk.
-fn write_block(dtype: WeightDType, block: &[u8], chunk: &mut [u8], j: usize) {
+/// Writes one block (GGML bytes, or 32 int8 quants) into row `j`'s places in its panel
+/// chunk.
+fn write_block(dtype: PanelFormat, block: &[u8], chunk: &mut [u8], j: usize) {
     let rh = row_header_bytes(dtype);
     for f in 0..rh / 2 {
         let at = field_at(f, j);
@@ -121,8 +153,8 @@ fn write_block(dtype: WeightDType, block: &[u8], chunk: &mut [u8], j: usize) {
     }
 }
 
-/// Reads row `j`'s block back from its panel chunk into GGML bytes.
-fn read_block(dtype: WeightDType, chunk: &[u8], j: usize, block: &mut [u8]) {
+/// Reads row `j`'s block back from its panel chunk into its row-major bytes.
+fn read_block(dtype: PanelFormat, chunk: &[u8], j: usize, block: &mut [u8]) {
     let rh = row_header_bytes(dtype);
     for f in 0..rh / 2 {
         let at = field_at(f, j);
@@ -137,7 +169,7 @@ fn read_block(dtype: WeightDType, chunk: &[u8], j: usize, block: &mut [u8]) {
     }
 }
 
-fn check(dtype: WeightDType, n_out: usize, k: usize, len: usize) -> Result<usize> {
+fn check(dtype: PanelFormat, n_out: usize, k: usize, len: usize) -> Result<usize> {
     let nb = super::blocks::blocks_per_row(k)?;
     if !fits(n_out) {
         return Err(Error::LengthMismatch {
@@ -165,18 +197,42 @@ fn check(dtype: WeightDType, n_out: usize, k: usize, len: usize) -> Result<usize
 /// [`Error::LengthMismatch`] when `n_out` is not a multiple of 16 or `rows` has another
 /// length than the shape calls for.
 pub(super) fn from_rows(
-    dtype: WeightDType,
+    dtype: impl Into<PanelFormat>,
     n_out: usize,
     k: usize,
     rows: &[u8],
 ) -> Result<Arc<[u8]>> {
+    let dtype = dtype.into();
     let nb = check(dtype, n_out, k, rows.len())?;
-    let bb = dtype.block_bytes();
     // Written in place in its final allocation: a load holds the source and the panels,
     // never a third copy.
     let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, rows.len()).collect();
     // A new Arc has one owner: `make_mut` hands out its bytes without a copy.
-    let panels = Arc::make_mut(&mut out);
+    fill(dtype, nb, rows, Arc::make_mut(&mut out));
+    Ok(out)
+}
+
+/// [`from_rows`] into a `Vec` (int8 weights keep theirs in one).
+///
+/// # Errors
+/// As [`from_rows`].
+pub(super) fn from_rows_vec(
+    dtype: impl Into<PanelFormat>,
+    n_out: usize,
+    k: usize,
+    rows: &[u8],
+) -> Result<Vec<u8>> {
+    let dtype = dtype.into();
+    let nb = check(dtype, n_out, k, rows.len())?;
+    let mut out = vec![0u8; rows.len()];
+    fill(dtype, nb, rows, &mut out);
+    Ok(out)
+}
+
+/// Writes the row-major `rows` (whole panels of `nb` blocks a row) into `panels`, as
+/// long.
+fn fill(dtype: PanelFormat, nb: usize, rows: &[u8], panels: &mut [u8]) {
+    let bb = dtype.block_bytes();
     panels
         .par_chunks_exact_mut(PANEL_ROWS * nb * bb)
         .zip(rows.par_chunks_exact(PANEL_ROWS * nb * bb))
@@ -190,7 +246,6 @@ pub(super) fn from_rows(
                 }
             }
         });
-    Ok(out)
 }
 
 /// Block `b` of row `row` of a panel matrix, in GGML bytes, into `out`
@@ -200,7 +255,7 @@ pub(super) fn from_rows(
 /// [`Error::LengthMismatch`] when the row or block lies outside the matrix or `out` has
 /// another length.
 pub(super) fn block(
-    dtype: WeightDType,
+    dtype: impl Into<PanelFormat>,
     n_out: usize,
     k: usize,
     panels: &[u8],
@@ -208,6 +263,7 @@ pub(super) fn block(
     b: usize,
     out: &mut [u8],
 ) -> Result<()> {
+    let dtype = dtype.into();
     let nb = check(dtype, n_out, k, panels.len())?;
     let bb = dtype.block_bytes();
     if row >= n_out || b >= nb {
@@ -241,11 +297,12 @@ pub(super) fn block(
 /// # Errors
 /// As [`from_rows`].
 pub(super) fn to_rows(
-    dtype: WeightDType,
+    dtype: impl Into<PanelFormat>,
     n_out: usize,
     k: usize,
     panels: &[u8],
 ) -> Result<Vec<u8>> {
+    let dtype = dtype.into();
     let nb = check(dtype, n_out, k, panels.len())?;
     let bb = dtype.block_bytes();
     let mut out = vec![0u8; panels.len()];
@@ -269,7 +326,7 @@ pub(super) fn to_rows(
 const _: () = assert!(BLOCK_ELEMS == 32);
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use simd::{range, range_avx2};
+pub(super) use simd::{range, range_avx2, range_int8};
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
@@ -278,8 +335,9 @@ mod simd {
 
     use super::super::Kernel;
     use super::super::acts::ActsView;
+    use super::super::blocks::BLOCK_ELEMS;
     use super::super::blocks::GgmlMatrix;
-    use super::super::driver::{F_Q4_0, F_Q4_1, F_Q8_0, check_range};
+    use super::super::driver::{F_I8, F_Q4_0, F_Q4_1, F_Q8_0, acts_and_out_fit, check_range};
     use super::super::packed;
     use super::{PANEL_ROWS, header_bytes};
 
@@ -403,8 +461,14 @@ mod simd {
                     at += 64;
                 }
             }
-            // SAFETY: the header's sixteen f16 scales (and minimums) are its first bytes.
-            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) });
+            let d = if F == F_I8 {
+                // Int8 blocks have no scale (the row's applies at the end).
+                _mm512_set1_ps(1.0)
+            } else {
+                // SAFETY: the header's sixteen f16 scales (and minimums) are its first
+                // bytes.
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) })
+            };
             let mins = if F == F_Q4_1 {
                 // SAFETY: as above, the minimums follow the scales.
                 _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(32).cast()) })
@@ -413,7 +477,7 @@ mod simd {
             };
             let q = unsafe { blk.add(hb) };
             let mut wv = [_mm512_setzero_si512(); 8];
-            if F == F_Q8_0 {
+            if F == F_Q8_0 || F == F_I8 {
                 for (g, v) in wv.iter_mut().enumerate() {
                     // SAFETY: eight 64-byte vectors of quants follow the header.
                     *v = unsafe { _mm512_loadu_si512(q.add(64 * g).cast()) };
@@ -444,14 +508,18 @@ mod simd {
                 let mut s = _mm512_add_epi32(s0, s1);
                 if F == F_Q4_0 {
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * sx));
-                } else if F == F_Q8_0 {
+                } else if F == F_Q8_0 || F == F_I8 {
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * sx));
                 } else {
                     // SAFETY: as for the scale.
                     let dsx = unsafe { *a.ds.get_unchecked(idx) };
                     accm[i] = _mm512_fmadd_ps(mins, _mm512_set1_ps(dsx), accm[i]);
                 }
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+                let scale = if F == F_I8 {
+                    _mm512_set1_ps(dx)
+                } else {
+                    _mm512_mul_ps(d, _mm512_set1_ps(dx))
+                };
                 acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[i]);
             }
         }
@@ -461,6 +529,102 @@ mod simd {
             }
         }
         acc
+    }
+
+    /// The panel kernel for afo's int8 rows in panels (`quants`, `n_out x k` bytes as
+    /// [`from_rows`](super::from_rows) with [`PanelFormat::Int8`] lays them out;
+    /// `scales`, one per row): the columns `cols` (on panel boundaries) for every
+    /// activation row `r < m`, into `out[r * ld + (c - cols.start)]`. Q8_0's arithmetic
+    /// per block with no block scale (`acc += (isum - 128 sum(q_x)) x d_x`), then each
+    /// column times its row's scale: one row, a batch and a prompt compute a row alike.
+    /// Does nothing (and asserts in debug builds) if the CPU lacks AVX-512 VNNI or the
+    /// bounds do not hold.
+    #[allow(clippy::too_many_arguments)] // the matrix's parts and the output window
+    pub(in super::super) fn range_int8(
+        quants: &[u8],
+        scales: &[f32],
+        n_out: usize,
+        k: usize,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let nb = k / BLOCK_ELEMS;
+        let ok = Kernel::Avx512Vnni.is_available()
+            && k.is_multiple_of(BLOCK_ELEMS)
+            && super::fits(n_out)
+            && quants.len() == n_out * k
+            && scales.len() == n_out
+            && cols.start.is_multiple_of(PANEL_ROWS)
+            && cols.end.is_multiple_of(PANEL_ROWS)
+            && cols.end <= n_out
+            && acts_and_out_fit(&a, m, nb, &cols, out, ld);
+        if !ok {
+            debug_assert!(
+                false,
+                "int8 panel kernel called without AVX-512 VNNI or out of bounds"
+            );
+            return;
+        }
+        // SAFETY: the CPU has every feature `range_int8_impl` enables, and the bounds
+        // hold (checked above).
+        unsafe { range_int8_impl(quants, scales, nb, a, m, cols, out, ld) }
+    }
+
+    #[allow(clippy::too_many_arguments)] // as range_int8's
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn range_int8_impl(
+        quants: &[u8],
+        scales: &[f32],
+        nb: usize,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let rb = nb * BLOCK_ELEMS;
+        let base = quants.as_ptr();
+        let mut c = cols.start;
+        while c < cols.end {
+            // SAFETY: rows c..c + 16 are within n_out (checked).
+            let p = unsafe { base.add(c * rb) };
+            let sc = match scales.get(c..c + PANEL_ROWS) {
+                // SAFETY: sixteen floats.
+                Some(s) => unsafe { _mm512_loadu_ps(s.as_ptr()) },
+                None => return,
+            };
+            let cc = c - cols.start;
+            let mut r = 0;
+            while r < m {
+                let mr = (m - r).min(MR);
+                // SAFETY: activation rows r..r + mr exist (checked); the panel lies
+                // inside the quants.
+                unsafe {
+                    match mr {
+                        8 => store::<8>(scaled(panel::<F_I8, 8>(p, &a, r, nb), sc), out, ld, r, cc),
+                        7 => store::<7>(scaled(panel::<F_I8, 7>(p, &a, r, nb), sc), out, ld, r, cc),
+                        6 => store::<6>(scaled(panel::<F_I8, 6>(p, &a, r, nb), sc), out, ld, r, cc),
+                        5 => store::<5>(scaled(panel::<F_I8, 5>(p, &a, r, nb), sc), out, ld, r, cc),
+                        4 => store::<4>(scaled(panel::<F_I8, 4>(p, &a, r, nb), sc), out, ld, r, cc),
+                        3 => store::<3>(scaled(panel::<F_I8, 3>(p, &a, r, nb), sc), out, ld, r, cc),
+                        2 => store::<2>(scaled(panel::<F_I8, 2>(p, &a, r, nb), sc), out, ld, r, cc),
+                        _ => store::<1>(scaled(panel::<F_I8, 1>(p, &a, r, nb), sc), out, ld, r, cc),
+                    }
+                }
+                r += mr;
+            }
+            c += PANEL_ROWS;
+        }
+    }
+
+    /// Each row's sixteen sums times the sixteen weight rows' scales.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn scaled<const N: usize>(v: [__m512; N], scales: __m512) -> [__m512; N] {
+        v.map(|x| _mm512_mul_ps(x, scales))
     }
 
     /// Rows of activations that share each weight vector loaded, on AVX2 (sixteen
@@ -713,10 +877,11 @@ mod simd {
 
 /// The format of a kernel's const format id.
 #[cfg(target_arch = "x86_64")]
-const fn dtype_of(f: u8) -> WeightDType {
+const fn dtype_of(f: u8) -> PanelFormat {
     match f {
-        super::driver::F_Q4_1 => WeightDType::Q4_1,
-        super::driver::F_Q8_0 => WeightDType::Q8_0,
-        _ => WeightDType::Q4_0,
+        super::driver::F_Q4_1 => PanelFormat::Ggml(WeightDType::Q4_1),
+        super::driver::F_Q8_0 => PanelFormat::Ggml(WeightDType::Q8_0),
+        super::driver::F_I8 => PanelFormat::Int8,
+        _ => PanelFormat::Ggml(WeightDType::Q4_0),
     }
 }

@@ -202,11 +202,22 @@ pub(in crate::kernels) fn runs_as(kernel: Kernel) -> Kernel {
     }
 }
 
-/// The range function of `kernel` for `format`, and whether it reads the rearranged
+/// The AVX-512 VNNI kernel for int8 weights in panels, every row count.
+#[cfg(target_arch = "x86_64")]
+fn int8_panels(w: &IntWeights, a: &IntActs<'_>, cols: Range<usize>, out: &mut [f32], ld: usize) {
+    super::super::panels::range_int8(
+        &w.quants, &w.scales, w.n_out, w.k, a.view, a.m, cols, out, ld,
+    );
+}
+
+/// The range function of `kernel` for `format` (in panels or not; [`check`] has
+/// refused panels to any kernel but AVX-512 VNNI), and whether it reads the rearranged
 /// pairs (see [`runs_as`]).
-fn range_fn(kernel: Kernel, format: IntFormat) -> (IntRangeFn, bool) {
+fn range_fn(kernel: Kernel, format: IntFormat, panels: bool) -> (IntRangeFn, bool) {
     let scalar: (IntRangeFn, bool) = (scalar::range, false);
     match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni if panels => (int8_panels, false),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => avx2_fn::<true>(format).unwrap_or(scalar),
         #[cfg(target_arch = "x86_64")]
@@ -220,6 +231,12 @@ fn range_fn(kernel: Kernel, format: IntFormat) -> (IntRangeFn, bool) {
 fn check(kernel: Kernel, w: &IntWeights, acts: &QuantizedActs, y: &[f32]) -> Result<()> {
     if !kernel.is_available() {
         return Err(Error::KernelUnavailable { kernel });
+    }
+    if w.panels && kernel != Kernel::Avx512Vnni {
+        return Err(Error::PanelsUnreadable {
+            kernel,
+            format: w.format.to_string(),
+        });
     }
     if acts.k() != w.k {
         return Err(Error::IntInnerDimensionMismatch {
@@ -250,7 +267,7 @@ pub(super) fn run(
 ) -> Result<()> {
     check(kernel, w, acts, y)?;
     let m = acts.m();
-    let (f, pairs) = range_fn(kernel, w.format);
+    let (f, pairs) = range_fn(kernel, w.format, w.panels);
     let bufs = pair_bufs(acts, pairs, w.format);
     let a = int_acts(acts, &bufs);
     split_rows_or_columns(m, w.n_out, w.k, y, 2, |rows, cols, out, ld| {
@@ -292,9 +309,11 @@ pub(super) fn run_many(
     items: &mut [(&IntWeights, &mut [f32])],
     acts: &QuantizedActs,
 ) -> Result<()> {
-    let format = items.first().map(|(w, _)| w.format);
-    let same = items.iter().all(|(w, _)| Some(w.format) == format);
-    let (Some(format), true, 1) = (format, same, acts.m()) else {
+    let first = items.first().map(|(w, _)| (w.format, w.panels));
+    let same = items
+        .iter()
+        .all(|(w, _)| Some((w.format, w.panels)) == first);
+    let (Some((format, panels)), true, 1) = (first, same, acts.m()) else {
         for (w, y) in items.iter_mut() {
             run(kernel, w, acts, y)?;
         }
@@ -303,7 +322,7 @@ pub(super) fn run_many(
     for (w, y) in items.iter() {
         check(kernel, w, acts, y)?;
     }
-    let (f, pairs) = range_fn(kernel, format);
+    let (f, pairs) = range_fn(kernel, format, panels);
     let bufs = pair_bufs(acts, pairs, format);
     let a = int_acts(acts, &bufs);
     let tasks = items

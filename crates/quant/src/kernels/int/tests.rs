@@ -161,7 +161,7 @@ fn bad_shapes_are_errors() {
             IntFormat::Int8,
             2,
             96,
-            q.quants().to_vec(),
+            q.quants().unwrap().to_vec(),
             vec![1.0],
             vec![]
         )
@@ -172,7 +172,7 @@ fn bad_shapes_are_errors() {
             IntFormat::Int8,
             2,
             96,
-            q.quants().to_vec(),
+            q.quants().unwrap().to_vec(),
             q.scales().to_vec(),
             vec![]
         )
@@ -248,17 +248,18 @@ fn group_of(f: IntFormat, k: usize) -> usize {
 /// symmetric), nibbles in GGML order.
 fn decode_f64(q: &IntWeights) -> Vec<(f64, f64)> {
     let (n, k, f) = (q.n_out(), q.k(), q.format());
+    let quants = q.quants().unwrap();
     let mut out = Vec::with_capacity(n * k);
     for r in 0..n {
         for c in 0..k {
             out.push(match f {
                 IntFormat::Int8 => {
-                    let v = f64::from(q.scales()[r]) * f64::from(q.quants()[r * k + c] as i8);
+                    let v = f64::from(q.scales()[r]) * f64::from(quants[r * k + c] as i8);
                     (v, v.abs())
                 }
                 IntFormat::Int4 { group, asymmetric } => {
                     let (b, j) = (c / 32, c % 32);
-                    let byte = q.quants()[r * k / 2 + b * 16 + j % 16];
+                    let byte = quants[r * k / 2 + b * 16 + j % 16];
                     let code = if j < 16 { byte & 0x0F } else { byte >> 4 };
                     let g = r * (k / group) + c / group;
                     let s = f64::from(q.scales()[g]);
@@ -618,5 +619,140 @@ fn decode_of_large_matrices_matches_reference() {
                 );
             }
         }
+    }
+}
+
+/// Int8 weights in panels of sixteen rows: the same quants back row-major and the same
+/// dequantized rows; only AVX-512 VNNI gets and reads them. Its kernel against the
+/// exact product and the scalar kernel on the row-major weights, for one row (decode),
+/// batches and prompts, on one to three threads (the same bits); each row of a batch
+/// equals that row alone bit for bit; and the extreme codes (-128, 127) do not
+/// overflow.
+#[test]
+fn int8_panels_match_reference_and_each_row_alone() {
+    let mut rng = Rng(77);
+    let vnni = Kernel::Avx512Vnni.is_available();
+    if !vnni {
+        println!(
+            "int8_panels_match_reference_and_each_row_alone: the panel kernel NOT TESTED on \
+             this CPU (it lacks AVX-512 VNNI); the layout is"
+        );
+    }
+    let mut checked = 0usize;
+    for (n_out, k) in [(16, 32), (32, 64), (192, 576), (576, 1536), (48, 4096 + 32)] {
+        let rows =
+            IntWeights::quantize(IntFormat::Int8, &rng.vec(n_out * k, 0.0), n_out, k).unwrap();
+        let panels = rows.clone().for_kernel(Kernel::Avx512Vnni).unwrap();
+        assert!(panels.in_panels() && !rows.in_panels());
+        assert_eq!(panels.bytes(), rows.bytes());
+        assert_eq!(panels.quants().unwrap(), rows.quants().unwrap());
+        assert_eq!(panels.dequantize(), rows.dequantize());
+        for kernel in [Kernel::Scalar, Kernel::Avx2] {
+            assert!(!rows.clone().for_kernel(kernel).unwrap().in_panels());
+        }
+        let wd = decode_f64(&rows);
+        for m in [1, 2, 3, 5, 8, 9, 17, 64] {
+            let x = rng.vec(m * k, 0.0);
+            let mut acts = QuantizedActs::quantize(&x, m, k).unwrap();
+            let mut y = vec![f32::NAN; m * n_out];
+            for kernel in [Kernel::Scalar, Kernel::Avx2] {
+                assert!(matches!(
+                    gemm_int_with(kernel, &panels, &acts, &mut y),
+                    Err(Error::PanelsUnreadable { .. } | Error::KernelUnavailable { .. })
+                ));
+            }
+            if !vnni {
+                continue;
+            }
+            let refs = reference(&wd, &x, m, n_out, k);
+            let mut scalar = vec![0.0f32; m * n_out];
+            gemm_int_with(Kernel::Scalar, &rows, &acts, &mut scalar).unwrap();
+            let run = |acts: &QuantizedActs, threads| {
+                let mut y = vec![f32::NAN; acts.m() * n_out];
+                pool(threads)
+                    .install(|| gemm_int_with(Kernel::Avx512Vnni, &panels, acts, &mut y))
+                    .unwrap();
+                y
+            };
+            let y = run(&acts, 1);
+            for (i, ((&got, &(exact, bound, slack)), &s)) in
+                y.iter().zip(&refs).zip(&scalar).enumerate()
+            {
+                let what = format!("m={m} n_out={n_out} k={k} [{i}]");
+                let err = (f64::from(got) - exact).abs();
+                assert!(err <= bound + slack, "{what}: {got} vs exact {exact}");
+                assert!(
+                    (f64::from(got) - f64::from(s)).abs() <= slack,
+                    "{what}: {got} vs scalar {s}"
+                );
+                checked += 1;
+            }
+            for threads in [2, 3] {
+                let other = run(&acts, threads);
+                assert!(
+                    y.iter()
+                        .zip(&other)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "m={m} n_out={n_out}: {threads} threads differ from one"
+                );
+            }
+            acts.set_independent_rows(true);
+            assert!(
+                y.iter()
+                    .zip(run(&acts, 2))
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "m={m}: independent rows"
+            );
+            for r in [0, m / 2, m - 1] {
+                let one = QuantizedActs::quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
+                assert!(
+                    run(&one, 1)
+                        .iter()
+                        .zip(&y[r * n_out..(r + 1) * n_out])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "m={m} n_out={n_out}: row {r} alone differs from the batch"
+                );
+            }
+            // The q/k/v path: several matrices over one row in one parallel region.
+            if m == 1 {
+                let mut y2 = vec![f32::NAN; n_out];
+                let mut y3 = vec![f32::NAN; n_out];
+                let mut items = [(&panels, &mut y2[..]), (&panels, &mut y3[..])];
+                crate::kernels::gemm_int_many(&mut items, &acts).unwrap();
+                assert!(
+                    y2.iter()
+                        .chain(&y3)
+                        .zip(y.iter().chain(&y))
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                );
+            }
+        }
+    }
+    // Extreme codes: -128 (only from_parts stores it) and 127 against activations at +-1.
+    let (n_out, k) = (32, 1536);
+    let codes: Vec<u8> = (0..n_out * k)
+        .map(|i| if (i / 5) % 3 == 0 { 0x7F } else { 0x80 })
+        .collect();
+    let q =
+        IntWeights::from_parts(IntFormat::Int8, n_out, k, codes, vec![0.5; n_out], vec![]).unwrap();
+    let panels = q.clone().for_kernel(Kernel::Avx512Vnni).unwrap();
+    if vnni {
+        for m in [1, 9] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| if (i / 3) % 2 == 0 { 1.0 } else { -1.0 })
+                .collect();
+            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+            let mut scalar = vec![0.0f32; m * n_out];
+            gemm_int_with(Kernel::Scalar, &q, &acts, &mut scalar).unwrap();
+            let mut y = vec![f32::NAN; m * n_out];
+            gemm_int_with(Kernel::Avx512Vnni, &panels, &acts, &mut y).unwrap();
+            for (i, (got, s)) in y.iter().zip(&scalar).enumerate() {
+                assert!(
+                    (got - s).abs() <= 1e-5 * s.abs() + 1e-3,
+                    "extreme m={m} [{i}]: {got} vs scalar {s}"
+                );
+            }
+        }
+        assert!(checked > 30_000, "{checked}");
     }
 }
