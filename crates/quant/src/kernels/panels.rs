@@ -341,6 +341,23 @@ mod simd {
     use super::super::packed;
     use super::{PANEL_ROWS, header_bytes};
 
+    /// What the panel kernels read through raw pointers only after it held: the
+    /// matrix is in panels, `cols` starts and ends on panel boundaries, and
+    /// [`check_range`]'s bounds.
+    fn in_bounds(
+        w: &GgmlMatrix<'_>,
+        a: &ActsView<'_>,
+        m: usize,
+        cols: &Range<usize>,
+        out: &[f32],
+        ld: usize,
+    ) -> bool {
+        w.in_panels()
+            && cols.start.is_multiple_of(PANEL_ROWS)
+            && cols.end.is_multiple_of(PANEL_ROWS)
+            && check_range(w, a, m, cols, out, ld)
+    }
+
     /// How far ahead of its loads the kernel prefetches weight bytes.
     const PREFETCH: usize = 8192;
 
@@ -359,11 +376,7 @@ mod simd {
         out: &mut [f32],
         ld: usize,
     ) {
-        let ok = Kernel::Avx512Vnni.is_available()
-            && w.in_panels()
-            && cols.start.is_multiple_of(PANEL_ROWS)
-            && cols.end.is_multiple_of(PANEL_ROWS)
-            && check_range(&w, &a, m, &cols, out, ld);
+        let ok = Kernel::Avx512Vnni.is_available() && in_bounds(&w, &a, m, &cols, out, ld);
         if !ok {
             debug_assert!(
                 false,
@@ -649,12 +662,7 @@ mod simd {
         out: &mut [f32],
         ld: usize,
     ) {
-        let ok = Kernel::Avx2.is_available()
-            && F != F_Q8_0
-            && w.in_panels()
-            && cols.start.is_multiple_of(PANEL_ROWS)
-            && cols.end.is_multiple_of(PANEL_ROWS)
-            && check_range(&w, &a, m, &cols, out, ld);
+        let ok = Kernel::Avx2.is_available() && F != F_Q8_0 && in_bounds(&w, &a, m, &cols, out, ld);
         if !ok {
             debug_assert!(
                 false,
