@@ -192,9 +192,10 @@ fn avx2_fn<const V: bool>(format: IntFormat) -> Option<(IntRangeFn, bool)> {
     })
 }
 
-/// The code that runs the integer formats' decode steps and register tiles when
-/// `kernel` is asked for: [`Kernel::Avx512Vnni`] runs the AVX2 code there (every
-/// AVX-512 CPU has AVX2); only a prompt's packed panels use VNNI.
+/// The code that runs the integer formats' decode steps and register tiles on
+/// row-major weights when `kernel` is asked for: [`Kernel::Avx512Vnni`] runs the AVX2
+/// code there (every AVX-512 CPU has AVX2); a prompt's packed panels, and int8 in
+/// panels for every row count, use VNNI.
 pub(in crate::kernels) fn runs_as(kernel: Kernel) -> Kernel {
     match kernel {
         Kernel::Avx512Vnni => Kernel::Avx2,
