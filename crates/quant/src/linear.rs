@@ -180,9 +180,24 @@ impl QLinear {
     /// # Errors
     /// [`Error::Shape`] when the bias does not match.
     pub fn from_int(name: &str, weight: IntWeights, bias: Option<Tensor>) -> Result<Self> {
+        Self::from_int_as(name, weight, bias, true)
+    }
+
+    /// [`QLinear::from_int`]; with `layout` unset the weights stay row-major instead of
+    /// taking the layout the detected kernel reads fastest.
+    fn from_int_as(
+        name: &str,
+        weight: IntWeights,
+        bias: Option<Tensor>,
+        layout: bool,
+    ) -> Result<Self> {
         Self::check_bias(name, bias.as_ref(), weight.n_out())?;
         // Int8 in panels of sixteen rows where the AVX-512 VNNI kernel runs.
-        let weight = weight.for_kernel(kernels::Kernel::detect())?;
+        let weight = if layout {
+            weight.for_kernel(kernels::Kernel::detect())?
+        } else {
+            weight
+        };
         Ok(Self {
             in_features: weight.k(),
             out_features: weight.n_out(),
@@ -204,6 +219,19 @@ impl QLinear {
         weight: &Tensor,
         bias: Option<Tensor>,
         scheme: QuantScheme,
+    ) -> Result<Self> {
+        Self::quantize_as(name, weight, bias, scheme, true)
+    }
+
+    /// [`QLinear::quantize`]; with `layout` unset, GGML and integer weights stay
+    /// row-major (in candle's `QMatMul` for GGML types): for the blocks of rows
+    /// [`requantize`](Self::requantize) joins, which are read back, never multiplied.
+    fn quantize_as(
+        name: &str,
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        scheme: QuantScheme,
+        layout: bool,
     ) -> Result<Self> {
         let (n_out, k) = weight
             .dims2()
@@ -227,7 +255,12 @@ impl QLinear {
                 }
                 let q = QTensor::quantize(&weight.to_dtype(DType::F32)?, t)
                     .map_err(|e| cannot(e.to_string()))?;
-                Self::from_qtensor(name, q, bias)
+                let kernels = if layout {
+                    KernelChoice::Fastest
+                } else {
+                    KernelChoice::Candle
+                };
+                Self::from_qtensor_with(name, q, bias, kernels)
             }
             QuantScheme::Int(format) => {
                 let w = weight
@@ -235,7 +268,7 @@ impl QLinear {
                     .flatten_all()?
                     .to_vec1::<f32>()?;
                 let q = quantize_rows(format, &w, n_out, k).map_err(|e| cannot(e.to_string()))?;
-                Self::from_int(name, q, bias)
+                Self::from_int_as(name, q, bias, layout)
             }
         }
     }
@@ -278,7 +311,7 @@ impl QLinear {
                 .map(|rows| {
                     let ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
                     let w = self.rows(&ids)?;
-                    Self::quantize(name, &w, None, scheme)
+                    Self::quantize_as(name, &w, None, scheme, false)
                 })
                 .collect::<Result<Vec<_>>>()?;
             for p in parts {

@@ -398,34 +398,74 @@ mod simd {
         out: &mut [f32],
         ld: usize,
     ) {
-        let nb = w.blocks_per_row();
-        let rb = w.row_bytes();
-        let base = w.bytes().as_ptr();
+        let (nb, rb) = (w.blocks_per_row(), w.row_bytes());
+        // SAFETY: the caller's (the bounds of `range`).
+        unsafe { columns::<F>(w.bytes(), nb, rb, None, a, m, cols, out, ld) }
+    }
+
+    /// The panels of `cols` (`rb` bytes a row in `bytes`, `nb` blocks) for every
+    /// activation row, eight at a time; with `scales` (int8), each column times its
+    /// row's scale.
+    ///
+    /// # Safety
+    /// The CPU has the features enabled here; the panels of `cols` lie in `bytes`,
+    /// `scales` (if any) holds their rows, and the activation and output bounds of
+    /// [`check_range`] hold.
+    #[allow(clippy::too_many_arguments)] // the matrix's parts and the output window
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn columns<const F: u8>(
+        bytes: &[u8],
+        nb: usize,
+        rb: usize,
+        scales: Option<&[f32]>,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let base = bytes.as_ptr();
         let mut c = cols.start;
         while c < cols.end {
-            // SAFETY: rows c..c + 16 are within n_out (a panel of the checked matrix).
+            // SAFETY: rows c..c + 16 are within the matrix (the caller's bounds).
             let p = unsafe { base.add(c * rb) };
+            let sc = match scales.map(|s| s.get(c..c + PANEL_ROWS)) {
+                // SAFETY: sixteen floats.
+                Some(Some(s)) => Some(unsafe { _mm512_loadu_ps(s.as_ptr()) }),
+                Some(None) => return,
+                None => None,
+            };
             let cc = c - cols.start;
             let mut r = 0;
             while r < m {
                 let mr = (m - r).min(MR);
-                // SAFETY: activation rows r..r + mr exist (checked); the panel lies
-                // inside the weight bytes.
+                // SAFETY: activation rows r..r + mr exist (the caller's bounds); the
+                // panel lies inside the weight bytes.
                 unsafe {
                     match mr {
-                        8 => store::<8>(panel::<F, 8>(p, &a, r, nb), out, ld, r, cc),
-                        7 => store::<7>(panel::<F, 7>(p, &a, r, nb), out, ld, r, cc),
-                        6 => store::<6>(panel::<F, 6>(p, &a, r, nb), out, ld, r, cc),
-                        5 => store::<5>(panel::<F, 5>(p, &a, r, nb), out, ld, r, cc),
-                        4 => store::<4>(panel::<F, 4>(p, &a, r, nb), out, ld, r, cc),
-                        3 => store::<3>(panel::<F, 3>(p, &a, r, nb), out, ld, r, cc),
-                        2 => store::<2>(panel::<F, 2>(p, &a, r, nb), out, ld, r, cc),
-                        _ => store::<1>(panel::<F, 1>(p, &a, r, nb), out, ld, r, cc),
+                        8 => store::<8>(scaled(panel::<F, 8>(p, &a, r, nb), sc), out, ld, r, cc),
+                        7 => store::<7>(scaled(panel::<F, 7>(p, &a, r, nb), sc), out, ld, r, cc),
+                        6 => store::<6>(scaled(panel::<F, 6>(p, &a, r, nb), sc), out, ld, r, cc),
+                        5 => store::<5>(scaled(panel::<F, 5>(p, &a, r, nb), sc), out, ld, r, cc),
+                        4 => store::<4>(scaled(panel::<F, 4>(p, &a, r, nb), sc), out, ld, r, cc),
+                        3 => store::<3>(scaled(panel::<F, 3>(p, &a, r, nb), sc), out, ld, r, cc),
+                        2 => store::<2>(scaled(panel::<F, 2>(p, &a, r, nb), sc), out, ld, r, cc),
+                        _ => store::<1>(scaled(panel::<F, 1>(p, &a, r, nb), sc), out, ld, r, cc),
                     }
                 }
                 r += mr;
             }
             c += PANEL_ROWS;
+        }
+    }
+
+    /// Each row's sixteen sums times the sixteen weight rows' scales, if any.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn scaled<const N: usize>(v: [__m512; N], scales: Option<__m512>) -> [__m512; N] {
+        match scales {
+            Some(s) => v.map(|x| _mm512_mul_ps(x, s)),
+            None => v,
         }
     }
 
@@ -456,7 +496,7 @@ mod simd {
         r0: usize,
         nb: usize,
     ) -> [__m512; N] {
-        let wt = super::dtype_of(F);
+        let wt = super::format_of(F);
         let chunk = PANEL_ROWS * wt.block_bytes();
         let hb = header_bytes(wt);
         let low = _mm512_set1_epi8(0x0F);
@@ -581,63 +621,9 @@ mod simd {
             );
             return;
         }
-        // SAFETY: the CPU has every feature `range_int8_impl` enables, and the bounds
-        // hold (checked above).
-        unsafe { range_int8_impl(quants, scales, nb, a, m, cols, out, ld) }
-    }
-
-    #[allow(clippy::too_many_arguments)] // as range_int8's
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn range_int8_impl(
-        quants: &[u8],
-        scales: &[f32],
-        nb: usize,
-        a: ActsView<'_>,
-        m: usize,
-        cols: Range<usize>,
-        out: &mut [f32],
-        ld: usize,
-    ) {
-        let rb = nb * BLOCK_ELEMS;
-        let base = quants.as_ptr();
-        let mut c = cols.start;
-        while c < cols.end {
-            // SAFETY: rows c..c + 16 are within n_out (checked).
-            let p = unsafe { base.add(c * rb) };
-            let sc = match scales.get(c..c + PANEL_ROWS) {
-                // SAFETY: sixteen floats.
-                Some(s) => unsafe { _mm512_loadu_ps(s.as_ptr()) },
-                None => return,
-            };
-            let cc = c - cols.start;
-            let mut r = 0;
-            while r < m {
-                let mr = (m - r).min(MR);
-                // SAFETY: activation rows r..r + mr exist (checked); the panel lies
-                // inside the quants.
-                unsafe {
-                    match mr {
-                        8 => store::<8>(scaled(panel::<F_I8, 8>(p, &a, r, nb), sc), out, ld, r, cc),
-                        7 => store::<7>(scaled(panel::<F_I8, 7>(p, &a, r, nb), sc), out, ld, r, cc),
-                        6 => store::<6>(scaled(panel::<F_I8, 6>(p, &a, r, nb), sc), out, ld, r, cc),
-                        5 => store::<5>(scaled(panel::<F_I8, 5>(p, &a, r, nb), sc), out, ld, r, cc),
-                        4 => store::<4>(scaled(panel::<F_I8, 4>(p, &a, r, nb), sc), out, ld, r, cc),
-                        3 => store::<3>(scaled(panel::<F_I8, 3>(p, &a, r, nb), sc), out, ld, r, cc),
-                        2 => store::<2>(scaled(panel::<F_I8, 2>(p, &a, r, nb), sc), out, ld, r, cc),
-                        _ => store::<1>(scaled(panel::<F_I8, 1>(p, &a, r, nb), sc), out, ld, r, cc),
-                    }
-                }
-                r += mr;
-            }
-            c += PANEL_ROWS;
-        }
-    }
-
-    /// Each row's sixteen sums times the sixteen weight rows' scales.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn scaled<const N: usize>(v: [__m512; N], scales: __m512) -> [__m512; N] {
-        v.map(|x| _mm512_mul_ps(x, scales))
+        // SAFETY: the CPU has every feature `columns` enables, and the bounds hold
+        // (checked above).
+        unsafe { columns::<F_I8>(quants, nb, k, Some(scales), a, m, cols, out, ld) }
     }
 
     /// Rows of activations that share each weight vector loaded, on AVX2 (sixteen
@@ -760,7 +746,7 @@ mod simd {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unpack_half<const F: u8>(p: *const u8, h: usize, nb: usize, out: &mut packed::Panel) {
-        let wt = super::dtype_of(F);
+        let wt = super::format_of(F);
         let chunk = PANEL_ROWS * wt.block_bytes();
         let hb = header_bytes(wt);
         let low = _mm256_set1_epi8(0x0F);
@@ -807,7 +793,7 @@ mod simd {
         r0: usize,
         nb: usize,
     ) -> [__m256; N] {
-        let wt = super::dtype_of(F);
+        let wt = super::format_of(F);
         let chunk = PANEL_ROWS * wt.block_bytes();
         let hb = header_bytes(wt);
         let low = _mm256_set1_epi8(0x0F);
@@ -850,9 +836,18 @@ mod simd {
                     }
                 }
             }
-            // SAFETY: the header's sixteen f16 scales are its first bytes; this half's
-            // eight are 16 of them.
-            let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.add(16 * h).cast()) });
+            // SAFETY: the header's sixteen f16 scales are its first bytes, the Q4_1
+            // minimums follow; this half's eight are 16 bytes of each.
+            let (d, mins) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h).cast())),
+                    if F == F_Q4_1 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h).cast()))
+                    } else {
+                        _mm256_setzero_ps()
+                    },
+                )
+            };
             for i in 0..N {
                 let idx = (r0 + i) * a.stride + b;
                 // SAFETY: the scales and sums hold `stride` entries per row (checked).
@@ -861,13 +856,8 @@ mod simd {
                 if F == F_Q4_0 {
                     s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * sx));
                 } else {
-                    // SAFETY: the sixteen minimums follow the scales; as for the scale.
-                    let (mins, dsx) = unsafe {
-                        (
-                            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h).cast())),
-                            *a.ds.get_unchecked(idx),
-                        )
-                    };
+                    // SAFETY: as for the scale.
+                    let dsx = unsafe { *a.ds.get_unchecked(idx) };
                     accm[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(dsx), accm[i]);
                 }
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
@@ -885,7 +875,7 @@ mod simd {
 
 /// The format of a kernel's const format id.
 #[cfg(target_arch = "x86_64")]
-const fn dtype_of(f: u8) -> PanelFormat {
+const fn format_of(f: u8) -> PanelFormat {
     match f {
         super::driver::F_Q4_1 => PanelFormat::Ggml(WeightDType::Q4_1),
         super::driver::F_Q8_0 => PanelFormat::Ggml(WeightDType::Q8_0),
