@@ -1,5 +1,5 @@
-//! SwiGLU's gating, `silu(gate) * up`, in one pass over the two projections, and the
-//! vectorised `exp` it shares with attention's softmax.
+//! SwiGLU's gating, `silu(gate) * up`, in one pass over the two projections, the
+//! vectorised `exp` it shares with attention's softmax, and the residual addition.
 //!
 //! Candle computes the same thing as two operations, each allocating its output and
 //! the first calling the C library's `expf` element by element; a prompt of 512
@@ -23,7 +23,7 @@ const TASK: usize = 1 << 14;
 /// Shapes that differ, and candle's errors.
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let pass = |g: &[f32], u: &[f32]| {
-        let mut out = vec![0.0f32; g.len()];
+        let mut out = afo_quant::kernels::zeroed(g.len());
         let kernel = Kernel::best();
         if g.len() <= TASK {
             kernel.silu_mul(g, u, &mut out);
@@ -41,6 +41,36 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
     }
     Ok((candle_nn::ops::silu(gate)? * up)?)
+}
+
+/// `a + b` element-wise for two f32 tensors of the same shape (the residual adds of
+/// a layer), on the current rayon pool. Contiguous CPU tensors take this pass; any
+/// other pair takes candle's addition, whose result is the same bits.
+///
+/// Candle splits an addition of 64K elements or more over a pool of its own: one
+/// thread per core whatever the pool the caller runs on, each spinning for a while
+/// after the work ends, so a prompt's residual adds took the cores that the layer's
+/// matrix products on the caller's pool were running on.
+///
+/// # Errors
+/// Shapes that differ, and candle's errors.
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let pass = |a: &[f32], b: &[f32]| {
+        let mut out = Vec::new();
+        a.par_iter()
+            .zip(b)
+            .with_min_len(TASK)
+            .map(|(x, y)| x + y)
+            .collect_into_vec(&mut out);
+        out
+    };
+    if a.dims() == b.dims()
+        && let Ok(Some(out)) =
+            afo_quant::in_place(a, |x| afo_quant::in_place(b, |y| pass(x, y)).ok())
+    {
+        return Ok(Tensor::from_vec(out, a.shape(), a.device())?);
+    }
+    Ok((a + b)?)
 }
 
 /// Which SIMD code runs, for SwiGLU here and for attention's micro-kernels.
@@ -336,5 +366,45 @@ mod tests {
         // Shapes that differ are an error, not a panic.
         let short = Tensor::zeros((3, 5), DType::F32, &dev).unwrap();
         assert!(silu_mul(&gate, &short).is_err());
+    }
+
+    #[test]
+    fn the_residual_add_is_candles_bit_for_bit_on_any_pool() {
+        let dev = Device::Cpu;
+        // Several tasks' worth of elements (split among threads) and a short one.
+        for n in [5 * TASK + 3, 7] {
+            let (a, b) = inputs(n);
+            let a = Tensor::from_vec(a, n, &dev).unwrap();
+            let b = Tensor::from_vec(b, n, &dev).unwrap();
+            let want: Vec<f32> = (&a + &b).unwrap().to_vec1().unwrap();
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got: Vec<f32> = pool.install(|| add(&a, &b)).unwrap().to_vec1().unwrap();
+                assert_eq!(got.len(), n);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "n={n}, {threads} threads: not candle's sums");
+            }
+        }
+        // A narrowed view (an offset into its buffer) is read in place; a transposed
+        // one takes candle's path; both give the sums of their elements.
+        let (a, b) = inputs(4 * 6);
+        let a = Tensor::from_vec(a, (4, 6), &dev).unwrap();
+        let b = Tensor::from_vec(b, (4, 6), &dev).unwrap();
+        for (x, y) in [
+            (a.narrow(0, 1, 2).unwrap(), b.narrow(0, 2, 2).unwrap()),
+            (a.t().unwrap(), b.t().unwrap()),
+        ] {
+            let want: Vec<Vec<f32>> = (&x + &y).unwrap().to_vec2().unwrap();
+            assert_eq!(add(&x, &y).unwrap().to_vec2::<f32>().unwrap(), want);
+        }
+        // Shapes that differ are an error, not a panic.
+        let short = Tensor::zeros((3, 5), DType::F32, &dev).unwrap();
+        assert!(add(&a, &short).is_err());
     }
 }

@@ -276,7 +276,7 @@ pub(crate) fn attention_with(
     };
 
     let width = heads * head_dim;
-    let mut out = vec![0.0f32; t * width];
+    let mut out = afo_quant::kernels::zeroed(t * width);
     let mut i = 0;
     while i < tasks.len() {
         // The tasks of one kv head and block, in key order.

@@ -30,6 +30,7 @@ use afo_kvcache::{KvCache, KvCacheConfig, KvFormat, PrunePolicy};
 use afo_quant::QLinear;
 use candle_core::{Device, Tensor};
 
+use crate::activation::add;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::generate::Decode;
@@ -478,12 +479,21 @@ impl Model {
         }
         let mut x = x;
         let eps = c.rms_norm_eps as f32;
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
-            let attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            x = (&x + self.mlp(layer, &x, false)?)?;
+            let mut attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
+            let injected = inject.is_some_and(|(_, features)| features.get(i).is_some());
+            if i == last && rows == Logits::Last && t > 1 && !injected {
+                // Past the last attention, a row only feeds its own logits: the rows
+                // whose logits are not asked for skip the output projection and the
+                // MLP.
+                attn = attn.narrow(0, t - 1, 1)?;
+                x = x.narrow(0, t - 1, 1)?;
+            }
+            x = add(&x, &layer.o.forward(&attn)?)?;
+            x = add(&x, &self.mlp(layer, &x, false)?)?;
             if let Some((rows, features)) = inject
                 && let Some(f) = features.get(i)
             {
@@ -491,9 +501,10 @@ impl Model {
             }
         }
         cache.commit(t)?;
+        let n = x.dim(0)?;
         let x = match rows {
-            Logits::Last => x.narrow(0, t - 1, 1)?,
-            Logits::All => x,
+            Logits::Last if n > 1 => x.narrow(0, n - 1, 1)?,
+            _ => x,
         };
         Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
     }
@@ -533,8 +544,8 @@ impl Model {
                 rows.push(self.attend(i, layer, &row(&q)?, &row(&k)?, &row(&v)?, cache, step)?);
             }
             let attn = Tensor::cat(&rows, 0)?;
-            x = (x + layer.o.forward_sequences(&attn)?)?;
-            x = (&x + self.mlp(layer, &x, true)?)?;
+            x = add(&x, &layer.o.forward_sequences(&attn)?)?;
+            x = add(&x, &self.mlp(layer, &x, true)?)?;
         }
         for cache in caches.iter_mut() {
             cache.commit(1)?;
@@ -1072,6 +1083,54 @@ mod tests {
         assert!(max_diff(&last, &last_logits(&m, kept)) < 1e-4);
         // And it differs from the full context.
         assert!(max_diff(&last, &last_logits(&m, &ids)) > 1e-3);
+    }
+
+    #[test]
+    fn a_prompt_computes_the_last_layer_for_the_logits_asked_only() {
+        // With `Logits::Last`, the last layer's output projection and MLP run on the
+        // last row alone: its logits are those of the full pass (up to the order of
+        // additions of the one-row kernels), and the cache, written before, is the
+        // same, so the next step is the same bit for bit.
+        let m = testing::model(0.5);
+        let ids = testing::tokens(40);
+        let mut all_cache = m.new_cache(48);
+        let all: Vec<Vec<f32>> = m
+            .forward(&ids, &mut all_cache, Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut last_cache = m.new_cache(48);
+        let last: Vec<f32> = m
+            .forward(&ids, &mut last_cache, Logits::Last)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let full_last = all.last().unwrap();
+        assert_eq!(last.len(), full_last.len());
+        assert!(
+            max_diff(&last, full_last) < 1e-4,
+            "{}",
+            max_diff(&last, full_last)
+        );
+        // Not the logits of another row.
+        assert!(max_diff(&last, &all[all.len() - 2]) > 1e-3);
+        assert_eq!(all_cache.len(), last_cache.len());
+        let next = |cache: &mut KvCache| -> Vec<f32> {
+            m.forward(&[9], cache, Logits::Last)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (a, b) = (next(&mut all_cache), next(&mut last_cache));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // One token: nothing to leave out, the same as before.
+        let mut one = m.new_cache(4);
+        let single = m.forward(&ids[..1], &mut one, Logits::Last).unwrap();
+        assert_eq!(single.dims(), &[1, testing::VOCAB]);
     }
 
     #[test]

@@ -499,7 +499,7 @@ impl QLinear {
                     Ok(QuantizedActs::quantize(xs, m, self.in_features)?)
                 })?;
                 acts.set_independent_rows(independent);
-                let mut ys = vec![0f32; m * self.out_features];
+                let mut ys = kernels::zeroed(m * self.out_features);
                 kernels::gemm_quantized(w.matrix(), &acts, &mut ys)?;
                 Tensor::from_vec(ys, out_dims, x.device())?
             }
@@ -529,7 +529,7 @@ impl QLinear {
                     Ok(QuantizedActs::quantize(xs, m, self.in_features)?)
                 })?;
                 acts.set_independent_rows(independent);
-                let mut ys = vec![0f32; m * self.out_features];
+                let mut ys = kernels::zeroed(m * self.out_features);
                 kernels::gemm_int(w, &acts, &mut ys)?;
                 Tensor::from_vec(ys, out_dims, x.device())?
             }
@@ -620,7 +620,7 @@ impl QLinear {
         acts.set_independent_rows(independent);
         let mut ys: Vec<Vec<f32>> = layers
             .iter()
-            .map(|l| vec![0f32; m * l.out_features])
+            .map(|l| kernels::zeroed(m * l.out_features))
             .collect();
         if let Some(weights) = ggml {
             let mut items: Vec<(kernels::GgmlMatrix<'_>, &mut [f32])> = weights
@@ -861,7 +861,7 @@ fn dense_gemv(
         return Ok(None);
     };
     let matrix = DenseMatrix::new(data, n_out, k)?;
-    let mut ys = vec![0f32; m * n_out];
+    let mut ys = kernels::zeroed(m * n_out);
     with_f32(x, |xs| Ok(kernels::dense_gemm(matrix, xs, m, &mut ys)?))?;
     Ok(Some(ys))
 }

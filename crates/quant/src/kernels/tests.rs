@@ -1025,3 +1025,26 @@ fn a_cap_after_the_choice_is_refused() {
     assert_eq!(kernel_limit(), Kernel::Avx512Vnni);
     assert!(chosen.is_available());
 }
+
+#[test]
+fn output_buffers_are_zeros_of_the_length_asked_on_any_pool() {
+    // Below and above the size filled by the pool's threads, and an empty one.
+    for n in [
+        0,
+        1,
+        1000,
+        PAR_ZERO_MIN - 1,
+        PAR_ZERO_MIN,
+        3 * PAR_ZERO_MIN + 5,
+    ] {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let v = pool.install(|| zeroed(n));
+            assert_eq!(v.len(), n, "{threads} threads");
+            assert!(v.iter().all(|x| x.to_bits() == 0), "n={n}: not all +0.0");
+        }
+    }
+}
