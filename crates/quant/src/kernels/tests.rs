@@ -885,6 +885,52 @@ fn panel_kernel_matches_reference_and_each_row_alone() {
     println!("panel kernels tested: {tested}");
 }
 
+/// The checks a panel kernel passes on one batch (`acts`, quantized from `x`, `k`
+/// columns): each output within `bound + slack` of the exact product and within
+/// `slack` of the scalar kernel's (`refs` holds `(exact, bound, slack)` per output);
+/// two and three threads bit-identical to one; independent rows bit-identical; rows 0,
+/// `m / 2` and `m - 1` alone bit-identical to their row of the batch. `run(acts,
+/// threads)` runs the kernel. Returns the batch's output and the outputs checked.
+pub(super) fn check_panel_batch(
+    what: &str,
+    x: &[f32],
+    n_out: usize,
+    acts: &mut QuantizedActs,
+    refs: &[(f64, f64, f64)],
+    scalar: &[f32],
+    run: impl Fn(&QuantizedActs, usize) -> Vec<f32>,
+) -> (Vec<f32>, usize) {
+    let (m, k) = (acts.m(), acts.k());
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+    let y = run(acts, 1);
+    let mut checked = 0;
+    for (i, ((&got, &(exact, bound, slack)), &s)) in y.iter().zip(refs).zip(scalar).enumerate() {
+        let err = (f64::from(got) - exact).abs();
+        assert!(err <= bound + slack, "{what} [{i}]: {got} vs exact {exact}");
+        assert!(
+            (f64::from(got) - f64::from(s)).abs() <= slack,
+            "{what} [{i}]: {got} vs scalar {s}"
+        );
+        checked += 1;
+    }
+    for threads in [2, 3] {
+        assert!(
+            same(&y, &run(acts, threads)),
+            "{what}: {threads} threads differ from one"
+        );
+    }
+    acts.set_independent_rows(true);
+    assert!(same(&y, &run(acts, 2)), "{what}: independent rows");
+    for r in [0, m / 2, m - 1] {
+        let one = QuantizedActs::quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
+        assert!(
+            same(&run(&one, 1), &y[r * n_out..(r + 1) * n_out]),
+            "{what}: row {r} alone differs from the batch"
+        );
+    }
+    (y, checked)
+}
+
 fn panel_kernel_checks(kernel: Kernel) {
     let mut rng = Rng(123);
     let mut checked = 0usize;
@@ -909,47 +955,12 @@ fn panel_kernel_checks(kernel: Kernel) {
                         .unwrap();
                     y
                 };
-                let y = run(&acts, 1);
-                for (i, ((&got, &(exact, bound, mag)), &s)) in
-                    y.iter().zip(&refs).zip(&scalar).enumerate()
-                {
-                    let what = format!("{dtype} m={m} n_out={n_out} k={k} [{i}]");
-                    let slack = 1e-4 * mag + 1e-6;
-                    let err = (f64::from(got) - exact).abs();
-                    assert!(err <= bound + slack, "{what}: {got} vs exact {exact}");
-                    assert!(
-                        (f64::from(got) - f64::from(s)).abs() <= slack,
-                        "{what}: {got} vs scalar {s}"
-                    );
-                    checked += 1;
-                }
-                for threads in [2, 3] {
-                    let other = run(&acts, threads);
-                    assert!(
-                        y.iter()
-                            .zip(&other)
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{dtype} m={m} n_out={n_out}: {threads} threads differ from one"
-                    );
-                }
-                acts.set_independent_rows(true);
-                assert!(
-                    y.iter()
-                        .zip(run(&acts, 2))
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{dtype} m={m}: independent rows"
-                );
-                for r in [0, m / 2, m - 1] {
-                    let one = QuantizedActs::quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
-                    let alone = run(&one, 1);
-                    assert!(
-                        alone
-                            .iter()
-                            .zip(&y[r * n_out..(r + 1) * n_out])
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{dtype} m={m} n_out={n_out}: row {r} alone differs from the batch"
-                    );
-                }
+                let refs: Vec<(f64, f64, f64)> = refs
+                    .iter()
+                    .map(|&(exact, bound, mag)| (exact, bound, 1e-4 * mag + 1e-6))
+                    .collect();
+                let what = format!("{dtype} m={m} n_out={n_out} k={k}");
+                checked += check_panel_batch(&what, &x, n_out, &mut acts, &refs, &scalar, run).1;
             }
         }
         // Extreme quants (Q8_0 -128 and 127, nibbles 15) against activations at +-127.

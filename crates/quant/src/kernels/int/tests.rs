@@ -674,45 +674,11 @@ fn int8_panels_match_reference_and_each_row_alone() {
                     .unwrap();
                 y
             };
-            let y = run(&acts, 1);
-            for (i, ((&got, &(exact, bound, slack)), &s)) in
-                y.iter().zip(&refs).zip(&scalar).enumerate()
-            {
-                let what = format!("m={m} n_out={n_out} k={k} [{i}]");
-                let err = (f64::from(got) - exact).abs();
-                assert!(err <= bound + slack, "{what}: {got} vs exact {exact}");
-                assert!(
-                    (f64::from(got) - f64::from(s)).abs() <= slack,
-                    "{what}: {got} vs scalar {s}"
-                );
-                checked += 1;
-            }
-            for threads in [2, 3] {
-                let other = run(&acts, threads);
-                assert!(
-                    y.iter()
-                        .zip(&other)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "m={m} n_out={n_out}: {threads} threads differ from one"
-                );
-            }
-            acts.set_independent_rows(true);
-            assert!(
-                y.iter()
-                    .zip(run(&acts, 2))
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "m={m}: independent rows"
+            let what = format!("int8 m={m} n_out={n_out} k={k}");
+            let (y, n) = crate::kernels::tests::check_panel_batch(
+                &what, &x, n_out, &mut acts, &refs, &scalar, run,
             );
-            for r in [0, m / 2, m - 1] {
-                let one = QuantizedActs::quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
-                assert!(
-                    run(&one, 1)
-                        .iter()
-                        .zip(&y[r * n_out..(r + 1) * n_out])
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "m={m} n_out={n_out}: row {r} alone differs from the batch"
-                );
-            }
+            checked += n;
             // The q/k/v path: several matrices over one row in one parallel region.
             if m == 1 {
                 let mut y2 = vec![f32::NAN; n_out];
