@@ -77,6 +77,38 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((a + b)?)
 }
 
+/// Candle's element-wise operation `Op` (GELU, SiLU, ...) over an f32 tensor, on the
+/// current rayon pool: the function candle applies (`Op::f32_vec`), so the same bits.
+/// A contiguous CPU tensor is cut into tasks here; any other goes to `fallback`,
+/// candle's own method for the operation.
+///
+/// Candle runs such an operation of 64K elements or more on its own pool, as it does
+/// additions (see [`add`]): a vision encoder's GELU over every patch took cores that
+/// the caller's pool was running on.
+///
+/// # Errors
+/// Candle's errors, from the fallback.
+pub(crate) fn unary<Op: candle_core::op::UnaryOpT>(
+    x: &Tensor,
+    fallback: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    let pass = |xs: &[f32]| {
+        let mut out = afo_quant::kernels::zeroed(xs.len());
+        if xs.len() <= TASK {
+            Op::f32_vec(xs, &mut out);
+        } else {
+            out.par_chunks_mut(TASK)
+                .zip(xs.par_chunks(TASK))
+                .for_each(|(o, x)| Op::f32_vec(x, o));
+        }
+        out
+    };
+    match afo_quant::in_place(x, pass) {
+        Ok(out) => Ok(Tensor::from_vec(out, x.shape(), x.device())?),
+        Err(_) => Ok(fallback(x)?),
+    }
+}
+
 /// Which SIMD code runs, for SwiGLU here and for attention's micro-kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -90,7 +122,6 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
     /// The fastest kernel this CPU runs, within afo-quant's cap
     /// ([`afo_quant::kernels::limit_kernels`]: AVX2 at most under an AVX2 cap, the
     /// portable code under a scalar one).
@@ -410,5 +441,56 @@ mod tests {
         // Shapes that differ are an error, not a panic.
         let short = Tensor::zeros((3, 5), DType::F32, &dev).unwrap();
         assert!(add(&a, &short).is_err());
+    }
+
+    #[test]
+    fn candles_unary_operations_give_candles_bits_on_any_pool() {
+        use candle_core::op::{Gelu, GeluErf, Silu};
+        let dev = Device::Cpu;
+        let same = |got: &[f32], want: &[f32]| {
+            got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        // Past candle's own parallel threshold (64K), several tasks, and a short one.
+        for n in [70_000, 5 * TASK + 3, 7] {
+            // Where the three functions differ: within a few units of zero.
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+            let x = Tensor::from_vec(a, n, &dev).unwrap();
+            let want_tanh: Vec<f32> = x.gelu().unwrap().to_vec1().unwrap();
+            let want_erf: Vec<f32> = x.gelu_erf().unwrap().to_vec1().unwrap();
+            let want_silu: Vec<f32> = x.silu().unwrap().to_vec1().unwrap();
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let run = |t: Result<Tensor>| t.unwrap().to_vec1::<f32>().unwrap();
+                let tanh = run(pool.install(|| unary::<Gelu>(&x, Tensor::gelu)));
+                let erf = run(pool.install(|| unary::<GeluErf>(&x, Tensor::gelu_erf)));
+                let silu = run(pool.install(|| unary::<Silu>(&x, Tensor::silu)));
+                assert!(same(&tanh, &want_tanh), "gelu, n={n}, {threads} threads");
+                assert!(same(&erf, &want_erf), "gelu_erf, n={n}, {threads} threads");
+                assert!(same(&silu, &want_silu), "silu, n={n}, {threads} threads");
+                // The three differ from each other, so a mixed-up operation fails.
+                assert!(!same(&tanh, &want_erf) && !same(&erf, &want_silu));
+            }
+        }
+        // A transposed view and an f16 tensor take candle's method.
+        let (a, _) = inputs(4 * 6);
+        let x = Tensor::from_vec(a, (4, 6), &dev).unwrap();
+        let t = x.t().unwrap();
+        let want: Vec<Vec<f32>> = t.gelu_erf().unwrap().to_vec2().unwrap();
+        let got = unary::<GeluErf>(&t, Tensor::gelu_erf).unwrap();
+        assert_eq!(got.to_vec2::<f32>().unwrap(), want);
+        let h = x.to_dtype(DType::F16).unwrap();
+        let got = unary::<Silu>(&h, Tensor::silu).unwrap();
+        assert_eq!(got.dtype(), DType::F16);
+        assert_eq!(
+            got.to_vec2::<half::f16>().unwrap(),
+            h.silu().unwrap().to_vec2::<half::f16>().unwrap()
+        );
     }
 }

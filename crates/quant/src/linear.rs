@@ -42,6 +42,9 @@ pub struct QLinear {
     out_features: usize,
 }
 
+/// Output elements per parallel task of a bias addition.
+const BIAS_TASK: usize = 1 << 14;
+
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
@@ -537,12 +540,43 @@ impl QLinear {
         self.add_bias(y)
     }
 
-    /// `y` plus the bias, when the layer has one.
+    /// `y` plus the bias, when the layer has one: on the current rayon pool for an
+    /// f32 output and bias (candle's broadcast addition otherwise; the same bits).
+    /// Candle runs an addition of 64K elements or more on a pool of its own, one
+    /// thread per core whatever pool the caller runs on, whose threads spin after
+    /// each call.
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) => Ok(y.broadcast_add(b)?),
-            None => Ok(y),
+        let Some(b) = &self.bias else {
+            return Ok(y);
+        };
+        let pass = |ys: &[f32], bs: &[f32]| -> Option<Vec<f32>> {
+            if bs.is_empty() || !ys.len().is_multiple_of(bs.len()) {
+                return None;
+            }
+            let rows_per_task = (BIAS_TASK / bs.len()).max(1);
+            let add_rows = |out: &mut [f32], src: &[f32]| {
+                for (o, (x, c)) in out.iter_mut().zip(src.iter().zip(bs.iter().cycle())) {
+                    *o = x + c;
+                }
+            };
+            let mut out = kernels::zeroed(ys.len());
+            if ys.len() <= BIAS_TASK {
+                add_rows(&mut out, ys);
+            } else {
+                let task = rows_per_task * bs.len();
+                out.par_chunks_mut(task)
+                    .zip(ys.par_chunks(task))
+                    .for_each(|(o, x)| add_rows(o, x));
+            }
+            Some(out)
+        };
+        let last = y.dims().last().copied();
+        if last == Some(b.elem_count())
+            && let Ok(Some(out)) = in_place(&y, |ys| in_place(b, |bs| pass(ys, bs)).ok().flatten())
+        {
+            return Ok(Tensor::from_vec(out, y.shape(), y.device())?);
         }
+        Ok(y.broadcast_add(b)?)
     }
 
     /// Applies several layers to the same `[..., in_features]` input (a decoder
@@ -550,7 +584,8 @@ impl QLinear {
     /// [`QLinear::forward`] on each, but when every weight is in a GGML block format
     /// (or every one in an integer format) the activations are quantized once, and
     /// when the input is one row the matrices run in one parallel region
-    /// ([`kernels::gemm_quantized_many`], [`kernels::gemm_int_many`]).
+    /// ([`kernels::gemm_quantized_many`], [`kernels::gemm_int_many`]; dense f32, f16
+    /// and bf16 weights through [`kernels::dense_gemm_many`]).
     ///
     /// # Errors
     /// As [`QLinear::forward`].
@@ -604,6 +639,18 @@ impl QLinear {
                 _ => None,
             })
             .collect();
+        let output = |l: &QLinear, y: Vec<f32>| -> Result<Tensor> {
+            let mut out_dims = dims.to_vec();
+            if let Some(last) = out_dims.last_mut() {
+                *last = l.out_features;
+            }
+            l.add_bias(Tensor::from_vec(y, out_dims, x.device())?)
+        };
+        if let (Some(k), Some((_, lead))) = (k, dims.split_last())
+            && let Some(ys) = dense_many(layers, x, k, lead.iter().product())?
+        {
+            return layers.iter().zip(ys).map(|(l, y)| output(l, y)).collect();
+        }
         let (Some(k), Some((_, lead)), true, true) = (
             k,
             dims.split_last(),
@@ -637,17 +684,7 @@ impl QLinear {
                 .collect();
             kernels::gemm_int_many(&mut items, &acts)?;
         }
-        layers
-            .iter()
-            .zip(ys)
-            .map(|(l, y)| {
-                let mut out_dims = dims.to_vec();
-                if let Some(last) = out_dims.last_mut() {
-                    *last = l.out_features;
-                }
-                l.add_bias(Tensor::from_vec(y, out_dims, x.device())?)
-            })
-            .collect()
+        layers.iter().zip(ys).map(|(l, y)| output(l, y)).collect()
     }
 
     /// The rows `ids` of the weight as f32 `[ids.len(), in_features]`: an embedding
@@ -846,23 +883,72 @@ fn dense_gemv(
         return Ok(None);
     }
     let (storage, layout) = w.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let data = match cpu {
-        CpuStorage::F32(v) => v.get(start..end).map(DenseData::F32),
-        CpuStorage::F16(v) => v.get(start..end).map(DenseData::F16),
-        CpuStorage::BF16(v) => v.get(start..end).map(DenseData::BF16),
-        _ => None,
-    };
-    let Some(data) = data else {
+    let Some(data) = dense_data(&storage, layout) else {
         return Ok(None);
     };
     let matrix = DenseMatrix::new(data, n_out, k)?;
     let mut ys = kernels::zeroed(m * n_out);
     with_f32(x, |xs| Ok(kernels::dense_gemm(matrix, xs, m, &mut ys)?))?;
+    Ok(Some(ys))
+}
+
+/// The elements of a dense weight's storage as this crate's kernels read them: a
+/// contiguous f32, f16 or bf16 CPU buffer; `None` for anything else.
+fn dense_data<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<DenseData<'a>> {
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (storage, layout.contiguous_offsets())
+    else {
+        return None;
+    };
+    match cpu {
+        CpuStorage::F32(v) => v.get(start..end).map(DenseData::F32),
+        CpuStorage::F16(v) => v.get(start..end).map(DenseData::F16),
+        CpuStorage::BF16(v) => v.get(start..end).map(DenseData::BF16),
+        _ => None,
+    }
+}
+
+/// One activation row times several dense layers as one parallel region
+/// ([`kernels::dense_gemm_many`]); `None` when a layer is not a dense CPU weight over
+/// `k` inputs, or `x` is not one row on the CPU (the caller then runs the layers one
+/// by one).
+fn dense_many(
+    layers: &[&QLinear],
+    x: &Tensor,
+    k: usize,
+    m: usize,
+) -> Result<Option<Vec<Vec<f32>>>> {
+    if m != 1 || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let mut tensors = Vec::with_capacity(layers.len());
+    for l in layers {
+        match &l.weight {
+            Weight::Dense(w) | Weight::Narrowed(w) if l.in_features == k => tensors.push(w),
+            _ => return Ok(None),
+        }
+    }
+    let guards: Vec<_> = tensors.iter().map(|w| w.storage_and_layout()).collect();
+    let mut matrices = Vec::with_capacity(layers.len());
+    for ((storage, layout), l) in guards.iter().zip(layers) {
+        let Some(data) = dense_data(storage, layout) else {
+            return Ok(None);
+        };
+        matrices.push(DenseMatrix::new(data, l.out_features, k)?);
+    }
+    let mut ys: Vec<Vec<f32>> = layers
+        .iter()
+        .map(|l| kernels::zeroed(l.out_features))
+        .collect();
+    let mut items: Vec<(DenseMatrix<'_>, &mut [f32])> = matrices
+        .into_iter()
+        .zip(ys.iter_mut())
+        .map(|(w, y)| (w, y.as_mut_slice()))
+        .collect();
+    with_f32(x, |xs| Ok(kernels::dense_gemm_many(&mut items, xs, 1)?))?;
     Ok(Some(ys))
 }
 
@@ -1041,6 +1127,52 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// The bias is added on the caller's pool with candle's bits: rows past a task
+    /// (split among threads) and a short output, dense and GGML weights.
+    #[test]
+    fn the_bias_is_candles_broadcast_addition_bit_for_bit_on_any_pool() {
+        let dev = Device::Cpu;
+        let (inp, out) = (64, 96);
+        let w = Tensor::from_vec(data(out * inp, 1), (out, inp), &dev).unwrap();
+        let bias = Tensor::from_vec(data(out, 2), out, &dev).unwrap();
+        let layers = [
+            (
+                QLinear::quantize("d", &w, Some(bias.clone()), QuantScheme::F32).unwrap(),
+                QLinear::quantize("d", &w, None, QuantScheme::F32).unwrap(),
+            ),
+            (
+                QLinear::from_qtensor(
+                    "q",
+                    QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(),
+                    Some(bias.clone()),
+                )
+                .unwrap(),
+                QLinear::from_qtensor("q", QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(), None)
+                    .unwrap(),
+            ),
+        ];
+        for (with, without) in &layers {
+            for m in [1, 3 * (BIAS_TASK / out) + 5] {
+                let x = Tensor::from_vec(data(m * inp, 3), (m, inp), &dev).unwrap();
+                let want = values(&without.forward(&x).unwrap().broadcast_add(&bias).unwrap());
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let got = values(&pool.install(|| with.forward(&x)).unwrap());
+                    assert_eq!(got.len(), m * out);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "m={m}, {threads} threads: not candle's sums"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn forward_many_equals_separate_forwards() {
         let dev = Device::Cpu;
@@ -1090,6 +1222,37 @@ mod tests {
             for (l, y) in ints.iter().zip(&fused) {
                 assert_eq!(values(y), values(&l.forward(&x).unwrap()), "{schemes:?}");
             }
+        }
+        // Dense layers (f32, f16, bf16, with and without a bias): one row in one
+        // parallel region, more rows one by one, the same results as separate
+        // forwards.
+        for scheme in [QuantScheme::F32, QuantScheme::F16, QuantScheme::BF16] {
+            let dense: Vec<QLinear> = outs
+                .iter()
+                .enumerate()
+                .map(|(i, &out)| {
+                    let w =
+                        Tensor::from_vec(data(out * inp, 20 + i as u32), (out, inp), &dev).unwrap();
+                    let bias = (i == 1).then(|| Tensor::from_vec(data(out, 8), out, &dev).unwrap());
+                    QLinear::quantize("w", &w, bias, scheme).unwrap()
+                })
+                .collect();
+            for m in [1, 3] {
+                let x = Tensor::from_vec(data(m * inp, 7), (m, inp), &dev).unwrap();
+                let fused = pool
+                    .install(|| QLinear::forward_many([&dense[0], &dense[1], &dense[2]], &x))
+                    .unwrap();
+                for (l, y) in dense.iter().zip(&fused) {
+                    assert_eq!(y.dims(), &[m, l.out_features()]);
+                    assert_eq!(
+                        values(y),
+                        values(&l.forward(&x).unwrap()),
+                        "{scheme:?} m = {m}"
+                    );
+                }
+            }
+            let bad = Tensor::zeros((1, 64), DType::F32, &dev).unwrap();
+            assert!(QLinear::forward_many([&dense[0], &dense[1]], &bad).is_err());
         }
         // A wrong inner dimension is the same error as a single forward's.
         let bad = Tensor::zeros((1, 64), DType::F32, &dev).unwrap();

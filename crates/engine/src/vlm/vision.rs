@@ -8,9 +8,11 @@
 //! (`[patches / merge², out_hidden]`) plus one such matrix per DeepStack block.
 
 use afo_quant::QLinear;
+use candle_core::op::{Gelu, GeluErf, Silu};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{VisionActivation, VisionConfig};
+use crate::activation::{add, unary};
 use crate::error::{Error, Result};
 use crate::hf::SafetensorsDir;
 
@@ -276,7 +278,7 @@ impl VisionEncoder {
             &self.patch_embed
         };
         let x = embed.forward(&pixel_values.to_dtype(DType::F32)?)?;
-        let mut x = (x + self.position_embeddings(grids, device)?)?;
+        let mut x = add(&x, &self.position_embeddings(grids, device)?)?;
         let (cos, sin) = self.rotary(grids, device)?;
         let mut deepstack = Vec::with_capacity(self.deepstack.len());
         for (i, block) in self.blocks.iter().enumerate() {
@@ -298,15 +300,15 @@ impl VisionEncoder {
     ) -> Result<Tensor> {
         let h = b.norm1.forward(x)?;
         let attn = self.attention(b, &h, grids, cos, sin)?;
-        let x = (x + attn)?;
+        let x = add(x, &attn)?;
         let h = b.norm2.forward(&x)?;
         let h = b.fc1.forward(&h)?;
         let h = match self.config.activation {
-            VisionActivation::GeluTanh => h.gelu()?,
-            VisionActivation::Gelu => h.gelu_erf()?,
-            VisionActivation::Silu => candle_nn::ops::silu(&h)?,
+            VisionActivation::GeluTanh => unary::<Gelu>(&h, Tensor::gelu)?,
+            VisionActivation::Gelu => unary::<GeluErf>(&h, Tensor::gelu_erf)?,
+            VisionActivation::Silu => unary::<Silu>(&h, Tensor::silu)?,
         };
-        Ok((x + b.fc2.forward(&h)?)?)
+        add(&x, &b.fc2.forward(&h)?)
     }
 
     /// Full (non-causal) attention within each frame of each image.
@@ -373,7 +375,7 @@ impl VisionEncoder {
         } else {
             m.norm.forward(x)?.reshape((n / unit, merged))?
         };
-        let h = m.fc1.forward(&h)?.gelu_erf()?;
+        let h = unary::<GeluErf>(&m.fc1.forward(&h)?, Tensor::gelu_erf)?;
         Ok(m.fc2.forward(&h)?)
     }
 
@@ -431,9 +433,9 @@ impl VisionEncoder {
             let rows = self
                 .pos_embed
                 .index_select(&Tensor::from_vec(i, n, device)?, 0)?;
-            let part = rows.broadcast_mul(&Tensor::from_vec(w, (n, 1), device)?)?;
+            let part = scale_rows(&rows, w)?;
             total = Some(match total {
-                Some(t) => (t + part)?,
+                Some(t) => add(&t, &part)?,
                 None => part,
             });
         }
@@ -478,7 +480,70 @@ impl VisionEncoder {
     }
 }
 
+/// Row `i` of `rows` (`[n, width]`) times `w[i]`: candle's broadcast product, the same
+/// bits, computed here for f32 rows so that it does not start candle's pool for
+/// element-wise operations (see [`crate::activation::unary`]).
+fn scale_rows(rows: &Tensor, w: Vec<f32>) -> Result<Tensor> {
+    let width = rows.elem_count() / w.len().max(1);
+    let scaled = afo_quant::in_place(rows, |r: &[f32]| -> Vec<f32> {
+        r.chunks_exact(width.max(1))
+            .zip(&w)
+            .flat_map(|(row, &s)| row.iter().map(move |v| v * s))
+            .collect()
+    });
+    Ok(match scaled {
+        Ok(v) if v.len() == rows.elem_count() => Tensor::from_vec(v, rows.shape(), rows.device())?,
+        _ => {
+            let n = w.len();
+            let w = Tensor::from_vec(w, (n, 1), rows.device())?.to_dtype(rows.dtype())?;
+            rows.broadcast_mul(&w)?
+        }
+    })
+}
+
 /// The number of language-model tokens an image of grid `[t, h, w]` becomes.
 pub fn image_tokens(grid: [usize; 3], merge_size: usize) -> usize {
     grid[0] * grid[1] * grid[2] / (merge_size * merge_size).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaled_rows_are_candles_broadcast_product_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (n, width) = (5, 7);
+        let values: Vec<f32> = (0..n * width)
+            .map(|i| (i as f32 * 0.73).sin() * 3.1)
+            .collect();
+        let w: Vec<f32> = (0..n).map(|i| 0.1 + i as f32 / 3.0).collect();
+        let rows = Tensor::from_vec(values, (n, width), &dev).unwrap();
+        let want: Vec<Vec<f32>> = rows
+            .broadcast_mul(&Tensor::from_vec(w.clone(), (n, 1), &dev).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let got = scale_rows(&rows, w.clone()).unwrap();
+        assert_eq!(got.dims(), &[n, width]);
+        let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+        for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert_eq!(g.to_bits(), e.to_bits());
+        }
+        // Rows in another dtype take candle's product, in that dtype.
+        let half = rows.to_dtype(DType::F16).unwrap();
+        let got = scale_rows(&half, w.clone()).unwrap();
+        let w16 = Tensor::from_vec(w, (n, 1), &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        assert_eq!(got.dtype(), DType::F16);
+        assert_eq!(
+            got.to_vec2::<half::f16>().unwrap(),
+            half.broadcast_mul(&w16)
+                .unwrap()
+                .to_vec2::<half::f16>()
+                .unwrap()
+        );
+    }
 }

@@ -25,7 +25,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use super::Kernel;
-use super::driver::split_rows_or_columns;
+use super::driver::{split_many, split_rows_or_columns};
 use super::error::{Error, Result};
 
 /// Activation rows one pass over the weights serves (more rows take more passes).
@@ -160,6 +160,77 @@ pub fn dense_gemm_with(
     if !kernel.is_available() {
         return Err(Error::KernelUnavailable { kernel });
     }
+    check_shapes(&w, x, m, y)?;
+    let f = range_fn(kernel);
+    // Decided by the whole call, not a thread's share of rows, so that the split does
+    // not change which code computes a row.
+    let packed = m > DENSE_GEMV_MAX_ROWS;
+    let k = w.k;
+    // A prompt's row blocks each convert and transpose every panel of the matrix: one
+    // block per thread packs it once per thread (two per thread: pp512 F16 9% slower).
+    split_rows_or_columns(m, w.n_out, k, y, 1, |rows, cols, out, ld| {
+        let xr = x.get(rows.start * k..rows.end * k).unwrap_or(&[]);
+        f(w, xr, rows.len(), cols, out, ld, packed)
+    });
+    Ok(())
+}
+
+/// `ys[i] = x · W_iᵀ` for several dense matrices that read the same single activation
+/// row (q, k and v; gate and up), with the detected kernel, split across the current
+/// rayon pool as one parallel region instead of one per matrix: a decode step streams
+/// the matrices back to back without a pause at each matrix's end. Each output is
+/// computed by the same code as in [`dense_gemm`], so the results equal separate calls
+/// exactly. More than one row runs the matrices one after another (a prompt's product
+/// is long enough to be its own region).
+///
+/// # Errors
+/// As [`dense_gemm`], for any of the matrices.
+pub fn dense_gemm_many(
+    items: &mut [(DenseMatrix<'_>, &mut [f32])],
+    x: &[f32],
+    m: usize,
+) -> Result<()> {
+    dense_gemm_many_with(Kernel::detect(), items, x, m)
+}
+
+/// [`dense_gemm_many`] with a chosen kernel; [`Error::KernelUnavailable`] if the CPU
+/// lacks it.
+///
+/// # Errors
+/// As [`dense_gemm_with`], for any of the matrices.
+pub fn dense_gemm_many_with(
+    kernel: Kernel,
+    items: &mut [(DenseMatrix<'_>, &mut [f32])],
+    x: &[f32],
+    m: usize,
+) -> Result<()> {
+    if m != 1 {
+        for (w, y) in items.iter_mut() {
+            dense_gemm_with(kernel, *w, x, m, y)?;
+        }
+        return Ok(());
+    }
+    if !kernel.is_available() {
+        return Err(Error::KernelUnavailable { kernel });
+    }
+    for (w, y) in items.iter() {
+        check_shapes(w, x, 1, y)?;
+    }
+    let f = range_fn(kernel);
+    let tasks = items
+        .iter_mut()
+        .map(|(w, y)| (*w, w.n_out, w.k, &mut **y))
+        .collect();
+    split_many(tasks, |w, cols, out| {
+        let n = out.len();
+        f(w, x, 1, cols, out, n, false)
+    });
+    Ok(())
+}
+
+/// The shapes [`dense_gemm_with`] takes: `m` rows, `x` of `m * k` floats and `y` of
+/// `m * n_out`.
+fn check_shapes(w: &DenseMatrix<'_>, x: &[f32], m: usize, y: &[f32]) -> Result<()> {
     if m == 0 {
         return Err(Error::EmptyDimension { what: "m" });
     }
@@ -176,19 +247,7 @@ pub fn dense_gemm_with(
         Ok(())
     };
     check("x (m * k)", w.k, x.len())?;
-    check("y (m * n_out)", w.n_out, y.len())?;
-    let f = range_fn(kernel);
-    // Decided by the whole call, not a thread's share of rows, so that the split does
-    // not change which code computes a row.
-    let packed = m > DENSE_GEMV_MAX_ROWS;
-    let k = w.k;
-    // A prompt's row blocks each convert and transpose every panel of the matrix: one
-    // block per thread packs it once per thread (two per thread: pp512 F16 9% slower).
-    split_rows_or_columns(m, w.n_out, k, y, 1, |rows, cols, out, ld| {
-        let xr = x.get(rows.start * k..rows.end * k).unwrap_or(&[]);
-        f(w, xr, rows.len(), cols, out, ld, packed)
-    });
-    Ok(())
+    check("y (m * n_out)", w.n_out, y.len())
 }
 
 /// Computes `out[r * ld + (c - cols.start)]` for every activation row `r < m` and

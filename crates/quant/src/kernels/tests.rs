@@ -754,6 +754,73 @@ fn dense_results_do_not_depend_on_the_thread_count() {
     report_kernel_coverage("dense thread independence");
 }
 
+/// q, k and v (or gate and up) as one parallel region give exactly what separate
+/// calls give, for one row (split across threads as one region) and for several (run
+/// one after another), every dtype and kernel; a shape that does not fit is an error.
+#[test]
+fn dense_products_of_several_matrices_equal_separate_calls_bit_for_bit() {
+    // Output widths below, at and above a task, with k as in a model.
+    let shapes = [(576, 576), (192, 576), (40, 576)];
+    let mut compared = 0usize;
+    for kernel in available_kernels() {
+        for dtype in ["f32", "f16", "bf16"] {
+            let owned: Vec<DenseOwned> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, k))| dense_case(dtype, n, k, 60 + i as u64).1)
+                .collect();
+            let mats: Vec<DenseMatrix<'_>> = owned
+                .iter()
+                .zip(shapes)
+                .map(|(o, (n, k))| DenseMatrix::new(o.data(), n, k).unwrap())
+                .collect();
+            for m in [1, 3, 9] {
+                let x = Rng(70 + m as u64).vec(m * 576);
+                for threads in [1, 2, 3] {
+                    let separate: Vec<Vec<f32>> = mats
+                        .iter()
+                        .map(|w| {
+                            let mut y = vec![f32::NAN; m * w.n_out()];
+                            pool(threads)
+                                .install(|| dense_gemm_with(kernel, *w, &x, m, &mut y))
+                                .unwrap();
+                            y
+                        })
+                        .collect();
+                    let mut ys: Vec<Vec<f32>> =
+                        mats.iter().map(|w| vec![f32::NAN; m * w.n_out()]).collect();
+                    let mut items: Vec<(DenseMatrix<'_>, &mut [f32])> = mats
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(w, y)| (*w, y.as_mut_slice()))
+                        .collect();
+                    pool(threads)
+                        .install(|| dense_gemm_many_with(kernel, &mut items, &x, m))
+                        .unwrap();
+                    for (i, (a, b)) in separate.iter().zip(&ys).enumerate() {
+                        assert!(
+                            a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{kernel} {dtype} m={m} t={threads}: matrix {i} differs"
+                        );
+                        compared += a.len();
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 50_000, "{compared}");
+    // An output of the wrong length is an error, whichever matrix it belongs to.
+    let w = vec![0.0f32; 12];
+    let m = DenseMatrix::new(DenseData::F32(&w), 4, 3).unwrap();
+    let (mut good, mut bad) = (vec![0.0f32; 4], vec![0.0f32; 3]);
+    let mut items = [(m, good.as_mut_slice()), (m, bad.as_mut_slice())];
+    assert!(matches!(
+        dense_gemm_many(&mut items, &[0.0; 3], 1),
+        Err(Error::LengthMismatch { .. })
+    ));
+    report_kernel_coverage("dense products of several matrices");
+}
+
 #[test]
 fn dense_shapes_are_checked() {
     let w = vec![0.0f32; 12];
