@@ -482,12 +482,16 @@ impl<'m> Scheduler<'m> {
                 return Ok(());
             }
             let end = (p.done + budget).min(p.prompt.len());
-            let logits = self.model.decode(&p.prompt[p.done..end], &mut p.cache)?;
-            budget -= end - p.done;
-            p.done = end;
-            if p.done < p.prompt.len() {
+            let chunk = &p.prompt[p.done..end];
+            if end < p.prompt.len() {
+                // Not the prompt's last chunk: no logits are needed.
+                self.model.extend(chunk, &mut p.cache)?;
+                p.done = end;
                 return Ok(());
             }
+            let logits = self.model.decode(chunk, &mut p.cache)?;
+            budget -= end - p.done;
+            p.done = end;
             self.start_decoding(logits)?;
         }
         Ok(())

@@ -51,6 +51,17 @@ pub trait Decode {
     /// # Errors
     /// When the forward pass fails (for example the context is full).
     fn decode(&self, tokens: &[u32], state: &mut Self::State) -> Result<Vec<f32>>;
+
+    /// Runs `tokens` after what `state` holds and appends them to it, without the
+    /// logits: a prompt's chunk before its last one. The state afterwards is what
+    /// [`Decode::decode`] leaves; a model that can skip the work the logits alone
+    /// need (the last layer past its attention, the LM head) does.
+    ///
+    /// # Errors
+    /// As [`Decode::decode`].
+    fn extend(&self, tokens: &[u32], state: &mut Self::State) -> Result<()> {
+        self.decode(tokens, state).map(|_| ())
+    }
 }
 
 /// Options of one generation.
@@ -273,11 +284,15 @@ fn prefill_chunks<M: Decode + ?Sized>(
     prompt: &[u32],
     state: &mut M::State,
 ) -> Result<Vec<f32>> {
-    let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = model.decode(chunk, state)?;
+    let mut chunks = prompt.chunks(PREFILL_CHUNK);
+    let Some(last) = chunks.next_back() else {
+        return Ok(Vec::new());
+    };
+    // Only the last chunk's logits are used.
+    for chunk in chunks {
+        model.extend(chunk, state)?;
     }
-    Ok(logits)
+    model.decode(last, state)
 }
 
 /// Whether a prefix may seed `cache` for `prompt_tokens` without changing what the

@@ -432,7 +432,7 @@ impl Model {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
-        let x = self.hidden_rows(inputs, cache, logits)?;
+        let x = self.hidden_rows(inputs, cache, Some(logits))?;
         Ok(self.lm_head.as_ref().unwrap_or(&self.embed).forward(&x)?)
     }
 
@@ -454,17 +454,37 @@ impl Model {
         }
         rayon::scope(|_| {
             let x = self.embed.rows(tokens)?;
-            self.hidden_rows(RowInputs::plain(x), cache, rows)
+            self.hidden_rows(RowInputs::plain(x), cache, Some(rows))
+        })
+    }
+
+    /// Runs `tokens` after what `cache` holds and appends them to it, computing no
+    /// logits: a prompt's chunk before its last one. Past the last layer's attention
+    /// (whose keys and values every row writes to the cache) nothing runs for any row,
+    /// nor does the LM head. What the cache holds afterwards is what
+    /// [`Model::forward`] leaves.
+    ///
+    /// # Errors
+    /// As [`Model::forward`].
+    pub fn extend(&self, tokens: &[u32], cache: &mut KvCache) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        rayon::scope(|_| {
+            let x = self.embed.rows(tokens)?;
+            self.hidden_rows(RowInputs::plain(x), cache, None)
+                .map(|_| ())
         })
     }
 
     /// The layer loop of every single-sequence pass: the final-normed hidden states of
-    /// the rows `rows` selects.
+    /// the rows `rows` selects; `None` selects no row (an empty `[0, hidden]`): the
+    /// layers run only as far as the cache needs.
     fn hidden_rows(
         &self,
         inputs: RowInputs<'_>,
         cache: &mut KvCache,
-        rows: Logits,
+        rows: Option<Logits>,
     ) -> Result<Tensor> {
         let RowInputs { x, rope, inject } = inputs;
         let t = x.dim(0)?;
@@ -485,7 +505,13 @@ impl Model {
             let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
             let mut attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
             let injected = inject.is_some_and(|(_, features)| features.get(i).is_some());
-            if i == last && rows == Logits::Last && t > 1 && !injected {
+            if i == last && rows.is_none() && !injected {
+                // No row's output is asked for: the cache holds every row's keys and
+                // values now.
+                cache.commit(t)?;
+                return Ok(x.narrow(0, 0, 0)?);
+            }
+            if i == last && rows == Some(Logits::Last) && t > 1 && !injected {
                 // Past the last attention, a row only feeds its own logits: the rows
                 // whose logits are not asked for skip the output projection and the
                 // MLP.
@@ -503,7 +529,8 @@ impl Model {
         cache.commit(t)?;
         let n = x.dim(0)?;
         let x = match rows {
-            Logits::Last if n > 1 => x.narrow(0, n - 1, 1)?,
+            Some(Logits::Last) if n > 1 => x.narrow(0, n - 1, 1)?,
+            None => x.narrow(0, 0, 0)?,
             _ => x,
         };
         Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
@@ -782,6 +809,10 @@ impl Decode for Model {
             .forward(tokens, state, Logits::Last)?
             .flatten_all()?
             .to_vec1::<f32>()?)
+    }
+
+    fn extend(&self, tokens: &[u32], state: &mut KvCache) -> Result<()> {
+        Model::extend(self, tokens, state)
     }
 }
 
@@ -1131,6 +1162,39 @@ mod tests {
         let mut one = m.new_cache(4);
         let single = m.forward(&ids[..1], &mut one, Logits::Last).unwrap();
         assert_eq!(single.dims(), &[1, testing::VOCAB]);
+    }
+
+    #[test]
+    fn a_chunk_without_logits_leaves_the_cache_a_forward_leaves() {
+        // `extend` stops after the last layer's attention: the cache holds the same
+        // keys and values as after `forward`, so the chunk after it computes the same
+        // logits bit for bit, for one-token and many-token chunks.
+        let m = testing::model(0.5);
+        let ids = testing::tokens(30);
+        for split in [1, 17] {
+            let mut a = m.new_cache(40);
+            let mut b = m.new_cache(40);
+            m.forward(&ids[..split], &mut a, Logits::Last).unwrap();
+            m.extend(&ids[..split], &mut b).unwrap();
+            assert_eq!(a.len(), b.len());
+            assert_eq!(b.len(), split);
+            let rest = |cache: &mut KvCache| -> Vec<f32> {
+                m.forward(&ids[split..], cache, Logits::Last)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (x, y) = (rest(&mut a), rest(&mut b));
+            assert_eq!(x.len(), testing::VOCAB);
+            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        // Through the generation loop's trait, and an empty chunk is an error.
+        let mut c = m.new_cache(40);
+        Decode::extend(&m, &ids[..5], &mut c).unwrap();
+        assert_eq!(c.len(), 5);
+        assert!(m.extend(&[], &mut c).is_err());
     }
 
     #[test]
