@@ -16,6 +16,8 @@
 //! `p - j < window` (`usize::MAX`: no window). The scores are `(q . k) * s` with
 //! `s = 1 / sqrt(head_dim)` rounded to f32, as candle's `affine` rounds it. The
 //! result is `[t, heads * head_dim]`, row `i` the concatenation of the heads.
+//! [`full_attention`] is the same computation without the mask (every query sees
+//! every key: a vision encoder's patches within a frame).
 //!
 //! # Algorithm
 //!
@@ -144,18 +146,34 @@ struct Dims {
     scale: f32,
     /// Query positions per task.
     block: usize,
+    /// Whether a query sees only the keys up to its own position; otherwise every
+    /// query sees every key (an image's patches).
+    causal: bool,
 }
 
 impl Dims {
     /// The keys the rows of block `b` visit: from the chunk where the window of its
     /// first position starts, to its last position.
     fn keys(&self, b: usize) -> (usize, usize) {
+        if !self.causal {
+            return (0, self.len);
+        }
         let past = self.len - self.t;
         let i0 = b * self.block;
         let i1 = (i0 + self.block).min(self.t);
         let lo = (past + i0 + 1).saturating_sub(self.window) / KEY_CHUNK * KEY_CHUNK;
         (lo, past + i1)
     }
+}
+
+/// Attention of every query over every key (no mask: the patches of an image), with
+/// the shapes of [`causal_attention`] and its kernels: no score matrix is
+/// materialised. Returns `[t, heads * head_dim]`.
+///
+/// # Errors
+/// As [`causal_attention`].
+pub(crate) fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    attention_impl(q, k, v, usize::MAX, Kernel::best(), false)
 }
 
 /// [`causal_attention`] with a chosen kernel (the portable one when `kernel` is not
@@ -166,6 +184,17 @@ pub(crate) fn attention_with(
     v: &Tensor,
     window: usize,
     kernel: Kernel,
+) -> Result<Tensor> {
+    attention_impl(q, k, v, window, kernel, true)
+}
+
+fn attention_impl(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: usize,
+    kernel: Kernel,
+    causal: bool,
 ) -> Result<Tensor> {
     let kernel = if kernel.is_available() {
         kernel
@@ -224,6 +253,7 @@ pub(crate) fn attention_with(
         window,
         scale: (1.0 / (head_dim as f64).sqrt()) as f32,
         block: (TASK_ROWS / n_rep).max(1),
+        causal,
     };
 
     let (q_storage, q_layout) = q.storage_and_layout();
@@ -579,7 +609,14 @@ fn run_task(
         return total; // Unreachable: `View::new` checked the layout.
     }
     let past = d.len - d.t;
-    let position = |r: usize| past + i0 + r / nrep;
+    // Without the causal mask every row stands after the last key.
+    let position = |r: usize| {
+        if d.causal {
+            past + i0 + r / nrep
+        } else {
+            d.len - 1
+        }
+    };
     // Chunks aligned to multiples of KEY_CHUNK, whatever the block, and a fresh state
     // per SEGMENT of keys: a row's sums do not depend on which rows it is computed
     // with, nor on how the keys are split among tasks.
@@ -1452,6 +1489,80 @@ mod tests {
             }
         }
         assert!(checked >= 405);
+    }
+
+    /// Attention without the mask (an image's patches): every kernel against the
+    /// materialised product with no mask, long enough to split into several blocks,
+    /// chunks and segments; and not the causal result.
+    #[test]
+    fn full_attention_matches_the_unmasked_computation() {
+        let kernels = kernels();
+        let mut checked = 0;
+        for (i, &(heads, kv, hd, t, past)) in [
+            (2, 2, 64, 300, 0),
+            (4, 2, 40, 70, 0),
+            (3, 1, 13, 9, 0),
+            (2, 1, 64, 5, 200),
+            (16, 16, 64, 1, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let c = Case {
+                heads,
+                kv,
+                hd,
+                t,
+                past,
+                window: usize::MAX,
+            };
+            let (q, k, v) = inputs(&c, 500 + i as u64, i % 2 == 1);
+            let len = past + t;
+            let n_rep = heads / kv;
+            let qr = q
+                .contiguous()
+                .unwrap()
+                .reshape((1, kv, n_rep * t, hd))
+                .unwrap();
+            let scale = 1.0 / (hd as f64).sqrt();
+            let scores = (qr.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let want = probs
+                .matmul(&v.contiguous().unwrap())
+                .unwrap()
+                .reshape((1, heads, t, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((t, heads * hd))
+                .unwrap();
+            for &kernel in &kernels {
+                let got = attention_impl(&q, &k, &v, usize::MAX, kernel, false).unwrap();
+                let diff = max_rel_diff(&got, &want);
+                assert!(
+                    diff < 1e-5,
+                    "{kernel:?} {heads}/{kv} hd {hd} t {t} len {len}: {diff}"
+                );
+                if t > 1 && past == 0 {
+                    let causal = attention_with(&q, &k, &v, usize::MAX, kernel).unwrap();
+                    assert!(max_rel_diff(&causal, &want) > 1e-3, "{kernel:?}: masked");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 5);
+        // The public entry takes the best kernel and checks shapes as the causal one.
+        let c = Case {
+            heads: 2,
+            kv: 2,
+            hd: 16,
+            t: 4,
+            past: 0,
+            window: usize::MAX,
+        };
+        let (q, k, v) = inputs(&c, 9, false);
+        assert_eq!(full_attention(&q, &k, &v).unwrap().dims(), &[4, 32]);
+        assert!(full_attention(&q, &k.narrow(3, 0, 8).unwrap(), &v).is_err());
     }
 
     #[test]

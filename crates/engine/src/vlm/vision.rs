@@ -16,9 +16,6 @@ use crate::activation::{add, unary};
 use crate::error::{Error, Result};
 use crate::hf::SafetensorsDir;
 
-/// Queries attended at once: bounds the score matrix to `heads x chunk x patches`.
-const QUERY_CHUNK: usize = 1024;
-
 /// Layer norm weight and bias.
 #[derive(Debug)]
 struct Norm {
@@ -337,31 +334,22 @@ impl VisionEncoder {
         let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
         let v = part(2)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        // Each frame's patches attend to each other, through the fused kernel: no
+        // score matrix (`heads x patches x patches`) is materialised.
         let mut outputs = Vec::new();
         let mut start = 0usize;
         for g in grids {
             let frame = g[1] * g[2];
             for _ in 0..g[0] {
-                let k_f = k.narrow(2, start, frame)?;
-                let v_f = v.narrow(2, start, frame)?;
-                let kt = k_f.t()?.contiguous()?;
-                let mut q0 = 0;
-                while q0 < frame {
-                    let len = QUERY_CHUNK.min(frame - q0);
-                    let q_c = q.narrow(2, start + q0, len)?.contiguous()?;
-                    let scores = (q_c.matmul(&kt)? * scale)?;
-                    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                    outputs.push(probs.matmul(&v_f)?);
-                    q0 += len;
-                }
+                let f = |x: &Tensor| x.narrow(2, start, frame);
+                outputs.push(crate::attention::full_attention(&f(&q)?, &f(&k)?, &f(&v)?)?);
                 start += frame;
             }
         }
-        let out = Tensor::cat(&outputs, 2)?
-            .squeeze(0)?
-            .transpose(0, 1)?
-            .reshape((n, c.hidden_size))?;
+        let out = match outputs.len() {
+            1 => outputs.swap_remove(0),
+            _ => Tensor::cat(&outputs, 0)?,
+        };
         Ok(b.proj.forward(&out)?)
     }
 
