@@ -1344,26 +1344,29 @@ mod tests {
 
     use super::*;
 
-    /// The materialised computation `Model::attend` ran before this kernel.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Tensor {
+    /// The materialised computation `Model::attend` ran before this kernel: causal
+    /// within `window`, or with no mask at all for `None`.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Tensor {
         let (_, heads, t, hd) = q.dims4().unwrap();
         let (_, kv, len, _) = k.dims4().unwrap();
         let n_rep = heads / kv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mask = crate::model::causal_mask(t, len - t, window, &Device::Cpu).unwrap();
         let q = q
             .contiguous()
             .unwrap()
             .reshape((1, kv, n_rep * t, hd))
             .unwrap();
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-        let scores = scores
-            .reshape((1, kv, n_rep, t, len))
-            .unwrap()
-            .broadcast_add(&mask)
-            .unwrap()
-            .reshape((1, kv, n_rep * t, len))
-            .unwrap();
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if let Some(window) = window {
+            let mask = crate::model::causal_mask(t, len - t, window, &Device::Cpu).unwrap();
+            scores = scores
+                .reshape((1, kv, n_rep, t, len))
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap()
+                .reshape((1, kv, n_rep * t, len))
+                .unwrap();
+        }
         let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
         probs
             .matmul(&v.contiguous().unwrap())
@@ -1472,7 +1475,7 @@ mod tests {
                             };
                             seed += 1;
                             let (q, k, v) = inputs(&c, seed, seed % 2 == 0);
-                            let want = reference(&q, &k, &v, c.window);
+                            let want = reference(&q, &k, &v, Some(c.window));
                             for &kernel in &kernels {
                                 let got = attention_with(&q, &k, &v, c.window, kernel).unwrap();
                                 let diff = max_rel_diff(&got, &want);
@@ -1518,24 +1521,7 @@ mod tests {
             };
             let (q, k, v) = inputs(&c, 500 + i as u64, i % 2 == 1);
             let len = past + t;
-            let n_rep = heads / kv;
-            let qr = q
-                .contiguous()
-                .unwrap()
-                .reshape((1, kv, n_rep * t, hd))
-                .unwrap();
-            let scale = 1.0 / (hd as f64).sqrt();
-            let scores = (qr.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
-            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-            let want = probs
-                .matmul(&v.contiguous().unwrap())
-                .unwrap()
-                .reshape((1, heads, t, hd))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((t, heads * hd))
-                .unwrap();
+            let want = reference(&q, &k, &v, None);
             for &kernel in &kernels {
                 let got = attention_impl(&q, &k, &v, usize::MAX, kernel, false).unwrap();
                 let diff = max_rel_diff(&got, &want);
@@ -1586,7 +1572,7 @@ mod tests {
                 window,
             };
             let (q, k, v) = inputs(&c, 77, false);
-            let want = reference(&q, &k, &v, c.window);
+            let want = reference(&q, &k, &v, Some(c.window));
             for kernel in kernels() {
                 let got = attention_with(&q, &k, &v, c.window, kernel).unwrap();
                 assert!(max_rel_diff(&got, &want) < 1e-5, "{kernel:?} hd {hd} t {t}");
@@ -1733,7 +1719,7 @@ mod tests {
                 };
                 let (ks, vs) = (stored(&k), stored(&v));
                 let (kd, vd) = (config.decode(&ks).unwrap(), config.decode(&vs).unwrap());
-                let want = reference(&q, &kd, &vd, window);
+                let want = reference(&q, &kd, &vd, Some(window));
                 for kernel in kernels() {
                     let got = attention_with(&q, &ks, &vs, window, kernel).unwrap();
                     let diff = max_rel_diff(&got, &want);

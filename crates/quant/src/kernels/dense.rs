@@ -217,14 +217,14 @@ pub fn dense_gemm_many_with(
         check_shapes(w, x, 1, y)?;
     }
     let f = range_fn(kernel);
-    let tasks = items
-        .iter_mut()
-        .map(|(w, y)| (*w, w.n_out, w.k, &mut **y))
-        .collect();
-    split_many(tasks, |w, cols, out| {
-        let n = out.len();
-        f(w, x, 1, cols, out, n, false)
-    });
+    split_many(
+        items,
+        |w| (w.n_out, w.k),
+        |w, cols, out| {
+            let n = out.len();
+            f(w, x, 1, cols, out, n, false)
+        },
+    );
     Ok(())
 }
 

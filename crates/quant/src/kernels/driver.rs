@@ -242,39 +242,40 @@ pub(super) fn run_many(
         check(kernel, w, acts, y)?;
     }
     let a = acts.view();
-    let tasks = items
-        .iter_mut()
-        .map(|(w, y)| {
-            (
-                (*w, range_fn(kernel, w.dtype(), w.in_panels())),
-                w.n_out(),
-                w.k(),
-                &mut **y,
-            )
-        })
-        .collect();
-    split_many(tasks, |(w, f), cols, out| {
-        let n = out.len();
-        f(w, a, 1, cols, out, n)
-    });
+    split_many(
+        items,
+        |w| (w.n_out(), w.k()),
+        |w, cols, out| {
+            let n = out.len();
+            range_fn(kernel, w.dtype(), w.in_panels())(w, a, 1, cols, out, n)
+        },
+    );
     Ok(())
 }
 
 /// One activation row times several matrices as one parallel region: each item is a
-/// matrix, its `n_out` and `k`, and its output; `f(matrix, cols, out)` fills
-/// `out[c - cols.start]` for the columns `cols` of that matrix. Columns are split as
-/// [`split_columns`] splits them (the same chunks, so the same results), or run in
-/// order when the work is small.
-pub(super) fn split_many<W, F>(items: Vec<(W, usize, usize, &mut [f32])>, f: F)
+/// matrix and its output, `shape(matrix)` its `(n_out, k)`; `f(matrix, cols, out)`
+/// fills `out[c - cols.start]` for the columns `cols` of that matrix. Columns are
+/// split as [`split_columns`] splits them (the same chunks, so the same results), or
+/// run in order when the work is small.
+pub(super) fn split_many<W, S, F>(items: &mut [(W, &mut [f32])], shape: S, f: F)
 where
     W: Copy + Send + Sync,
+    S: Fn(&W) -> (usize, usize),
     F: Fn(W, Range<usize>, &mut [f32]) + Sync,
 {
     let threads = rayon::current_num_threads();
-    let work: usize = items.iter().map(|(_, n, k, _)| n.saturating_mul(*k)).sum();
+    let work: usize = items
+        .iter()
+        .map(|(w, _)| {
+            let (n, k) = shape(w);
+            n.saturating_mul(k)
+        })
+        .sum();
     let parallel = threads > 1 && work >= PAR_MIN_WORK;
     let mut tasks: Vec<(W, usize, &mut [f32])> = Vec::new();
-    for (w, n_out, _, y) in items {
+    for (w, y) in items.iter_mut() {
+        let (w, n_out, y) = (*w, shape(w).0, &mut **y);
         let chunk = if parallel && n_out >= 32 {
             cols_per_task(n_out, threads)
         } else {

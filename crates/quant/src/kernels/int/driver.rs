@@ -326,13 +326,13 @@ pub(super) fn run_many(
     let (f, pairs) = range_fn(kernel, format, panels);
     let bufs = pair_bufs(acts, pairs, format);
     let a = int_acts(acts, &bufs);
-    let tasks = items
-        .iter_mut()
-        .map(|(w, y)| (*w, w.n_out, w.k, &mut **y))
-        .collect();
-    split_many(tasks, |w, cols, out| {
-        let n = out.len();
-        f(w, &a, cols, out, n)
-    });
+    split_many(
+        items,
+        |w| (w.n_out, w.k),
+        |w, cols, out| {
+            let n = out.len();
+            f(w, &a, cols, out, n)
+        },
+    );
     Ok(())
 }
