@@ -505,9 +505,10 @@ impl Model {
             let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
             let mut attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
             let injected = inject.is_some_and(|(_, features)| features.get(i).is_some());
-            if i == last && rows.is_none() && !injected {
+            if i == last && rows.is_none() {
                 // No row's output is asked for: the cache holds every row's keys and
-                // values now.
+                // values now (features injected after this layer would only reach
+                // the logits).
                 cache.commit(t)?;
                 return Ok(x.narrow(0, 0, 0)?);
             }
@@ -530,8 +531,8 @@ impl Model {
         let n = x.dim(0)?;
         let x = match rows {
             Some(Logits::Last) if n > 1 => x.narrow(0, n - 1, 1)?,
-            None => x.narrow(0, 0, 0)?,
-            _ => x,
+            Some(_) => x,
+            None => return Ok(x.narrow(0, 0, 0)?),
         };
         Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
     }

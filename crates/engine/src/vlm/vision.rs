@@ -322,17 +322,17 @@ impl VisionEncoder {
         let heads = c.num_heads;
         let hd = c.hidden_size / heads;
         let qkv = b.qkv.forward(x)?.reshape((n, 3, heads, hd))?;
-        // [1, heads, n, hd] each.
+        // [1, heads, n, hd] each, views of `qkv`: RoPE takes contiguous copies of q and
+        // k; the attention kernel reads v in place through its strides.
         let part = |i: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(1, i, 1)?
                 .squeeze(1)?
                 .transpose(0, 1)?
-                .unsqueeze(0)?
-                .contiguous()?)
+                .unsqueeze(0)?)
         };
-        let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
+        let q = candle_nn::rotary_emb::rope(&part(0)?.contiguous()?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&part(1)?.contiguous()?, cos, sin)?;
         let v = part(2)?;
         // Each frame's patches attend to each other, through the fused kernel: no
         // score matrix (`heads x patches x patches`) is materialised.
