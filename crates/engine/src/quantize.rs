@@ -25,7 +25,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use afo_quant::kernels::{IntFormat, IntWeights};
+use afo_quant::kernels::{DensePanels, IntFormat, IntWeights};
 use afo_quant::{QLinear, QuantPolicy, QuantScheme, TensorRole, WeightData};
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
@@ -161,8 +161,28 @@ fn export_err(reason: String) -> Error {
 /// Rows per block when writing a dense tensor.
 const WRITE_ROWS: usize = 1024;
 
-/// Writes a dense tensor in its dtype (f32 for anything but f16/bf16), a block of
-/// rows at a time.
+/// Writes an f32 weight held in panels as row-major f32, gathered a block of rows at
+/// a time (no row-major copy of the whole matrix).
+fn panels_writer(p: &DensePanels) -> WriteFn<'_> {
+    Box::new(move |w: &mut dyn Write| {
+        let (rows, k) = (p.n_out(), p.k());
+        let mut block = vec![0f32; WRITE_ROWS.min(rows) * k];
+        let mut written = 0u64;
+        for start in (0..rows).step_by(WRITE_ROWS) {
+            let n = WRITE_ROWS.min(rows - start);
+            let part = block.get_mut(..n * k).unwrap_or_default();
+            for (r, row) in part.chunks_exact_mut(k).enumerate() {
+                p.row(start + r, row)
+                    .map_err(|e| export_err(e.to_string()))?;
+            }
+            let bytes = f32_bytes(part);
+            w.write_all(&bytes).map_err(write_err)?;
+            written += bytes.len() as u64;
+        }
+        Ok(written)
+    })
+}
+
 /// Writes `t` a block of rows at a time as `dtype` (f16, bf16, or f32 for any other).
 fn dense_writer<'a>(t: Tensor, dtype: DType) -> WriteFn<'a> {
     Box::new(move |w: &mut dyn Write| {
@@ -261,6 +281,14 @@ pub fn save_gguf(
                     },
                     dims: vec![out, inp],
                     write: dense_writer(t.clone(), dtype),
+                });
+            }
+            WeightData::Panels(p) => {
+                entries.push(TensorEntry {
+                    name: name.clone(),
+                    dtype: GgmlDType::F32,
+                    dims: vec![out, inp],
+                    write: panels_writer(p),
                 });
             }
             WeightData::Ggml { dtype, .. } => {

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::{
-    self, DenseData, DenseMatrix, GgmlWeights, IntFormat, IntWeights, QuantizedActs, WeightDType,
+    self, DenseData, DenseMatrix, DensePanels, GgmlWeights, IntFormat, IntWeights, QuantizedActs,
+    WeightDType,
 };
 use crate::scheme::QuantScheme;
 
@@ -51,6 +52,9 @@ enum Weight {
     /// A declared-f32 weight held in the 16-bit dtype that stores every value exactly
     /// ([`exact_narrowing`]); computes as f32.
     Narrowed(Tensor),
+    /// An f32 weight in the packed GEMM's panels ([`DensePanels`]), where this crate's
+    /// dense kernels run every row count and the rows fill whole panels.
+    Panels(DensePanels),
     Fast(GgmlWeights),
     Candle(QMatMul, GgmlDType),
     Int(IntWeights),
@@ -61,6 +65,9 @@ enum Weight {
 pub enum WeightData<'a> {
     /// Dense f32, f16 or bf16 `[out, in]`.
     Dense(&'a Tensor),
+    /// A dense f32 `[out, in]` weight in the packed GEMM's panels: its rows come back
+    /// with [`DensePanels::row`], the whole matrix with [`DensePanels::to_rows`].
+    Panels(&'a DensePanels),
     /// A dense f32 `[out, in]` weight held in the 16-bit dtype that stores every one
     /// of its values exactly (bf16 or f16): its f32 values are `tensor.to_dtype(F32)`.
     Narrowed(&'a Tensor),
@@ -95,6 +102,12 @@ impl QLinear {
     /// [`Error::Shape`] when the weight is not 2-D, has another dtype, or the bias
     /// does not match.
     pub fn dense(name: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::dense_as(name, weight, bias, true)
+    }
+
+    /// [`QLinear::dense`]; with `layout` unset an f32 weight stays row-major instead
+    /// of going into panels ([`DensePanels`]).
+    fn dense_as(name: &str, weight: Tensor, bias: Option<Tensor>, layout: bool) -> Result<Self> {
         let (out_features, in_features) = weight
             .dims2()
             .map_err(|_| shape_err(name, format!("expected 2 dims, got {:?}", weight.dims())))?;
@@ -107,6 +120,14 @@ impl QLinear {
         Self::check_bias(name, bias.as_ref(), out_features)?;
         let weight = match exact_narrowing(&weight)? {
             Some(narrow) => Weight::Narrowed(narrow),
+            None if layout && panels_fit(&weight, out_features) => {
+                match in_place(&weight, |v: &[f32]| {
+                    DensePanels::from_rows(v, out_features, in_features)
+                }) {
+                    Ok(panels) => Weight::Panels(panels?),
+                    Err(_) => Weight::Dense(weight),
+                }
+            }
             None => Weight::Dense(weight),
         };
         Ok(Self {
@@ -147,6 +168,16 @@ impl QLinear {
         let weight = match dtype {
             GgmlDType::F32 => match exact_narrowing_of(&qtensor, out_features, in_features)? {
                 Some(narrow) => Weight::Narrowed(narrow),
+                None if kernels == KernelChoice::Fastest
+                    && qtensor.device().is_cpu()
+                    && panels_wanted(out_features) =>
+                {
+                    Weight::Panels(DensePanels::from_le_bytes(
+                        &qtensor.data()?,
+                        out_features,
+                        in_features,
+                    )?)
+                }
                 None => Weight::Dense(qtensor.dequantize(&candle_core::Device::Cpu)?),
             },
             GgmlDType::F16 => Weight::Dense(
@@ -245,9 +276,9 @@ impl QLinear {
             reason,
         };
         match scheme {
-            QuantScheme::F32 => Self::dense(name, weight.to_dtype(DType::F32)?, bias),
-            QuantScheme::F16 => Self::dense(name, weight.to_dtype(DType::F16)?, bias),
-            QuantScheme::BF16 => Self::dense(name, weight.to_dtype(DType::BF16)?, bias),
+            QuantScheme::F32 => Self::dense_as(name, weight.to_dtype(DType::F32)?, bias, layout),
+            QuantScheme::F16 => Self::dense_as(name, weight.to_dtype(DType::F16)?, bias, layout),
+            QuantScheme::BF16 => Self::dense_as(name, weight.to_dtype(DType::BF16)?, bias, layout),
             QuantScheme::Ggml(t) => {
                 if !k.is_multiple_of(t.block_size()) {
                     return Err(cannot(format!(
@@ -325,6 +356,11 @@ impl QLinear {
                         mins.extend_from_slice(w.mins());
                     }
                     (_, WeightData::Dense(t)) => dense.push(t)?,
+                    (_, WeightData::Panels(p)) => dense.push(&Tensor::from_vec(
+                        p.to_rows(),
+                        (p.n_out(), p.k()),
+                        &candle_core::Device::Cpu,
+                    )?)?,
                     (_, WeightData::Narrowed(t)) => dense.push(&t.to_dtype(DType::F32)?)?,
                     (_, WeightData::Ggml { bytes: b, .. }) => bytes.extend_from_slice(&b),
                     (_, WeightData::Int(_)) => {
@@ -363,6 +399,7 @@ impl QLinear {
         Ok(match &self.weight {
             Weight::Dense(w) => WeightData::Dense(w),
             Weight::Narrowed(w) => WeightData::Narrowed(w),
+            Weight::Panels(p) => WeightData::Panels(p),
             Weight::Fast(w) => WeightData::Ggml {
                 dtype: w.dtype().to_ggml(),
                 bytes: w.row_major_bytes()?,
@@ -405,7 +442,7 @@ impl QLinear {
     pub fn scheme(&self) -> QuantScheme {
         match &self.weight {
             Weight::Dense(w) => QuantScheme::from_dtype(w.dtype()).unwrap_or(QuantScheme::F32),
-            Weight::Narrowed(_) => QuantScheme::F32,
+            Weight::Narrowed(_) | Weight::Panels(_) => QuantScheme::F32,
             Weight::Fast(w) => QuantScheme::Ggml(w.dtype().to_ggml()),
             Weight::Candle(_, t) => QuantScheme::Ggml(*t),
             Weight::Int(w) => QuantScheme::Int(w.format()),
@@ -422,6 +459,7 @@ impl QLinear {
         let best = kernels::Kernel::detect();
         match &self.weight {
             Weight::Fast(w) if w.in_panels() => format!("{} {best} panels", w.dtype()),
+            Weight::Panels(_) => format!("f32 dense {best} panels"),
             Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
@@ -447,6 +485,7 @@ impl QLinear {
     pub fn bytes(&self) -> u64 {
         let weight = match &self.weight {
             Weight::Dense(w) | Weight::Narrowed(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Panels(p) => p.bytes(),
             Weight::Fast(w) => w.bytes().len(),
             Weight::Candle(_, t) => {
                 self.in_features * self.out_features / t.block_size() * t.type_size()
@@ -522,6 +561,11 @@ impl QLinear {
                             .reshape(out_dims)?
                     }
                 }
+            }
+            Weight::Panels(p) => {
+                let mut ys = kernels::zeroed(m * self.out_features);
+                with_f32(x, |xs| Ok(kernels::dense_gemm(p.matrix(), xs, m, &mut ys)?))?;
+                Tensor::from_vec(ys, out_dims, x.device())?
             }
             Weight::Candle(q, _) => {
                 let x2 = x.reshape((m, self.in_features))?.to_dtype(DType::F32)?;
@@ -720,6 +764,17 @@ impl QLinear {
                 let idx = Tensor::new(ids, w.device())?;
                 Ok(w.index_select(&idx, 0)?.to_dtype(DType::F32)?)
             }
+            Weight::Panels(p) => {
+                let mut out = vec![0f32; ids.len() * self.in_features];
+                for (&id, chunk) in ids.iter().zip(out.chunks_exact_mut(self.in_features)) {
+                    p.row(id as usize, chunk)?;
+                }
+                Ok(Tensor::from_vec(
+                    out,
+                    (ids.len(), self.in_features),
+                    &device,
+                )?)
+            }
             Weight::Candle(QMatMul::QTensor(t), dtype) => {
                 // Gather the rows' blocks and dequantize only those.
                 let row_bytes = self.in_features / dtype.block_size() * dtype.type_size();
@@ -770,6 +825,9 @@ impl QLinear {
         let device = candle_core::Device::Cpu;
         Ok(match &self.weight {
             Weight::Dense(w) | Weight::Narrowed(w) => w.to_dtype(DType::F32)?,
+            Weight::Panels(p) => {
+                Tensor::from_vec(p.to_rows(), (self.out_features, self.in_features), &device)?
+            }
             Weight::Fast(w) => Tensor::from_vec(
                 w.dequantize()?,
                 (self.out_features, self.in_features),
@@ -857,6 +915,19 @@ fn narrowed_rows<T: Sync>(v: &[T], bits: impl Fn(&T) -> u32 + Sync) -> Option<De
     }
 }
 
+/// Whether an f32 weight of `n_out` rows goes into panels ([`DensePanels`]): its rows
+/// fill whole panels and this crate's dense kernels run every row count here
+/// ([`kernels::dense_packed_available`]; elsewhere a prompt goes to candle's GEMM,
+/// which reads row-major tensors).
+fn panels_wanted(n_out: usize) -> bool {
+    DensePanels::fits(n_out) && kernels::dense_packed_available()
+}
+
+/// [`panels_wanted`] for a dense tensor: f32, on the CPU.
+fn panels_fit(w: &Tensor, n_out: usize) -> bool {
+    w.dtype() == DType::F32 && w.device().is_cpu() && panels_wanted(n_out)
+}
+
 /// `path`, with ` packed` when a prompt of `rows` through `kernel` takes the packed
 /// kernel ([`kernels::prompt_runs_packed`]).
 fn with_packed(path: String, kernel: kernels::Kernel, rows: usize) -> String {
@@ -924,20 +995,28 @@ fn dense_many(
     if m != 1 || !x.device().is_cpu() {
         return Ok(None);
     }
-    let mut tensors = Vec::with_capacity(layers.len());
-    for l in layers {
-        match &l.weight {
-            Weight::Dense(w) | Weight::Narrowed(w) if l.in_features == k => tensors.push(w),
-            _ => return Ok(None),
-        }
+    if layers.iter().any(|l| l.in_features != k) {
+        return Ok(None);
     }
-    let guards: Vec<_> = tensors.iter().map(|w| w.storage_and_layout()).collect();
+    // Each tensor's storage stays borrowed while its matrix is read.
+    let guards: Vec<_> = layers
+        .iter()
+        .map(|l| match &l.weight {
+            Weight::Dense(w) | Weight::Narrowed(w) => Some(w.storage_and_layout()),
+            _ => None,
+        })
+        .collect();
     let mut matrices = Vec::with_capacity(layers.len());
-    for ((storage, layout), l) in guards.iter().zip(layers) {
-        let Some(data) = dense_data(storage, layout) else {
-            return Ok(None);
+    for (guard, l) in guards.iter().zip(layers) {
+        let matrix = match (guard, &l.weight) {
+            (Some((storage, layout)), _) => match dense_data(storage, layout) {
+                Some(data) => DenseMatrix::new(data, l.out_features, k)?,
+                None => return Ok(None),
+            },
+            (None, Weight::Panels(p)) => p.matrix(),
+            _ => return Ok(None),
         };
-        matrices.push(DenseMatrix::new(data, l.out_features, k)?);
+        matrices.push(matrix);
     }
     let mut ys: Vec<Vec<f32>> = layers
         .iter()
@@ -1638,6 +1717,87 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An f32 weight whose rows fill panels of 64 is held in panels where the dense
+    /// kernels run every row count: the same bytes, still an f32 layer to every
+    /// reader (scheme, rows, dequantize, the data a file is written from, conversion
+    /// to another scheme), and `forward` gives the packed GEMM's bits; a layer made
+    /// for candle's arithmetic, or of rows that do not fill panels, stays row-major.
+    #[test]
+    fn an_f32_weight_of_whole_panels_is_held_in_panels_with_the_same_results() {
+        let dev = Device::Cpu;
+        let (out, inp) = (192, 576);
+        let vals = data(out * inp, 9);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let w = Tensor::from_vec(vals.clone(), (out, inp), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::F32).unwrap();
+        let best = kernels::Kernel::detect();
+        let here = kernels::dense_packed_available();
+        if !here {
+            println!(
+                "an_f32_weight_of_whole_panels: this CPU lacks AVX2/FMA/F16C, so weights stay \
+                 row-major (checked); panels in a layer are NOT TESTED here"
+            );
+        }
+        for layer in [
+            QLinear::dense("w", w.clone(), None).unwrap(),
+            QLinear::from_qtensor("w", q, None).unwrap(),
+        ] {
+            assert_eq!(layer.scheme(), QuantScheme::F32);
+            assert_eq!(layer.bytes(), (out * inp * 4) as u64);
+            let panels = matches!(layer.weight_data().unwrap(), WeightData::Panels(_));
+            assert_eq!(panels, here);
+            if !here {
+                continue;
+            }
+            assert_eq!(layer.kernel_path(1), format!("f32 dense {best} panels"));
+            assert_eq!(layer.kernel_path(512), format!("f32 dense {best} panels"));
+            assert_eq!(bits(&values(&layer.dequantize().unwrap())), bits(&vals));
+            let rows = values(&layer.rows(&[191, 0, 64]).unwrap());
+            let want: Vec<f32> = [191, 0, 64]
+                .iter()
+                .flat_map(|&r| vals[r * inp..(r + 1) * inp].to_vec())
+                .collect();
+            assert_eq!(bits(&rows), bits(&want));
+            assert!(layer.rows(&[192]).is_err());
+            for m in [1, 3, 70] {
+                let xs = data(m * inp, 11);
+                let x = Tensor::from_vec(xs.clone(), (m, inp), &dev).unwrap();
+                let y = values(&layer.forward(&x).unwrap());
+                let mut want = vec![0f32; m * out];
+                let p = DensePanels::from_rows(&vals, out, inp).unwrap();
+                kernels::dense_gemm(p.matrix(), &xs, m, &mut want).unwrap();
+                assert_eq!(bits(&y), bits(&want), "m={m}");
+                if m > kernels::DENSE_GEMV_MAX_ROWS {
+                    // A prompt: the packed GEMM over the row-major matrix.
+                    let rows = DenseMatrix::new(DenseData::F32(&vals), out, inp).unwrap();
+                    kernels::dense_gemm(rows, &xs, m, &mut want).unwrap();
+                    assert_eq!(bits(&y), bits(&want), "m={m}: vs row-major");
+                }
+            }
+            // Another scheme from the panels equals it from the values.
+            let q8 = QuantScheme::Ggml(GgmlDType::Q8_0);
+            let from_panels = layer.requantize("w", q8).unwrap();
+            let direct = QLinear::quantize("w", &w, None, q8).unwrap();
+            assert_eq!(
+                bits(&values(&from_panels.dequantize().unwrap())),
+                bits(&values(&direct.dequantize().unwrap()))
+            );
+            let back = from_panels.requantize("w", QuantScheme::F32).unwrap();
+            assert!(matches!(back.weight_data().unwrap(), WeightData::Panels(_)));
+        }
+        // Candle's arithmetic keeps the row-major tensor; so do rows that do not fill
+        // panels.
+        let q = QTensor::quantize(&w, GgmlDType::F32).unwrap();
+        let candle = QLinear::from_qtensor_with("w", q, None, KernelChoice::Candle).unwrap();
+        assert!(matches!(
+            candle.weight_data().unwrap(),
+            WeightData::Dense(_)
+        ));
+        let odd = Tensor::from_vec(data(96 * inp, 3), (96, inp), &dev).unwrap();
+        let layer = QLinear::dense("w", odd, None).unwrap();
+        assert!(matches!(layer.weight_data().unwrap(), WeightData::Dense(_)));
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! reference, so [`QLinear`](crate::QLinear) leaves it to candle's GEMM there
 //! ([`dense_packed_available`]).
 //!
+//! An f32 matrix whose rows fill panels of 64 is stored packed at load
+//! ([`DensePanels`], on 64-byte lines): prompts read the panels in place, and a decode
+//! step runs the same tiles over them, so every row count takes one FMA chain per
+//! output and a row gives the same bits alone as in a prompt.
+//!
 //! Every path sums in f32 in the same order for every split of the output, so results
 //! do not depend on the thread count; they differ from the scalar reference only by
 //! the order of f32 additions.
@@ -23,9 +28,10 @@
 use std::ops::Range;
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use super::Kernel;
-use super::driver::{split_many, split_rows_or_columns};
+use super::driver::{COL_ALIGN, split_many, split_rows_or_columns};
 use super::error::{Error, Result};
 
 /// Activation rows one pass over the weights serves (more rows take more passes).
@@ -43,6 +49,215 @@ pub fn dense_packed_available() -> bool {
     Kernel::detect() >= Kernel::Avx2
 }
 
+/// Output rows per panel of a [`DensePanels`] matrix: four 512-bit vectors, the width
+/// of the AVX-512 GEMM's tile.
+pub const DENSE_PANEL_ROWS: usize = 64;
+
+/// Sixteen floats on a 64-byte line: in a buffer of these, every 512-bit load of a
+/// panel row reads one cache line (a plain `Vec<f32>` is 16-byte aligned, and each
+/// such load then straddles two lines: the packed GEMM ran 12-20% slower).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default)]
+struct F32Line([f32; 16]);
+
+/// Zeroed lines for at least `n` floats.
+fn line_buffer(n: usize) -> Vec<F32Line> {
+    vec![F32Line::default(); n.div_ceil(16)]
+}
+
+/// The floats of `lines`, in order.
+fn floats(lines: &[F32Line]) -> &[f32] {
+    // SAFETY: `F32Line` is `repr(C)` over `[f32; 16]` with no padding (64 bytes, align
+    // 64), so the lines are `16 * len` contiguous, initialised floats.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<f32>(), lines.len() * 16) }
+}
+
+/// The floats of `lines`, in order, writable.
+fn floats_mut(lines: &mut [F32Line]) -> &mut [f32] {
+    // SAFETY: as in `floats`, with the one mutable borrow of the lines.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16) }
+}
+
+/// Where element `kk` of row `c` lies in a matrix in panels of `k` columns.
+fn panel_index(c: usize, kk: usize, k: usize) -> usize {
+    (c / DENSE_PANEL_ROWS) * DENSE_PANEL_ROWS * k + kk * DENSE_PANEL_ROWS + c % DENSE_PANEL_ROWS
+}
+
+/// An f32 `[n_out, k]` weight stored the way the packed GEMM reads it: panels of
+/// [`DENSE_PANEL_ROWS`] output rows, each `k x 64` (element `kk` of the panel's row
+/// `j` at `kk * 64 + j`), on 64-byte lines. A prompt's product then reads the panels
+/// where they lie instead of converting and transposing every panel of the matrix
+/// per call and per thread (7.5% of an AVX-512 F32 prompt), and a decode step
+/// streams them with the same FMA chain per output, so a row gives the same bits
+/// alone, in a batch or in a prompt. The same bytes as the row-major matrix; rows
+/// read back ([`DensePanels::row`]) are gathered from their panel.
+#[derive(Clone)]
+pub struct DensePanels {
+    lines: std::sync::Arc<Vec<F32Line>>,
+    n_out: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for DensePanels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DensePanels")
+            .field("n_out", &self.n_out)
+            .field("k", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DensePanels {
+    /// Whether a matrix of `n_out` rows can be stored in panels.
+    pub fn fits(n_out: usize) -> bool {
+        n_out > 0 && n_out.is_multiple_of(DENSE_PANEL_ROWS)
+    }
+
+    /// The row-major `[n_out, k]` matrix `w` in panels, packed in parallel on the
+    /// current rayon pool.
+    ///
+    /// # Errors
+    /// As [`DenseMatrix::new`] for the shape: `n_out` must be a multiple of
+    /// [`DENSE_PANEL_ROWS`] and `w` hold `n_out * k` floats.
+    pub fn from_rows(w: &[f32], n_out: usize, k: usize) -> Result<Self> {
+        DenseMatrix::new(DenseData::F32(w), n_out, k)?;
+        Self::pack(n_out, k, |i| w.get(i).copied().unwrap_or(0.0))
+    }
+
+    /// As [`DensePanels::from_rows`], from the matrix's little-endian f32 bytes (a
+    /// GGUF tensor's data, read in place).
+    ///
+    /// # Errors
+    /// As [`DensePanels::from_rows`], counting `bytes` in f32s.
+    pub fn from_le_bytes(bytes: &[u8], n_out: usize, k: usize) -> Result<Self> {
+        let (words, rest) = bytes.as_chunks::<4>();
+        let expected = n_out
+            .checked_mul(k)
+            .ok_or(Error::Overflow { what: "n_out * k" })?;
+        if !rest.is_empty() || words.len() != expected {
+            return Err(Error::LengthMismatch {
+                what: "f32 weight bytes (4 * n_out * k)",
+                expected: expected.saturating_mul(4),
+                actual: bytes.len(),
+                unit: "bytes",
+            });
+        }
+        Self::pack(n_out, k, |i| {
+            words.get(i).map_or(0.0, |b| f32::from_le_bytes(*b))
+        })
+    }
+
+    /// Packs the matrix whose row-major element `i` is `get(i)`; the shape is checked.
+    fn pack(n_out: usize, k: usize, get: impl Fn(usize) -> f32 + Sync) -> Result<Self> {
+        if !Self::fits(n_out) {
+            return Err(Error::NotMultiple {
+                what: "rows of a matrix in panels",
+                n: n_out,
+                multiple: DENSE_PANEL_ROWS,
+            });
+        }
+        if k == 0 {
+            return Err(Error::EmptyDimension { what: "k" });
+        }
+        let mut lines = line_buffer(n_out * k);
+        floats_mut(&mut lines)
+            .par_chunks_mut(DENSE_PANEL_ROWS * k)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for j in 0..DENSE_PANEL_ROWS {
+                    let row = (p * DENSE_PANEL_ROWS + j) * k;
+                    for (kk, dst) in panel
+                        .iter_mut()
+                        .skip(j)
+                        .step_by(DENSE_PANEL_ROWS)
+                        .enumerate()
+                    {
+                        *dst = get(row + kk);
+                    }
+                }
+            });
+        Ok(Self {
+            lines: std::sync::Arc::new(lines),
+            n_out,
+            k,
+        })
+    }
+
+    /// The matrix, for [`dense_gemm`].
+    pub fn matrix(&self) -> DenseMatrix<'_> {
+        DenseMatrix {
+            data: DenseData::F32Panels(floats(&self.lines)),
+            n_out: self.n_out,
+            k: self.k,
+        }
+    }
+
+    /// Output rows.
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Inner dimension.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes the panels hold (those of the row-major matrix).
+    pub fn bytes(&self) -> usize {
+        self.n_out * self.k * 4
+    }
+
+    /// Row `c` of the matrix into `out` (`k` floats).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] when `c` is not a row or `out` is not `k` long.
+    pub fn row(&self, c: usize, out: &mut [f32]) -> Result<()> {
+        if c >= self.n_out {
+            return Err(Error::LengthMismatch {
+                what: "row of a matrix in panels (the row count)",
+                expected: self.n_out,
+                actual: c,
+                unit: "rows",
+            });
+        }
+        if out.len() != self.k {
+            return Err(Error::LengthMismatch {
+                what: "row of a matrix in panels",
+                expected: self.k,
+                actual: out.len(),
+                unit: "elements",
+            });
+        }
+        let column = floats(&self.lines)
+            .get(panel_index(c, 0, self.k)..)
+            .unwrap_or(&[]);
+        for (o, v) in out.iter_mut().zip(column.iter().step_by(DENSE_PANEL_ROWS)) {
+            *o = *v;
+        }
+        Ok(())
+    }
+
+    /// The whole matrix, row-major `[n_out, k]`, unpacked in parallel on the current
+    /// rayon pool.
+    pub fn to_rows(&self) -> Vec<f32> {
+        let k = self.k;
+        let mut out = vec![0.0f32; self.n_out * k];
+        out.par_chunks_mut(DENSE_PANEL_ROWS * k)
+            .zip(floats(&self.lines).par_chunks(DENSE_PANEL_ROWS * k))
+            .for_each(|(rows, panel)| {
+                for (j, row) in rows.chunks_exact_mut(k).enumerate() {
+                    for (o, v) in row
+                        .iter_mut()
+                        .zip(panel.iter().skip(j).step_by(DENSE_PANEL_ROWS))
+                    {
+                        *o = *v;
+                    }
+                }
+            });
+        out
+    }
+}
+
 /// The elements of a dense weight matrix, borrowed.
 #[derive(Debug, Clone, Copy)]
 pub enum DenseData<'a> {
@@ -52,12 +267,16 @@ pub enum DenseData<'a> {
     F16(&'a [f16]),
     /// bfloat16.
     BF16(&'a [bf16]),
+    /// 32-bit floats in panels of [`DENSE_PANEL_ROWS`] output rows, as
+    /// [`DensePanels`] stores them: element `kk` of row `c` at
+    /// `(c / 64) * 64 * k + kk * 64 + c % 64`.
+    F32Panels(&'a [f32]),
 }
 
 impl DenseData<'_> {
     fn len(&self) -> usize {
         match self {
-            DenseData::F32(v) => v.len(),
+            DenseData::F32(v) | DenseData::F32Panels(v) => v.len(),
             DenseData::F16(v) => v.len(),
             DenseData::BF16(v) => v.len(),
         }
@@ -66,14 +285,14 @@ impl DenseData<'_> {
     /// Bytes per element.
     pub fn elem_bytes(&self) -> usize {
         match self {
-            DenseData::F32(_) => 4,
+            DenseData::F32(_) | DenseData::F32Panels(_) => 4,
             DenseData::F16(_) | DenseData::BF16(_) => 2,
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
-            DenseData::F32(_) => "f32",
+            DenseData::F32(_) | DenseData::F32Panels(_) => "f32",
             DenseData::F16(_) => "f16",
             DenseData::BF16(_) => "bf16",
         }
@@ -89,17 +308,26 @@ pub struct DenseMatrix<'a> {
 }
 
 impl<'a> DenseMatrix<'a> {
-    /// A matrix over `data`, which must hold exactly `n_out * k` elements.
+    /// A matrix over `data`, which must hold exactly `n_out * k` elements (and, in
+    /// panels, `n_out` a multiple of [`DENSE_PANEL_ROWS`]).
     ///
     /// # Errors
     /// [`Error::EmptyDimension`] for a zero dimension, [`Error::LengthMismatch`] when
-    /// the data is not `n_out * k` long, [`Error::Overflow`] when that overflows.
+    /// the data is not `n_out * k` long, [`Error::Overflow`] when that overflows,
+    /// [`Error::NotMultiple`] for panels of a partial panel's rows.
     pub fn new(data: DenseData<'a>, n_out: usize, k: usize) -> Result<Self> {
         if n_out == 0 {
             return Err(Error::EmptyDimension { what: "n_out" });
         }
         if k == 0 {
             return Err(Error::EmptyDimension { what: "k" });
+        }
+        if matches!(data, DenseData::F32Panels(_)) && !n_out.is_multiple_of(DENSE_PANEL_ROWS) {
+            return Err(Error::NotMultiple {
+                what: "rows of a matrix in panels",
+                n: n_out,
+                multiple: DENSE_PANEL_ROWS,
+            });
         }
         let expected = n_out
             .checked_mul(k)
@@ -134,6 +362,15 @@ impl<'a> DenseMatrix<'a> {
     pub fn bytes(&self) -> usize {
         self.n_out * self.k * self.data.elem_bytes()
     }
+
+    /// The column multiple a split of the output starts its tasks at: whole panels
+    /// for a matrix in panels (a task then streams its panels' lines alone).
+    fn col_align(&self) -> usize {
+        match self.data {
+            DenseData::F32Panels(_) => DENSE_PANEL_ROWS,
+            _ => COL_ALIGN,
+        }
+    }
 }
 
 /// `y = x · Wᵀ` with the detected kernel: `x` is `m x k`, `y` is `m x n_out`, row-major.
@@ -167,11 +404,18 @@ pub fn dense_gemm_with(
     let packed = m > DENSE_GEMV_MAX_ROWS;
     let k = w.k;
     // A prompt's row blocks each convert and transpose every panel of the matrix: one
-    // block per thread packs it once per thread (two per thread: pp512 F16 9% slower).
-    split_rows_or_columns(m, w.n_out, k, y, 1, |rows, cols, out, ld| {
-        let xr = x.get(rows.start * k..rows.end * k).unwrap_or(&[]);
-        f(w, xr, rows.len(), cols, out, ld, packed)
-    });
+    // block per thread packs it once per thread (two per thread: pp512 F16 9% slower;
+    // a matrix in panels gained nothing from two).
+    split_rows_or_columns(
+        m,
+        (w.n_out, k, w.col_align()),
+        y,
+        1,
+        |rows, cols, out, ld| {
+            let xr = x.get(rows.start * k..rows.end * k).unwrap_or(&[]);
+            f(w, xr, rows.len(), cols, out, ld, packed)
+        },
+    );
     Ok(())
 }
 
@@ -219,7 +463,7 @@ pub fn dense_gemm_many_with(
     let f = range_fn(kernel);
     split_many(
         items,
-        |w| (w.n_out, w.k),
+        |w| (w.n_out, w.k, w.col_align()),
         |w, cols, out| {
             let n = out.len();
             f(w, x, 1, cols, out, n, false)
@@ -284,7 +528,11 @@ fn in_bounds(
     ld: usize,
 ) -> bool {
     let ncols = cols.end.saturating_sub(cols.start);
-    m >= 1
+    let whole_panels = !matches!(w.data, DenseData::F32Panels(_))
+        || (cols.start.is_multiple_of(DENSE_PANEL_ROWS)
+            && cols.end.is_multiple_of(DENSE_PANEL_ROWS));
+    whole_panels
+        && m >= 1
         && cols.start < cols.end
         && cols.end <= w.n_out
         && w.data.len() == w.n_out * w.k
@@ -308,6 +556,16 @@ fn range_scalar(
         for (r, xr) in x.chunks_exact(k).take(m).enumerate() {
             let range = c * k..(c + 1) * k;
             let dot: f32 = match w.data {
+                DenseData::F32Panels(v) => {
+                    let first = panel_index(c, 0, k);
+                    let column = v.get(first..).unwrap_or(&[]);
+                    column
+                        .iter()
+                        .step_by(DENSE_PANEL_ROWS)
+                        .zip(xr)
+                        .map(|(a, b)| a * b)
+                        .sum()
+                }
                 DenseData::F32(v) => v
                     .get(range)
                     .unwrap_or(&[])
@@ -344,19 +602,25 @@ mod simd {
 
     use super::super::Kernel;
     use super::super::avx2::{hsum256, transpose8};
-    use super::{DENSE_TILE_ROWS, DenseData, DenseMatrix, in_bounds};
+    use super::{
+        DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, floats_mut,
+        in_bounds, line_buffer,
+    };
 
     /// Element type ids (const generic parameters).
     const E_F32: u8 = 0;
     const E_F16: u8 = 1;
     const E_BF16: u8 = 2;
 
-    fn parts(w: &DenseMatrix<'_>) -> (u8, *const u8, usize) {
-        match w.data {
+    /// The element type, the first element and the bytes per element of a row-major
+    /// matrix; `None` for one in panels.
+    fn parts(w: &DenseMatrix<'_>) -> Option<(u8, *const u8, usize)> {
+        Some(match w.data {
+            DenseData::F32Panels(_) => return None,
             DenseData::F32(v) => (E_F32, v.as_ptr().cast(), 4),
             DenseData::F16(v) => (E_F16, v.as_ptr().cast(), 2),
             DenseData::BF16(v) => (E_BF16, v.as_ptr().cast(), 2),
-        }
+        })
     }
 
     /// See `DenseRangeFn`. Does nothing (and asserts in debug builds) without AVX2 or
@@ -374,7 +638,14 @@ mod simd {
             debug_assert!(false, "dense AVX2 kernel without AVX2 or out of bounds");
             return;
         }
-        let (e, p, eb) = parts(&w);
+        let Some((e, p, eb)) = parts(&w) else {
+            if let DenseData::F32Panels(v) = w.data {
+                // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds (the
+                // panels hold n_out x k floats, n_out a multiple of 64).
+                unsafe { panels_gemm::<false>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
+            }
+            return;
+        };
         if packed {
             // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
             unsafe {
@@ -413,7 +684,15 @@ mod simd {
             );
             return;
         }
-        let (e, p, eb) = parts(&w);
+        let Some((e, p, eb)) = parts(&w) else {
+            if let DenseData::F32Panels(v) = w.data {
+                // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and
+                // `in_bounds` holds (the panels hold n_out x k floats, n_out a multiple
+                // of 64).
+                unsafe { panels_gemm::<true>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
+            }
+            return;
+        };
         if packed {
             // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds`
             // holds.
@@ -542,23 +821,77 @@ mod simd {
     const PACKED_MR_512: usize = 12;
 
     /// Output columns per wide AVX-512 panel (four vectors).
-    const WIDE_PANEL: usize = 64;
+    const WIDE_PANEL: usize = DENSE_PANEL_ROWS;
     /// Activation rows per wide AVX-512 micro-kernel: 6 x 4 accumulators, the four
     /// panel vectors and a broadcast, of the 32 `zmm` registers. Per element of `k`,
     /// ten loads feed 24 FMAs (the 12-row kernel's thirteen loads fed twelve, and two
     /// loads a cycle held it at about 60% of the FMA units).
     const WIDE_MR: usize = 6;
 
+    /// A micro-kernel: `(panel, stride, k, x, r0, out, ld, cc)` multiplies activation
+    /// rows `r0..` of `x` by the panel's columns (see [`micro`] and [`micro512`]).
+    type Tile = unsafe fn(*const f32, usize, usize, &[f32], usize, &mut [f32], usize, usize);
+
+    /// The instances of a micro-kernel for one to `N` rows, indexed by rows - 1.
+    macro_rules! tiles {
+        ($f:ident, $nv:literal, $pf:literal; $($mr:literal)*) => {
+            [$($f::<$mr, $nv, $pf> as Tile),*]
+        };
+    }
+
+    /// AVX2 tiles of 16 columns for prompts (1 to 6 rows) and for a decode step's rows
+    /// with the weights prefetched (1 to 4), and of 8 columns for a matrix's last ones.
+    const AVX2_16: [Tile; PACKED_MR] = tiles!(micro, 2, false; 1 2 3 4 5 6);
+    const AVX2_16_PF: [Tile; DENSE_GEMV_MAX_ROWS] = tiles!(micro, 2, true; 1 2 3 4);
+    const AVX2_8: [Tile; PACKED_MR] = tiles!(micro, 1, false; 1 2 3 4 5 6);
+
+    /// AVX-512 tiles: one 512-bit vector (16 columns) for up to twelve rows, four (64
+    /// columns) for up to six, and four for a decode step's rows with the weights
+    /// prefetched.
+    const ZMM_1: [Tile; PACKED_MR_512] = tiles!(micro512, 1, false; 1 2 3 4 5 6 7 8 9 10 11 12);
+    const ZMM_4: [Tile; WIDE_MR] = tiles!(micro512, 4, false; 1 2 3 4 5 6);
+    const ZMM_4_PF: [Tile; DENSE_GEMV_MAX_ROWS] = tiles!(micro512, 4, true; 1 2 3 4);
+
+    /// Runs `tiles[mr - 1]` over every group of up to `tiles.len()` rows of `x`.
+    ///
+    /// # Safety
+    /// As the tiles': the CPU has their features; the panel holds `k` rows of its
+    /// columns `stride` apart; `x` holds `m` rows of `k` floats; `out` holds the
+    /// tile's columns of `m` rows `ld` apart from `cc`.
+    #[allow(clippy::too_many_arguments)] // the panel, the rows and the output window
+    #[inline]
+    unsafe fn run_tiles(
+        tiles: &[Tile],
+        panel: *const f32,
+        stride: usize,
+        k: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        ld: usize,
+        cc: usize,
+    ) {
+        let mut r = 0;
+        while r < m {
+            let mr = (m - r).min(tiles.len());
+            if let Some(tile) = mr.checked_sub(1).and_then(|i| tiles.get(i)) {
+                // SAFETY: the caller's bounds, for rows r..r + mr.
+                unsafe { tile(panel, stride, k, x, r, out, ld, cc) };
+            }
+            r += mr;
+        }
+    }
+
     /// The packed GEMM for many activation rows: panels of 16 weight rows (8 for the
     /// last ones) are converted to f32 and transposed once per call into a `k x 16`
-    /// buffer (`64 k` bytes, in L2), then every group of six activation rows runs
-    /// through it: per element of `k`, two weight vectors and six broadcast
-    /// activations in twelve FMA chains, one per output (so each output is summed in
-    /// element order, whatever the tile). With `ZMM` (AVX-512F), 64-column panels
-    /// first (`256 k` bytes) meet six activation rows at a time, four 512-bit vectors
-    /// and 24 FMA chains per element, then a 16-column panel meets twelve rows, one
-    /// vector and twelve chains: the same chains, so the same bits as the AVX2 tiles.
-    /// Columns past the last multiple of 8 take the row kernel.
+    /// buffer (`64 k` bytes, in L2, on 64-byte lines), then every group of six
+    /// activation rows runs through it: per element of `k`, two weight vectors and six
+    /// broadcast activations in twelve FMA chains, one per output (so each output is
+    /// summed in element order, whatever the tile). With `ZMM` (AVX-512F), 64-column
+    /// panels first (`256 k` bytes) meet six activation rows at a time, four 512-bit
+    /// vectors and 24 FMA chains per element, then a 16-column panel meets twelve rows,
+    /// one vector and twelve chains: the same chains, so the same bits as the AVX2
+    /// tiles. Columns past the last multiple of 8 take the row kernel.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C (and AVX-512F/BW/VL with `ZMM`); `p` holds
@@ -576,58 +909,44 @@ mod simd {
         out: &mut [f32],
         ld: usize,
     ) {
-        let mut panel = vec![0.0f32; k * if ZMM { WIDE_PANEL } else { PANEL }];
+        let mut lines = line_buffer(k * if ZMM { WIDE_PANEL } else { PANEL });
+        let panel = floats_mut(&mut lines);
         let mut c = cols.start;
         while ZMM && c + WIDE_PANEL <= cols.end {
             // SAFETY: rows c..c + 64 are below n_out (the caller's bounds).
-            unsafe { pack::<E>(p, eb, k, c, WIDE_PANEL, &mut panel) };
-            let cc = c - cols.start;
-            let mut r = 0;
-            while r < m {
-                let mr = (m - r).min(WIDE_MR);
-                // SAFETY: the CPU has AVX-512F (the caller's); rows r..r + mr of x
-                // exist; the output holds them.
-                unsafe { micro512_wide_any(mr, &panel, k, x, r, out, ld, cc) };
-                r += mr;
+            unsafe { pack::<E>(p, eb, k, c, WIDE_PANEL, panel) };
+            // SAFETY: the CPU has AVX-512F (the caller's); the panel holds k rows of
+            // 64; x holds m rows; the output holds them.
+            unsafe {
+                let pp = panel.as_ptr();
+                run_tiles(&ZMM_4, pp, WIDE_PANEL, k, x, m, out, ld, c - cols.start);
             }
             c += WIDE_PANEL;
         }
         while c + 8 <= cols.end {
             let width = if c + PANEL <= cols.end { PANEL } else { 8 };
             // SAFETY: rows c..c + width are below n_out (the caller's bounds).
-            unsafe { pack::<E>(p, eb, k, c, width, &mut panel) };
-            let cc = c - cols.start;
-            let mut r = 0;
-            if ZMM && width == PANEL {
-                while r < m {
-                    let mr = (m - r).min(PACKED_MR_512);
-                    // SAFETY: the CPU has AVX-512F (the caller's); rows r..r + mr of x
-                    // exist; the output holds them.
-                    unsafe { micro512_any(mr, &panel, k, x, r, out, ld, cc) };
-                    r += mr;
-                }
-            }
-            while r < m {
-                let mr = (m - r).min(PACKED_MR);
-                // SAFETY: rows r..r + mr of x exist; the output holds them.
-                unsafe {
-                    match (mr, width) {
-                        (6, PANEL) => micro::<6, 2>(&panel, k, x, r, out, ld, cc),
-                        (5, PANEL) => micro::<5, 2>(&panel, k, x, r, out, ld, cc),
-                        (4, PANEL) => micro::<4, 2>(&panel, k, x, r, out, ld, cc),
-                        (3, PANEL) => micro::<3, 2>(&panel, k, x, r, out, ld, cc),
-                        (2, PANEL) => micro::<2, 2>(&panel, k, x, r, out, ld, cc),
-                        (_, PANEL) => micro::<1, 2>(&panel, k, x, r, out, ld, cc),
-                        (6, _) => micro::<6, 1>(&panel, k, x, r, out, ld, cc),
-                        (5, _) => micro::<5, 1>(&panel, k, x, r, out, ld, cc),
-                        (4, _) => micro::<4, 1>(&panel, k, x, r, out, ld, cc),
-                        (3, _) => micro::<3, 1>(&panel, k, x, r, out, ld, cc),
-                        (2, _) => micro::<2, 1>(&panel, k, x, r, out, ld, cc),
-                        _ => micro::<1, 1>(&panel, k, x, r, out, ld, cc),
-                    }
-                }
-                r += mr;
-            }
+            unsafe { pack::<E>(p, eb, k, c, width, panel) };
+            let tiles: &[Tile] = match (ZMM, width) {
+                (true, PANEL) => &ZMM_1,
+                (false, PANEL) => &AVX2_16,
+                _ => &AVX2_8,
+            };
+            // SAFETY: the CPU has the tiles' features (the caller's); the panel holds
+            // k rows of `width`; x holds m rows; the output holds them.
+            unsafe {
+                run_tiles(
+                    tiles,
+                    panel.as_ptr(),
+                    width,
+                    k,
+                    x,
+                    m,
+                    out,
+                    ld,
+                    c - cols.start,
+                )
+            };
             c += width;
         }
         if c < cols.end {
@@ -638,7 +957,52 @@ mod simd {
         }
     }
 
-    /// Converts weight rows `c..c + width` (`width` 8 or 16) to f32 into `panel`,
+    /// `y = x · Wᵀ` over a matrix stored in panels ([`DensePanels`]): the packed GEMM's
+    /// tiles read the panels where they lie, with no conversion per call, a whole
+    /// panel at a time (the drivers split a matrix in panels at panel boundaries). A
+    /// decode step (`stream`: at most [`DENSE_GEMV_MAX_ROWS`] rows) prefetches the
+    /// weights ahead, as the row kernel does. Every output is one FMA chain in element
+    /// order, as in the packed GEMM, so a row's result is the same in a decode step, a
+    /// batch or a prompt, and the same as the packed GEMM's from the row-major matrix.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C (and AVX-512F/BW/VL with `ZMM`); `p` holds the
+    /// `n_out x k` panels with `cols` below `n_out`, both ends multiples of 64; `x`
+    /// holds `m x k` floats; `out` holds `(m - 1) * ld + cols.len()` floats.
+    #[allow(clippy::too_many_arguments)] // the panels and the output window
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn panels_gemm<const ZMM: bool>(
+        p: *const f32,
+        k: usize,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+        stream: bool,
+    ) {
+        for c in cols.clone().step_by(WIDE_PANEL) {
+            let panel = p.wrapping_add(c * k);
+            let cc = c - cols.start;
+            if ZMM {
+                let tiles: &[Tile] = if stream { &ZMM_4_PF } else { &ZMM_4 };
+                // SAFETY: the CPU has AVX-512F (the caller's); the panel holds k rows
+                // of 64; x holds m rows; the output holds the panel's columns.
+                unsafe { run_tiles(tiles, panel, WIDE_PANEL, k, x, m, out, ld, cc) };
+            } else {
+                let tiles: &[Tile] = if stream { &AVX2_16_PF } else { &AVX2_16 };
+                for v in 0..WIDE_PANEL / PANEL {
+                    // SAFETY: as above, for the 16 columns from v * 16.
+                    unsafe {
+                        let b = panel.add(PANEL * v);
+                        run_tiles(tiles, b, WIDE_PANEL, k, x, m, out, ld, cc + PANEL * v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Converts weight rows `c..c + width` (`width` 8, 16 or 64) to f32 into `panel`,
     /// transposed: element `kk` of row `c + j` at `panel[kk * width + j]`.
     ///
     /// # Safety
@@ -680,17 +1044,24 @@ mod simd {
         }
     }
 
-    /// `MR` activation rows from `r0` times a panel of `NV x 8` columns, written at
-    /// `out[(r0 + i) * ld + cc..]`.
+    /// `MR` activation rows from `r0` times `NV x 8` columns of a transposed panel
+    /// (element `kk` of its column `j` at `panel[kk * stride + j]`), written at
+    /// `out[(r0 + i) * ld + cc..]`: per element of `k`, `NV` weight vectors and `MR`
+    /// broadcast activations in `MR x NV` FMA chains, one per output, in element order.
+    /// `PF`: fetch the panel's lines [`PREFETCH`] bytes ahead (a decode step, which
+    /// reads them from memory once).
     ///
     /// # Safety
-    /// Rows `r0..r0 + MR` of `x` (`k` floats each) exist, the panel holds `k * NV * 8`
-    /// floats, and `out` holds `(r0 + MR - 1) * ld + cc + NV * 8` floats.
+    /// The CPU has AVX2 and FMA; rows `r0..r0 + MR` of `x` (`k` floats each) exist, the
+    /// panel holds `(k - 1) * stride + NV * 8` floats, and `out` holds
+    /// `(r0 + MR - 1) * ld + cc + NV * 8` floats.
+    #[allow(clippy::too_many_arguments)] // the panel, the rows and the output window
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)] // i and v index the tile
-    unsafe fn micro<const MR: usize, const NV: usize>(
-        panel: &[f32],
+    unsafe fn micro<const MR: usize, const NV: usize, const PF: bool>(
+        panel: *const f32,
+        stride: usize,
         k: usize,
         x: &[f32],
         r0: usize,
@@ -699,13 +1070,17 @@ mod simd {
         cc: usize,
     ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
-        let pp = panel.as_ptr();
         let xp = x.as_ptr();
         for kk in 0..k {
+            let row = panel.wrapping_add(kk * stride);
+            if PF {
+                let ahead = row.wrapping_add(PREFETCH / 4);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
             let mut b = [_mm256_setzero_ps(); NV];
             for v in 0..NV {
                 // SAFETY: kk < k, so the panel holds these eight floats.
-                b[v] = unsafe { _mm256_loadu_ps(pp.add(kk * NV * 8 + v * 8)) };
+                b[v] = unsafe { _mm256_loadu_ps(row.add(v * 8)) };
             }
             for i in 0..MR {
                 // SAFETY: row r0 + i of x holds element kk.
@@ -726,48 +1101,20 @@ mod simd {
         }
     }
 
-    /// [`micro512_wide`] for `mr` (1 to [`WIDE_MR`]) rows.
-    ///
-    /// # Safety
-    /// As [`micro512_wide`], with the CPU's AVX-512F.
-    #[allow(clippy::too_many_arguments)] // the panel, the rows and the output window
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn micro512_wide_any(
-        mr: usize,
-        panel: &[f32],
-        k: usize,
-        x: &[f32],
-        r0: usize,
-        out: &mut [f32],
-        ld: usize,
-        cc: usize,
-    ) {
-        // SAFETY: the caller's bounds for `mr` rows.
-        unsafe {
-            match mr {
-                6 => micro512_wide::<6>(panel, k, x, r0, out, ld, cc),
-                5 => micro512_wide::<5>(panel, k, x, r0, out, ld, cc),
-                4 => micro512_wide::<4>(panel, k, x, r0, out, ld, cc),
-                3 => micro512_wide::<3>(panel, k, x, r0, out, ld, cc),
-                2 => micro512_wide::<2>(panel, k, x, r0, out, ld, cc),
-                _ => micro512_wide::<1>(panel, k, x, r0, out, ld, cc),
-            }
-        }
-    }
-
-    /// `MR` activation rows from `r0` times a 64-column panel, written at
-    /// `out[(r0 + i) * ld + cc..][..64]`: [`micro`]'s FMA chains (one per output, in
-    /// element order), four 512-bit vectors a row.
+    /// [`micro`] in 512-bit registers: `MR` activation rows times `NV x 16` columns of
+    /// a transposed panel, the same FMA chains (so the same bits).
     ///
     /// # Safety
     /// The CPU has AVX-512F; rows `r0..r0 + MR` of `x` (`k` floats each) exist, the
-    /// panel holds `k * 64` floats, and `out` holds `(r0 + MR - 1) * ld + cc + 64`
-    /// floats.
+    /// panel holds `(k - 1) * stride + NV * 16` floats, and `out` holds
+    /// `(r0 + MR - 1) * ld + cc + NV * 16` floats.
+    #[allow(clippy::too_many_arguments)] // the panel, the rows and the output window
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)] // i and v index the tile
-    unsafe fn micro512_wide<const MR: usize>(
-        panel: &[f32],
+    unsafe fn micro512<const MR: usize, const NV: usize, const PF: bool>(
+        panel: *const f32,
+        stride: usize,
         k: usize,
         x: &[f32],
         r0: usize,
@@ -775,104 +1122,34 @@ mod simd {
         ld: usize,
         cc: usize,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
-        let pp = panel.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let xp = x.as_ptr();
         for kk in 0..k {
-            // SAFETY: kk < k, so the panel holds these 64 floats.
-            let b: [__m512; 4] = std::array::from_fn(|v| unsafe {
-                _mm512_loadu_ps(pp.add(kk * WIDE_PANEL + 16 * v))
-            });
+            let row = panel.wrapping_add(kk * stride);
+            if PF {
+                for v in 0..NV {
+                    let ahead = row.wrapping_add(PREFETCH / 4 + 16 * v);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                }
+            }
+            // SAFETY: kk < k, so the panel holds these NV x 16 floats.
+            let b: [__m512; NV] =
+                std::array::from_fn(|v| unsafe { _mm512_loadu_ps(row.add(16 * v)) });
             for i in 0..MR {
                 // SAFETY: row r0 + i of x holds element kk.
                 let a = _mm512_set1_ps(unsafe { *xp.add((r0 + i) * k + kk) });
-                for v in 0..4 {
+                for v in 0..NV {
                     acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
                 }
             }
         }
         for i in 0..MR {
-            for v in 0..4 {
+            for v in 0..NV {
                 let at = (r0 + i) * ld + cc + 16 * v;
                 if let Some(dst) = out.get_mut(at..at + 16) {
                     // SAFETY: dst holds sixteen floats.
                     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), acc[i][v]) };
                 }
-            }
-        }
-    }
-
-    /// [`micro512`] for `mr` (1 to [`PACKED_MR_512`]) rows.
-    ///
-    /// # Safety
-    /// As [`micro512`], with the CPU's AVX-512F.
-    #[allow(clippy::too_many_arguments)] // the panel, the rows and the output window
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn micro512_any(
-        mr: usize,
-        panel: &[f32],
-        k: usize,
-        x: &[f32],
-        r0: usize,
-        out: &mut [f32],
-        ld: usize,
-        cc: usize,
-    ) {
-        // SAFETY: the caller's bounds for `mr` rows.
-        unsafe {
-            match mr {
-                12 => micro512::<12>(panel, k, x, r0, out, ld, cc),
-                11 => micro512::<11>(panel, k, x, r0, out, ld, cc),
-                10 => micro512::<10>(panel, k, x, r0, out, ld, cc),
-                9 => micro512::<9>(panel, k, x, r0, out, ld, cc),
-                8 => micro512::<8>(panel, k, x, r0, out, ld, cc),
-                7 => micro512::<7>(panel, k, x, r0, out, ld, cc),
-                6 => micro512::<6>(panel, k, x, r0, out, ld, cc),
-                5 => micro512::<5>(panel, k, x, r0, out, ld, cc),
-                4 => micro512::<4>(panel, k, x, r0, out, ld, cc),
-                3 => micro512::<3>(panel, k, x, r0, out, ld, cc),
-                2 => micro512::<2>(panel, k, x, r0, out, ld, cc),
-                _ => micro512::<1>(panel, k, x, r0, out, ld, cc),
-            }
-        }
-    }
-
-    /// `MR` activation rows from `r0` times a 16-column panel, written at
-    /// `out[(r0 + i) * ld + cc..][..16]`: [`micro`]'s FMA chains in 512-bit registers.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; rows `r0..r0 + MR` of `x` (`k` floats each) exist, the
-    /// panel holds `k * 16` floats, and `out` holds `(r0 + MR - 1) * ld + cc + 16`
-    /// floats.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    #[allow(clippy::needless_range_loop)] // i indexes the tile
-    unsafe fn micro512<const MR: usize>(
-        panel: &[f32],
-        k: usize,
-        x: &[f32],
-        r0: usize,
-        out: &mut [f32],
-        ld: usize,
-        cc: usize,
-    ) {
-        let mut acc = [_mm512_setzero_ps(); MR];
-        let pp = panel.as_ptr();
-        let xp = x.as_ptr();
-        for kk in 0..k {
-            // SAFETY: kk < k, so the panel holds these sixteen floats.
-            let b = unsafe { _mm512_loadu_ps(pp.add(kk * PANEL)) };
-            for i in 0..MR {
-                // SAFETY: row r0 + i of x holds element kk.
-                let a = _mm512_set1_ps(unsafe { *xp.add((r0 + i) * k + kk) });
-                acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
-            }
-        }
-        for i in 0..MR {
-            let at = (r0 + i) * ld + cc;
-            if let Some(dst) = out.get_mut(at..at + PANEL) {
-                // SAFETY: dst holds sixteen floats.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), acc[i]) };
             }
         }
     }

@@ -104,11 +104,18 @@ fn range_fn(kernel: Kernel, dtype: WeightDType, panels: bool) -> RangeFn {
     }
 }
 
+/// The column multiple tasks start at: sixteen, so a task never splits an AVX-512
+/// panel of quantized rows (sixteen) or an AVX2 one (eight).
+pub(super) const COL_ALIGN: usize = 16;
+
 /// Output columns per task: enough tasks to balance a noisy machine, few enough that
-/// a task is worth its scheduling cost; a multiple of sixteen, so a task never splits
-/// an AVX-512 panel (sixteen columns) or an AVX2 one (eight).
-fn cols_per_task(n_out: usize, threads: usize) -> usize {
-    (n_out / (threads * 8)).clamp(16, 256).next_multiple_of(16)
+/// a task is worth its scheduling cost; a multiple of `align` ([`COL_ALIGN`], or a
+/// layout's wider panels: a decode step over f32 panels of 64 rows split at 16 read
+/// parts of each panel's lines from two threads, 5-8% slower).
+fn cols_per_task(n_out: usize, threads: usize, align: usize) -> usize {
+    (n_out / (threads * 8))
+        .clamp(16, 256)
+        .next_multiple_of(align.max(1))
 }
 
 /// What [`run`] and [`run_many`] check before any kernel reads: the CPU runs
@@ -157,7 +164,7 @@ pub(super) fn run(
     let n_out = w.n_out();
     let f = range_fn(kernel, w.dtype(), w.in_panels());
     let a = acts.view();
-    split_rows_or_columns(m, n_out, w.k(), y, 2, |rows, cols, out, ld| {
+    split_rows_or_columns(m, (n_out, w.k(), COL_ALIGN), y, 2, |rows, cols, out, ld| {
         f(w, a.rows_from(rows.start), rows.len(), cols, out, ld)
     });
     Ok(())
@@ -174,8 +181,7 @@ pub(super) fn run(
 /// ([`split_columns`]).
 pub(super) fn split_rows_or_columns<F>(
     m: usize,
-    n_out: usize,
-    k: usize,
+    (n_out, k, align): (usize, usize, usize),
     y: &mut [f32],
     blocks_per_thread: usize,
     f: F,
@@ -197,7 +203,9 @@ pub(super) fn split_rows_or_columns<F>(
             .for_each(|(rows, out)| f(rows, 0..n_out, out, n_out));
         return;
     }
-    split_columns(m, n_out, k, y, |cols, out, ld| f(0..m, cols, out, ld));
+    split_columns(m, (n_out, k, align), y, |cols, out, ld| {
+        f(0..m, cols, out, ld)
+    });
 }
 
 /// Activation rows from which a product splits its output rows (not columns) across
@@ -244,7 +252,7 @@ pub(super) fn run_many(
     let a = acts.view();
     split_many(
         items,
-        |w| (w.n_out(), w.k()),
+        |w| (w.n_out(), w.k(), COL_ALIGN),
         |w, cols, out| {
             let n = out.len();
             range_fn(kernel, w.dtype(), w.in_panels())(w, a, 1, cols, out, n)
@@ -254,30 +262,32 @@ pub(super) fn run_many(
 }
 
 /// One activation row times several matrices as one parallel region: each item is a
-/// matrix and its output, `shape(matrix)` its `(n_out, k)`; `f(matrix, cols, out)`
+/// matrix and its output, `shape(matrix)` its `(n_out, k, align)` (tasks start at
+/// multiples of `align`, as in [`cols_per_task`]); `f(matrix, cols, out)`
 /// fills `out[c - cols.start]` for the columns `cols` of that matrix. Columns are
 /// split as [`split_columns`] splits them (the same chunks, so the same results), or
 /// run in order when the work is small.
 pub(super) fn split_many<W, S, F>(items: &mut [(W, &mut [f32])], shape: S, f: F)
 where
     W: Copy + Send + Sync,
-    S: Fn(&W) -> (usize, usize),
+    S: Fn(&W) -> (usize, usize, usize),
     F: Fn(W, Range<usize>, &mut [f32]) + Sync,
 {
     let threads = rayon::current_num_threads();
     let work: usize = items
         .iter()
         .map(|(w, _)| {
-            let (n, k) = shape(w);
+            let (n, k, _) = shape(w);
             n.saturating_mul(k)
         })
         .sum();
     let parallel = threads > 1 && work >= PAR_MIN_WORK;
     let mut tasks: Vec<(W, usize, &mut [f32])> = Vec::new();
     for (w, y) in items.iter_mut() {
-        let (w, n_out, y) = (*w, shape(w).0, &mut **y);
+        let (n_out, _, align) = shape(w);
+        let (w, y) = (*w, &mut **y);
         let chunk = if parallel && n_out >= 32 {
-            cols_per_task(n_out, threads)
+            cols_per_task(n_out, threads, align)
         } else {
             n_out.max(1)
         };
@@ -303,8 +313,12 @@ where
 ///
 /// Every column is computed by the same code whatever the split (chunks start at
 /// multiples of 8), so the result does not depend on the thread count.
-pub(super) fn split_columns<F>(m: usize, n_out: usize, k: usize, y: &mut [f32], f: F)
-where
+pub(super) fn split_columns<F>(
+    m: usize,
+    (n_out, k, align): (usize, usize, usize),
+    y: &mut [f32],
+    f: F,
+) where
     F: Fn(Range<usize>, &mut [f32], usize) + Sync,
 {
     let threads = rayon::current_num_threads();
@@ -313,7 +327,7 @@ where
         f(0..n_out, y, n_out);
         return;
     }
-    let chunk = cols_per_task(n_out, threads);
+    let chunk = cols_per_task(n_out, threads, align);
     if m == 1 {
         y.par_chunks_mut(chunk).enumerate().for_each(|(t, yc)| {
             let c0 = t * chunk;

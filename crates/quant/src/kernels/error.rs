@@ -14,6 +14,16 @@ pub enum Error {
         /// The block size of the format (32 for every supported format).
         block: usize,
     },
+    /// A dimension is not a multiple of what a layout needs.
+    #[error("{what}: {n} is not a multiple of {multiple}")]
+    NotMultiple {
+        /// The dimension, named.
+        what: &'static str,
+        /// Its value.
+        n: usize,
+        /// What it must be a multiple of.
+        multiple: usize,
+    },
     /// A buffer does not have the length the shape calls for.
     #[error("{what}: expected {expected} {unit}, got {actual}")]
     LengthMismatch {

@@ -99,8 +99,8 @@ pub use blocks::{
     BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType, dequantize_q8_0, quantize_q8_0,
 };
 pub use dense::{
-    DENSE_GEMV_MAX_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, dense_gemm, dense_gemm_many,
-    dense_gemm_many_with, dense_gemm_with, dense_packed_available,
+    DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, DensePanels,
+    dense_gemm, dense_gemm_many, dense_gemm_many_with, dense_gemm_with, dense_packed_available,
 };
 pub use error::{Error, Result};
 pub use int::{

@@ -607,28 +607,182 @@ fn dense_kernels_match_the_exact_product_for_every_dtype_shape_and_thread_count(
                     pool(threads)
                         .install(|| dense_gemm_with(kernel, w, &x, m, &mut y))
                         .unwrap();
-                    for r in 0..m {
-                        for c in 0..n_out {
-                            let (exact, mag) = (0..k).fold((0.0f64, 0.0f64), |(e, a), j| {
-                                let p = f64::from(wd[c * k + j]) * f64::from(x[r * k + j]);
-                                (e + p, a + p.abs())
-                            });
-                            let got = f64::from(y[r * n_out + c]);
-                            // f32 sums of k products: a few ulps of the magnitude.
-                            let tol =
-                                4.0 * f64::from(f32::EPSILON) * (k as f64).sqrt() * mag + 1e-6;
-                            assert!(
-                                (got - exact).abs() <= tol,
-                                "{kernel} {dtype} {n_out}x{k} m={m} t={threads} [{r},{c}]: \
-                                 {got} vs {exact} (tol {tol})"
-                            );
-                        }
-                    }
+                    let what = format!("{kernel} {dtype} {n_out}x{k} m={m} t={threads}");
+                    assert_exact_product(&wd, &x, &y, (m, n_out, k), &what);
                 }
             }
         }
     }
     report_kernel_coverage("dense kernels");
+}
+
+/// `y` (`m x n_out`) is `x · wᵀ` to within f32 rounding: each output within a few ulps
+/// of the magnitude of its `k` products, summed exactly in f64.
+fn assert_exact_product(
+    w: &[f32],
+    x: &[f32],
+    y: &[f32],
+    (m, n_out, k): (usize, usize, usize),
+    what: &str,
+) {
+    for r in 0..m {
+        for c in 0..n_out {
+            let (exact, mag) = (0..k).fold((0.0f64, 0.0f64), |(e, a), j| {
+                let p = f64::from(w[c * k + j]) * f64::from(x[r * k + j]);
+                (e + p, a + p.abs())
+            });
+            let got = f64::from(y[r * n_out + c]);
+            let tol = 4.0 * f64::from(f32::EPSILON) * (k as f64).sqrt() * mag + 1e-6;
+            assert!(
+                (got - exact).abs() <= tol,
+                "{what} [{r},{c}]: {got} vs {exact} (tol {tol})"
+            );
+        }
+    }
+}
+
+/// An f32 matrix in panels holds the matrix (whole, row by row, from its bytes), gives
+/// the exact product for every row count, kernel and thread count, and with a SIMD
+/// kernel the packed GEMM's bits over the row-major matrix for a prompt, each row the
+/// bits of that row alone (a decode step equals the same row in a prompt), the same
+/// bits with AVX2 as with AVX-512, and in one parallel region with other matrices the
+/// bits of separate calls.
+#[test]
+fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // One panel, several, k below a vector and as in a model; n_out above a task so
+    // that decode splits across threads.
+    let shapes = [(64, 1), (64, 7), (128, 33), (192, 576), (320, 100)];
+    let mut compared = 0usize;
+    for (i, &(n_out, k)) in shapes.iter().enumerate() {
+        let w = Rng(200 + i as u64).vec(n_out * k);
+        let p = DensePanels::from_rows(&w, n_out, k).unwrap();
+        assert_eq!((p.n_out(), p.k(), p.bytes()), (n_out, k, n_out * k * 4));
+        assert_eq!(bits(&p.to_rows()), bits(&w));
+        let le: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let from_bytes = DensePanels::from_le_bytes(&le, n_out, k).unwrap();
+        assert_eq!(bits(&from_bytes.to_rows()), bits(&w));
+        for c in [0, 1, 63, n_out - 1] {
+            let mut row = vec![f32::NAN; k];
+            p.row(c, &mut row).unwrap();
+            assert_eq!(bits(&row), bits(&w[c * k..(c + 1) * k]), "row {c}");
+        }
+        let rows = DenseMatrix::new(DenseData::F32(&w), n_out, k).unwrap();
+        assert_eq!(p.matrix().dtype_name(), "f32");
+        for m in [1, 2, 3, 4, 5, 7, 13, 70] {
+            let x = Rng(300 + m as u64).vec(m * k);
+            for threads in [1, 2, 3] {
+                let run = |kernel, mat, x: &[f32], m| {
+                    let mut y = vec![f32::NAN; m * n_out];
+                    pool(threads)
+                        .install(|| dense_gemm_with(kernel, mat, x, m, &mut y))
+                        .unwrap();
+                    y
+                };
+                let mut by_kernel = Vec::new();
+                for kernel in available_kernels() {
+                    let y = run(kernel, p.matrix(), &x, m);
+                    let what = format!("{kernel} panels {n_out}x{k} m={m} t={threads}");
+                    assert_exact_product(&w, &x, &y, (m, n_out, k), &what);
+                    if kernel == Kernel::Scalar {
+                        continue;
+                    }
+                    if m > DENSE_GEMV_MAX_ROWS {
+                        let packed = run(kernel, rows, &x, m);
+                        assert_eq!(bits(&y), bits(&packed), "{what}: vs row-major");
+                    }
+                    for r in [0, m / 2, m - 1] {
+                        let one = run(kernel, p.matrix(), &x[r * k..(r + 1) * k], 1);
+                        assert_eq!(
+                            bits(&one),
+                            bits(&y[r * n_out..(r + 1) * n_out]),
+                            "{what}: row {r} alone"
+                        );
+                    }
+                    compared += y.len();
+                    by_kernel.push(y);
+                }
+                for pair in by_kernel.windows(2) {
+                    assert_eq!(
+                        bits(&pair[0]),
+                        bits(&pair[1]),
+                        "{n_out}x{k} m={m}: AVX2 vs AVX-512"
+                    );
+                }
+            }
+        }
+    }
+    // Several matrices in panels (and one row-major) read one row in one region.
+    let k = 576;
+    let ws: Vec<Vec<f32>> = [576, 192, 128]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Rng(400 + i as u64).vec(n * k))
+        .collect();
+    let panels: Vec<DensePanels> = ws
+        .iter()
+        .map(|w| DensePanels::from_rows(w, w.len() / k, k).unwrap())
+        .collect();
+    let mut mats: Vec<DenseMatrix<'_>> = panels.iter().map(DensePanels::matrix).collect();
+    mats.push(DenseMatrix::new(DenseData::F32(&ws[2]), 128, k).unwrap());
+    let x = Rng(500).vec(k);
+    for kernel in available_kernels() {
+        for threads in [1, 2, 3] {
+            let separate: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|w| {
+                    let mut y = vec![f32::NAN; w.n_out()];
+                    pool(threads)
+                        .install(|| dense_gemm_with(kernel, *w, &x, 1, &mut y))
+                        .unwrap();
+                    y
+                })
+                .collect();
+            let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| vec![f32::NAN; w.n_out()]).collect();
+            let mut items: Vec<(DenseMatrix<'_>, &mut [f32])> = mats
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|(w, y)| (*w, y.as_mut_slice()))
+                .collect();
+            pool(threads)
+                .install(|| dense_gemm_many_with(kernel, &mut items, &x, 1))
+                .unwrap();
+            for (a, b) in separate.iter().zip(&ys) {
+                assert_eq!(
+                    bits(a),
+                    bits(b),
+                    "{kernel} t={threads}: one region vs separate calls"
+                );
+            }
+        }
+    }
+    assert!(compared > 100_000, "{compared}");
+    // Shapes that do not fill panels, and rows out of range, are errors.
+    let w = vec![0.0f32; 96 * 4];
+    assert!(matches!(
+        DensePanels::from_rows(&w, 96, 4),
+        Err(Error::NotMultiple {
+            n: 96,
+            multiple: 64,
+            ..
+        })
+    ));
+    assert!(matches!(
+        DensePanels::from_rows(&w[..64 * 4 - 1], 64, 4),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        DensePanels::from_le_bytes(&[0u8; 64 * 4 * 4 - 2], 64, 4),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        DenseMatrix::new(DenseData::F32Panels(&w), 96, 4),
+        Err(Error::NotMultiple { .. })
+    ));
+    let p = DensePanels::from_rows(&w[..64 * 4], 64, 4).unwrap();
+    assert!(p.row(64, &mut [0.0; 4]).is_err());
+    assert!(p.row(0, &mut [0.0; 5]).is_err());
+    report_kernel_coverage("dense panels");
 }
 
 /// A prompt through the dense packed GEMM gives the same bits with AVX-512 (64-column

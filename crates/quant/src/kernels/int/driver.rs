@@ -6,7 +6,7 @@ use std::ops::Range;
 use super::super::Kernel;
 use super::super::acts::{ActsView, Line, QuantizedActs};
 use super::super::blocks::BLOCK_ELEMS;
-use super::super::driver::{split_many, split_rows_or_columns};
+use super::super::driver::{COL_ALIGN, split_many, split_rows_or_columns};
 use super::super::error::{Error, Result};
 use super::{IntFormat, IntWeights, scalar};
 
@@ -271,7 +271,7 @@ pub(super) fn run(
     let (f, pairs) = range_fn(kernel, w.format, w.panels);
     let bufs = pair_bufs(acts, pairs, w.format);
     let a = int_acts(acts, &bufs);
-    split_rows_or_columns(m, w.n_out, w.k, y, 2, |rows, cols, out, ld| {
+    split_rows_or_columns(m, (w.n_out, w.k, COL_ALIGN), y, 2, |rows, cols, out, ld| {
         f(w, &a.rows(rows), cols, out, ld)
     });
     Ok(())
@@ -328,7 +328,7 @@ pub(super) fn run_many(
     let a = int_acts(acts, &bufs);
     split_many(
         items,
-        |w| (w.n_out, w.k),
+        |w| (w.n_out, w.k, COL_ALIGN),
         |w, cols, out| {
             let n = out.len();
             f(w, &a, cols, out, n)
