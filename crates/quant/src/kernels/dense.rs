@@ -982,12 +982,6 @@ mod simd {
         ld: usize,
         stream: bool,
     ) {
-        let mut lines = if ZMM || stream {
-            Vec::new()
-        } else {
-            line_buffer(k * PANEL)
-        };
-        let group = floats_mut(&mut lines);
         for c in cols.clone().step_by(WIDE_PANEL) {
             let panel = p.wrapping_add(c * k);
             let cc = c - cols.start;
@@ -1004,18 +998,10 @@ mod simd {
                 unsafe { run_tiles(&AVX2_64_PF, panel, WIDE_PANEL, k, x, m, out, ld, cc) };
             } else {
                 for v in 0..WIDE_PANEL / PANEL {
-                    // The 16 columns from v * 16 made contiguous (a copy, no conversion):
-                    // read 64 floats apart, their lines fall in a quarter of L1's sets
-                    // and leave L1 between row tiles.
-                    for (kk, dst) in group.chunks_exact_mut(PANEL).take(k).enumerate() {
-                        let src = panel.wrapping_add(kk * WIDE_PANEL + PANEL * v);
-                        // SAFETY: row kk of the panel holds these sixteen floats.
-                        dst.copy_from_slice(unsafe { std::slice::from_raw_parts(src, PANEL) });
-                    }
-                    // SAFETY: as above, for the group's k rows of 16.
+                    // SAFETY: as above, for the 16 columns from v * 16.
                     unsafe {
-                        let g = group.as_ptr();
-                        run_tiles(&AVX2_16, g, PANEL, k, x, m, out, ld, cc + PANEL * v);
+                        let b = panel.add(PANEL * v);
+                        run_tiles(&AVX2_16, b, WIDE_PANEL, k, x, m, out, ld, cc + PANEL * v);
                     }
                 }
             }
