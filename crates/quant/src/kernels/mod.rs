@@ -25,7 +25,8 @@
 //! Dense f32, f16 and bf16 weights have their own kernels ([`dense_gemm`]: a decode
 //! step streams each weight row once through FMA chains, converting f16 with F16C /
 //! AVX-512F and bf16 with a shift; a prompt runs a packed GEMM of 6 x 16 register
-//! tiles, 6 x 64 with AVX-512F).
+//! tiles, 6 x 64 with AVX-512F; an f32 matrix whose rows fill panels of 64 is stored
+//! packed at load, [`DensePanels`], and every row count runs those tiles over it).
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
