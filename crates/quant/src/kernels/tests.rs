@@ -728,25 +728,7 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
     let x = Rng(500).vec(k);
     for kernel in available_kernels() {
         for threads in [1, 2, 3] {
-            let separate: Vec<Vec<f32>> = mats
-                .iter()
-                .map(|w| {
-                    let mut y = vec![f32::NAN; w.n_out()];
-                    pool(threads)
-                        .install(|| dense_gemm_with(kernel, *w, &x, 1, &mut y))
-                        .unwrap();
-                    y
-                })
-                .collect();
-            let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| vec![f32::NAN; w.n_out()]).collect();
-            let mut items: Vec<(DenseMatrix<'_>, &mut [f32])> = mats
-                .iter()
-                .zip(ys.iter_mut())
-                .map(|(w, y)| (*w, y.as_mut_slice()))
-                .collect();
-            pool(threads)
-                .install(|| dense_gemm_many_with(kernel, &mut items, &x, 1))
-                .unwrap();
+            let (separate, ys) = separate_and_together(kernel, &mats, &x, 1, threads);
             for (a, b) in separate.iter().zip(&ys) {
                 assert_eq!(
                     bits(a),
@@ -908,6 +890,37 @@ fn dense_results_do_not_depend_on_the_thread_count() {
     report_kernel_coverage("dense thread independence");
 }
 
+/// `x · W_iᵀ` for each matrix by separate calls, then all in one call to
+/// [`dense_gemm_many_with`], on a pool of `threads`.
+fn separate_and_together(
+    kernel: Kernel,
+    mats: &[DenseMatrix<'_>],
+    x: &[f32],
+    m: usize,
+    threads: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let separate: Vec<Vec<f32>> = mats
+        .iter()
+        .map(|w| {
+            let mut y = vec![f32::NAN; m * w.n_out()];
+            pool(threads)
+                .install(|| dense_gemm_with(kernel, *w, x, m, &mut y))
+                .unwrap();
+            y
+        })
+        .collect();
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| vec![f32::NAN; m * w.n_out()]).collect();
+    let mut items: Vec<(DenseMatrix<'_>, &mut [f32])> = mats
+        .iter()
+        .zip(ys.iter_mut())
+        .map(|(w, y)| (*w, y.as_mut_slice()))
+        .collect();
+    pool(threads)
+        .install(|| dense_gemm_many_with(kernel, &mut items, x, m))
+        .unwrap();
+    (separate, ys)
+}
+
 /// q, k and v (or gate and up) as one parallel region give exactly what separate
 /// calls give, for one row (split across threads as one region) and for several (run
 /// one after another), every dtype and kernel; a shape that does not fit is an error.
@@ -931,26 +944,7 @@ fn dense_products_of_several_matrices_equal_separate_calls_bit_for_bit() {
             for m in [1, 3, 9] {
                 let x = Rng(70 + m as u64).vec(m * 576);
                 for threads in [1, 2, 3] {
-                    let separate: Vec<Vec<f32>> = mats
-                        .iter()
-                        .map(|w| {
-                            let mut y = vec![f32::NAN; m * w.n_out()];
-                            pool(threads)
-                                .install(|| dense_gemm_with(kernel, *w, &x, m, &mut y))
-                                .unwrap();
-                            y
-                        })
-                        .collect();
-                    let mut ys: Vec<Vec<f32>> =
-                        mats.iter().map(|w| vec![f32::NAN; m * w.n_out()]).collect();
-                    let mut items: Vec<(DenseMatrix<'_>, &mut [f32])> = mats
-                        .iter()
-                        .zip(ys.iter_mut())
-                        .map(|(w, y)| (*w, y.as_mut_slice()))
-                        .collect();
-                    pool(threads)
-                        .install(|| dense_gemm_many_with(kernel, &mut items, &x, m))
-                        .unwrap();
+                    let (separate, ys) = separate_and_together(kernel, &mats, &x, m, threads);
                     for (i, (a, b)) in separate.iter().zip(&ys).enumerate() {
                         assert!(
                             a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
