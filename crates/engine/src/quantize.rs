@@ -161,25 +161,36 @@ fn export_err(reason: String) -> Error {
 /// Rows per block when writing a dense tensor.
 const WRITE_ROWS: usize = 1024;
 
+/// Writes `rows` rows to `w` a block of [`WRITE_ROWS`] at a time: `block(start, n)`
+/// gives the bytes of rows `start..start + n`. Returns the bytes written.
+fn write_row_blocks(
+    w: &mut dyn Write,
+    rows: usize,
+    mut block: impl FnMut(usize, usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    let mut written = 0u64;
+    for start in (0..rows).step_by(WRITE_ROWS) {
+        let bytes = block(start, WRITE_ROWS.min(rows - start))?;
+        w.write_all(&bytes).map_err(write_err)?;
+        written += bytes.len() as u64;
+    }
+    Ok(written)
+}
+
 /// Writes an f32 weight held in panels as row-major f32, gathered a block of rows at
 /// a time (no row-major copy of the whole matrix).
 fn panels_writer(p: &DensePanels) -> WriteFn<'_> {
     Box::new(move |w: &mut dyn Write| {
-        let (rows, k) = (p.n_out(), p.k());
-        let mut block = vec![0f32; WRITE_ROWS.min(rows) * k];
-        let mut written = 0u64;
-        for start in (0..rows).step_by(WRITE_ROWS) {
-            let n = WRITE_ROWS.min(rows - start);
-            let part = block.get_mut(..n * k).unwrap_or_default();
+        let k = p.k();
+        let mut rows = vec![0f32; WRITE_ROWS.min(p.n_out()) * k];
+        write_row_blocks(w, p.n_out(), |start, n| {
+            let part = rows.get_mut(..n * k).unwrap_or_default();
             for (r, row) in part.chunks_exact_mut(k).enumerate() {
                 p.row(start + r, row)
                     .map_err(|e| export_err(e.to_string()))?;
             }
-            let bytes = f32_bytes(part);
-            w.write_all(&bytes).map_err(write_err)?;
-            written += bytes.len() as u64;
-        }
-        Ok(written)
+            Ok(f32_bytes(part))
+        })
     })
 }
 
@@ -188,12 +199,9 @@ fn dense_writer<'a>(t: Tensor, dtype: DType) -> WriteFn<'a> {
     Box::new(move |w: &mut dyn Write| {
         let rows = t.dims().first().copied().unwrap_or(1);
         let t2 = t.reshape((rows, ()))?;
-        let mut written = 0u64;
-        for start in (0..rows).step_by(WRITE_ROWS) {
-            let block = t2
-                .narrow(0, start, WRITE_ROWS.min(rows - start))?
-                .flatten_all()?;
-            let bytes: Vec<u8> = match dtype {
+        write_row_blocks(w, rows, |start, n| {
+            let block = t2.narrow(0, start, n)?.flatten_all()?;
+            Ok(match dtype {
                 DType::F16 => block
                     .to_dtype(DType::F16)?
                     .to_vec1::<half::f16>()?
@@ -207,11 +215,8 @@ fn dense_writer<'a>(t: Tensor, dtype: DType) -> WriteFn<'a> {
                     .flat_map(|v| v.to_le_bytes())
                     .collect(),
                 _ => f32_bytes(&block.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            };
-            w.write_all(&bytes).map_err(write_err)?;
-            written += bytes.len() as u64;
-        }
-        Ok(written)
+            })
+        })
     })
 }
 

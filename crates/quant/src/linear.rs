@@ -120,7 +120,8 @@ impl QLinear {
         Self::check_bias(name, bias.as_ref(), out_features)?;
         let weight = match exact_narrowing(&weight)? {
             Some(narrow) => Weight::Narrowed(narrow),
-            None if layout && panels_fit(&weight, out_features) => {
+            None if layout && weight.dtype() == DType::F32 && panels_wanted(out_features) => {
+                // A tensor not contiguous on the CPU stays as it is.
                 match in_place(&weight, |v: &[f32]| {
                     DensePanels::from_rows(v, out_features, in_features)
                 }) {
@@ -563,9 +564,7 @@ impl QLinear {
                 }
             }
             Weight::Panels(p) => {
-                let mut ys = kernels::zeroed(m * self.out_features);
-                with_f32(x, |xs| Ok(kernels::dense_gemm(p.matrix(), xs, m, &mut ys)?))?;
-                Tensor::from_vec(ys, out_dims, x.device())?
+                Tensor::from_vec(dense_rows(p.matrix(), x, m)?, out_dims, x.device())?
             }
             Weight::Candle(q, _) => {
                 let x2 = x.reshape((m, self.in_features))?.to_dtype(DType::F32)?;
@@ -923,11 +922,6 @@ fn panels_wanted(n_out: usize) -> bool {
     DensePanels::fits(n_out) && kernels::dense_packed_available()
 }
 
-/// [`panels_wanted`] for a dense tensor: f32, on the CPU.
-fn panels_fit(w: &Tensor, n_out: usize) -> bool {
-    w.dtype() == DType::F32 && w.device().is_cpu() && panels_wanted(n_out)
-}
-
 /// `path`, with ` packed` when a prompt of `rows` through `kernel` takes the packed
 /// kernel ([`kernels::prompt_runs_packed`]).
 fn with_packed(path: String, kernel: kernels::Kernel, rows: usize) -> String {
@@ -957,10 +951,14 @@ fn dense_gemv(
     let Some(data) = dense_data(&storage, layout) else {
         return Ok(None);
     };
-    let matrix = DenseMatrix::new(data, n_out, k)?;
-    let mut ys = kernels::zeroed(m * n_out);
-    with_f32(x, |xs| Ok(kernels::dense_gemm(matrix, xs, m, &mut ys)?))?;
-    Ok(Some(ys))
+    Ok(Some(dense_rows(DenseMatrix::new(data, n_out, k)?, x, m)?))
+}
+
+/// `x · wᵀ` for `m` rows through [`kernels::dense_gemm`].
+fn dense_rows(w: DenseMatrix<'_>, x: &Tensor, m: usize) -> Result<Vec<f32>> {
+    let mut ys = kernels::zeroed(m * w.n_out());
+    with_f32(x, |xs| Ok(kernels::dense_gemm(w, xs, m, &mut ys)?))?;
+    Ok(ys)
 }
 
 /// The elements of a dense weight's storage as this crate's kernels read them: a

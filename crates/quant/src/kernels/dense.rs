@@ -78,9 +78,26 @@ fn floats_mut(lines: &mut [F32Line]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<f32>(), lines.len() * 16) }
 }
 
-/// Where element `kk` of row `c` lies in a matrix in panels of `k` columns.
-fn panel_index(c: usize, kk: usize, k: usize) -> usize {
-    (c / DENSE_PANEL_ROWS) * DENSE_PANEL_ROWS * k + kk * DENSE_PANEL_ROWS + c % DENSE_PANEL_ROWS
+/// The `k` elements of row `c` of a matrix in panels (`v`), in order.
+fn panel_row(v: &[f32], c: usize, k: usize) -> impl Iterator<Item = &f32> {
+    let first = (c / DENSE_PANEL_ROWS) * DENSE_PANEL_ROWS * k + c % DENSE_PANEL_ROWS;
+    v.get(first..)
+        .unwrap_or(&[])
+        .iter()
+        .step_by(DENSE_PANEL_ROWS)
+        .take(k)
+}
+
+/// [`Error::NotMultiple`] unless `n_out` rows fill whole panels.
+fn check_panel_rows(n_out: usize) -> Result<()> {
+    if n_out.is_multiple_of(DENSE_PANEL_ROWS) {
+        return Ok(());
+    }
+    Err(Error::NotMultiple {
+        what: "rows of a matrix in panels",
+        n: n_out,
+        multiple: DENSE_PANEL_ROWS,
+    })
 }
 
 /// An f32 `[n_out, k]` weight stored the way the packed GEMM reads it: panels of
@@ -149,12 +166,9 @@ impl DensePanels {
 
     /// Packs the matrix whose row-major element `i` is `get(i)`; the shape is checked.
     fn pack(n_out: usize, k: usize, get: impl Fn(usize) -> f32 + Sync) -> Result<Self> {
-        if !Self::fits(n_out) {
-            return Err(Error::NotMultiple {
-                what: "rows of a matrix in panels",
-                n: n_out,
-                multiple: DENSE_PANEL_ROWS,
-            });
+        check_panel_rows(n_out)?;
+        if n_out == 0 {
+            return Err(Error::EmptyDimension { what: "n_out" });
         }
         if k == 0 {
             return Err(Error::EmptyDimension { what: "k" });
@@ -228,10 +242,10 @@ impl DensePanels {
                 unit: "elements",
             });
         }
-        let column = floats(&self.lines)
-            .get(panel_index(c, 0, self.k)..)
-            .unwrap_or(&[]);
-        for (o, v) in out.iter_mut().zip(column.iter().step_by(DENSE_PANEL_ROWS)) {
+        for (o, v) in out
+            .iter_mut()
+            .zip(panel_row(floats(&self.lines), c, self.k))
+        {
             *o = *v;
         }
         Ok(())
@@ -322,12 +336,8 @@ impl<'a> DenseMatrix<'a> {
         if k == 0 {
             return Err(Error::EmptyDimension { what: "k" });
         }
-        if matches!(data, DenseData::F32Panels(_)) && !n_out.is_multiple_of(DENSE_PANEL_ROWS) {
-            return Err(Error::NotMultiple {
-                what: "rows of a matrix in panels",
-                n: n_out,
-                multiple: DENSE_PANEL_ROWS,
-            });
+        if matches!(data, DenseData::F32Panels(_)) {
+            check_panel_rows(n_out)?;
         }
         let expected = n_out
             .checked_mul(k)
@@ -556,16 +566,7 @@ fn range_scalar(
         for (r, xr) in x.chunks_exact(k).take(m).enumerate() {
             let range = c * k..(c + 1) * k;
             let dot: f32 = match w.data {
-                DenseData::F32Panels(v) => {
-                    let first = panel_index(c, 0, k);
-                    let column = v.get(first..).unwrap_or(&[]);
-                    column
-                        .iter()
-                        .step_by(DENSE_PANEL_ROWS)
-                        .zip(xr)
-                        .map(|(a, b)| a * b)
-                        .sum()
-                }
+                DenseData::F32Panels(v) => panel_row(v, c, k).zip(xr).map(|(a, b)| a * b).sum(),
                 DenseData::F32(v) => v
                     .get(range)
                     .unwrap_or(&[])
@@ -612,15 +613,13 @@ mod simd {
     const E_F16: u8 = 1;
     const E_BF16: u8 = 2;
 
-    /// The element type, the first element and the bytes per element of a row-major
-    /// matrix; `None` for one in panels.
-    fn parts(w: &DenseMatrix<'_>) -> Option<(u8, *const u8, usize)> {
-        Some(match w.data {
-            DenseData::F32Panels(_) => return None,
-            DenseData::F32(v) => (E_F32, v.as_ptr().cast(), 4),
+    /// The element type, the first element and the bytes per element.
+    fn parts(w: &DenseMatrix<'_>) -> (u8, *const u8, usize) {
+        match w.data {
+            DenseData::F32(v) | DenseData::F32Panels(v) => (E_F32, v.as_ptr().cast(), 4),
             DenseData::F16(v) => (E_F16, v.as_ptr().cast(), 2),
             DenseData::BF16(v) => (E_BF16, v.as_ptr().cast(), 2),
-        })
+        }
     }
 
     /// See `DenseRangeFn`. Does nothing (and asserts in debug builds) without AVX2 or
@@ -638,14 +637,13 @@ mod simd {
             debug_assert!(false, "dense AVX2 kernel without AVX2 or out of bounds");
             return;
         }
-        let Some((e, p, eb)) = parts(&w) else {
-            if let DenseData::F32Panels(v) = w.data {
-                // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds (the
-                // panels hold n_out x k floats, n_out a multiple of 64).
-                unsafe { panels_gemm::<false>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
-            }
+        if let DenseData::F32Panels(v) = w.data {
+            // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds (the panels
+            // hold n_out x k floats, n_out a multiple of 64, whole panels in `cols`).
+            unsafe { panels_gemm::<false>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
             return;
-        };
+        }
+        let (e, p, eb) = parts(&w);
         if packed {
             // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
             unsafe {
@@ -684,15 +682,14 @@ mod simd {
             );
             return;
         }
-        let Some((e, p, eb)) = parts(&w) else {
-            if let DenseData::F32Panels(v) = w.data {
-                // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and
-                // `in_bounds` holds (the panels hold n_out x k floats, n_out a multiple
-                // of 64).
-                unsafe { panels_gemm::<true>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
-            }
+        if let DenseData::F32Panels(v) = w.data {
+            // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds`
+            // holds (the panels hold n_out x k floats, n_out a multiple of 64, whole
+            // panels in `cols`).
+            unsafe { panels_gemm::<true>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
             return;
-        };
+        }
+        let (e, p, eb) = parts(&w);
         if packed {
             // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds`
             // holds.
