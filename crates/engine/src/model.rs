@@ -223,6 +223,24 @@ impl Model {
             + self.lm_head.as_ref().map_or(0, QLinear::bytes)
     }
 
+    /// Bytes the weights would take as f32 (four bytes a weight, the biases and the
+    /// norms): what
+    /// the share of a quantized model is taken of. An f32 model in memory may hold
+    /// less ([`Model::weight_bytes`]): its panels keep exponents in four-bit codes
+    /// where the AVX-512 kernel runs.
+    pub fn f32_weight_bytes(&self) -> u64 {
+        let matrices: usize = self
+            .linears()
+            .iter()
+            .map(|(_, q)| {
+                let bias = q.bias().map_or(0, Tensor::elem_count);
+                (q.in_features() * q.out_features() + bias) * 4
+            })
+            .sum();
+        let vectors: usize = self.vectors().iter().map(|(_, t)| t.elem_count() * 4).sum();
+        (matrices + vectors) as u64
+    }
+
     /// Every linear layer by its GGUF name, in file order (the tied head is not
     /// repeated).
     pub fn linears(&self) -> Vec<(String, &QLinear)> {

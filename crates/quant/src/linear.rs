@@ -8,8 +8,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::{
-    self, DenseData, DenseMatrix, DensePanels, GgmlWeights, IntFormat, IntWeights, QuantizedActs,
-    WeightDType,
+    self, DenseData, DenseMatrix, DensePanels, GgmlWeights, IntFormat, IntWeights, PanelCoding,
+    QuantizedActs, WeightDType,
 };
 use crate::scheme::QuantScheme;
 
@@ -460,6 +460,9 @@ impl QLinear {
         let best = kernels::Kernel::detect();
         match &self.weight {
             Weight::Fast(w) if w.in_panels() => format!("{} {best} panels", w.dtype()),
+            Weight::Panels(p) if p.coding() == PanelCoding::Exponents => {
+                format!("f32 dense {best} coded panels")
+            }
             Weight::Panels(_) => format!("f32 dense {best} panels"),
             Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
@@ -1743,14 +1746,37 @@ mod tests {
             QLinear::from_qtensor("w", q, None).unwrap(),
         ] {
             assert_eq!(layer.scheme(), QuantScheme::F32);
-            assert_eq!(layer.bytes(), (out * inp * 4) as u64);
-            let panels = matches!(layer.weight_data().unwrap(), WeightData::Panels(_));
-            assert_eq!(panels, here);
-            if !here {
+            let panels = match layer.weight_data().unwrap() {
+                WeightData::Panels(p) => Some(p.clone()),
+                _ => None,
+            };
+            assert_eq!(panels.is_some(), here);
+            let Some(panels) = panels else {
+                assert_eq!(layer.bytes(), (out * inp * 4) as u64);
                 continue;
+            };
+            // Coded exponents where the AVX-512 kernel rebuilds them in registers:
+            // 28 bits a value (these values have few escaped exponents).
+            let coded = best == kernels::Kernel::Avx512Vnni;
+            let (coding, path) = if coded {
+                (
+                    PanelCoding::Exponents,
+                    format!("f32 dense {best} coded panels"),
+                )
+            } else {
+                (PanelCoding::Plain, format!("f32 dense {best} panels"))
+            };
+            println!("an_f32_weight_of_whole_panels: {coding:?} on this CPU ({best})");
+            assert_eq!(panels.coding(), coding);
+            assert_eq!(layer.bytes(), panels.bytes() as u64);
+            let plain = (out * inp * 4) as u64;
+            if coded {
+                assert!(layer.bytes() < plain * 9 / 10, "{}", layer.bytes());
+            } else {
+                assert_eq!(layer.bytes(), plain);
             }
-            assert_eq!(layer.kernel_path(1), format!("f32 dense {best} panels"));
-            assert_eq!(layer.kernel_path(512), format!("f32 dense {best} panels"));
+            assert_eq!(layer.kernel_path(1), path);
+            assert_eq!(layer.kernel_path(512), path);
             assert_eq!(bits(&values(&layer.dequantize().unwrap())), bits(&vals));
             let rows = values(&layer.rows(&[191, 0, 64]).unwrap());
             let want: Vec<f32> = [191, 0, 64]

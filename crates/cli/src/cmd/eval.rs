@@ -152,7 +152,7 @@ fn quality(
             continue_greedily(base.model(), &ids, CONTINUATION)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let f32_bytes = base.model().weight_bytes();
+    let f32_bytes = base.model().f32_weight_bytes();
     out!(
         "| scheme (attention, MLP) | embedding / head | weights | of f32 | perplexity (ctx {ctx}) | top-1 agreement | mean KL (nats) | max KL |"
     );

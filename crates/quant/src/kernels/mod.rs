@@ -26,7 +26,9 @@
 //! step streams each weight row once through FMA chains, converting f16 with F16C /
 //! AVX-512F and bf16 with a shift; a prompt runs a packed GEMM of 6 x 16 register
 //! tiles, 6 x 64 with AVX-512F; an f32 matrix whose rows fill panels of 64 is stored
-//! packed at load, [`DensePanels`], and every row count runs those tiles over it).
+//! packed at load, [`DensePanels`], and every row count runs those tiles over it;
+//! where the AVX-512 kernel runs, those panels keep each exponent as a four-bit code,
+//! [`CodedPanels`]: the same values in 28 bits instead of 32, rebuilt in registers).
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
@@ -72,6 +74,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod blocks;
+mod coded;
 mod dense;
 mod driver;
 mod error;
@@ -99,9 +102,11 @@ pub use avx2::transpose8 as transpose8_avx2;
 pub use blocks::{
     BLOCK_ELEMS, GgmlMatrix, GgmlWeights, WeightDType, dequantize_q8_0, quantize_q8_0,
 };
+pub use coded::CodedPanels;
 pub use dense::{
     DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, DensePanels,
-    dense_gemm, dense_gemm_many, dense_gemm_many_with, dense_gemm_with, dense_packed_available,
+    PanelCoding, dense_gemm, dense_gemm_many, dense_gemm_many_with, dense_gemm_with,
+    dense_packed_available,
 };
 pub use error::{Error, Result};
 pub use int::{

@@ -654,10 +654,21 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
     // that decode splits across threads.
     let shapes = [(64, 1), (64, 7), (128, 33), (192, 576), (320, 100)];
     let mut compared = 0usize;
-    for (i, &(n_out, k)) in shapes.iter().enumerate() {
-        let w = Rng(200 + i as u64).vec(n_out * k);
-        let p = DensePanels::from_rows(&w, n_out, k).unwrap();
-        assert_eq!((p.n_out(), p.k(), p.bytes()), (n_out, k, n_out * k * 4));
+    let codings = [PanelCoding::Plain, PanelCoding::Exponents];
+    for (i, (&(n_out, k), coding)) in shapes
+        .iter()
+        .flat_map(|s| codings.map(|c| (s, c)))
+        .enumerate()
+    {
+        let w = Rng(200 + i as u64 / 2).vec(n_out * k);
+        let p = DensePanels::from_rows_coded(&w, n_out, k, coding).unwrap();
+        assert_eq!((p.n_out(), p.k(), p.coding()), (n_out, k, coding));
+        if coding == PanelCoding::Plain {
+            assert_eq!(p.bytes(), n_out * k * 4);
+        } else if k >= 100 {
+            // 28 bits a value and a few escaped exponents.
+            assert!(p.bytes() < n_out * k * 4 * 9 / 10, "{}", p.bytes());
+        }
         assert_eq!(bits(&p.to_rows()), bits(&w));
         let le: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let from_bytes = DensePanels::from_le_bytes(&le, n_out, k).unwrap();
@@ -682,7 +693,7 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
                 let mut by_kernel = Vec::new();
                 for kernel in available_kernels() {
                     let y = run(kernel, p.matrix(), &x, m);
-                    let what = format!("{kernel} panels {n_out}x{k} m={m} t={threads}");
+                    let what = format!("{kernel} {coding:?} panels {n_out}x{k} m={m} t={threads}");
                     assert_exact_product(&w, &x, &y, (m, n_out, k), &what);
                     if kernel == Kernel::Scalar {
                         continue;
@@ -765,6 +776,262 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
     assert!(p.row(64, &mut [0.0; 4]).is_err());
     assert!(p.row(0, &mut [0.0; 5]).is_err());
     report_kernel_coverage("dense panels");
+}
+
+/// Coded panels keep every f32 bit for bit (zeros of both signs, subnormals, the
+/// largest and smallest normals, infinities, NaN payloads, and matrices where most
+/// exponents are escaped), the SIMD decoders rebuild the scalar decoder's bits, every
+/// kernel gives the plain panels' bits over them, and `Auto` codes a trained-looking
+/// matrix only where the AVX-512 kernel runs and never one of scattered exponents.
+#[test]
+fn coded_panels_keep_every_bit_and_give_the_plain_panels_results() {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let specials = [
+        0.0f32,
+        -0.0,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE / 3.0,
+        f32::from_bits(1),
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::from_bits(0x7FC0_1234),
+        f32::from_bits(0xFFA0_0001),
+        1.0,
+        -2.5e-30,
+    ];
+    // Weights like a trained layer's (most exponents in a narrow band, with zeros
+    // and specials), and ones whose exponents are spread over 40 binades.
+    let trained = |n: usize, seed: u64| -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..n)
+            .map(|i| match i % 997 {
+                0..=12 => specials[i % 997],
+                _ => rng.f32() * 0.05,
+            })
+            .collect()
+    };
+    let scattered = |n: usize, seed: u64| -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..n)
+            .map(|_| rng.f32() * 2f32.powi((rng.next_u64() % 40) as i32 - 20))
+            .collect()
+    };
+    let mut decoded = 0usize;
+    for (n_out, k, spread) in [
+        (64, 1, false),
+        (64, 33, true),
+        (128, 576, false),
+        (192, 100, true),
+    ] {
+        let w = if spread {
+            scattered(n_out * k, k as u64)
+        } else {
+            trained(n_out * k, k as u64)
+        };
+        let plain = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Plain).unwrap();
+        let coded = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Exponents).unwrap();
+        assert_eq!(coded.coding(), PanelCoding::Exponents);
+        let what = format!("{n_out}x{k} spread={spread}");
+        assert_eq!(bits(&coded.to_rows()), bits(&w), "{what}: to_rows");
+        for c in [0, 1, 31, 32, 63, n_out - 1] {
+            let mut row = vec![f32::NAN; k];
+            coded.row(c, &mut row).unwrap();
+            assert_eq!(bits(&row), bits(&w[c * k..(c + 1) * k]), "{what}: row {c}");
+        }
+        let DenseData::F32Coded(c) = coded.matrix().data() else {
+            panic!("{what}: coded panels give a coded matrix");
+        };
+        if spread {
+            assert!(
+                c.escapes() * 4 > n_out * k,
+                "{what}: {} escapes",
+                c.escapes()
+            );
+        }
+        // The SIMD decoders against the scalar one, panel by panel.
+        for p in 0..n_out / 64 {
+            let mut want = vec![0.0f32; 64 * k];
+            c.decode_panel_scalar(p, &mut want);
+            for kernel in available_kernels() {
+                let mut got = vec![f32::NAN; 64 * k];
+                // SAFETY: the CPU has the kernel's features.
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => unsafe { coded::simd::decode_panel::<false>(c, p, &mut got) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe {
+                        coded::simd::decode_panel::<true>(c, p, &mut got)
+                    },
+                    _ => continue,
+                }
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{what}: {kernel} decoder, panel {p}"
+                );
+                decoded += got.len();
+            }
+        }
+        // Finite values only for products (a NaN or an infinity makes every result
+        // NaN or infinite and compares nothing).
+        let w: Vec<f32> = w
+            .iter()
+            .map(|v| {
+                if v.is_finite() && v.abs() < 1e30 {
+                    *v
+                } else {
+                    0.5
+                }
+            })
+            .collect();
+        let plain = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Plain).unwrap_or(plain);
+        let coded = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Exponents).unwrap();
+        for m in [1, 2, 3, 4, 5, 9] {
+            let x = Rng(700 + m as u64).vec(m * k);
+            for kernel in available_kernels() {
+                for threads in [1, 2] {
+                    let run = |mat| {
+                        let mut y = vec![f32::NAN; m * n_out];
+                        pool(threads)
+                            .install(|| dense_gemm_with(kernel, mat, &x, m, &mut y))
+                            .unwrap();
+                        y
+                    };
+                    assert_eq!(
+                        bits(&run(coded.matrix())),
+                        bits(&run(plain.matrix())),
+                        "{what}: {kernel} m={m} t={threads}, coded vs plain"
+                    );
+                }
+            }
+        }
+    }
+    assert!(decoded > 0 || available_kernels() == [Kernel::Scalar]);
+    #[cfg(target_arch = "x86_64")]
+    coded_avx512_variants_agree();
+    // Auto: a trained-looking matrix is coded where the AVX-512 kernel runs (and
+    // decoded in a decode step's registers), plain elsewhere; scattered exponents
+    // (a quarter of the values escaped) stay plain.
+    let (n_out, k) = (128, 512);
+    let typical: Vec<f32> = Rng(1).vec(n_out * k).iter().map(|v| v * 0.05).collect();
+    let auto = DensePanels::from_rows(&typical, n_out, k).unwrap();
+    let fused = Kernel::detect() == Kernel::Avx512Vnni;
+    let expected = if fused {
+        PanelCoding::Exponents
+    } else {
+        PanelCoding::Plain
+    };
+    assert_eq!(auto.coding(), expected);
+    let auto = DensePanels::from_rows(&scattered(n_out * k, 2), n_out, k).unwrap();
+    assert_eq!(auto.coding(), PanelCoding::Plain);
+    report_kernel_coverage("coded panels");
+}
+
+/// Both AVX-512 builds of the coded decoders (with `vpermb` where the CPU has
+/// AVX512_VBMI, and with `vpermd` + `vpshufb` for AVX-512 CPUs without it) rebuild the
+/// scalar decoder's values, and a decode step's micro-kernel of each gives the plain
+/// panels' bits for one to four rows. Says which it could not run here.
+#[cfg(target_arch = "x86_64")]
+fn coded_avx512_variants_agree() {
+    use coded::simd::{bw, has_vbmi, vbmi};
+    if !Kernel::Avx512Vnni.is_available() {
+        println!("coded panels: no AVX-512 here, so its decoders were NOT TESTED");
+        return;
+    }
+    if !has_vbmi() {
+        println!("coded panels: no AVX512_VBMI here, so the vpermb decoder was NOT TESTED");
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (n_out, k) = (192, 300);
+    let mut rng = Rng(77);
+    // A tenth of the values scattered over 37 binades far below the others: many
+    // escapes, in most records.
+    let w: Vec<f32> = (0..n_out * k)
+        .map(|i| {
+            let scale = if i % 10 == 0 {
+                2f32.powi(-40 - (i % 37) as i32)
+            } else {
+                0.05
+            };
+            rng.f32() * scale
+        })
+        .collect();
+    let plain = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Plain).unwrap();
+    let coded = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Exponents).unwrap();
+    let DenseData::F32Coded(c) = coded.matrix().data() else {
+        panic!("coded panels give a coded matrix");
+    };
+    assert!(c.escapes() > n_out * k / 20, "{} escapes", c.escapes());
+    type Micro = unsafe fn(
+        *const u8,
+        &[coded::Escape],
+        &[u32; 16],
+        usize,
+        &[f32],
+        usize,
+        &mut [f32],
+        usize,
+        usize,
+    );
+    let builds: Vec<(&str, [Micro; 4])> = [
+        (
+            "bw",
+            [
+                bw::micro::<1, true> as Micro,
+                bw::micro::<2, true>,
+                bw::micro::<3, true>,
+                bw::micro::<4, true>,
+            ],
+        ),
+        (
+            "vbmi",
+            [
+                vbmi::micro::<1, true> as Micro,
+                vbmi::micro::<2, true>,
+                vbmi::micro::<3, true>,
+                vbmi::micro::<4, true>,
+            ],
+        ),
+    ]
+    .into_iter()
+    .filter(|(name, _)| *name == "bw" || has_vbmi())
+    .collect();
+    for p in 0..n_out / 64 {
+        let mut want = vec![0.0f32; 64 * k];
+        c.decode_panel_scalar(p, &mut want);
+        let mut got = vec![f32::NAN; 64 * k];
+        // SAFETY: the CPU has AVX-512F/BW; got holds 64 floats per record.
+        unsafe { bw::decode_records_512(c.panel(p), c.table(), &mut got) };
+        coded::patch(c.panel_escapes(p), &mut got);
+        assert_eq!(bits(&got), bits(&want), "bw decoder, panel {p}");
+        if has_vbmi() {
+            let mut got = vec![f32::NAN; 64 * k];
+            // SAFETY: as above, and the CPU has AVX512_VBMI.
+            unsafe { vbmi::decode_records_512(c.panel(p), c.table(), &mut got) };
+            coded::patch(c.panel_escapes(p), &mut got);
+            assert_eq!(bits(&got), bits(&want), "vbmi decoder, panel {p}");
+        }
+    }
+    let x = Rng(78).vec(4 * k);
+    for mr in 1..=4 {
+        let xs = &x[..mr * k];
+        let mut want = vec![0.0f32; mr * n_out];
+        dense_gemm_with(Kernel::Avx512Vnni, plain.matrix(), xs, mr, &mut want).unwrap();
+        for (name, micros) in &builds {
+            let mut y = vec![f32::NAN; mr * n_out];
+            for p in 0..n_out / 64 {
+                let (recs, escapes) = (c.panel(p).as_ptr(), c.panel_escapes(p));
+                // SAFETY: the CPU has this build's features; the panel holds k
+                // records; xs holds mr rows of k; y holds mr rows of n_out.
+                unsafe {
+                    micros[mr - 1](recs, escapes, c.table(), k, xs, 0, &mut y, n_out, p * 64)
+                };
+            }
+            assert_eq!(bits(&y), bits(&want), "{name} micro-kernel, {mr} rows");
+        }
+    }
 }
 
 /// A prompt through the dense packed GEMM gives the same bits with AVX-512 (64-column
