@@ -741,42 +741,8 @@ mod simd {
             debug_assert!(false, "dense AVX2 kernel without AVX2 or out of bounds");
             return;
         }
-        let (e, p, eb) = match w.data {
-            DenseData::F32Panels(v) => {
-                // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds (the
-                // panels hold n_out x k floats, n_out a multiple of 64, whole panels
-                // in `cols`).
-                unsafe { panels_gemm::<false>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
-                return;
-            }
-            DenseData::F32Coded(c) => {
-                // SAFETY: as for plain panels.
-                unsafe { coded_gemm::<false>(c, x, m, cols, out, ld, !packed) };
-                return;
-            }
-            DenseData::F32(v) => (E_F32, v.as_ptr().cast::<u8>(), 4),
-            DenseData::F16(v) => (E_F16, v.as_ptr().cast(), 2),
-            DenseData::BF16(v) => (E_BF16, v.as_ptr().cast(), 2),
-        };
-        if packed {
-            // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
-            unsafe {
-                match e {
-                    E_F32 => packed_gemm::<E_F32, false>(p, eb, w.k, x, m, cols, out, ld),
-                    E_F16 => packed_gemm::<E_F16, false>(p, eb, w.k, x, m, cols, out, ld),
-                    _ => packed_gemm::<E_BF16, false>(p, eb, w.k, x, m, cols, out, ld),
-                }
-            }
-            return;
-        }
         // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
-        unsafe {
-            match e {
-                E_F32 => avx2_impl::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
-                E_F16 => avx2_impl::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
-                _ => avx2_impl::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
-            }
-        }
+        unsafe { range_simd::<false>(w, x, m, cols, out, ld, packed) }
     }
 
     /// See `DenseRangeFn`, with AVX-512F (the [`Kernel::Avx512Vnni`] machines have it).
@@ -796,41 +762,53 @@ mod simd {
             );
             return;
         }
+        // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds` holds.
+        unsafe { range_simd::<true>(w, x, m, cols, out, ld, packed) }
+    }
+
+    /// See `DenseRangeFn`: the matrix's path (plain or coded panels, the packed GEMM,
+    /// the row kernel) in 256-bit or (`ZMM`) 512-bit registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C (and AVX-512F/BW/VL with `ZMM`), and `in_bounds`
+    /// holds (panels: n_out x k floats, n_out a multiple of 64, whole panels in `cols`).
+    #[allow(clippy::too_many_arguments)] // the matrix, the rows and the output window
+    unsafe fn range_simd<const ZMM: bool>(
+        w: DenseMatrix<'_>,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+        packed: bool,
+    ) {
         let (e, p, eb) = match w.data {
             DenseData::F32Panels(v) => {
-                // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and
-                // `in_bounds` holds (the panels hold n_out x k floats, n_out a multiple
-                // of 64, whole panels in `cols`).
-                unsafe { panels_gemm::<true>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
+                // SAFETY: the caller's CPU and bounds.
+                unsafe { panels_gemm::<ZMM>(v.as_ptr(), w.k, x, m, cols, out, ld, !packed) };
                 return;
             }
             DenseData::F32Coded(c) => {
                 // SAFETY: as for plain panels.
-                unsafe { coded_gemm::<true>(c, x, m, cols, out, ld, !packed) };
+                unsafe { coded_gemm::<ZMM>(c, x, m, cols, out, ld, !packed) };
                 return;
             }
             DenseData::F32(v) => (E_F32, v.as_ptr().cast::<u8>(), 4),
             DenseData::F16(v) => (E_F16, v.as_ptr().cast(), 2),
             DenseData::BF16(v) => (E_BF16, v.as_ptr().cast(), 2),
         };
-        if packed {
-            // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds`
-            // holds.
-            unsafe {
-                match e {
-                    E_F32 => packed_gemm::<E_F32, true>(p, eb, w.k, x, m, cols, out, ld),
-                    E_F16 => packed_gemm::<E_F16, true>(p, eb, w.k, x, m, cols, out, ld),
-                    _ => packed_gemm::<E_BF16, true>(p, eb, w.k, x, m, cols, out, ld),
-                }
-            }
-            return;
-        }
-        // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds` holds.
+        // SAFETY (all below): the caller's CPU and bounds.
         unsafe {
-            match e {
-                E_F32 => avx512_impl::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
-                E_F16 => avx512_impl::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
-                _ => avx512_impl::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
+            match (packed, e, ZMM) {
+                (true, E_F32, _) => packed_gemm::<E_F32, ZMM>(p, eb, w.k, x, m, cols, out, ld),
+                (true, E_F16, _) => packed_gemm::<E_F16, ZMM>(p, eb, w.k, x, m, cols, out, ld),
+                (true, _, _) => packed_gemm::<E_BF16, ZMM>(p, eb, w.k, x, m, cols, out, ld),
+                (false, E_F32, true) => avx512_impl::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
+                (false, E_F16, true) => avx512_impl::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
+                (false, _, true) => avx512_impl::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
+                (false, E_F32, false) => avx2_impl::<E_F32>(p, eb, w.k, x, m, cols, out, ld),
+                (false, E_F16, false) => avx2_impl::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
+                (false, _, false) => avx2_impl::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
             }
         }
     }
