@@ -121,12 +121,6 @@ fn kept(bits: u32) -> (u16, u8) {
     )
 }
 
-/// The f32 of a value's kept bytes and exponent field.
-fn rebuild(lo: u16, hi: u8, exp_field: u32) -> f32 {
-    let hi = u32::from(hi);
-    f32::from_bits(u32::from(lo) | ((hi & 0x7F) << 16) | ((hi >> 7) << 31) | exp_field)
-}
-
 impl CodedPanels {
     /// Codes the `[n_out, k]` matrix whose row-major element `i` is `get(i)`, in
     /// parallel on the current rayon pool: `None` when more than `max_escapes` of its
@@ -284,6 +278,17 @@ impl CodedPanels {
         }
     }
 
+    /// Value `j` of the record `rec` (an escaped one with the table's zero exponent
+    /// field: [`patch`] puts its own in).
+    fn value(&self, rec: &[u8], j: usize) -> f32 {
+        let byte = |i: usize| u32::from(rec.get(i).copied().unwrap_or(0));
+        let code = (byte(CODES + j % 32) >> (4 * (j / 32))) & 0xF;
+        let exp_field = self.table.get(code as usize).copied().unwrap_or(0);
+        let hi = byte(3 * j + 2);
+        let bits = byte(3 * j) | byte(3 * j + 1) << 8 | (hi & 0x7F) << 16 | (hi >> 7) << 31;
+        f32::from_bits(bits | exp_field)
+    }
+
     /// Panel `p` decoded into `out` as plain panels hold it (element `kk` of its row
     /// `j` at `out[kk * 64 + j]`), one value at a time: the reference the SIMD
     /// decoders are tested against.
@@ -294,9 +299,7 @@ impl CodedPanels {
             .zip(out.chunks_exact_mut(ROWS))
         {
             for (j, d) in dst.iter_mut().enumerate() {
-                let lo = u16::from_le_bytes([rec[3 * j], rec[3 * j + 1]]);
-                let code = (rec[CODES + j % 32] >> (4 * (j / 32))) & 0xF;
-                *d = rebuild(lo, rec[3 * j + 2], self.table[usize::from(code)]);
+                *d = self.value(rec, j);
             }
         }
         patch(self.panel_escapes(p), out);
@@ -305,11 +308,8 @@ impl CodedPanels {
     /// Row `c` into `out` (`k` floats); the caller checked `c < n_out` and the length.
     pub(crate) fn row(&self, c: usize, out: &mut [f32]) {
         let (p, j) = (c / ROWS, c % ROWS);
-        let shift = 4 * (j / 32);
         for (rec, o) in self.panel(p).chunks_exact(RECORD).zip(out.iter_mut()) {
-            let lo = u16::from_le_bytes([rec[3 * j], rec[3 * j + 1]]);
-            let code = (rec[CODES + j % 32] >> shift) & 0xF;
-            *o = rebuild(lo, rec[3 * j + 2], self.table[usize::from(code)]);
+            *o = self.value(rec, j);
         }
         for e in self
             .panel_escapes(p)
@@ -320,24 +320,6 @@ impl CodedPanels {
                 *o = with_exponent(*o, e.exp);
             }
         }
-    }
-
-    /// The whole matrix, row-major `[n_out, k]`, in parallel on the current rayon pool.
-    pub(crate) fn to_rows(&self) -> Vec<f32> {
-        let k = self.k;
-        let mut out = vec![0.0f32; self.n_out * k];
-        out.par_chunks_mut(ROWS * k)
-            .enumerate()
-            .for_each(|(p, rows)| {
-                let mut panel = vec![0.0f32; ROWS * k];
-                self.decode_panel_scalar(p, &mut panel);
-                for (j, row) in rows.chunks_exact_mut(k).enumerate() {
-                    for (o, v) in row.iter_mut().zip(panel.iter().skip(j).step_by(ROWS)) {
-                        *o = *v;
-                    }
-                }
-            });
-        out
     }
 }
 

@@ -338,15 +338,23 @@ impl DensePanels {
     /// The whole matrix, row-major `[n_out, k]`, unpacked in parallel on the current
     /// rayon pool.
     pub fn to_rows(&self) -> Vec<f32> {
-        let lines = match &self.store {
-            Store::Plain(lines) => lines,
-            Store::Coded(c) => return c.to_rows(),
-        };
         let k = self.k;
         let mut out = vec![0.0f32; self.n_out * k];
         out.par_chunks_mut(DENSE_PANEL_ROWS * k)
-            .zip(floats(lines).par_chunks(DENSE_PANEL_ROWS * k))
-            .for_each(|(rows, panel)| {
+            .enumerate()
+            .for_each(|(p, rows)| {
+                let decoded;
+                let panel = match &self.store {
+                    Store::Plain(lines) => floats(lines)
+                        .get(p * DENSE_PANEL_ROWS * k..(p + 1) * DENSE_PANEL_ROWS * k)
+                        .unwrap_or(&[]),
+                    Store::Coded(c) => {
+                        let mut buf = vec![0.0f32; DENSE_PANEL_ROWS * k];
+                        c.decode_panel_scalar(p, &mut buf);
+                        decoded = buf;
+                        &decoded
+                    }
+                };
                 for (j, row) in rows.chunks_exact_mut(k).enumerate() {
                     for (o, v) in row
                         .iter_mut()
