@@ -16,6 +16,10 @@ struct Cli {
     /// has), `avx2` (as on a CPU without AVX-512), or `scalar` (portable code only).
     #[arg(long, global = true, value_name = "KERNEL")]
     kernels: Option<afo_runtime::quant::kernels::Kernel>,
+    /// Keep prompts off the AMX tiles on CPUs that have them (AVX-512 VNNI instead;
+    /// the same results, for timing one against the other).
+    #[arg(long, global = true)]
+    no_amx: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +80,9 @@ fn main() -> std::process::ExitCode {
     if let Some(kernel) = cli.kernels {
         // First thing, before any matrix product chooses its kernel.
         afo_runtime::quant::kernels::limit_kernels(kernel);
+    }
+    if cli.no_amx {
+        afo_runtime::quant::kernels::disable_amx();
     }
     tracing_subscriber::fmt()
         .with_env_filter(

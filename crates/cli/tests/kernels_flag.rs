@@ -75,3 +75,55 @@ fn an_unknown_kernel_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// `afo --no-amx` keeps prompts off the AMX tiles where the CPU has them (the bench's
+/// prefill kernels say which ran), and a chat answers with the same greedy text
+/// either way: the tiles give the VNNI kernel's bits.
+#[test]
+fn no_amx_keeps_prompts_off_the_tiles_and_the_text_is_the_same() {
+    let prefill = |no_amx: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_afo"));
+        if no_amx {
+            c.arg("--no-amx");
+        }
+        c.args(["--threads", "2", "bench", "--model"])
+            .arg(smollm2())
+            .args(["--rounds", "1", "--prompt", "48", "--generate", "2"]);
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}");
+        let line = stdout.lines().find(|l| l.starts_with("prefill kernels:"));
+        assert!(line.is_some(), "no prefill kernels line in:\n{stdout}");
+        line.unwrap().to_owned()
+    };
+    let generate = |no_amx: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_afo"));
+        if no_amx {
+            c.arg("--no-amx");
+        }
+        c.args(["--threads", "2", "generate", "--model"])
+            .arg(smollm2())
+            .args(["--max-tokens", "24"])
+            .arg(
+                "Name the planets of the solar system in order from the sun, and say in \
+                 one sentence what makes each of them different from the others.",
+            );
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tiles = afo_runtime::quant::kernels::amx_available();
+    let (with, without) = (prefill(false), prefill(true));
+    assert_eq!(with.contains("amx tiles"), tiles, "{with}");
+    assert!(!without.contains("amx tiles"), "{without}");
+    if !tiles {
+        println!("AMX tiles: NOT TESTED on this CPU (no AMX-INT8, or the OS does not grant it)");
+    }
+    let text = generate(false);
+    assert!(!text.trim().is_empty());
+    assert_eq!(text, generate(true));
+}

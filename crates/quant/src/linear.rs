@@ -454,12 +454,23 @@ impl QLinear {
     /// `bench` output names it: the format, then the kernel (`q8_0 avx2`, `q8_0 avx2
     /// packed` for a prompt, `f16 dense avx512vnni`, `f32 dense packed avx2`, `f32
     /// candle gemm` on CPUs without AVX2, `Q4K candle qmatmul`, `int8 avx2`, `q4_0
-    /// avx512vnni panels`). Int4's decode steps run the AVX2 code on AVX-512 machines,
-    /// and say so; int8 there is in panels.
+    /// avx512vnni panels`, and `q4_0 avx512vnni panels, amx tiles` for a prompt where
+    /// the CPU has AMX tiles, [`kernels::amx_available`]). Int4's decode steps run the
+    /// AVX2 code on AVX-512 machines, and say so; int8 there is in panels.
     pub fn kernel_path(&self, rows: usize) -> String {
+        // Products of `rows` rows over weights in panels run on AMX tiles.
+        let amx_tiles = |rows: usize| {
+            if rows >= kernels::AMX_MIN_ROWS && kernels::amx_available() {
+                ", amx tiles"
+            } else {
+                ""
+            }
+        };
         let best = kernels::Kernel::detect();
         match &self.weight {
-            Weight::Fast(w) if w.in_panels() => format!("{} {best} panels", w.dtype()),
+            Weight::Fast(w) if w.in_panels() => {
+                format!("{} {best} panels{}", w.dtype(), amx_tiles(rows))
+            }
             Weight::Panels(p) if p.coding() == PanelCoding::Exponents => {
                 format!("f32 dense {best} coded panels")
             }
@@ -477,7 +488,9 @@ impl QLinear {
             Weight::Narrowed(w) => format!("f32 as {} dense packed {best}", w.dtype().as_str()),
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
-            Weight::Int(w) if w.in_panels() => format!("{} {best} panels", w.format()),
+            Weight::Int(w) if w.in_panels() => {
+                format!("{} {best} panels{}", w.format(), amx_tiles(rows))
+            }
             Weight::Int(w) if kernels::prompt_runs_packed(best, rows) => {
                 format!("{} {best} packed", w.format())
             }
@@ -1606,7 +1619,16 @@ mod tests {
             let panels = best == kernels::Kernel::Avx512Vnni && n_out % 16 == 0;
             if panels {
                 assert_eq!(layer.kernel_path(1), format!("q8_0 {best} panels"));
-                assert_eq!(layer.kernel_path(512), format!("q8_0 {best} panels"));
+                assert_eq!(
+                    layer.kernel_path(kernels::AMX_MIN_ROWS - 1),
+                    format!("q8_0 {best} panels")
+                );
+                let tiles = if kernels::amx_available() {
+                    ", amx tiles"
+                } else {
+                    ""
+                };
+                assert_eq!(layer.kernel_path(512), format!("q8_0 {best} panels{tiles}"));
                 continue;
             }
             assert_eq!(layer.kernel_path(1), format!("q8_0 {best}"));
@@ -1625,7 +1647,12 @@ mod tests {
             let layer = QLinear::quantize("w", &w, None, int8).unwrap();
             if best == kernels::Kernel::Avx512Vnni && n_out % 16 == 0 {
                 assert_eq!(layer.kernel_path(1), format!("int8 {best} panels"));
-                assert_eq!(layer.kernel_path(512), format!("int8 {best} panels"));
+                let tiles = if kernels::amx_available() {
+                    ", amx tiles"
+                } else {
+                    ""
+                };
+                assert_eq!(layer.kernel_path(512), format!("int8 {best} panels{tiles}"));
             } else {
                 let decode = kernels::int_kernel_for(best);
                 assert_eq!(layer.kernel_path(1), format!("int8 {decode}"));

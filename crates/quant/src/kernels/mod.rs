@@ -70,6 +70,8 @@
 
 mod acts;
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -97,6 +99,8 @@ use rayon::prelude::*;
 use std::sync::OnceLock;
 
 pub use acts::QuantizedActs;
+#[cfg(target_arch = "x86_64")]
+pub use amx::{AMX_MIN_ROWS, amx_available, disable_amx, has_amx_int8};
 #[cfg(target_arch = "x86_64")]
 pub use avx2::transpose8 as transpose8_avx2;
 pub use blocks::{
@@ -222,6 +226,27 @@ fn has_avx2() -> bool {
 fn has_avx512_vnni() -> bool {
     false
 }
+
+/// Activation rows from which products over weights in panels take AMX tiles (none on
+/// this architecture).
+#[cfg(not(target_arch = "x86_64"))]
+pub const AMX_MIN_ROWS: usize = usize::MAX;
+
+/// Whether products run on AMX tiles: never on this architecture.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn amx_available() -> bool {
+    false
+}
+
+/// Whether the CPU has AMX-INT8: never on this architecture.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_amx_int8() -> bool {
+    false
+}
+
+/// Keeps the kernels off AMX tiles (there are none on this architecture).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn disable_amx() {}
 
 /// Whether `rows` activation rows of a prompt through `kernel` take the packed kernel
 /// (the GGML and integer formats, from four rows on, on [`Kernel::Avx2`] with

@@ -64,7 +64,7 @@ impl From<WeightDType> for PanelFormat {
 
 impl PanelFormat {
     /// Bytes of one row's block as stored row-major.
-    const fn block_bytes(self) -> usize {
+    pub(super) const fn block_bytes(self) -> usize {
         match self {
             PanelFormat::Ggml(dtype) => dtype.block_bytes(),
             PanelFormat::Int8 => BLOCK_ELEMS,
@@ -74,7 +74,7 @@ impl PanelFormat {
 
 /// Header bytes per block of a panel: sixteen f16 scales, and for Q4_1 sixteen f16
 /// minimums; none for int8.
-const fn header_bytes(format: PanelFormat) -> usize {
+pub(super) const fn header_bytes(format: PanelFormat) -> usize {
     match format {
         PanelFormat::Ggml(WeightDType::Q4_1) => 4 * PANEL_ROWS,
         PanelFormat::Ggml(_) => 2 * PANEL_ROWS,
@@ -326,6 +326,8 @@ pub(super) fn to_rows(
 const _: () = assert!(BLOCK_ELEMS == 32);
 
 #[cfg(target_arch = "x86_64")]
+pub(super) use simd::vnni_columns;
+#[cfg(target_arch = "x86_64")]
 pub(super) use simd::{range, range_avx2, range_int8};
 
 #[cfg(target_arch = "x86_64")]
@@ -404,8 +406,10 @@ mod simd {
     }
 
     /// The panels of `cols` (`rb` bytes a row in `bytes`, `nb` blocks) for every
-    /// activation row, eight at a time; with `scales` (int8), each column times its
-    /// row's scale.
+    /// activation row; with `scales` (int8), each column times its row's scale. From
+    /// [`AMX_MIN_ROWS`](super::super::AMX_MIN_ROWS) rows on, where the tiles are
+    /// available, on AMX tiles; otherwise eight rows at a time with `vpdpbusd`. Both
+    /// give the same bits.
     ///
     /// # Safety
     /// The CPU has the features enabled here; the panels of `cols` lie in `bytes`,
@@ -414,6 +418,32 @@ mod simd {
     #[allow(clippy::too_many_arguments)] // the matrix's parts and the output window
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn columns<const F: u8>(
+        bytes: &[u8],
+        nb: usize,
+        rb: usize,
+        scales: Option<&[f32]>,
+        a: ActsView<'_>,
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        if m >= super::super::amx::AMX_MIN_ROWS && super::super::amx::amx_available() {
+            // SAFETY: the caller's, and the tiles are granted.
+            unsafe { super::super::amx::columns::<F>(bytes, nb, rb, scales, a, m, cols, out, ld) };
+        } else {
+            // SAFETY: the caller's.
+            unsafe { vnni_columns::<F>(bytes, nb, rb, scales, a, m, cols, out, ld) };
+        }
+    }
+
+    /// [`columns`] with `vpdpbusd`, eight activation rows per weight load.
+    ///
+    /// # Safety
+    /// As [`columns`].
+    #[allow(clippy::too_many_arguments)] // the matrix's parts and the output window
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(in super::super) unsafe fn vnni_columns<const F: u8>(
         bytes: &[u8],
         nb: usize,
         rb: usize,
@@ -875,7 +905,7 @@ mod simd {
 
 /// The format of a kernel's const format id.
 #[cfg(target_arch = "x86_64")]
-const fn format_of(f: u8) -> PanelFormat {
+pub(super) const fn format_of(f: u8) -> PanelFormat {
     match f {
         super::driver::F_Q4_1 => PanelFormat::Ggml(WeightDType::Q4_1),
         super::driver::F_Q8_0 => PanelFormat::Ggml(WeightDType::Q8_0),

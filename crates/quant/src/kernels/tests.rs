@@ -1508,6 +1508,142 @@ fn avx2_panels_equal_vnni_panels_bit_for_bit() {
     }
 }
 
+/// The AMX tile kernel gives every output of the VNNI panel kernel bit for bit, for
+/// Q4_0, Q4_1, Q8_0 and int8 panels (typical and largest quants), full and partial
+/// tiles of rows, whole and partial column ranges.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn amx_tiles_equal_vnni_panels_bit_for_bit() {
+    use driver::{F_I8, F_Q4_0, F_Q4_1, F_Q8_0};
+    if !amx_available() {
+        println!(
+            "amx_tiles_equal_vnni_panels_bit_for_bit: NOT TESTED on this CPU (no AMX-INT8 \
+             tiles granted, or no AVX-512 VNNI)"
+        );
+        return;
+    }
+    let mut rng = Rng(41);
+    let mut compared = 0usize;
+    type Columns = unsafe fn(
+        &[u8],
+        usize,
+        usize,
+        Option<&[f32]>,
+        acts::ActsView<'_>,
+        usize,
+        std::ops::Range<usize>,
+        &mut [f32],
+        usize,
+    );
+    let mut check = |what: &str,
+                     bytes: &[u8],
+                     (n_out, k, rb): (usize, usize, usize),
+                     scales: Option<&[f32]>,
+                     vnni: Columns,
+                     tiles: Columns| {
+        let nb = k / 32;
+        for m in [16, 17, 31, 33, 64, 100] {
+            let x = rng.vec(m * k);
+            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+            for cols in [0..n_out, 16..n_out.min(48)] {
+                if cols.is_empty() {
+                    continue;
+                }
+                let ld = cols.len() + 3;
+                let mut a = vec![f32::NAN; m * ld];
+                let mut b = vec![f32::NAN; m * ld];
+                // SAFETY: AVX-512 VNNI and the tiles are available (checked above); the
+                // panels hold n_out rows of nb blocks, the activations m rows of k, the
+                // outputs m rows of ld.
+                unsafe {
+                    vnni(
+                        bytes,
+                        nb,
+                        rb,
+                        scales,
+                        acts.view(),
+                        m,
+                        cols.clone(),
+                        &mut a,
+                        ld,
+                    );
+                    tiles(
+                        bytes,
+                        nb,
+                        rb,
+                        scales,
+                        acts.view(),
+                        m,
+                        cols.clone(),
+                        &mut b,
+                        ld,
+                    );
+                }
+                for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                    if i % ld < cols.len() {
+                        assert_eq!(
+                            p.to_bits(),
+                            q.to_bits(),
+                            "{what} m={m} cols={cols:?} [{i}]: vnni {p} amx {q}"
+                        );
+                        compared += 1;
+                    } else {
+                        assert!(q.is_nan(), "{what}: wrote past its columns at [{i}]");
+                    }
+                }
+            }
+        }
+    };
+    for dtype in WeightDType::ALL {
+        let (vnni, tiles): (Columns, Columns) = match dtype {
+            WeightDType::Q4_0 => (panels::vnni_columns::<F_Q4_0>, amx::columns::<F_Q4_0>),
+            WeightDType::Q4_1 => (panels::vnni_columns::<F_Q4_1>, amx::columns::<F_Q4_1>),
+            _ => (panels::vnni_columns::<F_Q8_0>, amx::columns::<F_Q8_0>),
+        };
+        for (n_out, k) in [(16, 32), (64, 576), (48, 1536 + 32)] {
+            for w in [
+                GgmlWeights::from_qtensor(&qtensor(dtype, n_out, k, 9))
+                    .unwrap()
+                    .into_panels()
+                    .unwrap(),
+                extreme_weights(dtype, n_out, k).into_panels().unwrap(),
+            ] {
+                let rb = w.matrix().row_bytes();
+                check(
+                    &format!("{dtype} {n_out}x{k}"),
+                    w.bytes(),
+                    (n_out, k, rb),
+                    None,
+                    vnni,
+                    tiles,
+                );
+            }
+        }
+    }
+    let mut int_rng = Rng(43);
+    for (n_out, k) in [(16, 32), (64, 576)] {
+        let quants: Vec<u8> = (0..n_out * k)
+            .map(|i| match i % 7 {
+                0 => 0x80,
+                1 => 0x7F,
+                _ => (int_rng.next_u64() >> 24) as u8,
+            })
+            .collect();
+        let scales = int_rng.vec(n_out);
+        let bytes = panels::from_rows_vec(panels::PanelFormat::Int8, n_out, k, &quants).unwrap();
+        check(
+            &format!("int8 {n_out}x{k}"),
+            &bytes,
+            (n_out, k, k),
+            Some(&scales),
+            panels::vnni_columns::<F_I8>,
+            amx::columns::<F_I8>,
+        );
+    }
+    println!("amx_tiles_equal_vnni_panels_bit_for_bit: {compared} outputs compared");
+    assert!(compared > 100_000, "{compared}");
+}
+
 /// Once a kernel is chosen, a later cap is refused and changes nothing: the choice is
 /// made once per process.
 #[test]

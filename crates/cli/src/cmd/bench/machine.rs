@@ -17,6 +17,7 @@ pub(crate) fn cpu_features() -> Vec<String> {
         ("avx512vl", std::is_x86_feature_detected!("avx512vl")),
         ("avx512_vnni", std::is_x86_feature_detected!("avx512vnni")),
         ("avx512_bf16", std::is_x86_feature_detected!("avx512bf16")),
+        ("amx_int8", afo_runtime::quant::kernels::has_amx_int8()),
     ];
     detected
         .into_iter()
