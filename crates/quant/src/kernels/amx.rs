@@ -49,6 +49,9 @@ use super::panels::{PANEL_ROWS, format_of, header_bytes};
 /// take the VNNI kernel (the same bits).
 pub const AMX_MIN_ROWS: usize = 16;
 
+/// How far ahead of its reads a panel's first row tile prefetches weight bytes.
+const PREFETCH: usize = 8192;
+
 /// Bytes of one block's quants in a panel: eight 64-byte vectors.
 const BLOCK_TILE_BYTES: usize = 8 * 64;
 
@@ -399,6 +402,15 @@ unsafe fn tile_rows<const F: u8>(
     // SAFETY (of every issue below): block b of rows r0.. and the weight tile exist.
     unsafe { issue0(a.block_ptr(r0, 0), stride, weights(0)) };
     for b in 0..nb {
+        // The first rows of a panel ask for the bytes PREFETCH ahead (the next panels
+        // when this one ends), as the VNNI kernel does: a batch of few rows streams the
+        // weights once.
+        if r0 == 0 {
+            let blk = p.wrapping_add(b * chunk + PREFETCH);
+            for at in (0..chunk).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(at).cast());
+            }
+        }
         // The next block's product is queued on the tile unit before this block's sums
         // are scaled on the vector units.
         if b + 1 < nb {
