@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::Kernel;
 use super::acts::ActsView;
 use super::driver::{F_I8, F_Q4_0, F_Q4_1, F_Q8_0};
-use super::panels::{PANEL_ROWS, format_of, header_bytes};
+use super::panels::{PANEL_ROWS, PanelRows, format_of, header_bytes};
 
 /// Activation rows from which a product over weights in panels takes the AMX tiles
 /// (where [`amx_available`]): fewer take the VNNI kernel's eight-row register tiles.
@@ -221,29 +221,30 @@ struct Sums([i32; PANEL_ROWS * PANEL_ROWS]);
 #[derive(Clone, Copy)]
 struct WeightTile([u8; BLOCK_TILE_BYTES]);
 
-/// [`columns`](super::panels) on AMX tiles: the panels of `cols` (`rb` bytes a row in
-/// `bytes`, `nb` blocks) for activation rows `0..m`, sixteen at a time; with `scales`
-/// (int8), each column times its row's scale. The same results as the VNNI kernel, bit
-/// for bit.
+/// The panel kernels' `columns` on AMX tiles: the panels of `cols` of `w` for activation
+/// rows `0..m`, sixteen at a time; with `w.scales` (int8), each column times its row's
+/// scale. The same results as the VNNI kernel, bit for bit.
 ///
 /// # Safety
 /// [`amx_available`] held; the CPU has the features enabled here; the panels of `cols`
-/// lie in `bytes`, `scales` (if any) holds their rows, and the activation and output
+/// lie in `w.bytes`, `w.scales` (if any) holds their rows, and the activation and output
 /// bounds of the panel kernels hold (rows `0..m` of `a` with `nb` blocks, `out` holding
 /// `m` rows of `ld` with `cols.len()` columns).
-#[allow(clippy::too_many_arguments)] // the matrix's parts and the output window
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn columns<const F: u8>(
-    bytes: &[u8],
-    nb: usize,
-    rb: usize,
-    scales: Option<&[f32]>,
+    w: PanelRows<'_>,
     a: ActsView<'_>,
     m: usize,
     cols: Range<usize>,
     out: &mut [f32],
     ld: usize,
 ) {
+    let PanelRows {
+        bytes,
+        nb,
+        rb,
+        scales,
+    } = w;
     let wt = format_of(F);
     let chunk = PANEL_ROWS * wt.block_bytes();
     let hb = header_bytes(wt);
@@ -323,17 +324,7 @@ pub(super) unsafe fn columns<const F: u8>(
     {
         // SAFETY: the caller's bounds, for rows tiled..m.
         unsafe {
-            super::panels::vnni_columns::<F>(
-                bytes,
-                nb,
-                rb,
-                scales,
-                a.rows_from(tiled),
-                m - tiled,
-                cols,
-                rest,
-                ld,
-            )
+            super::panels::vnni_columns::<F>(w, a.rows_from(tiled), m - tiled, cols, rest, ld)
         };
     }
 }

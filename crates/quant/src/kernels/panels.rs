@@ -326,7 +326,7 @@ pub(super) fn to_rows(
 const _: () = assert!(BLOCK_ELEMS == 32);
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use simd::vnni_columns;
+pub(super) use simd::{PanelRows, vnni_columns};
 #[cfg(target_arch = "x86_64")]
 pub(super) use simd::{range, range_avx2, range_int8};
 
@@ -342,6 +342,16 @@ mod simd {
     use super::super::driver::{F_I8, F_Q4_0, F_Q4_1, F_Q8_0, acts_and_out_fit, check_range};
     use super::super::packed;
     use super::{PANEL_ROWS, header_bytes};
+
+    /// A matrix in panels as the kernels over whole panels read it: its bytes, blocks
+    /// per row, bytes per row, and (int8) each row's scale, applied at the end.
+    #[derive(Debug, Clone, Copy)]
+    pub(in super::super) struct PanelRows<'a> {
+        pub(in super::super) bytes: &'a [u8],
+        pub(in super::super) nb: usize,
+        pub(in super::super) rb: usize,
+        pub(in super::super) scales: Option<&'a [f32]>,
+    }
 
     /// What the panel kernels read through raw pointers only after it held: the
     /// matrix is in panels, `cols` starts and ends on panel boundaries, and
@@ -402,7 +412,14 @@ mod simd {
     ) {
         let (nb, rb) = (w.blocks_per_row(), w.row_bytes());
         // SAFETY: the caller's (the bounds of `range`).
-        unsafe { columns::<F>(w.bytes(), nb, rb, None, a, m, cols, out, ld) }
+        let w = PanelRows {
+            bytes: w.bytes(),
+            nb,
+            rb,
+            scales: None,
+        };
+        // SAFETY: the caller's (the bounds of `range`).
+        unsafe { columns::<F>(w, a, m, cols, out, ld) }
     }
 
     /// The panels of `cols` (`rb` bytes a row in `bytes`, `nb` blocks) for every
@@ -415,13 +432,9 @@ mod simd {
     /// The CPU has the features enabled here; the panels of `cols` lie in `bytes`,
     /// `scales` (if any) holds their rows, and the activation and output bounds of
     /// [`check_range`] hold.
-    #[allow(clippy::too_many_arguments)] // the matrix's parts and the output window
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn columns<const F: u8>(
-        bytes: &[u8],
-        nb: usize,
-        rb: usize,
-        scales: Option<&[f32]>,
+        w: PanelRows<'_>,
         a: ActsView<'_>,
         m: usize,
         cols: Range<usize>,
@@ -430,10 +443,10 @@ mod simd {
     ) {
         if m >= super::super::amx::AMX_MIN_ROWS && super::super::amx::amx_available() {
             // SAFETY: the caller's, and the tiles are granted.
-            unsafe { super::super::amx::columns::<F>(bytes, nb, rb, scales, a, m, cols, out, ld) };
+            unsafe { super::super::amx::columns::<F>(w, a, m, cols, out, ld) };
         } else {
             // SAFETY: the caller's.
-            unsafe { vnni_columns::<F>(bytes, nb, rb, scales, a, m, cols, out, ld) };
+            unsafe { vnni_columns::<F>(w, a, m, cols, out, ld) };
         }
     }
 
@@ -441,19 +454,21 @@ mod simd {
     ///
     /// # Safety
     /// As [`columns`].
-    #[allow(clippy::too_many_arguments)] // the matrix's parts and the output window
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(in super::super) unsafe fn vnni_columns<const F: u8>(
-        bytes: &[u8],
-        nb: usize,
-        rb: usize,
-        scales: Option<&[f32]>,
+        w: PanelRows<'_>,
         a: ActsView<'_>,
         m: usize,
         cols: Range<usize>,
         out: &mut [f32],
         ld: usize,
     ) {
+        let PanelRows {
+            bytes,
+            nb,
+            rb,
+            scales,
+        } = w;
         let base = bytes.as_ptr();
         let mut c = cols.start;
         while c < cols.end {
@@ -653,7 +668,14 @@ mod simd {
         }
         // SAFETY: the CPU has every feature `columns` enables, and the bounds hold
         // (checked above).
-        unsafe { columns::<F_I8>(quants, nb, k, Some(scales), a, m, cols, out, ld) }
+        let w = PanelRows {
+            bytes: quants,
+            nb,
+            rb: k,
+            scales: Some(scales),
+        };
+        // SAFETY: as above.
+        unsafe { columns::<F_I8>(w, a, m, cols, out, ld) }
     }
 
     /// Rows of activations that share each weight vector loaded, on AVX2 (sixteen

@@ -1525,75 +1525,48 @@ fn amx_tiles_equal_vnni_panels_bit_for_bit() {
     let mut rng = Rng(41);
     let mut compared = 0usize;
     type Columns = unsafe fn(
-        &[u8],
-        usize,
-        usize,
-        Option<&[f32]>,
+        panels::PanelRows<'_>,
         acts::ActsView<'_>,
         usize,
         std::ops::Range<usize>,
         &mut [f32],
         usize,
     );
-    let mut check = |what: &str,
-                     bytes: &[u8],
-                     (n_out, k, rb): (usize, usize, usize),
-                     scales: Option<&[f32]>,
-                     vnni: Columns,
-                     tiles: Columns| {
-        let nb = k / 32;
-        for m in [16, 17, 31, 33, 64, 100] {
-            let x = rng.vec(m * k);
-            let acts = QuantizedActs::quantize(&x, m, k).unwrap();
-            for cols in [0..n_out, 16..n_out.min(48)] {
-                if cols.is_empty() {
-                    continue;
-                }
-                let ld = cols.len() + 3;
-                let mut a = vec![f32::NAN; m * ld];
-                let mut b = vec![f32::NAN; m * ld];
-                // SAFETY: AVX-512 VNNI and the tiles are available (checked above); the
-                // panels hold n_out rows of nb blocks, the activations m rows of k, the
-                // outputs m rows of ld.
-                unsafe {
-                    vnni(
-                        bytes,
-                        nb,
-                        rb,
-                        scales,
-                        acts.view(),
-                        m,
-                        cols.clone(),
-                        &mut a,
-                        ld,
-                    );
-                    tiles(
-                        bytes,
-                        nb,
-                        rb,
-                        scales,
-                        acts.view(),
-                        m,
-                        cols.clone(),
-                        &mut b,
-                        ld,
-                    );
-                }
-                for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                    if i % ld < cols.len() {
-                        assert_eq!(
-                            p.to_bits(),
-                            q.to_bits(),
-                            "{what} m={m} cols={cols:?} [{i}]: vnni {p} amx {q}"
-                        );
-                        compared += 1;
-                    } else {
-                        assert!(q.is_nan(), "{what}: wrote past its columns at [{i}]");
+    let mut check =
+        |what: &str, w: panels::PanelRows<'_>, n_out: usize, vnni: Columns, tiles: Columns| {
+            let k = w.nb * 32;
+            for m in [16, 17, 31, 33, 64, 100] {
+                let x = rng.vec(m * k);
+                let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+                for cols in [0..n_out, 16..n_out.min(48)] {
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let ld = cols.len() + 3;
+                    let mut a = vec![f32::NAN; m * ld];
+                    let mut b = vec![f32::NAN; m * ld];
+                    // SAFETY: AVX-512 VNNI and the tiles are available (checked above); the
+                    // panels hold n_out rows of nb blocks, the activations m rows of k, the
+                    // outputs m rows of ld.
+                    unsafe {
+                        vnni(w, acts.view(), m, cols.clone(), &mut a, ld);
+                        tiles(w, acts.view(), m, cols.clone(), &mut b, ld);
+                    }
+                    for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                        if i % ld < cols.len() {
+                            assert_eq!(
+                                p.to_bits(),
+                                q.to_bits(),
+                                "{what} m={m} cols={cols:?} [{i}]: vnni {p} amx {q}"
+                            );
+                            compared += 1;
+                        } else {
+                            assert!(q.is_nan(), "{what}: wrote past its columns at [{i}]");
+                        }
                     }
                 }
             }
-        }
-    };
+        };
     for dtype in WeightDType::ALL {
         let (vnni, tiles): (Columns, Columns) = match dtype {
             WeightDType::Q4_0 => (panels::vnni_columns::<F_Q4_0>, amx::columns::<F_Q4_0>),
@@ -1608,15 +1581,13 @@ fn amx_tiles_equal_vnni_panels_bit_for_bit() {
                     .unwrap(),
                 extreme_weights(dtype, n_out, k).into_panels().unwrap(),
             ] {
-                let rb = w.matrix().row_bytes();
-                check(
-                    &format!("{dtype} {n_out}x{k}"),
-                    w.bytes(),
-                    (n_out, k, rb),
-                    None,
-                    vnni,
-                    tiles,
-                );
+                let rows = panels::PanelRows {
+                    bytes: w.bytes(),
+                    nb: w.matrix().blocks_per_row(),
+                    rb: w.matrix().row_bytes(),
+                    scales: None,
+                };
+                check(&format!("{dtype} {n_out}x{k}"), rows, n_out, vnni, tiles);
             }
         }
     }
@@ -1631,11 +1602,16 @@ fn amx_tiles_equal_vnni_panels_bit_for_bit() {
             .collect();
         let scales = int_rng.vec(n_out);
         let bytes = panels::from_rows_vec(panels::PanelFormat::Int8, n_out, k, &quants).unwrap();
+        let rows = panels::PanelRows {
+            bytes: &bytes,
+            nb: k / 32,
+            rb: k,
+            scales: Some(&scales),
+        };
         check(
             &format!("int8 {n_out}x{k}"),
-            &bytes,
-            (n_out, k, k),
-            Some(&scales),
+            rows,
+            n_out,
             panels::vnni_columns::<F_I8>,
             amx::columns::<F_I8>,
         );
