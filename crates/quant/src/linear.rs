@@ -458,14 +458,6 @@ impl QLinear {
     /// the CPU has AMX tiles, [`kernels::amx_available`]). Int4's decode steps run the
     /// AVX2 code on AVX-512 machines, and say so; int8 there is in panels.
     pub fn kernel_path(&self, rows: usize) -> String {
-        // Products of `rows` rows over weights in panels run on AMX tiles.
-        let amx_tiles = |rows: usize| {
-            if rows >= kernels::AMX_MIN_ROWS && kernels::amx_available() {
-                ", amx tiles"
-            } else {
-                ""
-            }
-        };
         let best = kernels::Kernel::detect();
         match &self.weight {
             Weight::Fast(w) if w.in_panels() => {
@@ -492,7 +484,7 @@ impl QLinear {
                 format!("{} {best} panels{}", w.format(), amx_tiles(rows))
             }
             Weight::Int(w) if kernels::prompt_runs_packed(best, rows) => {
-                format!("{} {best} packed", w.format())
+                format!("{} {best} packed{}", w.format(), amx_tiles(rows))
             }
             Weight::Int(w) => format!("{} {}", w.format(), kernels::int_kernel_for(best)),
         }
@@ -942,9 +934,19 @@ fn panels_wanted(n_out: usize) -> bool {
 /// kernel ([`kernels::prompt_runs_packed`]).
 fn with_packed(path: String, kernel: kernels::Kernel, rows: usize) -> String {
     if kernels::prompt_runs_packed(kernel, rows) {
-        format!("{path} packed")
+        format!("{path} packed{}", amx_tiles(rows))
     } else {
         path
+    }
+}
+
+/// What a kernel path adds when products of `rows` rows over panels (loaded, or packed
+/// per call) run on AMX tiles.
+fn amx_tiles(rows: usize) -> &'static str {
+    if rows >= kernels::AMX_MIN_ROWS && kernels::amx_available() {
+        ", amx tiles"
+    } else {
+        ""
     }
 }
 
@@ -1609,6 +1611,10 @@ mod tests {
     fn kernel_path_names_the_packed_kernel_for_prompts_only() {
         let dev = Device::Cpu;
         let best = kernels::Kernel::detect();
+        // Prompts over panels name the AMX tiles where they run.
+        let tiles = amx_tiles(512);
+        assert_eq!(tiles.is_empty(), !kernels::amx_available());
+        assert_eq!(amx_tiles(kernels::AMX_MIN_ROWS - 1), "");
         // 64 rows fill panels of sixteen (AVX-512 VNNI: one kernel for every row
         // count); 72 do not (AVX2's packed panels for prompts, tiles for decode).
         for n_out in [64, 72] {
@@ -1623,21 +1629,17 @@ mod tests {
                     layer.kernel_path(kernels::AMX_MIN_ROWS - 1),
                     format!("q8_0 {best} panels")
                 );
-                let tiles = if kernels::amx_available() {
-                    ", amx tiles"
-                } else {
-                    ""
-                };
                 assert_eq!(layer.kernel_path(512), format!("q8_0 {best} panels{tiles}"));
                 continue;
             }
             assert_eq!(layer.kernel_path(1), format!("q8_0 {best}"));
             let prompt = layer.kernel_path(512);
-            assert_eq!(
-                prompt.ends_with(" packed"),
-                matches!(best, kernels::Kernel::Avx2 | kernels::Kernel::Avx512Vnni),
-                "{prompt}"
-            );
+            let packed = matches!(best, kernels::Kernel::Avx2 | kernels::Kernel::Avx512Vnni);
+            if packed {
+                assert_eq!(prompt, format!("q8_0 {best} packed{tiles}"));
+            } else {
+                assert!(!prompt.contains("packed"), "{prompt}");
+            }
         }
         // Int8: panels with AVX-512 VNNI (every row count), else the AVX2 code for
         // decode and the packed kernel for prompts; int4 never in panels.
@@ -1647,11 +1649,6 @@ mod tests {
             let layer = QLinear::quantize("w", &w, None, int8).unwrap();
             if best == kernels::Kernel::Avx512Vnni && n_out % 16 == 0 {
                 assert_eq!(layer.kernel_path(1), format!("int8 {best} panels"));
-                let tiles = if kernels::amx_available() {
-                    ", amx tiles"
-                } else {
-                    ""
-                };
                 assert_eq!(layer.kernel_path(512), format!("int8 {best} panels{tiles}"));
             } else {
                 let decode = kernels::int_kernel_for(best);
@@ -1663,6 +1660,12 @@ mod tests {
             });
             let layer = QLinear::quantize("w", &w, None, int4).unwrap();
             assert!(!layer.kernel_path(1).ends_with("panels"));
+            if best == kernels::Kernel::Avx512Vnni {
+                assert_eq!(
+                    layer.kernel_path(512),
+                    format!("int4-g32 {best} packed{tiles}")
+                );
+            }
         }
     }
 

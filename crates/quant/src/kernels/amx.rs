@@ -1,6 +1,7 @@
-//! Intel AMX tiles for prompts over weights in panels (Q4_0, Q4_1, Q8_0 and afo's int8),
-//! where the CPU has AMX-INT8 and the operating system lets the process use its tile
-//! registers (Linux 5.16 and later, asked once with `arch_prctl`).
+//! Intel AMX tiles for prompts over weights in panels (Q4_0, Q4_1, Q8_0 and afo's int8)
+//! and for the packed kernel's panels (int4, and GGML matrices whose rows do not fill
+//! panels), where the CPU has AMX-INT8 and the operating system lets the process use
+//! its tile registers (Linux 5.16 and later, asked once with `arch_prctl`).
 //!
 //! A panel's block is already what a tile multiplies: its quants are eight 64-byte
 //! vectors, vector `g` holding quants `4g..4g + 4` of the sixteen weight rows, which is
@@ -10,7 +11,9 @@
 //! Sixteen activation rows of one block are the first operand (16 rows x 32 bytes, read
 //! in place from [`QuantizedActs`](super::QuantizedActs)), so one `tdpbsud` gives the
 //! 16 x 16 integer dot products of a block that the VNNI kernel builds with eight
-//! `vpdpbusd` per row.
+//! `vpdpbusd` per row. The packed kernel's per-call panels ([`super::packed_vnni`]) have
+//! the same layout, so its whole tiles of sixteen rows run the same pipeline
+//! ([`packed_rows`]) with its own scale steps.
 //!
 //! # Arithmetic
 //!
@@ -153,13 +156,38 @@ impl TileConfig {
     }
 }
 
-/// Releases the tile registers (so a context switch no longer saves them).
-///
-/// # Safety
-/// The OS granted the tile registers.
-unsafe fn release() {
-    // SAFETY: the caller's grant.
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+/// The tile registers configured for this thread's kernel call ([`TileConfig`]);
+/// released when dropped (so a context switch no longer saves them).
+pub(super) struct Tiles(());
+
+impl Tiles {
+    /// Loads the configuration.
+    ///
+    /// # Safety
+    /// The OS granted the tile registers ([`amx_available`] held).
+    pub(super) unsafe fn acquire() -> Tiles {
+        // SAFETY: the caller's grant.
+        unsafe { TileConfig::new().load() };
+        Tiles(())
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: a `Tiles` exists only after the grant (`acquire`).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// Each block's `offset x sum(q_x)` for the first `rows` rows of `a` (what offset
+/// weights add to a block's integer sum), computed once per call so that the scaling
+/// broadcasts it from memory.
+pub(super) fn offsets(a: &ActsView<'_>, rows: usize, offset: i32) -> Vec<i32> {
+    a.sums
+        .iter()
+        .take(rows * a.stride)
+        .map(|&s| offset * s)
+        .collect()
 }
 
 /// One block's tile product into tile set `$t` (sums in tile `$t`, activations in
@@ -214,7 +242,17 @@ tile_set!(issue1, store1, "1", "3", "5");
 
 /// Sixteen rows of sixteen sums, on cache lines.
 #[repr(C, align(64))]
-struct Sums([i32; PANEL_ROWS * PANEL_ROWS]);
+pub(super) struct Sums([i32; PANEL_ROWS * PANEL_ROWS]);
+
+impl Sums {
+    /// The two buffers of the two tile sets.
+    pub(super) fn pair() -> [Sums; 2] {
+        [
+            Sums([0; PANEL_ROWS * PANEL_ROWS]),
+            Sums([0; PANEL_ROWS * PANEL_ROWS]),
+        ]
+    }
+}
 
 /// One block's weight quants for a tile, on cache lines.
 #[repr(C, align(64))]
@@ -250,11 +288,7 @@ pub(super) unsafe fn columns<const F: u8>(
     let hb = header_bytes(wt);
     let nibbles = F == F_Q4_0 || F == F_Q4_1;
     let mut split = vec![WeightTile([0; BLOCK_TILE_BYTES]); if nibbles { nb } else { 0 }];
-    let config = TileConfig::new();
-    let mut sums = [
-        Sums([0; PANEL_ROWS * PANEL_ROWS]),
-        Sums([0; PANEL_ROWS * PANEL_ROWS]),
-    ];
+    let mut sums = Sums::pair();
     // Whole tiles of sixteen rows here; the rows after the last whole tile take the
     // VNNI kernel (the same bits).
     let tiled = m - m % PANEL_ROWS;
@@ -266,17 +300,10 @@ pub(super) unsafe fn columns<const F: u8>(
         F_Q8_0 | F_I8 => 128,
         _ => 0,
     };
-    let offsets: Vec<i32> = a
-        .sums
-        .iter()
-        .take(tiled * a.stride)
-        .map(|&s| offset * s)
-        .collect();
+    let offsets = offsets(&a, tiled, offset);
     let base = bytes.as_ptr();
-    if tiled > 0 {
-        // SAFETY: `amx_available` held (the caller's).
-        unsafe { config.load() };
-    }
+    // SAFETY: `amx_available` held (the caller's).
+    let tiles_held = (tiled > 0).then(|| unsafe { Tiles::acquire() });
     let mut c = cols.start;
     while c < cols.end && tiled > 0 {
         // SAFETY: rows c..c + 16 are within the matrix (the caller's bounds).
@@ -315,10 +342,7 @@ pub(super) unsafe fn columns<const F: u8>(
         }
         c += PANEL_ROWS;
     }
-    if tiled > 0 {
-        // SAFETY: `amx_available` held.
-        unsafe { release() };
-    }
+    drop(tiles_held);
     if tiled < m
         && let Some(rest) = out.get_mut(tiled * ld..)
     {
@@ -353,6 +377,60 @@ unsafe fn unpack_nibbles(q: *const u8, out: &mut WeightTile) {
     }
 }
 
+/// The tile products of activation rows `r0..r0 + 16` of `a` with weight tiles
+/// `weights(b)` (512 bytes each), blocks `0..nb`: each block's product is queued on the
+/// tile unit before the previous block's sums are handed to `scale` (with the sixteen
+/// accumulators) on the vector units, in two tile sets; `before(b)` runs at the start
+/// of block `b`'s step.
+///
+/// # Safety
+/// The tiles are configured ([`Tiles`]); rows `r0..r0 + 16` of `a` hold `nb` blocks and
+/// `weights(b)` points to 512 readable bytes for every `b < nb`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn pipeline(
+    a: &ActsView<'_>,
+    r0: usize,
+    nb: usize,
+    sums: &mut [Sums; 2],
+    weights: impl Fn(usize) -> *const u8,
+    mut before: impl FnMut(usize),
+    mut scale: impl FnMut(usize, &Sums, &mut [__m512; PANEL_ROWS]),
+) -> [__m512; PANEL_ROWS] {
+    let stride = a.stride * super::blocks::BLOCK_ELEMS;
+    let mut acc = [_mm512_setzero_ps(); PANEL_ROWS];
+    if nb == 0 {
+        return acc;
+    }
+    // SAFETY (of every issue below): block b of rows r0.. and the weight tile exist.
+    unsafe { issue0(a.block_ptr(r0, 0), stride, weights(0)) };
+    for b in 0..nb {
+        before(b);
+        if b + 1 < nb {
+            let (x, w) = (a.block_ptr(r0, b + 1), weights(b + 1));
+            // SAFETY: as above.
+            unsafe {
+                if b % 2 == 0 {
+                    issue1(x, stride, w);
+                } else {
+                    issue0(x, stride, w);
+                }
+            }
+        }
+        let s = &mut sums[b % 2];
+        // SAFETY: sixteen rows of 64 bytes.
+        unsafe {
+            if b % 2 == 0 {
+                store0(s.0.as_mut_ptr());
+            } else {
+                store1(s.0.as_mut_ptr());
+            }
+        }
+        scale(b, s, &mut acc);
+    }
+    acc
+}
+
 /// The sixteen dot products of the panel at `p` with activation rows `r0..r0 + 16`,
 /// `nb` blocks each. Block `b`'s
 /// tile of quants is `tiles[b]` (split nibbles) or the panel's own, `hb` bytes into the
@@ -377,7 +455,6 @@ unsafe fn tile_rows<const F: u8>(
     nb: usize,
     sums: &mut [Sums; 2],
 ) -> [__m512; PANEL_ROWS] {
-    let stride = a.stride * super::blocks::BLOCK_ELEMS;
     let weights = |b: usize| -> *const u8 {
         match tiles {
             // SAFETY (of the reads): `nb` tiles.
@@ -386,47 +463,24 @@ unsafe fn tile_rows<const F: u8>(
             None => p.wrapping_add(b * chunk + hb),
         }
     };
-    let mut acc = [_mm512_setzero_ps(); PANEL_ROWS];
-    if nb == 0 {
-        return acc;
-    }
-    // SAFETY (of every issue below): block b of rows r0.. and the weight tile exist.
-    unsafe { issue0(a.block_ptr(r0, 0), stride, weights(0)) };
-    for b in 0..nb {
-        // The first rows of a panel ask for the bytes PREFETCH ahead (the next panels
-        // when this one ends), as the VNNI kernel does: a batch of few rows streams the
-        // weights once.
+    // The first rows of a panel ask for the bytes PREFETCH ahead (the next panels when
+    // this one ends), as the VNNI kernel does: a batch of few rows streams the weights
+    // once.
+    let prefetch = |b: usize| {
         if r0 == 0 {
             let blk = p.wrapping_add(b * chunk + PREFETCH);
             for at in (0..chunk).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(at).cast());
             }
         }
-        // The next block's product is queued on the tile unit before this block's sums
-        // are scaled on the vector units.
-        if b + 1 < nb {
-            let (x, w) = (a.block_ptr(r0, b + 1), weights(b + 1));
-            // SAFETY: as above.
-            unsafe {
-                if b % 2 == 0 {
-                    issue1(x, stride, w);
-                } else {
-                    issue0(x, stride, w);
-                }
-            }
-        }
-        let s = &mut sums[b % 2];
-        // SAFETY: sixteen rows of 64 bytes; block b of the panel is inside it (b < nb),
-        // rows r0..r0 + 16 hold block b (the caller's).
-        unsafe {
-            if b % 2 == 0 {
-                store0(s.0.as_mut_ptr());
-            } else {
-                store1(s.0.as_mut_ptr());
-            }
-            scale_block::<F>(p.add(b * chunk), s, a, offsets, r0, b, &mut acc);
-        }
-    }
+    };
+    // SAFETY: block b of the panel is inside it (b < nb), rows r0..r0 + 16 hold block b,
+    // the tiles and `offsets` are the caller's.
+    let scale = |b: usize, s: &Sums, acc: &mut [__m512; PANEL_ROWS]| unsafe {
+        scale_block::<F>(p.add(b * chunk), s, a, offsets, r0, b, acc)
+    };
+    // SAFETY: the caller's.
+    let mut acc = unsafe { pipeline(a, r0, nb, sums, weights, prefetch, scale) };
     if F == F_Q4_1 {
         // Q4_1's minimums times the activations' sums: a chain of its own per row in
         // the VNNI kernel, summed here after the tiles' (the same operations in the
@@ -511,4 +565,75 @@ unsafe fn scale_block<const F: u8>(
     row!(13);
     row!(14);
     row!(15);
+}
+
+/// The packed kernel's sixteen-column panel ([`super::packed_vnni`]: `q` holds `nb x 8`
+/// vectors, block `b`'s eight at `8b`, the tile layout; `d` and `min` one vector of the
+/// sixteen rows' scales and minimums per block) times activation rows `r0..r0 + 16` on
+/// tiles: the packed VNNI kernel's results bit for bit (its integer sums, then per block
+/// and row `acc = fma(sum, d_w x d_x, acc)` and, but for Q8_0, `acc = fma(min, d_x x
+/// sum(q_x), acc)`). `offsets` holds `128 x sum(q_x)` per block (Q8_0).
+///
+/// # Safety
+/// The tiles are configured ([`Tiles`]); `q`, `d` and `min` hold `nb` blocks; rows
+/// `r0..r0 + 16` of `a` exist with at least `nb` blocks; `offsets` is indexed as `a`'s
+/// sums (for Q8_0).
+#[allow(clippy::too_many_arguments)] // the panel's three parts and the rows
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn packed_rows<const F: u8>(
+    q: &[__m512i],
+    d: &[__m512],
+    min: &[__m512],
+    a: &ActsView<'_>,
+    offsets: &[i32],
+    r0: usize,
+    nb: usize,
+    sums: &mut [Sums; 2],
+) -> [__m512; PANEL_ROWS] {
+    let weights = |b: usize| q.as_ptr().wrapping_add(8 * b).cast::<u8>();
+    let scale = |b: usize, s: &Sums, acc: &mut [__m512; PANEL_ROWS]| {
+        let (Some(&dw), Some(&mw)) = (d.get(b), min.get(b)) else {
+            return;
+        };
+        macro_rules! row {
+            ($i:literal) => {{
+                let idx = (r0 + $i) * a.stride + b;
+                // SAFETY: row r0 + i's block b exists (the caller's); the sums row i
+                // holds sixteen int32.
+                let (dx, dsx) = unsafe { (*a.d.get_unchecked(idx), *a.ds.get_unchecked(idx)) };
+                let mut v = unsafe { _mm512_load_si512(s.0.as_ptr().add(PANEL_ROWS * $i).cast()) };
+                if F == F_Q8_0 {
+                    // SAFETY: `offsets` is indexed as the sums.
+                    let off = unsafe { *offsets.get_unchecked(idx) };
+                    v = _mm512_sub_epi32(v, _mm512_set1_epi32(off));
+                }
+                acc[$i] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(v),
+                    _mm512_mul_ps(dw, _mm512_set1_ps(dx)),
+                    acc[$i],
+                );
+                if F != F_Q8_0 {
+                    acc[$i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsx), acc[$i]);
+                }
+            }};
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
+        row!(8);
+        row!(9);
+        row!(10);
+        row!(11);
+        row!(12);
+        row!(13);
+        row!(14);
+        row!(15);
+    };
+    // SAFETY: the caller's.
+    unsafe { pipeline(a, r0, nb, sums, weights, |_| {}, scale) }
 }

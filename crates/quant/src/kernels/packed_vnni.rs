@@ -19,6 +19,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::acts::ActsView;
+use super::amx;
 use super::driver::F_Q8_0;
 use super::packed::{PANEL, transpose8};
 
@@ -68,6 +69,20 @@ pub(super) unsafe fn run_panels<const F: u8>(
         min: vec![_mm512_setzero_ps(); nb],
     };
     let flip = _mm256_set1_epi8(-128);
+    // Activation rows in whole tiles of sixteen, on AMX tiles where available.
+    let tiled = if m >= amx::AMX_MIN_ROWS && amx::amx_available() {
+        m - m % PANEL16
+    } else {
+        0
+    };
+    let offsets = if tiled > 0 && F == F_Q8_0 {
+        amx::offsets(a, tiled, 128)
+    } else {
+        Vec::new()
+    };
+    let mut sums = amx::Sums::pair();
+    // SAFETY: `amx_available` held.
+    let tiles_held = (tiled > 0).then(|| unsafe { amx::Tiles::acquire() });
     let mut c = cols.start;
     while c + PANEL16 <= cols.end {
         for b in 0..nb {
@@ -102,6 +117,24 @@ pub(super) unsafe fn run_panels<const F: u8>(
         }
         let cc = c - cols.start;
         let mut r = 0;
+        // Whole tiles of sixteen rows on AMX where the CPU has it (the same bits).
+        while r < tiled {
+            // SAFETY: the tiles are configured (`tiles_held`); rows r..r + 16 exist with
+            // nb blocks, the panel holds nb blocks.
+            let acc = unsafe {
+                amx::packed_rows::<F>(
+                    &panel.q, &panel.d, &panel.min, a, &offsets, r, nb, &mut sums,
+                )
+            };
+            for (i, v) in acc.iter().enumerate() {
+                let at = (r + i) * ld + cc;
+                if let Some(dst) = out.get_mut(at..at + PANEL16) {
+                    // SAFETY: dst holds sixteen floats.
+                    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), *v) };
+                }
+            }
+            r += PANEL16;
+        }
         while r < m {
             // SAFETY: activation rows r..r + mr are below m, with their blocks' sums, and
             // the output rows hold columns cc..cc + 16 (the caller's bounds).
@@ -121,6 +154,7 @@ pub(super) unsafe fn run_panels<const F: u8>(
         }
         c += PANEL16;
     }
+    drop(tiles_held);
 }
 
 /// Activation rows `r0..r0 + R` against the panel: sixteen columns each, written at

@@ -1620,6 +1620,69 @@ fn amx_tiles_equal_vnni_panels_bit_for_bit() {
     assert!(compared > 100_000, "{compared}");
 }
 
+/// The packed kernel (prompts over row-major GGML matrices and int4) runs whole tiles
+/// of sixteen rows on AMX tiles where the CPU has them: a prompt's rows 0-14 and 16-30
+/// equal, bit for bit, the same rows run as a call of fifteen (the VNNI packed kernel).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn packed_rows_on_amx_tiles_equal_the_vnni_packed_kernel() {
+    if !amx_available() {
+        println!(
+            "packed_rows_on_amx_tiles_equal_the_vnni_packed_kernel: NOT TESTED on this CPU \
+             (no AMX-INT8 tiles granted, or no AVX-512 VNNI)"
+        );
+        return;
+    }
+    let (m, k) = (40, 576);
+    let mut rng = Rng(77);
+    let x = rng.vec(m * k);
+    let acts = QuantizedActs::quantize(&x, m, k).unwrap();
+    let mut compared = 0usize;
+    let mut check = |what: &str, n_out: usize, run: &dyn Fn(&QuantizedActs, &mut [f32])| {
+        let mut full = vec![f32::NAN; m * n_out];
+        run(&acts, &mut full);
+        for r0 in [0, 16] {
+            let part = QuantizedActs::quantize(&x[r0 * k..(r0 + 15) * k], 15, k).unwrap();
+            let mut y = vec![f32::NAN; 15 * n_out];
+            run(&part, &mut y);
+            for (i, (p, q)) in y.iter().zip(&full[r0 * n_out..]).enumerate() {
+                assert_eq!(
+                    p.to_bits(),
+                    q.to_bits(),
+                    "{what} row {r0} + [{i}]: {p} vs {q}"
+                );
+                compared += 1;
+            }
+        }
+    };
+    for dtype in WeightDType::ALL {
+        // 72 rows: not panels of sixteen, so row-major and the packed kernel.
+        let w = GgmlWeights::from_qtensor(&qtensor(dtype, 72, k, 21)).unwrap();
+        assert!(!w.in_panels());
+        check(&format!("{dtype}"), 72, &|a, y| {
+            gemm_with(Kernel::Avx512Vnni, w.matrix(), a, y).unwrap()
+        });
+    }
+    let wf = rng.vec(64 * k);
+    for format in [
+        IntFormat::Int4 {
+            group: 32,
+            asymmetric: false,
+        },
+        IntFormat::Int4 {
+            group: 64,
+            asymmetric: true,
+        },
+    ] {
+        let w = IntWeights::quantize(format, &wf, 64, k).unwrap();
+        check(&format!("{format}"), 64, &|a, y| {
+            gemm_int_with(Kernel::Avx512Vnni, &w, a, y).unwrap()
+        });
+    }
+    println!("packed_rows_on_amx_tiles_equal_the_vnni_packed_kernel: {compared} outputs compared");
+    assert!(compared >= 2 * 15 * (3 * 72 + 2 * 64));
+}
+
 /// Once a kernel is chosen, a later cap is refused and changes nothing: the choice is
 /// made once per process.
 #[test]
