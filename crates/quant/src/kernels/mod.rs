@@ -18,8 +18,9 @@
 //!   applied at the end) and run the same kernel; int4's packed panels use it too, its
 //!   decode steps run the AVX2 code; where the CPU also has AMX-INT8 and the OS grants
 //!   the tiles ([`amx_available`]), products of [`AMX_MIN_ROWS`] rows or more over
-//!   panels run on AMX tiles, one `tdpbsud` per block of sixteen rows and columns,
-//!   the VNNI kernel's results bit for bit;
+//!   panels (loaded, or the packed kernel's per-call ones: int4 prompts) run on AMX
+//!   tiles, one `tdpbsud` per block of sixteen rows and columns, the VNNI kernels'
+//!   results bit for bit;
 //! - [`Kernel::Avx2`]: `vpmaddubsw` + `vpmaddwd` (the sign trick for Q8_0 and int8);
 //!   Q4_0 and Q4_1 weights in the same panels, each 512-bit vector read as two halves
 //!   of eight rows (bit-identical to the VNNI kernel's), Q8_0 row-major;
