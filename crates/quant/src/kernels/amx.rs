@@ -190,6 +190,29 @@ pub(super) fn offsets(a: &ActsView<'_>, rows: usize, offset: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Expands `$step!(i)` for each of a tile's sixteen rows, `i` a literal: constant
+/// indices keep the rows' accumulators in registers (a loop left them on the stack).
+macro_rules! for_each_row {
+    ($step:ident) => {
+        $step!(0);
+        $step!(1);
+        $step!(2);
+        $step!(3);
+        $step!(4);
+        $step!(5);
+        $step!(6);
+        $step!(7);
+        $step!(8);
+        $step!(9);
+        $step!(10);
+        $step!(11);
+        $step!(12);
+        $step!(13);
+        $step!(14);
+        $step!(15);
+    };
+}
+
 /// One block's tile product into tile set `$t` (sums in tile `$t`, activations in
 /// `2 + $t`, weights in `4 + $t`), and the store of that set's sums.
 macro_rules! tile_set {
@@ -527,8 +550,7 @@ unsafe fn scale_block<const F: u8>(
     } else {
         _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.cast()) })
     };
-    // One row's step; written out for each row (constant indices keep the
-    // accumulators in registers).
+    // One row's step, written out for each row by `for_each_row`.
     macro_rules! row {
         ($i:literal) => {{
             let idx = (r0 + $i) * a.stride + b;
@@ -549,22 +571,7 @@ unsafe fn scale_block<const F: u8>(
             acc[$i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), scale, acc[$i]);
         }};
     }
-    row!(0);
-    row!(1);
-    row!(2);
-    row!(3);
-    row!(4);
-    row!(5);
-    row!(6);
-    row!(7);
-    row!(8);
-    row!(9);
-    row!(10);
-    row!(11);
-    row!(12);
-    row!(13);
-    row!(14);
-    row!(15);
+    for_each_row!(row);
 }
 
 /// The packed kernel's sixteen-column panel ([`super::packed_vnni`]: `q` holds `nb x 8`
@@ -617,22 +624,7 @@ pub(super) unsafe fn packed_rows<const F: u8>(
                 }
             }};
         }
-        row!(0);
-        row!(1);
-        row!(2);
-        row!(3);
-        row!(4);
-        row!(5);
-        row!(6);
-        row!(7);
-        row!(8);
-        row!(9);
-        row!(10);
-        row!(11);
-        row!(12);
-        row!(13);
-        row!(14);
-        row!(15);
+        for_each_row!(row);
     };
     // SAFETY: the caller's.
     unsafe { pipeline(a, r0, nb, sums, weights, |_| {}, scale) }
