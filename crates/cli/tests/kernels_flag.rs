@@ -22,6 +22,12 @@ fn bench(kernels: Option<&str>) -> Output {
 
 /// The `decode kernels:` line of a bench run, after checking that it succeeded.
 fn decode_line(out: &Output) -> String {
+    kernels_line(out, "decode")
+}
+
+/// The `{which} kernels:` line (`decode`, `prefill`) of a bench run, after checking
+/// that it succeeded.
+fn kernels_line(out: &Output, which: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -29,8 +35,9 @@ fn decode_line(out: &Output) -> String {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = stdout.lines().find(|l| l.starts_with("decode kernels:"));
-    assert!(line.is_some(), "no decode kernels line in:\n{stdout}");
+    let prefix = format!("{which} kernels:");
+    let line = stdout.lines().find(|l| l.starts_with(&prefix));
+    assert!(line.is_some(), "no {prefix} line in:\n{stdout}");
     line.unwrap().to_owned()
 }
 
@@ -81,34 +88,34 @@ fn an_unknown_kernel_is_a_clear_error() {
 /// either way: the tiles give the VNNI kernel's bits.
 #[test]
 fn no_amx_keeps_prompts_off_the_tiles_and_the_text_is_the_same() {
-    let prefill = |no_amx: bool| {
+    let afo = |no_amx: bool| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_afo"));
         if no_amx {
             c.arg("--no-amx");
         }
-        c.args(["--threads", "2", "bench", "--model"])
+        c.args(["--threads", "2"]);
+        c
+    };
+    let prefill = |no_amx: bool| {
+        let out = afo(no_amx)
+            .args(["bench", "--model"])
             .arg(smollm2())
-            .args(["--rounds", "1", "--prompt", "48", "--generate", "2"]);
-        let out = c.output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{stdout}");
-        let line = stdout.lines().find(|l| l.starts_with("prefill kernels:"));
-        assert!(line.is_some(), "no prefill kernels line in:\n{stdout}");
-        line.unwrap().to_owned()
+            .args(["--rounds", "1", "--prompt", "48", "--generate", "2"])
+            .output()
+            .unwrap();
+        kernels_line(&out, "prefill")
     };
     let generate = |no_amx: bool| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_afo"));
-        if no_amx {
-            c.arg("--no-amx");
-        }
-        c.args(["--threads", "2", "generate", "--model"])
+        let out = afo(no_amx)
+            .args(["generate", "--model"])
             .arg(smollm2())
             .args(["--max-tokens", "24"])
             .arg(
                 "Name the planets of the solar system in order from the sun, and say in \
                  one sentence what makes each of them different from the others.",
-            );
-        let out = c.output().unwrap();
+            )
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}",

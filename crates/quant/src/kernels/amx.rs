@@ -318,12 +318,12 @@ pub(super) unsafe fn columns<const F: u8>(
     // What each block's sum takes back for the weights' offset (Q4_0's 8 and Q8_0's and
     // int8's 128 times the activations' sum), once per call: a broadcast from memory
     // then costs the vector units nothing.
-    let offset = match F {
-        F_Q4_0 => 8,
-        F_Q8_0 | F_I8 => 128,
-        _ => 0,
+    let offsets = match F {
+        F_Q4_0 => offsets(&a, tiled, 8),
+        F_Q8_0 | F_I8 => offsets(&a, tiled, 128),
+        // Q4_1 takes its minimums instead.
+        _ => Vec::new(),
     };
-    let offsets = offsets(&a, tiled, offset);
     let base = bytes.as_ptr();
     // SAFETY: `amx_available` held (the caller's).
     let tiles_held = (tiled > 0).then(|| unsafe { Tiles::acquire() });
