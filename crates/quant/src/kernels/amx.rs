@@ -34,6 +34,14 @@
 //! block's product is queued before this block's sums are scaled, in the other of two
 //! tile sets; scaling one block behind its store measured the same. Rows after the last
 //! whole tile of sixteen take the VNNI kernel.
+//!
+//! # Scratch
+//!
+//! Per call and thread, freed when it returns: Q4 panels' split tiles (`nb x 512`
+//! bytes, 24 KiB at `k` = 1536), the offsets (four bytes per block and row: 96 KiB for
+//! 512 rows at `k` = 1536) and two 1 KiB buffers of sums: temporaries of the size of the
+//! quantized activations' own per-block sums, within the estimator's allowance for
+//! temporaries.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
