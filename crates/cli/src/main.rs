@@ -16,8 +16,9 @@ struct Cli {
     /// has), `avx2` (as on a CPU without AVX-512), or `scalar` (portable code only).
     #[arg(long, global = true, value_name = "KERNEL")]
     kernels: Option<afo_runtime::quant::kernels::Kernel>,
-    /// Keep prompts off the AMX tiles on CPUs that have them (AVX-512 VNNI instead;
-    /// the same results, for timing one against the other).
+    /// Keep prompts off the AMX tiles on CPUs that have them, for timing one against
+    /// the other: AVX-512 VNNI for quantized weights (the same results), FMA tiles for
+    /// f32 weights (results that differ by f32 rounding only).
     #[arg(long, global = true)]
     no_amx: bool,
     #[command(subcommand)]

@@ -455,7 +455,8 @@ impl QLinear {
     /// packed` for a prompt, `f16 dense avx512vnni`, `f32 dense packed avx2`, `f32
     /// candle gemm` on CPUs without AVX2, `Q4K candle qmatmul`, `int8 avx2`, `q4_0
     /// avx512vnni panels`, and `q4_0 avx512vnni panels, amx tiles` for a prompt where
-    /// the CPU has AMX tiles, [`kernels::amx_available`]). Int4's decode steps run the
+    /// the CPU has AMX tiles, [`kernels::amx_available`]; `f32 dense avx512vnni panels,
+    /// amx bf16x6` where an f32 prompt runs on AMX-BF16 tiles). Int4's decode steps run the
     /// AVX2 code on AVX-512 machines, and say so; int8 there is in panels.
     pub fn kernel_path(&self, rows: usize) -> String {
         let best = kernels::Kernel::detect();
@@ -464,9 +465,9 @@ impl QLinear {
                 format!("{} {best} panels{}", w.dtype(), amx_tiles(rows))
             }
             Weight::Panels(p) if p.coding() == PanelCoding::Exponents => {
-                format!("f32 dense {best} coded panels")
+                format!("f32 dense {best} coded panels{}", bf16_tiles(rows))
             }
-            Weight::Panels(_) => format!("f32 dense {best} panels"),
+            Weight::Panels(_) => format!("f32 dense {best} panels{}", bf16_tiles(rows)),
             Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
@@ -945,6 +946,16 @@ fn with_packed(path: String, kernel: kernels::Kernel, rows: usize) -> String {
 fn amx_tiles(rows: usize) -> &'static str {
     if rows >= kernels::AMX_MIN_ROWS && kernels::amx_available() {
         ", amx tiles"
+    } else {
+        ""
+    }
+}
+
+/// What a kernel path adds when a prompt of `rows` rows over f32 panels runs on
+/// AMX-BF16 tiles, six bf16 products per f32 product ([`kernels::dense_runs_bf16x6`]).
+fn bf16_tiles(rows: usize) -> &'static str {
+    if kernels::dense_runs_bf16x6(rows) {
+        ", amx bf16x6"
     } else {
         ""
     }
@@ -1806,7 +1817,9 @@ mod tests {
                 assert_eq!(layer.bytes(), plain);
             }
             assert_eq!(layer.kernel_path(1), path);
-            assert_eq!(layer.kernel_path(512), path);
+            let tiles = kernels::dense_runs_bf16x6(512);
+            let prompt = format!("{path}{}", if tiles { ", amx bf16x6" } else { "" });
+            assert_eq!(layer.kernel_path(512), prompt);
             assert_eq!(bits(&values(&layer.dequantize().unwrap())), bits(&vals));
             let rows = values(&layer.rows(&[191, 0, 64]).unwrap());
             let want: Vec<f32> = [191, 0, 64]
@@ -1823,7 +1836,7 @@ mod tests {
                 let p = DensePanels::from_rows(&vals, out, inp).unwrap();
                 kernels::dense_gemm(p.matrix(), &xs, m, &mut want).unwrap();
                 assert_eq!(bits(&y), bits(&want), "m={m}");
-                if m > kernels::DENSE_GEMV_MAX_ROWS {
+                if m > kernels::DENSE_GEMV_MAX_ROWS && !kernels::dense_runs_bf16x6(m) {
                     // A prompt: the packed GEMM over the row-major matrix.
                     let rows = DenseMatrix::new(DenseData::F32(&vals), out, inp).unwrap();
                     kernels::dense_gemm(rows, &xs, m, &mut want).unwrap();

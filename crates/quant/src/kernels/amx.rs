@@ -97,6 +97,15 @@ pub fn has_amx_int8() -> bool {
     (leaf.edx >> 24) & 3 == 3
 }
 
+/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22).
+pub fn has_amx_bf16() -> bool {
+    if __cpuid(0).eax < 7 {
+        return false;
+    }
+    let leaf = __cpuid_count(7, 0);
+    (leaf.edx >> 24) & 1 == 1 && (leaf.edx >> 22) & 1 == 1
+}
+
 /// Asks Linux for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 /// XFEATURE_XTILEDATA)`): granted once for the whole process.
 #[cfg(target_os = "linux")]
@@ -154,6 +163,18 @@ impl TileConfig {
         TileConfig(c)
     }
 
+    /// The configuration of the bf16 kernel ([`super::amx_f32`]): all eight tiles 16
+    /// rows of 64 bytes (sums in 0-3, activations in 4 and 5, weights in 6 and 7).
+    fn bf16() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for tile in 0..8 {
+            c[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + tile] = PANEL_ROWS as u8;
+        }
+        TileConfig(c)
+    }
+
     /// Loads this configuration (zeroing every tile).
     ///
     /// # Safety
@@ -176,6 +197,16 @@ impl Tiles {
     pub(super) unsafe fn acquire() -> Tiles {
         // SAFETY: the caller's grant.
         unsafe { TileConfig::new().load() };
+        Tiles(())
+    }
+
+    /// Loads the bf16 kernel's configuration ([`TileConfig::bf16`]).
+    ///
+    /// # Safety
+    /// The OS granted the tile registers ([`amx_available`] held).
+    pub(super) unsafe fn acquire_bf16() -> Tiles {
+        // SAFETY: the caller's grant.
+        unsafe { TileConfig::bf16().load() };
         Tiles(())
     }
 }

@@ -446,6 +446,44 @@ pub(crate) mod simd {
         patch(c.panel_escapes(p), out);
     }
 
+    /// Records `kk` of panel `p` of `c` (values `kk` of its 64 columns) decoded into
+    /// `out` (`kk.len() * 64` floats, value `kk.start + i` of column `j` at
+    /// `out[i * 64 + j]`) with AVX-512F; an empty or out-of-range `kk` decodes nothing.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA, F16C and AVX-512F/BW/VL.
+    pub(crate) unsafe fn decode_panel_part(
+        c: &CodedPanels,
+        p: usize,
+        kk: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let Some(recs) = c.panel(p).get(kk.start * RECORD..kk.end * RECORD) else {
+            debug_assert!(false, "coded panel part out of range");
+            return;
+        };
+        if out.len() < kk.len() * ROWS {
+            debug_assert!(false, "coded panel part decoded into a short buffer");
+            return;
+        }
+        // SAFETY: the caller's CPU; out holds a float per value of the records.
+        unsafe {
+            if has_vbmi() {
+                vbmi::decode_records_512(recs, c.table(), out);
+            } else {
+                bw::decode_records_512(recs, c.table(), out);
+            }
+        }
+        for e in c.panel_escapes(p) {
+            let at = (e.kk as usize)
+                .checked_sub(kk.start)
+                .filter(|&i| i < kk.len());
+            if let Some(v) = at.and_then(|i| out.get_mut(i * ROWS + usize::from(e.col))) {
+                *v = super::with_exponent(*v, e.exp);
+            }
+        }
+    }
+
     /// The records `recs` decoded into `out` with AVX2.
     ///
     /// # Safety

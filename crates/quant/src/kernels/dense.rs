@@ -19,11 +19,19 @@
 //! An f32 matrix whose rows fill panels of 64 is stored packed at load
 //! ([`DensePanels`], on 64-byte lines): prompts read the panels in place, and a decode
 //! step runs the same tiles over them, so every row count takes one FMA chain per
-//! output and a row gives the same bits alone as in a prompt. Where the AVX-512
+//! output and a row gives the same bits alone as in a prompt (but for prompts on
+//! AMX-BF16 tiles, below). Where the AVX-512
 //! kernel runs, the panels keep their exponents in four-bit codes
 //! ([`CodedPanels`](super::CodedPanels), [`PanelCoding`]): a decode step reads 12.5%
 //! fewer bytes and rebuilds every value exactly in registers; a prompt decodes each
 //! panel into a buffer once per call and thread and runs the same tiles.
+//!
+//! Where the CPU has AMX-BF16 and the OS grants the tiles, a prompt of
+//! [`AMX_MIN_ROWS`](super::AMX_MIN_ROWS) rows or more over f32 panels runs on them
+//! instead ([`dense_runs_bf16x6`]): each
+//! value split into three bf16s, six bf16 products per f32 product, f32's accuracy
+//! (tested against the exact product), not the FMA chains' bits; a row's results there
+//! do not depend on the rows beside it or the thread count either.
 //!
 //! Every path sums in f32 in the same order for every split of the output, so results
 //! do not depend on the thread count; they differ from the scalar reference only by
@@ -139,7 +147,8 @@ enum Store {
 /// where they lie instead of converting and transposing every panel of the matrix
 /// per call and per thread (7.5% of an AVX-512 F32 prompt), and a decode step
 /// streams them with the same FMA chain per output, so a row gives the same bits
-/// alone, in a batch or in a prompt. Rows read back ([`DensePanels::row`]) are
+/// alone, in a batch or in a prompt (where a prompt runs on AMX-BF16 tiles instead,
+/// [`dense_runs_bf16x6`], its rows keep f32's accuracy, not those bits). Rows read back ([`DensePanels::row`]) are
 /// gathered from their panel.
 ///
 /// With [`PanelCoding::Exponents`] the panels keep each value's exponent as a
@@ -518,7 +527,7 @@ pub fn dense_gemm_with(
     let f = range_fn(kernel);
     // Decided by the whole call, not a thread's share of rows, so that the split does
     // not change which code computes a row.
-    let packed = m > DENSE_GEMV_MAX_ROWS;
+    let pass = Pass::of(kernel, &w, m);
     let k = w.k;
     // A prompt's row blocks each convert and transpose every panel of the matrix: one
     // block per thread packs it once per thread (two per thread: pp512 F16 9% slower;
@@ -530,7 +539,7 @@ pub fn dense_gemm_with(
         1,
         |rows, cols, out, ld| {
             let xr = x.get(rows.start * k..rows.end * k).unwrap_or(&[]);
-            f(w, xr, rows.len(), cols, out, ld, packed)
+            f(w, xr, rows.len(), cols, out, ld, pass)
         },
     );
     Ok(())
@@ -583,7 +592,7 @@ pub fn dense_gemm_many_with(
         |w| (w.n_out, w.k, w.col_align()),
         |w, cols, out| {
             let n = out.len();
-            f(w, x, 1, cols, out, n, false)
+            f(w, x, 1, cols, out, n, Pass::Stream)
         },
     );
     Ok(())
@@ -611,10 +620,66 @@ fn check_shapes(w: &DenseMatrix<'_>, x: &[f32], m: usize, y: &[f32]) -> Result<(
     check("y (m * n_out)", w.n_out, y.len())
 }
 
+/// Which code a call's rows take, decided by the whole call (not a thread's share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Up to [`DENSE_GEMV_MAX_ROWS`] rows: each weight row streams past them.
+    Stream,
+    /// More rows: the packed GEMM (or the panels' tiles).
+    Packed,
+    /// [`AMX_MIN_ROWS`](super::AMX_MIN_ROWS) rows or more over f32 panels where the
+    /// AMX-BF16 tiles are available: six bf16 products per f32 product.
+    Bf16x6,
+}
+
+impl Pass {
+    fn of(kernel: Kernel, w: &DenseMatrix<'_>, m: usize) -> Pass {
+        if m <= DENSE_GEMV_MAX_ROWS {
+            return Pass::Stream;
+        }
+        let panels = matches!(w.data, DenseData::F32Panels(_) | DenseData::F32Coded(_));
+        if panels && bf16x6_with(kernel, m) {
+            return Pass::Bf16x6;
+        }
+        Pass::Packed
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use super::amx_f32::bf16x6_available;
+
+#[cfg(target_arch = "x86_64")]
+fn amx_min_rows() -> usize {
+    super::AMX_MIN_ROWS
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bf16x6_available() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_min_rows() -> usize {
+    usize::MAX
+}
+
+/// Whether a product of `rows` activation rows over an f32 matrix in panels
+/// ([`DensePanels`]) runs on AMX-BF16 tiles with the detected kernel: six bf16 products
+/// per f32 product, f32's accuracy, not the FMA kernel's bits. It does where the CPU has
+/// AMX-BF16, the OS grants the tiles, [`disable_amx`](super::disable_amx) was not called
+/// and `rows` is at least [`AMX_MIN_ROWS`](super::AMX_MIN_ROWS).
+pub fn dense_runs_bf16x6(rows: usize) -> bool {
+    bf16x6_with(Kernel::detect(), rows)
+}
+
+/// Whether `rows` rows over f32 panels take the AMX-BF16 tiles with `kernel`.
+fn bf16x6_with(kernel: Kernel, rows: usize) -> bool {
+    kernel == Kernel::Avx512Vnni && rows >= amx_min_rows() && bf16x6_available()
+}
+
 /// Computes `out[r * ld + (c - cols.start)]` for every activation row `r < m` and
-/// output row `c` in `cols`; shapes were checked by [`dense_gemm_with`]. `packed`: the
-/// call has more than [`DENSE_GEMV_MAX_ROWS`] rows, so the SIMD paths run the packed
-/// GEMM.
+/// output row `c` in `cols`; shapes were checked by [`dense_gemm_with`]. `pass`: the
+/// code the whole call's rows take.
 type DenseRangeFn = fn(
     w: DenseMatrix<'_>,
     x: &[f32],
@@ -622,7 +687,7 @@ type DenseRangeFn = fn(
     cols: Range<usize>,
     out: &mut [f32],
     ld: usize,
-    packed: bool,
+    pass: Pass,
 );
 
 fn range_fn(kernel: Kernel) -> DenseRangeFn {
@@ -666,7 +731,7 @@ fn range_scalar(
     cols: Range<usize>,
     out: &mut [f32],
     ld: usize,
-    _packed: bool,
+    _pass: Pass,
 ) {
     let k = w.k;
     let mut coded_row = vec![
@@ -721,12 +786,13 @@ mod simd {
     use std::ops::Range;
 
     use super::super::Kernel;
+    use super::super::amx_f32::K_PART as BF16X6_K_PART;
     use super::super::avx2::{hsum256, transpose8};
-    use super::super::coded::simd::{bw, decode_panel, has_vbmi, vbmi};
+    use super::super::coded::simd::{bw, decode_panel, decode_panel_part, has_vbmi, vbmi};
     use super::super::coded::{CodedPanels, Escape};
     use super::{
-        DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, floats_mut,
-        in_bounds, line_buffer,
+        DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, Pass,
+        floats_mut, in_bounds, line_buffer,
     };
 
     /// Element type ids (const generic parameters).
@@ -743,14 +809,14 @@ mod simd {
         cols: Range<usize>,
         out: &mut [f32],
         ld: usize,
-        packed: bool,
+        pass: Pass,
     ) {
         if !Kernel::Avx2.is_available() || !in_bounds(&w, x, m, &cols, out, ld) {
             debug_assert!(false, "dense AVX2 kernel without AVX2 or out of bounds");
             return;
         }
         // SAFETY: the CPU has AVX2, FMA and F16C, and `in_bounds` holds.
-        unsafe { range_simd::<false>(w, x, m, cols, out, ld, packed) }
+        unsafe { range_simd::<false>(w, x, m, cols, out, ld, pass) }
     }
 
     /// See `DenseRangeFn`, with AVX-512F (the [`Kernel::Avx512Vnni`] machines have it).
@@ -761,7 +827,7 @@ mod simd {
         cols: Range<usize>,
         out: &mut [f32],
         ld: usize,
-        packed: bool,
+        pass: Pass,
     ) {
         if !Kernel::Avx512Vnni.is_available() || !in_bounds(&w, x, m, &cols, out, ld) {
             debug_assert!(
@@ -771,7 +837,7 @@ mod simd {
             return;
         }
         // SAFETY: the CPU has AVX-512F/BW/VL, AVX2, FMA and F16C, and `in_bounds` holds.
-        unsafe { range_simd::<true>(w, x, m, cols, out, ld, packed) }
+        unsafe { range_simd::<true>(w, x, m, cols, out, ld, pass) }
     }
 
     /// See `DenseRangeFn`: the matrix's path (plain or coded panels, the packed GEMM,
@@ -788,8 +854,15 @@ mod simd {
         cols: Range<usize>,
         out: &mut [f32],
         ld: usize,
-        packed: bool,
+        pass: Pass,
     ) {
+        if ZMM && pass == Pass::Bf16x6 {
+            // SAFETY: `Pass::of` chose the tiles (granted, AVX-512); the caller's bounds
+            // (whole panels in `cols`).
+            unsafe { bf16x6_panels(w, x, m, cols, out, ld) };
+            return;
+        }
+        let packed = pass != Pass::Stream;
         let (e, p, eb) = match w.data {
             DenseData::F32Panels(v) => {
                 // SAFETY: the caller's CPU and bounds.
@@ -818,6 +891,49 @@ mod simd {
                 (false, E_F16, false) => avx2_impl::<E_F16>(p, eb, w.k, x, m, cols, out, ld),
                 (false, _, false) => avx2_impl::<E_BF16>(p, eb, w.k, x, m, cols, out, ld),
             }
+        }
+    }
+
+    /// An f32 matrix in panels (plain or coded) times a prompt's rows on AMX-BF16
+    /// tiles ([`super::super::amx_f32`]); coded panels are decoded one at a time into
+    /// a buffer.
+    ///
+    /// # Safety
+    /// `Pass::Bf16x6` was chosen (the tiles granted, AVX-512); `in_bounds` holds for a
+    /// matrix in panels (whole panels in `cols`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn bf16x6_panels(
+        w: DenseMatrix<'_>,
+        x: &[f32],
+        m: usize,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let k = w.k;
+        let first = cols.start / WIDE_PANEL;
+        let npanels = cols.len() / WIDE_PANEL;
+        match w.data {
+            DenseData::F32Panels(v) => {
+                let panel = |i: usize, kk: Range<usize>, _: &mut [f32]| {
+                    v.as_ptr()
+                        .wrapping_add((first + i) * WIDE_PANEL * k + kk.start * WIDE_PANEL)
+                };
+                // SAFETY: the caller's; panel first + i holds k x 64 floats.
+                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld, &mut []) };
+            }
+            DenseData::F32Coded(c) => {
+                let mut lines = line_buffer(k.min(BF16X6_K_PART) * WIDE_PANEL);
+                let panel = |i: usize, kk: Range<usize>, buf: &mut [f32]| {
+                    // SAFETY: the caller's CPU; the buffer holds the part's kk x 64.
+                    unsafe { decode_panel_part(c, first + i, kk, buf) };
+                    buf.as_ptr()
+                };
+                let buf = floats_mut(&mut lines);
+                // SAFETY: the caller's; each part of a panel is decoded into the buffer.
+                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld, buf) };
+            }
+            _ => debug_assert!(false, "AMX-BF16 pass for a matrix not in panels"),
         }
     }
 

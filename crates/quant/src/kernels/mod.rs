@@ -32,7 +32,10 @@
 //! tiles, 6 x 64 with AVX-512F; an f32 matrix whose rows fill panels of 64 is stored
 //! packed at load, [`DensePanels`], and every row count runs those tiles over it;
 //! where the AVX-512 kernel runs, those panels keep each exponent as a four-bit code,
-//! [`CodedPanels`]: the same values in 28 bits instead of 32, rebuilt in registers).
+//! [`CodedPanels`]: the same values in 28 bits instead of 32, rebuilt in registers;
+//! where the CPU also has AMX-BF16, a prompt of [`AMX_MIN_ROWS`] rows or more over such
+//! panels runs on the tiles as six bf16 products per f32 product, f32's accuracy,
+//! [`dense_runs_bf16x6`]).
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
@@ -76,6 +79,8 @@ mod acts;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
+mod amx_f32;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -104,7 +109,7 @@ use std::sync::OnceLock;
 
 pub use acts::QuantizedActs;
 #[cfg(target_arch = "x86_64")]
-pub use amx::{AMX_MIN_ROWS, amx_available, disable_amx, has_amx_int8};
+pub use amx::{AMX_MIN_ROWS, amx_available, disable_amx, has_amx_bf16, has_amx_int8};
 #[cfg(target_arch = "x86_64")]
 pub use avx2::transpose8 as transpose8_avx2;
 pub use blocks::{
@@ -114,7 +119,7 @@ pub use coded::CodedPanels;
 pub use dense::{
     DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, DensePanels,
     PanelCoding, dense_gemm, dense_gemm_many, dense_gemm_many_with, dense_gemm_with,
-    dense_packed_available,
+    dense_packed_available, dense_runs_bf16x6,
 };
 pub use error::{Error, Result};
 pub use int::{
@@ -245,6 +250,12 @@ pub fn amx_available() -> bool {
 /// Whether the CPU has AMX-INT8: never on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
 pub fn has_amx_int8() -> bool {
+    false
+}
+
+/// Whether the CPU has AMX-BF16: never on this architecture.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_amx_bf16() -> bool {
     false
 }
 

@@ -646,7 +646,8 @@ fn assert_exact_product(
 /// kernel the packed GEMM's bits over the row-major matrix for a prompt, each row the
 /// bits of that row alone (a decode step equals the same row in a prompt), the same
 /// bits with AVX2 as with AVX-512, and in one parallel region with other matrices the
-/// bits of separate calls.
+/// bits of separate calls. (Prompts that take the AMX-BF16 tiles are checked for the
+/// exact product here, and for the rest in their own test.)
 #[test]
 fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -695,7 +696,10 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
                     let y = run(kernel, p.matrix(), &x, m);
                     let what = format!("{kernel} {coding:?} panels {n_out}x{k} m={m} t={threads}");
                     assert_exact_product(&w, &x, &y, (m, n_out, k), &what);
-                    if kernel == Kernel::Scalar {
+                    // Prompts on AMX-BF16 tiles keep f32's accuracy, not the FMA
+                    // chains' bits (their own test below).
+                    let tiles = kernel == Kernel::Avx512Vnni && dense_runs_bf16x6(m);
+                    if kernel == Kernel::Scalar || tiles {
                         continue;
                     }
                     if m > DENSE_GEMV_MAX_ROWS {
@@ -776,6 +780,106 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
     assert!(p.row(64, &mut [0.0; 4]).is_err());
     assert!(p.row(0, &mut [0.0; 5]).is_err());
     report_kernel_coverage("dense panels");
+}
+
+/// A prompt over f32 panels on AMX-BF16 tiles (six bf16 products per f32 product):
+/// within f32 rounding of the exact product for every shape (one product alone within
+/// eight 2^-24 of its size, which one bf16 pass or three would miss), the same bits over
+/// coded and plain panels, whatever the thread count, and for a row whatever rows
+/// share its call (chunks, tiles of sixteen and their padding).
+#[test]
+fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
+    if !dense_runs_bf16x6(AMX_MIN_ROWS) {
+        println!(
+            "f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent: NOT TESTED on \
+             this CPU (no AMX-BF16, or the OS does not grant the tiles)"
+        );
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let kernel = Kernel::Avx512Vnni;
+    let mut compared = 0usize;
+    // k: one product, below a block of 32, odd, the model's hidden size and its MLP's
+    // (two parts of k); m: one tile, tails of 1, 15 and 17 rows past whole tiles,
+    // several pairs of tiles, and more rows than one chunk (two chunks, three parts).
+    for (i, &(n_out, k, m)) in [
+        (64, 1, 16),
+        (64, 7, 17),
+        (128, 33, 31),
+        (192, 576, 70),
+        (320, 100, 33),
+        (64, 1536, 200),
+        (64, 1000, 530),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(dense_runs_bf16x6(m));
+        let mut rng = Rng(600 + i as u64);
+        // Values across a wide range of sizes: every split plane in use.
+        let w: Vec<f32> = rng
+            .vec(n_out * k)
+            .iter()
+            .enumerate()
+            .map(|(j, v)| v * [1e-3, 1.0, 37.0][j % 3])
+            .collect();
+        let x: Vec<f32> = rng
+            .vec(m * k)
+            .iter()
+            .enumerate()
+            .map(|(j, v)| v * [5.0, 1e-2, 1.0, 3e3][j % 4])
+            .collect();
+        let plain = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Plain).unwrap();
+        let coded = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Exponents).unwrap();
+        let run = |p: &DensePanels, x: &[f32], m: usize, threads: usize| {
+            let mut y = vec![f32::NAN; m * n_out];
+            pool(threads)
+                .install(|| dense_gemm_with(kernel, p.matrix(), x, m, &mut y))
+                .unwrap();
+            y
+        };
+        let y = run(&plain, &x, m, 1);
+        let what = format!("bf16x6 {n_out}x{k} m={m}");
+        assert_exact_product(&w, &x, &y, (m, n_out, k), &what);
+        if k == 1 {
+            for (j, got) in y.iter().enumerate() {
+                let exact = f64::from(x[j / n_out]) * f64::from(w[j % n_out]);
+                let err = (f64::from(*got) - exact).abs();
+                assert!(
+                    err <= 8.0 * exact.abs() / f64::from(1u32 << 24),
+                    "{what} [{j}]: {got} vs {exact}"
+                );
+            }
+        }
+        for threads in [2, 3] {
+            assert_eq!(
+                bits(&run(&plain, &x, m, threads)),
+                bits(&y),
+                "{what} t={threads}"
+            );
+        }
+        assert_eq!(
+            bits(&run(&coded, &x, m, 2)),
+            bits(&y),
+            "{what}: coded panels"
+        );
+        // The rows rotated by three: each lands in another tile, row of a tile and
+        // chunk, and gives the same bits.
+        let rotated: Vec<f32> = (0..m)
+            .flat_map(|j| x[(j + 3) % m * k..((j + 3) % m + 1) * k].to_vec())
+            .collect();
+        let part = run(&plain, &rotated, m, 2);
+        for j in 0..m {
+            let r = (j + 3) % m;
+            assert_eq!(
+                bits(&part[j * n_out..(j + 1) * n_out]),
+                bits(&y[r * n_out..(r + 1) * n_out]),
+                "{what}: row {r} as row {j}"
+            );
+        }
+        compared += y.len() + part.len();
+    }
+    assert!(compared > 60_000, "{compared}");
 }
 
 /// Coded panels keep every f32 bit for bit (zeros of both signs, subnormals, the

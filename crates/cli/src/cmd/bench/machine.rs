@@ -18,6 +18,7 @@ pub(crate) fn cpu_features() -> Vec<String> {
         ("avx512_vnni", std::is_x86_feature_detected!("avx512vnni")),
         ("avx512_bf16", std::is_x86_feature_detected!("avx512bf16")),
         ("amx_int8", afo_runtime::quant::kernels::has_amx_int8()),
+        ("amx_bf16", afo_runtime::quant::kernels::has_amx_bf16()),
     ];
     detected
         .into_iter()
