@@ -15,7 +15,9 @@
 //! 2^-24 (a scheme of three passes misses both by far). It is the six-pass scheme
 //! accelerators use for full-precision f32 products on bf16 units. Values below f32's
 //! normal range count as zero (the tile unit's rule for its inputs): 2^-126 and
-//! smaller, which no weight or activation reaches in a sum that matters.
+//! smaller, which no weight or activation reaches in a sum that matters. An infinite
+//! input makes its row's outputs NaN (the FMA chains give infinities): not a number a
+//! model can use either way, and no other row is touched (tested).
 //!
 //! A row's outputs depend on that row alone (a tile's sixteen rows are independent dot
 //! products, padded with zero rows; a part's sums are stored and loaded as f32, so a
@@ -123,7 +125,7 @@ fn round_bf16(v: __m512i) -> __m512i {
 }
 
 /// `x` split into three bf16 planes (f32 bits, low 16 zero): `x = hi + mid + lo`
-/// exactly. `hi` is `x` rounded to nearest, so `|mid| <= 2^-9 |x|`; `mid` is the rest
+/// exactly (an infinity's `mid` and `lo` are NaN). `hi` is `x` rounded to nearest, so `|mid| <= 2^-9 |x|`; `mid` is the rest
 /// cut to eight bits, and `lo`, the remainder, has at most eight (`|lo| < 2^-16 |x|`).
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -185,7 +187,10 @@ impl Planes {
                         // SAFETY: `len` floats of row r0 + i from `from` exist (the
                         // caller's bounds); the mask reads no others.
                         let v = unsafe {
-                            _mm512_maskz_loadu_ps(mask, x.as_ptr().add((r0 + i) * k + from))
+                            _mm512_maskz_loadu_ps(
+                                mask,
+                                x.as_ptr().wrapping_add((r0 + i) * k + from),
+                            )
                         };
                         *plane = split3(v);
                     }

@@ -786,7 +786,8 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
 /// within f32 rounding of the exact product for every shape (one product alone within
 /// eight 2^-24 of its size, which one bf16 pass or three would miss), the same bits over
 /// coded and plain panels, whatever the thread count, and for a row whatever rows
-/// share its call (chunks, tiles of sixteen and their padding).
+/// share its call (chunks, tiles of sixteen and their padding); an infinite activation
+/// touches no other row.
 #[test]
 fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
     if !dense_runs_bf16x6(AMX_MIN_ROWS) {
@@ -878,6 +879,23 @@ fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
             );
         }
         compared += y.len() + part.len();
+    }
+    // An infinite activation makes its row's outputs NaN (infinity times a zero part)
+    // and leaves every other row as it was.
+    let (n_out, k, m) = (64, 40, 16);
+    let w = Rng(700).vec(n_out * k);
+    let mut x = Rng(701).vec(m * k);
+    x[3 * k + 5] = f32::INFINITY;
+    let p = DensePanels::from_rows(&w, n_out, k).unwrap();
+    let mut y = vec![0.0; m * n_out];
+    dense_gemm_with(kernel, p.matrix(), &x, m, &mut y).unwrap();
+    assert!(y[3 * n_out..4 * n_out].iter().all(|v| !v.is_finite()));
+    x[3 * k + 5] = 0.0;
+    let mut finite = vec![0.0; m * n_out];
+    dense_gemm_with(kernel, p.matrix(), &x, m, &mut finite).unwrap();
+    for r in (0..m).filter(|&r| r != 3) {
+        let row = r * n_out..(r + 1) * n_out;
+        assert_eq!(bits(&y[row.clone()]), bits(&finite[row]), "row {r}");
     }
     assert!(compared > 60_000, "{compared}");
 }
