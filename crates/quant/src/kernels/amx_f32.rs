@@ -125,8 +125,9 @@ fn round_bf16(v: __m512i) -> __m512i {
 }
 
 /// `x` split into three bf16 planes (f32 bits, low 16 zero): `x = hi + mid + lo`
-/// exactly (an infinity's `mid` and `lo` are NaN). `hi` is `x` rounded to nearest, so `|mid| <= 2^-9 |x|`; `mid` is the rest
-/// cut to eight bits, and `lo`, the remainder, has at most eight (`|lo| < 2^-16 |x|`).
+/// exactly. `hi` is `x` rounded to nearest (`|x - hi| <= 2^-8 |x|`), `mid` the rest cut
+/// to eight bits, `lo` the remainder, at most eight bits (`|lo| < 2^-15 |x|`); an
+/// infinity's `mid` and `lo` are NaN.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn split3(x: __m512) -> [__m512i; PLANES] {
