@@ -152,16 +152,18 @@ impl CodedPanels {
             .checked_mul(k)
             .ok_or(Error::Overflow { what: "n_out * k" })?;
         let k32 = u32::try_from(k).map_err(|_| Error::Overflow { what: "k (u32)" })?;
-        let counts = (0..n)
+        // One histogram per chunk of values, counted in a plain loop (a per-value `fold`
+        // moved its 2 KiB accumulator at every value: 4.6 s of an f32 SmolLM2's load).
+        const CHUNK: usize = 1 << 16;
+        let counts = (0..n.div_ceil(CHUNK))
             .into_par_iter()
-            .with_min_len(1 << 16)
-            .fold(
-                || [0usize; 256],
-                |mut h, i| {
+            .map(|c| {
+                let mut h = [0usize; 256];
+                for i in c * CHUNK..n.min((c + 1) * CHUNK) {
                     h[usize::from(exponent(get(i).to_bits()))] += 1;
-                    h
-                },
-            )
+                }
+                h
+            })
             .reduce(
                 || [0usize; 256],
                 |mut a, b| {
