@@ -20,18 +20,18 @@
 //! ([`DensePanels`], on 64-byte lines): prompts read the panels in place, and a decode
 //! step runs the same tiles over them, so every row count takes one FMA chain per
 //! output and a row gives the same bits alone as in a prompt (but for prompts on
-//! AMX-BF16 tiles, below). Where the AVX-512
-//! kernel runs, the panels keep their exponents in four-bit codes
-//! ([`CodedPanels`](super::CodedPanels), [`PanelCoding`]): a decode step reads 12.5%
-//! fewer bytes and rebuilds every value exactly in registers; a prompt decodes each
-//! panel into a buffer once per call and thread and runs the same tiles.
+//! AMX-BF16 tiles, below). Where the AVX-512 kernel runs, the panels keep their
+//! exponents in four-bit codes ([`CodedPanels`](super::CodedPanels), [`PanelCoding`]): a
+//! decode step reads 12.5% fewer bytes and rebuilds every value exactly in registers; a
+//! prompt decodes each panel into a buffer once per call and thread and runs the same
+//! tiles.
 //!
 //! Where the CPU has AMX-BF16 and the OS grants the tiles, a prompt of
 //! [`AMX_MIN_ROWS`](super::AMX_MIN_ROWS) rows or more over f32 panels runs on them
-//! instead ([`dense_runs_bf16x6`]): each
-//! value split into three bf16s, six bf16 products per f32 product, f32's accuracy
-//! (tested against the exact product), not the FMA chains' bits; a row's results there
-//! do not depend on the rows beside it or the thread count either.
+//! instead ([`dense_runs_bf16x6`]): each value split into three bf16s, six bf16 products
+//! per f32 product, f32's accuracy (tested against the exact product), not the FMA
+//! chains' bits; a row's results there do not depend on the rows beside it or the
+//! thread count either.
 //!
 //! Every path sums in f32 in the same order for every split of the output, so results
 //! do not depend on the thread count; they differ from the scalar reference only by
@@ -148,8 +148,8 @@ enum Store {
 /// per call and per thread (7.5% of an AVX-512 F32 prompt), and a decode step
 /// streams them with the same FMA chain per output, so a row gives the same bits
 /// alone, in a batch or in a prompt (where a prompt runs on AMX-BF16 tiles instead,
-/// [`dense_runs_bf16x6`], its rows keep f32's accuracy, not those bits). Rows read back ([`DensePanels::row`]) are
-/// gathered from their panel.
+/// [`dense_runs_bf16x6`], its rows keep f32's accuracy, not those bits). Rows read back
+/// ([`DensePanels::row`]) are gathered from their panel.
 ///
 /// With [`PanelCoding::Exponents`] the panels keep each value's exponent as a
 /// four-bit code ([`CodedPanels`]): 12.5% fewer bytes for a decode step to read and
