@@ -790,7 +790,7 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
 /// touches no other row.
 #[test]
 fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
-    if !dense_runs_bf16x6(AMX_MIN_ROWS) {
+    if !dense_runs_bf16x6(DENSE_BF16X6_MIN_ROWS) {
         println!(
             "f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent: NOT TESTED on \
              this CPU (no AMX-BF16, or the OS does not grant the tiles)"
@@ -801,15 +801,15 @@ fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
     let kernel = Kernel::Avx512Vnni;
     let mut compared = 0usize;
     // k: one product, below a block of 32, odd, the model's hidden size and its MLP's
-    // (two parts of k); m: one tile, tails of 1, 15 and 17 rows past whole tiles,
+    // (two parts of k); m: whole tiles, tails of 1, 15 and 17 rows past them,
     // several pairs of tiles, and more rows than one chunk (two chunks, three parts).
     for (i, &(n_out, k, m)) in [
-        (64, 1, 16),
-        (64, 7, 17),
-        (128, 33, 31),
-        (192, 576, 70),
-        (320, 100, 33),
-        (64, 1536, 200),
+        (64, 1, 256),
+        (64, 7, 257),
+        (128, 33, 271),
+        (192, 576, 273),
+        (320, 100, 300),
+        (64, 1536, 300),
         (64, 1000, 530),
     ]
     .iter()
@@ -882,7 +882,7 @@ fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
     }
     // An infinite activation makes its row's outputs NaN (infinity times a zero part)
     // and leaves every other row as it was.
-    let (n_out, k, m) = (64, 40, 16);
+    let (n_out, k, m) = (64, 40, DENSE_BF16X6_MIN_ROWS);
     let w = Rng(700).vec(n_out * k);
     let mut x = Rng(701).vec(m * k);
     x[3 * k + 5] = f32::INFINITY;
