@@ -146,31 +146,30 @@ struct TileConfig([u8; 64]);
 
 impl TileConfig {
     fn new() -> Self {
-        let mut c = [0u8; 64];
-        c[0] = 1;
         let rows = PANEL_ROWS as u8;
-        for (tile, tile_rows, colsb) in [
-            (0, rows, 64u16),
+        Self::with([
+            (0, rows, 64),
             (1, rows, 64),
             (2, rows, 32),
             (3, rows, 32),
             (4, 8, 64),
             (5, 8, 64),
-        ] {
-            c[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&colsb.to_le_bytes());
-            c[48 + tile] = tile_rows;
-        }
-        TileConfig(c)
+        ])
     }
 
     /// The configuration of the bf16 kernel ([`super::amx_f32`]): all eight tiles 16
     /// rows of 64 bytes (sums in 0-3, activations in 4 and 5, weights in 6 and 7).
     fn bf16() -> Self {
+        Self::with((0..8).map(|tile| (tile, PANEL_ROWS as u8, 64)))
+    }
+
+    /// Palette 1 with each `(tile, rows, bytes a row)`; the other tiles unused.
+    fn with(shapes: impl IntoIterator<Item = (usize, u8, u16)>) -> Self {
         let mut c = [0u8; 64];
         c[0] = 1;
-        for tile in 0..8 {
-            c[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&64u16.to_le_bytes());
-            c[48 + tile] = PANEL_ROWS as u8;
+        for (tile, tile_rows, colsb) in shapes {
+            c[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&colsb.to_le_bytes());
+            c[48 + tile] = tile_rows;
         }
         TileConfig(c)
     }

@@ -435,16 +435,12 @@ pub(crate) mod simd {
             debug_assert!(false, "coded panel decoded into a short buffer");
             return;
         }
-        // SAFETY: the caller's CPU; out holds a float per value of the n records.
-        unsafe {
-            if ZMM && has_vbmi() {
-                vbmi::decode_records_512(recs, c.table(), out);
-            } else if ZMM {
-                bw::decode_records_512(recs, c.table(), out);
-            } else {
-                decode_records_256(recs, c.table(), out);
-            }
+        if ZMM {
+            // SAFETY: the caller's CPU (AVX-512F/BW/VL with ZMM).
+            return unsafe { decode_panel_part(c, p, 0..n, out) };
         }
+        // SAFETY: the caller's CPU; out holds a float per value of the n records.
+        unsafe { decode_records_256(recs, c.table(), out) };
         patch(c.panel_escapes(p), out);
     }
 
