@@ -292,9 +292,10 @@ struct SumTile {
 }
 
 /// `out[r * ld + 64 i + j] = x_r · w_(64 i + j)` for rows `0..m` of `x` (`k` floats each)
-/// and the `npanels` panels whose values `kk` `panel(i, kk, buf)` returns (`kk.len() x
-/// 64` floats, value `kk.start + v` of column `j` at `[v * 64 + j]`; it may decode them
-/// into `buf`, which holds [`K_PART`] x 64 floats or `k x 64`, whichever is less).
+/// and the `npanels` panels whose values `kk` `panel(i, kk)` returns (`kk.len() x 64`
+/// floats, value `kk.start + v` of column `j` at `[v * 64 + j]`, valid until its next
+/// call; parts are at most [`K_PART`] values long, so a decoder needs at most that many
+/// x 64 floats of its own).
 ///
 /// Rows are taken in chunks of up to [`ROW_CHUNK`] and `k` in parts of up to [`K_PART`]
 /// values (fewer where a chunk's planes would pass [`PLANES_BYTES`]), whole blocks of 32
@@ -304,17 +305,15 @@ struct SumTile {
 /// # Safety
 /// [`bf16x6_available`] held; `x` holds `m x k` floats; every pointer `panel` returns
 /// holds the values asked for; `out` holds `(m - 1) * ld + 64 * npanels` floats.
-#[allow(clippy::too_many_arguments)] // the panels, the rows and the output window
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(super) unsafe fn gemm(
-    mut panel: impl FnMut(usize, Range<usize>, &mut [f32]) -> *const f32,
+    mut panel: impl FnMut(usize, Range<usize>) -> *const f32,
     npanels: usize,
     k: usize,
     x: &[f32],
     m: usize,
     out: &mut [f32],
     ld: usize,
-    buf: &mut [f32],
 ) {
     let chunk = m.div_ceil(m.div_ceil(ROW_CHUNK)).next_multiple_of(2 * TR);
     let part = k.div_ceil(k.div_ceil(k_part(chunk))).next_multiple_of(KB);
@@ -332,7 +331,7 @@ pub(super) unsafe fn gemm(
             // the part.
             unsafe { planes.fill(x, k, r0, n, kk.clone()) };
             for i in 0..npanels {
-                let p = panel(i, kk.clone(), buf);
+                let p = panel(i, kk.clone());
                 // SAFETY: the caller's: p holds the part of the panel.
                 unsafe { weights.fill(p, kk.len()) };
                 for t in (0..n).step_by(2 * TR) {

@@ -912,23 +912,23 @@ mod simd {
         let npanels = cols.len() / WIDE_PANEL;
         match w.data {
             DenseData::F32Panels(v) => {
-                let panel = |i: usize, kk: Range<usize>, _: &mut [f32]| {
+                let panel = |i: usize, kk: Range<usize>| {
                     v.as_ptr()
                         .wrapping_add((first + i) * WIDE_PANEL * k + kk.start * WIDE_PANEL)
                 };
                 // SAFETY: the caller's; panel first + i holds k x 64 floats.
-                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld, &mut []) };
+                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld) };
             }
             DenseData::F32Coded(c) => {
                 let mut lines = line_buffer(k.min(BF16X6_K_PART) * WIDE_PANEL);
-                let panel = |i: usize, kk: Range<usize>, buf: &mut [f32]| {
+                let buf = floats_mut(&mut lines);
+                let panel = |i: usize, kk: Range<usize>| {
                     // SAFETY: the caller's CPU; the buffer holds the part's kk x 64.
                     unsafe { decode_panel_part(c, first + i, kk, buf) };
                     buf.as_ptr()
                 };
-                let buf = floats_mut(&mut lines);
                 // SAFETY: the caller's; each part of a panel is decoded into the buffer.
-                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld, buf) };
+                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld) };
             }
             _ => debug_assert!(false, "AMX-BF16 pass for a matrix not in panels"),
         }
