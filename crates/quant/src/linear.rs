@@ -465,9 +465,9 @@ impl QLinear {
                 format!("{} {best} panels{}", w.dtype(), amx_tiles(rows))
             }
             Weight::Panels(p) if p.coding() == PanelCoding::Exponents => {
-                format!("f32 dense {best} coded panels{}", bf16_tiles(rows))
+                format!("f32 dense {best} coded panels{}", bf16_tiles(rows, 6))
             }
-            Weight::Panels(_) => format!("f32 dense {best} panels{}", bf16_tiles(rows)),
+            Weight::Panels(_) => format!("f32 dense {best} panels{}", bf16_tiles(rows, 6)),
             Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
             Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
@@ -476,9 +476,17 @@ impl QLinear {
                 format!("f32 as {} dense {best}", w.dtype().as_str())
             }
             Weight::Dense(w) if kernels::dense_packed_available() => {
-                format!("{} dense packed {best}", w.dtype().as_str())
+                format!(
+                    "{} dense packed {best}{}",
+                    w.dtype().as_str(),
+                    half_tiles(w, rows)
+                )
             }
-            Weight::Narrowed(w) => format!("f32 as {} dense packed {best}", w.dtype().as_str()),
+            Weight::Narrowed(w) => format!(
+                "f32 as {} dense packed {best}{}",
+                w.dtype().as_str(),
+                half_tiles(w, rows)
+            ),
             Weight::Dense(w) => format!("{} candle gemm", w.dtype().as_str()),
             Weight::Candle(_, t) => format!("{t:?} candle qmatmul"),
             Weight::Int(w) if w.in_panels() => {
@@ -951,13 +959,29 @@ fn amx_tiles(rows: usize) -> &'static str {
     }
 }
 
-/// What a kernel path adds when a prompt of `rows` rows over f32 panels runs on
-/// AMX-BF16 tiles, six bf16 products per f32 product ([`kernels::dense_runs_bf16x6`]).
-fn bf16_tiles(rows: usize) -> &'static str {
+/// What a kernel path adds when a prompt of `rows` rows runs on AMX-BF16 tiles
+/// ([`kernels::dense_runs_bf16x6`]), `passes` bf16 products per product.
+fn bf16_tiles(rows: usize, passes: usize) -> String {
     if kernels::dense_runs_bf16x6(rows) {
-        ", amx bf16x6"
+        format!(", amx bf16x{passes}")
     } else {
-        ""
+        String::new()
+    }
+}
+
+/// [`bf16_tiles`] for a dense f16 or bf16 weight: five passes for f16, three for bf16,
+/// where its rows fill whole panels; nothing for other types.
+fn half_tiles(w: &Tensor, rows: usize) -> String {
+    let passes = match w.dtype() {
+        DType::F16 => 5,
+        DType::BF16 => 3,
+        _ => return String::new(),
+    };
+    match w.dims2() {
+        Ok((n_out, _)) if n_out.is_multiple_of(kernels::DENSE_PANEL_ROWS) => {
+            bf16_tiles(rows, passes)
+        }
+        _ => String::new(),
     }
 }
 
@@ -1615,6 +1639,63 @@ mod tests {
         fn i_last(&self) -> Vec<f32> {
             let v: Vec<f32> = self.flatten_all().unwrap().to_vec1().unwrap();
             v[v.len() - 4..].to_vec()
+        }
+    }
+
+    /// Dense f16 and bf16 layers whose rows fill whole panels name the AMX-BF16 tiles
+    /// for prompts that take them (five passes for f16, three for bf16); rows that do
+    /// not fill panels, and fewer rows, keep the packed GEMM; a layer's output is the
+    /// kernel's, as a direct call gives it.
+    #[test]
+    fn half_layers_name_the_bf16_tiles_for_prompts_that_take_them() {
+        let dev = Device::Cpu;
+        if !kernels::dense_packed_available() {
+            println!(
+                "half_layers_name_the_bf16_tiles_for_prompts_that_take_them: NOT TESTED (no dense packed kernels on this CPU)"
+            );
+            return;
+        }
+        let best = kernels::Kernel::detect();
+        let (inp, m) = (40, kernels::DENSE_BF16X6_MIN_ROWS);
+        let xs = data(m * inp, 4);
+        let x = Tensor::from_vec(xs.clone(), (m, inp), &dev).unwrap();
+        for (scheme, name, passes) in [(QuantScheme::F16, "f16", 5), (QuantScheme::BF16, "bf16", 3)]
+        {
+            for out in [128, 72] {
+                let w = Tensor::from_vec(data(out * inp, 3), (out, inp), &dev).unwrap();
+                let layer = QLinear::quantize("w", &w, None, scheme).unwrap();
+                let tiles = kernels::dense_runs_bf16x6(m) && out % 64 == 0;
+                let suffix = if tiles {
+                    format!(", amx bf16x{passes}")
+                } else {
+                    String::new()
+                };
+                let path = format!("{name} dense packed {best}");
+                assert_eq!(layer.kernel_path(m), format!("{path}{suffix}"));
+                assert_eq!(layer.kernel_path(64), path);
+                let y = values(&layer.forward(&x).unwrap());
+                let mut want = vec![0f32; m * out];
+                let flat = w.flatten_all().unwrap();
+                let (h, b);
+                let data = if passes == 5 {
+                    h = flat
+                        .to_dtype(DType::F16)
+                        .unwrap()
+                        .to_vec1::<half::f16>()
+                        .unwrap();
+                    DenseData::F16(&h)
+                } else {
+                    b = flat
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                        .to_vec1::<half::bf16>()
+                        .unwrap();
+                    DenseData::BF16(&b)
+                };
+                let matrix = DenseMatrix::new(data, out, inp).unwrap();
+                kernels::dense_gemm(matrix, &xs, m, &mut want).unwrap();
+                assert_eq!(y, want, "{name} {out} rows");
+            }
         }
     }
 

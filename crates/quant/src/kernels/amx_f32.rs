@@ -225,6 +225,9 @@ struct WeightTiles {
     v: Vec<Tile1K>,
     /// Blocks of 32 values in the part converted last.
     nkb: usize,
+    /// Planes that part holds (the rest are zero and not stored): 3 for f32 values, 2
+    /// for f16 values (11 significant bits: `lo` is zero), 1 for bf16 values.
+    planes: usize,
 }
 
 impl WeightTiles {
@@ -233,6 +236,7 @@ impl WeightTiles {
         WeightTiles {
             v: vec![ZERO_TILE; nkb * GROUPS * PLANES],
             nkb,
+            planes: PLANES,
         }
     }
 
@@ -254,24 +258,101 @@ impl WeightTiles {
         };
         let nkb = len.div_ceil(KB);
         self.nkb = nkb;
-        let dst = self.v.as_mut_ptr();
+        self.planes = PLANES;
         for t in 0..nkb {
             for r in 0..TR {
                 let i = t * KB + 2 * r;
                 // Values i and i + 1 of the panel's 64 columns: two lines each.
                 for g in 0..GROUPS {
                     let (a, b) = (load(i, g), load(i + 1, g));
-                    for (p, (a, b)) in a.iter().zip(&b).enumerate() {
-                        let pair = _mm512_or_si512(_mm512_srli_epi32::<16>(*a), *b);
-                        let tile = (g * nkb + t) * PLANES + p;
-                        // SAFETY: room for the part's tiles; row r of this one is 32
-                        // words.
-                        unsafe {
-                            _mm512_store_si512(dst.add(tile).cast::<u16>().add(32 * r).cast(), pair)
-                        };
-                    }
+                    // SAFETY: room for the part's tiles.
+                    unsafe { self.store_pairs(t, r, g, &a, &b) };
                 }
             }
+        }
+    }
+
+    /// Converts values `kk` of the 64 rows of a row-major matrix of bf16 values (`f16`:
+    /// f16 values) that start at `w`, `k` values a row: row `j` is the panel's column
+    /// `j`. Only the planes the type fills are stored: bf16 values are their own `hi`;
+    /// an f16 value's `hi` and `mid` hold it exactly.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW; `w` holds 64 rows of `k` values; `kk` lies in `0..k`;
+    /// the tiles have room for `kk.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn fill_rows(&mut self, w: *const u16, k: usize, kk: Range<usize>, f16: bool) {
+        let len = kk.len();
+        let nkb = len.div_ceil(KB);
+        self.nkb = nkb;
+        self.planes = if f16 { 2 } else { 1 };
+        // Byte offsets of sixteen rows' same value.
+        let rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32((2 * k) as i32),
+        );
+        for t in 0..nkb {
+            for r in 0..TR {
+                let i = t * KB + 2 * r;
+                for g in 0..GROUPS {
+                    let first = w.wrapping_add((TR * g) * k + kk.start + i);
+                    // Values i and i + 1 of the group's 16 rows, as one dword each (the
+                    // value i in the low half).
+                    let v = if i + 1 < len {
+                        // SAFETY: both values of the 16 rows lie in the part.
+                        unsafe { _mm512_i32gather_epi32::<1>(rows, first.cast()) }
+                    } else if i < len {
+                        // The part's last value of an odd length: the next may lie past
+                        // the matrix, so each row's one value is read alone.
+                        let mut one = [0u32; TR];
+                        for (j, o) in one.iter_mut().enumerate() {
+                            // SAFETY: value i of row j lies in the part.
+                            *o = u32::from(unsafe { *first.add(j * k) });
+                        }
+                        // SAFETY: sixteen dwords.
+                        unsafe { _mm512_loadu_si512(one.as_ptr().cast()) }
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let (a, b) = if f16 {
+                        let widen = |h: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+                        (split3(widen(v)), split3(widen(_mm512_srli_epi32::<16>(v))))
+                    } else {
+                        let mut a = [_mm512_setzero_si512(); PLANES];
+                        let mut b = a;
+                        a[0] = _mm512_slli_epi32::<16>(v);
+                        b[0] = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+                        (a, b)
+                    };
+                    // SAFETY: room for the part's tiles.
+                    unsafe { self.store_pairs(t, r, g, &a, &b) };
+                }
+            }
+        }
+    }
+
+    /// Stores row `r` of block `t`, group `g`, of the planes this part holds: the
+    /// values `a` (value `2r`) and `b` (value `2r + 1`) of the group's 16 columns, as
+    /// f32 bits with the low 16 zero, side by side per column.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the tiles have room for block `t`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_pairs(
+        &mut self,
+        t: usize,
+        r: usize,
+        g: usize,
+        a: &[__m512i; PLANES],
+        b: &[__m512i; PLANES],
+    ) {
+        let dst = self.v.as_mut_ptr();
+        for p in 0..self.planes {
+            let pair = _mm512_or_si512(_mm512_srli_epi32::<16>(a[p]), b[p]);
+            let tile = (g * self.nkb + t) * PLANES + p;
+            // SAFETY: the caller's room; row r of this tile is 32 words.
+            unsafe { _mm512_store_si512(dst.add(tile).cast::<u16>().add(32 * r).cast(), pair) };
         }
     }
 
@@ -291,11 +372,22 @@ struct SumTile {
     rows: usize,
 }
 
+/// Where [`gemm`] finds a panel's weights.
+pub(super) enum Weights<'a> {
+    /// f32 values: `panel(i, kk)` returns values `kk` of panel `i` (`kk.len() x 64`
+    /// floats, value `kk.start + v` of column `j` at `[v * 64 + j]`, valid until its
+    /// next call; parts are at most [`K_PART`] values long, so a decoder needs at most
+    /// that many x 64 floats of its own). Six passes.
+    F32(&'a mut dyn FnMut(usize, Range<usize>) -> *const f32),
+    /// A row-major matrix of f16 values, `k` a row, its row `64 i + j` column `j` of
+    /// panel `i`. Five passes (`lo` of an f16 value is zero).
+    F16Rows(*const u16),
+    /// The same of bf16 values. Three passes (a bf16 value is its own `hi`).
+    Bf16Rows(*const u16),
+}
+
 /// `out[r * ld + 64 i + j] = x_r · w_(64 i + j)` for rows `0..m` of `x` (`k` floats each)
-/// and the `npanels` panels whose values `kk` `panel(i, kk)` returns (`kk.len() x 64`
-/// floats, value `kk.start + v` of column `j` at `[v * 64 + j]`, valid until its next
-/// call; parts are at most [`K_PART`] values long, so a decoder needs at most that many
-/// x 64 floats of its own).
+/// and the `npanels` panels of `weights`.
 ///
 /// Rows are taken in chunks of up to [`ROW_CHUNK`] and `k` in parts of up to [`K_PART`]
 /// values (fewer where a chunk's planes would pass [`PLANES_BYTES`]), whole blocks of 32
@@ -303,11 +395,12 @@ struct SumTile {
 /// each output takes the same operations in the same order however the rows are cut.
 ///
 /// # Safety
-/// [`bf16x6_available`] held; `x` holds `m x k` floats; every pointer `panel` returns
-/// holds the values asked for; `out` holds `(m - 1) * ld + 64 * npanels` floats.
+/// [`bf16x6_available`] held; `x` holds `m x k` floats; every pointer a `Weights::F32`
+/// closure returns holds the values asked for, a row-major matrix `64 npanels` rows of
+/// `k` values; `out` holds `(m - 1) * ld + 64 * npanels` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(super) unsafe fn gemm(
-    mut panel: impl FnMut(usize, Range<usize>) -> *const f32,
+    mut weights_of: Weights<'_>,
     npanels: usize,
     k: usize,
     x: &[f32],
@@ -331,9 +424,18 @@ pub(super) unsafe fn gemm(
             // the part.
             unsafe { planes.fill(x, k, r0, n, kk.clone()) };
             for i in 0..npanels {
-                let p = panel(i, kk.clone());
-                // SAFETY: the caller's: p holds the part of the panel.
-                unsafe { weights.fill(p, kk.len()) };
+                // SAFETY: the caller's: the part of the panel lies where it says.
+                unsafe {
+                    match &mut weights_of {
+                        Weights::F32(panel) => weights.fill(panel(i, kk.clone()), kk.len()),
+                        Weights::F16Rows(w) => {
+                            weights.fill_rows(w.wrapping_add(i * PANEL * k), k, kk.clone(), true)
+                        }
+                        Weights::Bf16Rows(w) => {
+                            weights.fill_rows(w.wrapping_add(i * PANEL * k), k, kk.clone(), false)
+                        }
+                    }
+                };
                 for t in (0..n).step_by(2 * TR) {
                     let pair = t + TR < n;
                     for g in (0..GROUPS).step_by(2) {
@@ -419,7 +521,7 @@ unsafe fn sums(planes: &Planes, weights: &WeightTiles, t: usize, g: usize, pair:
     unsafe {
         for kb in 0..weights.nkb {
             let mut last: Option<(usize, usize)> = None;
-            for (pa, pw) in PASSES {
+            for (pa, pw) in PASSES.into_iter().filter(|&(_, w)| w < weights.planes) {
                 if last.is_none_or(|(a, _)| a != pa) {
                     load_acts(planes.tile(pa, t, kb), planes.tile(pa, t + TR, kb), pair);
                 }

@@ -626,8 +626,9 @@ enum Pass {
     Stream,
     /// More rows: the packed GEMM (or the panels' tiles).
     Packed,
-    /// [`DENSE_BF16X6_MIN_ROWS`] rows or more over f32 panels where the AMX-BF16 tiles
-    /// are available: six bf16 products per f32 product.
+    /// [`DENSE_BF16X6_MIN_ROWS`] rows or more over f32 panels, or f16 or bf16 rows that
+    /// fill whole panels, where the AMX-BF16 tiles are available: six bf16 products per
+    /// f32 product (five for f16 weights, three for bf16 ones).
     Bf16x6,
 }
 
@@ -636,8 +637,12 @@ impl Pass {
         if m <= DENSE_GEMV_MAX_ROWS {
             return Pass::Stream;
         }
-        let panels = matches!(w.data, DenseData::F32Panels(_) | DenseData::F32Coded(_));
-        if panels && bf16x6_with(kernel, m) {
+        let tiles_fit = match w.data {
+            DenseData::F32Panels(_) | DenseData::F32Coded(_) => true,
+            DenseData::F16(_) | DenseData::BF16(_) => w.n_out.is_multiple_of(DENSE_PANEL_ROWS),
+            DenseData::F32(_) => false,
+        };
+        if tiles_fit && bf16x6_with(kernel, m) {
             return Pass::Bf16x6;
         }
         Pass::Packed
@@ -783,7 +788,7 @@ mod simd {
     use std::ops::Range;
 
     use super::super::Kernel;
-    use super::super::amx_f32::K_PART as BF16X6_K_PART;
+    use super::super::amx_f32::{self, K_PART as BF16X6_K_PART, Weights};
     use super::super::avx2::{hsum256, transpose8};
     use super::super::coded::simd::{bw, decode_panel, decode_panel_part, has_vbmi, vbmi};
     use super::super::coded::{CodedPanels, Escape};
@@ -853,7 +858,10 @@ mod simd {
         ld: usize,
         pass: Pass,
     ) {
-        if ZMM && pass == Pass::Bf16x6 {
+        // A prompt's rows are split across threads, so `cols` is every column; f16 and
+        // bf16 rows are checked here (`in_bounds` checks panels').
+        let whole = cols.start.is_multiple_of(WIDE_PANEL) && cols.len().is_multiple_of(WIDE_PANEL);
+        if ZMM && pass == Pass::Bf16x6 && whole {
             // SAFETY: `Pass::of` chose the tiles (granted, AVX-512); the caller's bounds
             // (whole panels in `cols`).
             unsafe { bf16x6_panels(w, x, m, cols, out, ld) };
@@ -891,13 +899,13 @@ mod simd {
         }
     }
 
-    /// An f32 matrix in panels (plain or coded) times a prompt's rows on AMX-BF16
-    /// tiles ([`super::super::amx_f32`]); coded panels are decoded one at a time into
-    /// a buffer.
+    /// An f32 matrix in panels (plain or coded), or f16 or bf16 rows, times a prompt's
+    /// rows on AMX-BF16 tiles ([`super::super::amx_f32`]); coded panels are decoded one
+    /// at a time into a buffer, f16 and bf16 rows converted straight into tiles.
     ///
     /// # Safety
     /// `Pass::Bf16x6` was chosen (the tiles granted, AVX-512); `in_bounds` holds for a
-    /// matrix in panels (whole panels in `cols`).
+    /// matrix in panels or f16 or bf16 rows, whole panels in `cols`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn bf16x6_panels(
         w: DenseMatrix<'_>,
@@ -912,25 +920,37 @@ mod simd {
         let npanels = cols.len() / WIDE_PANEL;
         match w.data {
             DenseData::F32Panels(v) => {
-                let panel = |i: usize, kk: Range<usize>| {
+                let mut panel = |i: usize, kk: Range<usize>| {
                     v.as_ptr()
                         .wrapping_add((first + i) * WIDE_PANEL * k + kk.start * WIDE_PANEL)
                 };
+                let weights = Weights::F32(&mut panel);
                 // SAFETY: the caller's; panel first + i holds k x 64 floats.
-                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld) };
+                unsafe { amx_f32::gemm(weights, npanels, k, x, m, out, ld) };
             }
             DenseData::F32Coded(c) => {
                 let mut lines = line_buffer(k.min(BF16X6_K_PART) * WIDE_PANEL);
                 let buf = floats_mut(&mut lines);
-                let panel = |i: usize, kk: Range<usize>| {
+                let mut panel = |i: usize, kk: Range<usize>| {
                     // SAFETY: the caller's CPU; the buffer holds the part's kk x 64.
                     unsafe { decode_panel_part(c, first + i, kk, buf) };
                     buf.as_ptr()
                 };
+                let weights = Weights::F32(&mut panel);
                 // SAFETY: the caller's; each part of a panel is decoded into the buffer.
-                unsafe { super::super::amx_f32::gemm(panel, npanels, k, x, m, out, ld) };
+                unsafe { amx_f32::gemm(weights, npanels, k, x, m, out, ld) };
             }
-            _ => debug_assert!(false, "AMX-BF16 pass for a matrix not in panels"),
+            DenseData::F16(v) => {
+                let rows = v.as_ptr().wrapping_add(cols.start * k).cast::<u16>();
+                // SAFETY: the caller's; rows cols hold k values each.
+                unsafe { amx_f32::gemm(Weights::F16Rows(rows), npanels, k, x, m, out, ld) };
+            }
+            DenseData::BF16(v) => {
+                let rows = v.as_ptr().wrapping_add(cols.start * k).cast::<u16>();
+                // SAFETY: as for f16.
+                unsafe { amx_f32::gemm(Weights::Bf16Rows(rows), npanels, k, x, m, out, ld) };
+            }
+            DenseData::F32(_) => debug_assert!(false, "AMX-BF16 pass for f32 rows"),
         }
     }
 

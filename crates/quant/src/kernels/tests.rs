@@ -900,6 +900,121 @@ fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
     assert!(compared > 60_000, "{compared}");
 }
 
+/// A prompt over f16 or bf16 rows that fill whole panels runs on AMX-BF16 tiles too,
+/// with the passes their values need (five for f16, three for bf16): within f32
+/// rounding of the exact product, one product alone within eight 2^-24 of its size,
+/// the same bits as the same values in f32 panels (the passes dropped are the ones
+/// whose weight plane is zero), whatever the thread count and the rows beside a row;
+/// odd `k` ends a row's last pair with one value (read alone: the next lies past the
+/// matrix).
+#[test]
+fn f16_and_bf16_prompts_on_bf16_tiles_take_fewer_passes_and_keep_f32_accuracy() {
+    if !dense_runs_bf16x6(DENSE_BF16X6_MIN_ROWS) {
+        println!(
+            "f16_and_bf16_prompts_on_bf16_tiles_take_fewer_passes_and_keep_f32_accuracy: NOT \
+             TESTED on this CPU (no AMX-BF16, or the OS does not grant the tiles)"
+        );
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let kernel = Kernel::Avx512Vnni;
+    let mut compared = 0usize;
+    for dtype in ["f16", "bf16"] {
+        for (i, &(n_out, k, m)) in [
+            (64, 1, 256),
+            (64, 7, 257),
+            (128, 33, 271),
+            (192, 576, 273),
+            (64, 1536, 300),
+            (64, 1001, 530),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut rng = Rng(800 + i as u64);
+            // Sizes from f16's subnormals to its large values.
+            let scaled: Vec<f32> = rng
+                .vec(n_out * k)
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v * [1e-6, 1.0, 37.0, 1e-2][j % 4])
+                .collect();
+            let owned = if dtype == "f16" {
+                DenseOwned::F16(scaled.iter().map(|&v| half::f16::from_f32(v)).collect())
+            } else {
+                DenseOwned::BF16(scaled.iter().map(|&v| half::bf16::from_f32(v)).collect())
+            };
+            let w: Vec<f32> = match &owned {
+                DenseOwned::F16(v) => v.iter().map(|h| h.to_f32()).collect(),
+                DenseOwned::BF16(v) => v.iter().map(|h| h.to_f32()).collect(),
+                DenseOwned::F32(v) => v.clone(),
+            };
+            let x: Vec<f32> = rng
+                .vec(m * k)
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v * [5.0, 1e-2, 1.0, 3e3][j % 4])
+                .collect();
+            let rows = DenseMatrix::new(owned.data(), n_out, k).unwrap();
+            let panels = DensePanels::from_rows_coded(&w, n_out, k, PanelCoding::Plain).unwrap();
+            let run = |w: DenseMatrix<'_>, x: &[f32], threads: usize| {
+                let mut y = vec![f32::NAN; m * n_out];
+                pool(threads)
+                    .install(|| dense_gemm_with(kernel, w, x, m, &mut y))
+                    .unwrap();
+                y
+            };
+            let y = run(rows, &x, 1);
+            let what = format!("{dtype} tiles {n_out}x{k} m={m}");
+            assert_exact_product(&w, &x, &y, (m, n_out, k), &what);
+            if k == 1 {
+                for (j, got) in y.iter().enumerate() {
+                    let exact = f64::from(x[j / n_out]) * f64::from(w[j % n_out]);
+                    let err = (f64::from(*got) - exact).abs();
+                    assert!(
+                        err <= 8.0 * exact.abs() / f64::from(1u32 << 24),
+                        "{what} [{j}]: {got} vs {exact}"
+                    );
+                }
+            }
+            assert_eq!(
+                bits(&run(panels.matrix(), &x, 1)),
+                bits(&y),
+                "{what}: the values in f32 panels"
+            );
+            for threads in [2, 3] {
+                assert_eq!(
+                    bits(&run(rows, &x, threads)),
+                    bits(&y),
+                    "{what} t={threads}"
+                );
+            }
+            let rotated: Vec<f32> = (0..m)
+                .flat_map(|j| x[(j + 5) % m * k..((j + 5) % m + 1) * k].to_vec())
+                .collect();
+            let part = run(rows, &rotated, 2);
+            for j in 0..m {
+                let r = (j + 5) % m;
+                assert_eq!(
+                    bits(&part[j * n_out..(j + 1) * n_out]),
+                    bits(&y[r * n_out..(r + 1) * n_out]),
+                    "{what}: row {r} as row {j}"
+                );
+            }
+            compared += y.len() + part.len();
+        }
+    }
+    // Rows that do not fill whole panels keep the packed FMA GEMM.
+    let (values, owned) = dense_case("bf16", 72, 40, 9);
+    let w = DenseMatrix::new(owned.data(), 72, 40).unwrap();
+    let m = DENSE_BF16X6_MIN_ROWS;
+    let x = Rng(10).vec(m * 40);
+    let mut y = vec![f32::NAN; m * 72];
+    dense_gemm_with(kernel, w, &x, m, &mut y).unwrap();
+    assert_exact_product(&values, &x, &y, (m, 72, 40), "bf16 72 rows");
+    assert!(compared > 300_000, "{compared}");
+}
+
 /// Coded panels keep every f32 bit for bit (zeros of both signs, subnormals, the
 /// largest and smallest normals, infinities, NaN payloads, and matrices where most
 /// exponents are escaped), the SIMD decoders rebuild the scalar decoder's bits, every
