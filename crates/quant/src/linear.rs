@@ -469,10 +469,10 @@ impl QLinear {
             }
             Weight::Panels(_) => format!("f32 dense {best} panels{}", bf16_tiles(rows, 6)),
             Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
-            Weight::Dense(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
+            Weight::Dense(w) if rows <= kernels::DENSE_ROWS_STREAM_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
             }
-            Weight::Narrowed(w) if rows <= kernels::DENSE_GEMV_MAX_ROWS => {
+            Weight::Narrowed(w) if rows <= kernels::DENSE_ROWS_STREAM_MAX_ROWS => {
                 format!("f32 as {} dense {best}", w.dtype().as_str())
             }
             Weight::Dense(w) if kernels::dense_packed_available() => {
@@ -526,9 +526,10 @@ impl QLinear {
     /// decode step): with GGML weights each row's result is bit-identical to
     /// forwarding that row alone ([`QuantizedActs::set_independent_rows`]), so batching
     /// never changes what a sequence generates. The integer formats keep the register
-    /// tiles too, but their one-row loops sum in another order, and dense weights
-    /// beyond [`kernels::DENSE_GEMV_MAX_ROWS`] rows run the packed GEMM: there a batch
-    /// and one row may differ by f32 rounding.
+    /// tiles too, but their one-row loops sum in another order, and row-major dense
+    /// weights beyond [`kernels::DENSE_ROWS_STREAM_MAX_ROWS`] rows run the packed GEMM:
+    /// there a batch and one row may differ by f32 rounding (f32 panels run the same
+    /// tiles for every row count, but for prompts on AMX-BF16 tiles).
     ///
     /// # Errors
     /// As [`QLinear::forward`].
@@ -986,9 +987,10 @@ fn half_tiles(w: &Tensor, rows: usize) -> String {
 }
 
 /// `x · wᵀ` for a dense CPU weight through [`kernels::dense_gemm`]: its row kernel up
-/// to [`kernels::DENSE_GEMV_MAX_ROWS`] rows (a decode step), its packed GEMM beyond
-/// (where the CPU has AVX2); `None` where candle's GEMM runs it instead (many rows
-/// without AVX2, a weight not contiguous in CPU memory).
+/// to [`kernels::DENSE_ROWS_STREAM_MAX_ROWS`] rows (a decode step, a batch), its packed
+/// GEMM beyond (where the CPU has AVX2); `None` where candle's GEMM runs it instead
+/// (more than [`kernels::DENSE_GEMV_MAX_ROWS`] rows without AVX2, a weight not
+/// contiguous in CPU memory).
 fn dense_gemv(
     w: &Tensor,
     x: &Tensor,
@@ -1673,6 +1675,9 @@ mod tests {
                 let path = format!("{name} dense packed {best}");
                 assert_eq!(layer.kernel_path(m), format!("{path}{suffix}"));
                 assert_eq!(layer.kernel_path(64), path);
+                let stream = kernels::DENSE_ROWS_STREAM_MAX_ROWS;
+                assert_eq!(layer.kernel_path(stream), format!("{name} dense {best}"));
+                assert_eq!(layer.kernel_path(stream + 1), path);
                 let y = values(&layer.forward(&x).unwrap());
                 let mut want = vec![0f32; m * out];
                 let flat = w.flatten_all().unwrap();

@@ -1,6 +1,7 @@
 //! F32 prompts on AMX-BF16 tiles: each f32 product as six bf16 products, where the CPU
 //! has AMX-BF16 and the OS grants the tiles ([`bf16x6_available`]), for calls of
-//! [`DENSE_BF16X6_MIN_ROWS`](super::DENSE_BF16X6_MIN_ROWS) rows or more.
+//! [`DENSE_BF16X6_MIN_ROWS`](super::DENSE_BF16X6_MIN_ROWS) rows or more; over f16 or
+//! bf16 weights, the passes their values need: five or three.
 //!
 //! # Arithmetic
 //!
@@ -20,6 +21,11 @@
 //! input makes its row's outputs NaN (the FMA chains give infinities): not a number a
 //! model can use either way, and no other row is touched (tested).
 //!
+//! Weights of f16 values split into `hi` and `mid` exactly (eleven significant bits;
+//! `lo` is zero) and bf16 values are their own `hi`: the passes with a zero weight part
+//! are skipped (five passes for f16, three for bf16), which changes no bit of the sums
+//! (the same values in f32 panels give the same results, tested).
+//!
 //! A row's outputs depend on that row alone (a tile's sixteen rows are independent dot
 //! products, padded with zero rows; a part's sums are stored and loaded as f32, so a
 //! row takes the same operations however the call's rows are cut), so a prompt's rows
@@ -34,9 +40,11 @@
 //! the chunk's activations are converted once into three bf16 planes, stored as tiles
 //! (16 rows x 32 values each, the padding rows and values zero); then each panel of 64
 //! columns ([`DensePanels`]'s layout, value `kk` of column `j` at `[kk * 64 + j]`;
-//! coded panels decode the part first) is converted into the tiles `tdpbf16ps` takes
-//! for its second operand: per group of 16 columns, block of 32 values and plane, 16
-//! rows of 16 pairs (values `2r` and `2r + 1` of each column side by side). The kernel
+//! coded panels decode the part first; f16 and bf16 rows, 64 of them a panel, are read
+//! a pair of values of sixteen rows at a time, one gather) is converted into the tiles
+//! `tdpbf16ps` takes for its second operand: per group of 16 columns, block of 32
+//! values and plane, 16 rows of 16 pairs (values `2r` and `2r + 1` of each column side
+//! by side). The kernel
 //! holds a 2 x 2 block of sums (32 rows x 32 columns) in four tiles and runs the six
 //! passes per block with two activation and two weight tiles, keeping whichever operand
 //! the next pass shares.

@@ -6,8 +6,9 @@
 //! convert it in registers (`vcvtph2ps` for f16 with F16C or AVX-512F, a 16-bit shift
 //! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in
 //! L1, with several independent FMA chains; output rows are split across the rayon
-//! pool as the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows (a
-//! prompt, a large batch) a packed GEMM runs instead: panels of 16 weight rows
+//! pool as the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows
+//! ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in panels: a prompt, a large batch)
+//! a packed GEMM runs instead: panels of 16 weight rows
 //! converted to f32 and transposed once per call, then 6 x 16 register tiles of FMA
 //! chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles (four
 //! 512-bit registers a row) and the last columns through 12 x 16 ones, the same FMA
@@ -27,10 +28,13 @@
 //! tiles.
 //!
 //! Where the CPU has AMX-BF16 and the OS grants the tiles, a prompt of
-//! [`DENSE_BF16X6_MIN_ROWS`] rows or more over f32 panels runs on them instead ([`dense_runs_bf16x6`]): each value split into three bf16s, six bf16 products
-//! per f32 product, f32's accuracy (tested against the exact product), not the FMA
-//! chains' bits; a row's results there do not depend on the rows beside it or the
-//! thread count either.
+//! [`DENSE_BF16X6_MIN_ROWS`] rows or more over f32 panels runs on them instead
+//! ([`dense_runs_bf16x6`]): each value split into three bf16s, six bf16 products per
+//! f32 product, f32's accuracy (tested against the exact product), not the FMA chains'
+//! bits; a row's results there do not depend on the rows beside it or the thread count
+//! either. So does a prompt over f16 or bf16 rows that fill whole panels, with the
+//! passes whose weight part is not zero: five for f16 (an f16 value is two bf16s
+//! exactly), three for bf16; they give the bits the same values give in f32 panels.
 //!
 //! Every path sums in f32 in the same order for every split of the output, so results
 //! do not depend on the thread count; they differ from the scalar reference only by
@@ -50,8 +54,18 @@ use super::error::{Error, Result};
 pub const DENSE_TILE_ROWS: usize = 4;
 
 /// Up to this many activation rows, [`dense_gemm`] streams each weight row past the
-/// activation rows; beyond it, it runs the packed GEMM.
+/// activation rows; beyond it, it runs the packed GEMM (f32 panels: the same tiles in
+/// place). Row-major matrices stream further, [`DENSE_ROWS_STREAM_MAX_ROWS`].
 pub const DENSE_GEMV_MAX_ROWS: usize = 4;
+
+/// Up to this many activation rows, a row-major dense matrix (f16, bf16, or f32 whose
+/// rows do not fill panels) streams each weight row past them, [`DENSE_TILE_ROWS`] at
+/// a time from L1, instead of the packed GEMM, which converts and packs every weight
+/// once per call: at a batched decode step's 8-16 rows that packing cost more than
+/// the products (an F16 model batched: 240 vs 154-163 tok/s at 8 sequences, 213-238
+/// vs 178-208 at 16; 32 rows gained nothing more). A row's results are then the same
+/// alone as in a batch.
+pub const DENSE_ROWS_STREAM_MAX_ROWS: usize = 16;
 
 /// Whether [`dense_gemm`] runs its packed GEMM for more than [`DENSE_GEMV_MAX_ROWS`]
 /// rows: the CPU has AVX2, FMA and F16C, and [`Kernel::detect`] chose a SIMD kernel
@@ -622,7 +636,8 @@ fn check_shapes(w: &DenseMatrix<'_>, x: &[f32], m: usize, y: &[f32]) -> Result<(
 /// Which code a call's rows take, decided by the whole call (not a thread's share).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
-    /// Up to [`DENSE_GEMV_MAX_ROWS`] rows: each weight row streams past them.
+    /// Up to [`DENSE_GEMV_MAX_ROWS`] rows ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a
+    /// row-major matrix): each weight row streams past them.
     Stream,
     /// More rows: the packed GEMM (or the panels' tiles).
     Packed,
@@ -634,7 +649,13 @@ enum Pass {
 
 impl Pass {
     fn of(kernel: Kernel, w: &DenseMatrix<'_>, m: usize) -> Pass {
-        if m <= DENSE_GEMV_MAX_ROWS {
+        let panels = matches!(w.data, DenseData::F32Panels(_) | DenseData::F32Coded(_));
+        let stream_max = if panels {
+            DENSE_GEMV_MAX_ROWS
+        } else {
+            DENSE_ROWS_STREAM_MAX_ROWS
+        };
+        if m <= stream_max {
             return Pass::Stream;
         }
         let tiles_fit = match w.data {
@@ -657,16 +678,18 @@ fn bf16x6_available() -> bool {
     false
 }
 
-/// Activation rows from which a product over f32 panels takes the AMX-BF16 tiles (where
-/// [`dense_runs_bf16x6`]): every thread converts every panel's weights once per call,
-/// which fewer rows do not repay. Two threads, 1536 x 576 and 576 x 1536 against the FMA
+/// Activation rows from which a product over f32 panels (or f16 or bf16 rows of whole
+/// panels) takes the AMX-BF16 tiles (where [`dense_runs_bf16x6`]): every thread converts
+/// every panel's weights once per call, which fewer rows do not repay (measured for f32
+/// panels). Two threads, 1536 x 576 and 576 x 1536 against the FMA
 /// tiles, alternated in one process: 0.55x at 16 rows, 0.74-0.80x at 64, 0.6-1.07x at
 /// 128-192 (by the minute), 0.84-1.23x at 256, 1.12-1.31x at 512.
 pub const DENSE_BF16X6_MIN_ROWS: usize = 256;
 
 /// Whether a product of `rows` activation rows over an f32 matrix in panels
 /// ([`DensePanels`]) runs on AMX-BF16 tiles with the detected kernel: six bf16 products
-/// per f32 product, f32's accuracy, not the FMA kernel's bits. It does where the CPU has
+/// per f32 product, f32's accuracy, not the FMA kernel's bits (over f16 or bf16 rows
+/// whose count is a multiple of [`DENSE_PANEL_ROWS`]: five or three). It does where the CPU has
 /// AMX-BF16, the OS grants the tiles, [`disable_amx`](super::disable_amx) was not called
 /// and `rows` is at least [`DENSE_BF16X6_MIN_ROWS`] (a 512-token prompt chunk; the
 /// scheduler's 64-token chunks keep the FMA tiles).

@@ -34,8 +34,9 @@
 //! where the AVX-512 kernel runs, those panels keep each exponent as a four-bit code,
 //! [`CodedPanels`]: the same values in 28 bits instead of 32, rebuilt in registers;
 //! where the CPU also has AMX-BF16, a prompt of [`DENSE_BF16X6_MIN_ROWS`] rows or more
-//! over such panels runs on the tiles as six bf16 products per f32 product, f32's accuracy,
-//! [`dense_runs_bf16x6`]).
+//! over such panels runs on the tiles as six bf16 products per f32 product, f32's
+//! accuracy, [`dense_runs_bf16x6`], and over f16 or bf16 rows of whole panels as five or
+//! three).
 //!
 //! The best kernel the CPU supports is detected once at run time ([`Kernel::detect`]),
 //! independent of the compile-time target; [`gemm_with`] and [`gemm_int_with`] force one
@@ -117,9 +118,9 @@ pub use blocks::{
 };
 pub use coded::CodedPanels;
 pub use dense::{
-    DENSE_BF16X6_MIN_ROWS, DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData,
-    DenseMatrix, DensePanels, PanelCoding, dense_gemm, dense_gemm_many, dense_gemm_many_with,
-    dense_gemm_with, dense_packed_available, dense_runs_bf16x6,
+    DENSE_BF16X6_MIN_ROWS, DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_ROWS_STREAM_MAX_ROWS,
+    DENSE_TILE_ROWS, DenseData, DenseMatrix, DensePanels, PanelCoding, dense_gemm, dense_gemm_many,
+    dense_gemm_many_with, dense_gemm_with, dense_packed_available, dense_runs_bf16x6,
 };
 pub use error::{Error, Result};
 pub use int::{

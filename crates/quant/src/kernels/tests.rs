@@ -681,7 +681,7 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
         }
         let rows = DenseMatrix::new(DenseData::F32(&w), n_out, k).unwrap();
         assert_eq!(p.matrix().dtype_name(), "f32");
-        for m in [1, 2, 3, 4, 5, 7, 13, 70] {
+        for m in [1, 2, 3, 4, 5, 7, 13, 17, 29, 70] {
             let x = Rng(300 + m as u64).vec(m * k);
             for threads in [1, 2, 3] {
                 let run = |kernel, mat, x: &[f32], m| {
@@ -702,7 +702,7 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
                     if kernel == Kernel::Scalar || tiles {
                         continue;
                     }
-                    if m > DENSE_GEMV_MAX_ROWS {
+                    if m > DENSE_ROWS_STREAM_MAX_ROWS {
                         let packed = run(kernel, rows, &x, m);
                         assert_eq!(bits(&y), bits(&packed), "{what}: vs row-major");
                     }
@@ -1015,6 +1015,57 @@ fn f16_and_bf16_prompts_on_bf16_tiles_take_fewer_passes_and_keep_f32_accuracy() 
     assert!(compared > 300_000, "{compared}");
 }
 
+/// A row-major dense matrix (f32, f16, bf16) streams up to
+/// [`DENSE_ROWS_STREAM_MAX_ROWS`] activation rows past each weight row: every row of
+/// such a batch gives the bits it gives alone, whatever the thread count, on every
+/// kernel this CPU has; one row more takes the packed GEMM, still within f32 rounding.
+#[test]
+fn row_major_batches_up_to_the_stream_limit_give_each_row_its_own_bits() {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut compared = 0usize;
+    for kernel in available_kernels() {
+        for dtype in ["f32", "f16", "bf16"] {
+            let (n_out, k) = (72, 100);
+            let (wd, owned) = dense_case(dtype, n_out, k, 51);
+            let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
+            let m = DENSE_ROWS_STREAM_MAX_ROWS + 1;
+            let x = Rng(52).vec(m * k);
+            let run = |x: &[f32], m: usize, threads: usize| {
+                let mut y = vec![f32::NAN; m * n_out];
+                pool(threads)
+                    .install(|| dense_gemm_with(kernel, w, x, m, &mut y))
+                    .unwrap();
+                y
+            };
+            let alone: Vec<Vec<u32>> = (0..m)
+                .map(|r| bits(&run(&x[r * k..(r + 1) * k], 1, 1)))
+                .collect();
+            for rows in [5, 8, DENSE_ROWS_STREAM_MAX_ROWS] {
+                for threads in [1, 2] {
+                    let y = run(&x[..rows * k], rows, threads);
+                    for (r, one) in alone.iter().enumerate().take(rows) {
+                        assert_eq!(
+                            &bits(&y[r * n_out..(r + 1) * n_out]),
+                            one,
+                            "{kernel} {dtype} {rows} rows t={threads}: row {r}"
+                        );
+                        compared += n_out;
+                    }
+                }
+            }
+            let y = run(&x, m, 2);
+            assert_exact_product(
+                &wd,
+                &x,
+                &y,
+                (m, n_out, k),
+                &format!("{kernel} {dtype} m={m}"),
+            );
+        }
+    }
+    assert!(compared > 10_000, "{compared}");
+}
+
 /// Coded panels keep every f32 bit for bit (zeros of both signs, subnormals, the
 /// largest and smallest normals, infinities, NaN payloads, and matrices where most
 /// exponents are escaped), the SIMD decoders rebuild the scalar decoder's bits, every
@@ -1290,7 +1341,9 @@ fn dense_avx512_packed_equals_avx2_packed_bit_for_bit() {
         for (n_out, k) in [(16, 40), (29, 96), (64, 576), (40, 1536), (150, 96)] {
             let (_, owned) = dense_case(dtype, n_out, k, 3);
             let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
-            for m in (5..=26).chain([70]) {
+            // Rows past the stream limit: the packed GEMMs.
+            for m in (DENSE_ROWS_STREAM_MAX_ROWS + 1..=DENSE_ROWS_STREAM_MAX_ROWS + 22).chain([70])
+            {
                 let x = Rng(m as u64).vec(m * k);
                 let run = |kernel, threads| {
                     let mut y = vec![f32::NAN; m * n_out];
