@@ -782,6 +782,52 @@ fn dense_panels_hold_the_matrix_and_give_the_packed_gemms_bits() {
     report_kernel_coverage("dense panels");
 }
 
+/// With `k` = 1, each output `y[j]` is one product `x[j / n_out] * w[j % n_out]`: within
+/// eight units of 2^-24 of its size (what one or three bf16 passes miss).
+fn assert_single_products_within_eight_units(
+    w: &[f32],
+    x: &[f32],
+    y: &[f32],
+    n_out: usize,
+    what: &str,
+) {
+    for (j, got) in y.iter().enumerate() {
+        let exact = f64::from(x[j / n_out]) * f64::from(w[j % n_out]);
+        let err = (f64::from(*got) - exact).abs();
+        assert!(
+            err <= 8.0 * exact.abs() / f64::from(1u32 << 24),
+            "{what} [{j}]: {got} vs {exact}"
+        );
+    }
+}
+
+/// `run` over `x`'s rows rotated by `by` gives each row the bits it has in `y` (`run`
+/// over `x`): each row lands in another tile, row of a tile and chunk. Returns the
+/// outputs compared.
+fn assert_rows_rotated_keep_their_bits(
+    x: &[f32],
+    y: &[f32],
+    (m, n_out, k): (usize, usize, usize),
+    by: usize,
+    what: &str,
+    run: impl Fn(&[f32]) -> Vec<f32>,
+) -> usize {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let rotated: Vec<f32> = (0..m)
+        .flat_map(|j| x[(j + by) % m * k..((j + by) % m + 1) * k].to_vec())
+        .collect();
+    let part = run(&rotated);
+    for j in 0..m {
+        let r = (j + by) % m;
+        assert_eq!(
+            bits(&part[j * n_out..(j + 1) * n_out]),
+            bits(&y[r * n_out..(r + 1) * n_out]),
+            "{what}: row {r} as row {j}"
+        );
+    }
+    part.len()
+}
+
 /// A prompt over f32 panels on AMX-BF16 tiles (six bf16 products per f32 product):
 /// within f32 rounding of the exact product for every shape (one product alone within
 /// eight 2^-24 of its size, which one bf16 pass or three would miss), the same bits over
@@ -843,14 +889,7 @@ fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
         let what = format!("bf16x6 {n_out}x{k} m={m}");
         assert_exact_product(&w, &x, &y, (m, n_out, k), &what);
         if k == 1 {
-            for (j, got) in y.iter().enumerate() {
-                let exact = f64::from(x[j / n_out]) * f64::from(w[j % n_out]);
-                let err = (f64::from(*got) - exact).abs();
-                assert!(
-                    err <= 8.0 * exact.abs() / f64::from(1u32 << 24),
-                    "{what} [{j}]: {got} vs {exact}"
-                );
-            }
+            assert_single_products_within_eight_units(&w, &x, &y, n_out, &what);
         }
         for threads in [2, 3] {
             assert_eq!(
@@ -864,21 +903,10 @@ fn f32_prompts_on_bf16_tiles_keep_f32_accuracy_and_rows_independent() {
             bits(&y),
             "{what}: coded panels"
         );
-        // The rows rotated by three: each lands in another tile, row of a tile and
-        // chunk, and gives the same bits.
-        let rotated: Vec<f32> = (0..m)
-            .flat_map(|j| x[(j + 3) % m * k..((j + 3) % m + 1) * k].to_vec())
-            .collect();
-        let part = run(&plain, &rotated, m, 2);
-        for j in 0..m {
-            let r = (j + 3) % m;
-            assert_eq!(
-                bits(&part[j * n_out..(j + 1) * n_out]),
-                bits(&y[r * n_out..(r + 1) * n_out]),
-                "{what}: row {r} as row {j}"
-            );
-        }
-        compared += y.len() + part.len();
+        compared += y.len();
+        compared += assert_rows_rotated_keep_their_bits(&x, &y, (m, n_out, k), 3, &what, |x| {
+            run(&plain, x, m, 2)
+        });
     }
     // An infinite activation makes its row's outputs NaN (infinity times a zero part)
     // and leaves every other row as it was.
@@ -968,14 +996,7 @@ fn f16_and_bf16_prompts_on_bf16_tiles_take_fewer_passes_and_keep_f32_accuracy() 
             let what = format!("{dtype} tiles {n_out}x{k} m={m}");
             assert_exact_product(&w, &x, &y, (m, n_out, k), &what);
             if k == 1 {
-                for (j, got) in y.iter().enumerate() {
-                    let exact = f64::from(x[j / n_out]) * f64::from(w[j % n_out]);
-                    let err = (f64::from(*got) - exact).abs();
-                    assert!(
-                        err <= 8.0 * exact.abs() / f64::from(1u32 << 24),
-                        "{what} [{j}]: {got} vs {exact}"
-                    );
-                }
+                assert_single_products_within_eight_units(&w, &x, &y, n_out, &what);
             }
             assert_eq!(
                 bits(&run(panels.matrix(), &x, 1)),
@@ -989,19 +1010,10 @@ fn f16_and_bf16_prompts_on_bf16_tiles_take_fewer_passes_and_keep_f32_accuracy() 
                     "{what} t={threads}"
                 );
             }
-            let rotated: Vec<f32> = (0..m)
-                .flat_map(|j| x[(j + 5) % m * k..((j + 5) % m + 1) * k].to_vec())
-                .collect();
-            let part = run(rows, &rotated, 2);
-            for j in 0..m {
-                let r = (j + 5) % m;
-                assert_eq!(
-                    bits(&part[j * n_out..(j + 1) * n_out]),
-                    bits(&y[r * n_out..(r + 1) * n_out]),
-                    "{what}: row {r} as row {j}"
-                );
-            }
-            compared += y.len() + part.len();
+            compared += y.len();
+            compared += assert_rows_rotated_keep_their_bits(&x, &y, (m, n_out, k), 5, &what, |x| {
+                run(rows, x, 2)
+            });
         }
     }
     // Rows that do not fill whole panels keep the packed FMA GEMM.
