@@ -1653,7 +1653,8 @@ mod tests {
         let dev = Device::Cpu;
         if !kernels::dense_packed_available() {
             println!(
-                "half_layers_name_the_bf16_tiles_for_prompts_that_take_them: NOT TESTED (no dense packed kernels on this CPU)"
+                "half_layers_name_the_bf16_tiles_for_prompts_that_take_them: NOT TESTED (no \
+                 dense packed kernels on this CPU)"
             );
             return;
         }

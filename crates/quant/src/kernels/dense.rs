@@ -8,8 +8,8 @@
 //! L1, with several independent FMA chains; output rows are split across the rayon
 //! pool as the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows
 //! ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in panels: a prompt, a large batch)
-//! a packed GEMM runs instead: panels of 16 weight rows
-//! converted to f32 and transposed once per call, then 6 x 16 register tiles of FMA
+//! a packed GEMM runs instead: panels of 16 weight rows converted to f32 and
+//! transposed once per call, then 6 x 16 register tiles of FMA
 //! chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles (four
 //! 512-bit registers a row) and the last columns through 12 x 16 ones, the same FMA
 //! chain per output. A prompt splits its activation rows across threads, one block per
@@ -681,18 +681,18 @@ fn bf16x6_available() -> bool {
 /// Activation rows from which a product over f32 panels (or f16 or bf16 rows of whole
 /// panels) takes the AMX-BF16 tiles (where [`dense_runs_bf16x6`]): every thread converts
 /// every panel's weights once per call, which fewer rows do not repay (measured for f32
-/// panels). Two threads, 1536 x 576 and 576 x 1536 against the FMA
-/// tiles, alternated in one process: 0.55x at 16 rows, 0.74-0.80x at 64, 0.6-1.07x at
-/// 128-192 (by the minute), 0.84-1.23x at 256, 1.12-1.31x at 512.
+/// panels). Two threads, 1536 x 576 and 576 x 1536 against the FMA tiles, alternated in
+/// one process: 0.55x at 16 rows, 0.74-0.80x at 64, 0.6-1.07x at 128-192 (by the
+/// minute), 0.84-1.23x at 256, 1.12-1.31x at 512.
 pub const DENSE_BF16X6_MIN_ROWS: usize = 256;
 
 /// Whether a product of `rows` activation rows over an f32 matrix in panels
 /// ([`DensePanels`]) runs on AMX-BF16 tiles with the detected kernel: six bf16 products
 /// per f32 product, f32's accuracy, not the FMA kernel's bits (over f16 or bf16 rows
-/// whose count is a multiple of [`DENSE_PANEL_ROWS`]: five or three). It does where the CPU has
-/// AMX-BF16, the OS grants the tiles, [`disable_amx`](super::disable_amx) was not called
-/// and `rows` is at least [`DENSE_BF16X6_MIN_ROWS`] (a 512-token prompt chunk; the
-/// scheduler's 64-token chunks keep the FMA tiles).
+/// whose count is a multiple of [`DENSE_PANEL_ROWS`]: five or three). It does where the
+/// CPU has AMX-BF16, the OS grants the tiles, [`disable_amx`](super::disable_amx) was not
+/// called and `rows` is at least [`DENSE_BF16X6_MIN_ROWS`] (a 512-token prompt chunk;
+/// the scheduler's 64-token chunks keep the FMA tiles).
 pub fn dense_runs_bf16x6(rows: usize) -> bool {
     bf16x6_with(Kernel::detect(), rows)
 }
