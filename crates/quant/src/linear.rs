@@ -465,9 +465,9 @@ impl QLinear {
                 format!("{} {best} panels{}", w.dtype(), amx_tiles(rows))
             }
             Weight::Panels(p) if p.coding() == PanelCoding::Exponents => {
-                format!("f32 dense {best} coded panels{}", bf16_tiles(rows, 6))
+                format!("f32 dense {best} coded panels{}", bf16_tiles(rows))
             }
-            Weight::Panels(_) => format!("f32 dense {best} panels{}", bf16_tiles(rows, 6)),
+            Weight::Panels(_) => format!("f32 dense {best} panels{}", bf16_tiles(rows)),
             Weight::Fast(w) => with_packed(format!("{} {best}", w.dtype()), best, rows),
             Weight::Dense(w) if rows <= kernels::DENSE_ROWS_STREAM_MAX_ROWS => {
                 format!("{} dense {best}", w.dtype().as_str())
@@ -960,18 +960,19 @@ fn amx_tiles(rows: usize) -> &'static str {
     }
 }
 
-/// What a kernel path adds when a prompt of `rows` rows runs on AMX-BF16 tiles
-/// ([`kernels::dense_runs_bf16x6`]), `passes` bf16 products per product.
-fn bf16_tiles(rows: usize, passes: usize) -> String {
+/// What a kernel path adds when a prompt of `rows` rows over f32 panels runs on
+/// AMX-BF16 tiles, six bf16 products per f32 product ([`kernels::dense_runs_bf16x6`]).
+fn bf16_tiles(rows: usize) -> &'static str {
     if kernels::dense_runs_bf16x6(rows) {
-        format!(", amx bf16x{passes}")
+        ", amx bf16x6"
     } else {
-        String::new()
+        ""
     }
 }
 
-/// [`bf16_tiles`] for a dense f16 or bf16 weight: five passes for f16, three for bf16,
-/// where its rows fill whole panels; nothing for other types.
+/// What a kernel path adds for a dense f16 or bf16 weight whose prompt of `rows` rows
+/// runs on AMX-BF16 tiles ([`kernels::dense_rows_run_bf16_tiles`]): five passes for
+/// f16, three for bf16; nothing for other types.
 fn half_tiles(w: &Tensor, rows: usize) -> String {
     let passes = match w.dtype() {
         DType::F16 => 5,
@@ -979,8 +980,8 @@ fn half_tiles(w: &Tensor, rows: usize) -> String {
         _ => return String::new(),
     };
     match w.dims2() {
-        Ok((n_out, _)) if n_out.is_multiple_of(kernels::DENSE_PANEL_ROWS) => {
-            bf16_tiles(rows, passes)
+        Ok((n_out, k)) if kernels::dense_rows_run_bf16_tiles(n_out, k, rows) => {
+            format!(", amx bf16x{passes}")
         }
         _ => String::new(),
     }

@@ -286,8 +286,9 @@ impl WeightTiles {
     /// an f16 value's `hi` and `mid` hold it exactly.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW; `w` holds 64 rows of `k` values; `kk` lies in `0..k`;
-    /// the tiles have room for `kk.len()` values.
+    /// The CPU has AVX-512F/BW; `w` holds 64 rows of `k` values, `k` within
+    /// [`ROWS_MAX_K`] (the gather's offsets); `kk` lies in `0..k`; the tiles have room
+    /// for `kk.len()` values.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn fill_rows(&mut self, w: *const u16, k: usize, kk: Range<usize>, f16: bool) {
         let len = kk.len();
@@ -380,6 +381,10 @@ struct SumTile {
     rows: usize,
 }
 
+/// The longest rows [`Weights::Rows`] takes: sixteen rows' byte offsets, `2k` apart,
+/// are the gather's 32-bit indices.
+pub(super) const ROWS_MAX_K: usize = i32::MAX as usize / (2 * TR);
+
 /// Where [`gemm`] finds a panel's weights.
 pub(super) enum Weights<'a> {
     /// f32 values: `panel(i, kk)` returns values `kk` of panel `i` (`kk.len() x 64`
@@ -387,11 +392,10 @@ pub(super) enum Weights<'a> {
     /// next call; parts are at most [`K_PART`] values long, so a decoder needs at most
     /// that many x 64 floats of its own). Six passes.
     F32(&'a mut dyn FnMut(usize, Range<usize>) -> *const f32),
-    /// A row-major matrix of f16 values, `k` a row, its row `64 i + j` column `j` of
-    /// panel `i`. Five passes (`lo` of an f16 value is zero).
-    F16Rows(*const u16),
-    /// The same of bf16 values. Three passes (a bf16 value is its own `hi`).
-    Bf16Rows(*const u16),
+    /// A row-major matrix of f16 values (`f16`) or bf16 values, `k` a row, its row
+    /// `64 i + j` column `j` of panel `i`. Five passes for f16 (`lo` of an f16 value is
+    /// zero), three for bf16 (a bf16 value is its own `hi`).
+    Rows { w: *const u16, f16: bool },
 }
 
 /// `out[r * ld + 64 i + j] = x_r · w_(64 i + j)` for rows `0..m` of `x` (`k` floats each)
@@ -436,11 +440,8 @@ pub(super) unsafe fn gemm(
                 unsafe {
                     match &mut weights_of {
                         Weights::F32(panel) => weights.fill(panel(i, kk.clone()), kk.len()),
-                        Weights::F16Rows(w) => {
-                            weights.fill_rows(w.wrapping_add(i * PANEL * k), k, kk.clone(), true)
-                        }
-                        Weights::Bf16Rows(w) => {
-                            weights.fill_rows(w.wrapping_add(i * PANEL * k), k, kk.clone(), false)
+                        Weights::Rows { w, f16 } => {
+                            weights.fill_rows(w.wrapping_add(i * PANEL * k), k, kk.clone(), *f16)
                         }
                     }
                 };

@@ -660,7 +660,7 @@ impl Pass {
         }
         let tiles_fit = match w.data {
             DenseData::F32Panels(_) | DenseData::F32Coded(_) => true,
-            DenseData::F16(_) | DenseData::BF16(_) => w.n_out.is_multiple_of(DENSE_PANEL_ROWS),
+            DenseData::F16(_) | DenseData::BF16(_) => rows_fit_bf16_tiles(w.n_out, w.k),
             DenseData::F32(_) => false,
         };
         if tiles_fit && bf16x6_with(kernel, m) {
@@ -695,6 +695,23 @@ pub const DENSE_BF16X6_MIN_ROWS: usize = 256;
 /// the scheduler's 64-token chunks keep the FMA tiles).
 pub fn dense_runs_bf16x6(rows: usize) -> bool {
     bf16x6_with(Kernel::detect(), rows)
+}
+
+/// Whether a product of `rows` rows over a row-major f16 or bf16 matrix of `n_out` x
+/// `k` runs on AMX-BF16 tiles ([`dense_runs_bf16x6`], five or three passes): its rows
+/// fill whole panels of [`DENSE_PANEL_ROWS`] (and are not longer than the tiles'
+/// conversion reaches).
+pub fn dense_rows_run_bf16_tiles(n_out: usize, k: usize, rows: usize) -> bool {
+    rows_fit_bf16_tiles(n_out, k) && dense_runs_bf16x6(rows)
+}
+
+/// Whether an f16 or bf16 matrix's rows can be read into AMX-BF16 tiles.
+fn rows_fit_bf16_tiles(n_out: usize, k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let max_k = super::amx_f32::ROWS_MAX_K;
+    #[cfg(not(target_arch = "x86_64"))]
+    let max_k = 0;
+    n_out.is_multiple_of(DENSE_PANEL_ROWS) && k <= max_k
 }
 
 /// Whether `rows` rows over f32 panels take the AMX-BF16 tiles with `kernel`.
@@ -964,14 +981,17 @@ mod simd {
                 unsafe { amx_f32::gemm(weights, npanels, k, x, m, out, ld) };
             }
             DenseData::F16(v) => {
-                let rows = v.as_ptr().wrapping_add(cols.start * k).cast::<u16>();
-                // SAFETY: the caller's; rows cols hold k values each.
-                unsafe { amx_f32::gemm(Weights::F16Rows(rows), npanels, k, x, m, out, ld) };
+                let w = v.as_ptr().wrapping_add(cols.start * k).cast::<u16>();
+                let weights = Weights::Rows { w, f16: true };
+                // SAFETY: the caller's; rows cols hold k values each (k within the
+                // gather's reach: `rows_fit_bf16_tiles`).
+                unsafe { amx_f32::gemm(weights, npanels, k, x, m, out, ld) };
             }
             DenseData::BF16(v) => {
-                let rows = v.as_ptr().wrapping_add(cols.start * k).cast::<u16>();
+                let w = v.as_ptr().wrapping_add(cols.start * k).cast::<u16>();
+                let weights = Weights::Rows { w, f16: false };
                 // SAFETY: as for f16.
-                unsafe { amx_f32::gemm(Weights::Bf16Rows(rows), npanels, k, x, m, out, ld) };
+                unsafe { amx_f32::gemm(weights, npanels, k, x, m, out, ld) };
             }
             DenseData::F32(_) => debug_assert!(false, "AMX-BF16 pass for f32 rows"),
         }
