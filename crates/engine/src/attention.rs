@@ -16,13 +16,14 @@
 //! `p - j < window` (`usize::MAX`: no window). The scores are `(q . k) * s` with
 //! `s = 1 / sqrt(head_dim)` rounded to f32, as candle's `affine` rounds it. The
 //! result is `[t, heads * head_dim]`, row `i` the concatenation of the heads.
-//! [`full_attention`] is the same computation without the mask (every query sees
+//! [`full_attention_many`] is the same computation without the mask (every query sees
 //! every key: a vision encoder's patches within a frame).
 //!
 //! # Algorithm
 //!
 //! Online softmax. The work is split into tasks, one per kv head and block of query
-//! positions: a block holds `B = max(1, TASK_ROWS / n_rep)` positions, so a task has
+//! positions of each call (the sequences of a batched decode step are calls of one
+//! [`causal_attention_many`], whose tasks share one parallel region): a block holds `B = max(1, TASK_ROWS / n_rep)` positions, so a task has
 //! `R = n_rep * min(t, B)` query rows (every query head of the kv head at every
 //! position of the block, position-major), and the keys and values it reads serve all
 //! of them. A task walks the keys that any of its rows can see (from the window's
@@ -45,9 +46,9 @@
 //! segments' states are merged in key order by one function (`State::merge`: both
 //! rescaled to the larger maximum; a segment the row sees nothing of changes nothing).
 //! A task over many segments merges them as it goes. When the tasks would leave
-//! threads idle (fewer than two per thread: a decode step has one per kv head), each
-//! segment of each kv head is a task of its own and the call merges their states in
-//! the same order — flash-decoding, with the same result as one task. At the end each
+//! threads idle (fewer than two per thread, counting every call's: a decode step of
+//! one sequence has one per kv head), each segment of each kv head is a task of its
+//! own and the call merges their states in the same order — flash-decoding, with the same result as one task. At the end each
 //! row is divided by its sum and copied into the output.
 //!
 //! A row's arithmetic does not depend on the other rows computed with it nor on how
@@ -83,10 +84,13 @@
 //! threads * scratch_bytes(R) + 2 * 4 * t * heads * hd + S
 //! ```
 //!
-//! bytes (the second term: the tasks' results and the output), where `S` is the
-//! segment states of a split call, `4 * kv_heads * ceil(len / SEGMENT) * (R * hd +
-//! 2 * R)`: the only part that grows with `len`, 77 KB for a SmolLM2 decode step at
-//! 8,192 keys (under the estimator's base overhead). For SmolLM2-135M (`n_rep` 3,
+//! bytes (the second term: the tasks' results and the output, summed over the calls
+//! of a batch), where `S` is the segment states of a split call, `4 * kv_heads *
+//! ceil(len / SEGMENT) * (R * hd + 2 * R)`: the only part that grows with `len`, 77 KB
+//! for a SmolLM2 decode step at 8,192 keys (under the estimator's base overhead). A
+//! batch splits only when all its calls have fewer than `2 * threads` tasks in all,
+//! so its segment states stay within `S` for `2 * threads` kv heads, whatever the
+//! number of sequences. For SmolLM2-135M (`n_rep` 3,
 //! `hd` 64, so `B` 21): prefill `R` 63, 66,800 bytes per task; decode `R` 3, 19,760
 //! bytes per task. The materialised path held at least `4 * heads * t * len` bytes of
 //! scores per layer (9.4 MB for a 512-token prefill), several copies of it.
@@ -94,7 +98,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Layout, Storage, Tensor};
-use half::{bf16, f16};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 pub(crate) use crate::activation::Kernel;
@@ -168,12 +172,14 @@ impl Dims {
 
 /// Attention of every query over every key (no mask: the patches of an image), with
 /// the shapes of [`causal_attention`] and its kernels: no score matrix is
-/// materialised. Returns `[t, heads * head_dim]`.
+/// materialised. Takes several independent calls (the frames of a request's images)
+/// and runs them in one parallel region, as [`causal_attention_many`] does; each
+/// call's window is not used. Returns one `[t, heads * head_dim]` tensor per call.
 ///
 /// # Errors
-/// As [`causal_attention`].
-pub(crate) fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    attention_impl(q, k, v, usize::MAX, Kernel::best(), false)
+/// As [`causal_attention`], for the first call that fails its checks.
+pub(crate) fn full_attention_many(calls: &[Call<'_>]) -> Result<Vec<Tensor>> {
+    attention_calls(calls, Kernel::best(), false)
 }
 
 /// [`causal_attention`] with a chosen kernel (the portable one when `kernel` is not
@@ -196,11 +202,48 @@ fn attention_impl(
     kernel: Kernel,
     causal: bool,
 ) -> Result<Tensor> {
-    let kernel = if kernel.is_available() {
-        kernel
-    } else {
-        Kernel::Portable
-    };
+    let mut out = attention_calls(&[Call { q, k, v, window }], kernel, causal)?;
+    out.pop()
+        .ok_or_else(|| input_error("queries", "gave no result".to_string()))
+}
+
+/// The inputs of one attention: queries, keys and values as [`causal_attention`]
+/// takes them, and the window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call<'t> {
+    pub(crate) q: &'t Tensor,
+    pub(crate) k: &'t Tensor,
+    pub(crate) v: &'t Tensor,
+    pub(crate) window: usize,
+}
+
+/// [`causal_attention`] of several independent calls (the sequences of a batched
+/// decode step, each over its own cache) in one parallel region: their tasks share
+/// the pool, so a step of many one-row sequences forks and joins once per layer, not
+/// once per sequence, and its threads share out every sequence's tasks. Each result
+/// is the one its call gives alone, bit for bit (a row's arithmetic does not depend
+/// on how its keys are split among tasks). Returns one `[t, heads * head_dim]` tensor
+/// per call, in order.
+///
+/// # Errors
+/// As [`causal_attention`], for the first call that fails its checks.
+pub(crate) fn causal_attention_many(calls: &[Call<'_>]) -> Result<Vec<Tensor>> {
+    attention_calls(calls, Kernel::best(), true)
+}
+
+/// One checked call: its sizes and its tensors read in place.
+struct Prepared<'a> {
+    dims: Dims,
+    heads: usize,
+    kv_heads: usize,
+    q: View<'a, f32>,
+    k: Rows<'a>,
+    v: Rows<'a>,
+}
+
+/// Checks one call's shapes and returns its sizes, `(dims, heads, kv_heads)`.
+fn check_call(call: &Call<'_>, causal: bool) -> Result<(Dims, usize, usize)> {
+    let Call { q, k, v, window } = *call;
     let (heads, t, head_dim) = match *q.dims() {
         [1, heads, t, d] => (heads, t, d),
         _ => return Err(shape_error("attention queries", q, &[1, 0, 0, 0])),
@@ -250,85 +293,146 @@ fn attention_impl(
         t,
         len,
         head_dim,
-        window,
+        // Without the causal mask every query sees every key.
+        window: if causal { window } else { usize::MAX },
         scale: (1.0 / (head_dim as f64).sqrt()) as f32,
         block: (TASK_ROWS / n_rep).max(1),
         causal,
     };
+    Ok((dims, heads, kv_heads))
+}
 
-    let (q_storage, q_layout) = q.storage_and_layout();
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let qv = View::new(
-        "queries",
-        cpu_f32("queries", q.dtype(), &q_storage)?,
-        q_layout,
-    )?;
-    let kv = Rows::new("keys", k.dtype(), &k_storage, k_layout, head_dim)?;
-    let vv = Rows::new("values", v.dtype(), &v_storage, v_layout, head_dim)?;
-
-    let blocks = t.div_ceil(dims.block);
-    // One task per kv head and block: every query head of the kv head shares the
-    // task's reads of the keys and values. When that leaves threads idle (a decode
-    // step: one block per kv head), each segment of keys is a task of its own and the
-    // segments' states are merged here, in order, as a whole-range task merges them:
-    // the result is the same either way. (Splitting per query head instead read the
-    // cache three times and was 12-15% slower at 2,048 positions.)
-    let split = kv_heads * blocks < 2 * rayon::current_num_threads();
-    let tasks: Vec<Task> = (0..kv_heads)
-        .flat_map(|g| (0..blocks).map(move |b| (g, b)))
-        .flat_map(|(g, b)| {
-            let (lo, hi) = dims.keys(b);
-            let keys: Vec<Range<usize>> = if split {
-                (lo / SEGMENT..hi.div_ceil(SEGMENT))
-                    .map(|s| s * SEGMENT..(s + 1) * SEGMENT)
-                    .collect()
-            } else {
-                std::iter::once(0..len).collect()
-            };
-            keys.into_iter().map(move |keys| Task {
-                g,
-                b,
-                reps: 0..n_rep,
-                keys,
-            })
+fn attention_calls(calls: &[Call<'_>], kernel: Kernel, causal: bool) -> Result<Vec<Tensor>> {
+    let kernel = if kernel.is_available() {
+        kernel
+    } else {
+        Kernel::Portable
+    };
+    let sizes = calls
+        .iter()
+        .map(|c| check_call(c, causal))
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = calls
+        .iter()
+        .map(|c| {
+            [
+                c.q.storage_and_layout(),
+                c.k.storage_and_layout(),
+                c.v.storage_and_layout(),
+            ]
         })
         .collect();
-    let run = |task: &Task| run_task(&dims, &qv, &kv, &vv, task, kernel);
-    let work = heads
-        .saturating_mul(t)
-        .saturating_mul(len)
-        .saturating_mul(head_dim);
+    let mut prepared = Vec::with_capacity(calls.len());
+    for ((call, &(dims, heads, kv_heads)), [(qs, ql), (ks, kl), (vs, vl)]) in
+        calls.iter().zip(&sizes).zip(&guards)
+    {
+        let hd = dims.head_dim;
+        prepared.push(Prepared {
+            dims,
+            heads,
+            kv_heads,
+            q: View::new("queries", cpu_f32("queries", call.q.dtype(), qs)?, ql)?,
+            k: Rows::new("keys", call.k.dtype(), ks, kl, hd)?,
+            v: Rows::new("values", call.v.dtype(), vs, vl, hd)?,
+        });
+    }
+
+    // One task per call, kv head and block: every query head of the kv head shares
+    // the task's reads of the keys and values. When that leaves threads idle (a
+    // decode step: one block per kv head), each segment of keys is a task of its own
+    // and the segments' states are merged below, in order, as a whole-range task
+    // merges them: the result is the same either way. (Splitting per query head
+    // instead read the cache three times and was 12-15% slower at 2,048 positions.)
+    let whole: usize = prepared
+        .iter()
+        .map(|p| p.kv_heads * p.dims.t.div_ceil(p.dims.block))
+        .sum();
+    let split = whole < 2 * rayon::current_num_threads();
+    let mut tasks: Vec<Task> = Vec::new();
+    for (call, p) in prepared.iter().enumerate() {
+        let d = p.dims;
+        for g in 0..p.kv_heads {
+            for b in 0..d.t.div_ceil(d.block) {
+                let (lo, hi) = d.keys(b);
+                let mut push = |keys| {
+                    tasks.push(Task {
+                        call,
+                        g,
+                        b,
+                        reps: 0..d.n_rep,
+                        keys,
+                    })
+                };
+                if split {
+                    for s in lo / SEGMENT..hi.div_ceil(SEGMENT) {
+                        push(s * SEGMENT..(s + 1) * SEGMENT);
+                    }
+                } else {
+                    push(0..d.len);
+                }
+            }
+        }
+    }
+    let run = |task: &Task| match prepared.get(task.call) {
+        Some(p) => run_task(&p.dims, &p.q, &p.k, &p.v, task, kernel),
+        None => State::empty(0, 0), // Unreachable: tasks index `prepared`.
+    };
+    let work = prepared.iter().fold(0usize, |w, p| {
+        let d = &p.dims;
+        w.saturating_add(
+            p.heads
+                .saturating_mul(d.t)
+                .saturating_mul(d.len)
+                .saturating_mul(d.head_dim),
+        )
+    });
     let results: Vec<State> = if tasks.len() > 1 && work >= PARALLEL_WORK {
         tasks.par_iter().map(run).collect()
     } else {
         tasks.iter().map(run).collect()
     };
 
-    let width = heads * head_dim;
-    let mut out = afo_quant::kernels::zeroed(t * width);
+    let mut outs: Vec<Vec<f32>> = prepared
+        .iter()
+        .map(|p| afo_quant::kernels::zeroed(p.dims.t * p.heads * p.dims.head_dim))
+        .collect();
     let mut i = 0;
     while i < tasks.len() {
-        // The tasks of one kv head and block, in key order.
-        let (g, b) = (tasks[i].g, tasks[i].b);
-        let mut total = State::empty(results[i].max.len(), head_dim);
-        while i < tasks.len() && (tasks[i].g, tasks[i].b) == (g, b) {
-            total.merge(&results[i], head_dim);
+        // The tasks of one call, kv head and block, in key order.
+        let (call, g, b) = (tasks[i].call, tasks[i].g, tasks[i].b);
+        let (Some(p), Some(out)) = (prepared.get(call), outs.get_mut(call)) else {
+            break; // Unreachable: tasks index `prepared`.
+        };
+        let (d, hd) = (&p.dims, p.dims.head_dim);
+        let width = p.heads * hd;
+        let mut total = State::empty(results[i].max.len(), hd);
+        while i < tasks.len() && (tasks[i].call, tasks[i].g, tasks[i].b) == (call, g, b) {
+            total.merge(&results[i], hd);
             i += 1;
         }
-        let i0 = b * dims.block;
-        for (r, (src, l)) in total.acc.chunks_exact(head_dim).zip(&total.sum).enumerate() {
-            let pos = i0 + r / n_rep;
-            let h = g * n_rep + r % n_rep;
-            let at = pos * width + h * head_dim;
-            if let Some(dst) = out.get_mut(at..at + head_dim) {
+        let i0 = b * d.block;
+        for (r, (src, l)) in total.acc.chunks_exact(hd).zip(&total.sum).enumerate() {
+            let pos = i0 + r / d.n_rep;
+            let h = g * d.n_rep + r % d.n_rep;
+            let at = pos * width + h * hd;
+            if let Some(dst) = out.get_mut(at..at + hd) {
                 for (o, a) in dst.iter_mut().zip(src) {
                     *o = a / l;
                 }
             }
         }
     }
-    Ok(Tensor::from_vec(out, (t, width), q.device())?)
+    drop(prepared);
+    outs.into_iter()
+        .zip(calls.iter().zip(&sizes))
+        .map(|(out, (c, (d, heads, _)))| {
+            Ok(Tensor::from_vec(
+                out,
+                (d.t, heads * d.head_dim),
+                c.q.device(),
+            )?)
+        })
+        .collect()
 }
 
 fn shape_error(name: &str, got: &Tensor, expected: &[usize]) -> Error {
@@ -422,14 +526,15 @@ impl<'a> Rows<'a> {
                     out.copy_from_slice(r);
                 }
             }
+            // Exact conversions, vectorised where the CPU can (F16C for f16).
             Rows::F16(v) => {
                 if let Some(r) = v.head(h).get(j * v.row_stride..j * v.row_stride + hd) {
-                    out.iter_mut().zip(r).for_each(|(o, x)| *o = x.to_f32());
+                    r.convert_to_f32_slice(out);
                 }
             }
             Rows::Bf16(v) => {
                 if let Some(r) = v.head(h).get(j * v.row_stride..j * v.row_stride + hd) {
-                    out.iter_mut().zip(r).for_each(|(o, x)| *o = x.to_f32());
+                    r.convert_to_f32_slice(out);
                 }
             }
             Rows::Q8_0(v) => {
@@ -507,6 +612,8 @@ impl<'a, T> View<'a, T> {
 /// block `b`, over the keys in `keys` (a whole number of [`SEGMENT`]s, or all).
 #[derive(Debug, Clone)]
 struct Task {
+    /// The call (of [`causal_attention_many`]) the task belongs to.
+    call: usize,
     g: usize,
     b: usize,
     reps: Range<usize>,
@@ -1547,8 +1654,20 @@ mod tests {
             window: usize::MAX,
         };
         let (q, k, v) = inputs(&c, 9, false);
-        assert_eq!(full_attention(&q, &k, &v).unwrap().dims(), &[4, 32]);
-        assert!(full_attention(&q, &k.narrow(3, 0, 8).unwrap(), &v).is_err());
+        let one = |k: &Tensor| {
+            full_attention_many(&[Call {
+                q: &q,
+                k,
+                v: &v,
+                window: 1,
+            }])
+        };
+        let got = one(&k).unwrap();
+        assert_eq!(got[0].dims(), &[4, 32]);
+        // The window does not apply without the mask.
+        let want = attention_impl(&q, &k, &v, usize::MAX, Kernel::best(), false).unwrap();
+        assert_eq!(max_rel_diff(&got[0], &want), 0.0);
+        assert!(one(&k.narrow(3, 0, 8).unwrap()).is_err());
     }
 
     #[test]
@@ -1731,6 +1850,165 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn many_calls_give_each_call_its_own_bits() {
+        use afo_kvcache::{KvCacheConfig, KvFormat};
+        // The sequences of a batched step: different lengths, windows, head counts
+        // and cache formats, decode steps and a short prefill, in one parallel region
+        // (two calls of one kv head in a row: their tasks must not merge).
+        let cases = [
+            (
+                Case {
+                    heads: 2,
+                    kv: 1,
+                    hd: 32,
+                    t: 1,
+                    past: 40,
+                    window: usize::MAX,
+                },
+                KvFormat::F32,
+            ),
+            (
+                Case {
+                    heads: 2,
+                    kv: 1,
+                    hd: 32,
+                    t: 1,
+                    past: 300,
+                    window: usize::MAX,
+                },
+                KvFormat::F32,
+            ),
+            (
+                Case {
+                    heads: 9,
+                    kv: 3,
+                    hd: 64,
+                    t: 1,
+                    past: 150,
+                    window: usize::MAX,
+                },
+                KvFormat::F32,
+            ),
+            (
+                Case {
+                    heads: 9,
+                    kv: 3,
+                    hd: 64,
+                    t: 1,
+                    past: 700,
+                    window: 300,
+                },
+                KvFormat::F16,
+            ),
+            (
+                Case {
+                    heads: 9,
+                    kv: 3,
+                    hd: 64,
+                    t: 9,
+                    past: 80,
+                    window: usize::MAX,
+                },
+                KvFormat::Q8_0,
+            ),
+            (
+                Case {
+                    heads: 4,
+                    kv: 4,
+                    hd: 32,
+                    t: 1,
+                    past: 10,
+                    window: 4,
+                },
+                KvFormat::BF16,
+            ),
+            (
+                Case {
+                    heads: 9,
+                    kv: 3,
+                    hd: 64,
+                    t: 1,
+                    past: 0,
+                    window: usize::MAX,
+                },
+                KvFormat::F32,
+            ),
+        ];
+        let tensors: Vec<(Tensor, Tensor, Tensor)> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (c, format))| {
+                let (q, k, v) = inputs(c, 70 + i as u64, i % 2 == 1);
+                let config = KvCacheConfig {
+                    layers: 1,
+                    kv_heads: c.kv,
+                    head_dim: c.hd,
+                    max_tokens: 1 << 12,
+                    block_tokens: 64,
+                    format: *format,
+                    budget_tokens: None,
+                    policy: Default::default(),
+                };
+                (q, config.encode(&k).unwrap(), config.encode(&v).unwrap())
+            })
+            .collect();
+        let calls: Vec<Call<'_>> = tensors
+            .iter()
+            .zip(&cases)
+            .map(|((q, k, v), (c, _))| Call {
+                q,
+                k,
+                v,
+                window: c.window,
+            })
+            .collect();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        for kernel in kernels() {
+            let alone: Vec<Vec<u32>> = calls
+                .iter()
+                .map(|c| bits(&attention_with(c.q, c.k, c.v, c.window, kernel).unwrap()))
+                .collect();
+            // One thread: one task per kv head; more: the segments of keys split.
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let many = pool
+                    .install(|| attention_calls(&calls, kernel, true))
+                    .unwrap();
+                assert_eq!(many.len(), calls.len());
+                for (i, (m, a)) in many.iter().zip(&alone).enumerate() {
+                    let (c, _) = &cases[i];
+                    assert_eq!(m.dims(), &[c.t, c.heads * c.hd]);
+                    assert_eq!(&bits(m), a, "{kernel:?} call {i}, {threads} threads");
+                }
+            }
+        }
+        assert!(causal_attention_many(&[]).unwrap().is_empty());
+        // A call that fails its checks fails the whole batch, and says which tensor.
+        let (q, k, _) = &tensors[0];
+        let short = k.narrow(2, 0, 10).unwrap();
+        let mut bad = calls.clone();
+        bad.insert(
+            1,
+            Call {
+                q,
+                k,
+                v: &short,
+                window: 9,
+            },
+        );
+        assert!(matches!(
+            causal_attention_many(&bad),
+            Err(Error::TensorShape { .. })
+        ));
     }
 
     #[test]

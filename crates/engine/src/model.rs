@@ -587,8 +587,30 @@ impl Model {
             let mut rows = Vec::with_capacity(b);
             for (s, (cache, step)) in caches.iter_mut().zip(&mut steps).enumerate() {
                 let row = |t: &Tensor| t.narrow(0, s, 1);
-                rows.push(self.attend(i, layer, &row(&q)?, &row(&k)?, &row(&v)?, cache, step)?);
+                rows.push(self.attend_inputs(
+                    i,
+                    layer,
+                    &row(&q)?,
+                    &row(&k)?,
+                    &row(&v)?,
+                    cache,
+                    step,
+                )?);
             }
+            // The fused attentions of all sequences in one parallel region.
+            let calls: Vec<_> = rows.iter().filter_map(Attended::call).collect();
+            let mut fused = crate::attention::causal_attention_many(&calls)?.into_iter();
+            let rows = rows
+                .into_iter()
+                .map(|a| match a {
+                    Attended::Done(t) => Ok(t),
+                    // One result per call (`causal_attention_many`).
+                    Attended::Fused { .. } => fused.next().ok_or(Error::AttentionInput {
+                        tensor: "queries",
+                        reason: "of a batched step got no attention result".to_string(),
+                    }),
+                })
+                .collect::<Result<Vec<_>>>()?;
             let attn = Tensor::cat(&rows, 0)?;
             x = add(&x, &layer.o.forward_sequences(&attn)?)?;
             x = add(&x, &self.mlp(layer, &x, true)?)?;
@@ -637,6 +659,27 @@ impl Model {
         cache: &mut KvCache,
         seq: &mut SeqStep,
     ) -> Result<Tensor> {
+        match self.attend_inputs(i, layer, q, k, v, cache, seq)? {
+            Attended::Done(out) => Ok(out),
+            Attended::Fused { q, k, v, window } => {
+                crate::attention::causal_attention(&q, &k, &v, window)
+            }
+        }
+    }
+
+    /// [`Model::attend`] up to the fused kernel: the queries, keys and values it
+    /// takes ([`Attended::Fused`]), or the result of the materialised product.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_inputs(
+        &self,
+        i: usize,
+        layer: &Layer,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        seq: &mut SeqStep,
+    ) -> Result<Attended> {
         let c = &self.config;
         let t = seq.t;
         let eps = c.rms_norm_eps as f32;
@@ -669,7 +712,12 @@ impl Model {
         if seq.fused {
             // f32 queries and caches of any format on the CPU (`fused_attention`); the
             // kernel checks its inputs and says what is wrong otherwise.
-            return crate::attention::causal_attention(&q, &k_all, &v_all, seq.window);
+            return Ok(Attended::Fused {
+                q,
+                k: k_all,
+                v: v_all,
+                window: seq.window,
+            });
         }
         // The materialised product needs f32 keys and values (a copy of this layer's
         // when the cache holds another format: counted by `attention_memory`).
@@ -695,11 +743,42 @@ impl Model {
         if seq.observe {
             cache.observe(i, &probs)?;
         }
-        Ok(probs
-            .matmul(&v_all)?
-            .reshape((1, c.num_heads, t, c.head_dim))?
-            .transpose(1, 2)?
-            .reshape((t, c.num_heads * c.head_dim))?)
+        Ok(Attended::Done(
+            probs
+                .matmul(&v_all)?
+                .reshape((1, c.num_heads, t, c.head_dim))?
+                .transpose(1, 2)?
+                .reshape((t, c.num_heads * c.head_dim))?,
+        ))
+    }
+}
+
+/// One sequence's attention, done or ready for the fused kernel.
+enum Attended {
+    /// The output, `[t, heads x head_dim]` (the materialised product).
+    Done(Tensor),
+    /// The inputs of [`crate::attention::causal_attention`]: queries
+    /// `[1, heads, t, head_dim]`, the cache's keys and values, the window.
+    Fused {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        window: usize,
+    },
+}
+
+impl Attended {
+    /// The fused kernel's call, for [`Attended::Fused`].
+    fn call(&self) -> Option<crate::attention::Call<'_>> {
+        match self {
+            Attended::Done(_) => None,
+            Attended::Fused { q, k, v, window } => Some(crate::attention::Call {
+                q,
+                k,
+                v,
+                window: *window,
+            }),
+        }
     }
 }
 
@@ -1227,8 +1306,18 @@ mod tests {
         let next = [11u32, 4, 29];
         let mut alone = Vec::new();
         let mut caches = Vec::new();
-        for (p, n) in prompts.iter().zip(next) {
-            let mut a = m.new_cache(32);
+        // The second sequence's policy observes attention: the materialised path,
+        // batched with fused ones.
+        let h2o = PrunePolicy::HeavyHitters {
+            budget: 64,
+            recent: 8,
+        };
+        for (s, (p, n)) in prompts.iter().zip(next).enumerate() {
+            let mut a = if s == 1 {
+                m.new_pruned_cache(32, Some(64), h2o)
+            } else {
+                m.new_cache(32)
+            };
             m.forward(p, &mut a, Logits::Last).unwrap();
             let mut b = a.clone();
             alone.push(

@@ -336,16 +336,27 @@ impl VisionEncoder {
         let v = part(2)?;
         // Each frame's patches attend to each other, through the fused kernel: no
         // score matrix (`heads x patches x patches`) is materialised.
-        let mut outputs = Vec::new();
+        // Every frame of every image in one parallel region.
+        let mut frames = Vec::new();
         let mut start = 0usize;
         for g in grids {
             let frame = g[1] * g[2];
             for _ in 0..g[0] {
                 let f = |x: &Tensor| x.narrow(2, start, frame);
-                outputs.push(crate::attention::full_attention(&f(&q)?, &f(&k)?, &f(&v)?)?);
+                frames.push([f(&q)?, f(&k)?, f(&v)?]);
                 start += frame;
             }
         }
+        let calls: Vec<_> = frames
+            .iter()
+            .map(|[q, k, v]| crate::attention::Call {
+                q,
+                k,
+                v,
+                window: usize::MAX,
+            })
+            .collect();
+        let mut outputs = crate::attention::full_attention_many(&calls)?;
         let out = match outputs.len() {
             1 => outputs.swap_remove(0),
             _ => Tensor::cat(&outputs, 0)?,
