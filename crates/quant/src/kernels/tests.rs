@@ -1036,8 +1036,12 @@ fn row_major_batches_up_to_the_stream_limit_give_each_row_its_own_bits() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut compared = 0usize;
     for kernel in available_kernels() {
-        for dtype in ["f32", "f16", "bf16"] {
-            let (n_out, k) = (72, 100);
+        // Shapes: an odd row count (the AVX-512 kernel takes weight rows in pairs,
+        // the last alone), and k with every tail (32s, a 16, an 8, single values).
+        for (dtype, (n_out, k)) in ["f32", "f16", "bf16"]
+            .into_iter()
+            .flat_map(|d| [(72, 100), (37, 123)].map(|s| (d, s)))
+        {
             let (wd, owned) = dense_case(dtype, n_out, k, 51);
             let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
             let m = DENSE_ROWS_STREAM_MAX_ROWS + 1;
