@@ -66,7 +66,7 @@
 //!
 //! # Memory
 //!
-//! With `R` as above, `hd = head_dim` and `C =` [`KEY_CHUNK`] (64), a task allocates
+//! With `R` as above, `hd = head_dim` and `C =` [`KEY_CHUNK`] (64), a task works in
 //!
 //! ```text
 //! scratch_bytes(R) = 4 * (3 * R * hd + 4 * R + 4 * C + hd * C)
@@ -76,7 +76,8 @@
 //! state (`R * hd` each), their maxima and sums (`R` each), one group's scores
 //! (`4 * C`) and the transposed key chunk (`hd * C`), plus `4 * (8 * hd + C * hd)` for
 //! a cache not held in f32 (eight decoded key rows and a chunk of decoded values). At
-//! most one task per thread runs at a time. The state of each finished task
+//! most one task per thread runs at a time, and each thread keeps these buffers from
+//! one task to the next (the largest `R` it has run: tens of KiB). The state of each finished task
 //! (`4 * (R * hd + 2 * R)` bytes) is kept until all tasks are done and then merged
 //! into the output tensor, so a call holds at most
 //!
@@ -622,7 +623,7 @@ struct Task {
 
 /// The online softmax's state of a task's rows: running maxima, sums, and the
 /// unnormalised accumulators (`rows x head_dim`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct State {
     max: Vec<f32>,
     sum: Vec<f32>,
@@ -675,6 +676,14 @@ impl State {
         self.sum.fill(0.0);
         self.acc.fill(0.0);
     }
+
+    /// [`State::empty`] in place: `rows` rows of `hd`, reusing the buffers.
+    fn resize(&mut self, rows: usize, hd: usize) {
+        self.max.resize(rows, 0.0);
+        self.sum.resize(rows, 0.0);
+        self.acc.resize(rows * hd, 0.0);
+        self.reset();
+    }
 }
 
 /// The keys of a chunk starting at key `c0` with `n` keys that the query at key index
@@ -696,13 +705,61 @@ fn run_task(
     task: &Task,
     kernel: Kernel,
 ) -> State {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => run_task_in(d, q, k, v, task, kernel, &mut scratch),
+        // Unreachable (a task runs no other task), but a fresh scratch is as good.
+        Err(_) => run_task_in(d, q, k, v, task, kernel, &mut Scratch::default()),
+    })
+}
+
+/// A task's working buffers, kept per thread from one task to the next (a batched
+/// decode step runs hundreds of small tasks; allocating and zeroing their buffers
+/// each time cost more than some of their arithmetic). Every buffer is written
+/// before it is read.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// The task's query rows.
+    qs: Vec<f32>,
+    /// The state of the current segment.
+    seg: State,
+    /// The transposed key chunk.
+    kt: Vec<f32>,
+    /// One group's scores.
+    s: Vec<f32>,
+    /// Decoded key rows (caches not in f32).
+    kdec: Vec<f32>,
+    /// Decoded value rows (caches not in f32).
+    vdec: Vec<f32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_task_in(
+    d: &Dims,
+    q: &View<'_, f32>,
+    k: &Rows<'_>,
+    v: &Rows<'_>,
+    task: &Task,
+    kernel: Kernel,
+    scratch: &mut Scratch,
+) -> State {
+    let Scratch {
+        qs,
+        seg,
+        kt,
+        s,
+        kdec,
+        vdec,
+    } = scratch;
     let (g, b) = (task.g, task.b);
     let nrep = task.reps.len();
     let hd = d.head_dim;
     let i0 = b * d.block;
     let i1 = (i0 + d.block).min(d.t);
     let rows = (i1 - i0) * nrep;
-    let mut qs = Vec::with_capacity(rows * hd);
+    qs.clear();
     for i in i0..i1 {
         for h in g * d.n_rep + task.reps.start..g * d.n_rep + task.reps.end {
             let head = q.head(h);
@@ -729,19 +786,17 @@ fn run_task(
     // with, nor on how the keys are split among tasks.
     let (lo, hi) = d.keys(b);
     let (lo, hi) = (lo.max(task.keys.start), hi.min(task.keys.end));
-    let mut seg = State::empty(rows, hd);
-    let mut kt = vec![0.0f32; hd * KEY_CHUNK];
-    let mut s = vec![0.0f32; GROUP * KEY_CHUNK];
+    seg.resize(rows, hd);
+    kt.resize(hd * KEY_CHUNK, 0.0);
+    s.resize(GROUP * KEY_CHUNK, 0.0);
     // Rows not held in f32 are decoded: eight key rows at a time before their
     // transpose, a chunk of value rows at a time.
-    let mut kdec = match k.f32_head(g) {
-        Some(_) => Vec::new(),
-        None => vec![0.0f32; 8 * hd],
-    };
-    let mut vdec = match v.f32_head(g) {
-        Some(_) => Vec::new(),
-        None => vec![0.0f32; KEY_CHUNK * hd],
-    };
+    if k.f32_head(g).is_none() {
+        kdec.resize(8 * hd, 0.0);
+    }
+    if v.f32_head(g).is_none() {
+        vdec.resize(KEY_CHUNK * hd, 0.0);
+    }
 
     let mut c0 = lo;
     while c0 < hi {
@@ -749,9 +804,9 @@ fn run_task(
             total.merge(&seg, hd);
             seg.reset();
         }
-        let State { max, sum, acc } = &mut seg;
+        let State { max, sum, acc } = &mut *seg;
         let n = (hi - c0).min(KEY_CHUNK);
-        transpose_keys(kernel, k, g, c0, n, hd, &mut kt, &mut kdec);
+        transpose_keys(kernel, k, g, c0, n, hd, kt, kdec);
         let (vchunk, vrs) = match v.f32_head(g) {
             Some((vh, vrs)) => match vh.get(c0 * vrs..) {
                 Some(chunk) => (chunk, vrs),
@@ -777,7 +832,7 @@ fn run_task(
             let Some(cols) = cols else { continue };
             let qg = &qs[r0 * hd..(r0 + nr) * hd];
             let padded = cols.start / COLS * COLS..cols.end.div_ceil(COLS) * COLS;
-            scores(kernel, qg, hd, &kt, &mut s, nr, padded);
+            scores(kernel, qg, hd, kt, s, nr, padded);
             for (j, range) in ranges[..nr].iter().enumerate() {
                 let r = r0 + j;
                 let srow = &mut s[j * KEY_CHUNK..(j + 1) * KEY_CHUNK];
