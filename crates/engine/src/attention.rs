@@ -801,7 +801,7 @@ fn run_task_in(
     let mut c0 = lo;
     while c0 < hi {
         if c0.is_multiple_of(SEGMENT) && c0 != lo {
-            total.merge(&seg, hd);
+            total.merge(seg, hd);
             seg.reset();
         }
         let State { max, sum, acc } = &mut *seg;
@@ -857,7 +857,7 @@ fn run_task_in(
         }
         c0 += n;
     }
-    total.merge(&seg, hd);
+    total.merge(seg, hd);
     total
 }
 
