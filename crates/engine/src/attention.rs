@@ -853,7 +853,7 @@ fn run_task_in(
                 }
             }
             let ag = &mut acc[r0 * hd..(r0 + nr) * hd];
-            accumulate(kernel, &s, vchunk, vrs, ag, nr, hd, cols);
+            accumulate(kernel, s, vchunk, vrs, ag, nr, hd, cols);
         }
         c0 += n;
     }
