@@ -29,6 +29,7 @@ use std::sync::RwLock;
 use afo_kvcache::{KvCache, KvCacheConfig, KvFormat, PrunePolicy};
 use afo_quant::QLinear;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::activation::add;
 use crate::config::{ModelConfig, RopeScaling};
@@ -572,7 +573,6 @@ impl Model {
 
     fn forward_batch_in_pool(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let c = &self.config;
-        let b = tokens.len();
         let mut steps = caches
             .iter_mut()
             .map(|cache| SeqStep::new(self, cache, 1))
@@ -584,19 +584,16 @@ impl Model {
             // Each row is its own sequence: computed as it would be alone, so that
             // batching never changes what a sequence generates.
             let [q, k, v] = QLinear::forward_many_sequences([&layer.q, &layer.k, &layer.v], &h)?;
-            let mut rows = Vec::with_capacity(b);
-            for (s, (cache, step)) in caches.iter_mut().zip(&mut steps).enumerate() {
-                let row = |t: &Tensor| t.narrow(0, s, 1);
-                rows.push(self.attend_inputs(
-                    i,
-                    layer,
-                    &row(&q)?,
-                    &row(&k)?,
-                    &row(&v)?,
-                    cache,
-                    step,
-                )?);
-            }
+            // Each sequence's heads, RoPE and cache append, on the pool's threads.
+            let rows = caches
+                .par_iter_mut()
+                .zip(steps.par_iter_mut())
+                .enumerate()
+                .map(|(s, (cache, step))| {
+                    let row = |t: &Tensor| t.narrow(0, s, 1);
+                    self.attend_inputs(i, layer, &row(&q)?, &row(&k)?, &row(&v)?, cache, step)
+                })
+                .collect::<Result<Vec<_>>>()?;
             // The fused attentions of all sequences in one parallel region.
             let calls: Vec<_> = rows.iter().filter_map(Attended::call).collect();
             let mut fused = crate::attention::causal_attention_many(&calls)?.into_iter();
