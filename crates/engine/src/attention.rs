@@ -23,14 +23,15 @@
 //!
 //! Online softmax. The work is split into tasks, one per kv head and block of query
 //! positions of each call (the sequences of a batched decode step are calls of one
-//! [`causal_attention_many`], whose tasks share one parallel region): a block holds `B = max(1, TASK_ROWS / n_rep)` positions, so a task has
-//! `R = n_rep * min(t, B)` query rows (every query head of the kv head at every
-//! position of the block, position-major), and the keys and values it reads serve all
-//! of them. A task walks the keys that any of its rows can see (from the window's
-//! start for its first position to its last position: fully masked key chunks are
-//! never visited) in chunks of [`KEY_CHUNK`] aligned to multiples of [`KEY_CHUNK`].
-//! Each chunk of keys is transposed once into scratch, shared by all the task's rows.
-//! For each group of four query rows:
+//! [`causal_attention_many`], whose tasks share one parallel region): a block holds
+//! `B = max(1, TASK_ROWS / n_rep)` positions, so a task has `R = n_rep * min(t, B)`
+//! query rows (every query head of the kv head at every position of the block,
+//! position-major), and the keys and values it reads serve all of them. A task walks
+//! the keys that any of its rows can see (from the window's start for its first
+//! position to its last position: fully masked key chunks are never visited) in chunks
+//! of [`KEY_CHUNK`] aligned to multiples of [`KEY_CHUNK`]. Each chunk of keys is
+//! transposed once into scratch, shared by all the task's rows. For each group of four
+//! query rows:
 //!
 //! 1. a micro-kernel computes the scores of the columns the group sees (a small GEMM
 //!    against the transposed chunk; each score sums over `head_dim` in order);
@@ -42,14 +43,14 @@
 //! 3. a second micro-kernel adds the probabilities times the value rows (read in
 //!    place) to the group's accumulators.
 //!
-//! Every [`SEGMENT`] keys (256, aligned) a row's state starts afresh, and the
-//! segments' states are merged in key order by one function (`State::merge`: both
-//! rescaled to the larger maximum; a segment the row sees nothing of changes nothing).
-//! A task over many segments merges them as it goes. When the tasks would leave
-//! threads idle (fewer than two per thread, counting every call's: a decode step of
-//! one sequence has one per kv head), each segment of each kv head is a task of its
-//! own and the call merges their states in the same order — flash-decoding, with the same result as one task. At the end each
-//! row is divided by its sum and copied into the output.
+//! Every [`SEGMENT`] keys (256, aligned) a row's state starts afresh, and the segments'
+//! states are merged in key order by one function (`State::merge`: both rescaled to the
+//! larger maximum; a segment the row sees nothing of changes nothing). A task over many
+//! segments merges them as it goes. When the tasks would leave threads idle (fewer than
+//! two per thread, counting every call's: a decode step of one sequence has one per kv
+//! head), each segment of each kv head is a task of its own and the call merges their
+//! states in the same order — flash-decoding, with the same result as one task. At the
+//! end each row is divided by its sum and copied into the output.
 //!
 //! A row's arithmetic does not depend on the other rows computed with it nor on how
 //! its keys are split among tasks: the chunks and segments are aligned, each score
@@ -72,29 +73,29 @@
 //! scratch_bytes(R) = 4 * (3 * R * hd + 4 * R + 4 * C + hd * C)
 //! ```
 //!
-//! its query rows and the accumulators of its current segment and of its merged
-//! state (`R * hd` each), their maxima and sums (`R` each), one group's scores
-//! (`4 * C`) and the transposed key chunk (`hd * C`), plus `4 * (8 * hd + C * hd)` for
-//! a cache not held in f32 (eight decoded key rows and a chunk of decoded values). At
-//! most one task per thread runs at a time, and each thread keeps these buffers from
-//! one task to the next (the largest `R` it has run: tens of KiB). The state of each finished task
-//! (`4 * (R * hd + 2 * R)` bytes) is kept until all tasks are done and then merged
-//! into the output tensor, so a call holds at most
+//! its query rows and the accumulators of its current segment and of its merged state
+//! (`R * hd` each), their maxima and sums (`R` each), one group's scores (`4 * C`) and
+//! the transposed key chunk (`hd * C`), plus `4 * (8 * hd + C * hd)` for a cache not
+//! held in f32 (eight decoded key rows and a chunk of decoded values). At most one task
+//! per thread runs at a time, and each thread keeps these buffers from one task to the
+//! next (the largest `R` it has run: tens of KiB). The state of each finished task
+//! (`4 * (R * hd + 2 * R)` bytes) is kept until all tasks are done and then merged into
+//! the output tensor, so a call holds at most
 //!
 //! ```text
 //! threads * scratch_bytes(R) + 2 * 4 * t * heads * hd + S
 //! ```
 //!
-//! bytes (the second term: the tasks' results and the output, summed over the calls
-//! of a batch), where `S` is the segment states of a split call, `4 * kv_heads *
-//! ceil(len / SEGMENT) * (R * hd + 2 * R)`: the only part that grows with `len`, 77 KB
-//! for a SmolLM2 decode step at 8,192 keys (under the estimator's base overhead). A
-//! batch splits only when all its calls have fewer than `2 * threads` tasks in all,
-//! so its segment states stay within `S` for `2 * threads` kv heads, whatever the
-//! number of sequences. For SmolLM2-135M (`n_rep` 3,
-//! `hd` 64, so `B` 21): prefill `R` 63, 66,800 bytes per task; decode `R` 3, 19,760
-//! bytes per task. The materialised path held at least `4 * heads * t * len` bytes of
-//! scores per layer (9.4 MB for a 512-token prefill), several copies of it.
+//! bytes (the second term: the tasks' results and the output, summed over the calls of
+//! a batch), where `S` is the segment states of a split call,
+//! `4 * kv_heads * ceil(len / SEGMENT) * (R * hd + 2 * R)`: the only part that grows
+//! with `len`, 77 KB for a SmolLM2 decode step at 8,192 keys (under the estimator's
+//! base overhead). A batch splits only when all its calls have fewer than `2 * threads`
+//! tasks in all, so its segment states stay within `S` for `2 * threads` kv heads,
+//! whatever the number of sequences. For SmolLM2-135M (`n_rep` 3, `hd` 64, so `B` 21):
+//! prefill `R` 63, 66,800 bytes per task; decode `R` 3, 19,760 bytes per task. The
+//! materialised path held at least `4 * heads * t * len` bytes of scores per layer (9.4
+//! MB for a 512-token prefill), several copies of it.
 
 use std::ops::Range;
 
@@ -423,15 +424,11 @@ fn attention_calls(calls: &[Call<'_>], kernel: Kernel, causal: bool) -> Result<V
             }
         }
     }
-    drop(prepared);
     outs.into_iter()
-        .zip(calls.iter().zip(&sizes))
-        .map(|(out, (c, (d, heads, _)))| {
-            Ok(Tensor::from_vec(
-                out,
-                (d.t, heads * d.head_dim),
-                c.q.device(),
-            )?)
+        .zip(prepared.iter().zip(calls))
+        .map(|(out, (p, c))| {
+            let shape = (p.dims.t, p.heads * p.dims.head_dim);
+            Ok(Tensor::from_vec(out, shape, c.q.device())?)
         })
         .collect()
 }
@@ -1913,84 +1910,23 @@ mod tests {
         // The sequences of a batched step: different lengths, windows, head counts
         // and cache formats, decode steps and a short prefill, in one parallel region
         // (two calls of one kv head in a row: their tasks must not merge).
+        let case = |heads, kv, hd, t, past, window| Case {
+            heads,
+            kv,
+            hd,
+            t,
+            past,
+            window,
+        };
+        let all = usize::MAX;
         let cases = [
-            (
-                Case {
-                    heads: 2,
-                    kv: 1,
-                    hd: 32,
-                    t: 1,
-                    past: 40,
-                    window: usize::MAX,
-                },
-                KvFormat::F32,
-            ),
-            (
-                Case {
-                    heads: 2,
-                    kv: 1,
-                    hd: 32,
-                    t: 1,
-                    past: 300,
-                    window: usize::MAX,
-                },
-                KvFormat::F32,
-            ),
-            (
-                Case {
-                    heads: 9,
-                    kv: 3,
-                    hd: 64,
-                    t: 1,
-                    past: 150,
-                    window: usize::MAX,
-                },
-                KvFormat::F32,
-            ),
-            (
-                Case {
-                    heads: 9,
-                    kv: 3,
-                    hd: 64,
-                    t: 1,
-                    past: 700,
-                    window: 300,
-                },
-                KvFormat::F16,
-            ),
-            (
-                Case {
-                    heads: 9,
-                    kv: 3,
-                    hd: 64,
-                    t: 9,
-                    past: 80,
-                    window: usize::MAX,
-                },
-                KvFormat::Q8_0,
-            ),
-            (
-                Case {
-                    heads: 4,
-                    kv: 4,
-                    hd: 32,
-                    t: 1,
-                    past: 10,
-                    window: 4,
-                },
-                KvFormat::BF16,
-            ),
-            (
-                Case {
-                    heads: 9,
-                    kv: 3,
-                    hd: 64,
-                    t: 1,
-                    past: 0,
-                    window: usize::MAX,
-                },
-                KvFormat::F32,
-            ),
+            (case(2, 1, 32, 1, 40, all), KvFormat::F32),
+            (case(2, 1, 32, 1, 300, all), KvFormat::F32),
+            (case(9, 3, 64, 1, 150, all), KvFormat::F32),
+            (case(9, 3, 64, 1, 700, 300), KvFormat::F16),
+            (case(9, 3, 64, 9, 80, all), KvFormat::Q8_0),
+            (case(4, 4, 32, 1, 10, 4), KvFormat::BF16),
+            (case(9, 3, 64, 1, 0, all), KvFormat::F32),
         ];
         let tensors: Vec<(Tensor, Tensor, Tensor)> = cases
             .iter()

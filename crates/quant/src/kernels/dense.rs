@@ -4,18 +4,18 @@
 //! A decode step reads every weight once and does two flops per weight, so it runs at
 //! the speed memory delivers the weights. These kernels stream each weight row once,
 //! convert it in registers (`vcvtph2ps` for f16 with F16C or AVX-512F, a 16-bit shift
-//! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in
-//! L1, with several independent FMA chains (with AVX-512F and more than one activation
-//! row, two weight rows at a time, sharing each activation load); output rows are split across the rayon
-//! pool as the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows
-//! ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in panels: a prompt, a large batch)
-//! a packed GEMM runs instead: panels of 16 weight rows converted to f32 and
-//! transposed once per call, then 6 x 16 register tiles of FMA
-//! chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles (four
-//! 512-bit registers a row) and the last columns through 12 x 16 ones, the same FMA
-//! chain per output. A prompt splits its activation rows across threads, one block per
-//! thread (each block packs every panel). Without AVX2 the many-row case is the scalar
-//! reference, so [`QLinear`](crate::QLinear) leaves it to candle's GEMM there
+//! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in L1,
+//! with several independent FMA chains (with AVX-512F and more than one activation row,
+//! two weight rows at a time, sharing each activation load); output rows are split
+//! across the rayon pool as the quantized kernels split theirs. Beyond
+//! [`DENSE_GEMV_MAX_ROWS`] rows ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in
+//! panels: a prompt, a large batch) a packed GEMM runs instead: panels of 16 weight
+//! rows converted to f32 and transposed once per call, then 6 x 16 register tiles of
+//! FMA chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles
+//! (four 512-bit registers a row) and the last columns through 12 x 16 ones, the same
+//! FMA chain per output. A prompt splits its activation rows across threads, one block
+//! per thread (each block packs every panel). Without AVX2 the many-row case is the
+//! scalar reference, so [`QLinear`](crate::QLinear) leaves it to candle's GEMM there
 //! ([`dense_packed_available`]).
 //!
 //! An f32 matrix whose rows fill panels of 64 is stored packed at load
@@ -1600,26 +1600,11 @@ mod simd {
                 r += mr;
             }
         }
-        for c in pairs.end..cols.end {
-            // The odd last weight row, alone.
-            // SAFETY: c < n_out, so the row lies inside the weight data.
-            let wp = unsafe { p.add(c * k * eb) };
-            let mut r = 0;
-            while r < m {
-                let mr = (m - r).min(DENSE_TILE_ROWS);
-                // SAFETY: as above, for one weight row.
-                unsafe {
-                    let xr = xp.add(r * k);
-                    let cc = c - cols.start;
-                    match mr {
-                        4 => store(&row_avx512::<E, 4>(wp, k, xr), out, ld, r, cc),
-                        3 => store(&row_avx512::<E, 3>(wp, k, xr), out, ld, r, cc),
-                        2 => store(&row_avx512::<E, 2>(wp, k, xr), out, ld, r, cc),
-                        _ => store(&row_avx512::<E, 1>(wp, k, xr), out, ld, r, cc),
-                    }
-                }
-                r += mr;
-            }
+        // The odd last weight row, alone; its outputs start at column
+        // `pairs.end - cols.start` of `out`.
+        if let Some(rest) = out.get_mut(pairs.end - cols.start..) {
+            let odd = pairs.end..cols.end;
+            rows_loop!(row_avx512, E, p, eb, k, x, m, odd, rest, ld)
         }
     }
 
