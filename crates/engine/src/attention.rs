@@ -80,7 +80,9 @@
 //! per thread runs at a time, and each thread keeps these buffers from one task to the
 //! next (the largest `R` it has run: tens of KiB). The state of each finished task
 //! (`4 * (R * hd + 2 * R)` bytes) is kept until all tasks are done and then merged into
-//! the output tensor, so a call holds at most
+//! the output tensor (a batch of decode steps whose keys are not split has one task
+//! per call and kv head, and each writes its heads of the output itself), so a call
+//! holds at most
 //!
 //! ```text
 //! threads * scratch_bytes(R) + 2 * 4 * t * heads * hd + S
@@ -375,10 +377,6 @@ fn attention_calls(calls: &[Call<'_>], kernel: Kernel, causal: bool) -> Result<V
             }
         }
     }
-    let run = |task: &Task| match prepared.get(task.call) {
-        Some(p) => run_task(&p.dims, &p.q, &p.k, &p.v, task, kernel),
-        None => State::empty(0, 0), // Unreachable: tasks index `prepared`.
-    };
     let work = prepared.iter().fold(0usize, |w, p| {
         let d = &p.dims;
         w.saturating_add(
@@ -388,38 +386,75 @@ fn attention_calls(calls: &[Call<'_>], kernel: Kernel, causal: bool) -> Result<V
                 .saturating_mul(d.head_dim),
         )
     });
-    let results: Vec<State> = if tasks.len() > 1 && work >= PARALLEL_WORK {
-        tasks.par_iter().map(run).collect()
-    } else {
-        tasks.iter().map(run).collect()
-    };
-
+    let parallel = tasks.len() > 1 && work >= PARALLEL_WORK;
     let mut outs: Vec<Vec<f32>> = prepared
         .iter()
         .map(|p| afo_quant::kernels::zeroed(p.dims.t * p.heads * p.dims.head_dim))
         .collect();
-    let mut i = 0;
-    while i < tasks.len() {
-        // The tasks of one call, kv head and block, in key order.
-        let (call, g, b) = (tasks[i].call, tasks[i].g, tasks[i].b);
-        let (Some(p), Some(out)) = (prepared.get(call), outs.get_mut(call)) else {
-            break; // Unreachable: tasks index `prepared`.
-        };
-        let (d, hd) = (&p.dims, p.dims.head_dim);
-        let width = p.heads * hd;
-        let mut total = State::empty(results[i].max.len(), hd);
-        while i < tasks.len() && (tasks[i].call, tasks[i].g, tasks[i].b) == (call, g, b) {
-            total.merge(&results[i], hd);
-            i += 1;
+    if !split && prepared.iter().all(|p| p.dims.t == 1) {
+        // Decode steps: one task per call and kv head, over all its keys, and its rows
+        // are that kv head's query heads, side by side in the call's one output row.
+        // Each task divides its state by the sums straight into them (the merge below
+        // would take the one state as it is: the same bits).
+        let mut heads = outs
+            .iter_mut()
+            .zip(&prepared)
+            .flat_map(|(o, p)| o.chunks_mut(p.dims.n_rep * p.dims.head_dim));
+        let mut jobs = Vec::with_capacity(tasks.len());
+        for task in &tasks {
+            match heads.next() {
+                Some(out) => jobs.push((task, out)),
+                None => break,
+            }
         }
-        let i0 = b * d.block;
-        for (r, (src, l)) in total.acc.chunks_exact(hd).zip(&total.sum).enumerate() {
-            let pos = i0 + r / d.n_rep;
-            let h = g * d.n_rep + r % d.n_rep;
-            let at = pos * width + h * hd;
-            if let Some(dst) = out.get_mut(at..at + hd) {
-                for (o, a) in dst.iter_mut().zip(src) {
-                    *o = a / l;
+        if jobs.len() != tasks.len() {
+            // Unreachable: a decode call has one task per kv head.
+            return Err(input_error(
+                "queries",
+                "of a decode step do not fill their heads".into(),
+            ));
+        }
+        let run = |(task, out): (&Task, &mut [f32])| {
+            if let Some(p) = prepared.get(task.call) {
+                run_task(p, task, kernel, |total| divide(total, p.dims.head_dim, out));
+            }
+        };
+        if parallel {
+            jobs.into_par_iter().for_each(run);
+        } else {
+            jobs.into_iter().for_each(run);
+        }
+    } else {
+        let run = |task: &Task| match prepared.get(task.call) {
+            Some(p) => run_task(p, task, kernel, State::clone),
+            None => State::empty(0, 0), // Unreachable: tasks index `prepared`.
+        };
+        let results: Vec<State> = if parallel {
+            tasks.par_iter().map(run).collect()
+        } else {
+            tasks.iter().map(run).collect()
+        };
+        let mut i = 0;
+        while i < tasks.len() {
+            // The tasks of one call, kv head and block, in key order.
+            let (call, g, b) = (tasks[i].call, tasks[i].g, tasks[i].b);
+            let (Some(p), Some(out)) = (prepared.get(call), outs.get_mut(call)) else {
+                break; // Unreachable: tasks index `prepared`.
+            };
+            let (d, hd) = (&p.dims, p.dims.head_dim);
+            let width = p.heads * hd;
+            let mut total = State::empty(results[i].max.len(), hd);
+            while i < tasks.len() && (tasks[i].call, tasks[i].g, tasks[i].b) == (call, g, b) {
+                total.merge(&results[i], hd);
+                i += 1;
+            }
+            let i0 = b * d.block;
+            for r in 0..total.max.len() {
+                let pos = i0 + r / d.n_rep;
+                let h = g * d.n_rep + r % d.n_rep;
+                let at = pos * width + h * hd;
+                if let Some(dst) = out.get_mut(at..at + hd) {
+                    divide_row(&total, r, hd, dst);
                 }
             }
         }
@@ -683,6 +718,22 @@ impl State {
     }
 }
 
+/// Row `r` of `state`'s accumulators divided by its sum, into `out` (`hd` floats).
+fn divide_row(state: &State, r: usize, hd: usize, out: &mut [f32]) {
+    if let (Some(acc), Some(l)) = (state.acc.get(r * hd..(r + 1) * hd), state.sum.get(r)) {
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a / l;
+        }
+    }
+}
+
+/// Every row of `state` divided by its sum, into `out` (its rows side by side).
+fn divide(state: &State, hd: usize, out: &mut [f32]) {
+    for (r, dst) in out.chunks_exact_mut(hd).enumerate().take(state.max.len()) {
+        divide_row(state, r, hd, dst);
+    }
+}
+
 /// The keys of a chunk starting at key `c0` with `n` keys that the query at key index
 /// `p` sees, relative to `c0` (empty when none).
 fn visible(p: usize, c0: usize, n: usize, window: usize) -> Range<usize> {
@@ -692,23 +743,26 @@ fn visible(p: usize, c0: usize, n: usize, window: usize) -> Range<usize> {
 }
 
 /// One task: query positions of block `b` for the query heads `reps` of kv head `g`,
-/// over the task's keys. Returns the rows' state (position-major, `[positions, reps]`),
-/// its segments merged in order; the caller divides by the sums.
-fn run_task(
-    d: &Dims,
-    q: &View<'_, f32>,
-    k: &Rows<'_>,
-    v: &Rows<'_>,
+/// over the task's keys. `finish` gets the rows' state (position-major, `[positions,
+/// reps]`), its segments merged in order, and divides by the sums or keeps it for the
+/// merge of a split call.
+fn run_task<R>(
+    p: &Prepared<'_>,
     task: &Task,
     kernel: Kernel,
-) -> State {
+    finish: impl FnOnce(&State) -> R,
+) -> R {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
     }
+    let run = |scratch: &mut Scratch| {
+        run_task_in(&p.dims, &p.q, &p.k, &p.v, task, kernel, scratch);
+        finish(&scratch.total)
+    };
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut scratch) => run_task_in(d, q, k, v, task, kernel, &mut scratch),
+        Ok(mut scratch) => run(&mut scratch),
         // Unreachable (a task runs no other task), but a fresh scratch is as good.
-        Err(_) => run_task_in(d, q, k, v, task, kernel, &mut Scratch::default()),
+        Err(_) => run(&mut Scratch::default()),
     })
 }
 
@@ -718,6 +772,8 @@ fn run_task(
 /// before it is read.
 #[derive(Debug, Default)]
 struct Scratch {
+    /// The task's result: its segments' states merged in order.
+    total: State,
     /// The task's query rows.
     qs: Vec<f32>,
     /// The state of the current segment.
@@ -741,8 +797,9 @@ fn run_task_in(
     task: &Task,
     kernel: Kernel,
     scratch: &mut Scratch,
-) -> State {
+) {
     let Scratch {
+        total,
         qs,
         seg,
         kt,
@@ -765,9 +822,9 @@ fn run_task_in(
             }
         }
     }
-    let mut total = State::empty(rows, hd);
+    total.resize(rows, hd);
     if qs.len() != rows * hd {
-        return total; // Unreachable: `View::new` checked the layout.
+        return; // Unreachable: `View::new` checked the layout.
     }
     let past = d.len - d.t;
     // Without the causal mask every row stands after the last key.
@@ -855,7 +912,6 @@ fn run_task_in(
         c0 += n;
     }
     total.merge(seg, hd);
-    total
 }
 
 /// Writes keys `c0..c0 + n` of kv head `g` transposed into `kt` (`[hd, KEY_CHUNK]`:
@@ -880,11 +936,17 @@ fn transpose_keys(
         let group = (n - c).min(8);
         // The group's rows: in place for f32, decoded otherwise.
         let mut rows: [&[f32]; 8] = [&[]; 8];
+        // How many rows of the group hold `hd` floats, counted as they are taken (not
+        // read back from `rows`: that read of eight just-stored lengths stalled).
+        let mut full = 0;
         match in_place {
             Some((kh, krs)) => {
                 for (j, row) in rows.iter_mut().enumerate().take(group) {
                     let at = (c0 + c + j) * krs;
-                    *row = kh.get(at..at + hd).unwrap_or_default();
+                    if let Some(r) = kh.get(at..at + hd) {
+                        *row = r;
+                        full += 1;
+                    }
                 }
             }
             None => {
@@ -892,11 +954,14 @@ fn transpose_keys(
                     k.decode(g, c0 + c + j, out);
                 }
                 for (j, row) in rows.iter_mut().enumerate().take(group) {
-                    *row = kdec.get(j * hd..(j + 1) * hd).unwrap_or_default();
+                    if let Some(r) = kdec.get(j * hd..(j + 1) * hd) {
+                        *row = r;
+                        full += 1;
+                    }
                 }
             }
         }
-        let whole = group == 8 && rows.iter().all(|r| r.len() == hd) && hd.is_multiple_of(8);
+        let whole = full == 8 && hd.is_multiple_of(8);
         #[cfg(target_arch = "x86_64")]
         if whole && kernel.has_avx2() && kt.len() >= hd * KEY_CHUNK && c + 8 <= KEY_CHUNK {
             // SAFETY: the CPU has AVX2 (checked); every row holds `hd` floats, a
@@ -1965,20 +2030,28 @@ mod tests {
                 .iter()
                 .map(|c| bits(&attention_with(c.q, c.k, c.v, c.window, kernel).unwrap()))
                 .collect();
-            // One thread: one task per kv head; more: the segments of keys split.
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let many = pool
-                    .install(|| attention_calls(&calls, kernel, true))
-                    .unwrap();
-                assert_eq!(many.len(), calls.len());
-                for (i, (m, a)) in many.iter().zip(&alone).enumerate() {
-                    let (c, _) = &cases[i];
-                    assert_eq!(m.dims(), &[c.t, c.heads * c.hd]);
-                    assert_eq!(&bits(m), a, "{kernel:?} call {i}, {threads} threads");
+            // The whole batch, and its decode steps alone (one query position per
+            // call: each task writes its heads of the output itself). One thread: one
+            // task per kv head; more: the segments of keys split (a call alone on
+            // two threads or more splits them too).
+            let decode: Vec<usize> = (0..calls.len()).filter(|&i| cases[i].0.t == 1).collect();
+            assert!(decode.len() > 1 && decode.len() < calls.len());
+            for subset in [(0..calls.len()).collect(), decode] {
+                let batch: Vec<Call<'_>> = subset.iter().map(|&i| calls[i]).collect();
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let many = pool
+                        .install(|| attention_calls(&batch, kernel, true))
+                        .unwrap();
+                    assert_eq!(many.len(), batch.len());
+                    for (m, &i) in many.iter().zip(&subset) {
+                        let (c, _) = &cases[i];
+                        assert_eq!(m.dims(), &[c.t, c.heads * c.hd]);
+                        assert_eq!(bits(m), alone[i], "{kernel:?} call {i}, {threads} threads");
+                    }
                 }
             }
         }

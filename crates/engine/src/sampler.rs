@@ -319,6 +319,21 @@ impl Sampler {
         if u32::try_from(n).is_err() {
             return Err(invalid("more than 2^32 logits".into()));
         }
+        // Greedy with nothing to add to the logits: the arg-max of the logits as they
+        // are, without copying them.
+        if self.params.is_greedy()
+            && self.params.logit_bias.is_empty()
+            && !self.params.has_penalties()
+        {
+            let (best, best_logit) =
+                argmax(logits).map_err(|i| invalid(format!("logit {i} is NaN")))?;
+            if best_logit == f32::NEG_INFINITY {
+                return Err(invalid(
+                    "every token is banned (all logits are -inf)".into(),
+                ));
+            }
+            return u32::try_from(best).map_err(|_| invalid("index overflow".into()));
+        }
         self.logits.clear();
         self.logits.extend_from_slice(logits);
 
@@ -357,18 +372,8 @@ impl Sampler {
             }
         }
 
-        // Arg-max, checking for NaN on the way.
-        let mut best = 0usize;
-        let mut best_logit = f32::NEG_INFINITY;
-        for (i, &l) in self.logits.iter().enumerate() {
-            if l.is_nan() {
-                return Err(invalid(format!("logit {i} is NaN")));
-            }
-            if l > best_logit {
-                best_logit = l;
-                best = i;
-            }
-        }
+        let (best, best_logit) =
+            argmax(&self.logits).map_err(|i| invalid(format!("logit {i} is NaN")))?;
         if best_logit == f32::NEG_INFINITY {
             return Err(invalid(
                 "every token is banned (all logits are -inf)".into(),
@@ -561,9 +566,101 @@ pub(crate) fn top_m(values: &[f32], floor: f32, m: usize, out: &mut Vec<(u32, f3
     out.sort_unstable_by(by_value_desc);
 }
 
+/// The first index of the largest of `xs` and its value (index 0 and `-inf` when every
+/// value is `-inf` or there is none), or `Err` with the index of the first NaN. Sixteen
+/// lanes keep running maxima and NaN flags (a loop the compiler vectorises; a maximum
+/// does not depend on the order it is taken in), then the first index holding the
+/// maximum is looked up: the index a sequential scan keeping the first of equal values
+/// finds.
+fn argmax(xs: &[f32]) -> std::result::Result<(usize, f32), usize> {
+    const LANES: usize = 16;
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let mut nan = [false; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            max[j] = if c[j] > max[j] { c[j] } else { max[j] };
+            nan[j] |= c[j].is_nan();
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for x in max.into_iter().chain(tail.iter().copied()) {
+        if x > m {
+            m = x;
+        }
+    }
+    if nan.contains(&true) || tail.iter().any(|x| x.is_nan()) {
+        return Err(xs.iter().position(|x| x.is_nan()).unwrap_or(0));
+    }
+    match xs.iter().position(|&x| x == m) {
+        Some(i) => Ok((i, xs.get(i).copied().unwrap_or(m))),
+        None => Ok((0, f32::NEG_INFINITY)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{by_value_desc, top_m};
+    use super::{argmax, by_value_desc, top_m};
+
+    /// The sequential scan `argmax` replaces: the first index of a value greater than
+    /// every one before it, failing at the first NaN.
+    fn scan(xs: &[f32]) -> Result<(usize, f32), usize> {
+        let (mut best, mut best_logit) = (0, f32::NEG_INFINITY);
+        for (i, &l) in xs.iter().enumerate() {
+            if l.is_nan() {
+                return Err(i);
+            }
+            if l > best_logit {
+                (best, best_logit) = (i, l);
+            }
+        }
+        Ok((best, best_logit))
+    }
+
+    #[test]
+    fn argmax_is_the_sequential_scan() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut cases = 0;
+        for len in [0usize, 1, 5, 15, 16, 17, 31, 48, 100, 49_152] {
+            for kind in 0..6 {
+                // Few distinct values (ties), signed zeros, -inf and +inf, a NaN in a
+                // lane or in the tail.
+                let mut xs: Vec<f32> = (0..len)
+                    .map(|_| match next() % 8 {
+                        0 => -0.0,
+                        1 => 0.0,
+                        2 => f32::NEG_INFINITY,
+                        _ if kind == 1 => (next() % 4) as f32,
+                        _ => (next() >> 40) as f32 / 1e6 - 5.0,
+                    })
+                    .collect();
+                match kind {
+                    2 if len > 0 => xs.fill(f32::NEG_INFINITY),
+                    3 if len > 3 => xs[len / 2] = f32::INFINITY,
+                    4 if len > 0 => xs[(next() as usize) % len] = f32::NAN,
+                    5 if len > 0 => xs[len - 1] = f32::NAN,
+                    _ => {}
+                }
+                let (got, want) = (argmax(&xs), scan(&xs));
+                match (got, want) {
+                    (Ok((i, v)), Ok((j, w))) => {
+                        assert_eq!(i, j, "len {len} kind {kind}");
+                        assert_eq!(v.to_bits(), w.to_bits(), "len {len} kind {kind}");
+                    }
+                    (g, w) => assert_eq!(g, w, "len {len} kind {kind}"),
+                }
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 60);
+    }
 
     #[test]
     fn top_m_matches_a_full_sort() {
