@@ -77,6 +77,96 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((a + b)?)
 }
 
+/// The f32 tensors `rows` (each `[t, width]`, the same width) one after another as one
+/// `[sum of t, width]` tensor: candle's `Tensor::cat` along the first dimension, by
+/// plain copies of contiguous CPU tensors (a batched step's attention rows, each a
+/// small tensor of its own, which candle's concatenation took several microseconds a
+/// row to lay out); any other takes candle's.
+///
+/// # Errors
+/// No rows, widths that differ, and candle's errors.
+pub(crate) fn cat_rows(rows: &[Tensor]) -> Result<Tensor> {
+    let width = rows.first().and_then(|r| r.dims().last().copied());
+    let fits = |r: &Tensor| r.rank() == 2 && r.dims().last().copied() == width;
+    if let (Some(first), Some(width), true) = (rows.first(), width, rows.iter().all(fits)) {
+        let mut out: Vec<f32> = Vec::with_capacity(rows.iter().map(|r| r.elem_count()).sum());
+        let copied = rows
+            .iter()
+            .all(|r| afo_quant::in_place(r, |xs: &[f32]| out.extend_from_slice(xs)).is_ok());
+        if copied {
+            let n = out.len() / width.max(1);
+            return Ok(Tensor::from_vec(out, (n, width), first.device())?);
+        }
+    }
+    Ok(Tensor::cat(rows, 0)?)
+}
+
+/// Rows normalised per group of [`RMS_GROUP`] for [`rms_norm`].
+const RMS_GROUP: usize = 8;
+
+/// Root-mean-square normalisation of each row (last dimension) of `x` times `alpha`:
+/// `x / sqrt(sum(x^2) / n + eps) * alpha`, candle's `rms_norm` bit for bit (each row's
+/// sum of squares in order from its first element, then the division and the product
+/// per element). Contiguous f32 CPU tensors take this pass; any other pair takes
+/// candle's.
+///
+/// A row's sum is a chain of dependent additions, so one row at a time waits on each
+/// addition's latency: here the rows of a group of eight run their chains side by side
+/// (a batched step's rows, a prompt's rows), each still in its own order; groups of a
+/// prompt are split among the threads.
+///
+/// # Errors
+/// A weight whose length is not the rows', and candle's errors.
+pub(crate) fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    let pass = |xs: &[f32], alpha: &[f32]| -> Option<Vec<f32>> {
+        if n == 0 || alpha.len() != n || !xs.len().is_multiple_of(n) {
+            return None;
+        }
+        let mut out = afo_quant::kernels::zeroed(xs.len());
+        let group = |(src, dst): (&[f32], &mut [f32])| rms_rows(src, dst, alpha, eps);
+        let chunk = RMS_GROUP * n;
+        if xs.len() <= 4 * chunk {
+            xs.chunks(chunk).zip(out.chunks_mut(chunk)).for_each(group);
+        } else {
+            xs.par_chunks(chunk)
+                .zip(out.par_chunks_mut(chunk))
+                .for_each(group);
+        }
+        Some(out)
+    };
+    if let Ok(Some(out)) = afo_quant::in_place(x, |xs| {
+        afo_quant::in_place(alpha, |a| pass(xs, a)).ok().flatten()
+    }) {
+        return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+    }
+    Ok(candle_nn::ops::rms_norm(x, alpha, eps)?)
+}
+
+/// [`rms_norm`] of the rows of `src` (at most [`RMS_GROUP`], `alpha.len()` each) into
+/// `dst`.
+fn rms_rows(src: &[f32], dst: &mut [f32], alpha: &[f32], eps: f32) {
+    let n = alpha.len();
+    let rows = (src.len() / n).min(RMS_GROUP);
+    let mut sums = [0.0f32; RMS_GROUP];
+    for i in 0..n {
+        for (r, sum) in sums.iter_mut().enumerate().take(rows) {
+            if let Some(&v) = src.get(r * n + i) {
+                *sum += v * v;
+            }
+        }
+    }
+    for ((s, d), sum) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)).zip(sums) {
+        // Candle's steps: the mean square plus eps, its root, then each element divided
+        // by it and multiplied by its weight.
+        #[allow(clippy::cast_precision_loss)] // rows are far below 2^24 elements
+        let m = (sum / n as f32 + eps).sqrt();
+        for ((d, s), a) in d.iter_mut().zip(s).zip(alpha) {
+            *d = *s / m * *a;
+        }
+    }
+}
+
 /// Candle's element-wise operation `Op` (GELU, SiLU, ...) over an f32 tensor, on the
 /// current rayon pool: the function candle applies (`Op::f32_vec`), so the same bits.
 /// A contiguous CPU tensor is cut into tasks here; any other goes to `fallback`,
@@ -339,6 +429,96 @@ mod tests {
             .collect();
         let u = (0..n).map(|i| (i as f32 * 0.11).cos() * 3.0).collect();
         (g, u)
+    }
+
+    #[test]
+    fn cat_rows_is_candles_cat() {
+        let dev = Device::Cpu;
+        let t = |n: usize, w: usize, seed: usize| {
+            let v: Vec<f32> = (0..n * w).map(|i| (i * 31 + seed) as f32 * 0.5).collect();
+            Tensor::from_vec(v, (n, w), &dev).unwrap()
+        };
+        let values = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        // One-row tensors (a batched step), taller ones, and a row narrowed from a
+        // larger tensor (a view with an offset).
+        let big = t(4, 6, 9);
+        for rows in [
+            vec![t(1, 6, 1), t(1, 6, 2), t(1, 6, 3)],
+            vec![t(3, 6, 1), t(1, 6, 2)],
+            vec![big.narrow(0, 2, 1).unwrap(), t(2, 6, 5)],
+        ] {
+            let got = cat_rows(&rows).unwrap();
+            let want = Tensor::cat(&rows, 0).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(values(&got), values(&want));
+        }
+        // A transposed view (not contiguous) goes through candle, same result.
+        let tr = t(6, 2, 4).t().unwrap();
+        let rows = [t(1, 6, 1), tr];
+        assert_eq!(
+            values(&cat_rows(&rows).unwrap()),
+            values(&Tensor::cat(&rows, 0).unwrap())
+        );
+        // Widths that differ, or nothing at all, are candle's errors.
+        assert!(cat_rows(&[t(1, 6, 1), t(1, 5, 1)]).is_err());
+        assert!(cat_rows(&[]).is_err());
+    }
+
+    #[test]
+    fn rms_norm_is_candles_bit_for_bit() {
+        let dev = Device::Cpu;
+        let mut seed = 7u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 4.0
+        };
+        let mut compared = 0;
+        // A decode row, a batched step, odd row counts, a prompt split among threads,
+        // per-head norms (`[1, heads, t, head_dim]`), a row of zeros.
+        for dims in [
+            vec![1, 576],
+            vec![8, 576],
+            vec![5, 576],
+            vec![9, 33],
+            vec![200, 64],
+            vec![1, 9, 3, 64],
+            vec![3, 1],
+        ] {
+            let n = *dims.last().unwrap();
+            let count: usize = dims.iter().product();
+            let mut xs: Vec<f32> = (0..count).map(|_| next()).collect();
+            if count > n {
+                xs[n..2 * n].fill(0.0);
+            }
+            let alpha: Vec<f32> = (0..n).map(|_| next()).collect();
+            let x = Tensor::from_vec(xs, dims.as_slice(), &dev).unwrap();
+            let a = Tensor::from_vec(alpha, n, &dev).unwrap();
+            for eps in [1e-5f32, 1e-6] {
+                let want = candle_nn::ops::rms_norm(&x, &a, eps).unwrap();
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let got = pool.install(|| rms_norm(&x, &a, eps)).unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    let bits = |t: &Tensor| -> Vec<u32> {
+                        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                        v.iter().map(|x| x.to_bits()).collect()
+                    };
+                    assert_eq!(bits(&got), bits(&want), "{dims:?} eps {eps}");
+                    compared += count;
+                }
+            }
+        }
+        assert_eq!(
+            compared,
+            4 * (576 + 8 * 576 + 5 * 576 + 9 * 33 + 200 * 64 + 27 * 64 + 3)
+        );
+        // A weight that does not fit the rows takes candle's path and its error.
+        let x = Tensor::zeros((2, 6), DType::F32, &dev).unwrap();
+        let a = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        assert!(rms_norm(&x, &a, 1e-5).is_err());
     }
 
     #[test]

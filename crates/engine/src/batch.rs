@@ -403,9 +403,23 @@ impl<'m> Scheduler<'m> {
                 let model = self.model;
                 overlap(constraints, || model.forward_batch(&tokens, &mut caches))?
             };
-            let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-            for (&(i, _), row) in next.iter().zip(rows) {
-                self.running[i].logits = row;
+            // Each sequence's row into its own buffer, kept from step to step.
+            let vocab = logits.dim(1)?;
+            let running = &mut self.running;
+            let copied = afo_quant::in_place(&logits, |all: &[f32]| {
+                for (&(i, _), row) in next.iter().zip(all.chunks_exact(vocab)) {
+                    if let Some(seq) = running.get_mut(i) {
+                        seq.logits.clear();
+                        seq.logits.extend_from_slice(row);
+                    }
+                }
+            })
+            .is_ok();
+            if !copied {
+                let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+                for (&(i, _), row) in next.iter().zip(rows) {
+                    self.running[i].logits = row;
+                }
             }
         }
         for &i in ended.iter().rev() {

@@ -520,7 +520,7 @@ impl Model {
         let eps = c.rms_norm_eps as f32;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let h = crate::activation::rms_norm(&x, &layer.attn_norm, eps)?;
             let [q, k, v] = QLinear::forward_many([&layer.q, &layer.k, &layer.v], &h)?;
             let mut attn = self.attend(i, layer, &q, &k, &v, cache, &mut seq)?;
             let injected = inject.is_some_and(|(_, features)| features.get(i).is_some());
@@ -553,7 +553,7 @@ impl Model {
             Some(_) => x,
             None => return Ok(x.narrow(0, 0, 0)?),
         };
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
+        crate::activation::rms_norm(&x, &self.norm, eps)
     }
 
     /// One decode step for many sequences at once: `tokens[i]` follows what
@@ -580,7 +580,7 @@ impl Model {
         let mut x = self.embed.rows(tokens)?;
         let eps = c.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let h = crate::activation::rms_norm(&x, &layer.attn_norm, eps)?;
             // Each row is its own sequence: computed as it would be alone, so that
             // batching never changes what a sequence generates.
             let [q, k, v] = QLinear::forward_many_sequences([&layer.q, &layer.k, &layer.v], &h)?;
@@ -608,14 +608,14 @@ impl Model {
                     }),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let attn = Tensor::cat(&rows, 0)?;
+            let attn = crate::activation::cat_rows(&rows)?;
             x = add(&x, &layer.o.forward_sequences(&attn)?)?;
             x = add(&x, &self.mlp(layer, &x, true)?)?;
         }
         for cache in caches.iter_mut() {
             cache.commit(1)?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = crate::activation::rms_norm(&x, &self.norm, eps)?;
         Ok(self
             .lm_head
             .as_ref()
@@ -626,7 +626,7 @@ impl Model {
     /// The MLP block's output for `x` (before the residual); `sequences`: the rows are
     /// independent sequences (see [`QLinear::forward_sequences`]).
     fn mlp(&self, layer: &Layer, x: &Tensor, sequences: bool) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &layer.ffn_norm, self.config.rms_norm_eps as f32)?;
+        let h = crate::activation::rms_norm(x, &layer.ffn_norm, self.config.rms_norm_eps as f32)?;
         let gate_up = [&layer.gate, &layer.up];
         let [g, u] = if sequences {
             QLinear::forward_many_sequences(gate_up, &h)?
@@ -691,8 +691,8 @@ impl Model {
         let mut k = heads(k, c.num_kv_heads)?;
         let v = heads(v, c.num_kv_heads)?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = candle_nn::ops::rms_norm(&q, qn, eps)?;
-            k = candle_nn::ops::rms_norm(&k, kn, eps)?;
+            q = crate::activation::rms_norm(&q, qn, eps)?;
+            k = crate::activation::rms_norm(&k, kn, eps)?;
         }
         let (q, k) = if c.rope_interleaved {
             (
