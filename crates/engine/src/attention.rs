@@ -22,8 +22,8 @@
 //! # Algorithm
 //!
 //! Online softmax. The work is split into tasks, one per kv head and block of query
-//! positions of each call (the sequences of a batched decode step are calls of one
-//! [`causal_attention_many`], whose tasks share one parallel region): a block holds
+//! positions of each call (the frames of [`full_attention_many`] are calls whose
+//! tasks share one parallel region): a block holds
 //! `B = max(1, TASK_ROWS / n_rep)` positions, so a task has `R = n_rep * min(t, B)`
 //! query rows (every query head of the kv head at every position of the block,
 //! position-major), and the keys and values it reads serve all of them. A task walks
@@ -177,8 +177,9 @@ impl Dims {
 /// Attention of every query over every key (no mask: the patches of an image), with
 /// the shapes of [`causal_attention`] and its kernels: no score matrix is
 /// materialised. Takes several independent calls (the frames of a request's images)
-/// and runs them in one parallel region, as [`causal_attention_many`] does; each
-/// call's window is not used. Returns one `[t, heads * head_dim]` tensor per call.
+/// and runs their tasks in one parallel region (each result the one its call gives
+/// alone, bit for bit); each call's window is not used. Returns one `[t, heads *
+/// head_dim]` tensor per call.
 ///
 /// # Errors
 /// As [`causal_attention`], for the first call that fails its checks.
@@ -221,18 +222,26 @@ pub(crate) struct Call<'t> {
     pub(crate) window: usize,
 }
 
-/// [`causal_attention`] of several independent calls (the sequences of a batched
-/// decode step, each over its own cache) in one parallel region: their tasks share
-/// the pool, so a step of many one-row sequences forks and joins once per layer, not
-/// once per sequence, and its threads share out every sequence's tasks. Each result
-/// is the one its call gives alone, bit for bit (a row's arithmetic does not depend
-/// on how its keys are split among tasks). Returns one `[t, heads * head_dim]` tensor
-/// per call, in order.
+/// [`causal_attention`] on the calling thread alone: no parallel region, its tasks
+/// one after another, its keys never split into segments (the same bits: a row's
+/// arithmetic does not depend on how its keys are split among tasks). For a caller
+/// that is itself one of many parallel jobs: a batched decode step runs each
+/// sequence's heads, cache append and attention as one job, so a layer's sequences
+/// fork and join once, and each attention reads the keys and values its job has just
+/// appended.
 ///
 /// # Errors
-/// As [`causal_attention`], for the first call that fails its checks.
-pub(crate) fn causal_attention_many(calls: &[Call<'_>]) -> Result<Vec<Tensor>> {
-    attention_calls(calls, Kernel::best(), true)
+/// As [`causal_attention`].
+pub(crate) fn causal_attention_here(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: usize,
+) -> Result<Tensor> {
+    let call = Call { q, k, v, window };
+    let mut out = attention_calls_on(&[call], Kernel::best(), true, false)?;
+    out.pop()
+        .ok_or_else(|| input_error("queries", "gave no result".to_string()))
 }
 
 /// One checked call: its sizes and its tensors read in place.
@@ -306,7 +315,19 @@ fn check_call(call: &Call<'_>, causal: bool) -> Result<(Dims, usize, usize)> {
     Ok((dims, heads, kv_heads))
 }
 
+/// The calls' attentions, their tasks in one parallel region on the current pool.
 fn attention_calls(calls: &[Call<'_>], kernel: Kernel, causal: bool) -> Result<Vec<Tensor>> {
+    attention_calls_on(calls, kernel, causal, true)
+}
+
+/// [`attention_calls`]; with `pool` false on the calling thread alone, with no key
+/// split ([`causal_attention_here`]).
+fn attention_calls_on(
+    calls: &[Call<'_>],
+    kernel: Kernel,
+    causal: bool,
+    pool: bool,
+) -> Result<Vec<Tensor>> {
     let kernel = if kernel.is_available() {
         kernel
     } else {
@@ -351,7 +372,7 @@ fn attention_calls(calls: &[Call<'_>], kernel: Kernel, causal: bool) -> Result<V
         .iter()
         .map(|p| p.kv_heads * p.dims.t.div_ceil(p.dims.block))
         .sum();
-    let split = whole < 2 * rayon::current_num_threads();
+    let split = pool && whole < 2 * rayon::current_num_threads();
     let mut tasks: Vec<Task> = Vec::new();
     for (call, p) in prepared.iter().enumerate() {
         let d = p.dims;
@@ -386,7 +407,7 @@ fn attention_calls(calls: &[Call<'_>], kernel: Kernel, causal: bool) -> Result<V
                 .saturating_mul(d.head_dim),
         )
     });
-    let parallel = tasks.len() > 1 && work >= PARALLEL_WORK;
+    let parallel = pool && tasks.len() > 1 && work >= PARALLEL_WORK;
     let mut outs: Vec<Vec<f32>> = prepared
         .iter()
         .map(|p| afo_quant::kernels::zeroed(p.dims.t * p.heads * p.dims.head_dim))
@@ -645,7 +666,7 @@ impl<'a, T> View<'a, T> {
 /// block `b`, over the keys in `keys` (a whole number of [`SEGMENT`]s, or all).
 #[derive(Debug, Clone)]
 struct Task {
-    /// The call (of [`causal_attention_many`]) the task belongs to.
+    /// The call (of [`attention_calls`]) the task belongs to.
     call: usize,
     g: usize,
     b: usize,
@@ -2054,8 +2075,20 @@ mod tests {
                     }
                 }
             }
+            // Each call on the calling thread alone, its keys never split (a batched
+            // step's sequence in its own job), with the best kernel.
+            if kernel == Kernel::best() {
+                for (i, c) in calls.iter().enumerate() {
+                    let here = causal_attention_here(c.q, c.k, c.v, c.window).unwrap();
+                    assert_eq!(bits(&here), alone[i], "call {i} on the calling thread");
+                }
+            }
         }
-        assert!(causal_attention_many(&[]).unwrap().is_empty());
+        assert!(
+            attention_calls(&[], Kernel::best(), true)
+                .unwrap()
+                .is_empty()
+        );
         // A call that fails its checks fails the whole batch, and says which tensor.
         let (q, k, _) = &tensors[0];
         let short = k.narrow(2, 0, 10).unwrap();
@@ -2070,7 +2103,7 @@ mod tests {
             },
         );
         assert!(matches!(
-            causal_attention_many(&bad),
+            attention_calls(&bad, Kernel::best(), true),
             Err(Error::TensorShape { .. })
         ));
     }

@@ -584,28 +584,28 @@ impl Model {
             // Each row is its own sequence: computed as it would be alone, so that
             // batching never changes what a sequence generates.
             let [q, k, v] = QLinear::forward_many_sequences([&layer.q, &layer.k, &layer.v], &h)?;
-            // Each sequence's heads, RoPE and cache append, on the pool's threads.
+            // Each sequence's heads, RoPE, cache append and attention, one job per
+            // sequence on the pool's threads (its attention on the job's thread).
             let rows = caches
                 .par_iter_mut()
                 .zip(steps.par_iter_mut())
                 .enumerate()
                 .map(|(s, (cache, step))| {
                     let row = |t: &Tensor| t.narrow(0, s, 1);
-                    self.attend_inputs(i, layer, &row(&q)?, &row(&k)?, &row(&v)?, cache, step)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            // The fused attentions of all sequences in one parallel region.
-            let calls: Vec<_> = rows.iter().filter_map(Attended::call).collect();
-            let mut fused = crate::attention::causal_attention_many(&calls)?.into_iter();
-            let rows = rows
-                .into_iter()
-                .map(|a| match a {
-                    Attended::Done(t) => Ok(t),
-                    // One result per call (`causal_attention_many`).
-                    Attended::Fused { .. } => fused.next().ok_or(Error::AttentionInput {
-                        tensor: "queries",
-                        reason: "of a batched step got no attention result".to_string(),
-                    }),
+                    match self.attend_inputs(
+                        i,
+                        layer,
+                        &row(&q)?,
+                        &row(&k)?,
+                        &row(&v)?,
+                        cache,
+                        step,
+                    )? {
+                        Attended::Done(t) => Ok(t),
+                        Attended::Fused { q, k, v, window } => {
+                            crate::attention::causal_attention_here(&q, &k, &v, window)
+                        }
+                    }
                 })
                 .collect::<Result<Vec<_>>>()?;
             let attn = crate::activation::cat_rows(&rows)?;
@@ -762,21 +762,6 @@ enum Attended {
         v: Tensor,
         window: usize,
     },
-}
-
-impl Attended {
-    /// The fused kernel's call, for [`Attended::Fused`].
-    fn call(&self) -> Option<crate::attention::Call<'_>> {
-        match self {
-            Attended::Done(_) => None,
-            Attended::Fused { q, k, v, window } => Some(crate::attention::Call {
-                q,
-                k,
-                v,
-                window: *window,
-            }),
-        }
-    }
 }
 
 /// Input rows of a forward pass, beyond plain tokens.
