@@ -687,23 +687,28 @@ impl Model {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let mut q = heads(q, c.num_heads)?;
-        let mut k = heads(k, c.num_kv_heads)?;
         let v = heads(v, c.num_kv_heads)?;
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = crate::activation::rms_norm(&q, qn, eps)?;
-            k = crate::activation::rms_norm(&k, kn, eps)?;
-        }
-        let (q, k) = if c.rope_interleaved {
-            (
-                candle_nn::rotary_emb::rope_i(&q, &seq.cos, &seq.sin)?,
-                candle_nn::rotary_emb::rope_i(&k, &seq.cos, &seq.sin)?,
-            )
+        let norms = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
+        let roped = match norms {
+            // Without per-head norms, heads and RoPE in one pass.
+            None => {
+                let rope = |x: &Tensor, n: usize| {
+                    rope_heads(x, n, c.head_dim, &seq.cos, &seq.sin, c.rope_interleaved)
+                };
+                rope(q, c.num_heads)?.zip(rope(k, c.num_kv_heads)?)
+            }
+            Some(_) => None,
+        };
+        let (q, k) = if let Some(qk) = roped {
+            qk
         } else {
-            (
-                candle_nn::rotary_emb::rope(&q, &seq.cos, &seq.sin)?,
-                candle_nn::rotary_emb::rope(&k, &seq.cos, &seq.sin)?,
-            )
+            let mut q = heads(q, c.num_heads)?;
+            let mut k = heads(k, c.num_kv_heads)?;
+            if let Some((qn, kn)) = norms {
+                q = crate::activation::rms_norm(&q, qn, eps)?;
+                k = crate::activation::rms_norm(&k, kn, eps)?;
+            }
+            rope_candle(&q, &k, &seq.cos, &seq.sin, c.rope_interleaved)?
         };
         let (k_all, v_all) = cache.append(i, &k, &v)?;
         if seq.fused {
@@ -915,6 +920,87 @@ pub(crate) fn causal_mask(t: usize, pos: usize, window: usize, device: &Device) 
     Ok(Tensor::from_vec(data, (t, len), device)?)
 }
 
+/// RoPE of query and key heads (`[1, heads, t, head_dim]`) at the positions of `cos`
+/// and `sin` with candle's operations: interleaved pairs (`rope_i`) or halves (`rope`).
+fn rope_candle(
+    q: &Tensor,
+    k: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<(Tensor, Tensor)> {
+    let rope = if interleaved {
+        candle_nn::rotary_emb::rope_i
+    } else {
+        candle_nn::rotary_emb::rope
+    };
+    Ok((rope(q, cos, sin)?, rope(k, cos, sin)?))
+}
+
+/// A projection's rows `x` (`[t, n x hd]`) as `n` heads `[1, n, t, hd]` with RoPE at
+/// the positions of `cos` and `sin` (`[t, hd / 2]` each), in one pass: what
+/// [`rope_candle`] gives for the heads (a reshape, a transpose and a copy first), bit
+/// for bit: each pair `(a, b)` (interleaved: elements `2j` and `2j + 1`; halves: `j`
+/// and `j + hd / 2`) becomes `(a cos - b sin, a sin + b cos)`, the same products and
+/// sums in the same order. `None` when a tensor is not a contiguous f32 CPU tensor of
+/// these sizes (the caller takes candle's operations).
+fn rope_heads(
+    x: &Tensor,
+    n: usize,
+    hd: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<Option<Tensor>> {
+    let (t, width) = x.dims2()?;
+    let half = hd / 2;
+    if width != n * hd || !hd.is_multiple_of(2) || cos.dims2()? != (t, half) {
+        return Ok(None);
+    }
+    let pass = |xs: &[f32], cs: &[f32], sn: &[f32]| -> Option<Vec<f32>> {
+        let mut out = afo_quant::kernels::zeroed(t * width);
+        for (h, head) in out.chunks_exact_mut(t * hd).enumerate() {
+            for (i, dst) in head.chunks_exact_mut(hd).enumerate() {
+                let src = xs.get(i * width + h * hd..i * width + (h + 1) * hd)?;
+                let c = cs.get(i * half..(i + 1) * half)?;
+                let s = sn.get(i * half..(i + 1) * half)?;
+                if interleaved {
+                    for (((d, a), c), s) in dst
+                        .chunks_exact_mut(2)
+                        .zip(src.chunks_exact(2))
+                        .zip(c)
+                        .zip(s)
+                    {
+                        let (x0, x1) = (a[0], a[1]);
+                        d[0] = x0 * c - x1 * s;
+                        d[1] = x0 * s + x1 * c;
+                    }
+                } else {
+                    let (d0, d1) = dst.split_at_mut(half);
+                    let (a0, a1) = src.split_at(half);
+                    for ((((d0, d1), (x0, x1)), c), s) in
+                        d0.iter_mut().zip(d1).zip(a0.iter().zip(a1)).zip(c).zip(s)
+                    {
+                        *d0 = x0 * c - x1 * s;
+                        *d1 = x0 * s + x1 * c;
+                    }
+                }
+            }
+        }
+        Some(out)
+    };
+    let out = afo_quant::in_place(x, |xs| {
+        afo_quant::in_place(cos, |cs| {
+            afo_quant::in_place(sin, |sn| pass(xs, cs, sn)).ok()
+        })
+        .ok()
+    });
+    match out {
+        Ok(Some(Some(Some(v)))) => Ok(Some(Tensor::from_vec(v, (1, n, t, hd), x.device())?)),
+        _ => Ok(None),
+    }
+}
+
 /// RoPE cos/sin tables, grown on demand (never capped below the model's context).
 #[derive(Debug)]
 struct Rope {
@@ -1021,6 +1107,64 @@ fn scale_frequency(freq: f32, scaling: RopeScaling) -> f32 {
 mod tests {
     use super::*;
     use crate::testing;
+
+    /// Heads with RoPE in one pass are candle's reshape, transpose, copy and rotation
+    /// bit for bit: both pair layouts, one row and several, query and key head
+    /// counts, a row narrowed from a batch (a view with an offset), tables narrowed
+    /// from larger ones (positions past the first).
+    #[test]
+    fn rope_heads_are_candles_heads_and_rope() {
+        let dev = Device::Cpu;
+        let hd = 64;
+        let mut seed = 11u32;
+        let mut next = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 * 6.0 - 3.0
+                })
+                .collect()
+        };
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (40, hd / 2), &dev).unwrap();
+        let (cos, sin) = (table(next(40 * hd / 2)), table(next(40 * hd / 2)));
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        let mut compared = 0;
+        for (t, n, pos) in [(1, 9, 0), (1, 3, 17), (5, 9, 3), (17, 3, 20)] {
+            let rows = Tensor::from_vec(next((t + 2) * n * hd), (t + 2, n * hd), &dev).unwrap();
+            let x = rows.narrow(0, 1, t).unwrap();
+            let (c, s) = (
+                cos.narrow(0, pos, t).unwrap(),
+                sin.narrow(0, pos, t).unwrap(),
+            );
+            for interleaved in [true, false] {
+                let heads = x
+                    .reshape((1, t, n, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                let (want, _) = rope_candle(&heads, &heads, &c, &s, interleaved).unwrap();
+                let got = rope_heads(&x, n, hd, &c, &s, interleaved).unwrap().unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "t {t} n {n} interleaved {interleaved}"
+                );
+                compared += t * n * hd;
+            }
+        }
+        assert_eq!(compared, 2 * hd * (9 + 3 + 5 * 9 + 17 * 3));
+        // Sizes that do not fit are left to candle's operations.
+        let x = Tensor::zeros((2, 9 * hd), candle_core::DType::F32, &dev).unwrap();
+        let (c, s) = (cos.narrow(0, 0, 3).unwrap(), sin.narrow(0, 0, 3).unwrap());
+        assert!(rope_heads(&x, 9, hd, &c, &s, true).unwrap().is_none());
+        assert!(rope_heads(&x, 8, hd, &c, &s, true).unwrap().is_none());
+    }
 
     #[test]
     fn mask_is_causal_after_a_prefix() {
