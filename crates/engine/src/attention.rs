@@ -196,9 +196,10 @@ pub(crate) fn attention_with(
     window: usize,
     kernel: Kernel,
 ) -> Result<Tensor> {
-    attention_impl(q, k, v, window, kernel, true)
+    attention_impl(q, k, v, window, kernel, true, true)
 }
 
+/// One call's attention ([`attention_calls_on`]).
 fn attention_impl(
     q: &Tensor,
     k: &Tensor,
@@ -206,8 +207,9 @@ fn attention_impl(
     window: usize,
     kernel: Kernel,
     causal: bool,
+    pool: bool,
 ) -> Result<Tensor> {
-    let mut out = attention_calls(&[Call { q, k, v, window }], kernel, causal)?;
+    let mut out = attention_calls_on(&[Call { q, k, v, window }], kernel, causal, pool)?;
     out.pop()
         .ok_or_else(|| input_error("queries", "gave no result".to_string()))
 }
@@ -238,10 +240,7 @@ pub(crate) fn causal_attention_here(
     v: &Tensor,
     window: usize,
 ) -> Result<Tensor> {
-    let call = Call { q, k, v, window };
-    let mut out = attention_calls_on(&[call], Kernel::best(), true, false)?;
-    out.pop()
-        .ok_or_else(|| input_error("queries", "gave no result".to_string()))
+    attention_impl(q, k, v, window, Kernel::best(), true, false)
 }
 
 /// One checked call: its sizes and its tensors read in place.
@@ -1768,7 +1767,7 @@ mod tests {
             let len = past + t;
             let want = reference(&q, &k, &v, None);
             for &kernel in &kernels {
-                let got = attention_impl(&q, &k, &v, usize::MAX, kernel, false).unwrap();
+                let got = attention_impl(&q, &k, &v, usize::MAX, kernel, false, true).unwrap();
                 let diff = max_rel_diff(&got, &want);
                 assert!(
                     diff < 1e-5,
@@ -1803,7 +1802,7 @@ mod tests {
         let got = one(&k).unwrap();
         assert_eq!(got[0].dims(), &[4, 32]);
         // The window does not apply without the mask.
-        let want = attention_impl(&q, &k, &v, usize::MAX, Kernel::best(), false).unwrap();
+        let want = attention_impl(&q, &k, &v, usize::MAX, Kernel::best(), false, true).unwrap();
         assert_eq!(max_rel_diff(&got[0], &want), 0.0);
         assert!(one(&k.narrow(3, 0, 8).unwrap()).is_err());
     }

@@ -320,22 +320,14 @@ impl Sampler {
             return Err(invalid("more than 2^32 logits".into()));
         }
         // Greedy with nothing to add to the logits: the arg-max of the logits as they
-        // are, without copying them.
-        if self.params.is_greedy()
+        // are, without copying them (the greedy return below ends the call).
+        let as_given = self.params.is_greedy()
             && self.params.logit_bias.is_empty()
-            && !self.params.has_penalties()
-        {
-            let (best, best_logit) =
-                argmax(logits).map_err(|i| invalid(format!("logit {i} is NaN")))?;
-            if best_logit == f32::NEG_INFINITY {
-                return Err(invalid(
-                    "every token is banned (all logits are -inf)".into(),
-                ));
-            }
-            return u32::try_from(best).map_err(|_| invalid("index overflow".into()));
+            && !self.params.has_penalties();
+        if !as_given {
+            self.logits.clear();
+            self.logits.extend_from_slice(logits);
         }
-        self.logits.clear();
-        self.logits.extend_from_slice(logits);
 
         for &(id, bias) in &self.params.logit_bias {
             let slot = self.logits.get_mut(id as usize).ok_or_else(|| {
@@ -372,8 +364,9 @@ impl Sampler {
             }
         }
 
+        let scored: &[f32] = if as_given { logits } else { &self.logits };
         let (best, best_logit) =
-            argmax(&self.logits).map_err(|i| invalid(format!("logit {i} is NaN")))?;
+            argmax(scored).map_err(|i| invalid(format!("logit {i} is NaN")))?;
         if best_logit == f32::NEG_INFINITY {
             return Err(invalid(
                 "every token is banned (all logits are -inf)".into(),
