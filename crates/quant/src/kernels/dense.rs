@@ -4,10 +4,12 @@
 //! A decode step reads every weight once and does two flops per weight, so it runs at
 //! the speed memory delivers the weights. These kernels stream each weight row once,
 //! convert it in registers (`vcvtph2ps` for f16 with F16C or AVX-512F, a 16-bit shift
-//! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in L1,
-//! with several independent FMA chains (with AVX-512F and more than one activation row,
-//! two weight rows at a time, sharing each activation load); output rows are split
-//! across the rayon pool as the quantized kernels split theirs. Beyond
+//! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in L1
+//! (eight with AVX-512F when a batch has more), with several independent FMA chains
+//! (with AVX-512F and two to four activation rows, two weight rows at a time, sharing
+//! each activation load); activation rows are copied onto 64-byte lines first where
+//! they do not start on one, and output rows are split across the rayon pool as the
+//! quantized kernels split theirs. Beyond
 //! [`DENSE_GEMV_MAX_ROWS`] rows ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in
 //! panels: a prompt, a large batch) a packed GEMM runs instead: panels of 16 weight
 //! rows converted to f32 and transposed once per call, then 6 x 16 register tiles of
@@ -51,7 +53,8 @@ use super::coded::CodedPanels;
 use super::driver::{COL_ALIGN, split_many, split_rows_or_columns};
 use super::error::{Error, Result};
 
-/// Activation rows one pass over the weights serves (more rows take more passes).
+/// Activation rows one pass over the weights serves (more rows take more passes); with
+/// AVX-512F, a batch of more rows takes passes of eight.
 pub const DENSE_TILE_ROWS: usize = 4;
 
 /// Up to this many activation rows, [`dense_gemm`] streams each weight row past the
@@ -90,6 +93,21 @@ struct F32Line([f32; 16]);
 /// Zeroed lines for at least `n` floats.
 fn line_buffer(n: usize) -> Vec<F32Line> {
     vec![F32Line::default(); n.div_ceil(16)]
+}
+
+/// A copy of the `m` activation rows of `k` floats in `x` on 64-byte lines, when `x`
+/// does not start on one and `k` is a multiple of 16 (so that every row starts on a
+/// line): unaligned, every 512-bit load of a row straddles two lines, and a batch's
+/// rows are loaded once for every weight row. `None` when `x` is aligned already, or
+/// its rows could not be.
+fn aligned_rows(x: &[f32], m: usize, k: usize) -> Option<Vec<F32Line>> {
+    if x.as_ptr().addr().is_multiple_of(64) || !k.is_multiple_of(16) {
+        return None;
+    }
+    let src = x.get(..m * k)?;
+    let mut lines = line_buffer(src.len());
+    floats_mut(&mut lines)[..src.len()].copy_from_slice(src);
+    Some(lines)
 }
 
 /// The floats of `lines`, in order.
@@ -835,7 +853,7 @@ mod simd {
     use super::super::coded::{CodedPanels, Escape};
     use super::{
         DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, Pass,
-        floats_mut, in_bounds, line_buffer,
+        aligned_rows, floats, floats_mut, in_bounds, line_buffer,
     };
 
     /// Element type ids (const generic parameters).
@@ -924,6 +942,15 @@ mod simd {
             DenseData::F16(v) => (E_F16, v.as_ptr().cast(), 2),
             DenseData::BF16(v) => (E_BF16, v.as_ptr().cast(), 2),
         };
+        // The row kernels load each activation row once per weight row (or pair): on
+        // 64-byte lines (8 sequences over F16 with pairs of weight rows: 1.04x, the
+        // median of four alternated pairs).
+        let lines = if packed {
+            None
+        } else {
+            aligned_rows(x, m, w.k)
+        };
+        let x = lines.as_deref().map_or(x, |l| &floats(l)[..m * w.k]);
         // SAFETY (all below): the caller's CPU and bounds.
         unsafe {
             match (packed, e, ZMM) {
@@ -1052,10 +1079,11 @@ mod simd {
         }
     }
 
-    /// Dispatches a weight row over the activation rows in tiles of up to
-    /// [`DENSE_TILE_ROWS`]; `$row::<E, MR>(wp, k, xp, ld_x) -> [f32; MR]` computes one.
+    /// Dispatches a weight row over the activation rows in tiles of up to `$tile`
+    /// rows ([`DENSE_TILE_ROWS`] or [`WIDE_TILE_ROWS`]); `$row::<E, MR>(wp, k, xp) ->
+    /// [f32; MR]` computes one.
     macro_rules! rows_loop {
-        ($row:ident, $E:ident, $p:ident, $eb:ident, $k:ident, $x:ident, $m:ident, $cols:ident, $out:ident, $ld:ident) => {{
+        ($row:ident, $E:ident, $p:ident, $eb:ident, $k:ident, $x:ident, $m:ident, $cols:ident, $out:ident, $ld:ident, $tile:expr) => {{
             let xp = $x.as_ptr();
             for c in $cols.clone() {
                 // SAFETY: c < n_out, so the row lies inside the weight data.
@@ -1063,12 +1091,16 @@ mod simd {
                 let cc = c - $cols.start;
                 let mut r = 0;
                 while r < $m {
-                    let mr = ($m - r).min(DENSE_TILE_ROWS);
+                    let mr = ($m - r).min($tile);
                     // SAFETY: activation rows r..r + mr are below m (x holds m * k).
                     let xr = unsafe { xp.add(r * $k) };
                     // SAFETY: as above; the row function reads k elements of each.
                     unsafe {
                         match mr {
+                            8 => store(&$row::<$E, 8>(wp, $k, xr), $out, $ld, r, cc),
+                            7 => store(&$row::<$E, 7>(wp, $k, xr), $out, $ld, r, cc),
+                            6 => store(&$row::<$E, 6>(wp, $k, xr), $out, $ld, r, cc),
+                            5 => store(&$row::<$E, 5>(wp, $k, xr), $out, $ld, r, cc),
                             4 => store(&$row::<$E, 4>(wp, $k, xr), $out, $ld, r, cc),
                             3 => store(&$row::<$E, 3>(wp, $k, xr), $out, $ld, r, cc),
                             2 => store(&$row::<$E, 2>(wp, $k, xr), $out, $ld, r, cc),
@@ -1089,6 +1121,14 @@ mod simd {
             }
         }
     }
+
+    /// Activation rows one pass of a weight row serves with AVX-512F when a batch has
+    /// more than [`DENSE_TILE_ROWS`]: sixteen accumulators, each weight vector
+    /// converted once for all of them, and the weights' stream from memory overlapped
+    /// with every row's FMAs (in tiles of four the first tile waited on memory and the
+    /// second ran from L1 after it: 8 sequences over F16, 1.09x, the median of six
+    /// alternated pairs).
+    const WIDE_TILE_ROWS: usize = 8;
 
     /// How far ahead of its loads the one-row kernel prefetches weight bytes.
     const PREFETCH: usize = 8192;
@@ -1553,15 +1593,16 @@ mod simd {
         out: &mut [f32],
         ld: usize,
     ) {
-        rows_loop!(row_avx2, E, p, eb, k, x, m, cols, out, ld)
+        rows_loop!(row_avx2, E, p, eb, k, x, m, cols, out, ld, DENSE_TILE_ROWS)
     }
 
     /// With AVX-512F: one weight row at a time for one activation row (a decode step
     /// reads every weight from memory once: nothing to share), two weight rows at a
-    /// time for more, so that each activation load from L1 feeds both rows' FMA
-    /// chains (twelve loads for sixteen FMAs per 32 elements of `k`, against ten for
-    /// eight): a batched step over f16 or bf16 weights is bound by these loads, not
-    /// by memory. Every output gets the chains [`row_avx512`] gives it alone.
+    /// time for two to [`DENSE_TILE_ROWS`], so that each activation load from L1 feeds
+    /// both rows' FMA chains (twelve loads for sixteen FMAs per 32 elements of `k`,
+    /// against ten for eight), and one weight row at a time over tiles of up to
+    /// [`WIDE_TILE_ROWS`] activation rows for more. Every output gets the chains
+    /// [`row_avx512`] gives it alone.
     #[allow(clippy::too_many_arguments)] // the unpacked matrix and the output window
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn avx512_impl<const E: u8>(
@@ -1575,7 +1616,10 @@ mod simd {
         ld: usize,
     ) {
         if m < 2 {
-            return rows_loop!(row_avx512, E, p, eb, k, x, m, cols, out, ld);
+            return rows_loop!(row_avx512, E, p, eb, k, x, m, cols, out, ld, 1);
+        }
+        if m > DENSE_TILE_ROWS {
+            return rows_loop!(row_avx512, E, p, eb, k, x, m, cols, out, ld, WIDE_TILE_ROWS);
         }
         let xp = x.as_ptr();
         let pairs = cols.start..cols.start + cols.len() / 2 * 2;
@@ -1604,7 +1648,19 @@ mod simd {
         // `pairs.end - cols.start` of `out`.
         if let Some(rest) = out.get_mut(pairs.end - cols.start..) {
             let odd = pairs.end..cols.end;
-            rows_loop!(row_avx512, E, p, eb, k, x, m, odd, rest, ld)
+            rows_loop!(
+                row_avx512,
+                E,
+                p,
+                eb,
+                k,
+                x,
+                m,
+                odd,
+                rest,
+                ld,
+                DENSE_TILE_ROWS
+            )
         }
     }
 

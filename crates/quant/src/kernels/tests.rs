@@ -1029,18 +1029,21 @@ fn f16_and_bf16_prompts_on_bf16_tiles_take_fewer_passes_and_keep_f32_accuracy() 
 
 /// A row-major dense matrix (f32, f16, bf16) streams up to
 /// [`DENSE_ROWS_STREAM_MAX_ROWS`] activation rows past each weight row: every row of
-/// such a batch gives the bits it gives alone, whatever the thread count, on every
-/// kernel this CPU has; one row more takes the packed GEMM, still within f32 rounding.
+/// such a batch gives the bits it gives alone, whatever the thread count and wherever
+/// the rows lie (on 64-byte lines or off them: those are copied onto lines when `k`
+/// allows), on every kernel this CPU has; one row more takes the packed GEMM, still
+/// within f32 rounding.
 #[test]
 fn row_major_batches_up_to_the_stream_limit_give_each_row_its_own_bits() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let mut compared = 0usize;
     for kernel in available_kernels() {
         // Shapes: an odd row count (the AVX-512 kernel takes weight rows in pairs,
-        // the last alone), and k with every tail (32s, a 16, an 8, single values).
+        // the last alone), k with every tail (32s, a 16, an 8, single values), and k
+        // a multiple of 16 (rows that can start on 64-byte lines).
         for (dtype, (n_out, k)) in ["f32", "f16", "bf16"]
             .into_iter()
-            .flat_map(|d| [(72, 100), (37, 123)].map(|s| (d, s)))
+            .flat_map(|d| [(72, 100), (37, 123), (37, 160)].map(|s| (d, s)))
         {
             let (wd, owned) = dense_case(dtype, n_out, k, 51);
             let w = DenseMatrix::new(owned.data(), n_out, k).unwrap();
@@ -1056,16 +1059,27 @@ fn row_major_batches_up_to_the_stream_limit_give_each_row_its_own_bits() {
             let alone: Vec<Vec<u32>> = (0..m)
                 .map(|r| bits(&run(&x[r * k..(r + 1) * k], 1, 1)))
                 .collect();
-            for rows in [5, 8, DENSE_ROWS_STREAM_MAX_ROWS] {
-                for threads in [1, 2] {
-                    let y = run(&x[..rows * k], rows, threads);
-                    for (r, one) in alone.iter().enumerate().take(rows) {
-                        assert_eq!(
-                            &bits(&y[r * n_out..(r + 1) * n_out]),
-                            one,
-                            "{kernel} {dtype} {rows} rows t={threads}: row {r}"
-                        );
-                        compared += n_out;
+            // The same rows at a 64-byte line and four bytes past one.
+            let mut room = vec![0.0f32; m * k + 32];
+            let line = room.as_ptr().addr().next_multiple_of(64) - room.as_ptr().addr();
+            let first = line / 4;
+            for shift in [0, 1] {
+                let at = first + shift;
+                room[at..at + m * k].copy_from_slice(&x);
+                let placed = &room[at..at + m * k];
+                assert_eq!(placed.as_ptr().addr() % 64, 4 * shift);
+                for rows in [2, 3, 4, 5, 8, 12, DENSE_ROWS_STREAM_MAX_ROWS] {
+                    for threads in [1, 2] {
+                        let y = run(&placed[..rows * k], rows, threads);
+                        for (r, one) in alone.iter().enumerate().take(rows) {
+                            assert_eq!(
+                                &bits(&y[r * n_out..(r + 1) * n_out]),
+                                one,
+                                "{kernel} {dtype} k={k} {rows} rows t={threads} \
+                                 {shift} floats past a line: row {r}"
+                            );
+                            compared += n_out;
+                        }
                     }
                 }
             }
