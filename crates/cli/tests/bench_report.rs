@@ -227,6 +227,15 @@ fn the_quick_suite_on_the_real_model_writes_the_page_and_its_results() {
         assert!(r["decode_tok_s"].as_f64().unwrap() > 1.0, "{r}");
         assert!(r["prefill_tok_s"].as_f64().unwrap() > 1.0, "{r}");
     }
+    // Batching times decode steps only: the 16-token prompts and first tokens run
+    // before the clock starts.
+    let batching = results.iter().find(|r| r["kind"] == "batching").unwrap();
+    assert_eq!(batching["prompt_tokens"], 16, "{batching}");
+    let points = batching["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3, "{batching}");
+    for p in points {
+        assert!(p["tok_s"].as_f64().unwrap() > 1.0, "{batching}");
+    }
     let kv = results.iter().find(|r| r["kind"] == "kv").unwrap();
     assert_eq!(kv["rows"].as_array().unwrap().len(), 4, "{kv}");
     let full = &kv["rows"][0];

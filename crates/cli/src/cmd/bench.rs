@@ -71,8 +71,10 @@ pub(crate) struct Args {
     /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
     #[arg(long, default_value = "f32")]
     kv_cache: afo_runtime::kvcache::KvFormat,
-    /// Tokens already in the KV cache when the decode steps are timed (speed mode;
-    /// llama-bench's `-d`): decode at depth reads the cache as well as the weights.
+    /// Tokens already in the KV cache when the decode steps are timed: in `speed`
+    /// mode llama-bench's `-d` (decode at depth reads the cache as well as the
+    /// weights); in `batching` mode each sequence's prompt, llama-batched-bench's
+    /// `-npp` ([`BATCH_PROMPT`] tokens when 0).
     #[arg(long, default_value_t = 0)]
     depth: usize,
     /// `memory`: prompt lengths (tokens) of the runs whose predicted peak is compared
@@ -314,10 +316,20 @@ fn print_prefix(r: &PrefixResult) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Aggregate decode speed of `n` sequences batched, for each `n`.
+/// Prompt tokens of each sequence `afo bench batching` decodes when `--depth` is 0.
+const BATCH_PROMPT: usize = 16;
+
+/// Aggregate decode speed of `n` sequences batched, for each `n`: each sequence's
+/// prompt (`--depth` tokens, [`BATCH_PROMPT`] when 0) runs first, untimed, until every
+/// sequence has sampled its first token; then the steps that generate the rest of its
+/// `--generate` tokens are timed.
 fn batch(args: &Args, model_path: &Path, loaded: &LoadedModel) -> anyhow::Result<BatchingResult> {
     use afo_runtime::engine::{GenerateOptions, SamplingParams, Scheduler};
-    const PROMPT: u32 = 16;
+    let prompt_len = if args.depth == 0 {
+        BATCH_PROMPT
+    } else {
+        args.depth
+    };
     let model = loaded.model();
     let vocab = model.config().vocab_size as u32;
     let mut points = Vec::new();
@@ -326,7 +338,7 @@ fn batch(args: &Args, model_path: &Path, loaded: &LoadedModel) -> anyhow::Result
         for _ in 0..args.rounds.max(1) {
             let mut s = Scheduler::new(model, loaded.tokenizer(), n);
             for i in 0..n as u32 {
-                let prompt: Vec<u32> = (0..PROMPT)
+                let prompt: Vec<u32> = (0..prompt_len as u32)
                     .map(|j| (i * 7919 + j * 31 + 13) % vocab)
                     .collect();
                 s.add_request(
@@ -339,8 +351,12 @@ fn batch(args: &Args, model_path: &Path, loaded: &LoadedModel) -> anyhow::Result
                     },
                 )?;
             }
-            // The first step admits every sequence and runs the prompts.
-            s.step()?;
+            // Untimed: the steps that admit every sequence and run the prompts (one
+            // prefill chunk a step) until each has sampled its first token.
+            let mut started = std::collections::HashSet::new();
+            while started.len() < n && s.has_unfinished() {
+                started.extend(s.step()?.iter().filter(|o| o.token.is_some()).map(|o| o.id));
+            }
             let t = Instant::now();
             let mut tokens = 0usize;
             while s.has_unfinished() {
@@ -356,7 +372,7 @@ fn batch(args: &Args, model_path: &Path, loaded: &LoadedModel) -> anyhow::Result
     Ok(BatchingResult {
         model: model_path.display().to_string(),
         format: args.format(model_path),
-        prompt_tokens: PROMPT as usize,
+        prompt_tokens: prompt_len,
         generated_tokens: args.generate,
         rounds: args.rounds.max(1),
         points,
@@ -376,6 +392,11 @@ fn print_batching(r: &BatchingResult) -> anyhow::Result<()> {
             p.tok_s / base
         );
     }
+    out!(
+        "each sequence: a {}-token prompt and its first token (untimed), then the rest of {} tokens generated (timed)",
+        r.prompt_tokens,
+        r.generated_tokens
+    );
     Ok(())
 }
 
