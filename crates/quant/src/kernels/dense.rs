@@ -7,10 +7,9 @@
 //! for bf16) and multiply it with up to [`DENSE_TILE_ROWS`] activation rows held in L1
 //! (eight with AVX-512F when a batch has more), with several independent FMA chains
 //! (with AVX-512F and two to four activation rows, two weight rows at a time, sharing
-//! each activation load); activation rows are copied onto 64-byte lines first where
-//! they do not start on one, and output rows are split across the rayon pool as the
-//! quantized kernels split theirs. Beyond
-//! [`DENSE_GEMV_MAX_ROWS`] rows ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in
+//! each activation load); a batch's activation rows are copied onto 64-byte lines first
+//! where they do not start on one, and output rows are split across the rayon pool as
+//! the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in
 //! panels: a prompt, a large batch) a packed GEMM runs instead: panels of 16 weight
 //! rows converted to f32 and transposed once per call, then 6 x 16 register tiles of
 //! FMA chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles
@@ -561,6 +560,20 @@ pub fn dense_gemm_with(
     // not change which code computes a row.
     let pass = Pass::of(kernel, &w, m);
     let k = w.k;
+    // A batch through the SIMD row kernels loads each activation row once per weight
+    // row (or pair): on 64-byte lines, copied once per call and shared by the threads
+    // (8 sequences over F16 with pairs of weight rows: 1.04x, the median of four
+    // alternated pairs). One row (a decode step) is read once per weight row anyway.
+    let row_major = matches!(
+        w.data,
+        DenseData::F32(_) | DenseData::F16(_) | DenseData::BF16(_)
+    );
+    let lines = if m >= 2 && pass == Pass::Stream && row_major && kernel >= Kernel::Avx2 {
+        aligned_rows(x, m, k)
+    } else {
+        None
+    };
+    let x = lines.as_deref().map_or(x, |l| &floats(l)[..m * k]);
     // A prompt's row blocks each convert and transpose every panel of the matrix: one
     // block per thread packs it once per thread (two per thread: pp512 F16 9% slower;
     // a matrix in panels gained nothing from two).
@@ -853,7 +866,7 @@ mod simd {
     use super::super::coded::{CodedPanels, Escape};
     use super::{
         DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, Pass,
-        aligned_rows, floats, floats_mut, in_bounds, line_buffer,
+        floats_mut, in_bounds, line_buffer,
     };
 
     /// Element type ids (const generic parameters).
@@ -942,15 +955,6 @@ mod simd {
             DenseData::F16(v) => (E_F16, v.as_ptr().cast(), 2),
             DenseData::BF16(v) => (E_BF16, v.as_ptr().cast(), 2),
         };
-        // The row kernels load each activation row once per weight row (or pair): on
-        // 64-byte lines (8 sequences over F16 with pairs of weight rows: 1.04x, the
-        // median of four alternated pairs).
-        let lines = if packed {
-            None
-        } else {
-            aligned_rows(x, m, w.k)
-        };
-        let x = lines.as_deref().map_or(x, |l| &floats(l)[..m * w.k]);
         // SAFETY (all below): the caller's CPU and bounds.
         unsafe {
             match (packed, e, ZMM) {
