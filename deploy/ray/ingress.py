@@ -378,6 +378,10 @@ class Ingress:
         resp = self.replicas.options(stream=False).health.remote({"target_replica": uid})
         try:
             h = await asyncio.wait_for(resp, timeout=3.0)
+            if h.get("replica_id") != uid:
+                # The router sends a probe for a replica that is not live to another.
+                return {"status": "unreachable", "replica_id": uid,
+                        "error": f"not among the live replicas (replica {h.get('replica_id')} answered)"}
             self.actor_to_replica[h.get("actor_id", "")] = uid
             return {"status": "ok", **h}
         except Exception as e:  # noqa: BLE001 - reported per replica

@@ -10,7 +10,8 @@ replica by `imbalance_threshold` ongoing requests or more; then the least-loaded
 goes first. Requests without a key (health probes aside) use the least-loaded replica.
 
 A request may also name its replica (`target_replica`, a replica's unique id): the
-ingress does this to ask each replica for its health.
+ingress does this to ask each replica for its health. A named replica that is not live
+gets the request sent to another one, whose answer names itself.
 """
 
 from __future__ import annotations
@@ -101,7 +102,13 @@ class PrefixAffinityRouter(RequestRouter):
 
         target = fields.get("target_replica")
         if target is not None:
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
+            named = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            # A target that is not among the live replicas (one that has just died,
+            # which the ingress can still list) goes to any live one, which answers
+            # with its own id and the ingress reports the target unreachable: a request
+            # no candidate takes holds one of the router's few routing tasks in backoff,
+            # and a handful of them stalled every request, health probes included.
+            return [named] if named else [[r] for r in candidate_replicas]
 
         if self._policy == "random":
             shuffled = list(candidate_replicas)

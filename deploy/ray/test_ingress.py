@@ -13,7 +13,10 @@ from typing import Any, Dict, List
 
 from ray.exceptions import ActorDiedError
 
+from types import SimpleNamespace
+
 from deploy.ray.ingress import Ingress, ReplicaFailed
+from deploy.ray.routing import PrefixAffinityRouter
 
 # `serve.ingress` wraps the class in an ASGI wrapper (whose `__init__` is async); the
 # class as written is the next one in the wrapper's MRO.
@@ -58,6 +61,31 @@ class FakeReplicas:
         call = FakeCall(self.scripts.pop(0))
         self.calls.append(call)
         return call
+
+
+class FakeHealth:
+    """Stands for the handle's `health` method: every probe answers `answer`."""
+
+    def __init__(self, answer: Dict[str, Any]):
+        self.answer = answer
+
+    def remote(self, _req: Dict[str, Any]) -> "FakeProbe":
+        return FakeProbe(self.answer)
+
+
+class FakeProbe:
+    """One `health.remote(...)` response."""
+
+    def __init__(self, answer: Dict[str, Any]):
+        self.answer = answer
+
+    def __await__(self):
+        async def get() -> Dict[str, Any]:
+            return self.answer
+        return get().__await__()
+
+    def cancel(self) -> None:
+        pass
 
 
 def start(replica: str) -> Dict[str, Any]:
@@ -155,6 +183,23 @@ async def main() -> int:
         got.append(e)
     check(isinstance(got[-1], ReplicaFailed) and got[-1].replica_id == "a" and "ActorDiedError" in str(got[-1]),
           "a failure mid-stream raises ReplicaFailed naming the replica and the cause")
+
+    # 6. Health probes name their replica. The router sends a probe for a replica that
+    # is not live to a live one (a request no replica takes would hold a routing task
+    # in backoff), and the ingress reports the named replica unreachable.
+    live = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u)) for u in ("a", "b")]
+    choose = PrefixAffinityRouter.choose_replicas
+    named = await choose(SimpleNamespace(), live, SimpleNamespace(args=({"target_replica": "b"},)))
+    check(named == [[live[1]]], "a probe for a live replica goes to that replica alone")
+    gone = await choose(SimpleNamespace(), live, SimpleNamespace(args=({"target_replica": "x"},)))
+    check(gone == [[live[0]], [live[1]]], "a probe for a replica that is not live goes to any live one")
+    ing = ingress([])
+    ing.replicas.health = FakeHealth({"replica_id": "b", "actor_id": "actor-b"})
+    h = await ing._replica_health("x")
+    check(h["status"] == "unreachable" and h["replica_id"] == "x" and "replica b answered" in h["error"],
+          f"the ingress reports it unreachable ({h})")
+    h = await ing._replica_health("b")
+    check(h["status"] == "ok" and h["replica_id"] == "b", "and a replica that answers for itself ok")
 
     print("PASS" if not failures else f"FAIL ({failures})", flush=True)
     return 1 if failures else 0
