@@ -44,10 +44,10 @@
 //!    place) to the group's accumulators.
 //!
 //! Ahead of the chunk it computes, a task asks the CPU to fetch the key and value rows
-//! of the next [`PREFETCH_BYTES`] (32 KiB: 128 keys of an f16 cache, 64 of an f32 one),
-//! a key's two rows after one another: a decode step spends little arithmetic per key,
-//! and without the hints its reads of a cache that the weights pushed out of the
-//! caches waited on memory a line or two at a time.
+//! of the next [`PREFETCH_BYTES`] (32 KiB: at a head size of 64, 128 keys of an f16
+//! cache and 64 of an f32 one), a key's two rows after one another: a decode step
+//! spends little arithmetic per key, and without the hints its reads of a cache that
+//! the weights pushed out of the caches waited on memory a line or two at a time.
 //!
 //! Every [`SEGMENT`] keys (256, aligned) a row's state starts afresh, and the segments'
 //! states are merged in key order by one function (`State::merge`: both rescaled to the
@@ -126,8 +126,8 @@ pub(crate) const SEGMENT: usize = 256;
 /// Bytes of key and value rows ahead of the chunk being computed that a task asks the
 /// CPU to fetch ([`prefetch_rows`]), in whole chunks of keys, at least one: a decode
 /// step's few query rows take little time per key, so its reads of the cache are
-/// otherwise waits on memory one line after another. Two f16 chunks, one f32 chunk:
-/// within a core's first-level cache.
+/// otherwise waits on memory one line after another. At a head size of 64, two chunks
+/// of an f16 cache or one of an f32 cache: within a core's first-level cache.
 pub(crate) const PREFETCH_BYTES: usize = 32 << 10;
 /// Query rows per micro-kernel call.
 const GROUP: usize = 4;
