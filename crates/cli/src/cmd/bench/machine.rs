@@ -50,13 +50,29 @@ pub(crate) fn cpu_features() -> Vec<String> {
     Vec::new()
 }
 
-/// The first `key : value` line of `/proc/cpuinfo` with this key.
-fn cpuinfo(key: &str) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+/// The value of the first `key : value` line of `text` (`/proc/cpuinfo`'s form) with
+/// this key.
+fn cpuinfo_field(text: &str, key: &str) -> Option<String> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         (k.trim() == key).then(|| v.trim().to_owned())
     })
+}
+
+/// The CPU as `/proc/cpuinfo` (`text`) names it: its model name with its family and
+/// model numbers (a virtual machine may cut the name to its vendor's line, `AMD EPYC`,
+/// and the numbers still say which generation it is), or `Model` (Arm), or `unknown`.
+fn cpu_name(text: &str) -> String {
+    let Some(name) = cpuinfo_field(text, "model name") else {
+        return cpuinfo_field(text, "Model").unwrap_or_else(|| "unknown".into());
+    };
+    match (
+        cpuinfo_field(text, "cpu family"),
+        cpuinfo_field(text, "model"),
+    ) {
+        (Some(family), Some(model)) => format!("{name} (family {family}, model {model})"),
+        _ => name,
+    }
 }
 
 fn memory_bytes() -> u64 {
@@ -103,9 +119,7 @@ fn host() -> String {
 pub(crate) fn machine() -> Machine {
     Machine {
         host: host(),
-        cpu: cpuinfo("model name")
-            .or_else(|| cpuinfo("Model"))
-            .unwrap_or_else(|| "unknown".into()),
+        cpu: cpu_name(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()),
         cpu_features: cpu_features(),
         kernel: afo_runtime::quant::kernels::Kernel::detect().to_string(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -166,5 +180,24 @@ pub(crate) fn bench_file(results: Vec<BenchResult>) -> BenchFile {
         command: command_line(),
         machine: machine(),
         results,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_name;
+
+    #[test]
+    fn the_cpu_is_named_with_its_family_and_model() {
+        let x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n\
+                   model\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n\
+                   processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\n";
+        assert_eq!(cpu_name(x86), "AMD EPYC (family 26, model 2)");
+        assert_eq!(cpu_name("model name\t: Some CPU\n"), "Some CPU");
+        assert_eq!(
+            cpu_name("processor\t: 0\nModel\t\t: Raspberry Pi 5\n"),
+            "Raspberry Pi 5"
+        );
+        assert_eq!(cpu_name(""), "unknown");
     }
 }

@@ -310,7 +310,8 @@ impl ImageRow {
 pub(crate) struct Machine {
     /// The host name.
     pub host: String,
-    /// The CPU's model name.
+    /// The CPU: its model name, with its family and model numbers where `/proc/cpuinfo`
+    /// gives them (`AMD EPYC (family 26, model 2)`).
     pub cpu: String,
     /// Instruction-set extensions relevant to the kernels that this CPU has.
     pub cpu_features: Vec<String>,
