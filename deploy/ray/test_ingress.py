@@ -9,11 +9,10 @@ of a real replica cannot choose whether a request had produced output yet.
 import asyncio
 import json
 import sys
+from types import SimpleNamespace
 from typing import Any, Dict, List
 
 from ray.exceptions import ActorDiedError
-
-from types import SimpleNamespace
 
 from deploy.ray.ingress import Ingress, ReplicaFailed
 from deploy.ray.routing import PrefixAffinityRouter

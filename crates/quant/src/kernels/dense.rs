@@ -9,8 +9,9 @@
 //! (with AVX-512F and two to four activation rows, two weight rows at a time, sharing
 //! each activation load); a batch's activation rows are copied onto 64-byte lines first
 //! where they do not start on one, and output rows are split across the rayon pool as
-//! the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in
-//! panels: a prompt, a large batch) a packed GEMM runs instead: panels of 16 weight
+//! the quantized kernels split theirs. Beyond [`DENSE_GEMV_MAX_ROWS`] rows
+//! ([`DENSE_ROWS_STREAM_MAX_ROWS`] for a matrix not in panels: a prompt, a large
+//! batch) a packed GEMM runs instead: panels of 16 weight
 //! rows converted to f32 and transposed once per call, then 6 x 16 register tiles of
 //! FMA chains over them (AVX2); with AVX-512F, panels of 64 rows through 6 x 64 tiles
 //! (four 512-bit registers a row) and the last columns through 12 x 16 ones, the same
