@@ -644,7 +644,8 @@ impl QLinear {
     /// layer's q, k and v, or gate and up): the same results as calling
     /// [`QLinear::forward`] on each, but when every weight is in a GGML block format
     /// (or every one in an integer format) the activations are quantized once, and
-    /// when the input is one row the matrices run in one parallel region
+    /// when the input is one row or a batched decode step's few (up to
+    /// [`kernels::DENSE_MANY_MAX_ROWS`]) the matrices run in one parallel region
     /// ([`kernels::gemm_quantized_many`], [`kernels::gemm_int_many`]; dense f32, f16
     /// and bf16 weights through [`kernels::dense_gemm_many`]).
     ///
@@ -1036,17 +1037,18 @@ fn dense_data<'a>(
     }
 }
 
-/// One activation row times several dense layers as one parallel region
-/// ([`kernels::dense_gemm_many`]); `None` when a layer is not a dense CPU weight over
-/// `k` inputs, or `x` is not one row on the CPU (the caller then runs the layers one
-/// by one).
+/// A few activation rows (one, or a batched decode step's) times several dense layers
+/// as one parallel region ([`kernels::dense_gemm_many`]); `None` when a layer is not a
+/// dense CPU weight over `k` inputs, or `x` is a prompt's rows or not on the CPU (the
+/// caller then runs the layers one by one).
 fn dense_many(
     layers: &[&QLinear],
     x: &Tensor,
     k: usize,
     m: usize,
 ) -> Result<Option<Vec<Vec<f32>>>> {
-    if m != 1 || !x.device().is_cpu() {
+    let rows_ok = m <= kernels::DENSE_GEMV_MAX_ROWS || kernels::dense_packed_available();
+    if m == 0 || m > kernels::DENSE_MANY_MAX_ROWS || !rows_ok || !x.device().is_cpu() {
         return Ok(None);
     }
     if layers.iter().any(|l| l.in_features != k) {
@@ -1074,14 +1076,14 @@ fn dense_many(
     }
     let mut ys: Vec<Vec<f32>> = layers
         .iter()
-        .map(|l| kernels::zeroed(l.out_features))
+        .map(|l| kernels::zeroed(m * l.out_features))
         .collect();
     let mut items: Vec<(DenseMatrix<'_>, &mut [f32])> = matrices
         .into_iter()
         .zip(ys.iter_mut())
         .map(|(w, y)| (w, y.as_mut_slice()))
         .collect();
-    with_f32(x, |xs| Ok(kernels::dense_gemm_many(&mut items, xs, 1)?))?;
+    with_f32(x, |xs| Ok(kernels::dense_gemm_many(&mut items, xs, m)?))?;
     Ok(Some(ys))
 }
 

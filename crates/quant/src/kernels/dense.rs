@@ -591,13 +591,14 @@ pub fn dense_gemm_with(
     Ok(())
 }
 
-/// `ys[i] = x · W_iᵀ` for several dense matrices that read the same single activation
-/// row (q, k and v; gate and up), with the detected kernel, split across the current
-/// rayon pool as one parallel region instead of one per matrix: a decode step streams
-/// the matrices back to back without a pause at each matrix's end. Each output is
-/// computed by the same code as in [`dense_gemm`], so the results equal separate calls
-/// exactly. More than one row runs the matrices one after another (a prompt's product
-/// is long enough to be its own region).
+/// `ys[i] = x · W_iᵀ` for several dense matrices that read the same activation rows
+/// (q, k and v; gate and up), with the detected kernel, split across the current rayon
+/// pool as one parallel region instead of one per matrix: a decode step streams the
+/// matrices back to back without a pause at each matrix's end, and a batched step's
+/// few rows take one region for all of them. Each output is computed by the same code
+/// as in [`dense_gemm`], so the results equal separate calls exactly. A prompt (from
+/// [`DENSE_MANY_MAX_ROWS`] rows on) runs the matrices one after another (its product is
+/// long enough to be its own region).
 ///
 /// # Errors
 /// As [`dense_gemm`], for any of the matrices.
@@ -608,6 +609,10 @@ pub fn dense_gemm_many(
 ) -> Result<()> {
     dense_gemm_many_with(Kernel::detect(), items, x, m)
 }
+
+/// Activation rows up to which [`dense_gemm_many`] runs its matrices as one parallel
+/// region (below, columns are split: a batched decode step; from here on, rows).
+pub const DENSE_MANY_MAX_ROWS: usize = super::driver::ROW_SPLIT_MIN_ROWS - 1;
 
 /// [`dense_gemm_many`] with a chosen kernel; [`Error::KernelUnavailable`] if the CPU
 /// lacks it.
@@ -620,7 +625,7 @@ pub fn dense_gemm_many_with(
     x: &[f32],
     m: usize,
 ) -> Result<()> {
-    if m != 1 {
+    if m > DENSE_MANY_MAX_ROWS {
         for (w, y) in items.iter_mut() {
             dense_gemm_with(kernel, *w, x, m, y)?;
         }
@@ -630,18 +635,52 @@ pub fn dense_gemm_many_with(
         return Err(Error::KernelUnavailable { kernel });
     }
     for (w, y) in items.iter() {
-        check_shapes(w, x, 1, y)?;
+        check_shapes(w, x, m, y)?;
     }
     let f = range_fn(kernel);
+    // Each matrix's pass and activation rows as `dense_gemm_with` decides them; the
+    // 64-byte lines copied once for every matrix that reads them.
+    let passes: Vec<Pass> = items.iter().map(|(w, _)| Pass::of(kernel, w, m)).collect();
+    let wants_lines = |w: &DenseMatrix<'_>, pass: Pass| {
+        m >= 2
+            && pass == Pass::Stream
+            && kernel >= Kernel::Avx2
+            && matches!(
+                w.data,
+                DenseData::F32(_) | DenseData::F16(_) | DenseData::BF16(_)
+            )
+    };
+    let lines = if items
+        .iter()
+        .zip(&passes)
+        .any(|((w, _), &p)| wants_lines(w, p))
+    {
+        aligned_rows(x, m, w_k(items))
+    } else {
+        None
+    };
+    let lined = lines.as_deref().map_or(x, |l| &floats(l)[..x.len()]);
+    let mut with_pass: Vec<((DenseMatrix<'_>, Pass), &mut [f32])> = items
+        .iter_mut()
+        .zip(passes)
+        .map(|((w, y), p)| ((*w, p), &mut **y))
+        .collect();
     split_many(
-        items,
-        |w| (w.n_out, w.k, w.col_align()),
-        |w, cols, out| {
-            let n = out.len();
-            f(w, x, 1, cols, out, n, Pass::Stream)
+        &mut with_pass,
+        m,
+        |(w, _)| (w.n_out, w.k, w.col_align()),
+        |(w, pass), cols, out, ld| {
+            let xs = if wants_lines(&w, pass) { lined } else { x };
+            f(w, xs, m, cols, out, ld, pass)
         },
     );
     Ok(())
+}
+
+/// The inner dimension the matrices of a [`dense_gemm_many`] call share (their
+/// shapes were checked against one `x`).
+fn w_k(items: &[(DenseMatrix<'_>, &mut [f32])]) -> usize {
+    items.first().map_or(0, |(w, _)| w.k)
 }
 
 /// The shapes [`dense_gemm_with`] takes: `m` rows, `x` of `m * k` floats and `y` of

@@ -210,7 +210,7 @@ pub(super) fn split_rows_or_columns<F>(
 
 /// Activation rows from which a product splits its output rows (not columns) across
 /// threads.
-const ROW_SPLIT_MIN_ROWS: usize = 64;
+pub(super) const ROW_SPLIT_MIN_ROWS: usize = 64;
 
 /// `m` rows cut into about `parts` contiguous blocks, each a multiple of four rows
 /// except the last, and none shorter than four rows (what decides the kernel path for
@@ -231,16 +231,19 @@ fn row_blocks(m: usize, parts: usize) -> Vec<Range<usize>> {
     blocks
 }
 
-/// `ys[i] = x · W_iᵀ` for several matrices that read the same single activation row
-/// (q, k and v; gate and up), split across the current rayon pool as one parallel
-/// region instead of one per matrix. Each column is computed by the same code as in
-/// [`run`], so the results equal separate calls exactly.
+/// `ys[i] = x · W_iᵀ` for several matrices that read the same activation rows (q, k
+/// and v; gate and up), split across the current rayon pool as one parallel region
+/// instead of one per matrix, for one row or a batched decode step's few; a prompt
+/// (at least [`ROW_SPLIT_MIN_ROWS`] rows) runs each matrix with [`run`]. Each column is
+/// computed by the same code as in [`run`], so the results equal separate calls
+/// exactly.
 pub(super) fn run_many(
     kernel: Kernel,
     items: &mut [(GgmlMatrix<'_>, &mut [f32])],
     acts: &QuantizedActs,
 ) -> Result<()> {
-    if acts.m() != 1 {
+    let m = acts.m();
+    if m >= ROW_SPLIT_MIN_ROWS {
         for (w, y) in items.iter_mut() {
             run(kernel, *w, acts, y)?;
         }
@@ -252,57 +255,98 @@ pub(super) fn run_many(
     let a = acts.view();
     split_many(
         items,
+        m,
         |w| (w.n_out(), w.k(), COL_ALIGN),
-        |w, cols, out| {
-            let n = out.len();
-            range_fn(kernel, w.dtype(), w.in_panels())(w, a, 1, cols, out, n)
-        },
+        |w, cols, out, ld| range_fn(kernel, w.dtype(), w.in_panels())(w, a, m, cols, out, ld),
     );
     Ok(())
 }
 
-/// One activation row times several matrices as one parallel region: each item is a
-/// matrix and its output, `shape(matrix)` its `(n_out, k, align)` (tasks start at
-/// multiples of `align`, as in [`cols_per_task`]); `f(matrix, cols, out)`
-/// fills `out[c - cols.start]` for the columns `cols` of that matrix. Columns are
-/// split as [`split_columns`] splits them (the same chunks, so the same results), or
-/// run in order when the work is small.
-pub(super) fn split_many<W, S, F>(items: &mut [(W, &mut [f32])], shape: S, f: F)
+/// Several matrices over the same `m` activation rows (q, k and v; gate and up) as one
+/// parallel region instead of one per matrix: each item is a matrix and its row-major
+/// `m x n_out` output, `shape(matrix)` its `(n_out, k, align)` (tasks start at
+/// multiples of `align`, as in [`cols_per_task`]); `f(matrix, cols, out, ld)` fills
+/// `out[r * ld + (c - cols.start)]` for every row `r < m` and column `c` in `cols` of
+/// that matrix. Columns are split as [`split_columns`] splits them (the same chunks,
+/// so the same results), or run in order when the work is small. For more than one
+/// row each task fills a tile of a scratch buffer, copied into the outputs' rows after
+/// the region (as [`split_columns`] does); callers keep prompts (at least
+/// [`ROW_SPLIT_MIN_ROWS`] rows) to one matrix at a time, split by rows.
+pub(super) fn split_many<W, S, F>(items: &mut [(W, &mut [f32])], m: usize, shape: S, f: F)
 where
     W: Copy + Send + Sync,
     S: Fn(&W) -> (usize, usize, usize),
-    F: Fn(W, Range<usize>, &mut [f32]) + Sync,
+    F: Fn(W, Range<usize>, &mut [f32], usize) + Sync,
 {
     let threads = rayon::current_num_threads();
     let work: usize = items
         .iter()
         .map(|(w, _)| {
             let (n, k, _) = shape(w);
-            n.saturating_mul(k)
+            n.saturating_mul(k).saturating_mul(m)
         })
         .sum();
     let parallel = threads > 1 && work >= PAR_MIN_WORK;
+    if !parallel {
+        for (w, y) in items.iter_mut() {
+            let n_out = shape(w).0;
+            f(*w, 0..n_out, y, n_out);
+        }
+        return;
+    }
+    // Each item's columns in chunks: for one row, straight into its output; for more,
+    // `m x ncols` tiles of a scratch buffer of `m x n_out` per item.
+    let chunks: Vec<usize> = items
+        .iter()
+        .map(|(w, _)| {
+            let (n_out, _, align) = shape(w);
+            if n_out >= 32 {
+                cols_per_task(n_out, threads, align)
+            } else {
+                n_out.max(1)
+            }
+        })
+        .collect();
+    let mut scratch: Vec<Vec<f32>> = if m == 1 {
+        Vec::new()
+    } else {
+        items.iter().map(|(_, y)| vec![0.0f32; y.len()]).collect()
+    };
     let mut tasks: Vec<(W, usize, &mut [f32])> = Vec::new();
-    for (w, y) in items.iter_mut() {
-        let (n_out, _, align) = shape(w);
-        let (w, y) = (*w, &mut **y);
-        let chunk = if parallel && n_out >= 32 {
-            cols_per_task(n_out, threads, align)
-        } else {
-            n_out.max(1)
-        };
-        for (t, yc) in y.chunks_mut(chunk).enumerate() {
-            tasks.push((w, t * chunk, yc));
+    if m == 1 {
+        for ((w, y), &chunk) in items.iter_mut().zip(&chunks) {
+            for (t, yc) in y.chunks_mut(chunk).enumerate() {
+                tasks.push((*w, t * chunk, yc));
+            }
+        }
+    } else {
+        for (((w, _), &chunk), buf) in items.iter().zip(&chunks).zip(scratch.iter_mut()) {
+            for (t, tile) in buf.chunks_mut(chunk * m).enumerate() {
+                tasks.push((*w, t * chunk, tile));
+            }
         }
     }
-    let run = |(w, c0, yc): (W, usize, &mut [f32])| {
-        let n = yc.len();
-        f(w, c0..c0 + n, yc)
-    };
-    if parallel {
-        tasks.into_par_iter().for_each(run);
-    } else {
-        tasks.into_iter().for_each(run);
+    tasks.into_par_iter().for_each(|(w, c0, out)| {
+        let ncols = out.len() / m;
+        f(w, c0..c0 + ncols, out, ncols)
+    });
+    for (((w, y), &chunk), buf) in items.iter_mut().zip(&chunks).zip(&scratch) {
+        let n_out = shape(w).0;
+        copy_tiles(buf, m, n_out, chunk, y);
+    }
+}
+
+/// Copies the column tiles of `scratch` (each `m x ncols`, `chunk` columns but the
+/// last) into the rows of the row-major `m x n_out` output `y`.
+fn copy_tiles(scratch: &[f32], m: usize, n_out: usize, chunk: usize, y: &mut [f32]) {
+    for (t, tile) in scratch.chunks(chunk * m).enumerate() {
+        let c0 = t * chunk;
+        let ncols = tile.len() / m;
+        for (yr, tr) in y.chunks_exact_mut(n_out).zip(tile.chunks_exact(ncols)) {
+            if let Some(dst) = yr.get_mut(c0..c0 + ncols) {
+                dst.copy_from_slice(tr);
+            }
+        }
     }
 }
 
@@ -346,13 +390,7 @@ pub(super) fn split_columns<F>(
             let ncols = tile.len() / m;
             f(c0..c0 + ncols, tile, ncols);
         });
-    for (t, tile) in scratch.chunks(chunk * m).enumerate() {
-        let c0 = t * chunk;
-        let ncols = tile.len() / m;
-        for (yr, tr) in y.chunks_exact_mut(n_out).zip(tile.chunks_exact(ncols)) {
-            yr[c0..c0 + ncols].copy_from_slice(tr);
-        }
-    }
+    copy_tiles(&scratch, m, n_out, chunk, y);
 }
 
 /// Writes an `MR x NR` tile of results at row `r`, tile column `cc` of `out`.

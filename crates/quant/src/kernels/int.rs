@@ -579,8 +579,9 @@ pub fn int_kernel_for(kernel: Kernel) -> Kernel {
 
 /// `ys[i] = x · W_iᵀ` for several integer matrices over the same activations (a
 /// layer's q, k and v, or gate and up) with the detected kernel: with one activation
-/// row and one format, one parallel region with the activations laid out once;
-/// otherwise each as [`gemm_int`]. The results equal separate calls exactly.
+/// row or a batched decode step's few (up to [`DENSE_MANY_MAX_ROWS`](super::DENSE_MANY_MAX_ROWS))
+/// and one format, one parallel region with the activations laid out once; otherwise
+/// each as [`gemm_int`]. The results equal separate calls exactly.
 ///
 /// # Errors
 /// As [`gemm_int`], for any of the matrices.

@@ -118,10 +118,10 @@ pub use blocks::{
 };
 pub use coded::CodedPanels;
 pub use dense::{
-    DENSE_BF16X6_MIN_ROWS, DENSE_GEMV_MAX_ROWS, DENSE_PANEL_ROWS, DENSE_ROWS_STREAM_MAX_ROWS,
-    DENSE_TILE_ROWS, DenseData, DenseMatrix, DensePanels, PanelCoding, dense_gemm, dense_gemm_many,
-    dense_gemm_many_with, dense_gemm_with, dense_packed_available, dense_rows_run_bf16_tiles,
-    dense_runs_bf16x6,
+    DENSE_BF16X6_MIN_ROWS, DENSE_GEMV_MAX_ROWS, DENSE_MANY_MAX_ROWS, DENSE_PANEL_ROWS,
+    DENSE_ROWS_STREAM_MAX_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, DensePanels, PanelCoding,
+    dense_gemm, dense_gemm_many, dense_gemm_many_with, dense_gemm_with, dense_packed_available,
+    dense_rows_run_bf16_tiles, dense_runs_bf16x6,
 };
 pub use error::{Error, Result};
 pub use int::{
@@ -359,10 +359,11 @@ pub fn gemm_quantized(weights: GgmlMatrix<'_>, acts: &QuantizedActs, y: &mut [f3
 }
 
 /// `ys[i] = x · W_iᵀ` for several matrices over the same activations (a layer's q, k
-/// and v, or gate and up), with the detected kernel. With one activation row the
-/// matrices' columns are split across the current rayon pool as one parallel region
-/// (one fork and join instead of one per matrix); with more rows each matrix runs as
-/// [`gemm_quantized`]. The results equal separate calls exactly.
+/// and v, or gate and up), with the detected kernel. With one activation row or a
+/// batched decode step's few (up to [`DENSE_MANY_MAX_ROWS`]) the matrices' columns are
+/// split across the current rayon pool as one parallel region (one fork and join
+/// instead of one per matrix); a prompt's rows run each matrix as [`gemm_quantized`].
+/// The results equal separate calls exactly.
 ///
 /// # Errors
 /// As [`gemm_with`], for any of the matrices.

@@ -404,6 +404,65 @@ fn vnni_panels_equal_avx2_panels_bit_for_bit() {
     assert!(compared > 100_000, "{compared}");
 }
 
+/// q, k and v (or gate and up) in one call give exactly what separate calls give:
+/// one row, a batched step's few rows (one parallel region, each task a tile of a
+/// scratch buffer copied into the outputs) and a prompt's (one matrix after another),
+/// rows independent or not, on one to three threads, in every GGML format.
+#[test]
+fn ggml_products_of_several_matrices_equal_separate_calls_bit_for_bit() {
+    crate::kernels::report_kernel_coverage(
+        "ggml_products_of_several_matrices_equal_separate_calls_bit_for_bit",
+    );
+    // Output widths above, at and below a task's columns, k as in a model.
+    let k = 576;
+    let mut compared = 0usize;
+    for dtype in WeightDType::ALL {
+        let ws: Vec<GgmlWeights> = [576, 192, 40]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| GgmlWeights::from_qtensor(&qtensor(dtype, n, k, 30 + i as u64)).unwrap())
+            .collect();
+        for m in [1, 3, 8, 9, 70] {
+            let x = Rng(40 + m as u64).vec(m * k);
+            for independent in [false, true] {
+                let mut acts = QuantizedActs::quantize(&x, m, k).unwrap();
+                acts.set_independent_rows(independent);
+                for threads in [1, 2, 3] {
+                    let separate: Vec<Vec<f32>> = ws
+                        .iter()
+                        .map(|w| {
+                            let mut y = vec![f32::NAN; m * w.n_out()];
+                            pool(threads)
+                                .install(|| gemm_quantized(w.matrix(), &acts, &mut y))
+                                .unwrap();
+                            y
+                        })
+                        .collect();
+                    let mut ys: Vec<Vec<f32>> =
+                        ws.iter().map(|w| vec![f32::NAN; m * w.n_out()]).collect();
+                    let mut items: Vec<(GgmlMatrix<'_>, &mut [f32])> = ws
+                        .iter()
+                        .zip(ys.iter_mut())
+                        .map(|(w, y)| (w.matrix(), y.as_mut_slice()))
+                        .collect();
+                    pool(threads)
+                        .install(|| gemm_quantized_many(&mut items, &acts))
+                        .unwrap();
+                    for (i, (a, b)) in separate.iter().zip(&ys).enumerate() {
+                        assert!(
+                            a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{dtype} m={m} independent={independent} t={threads}: matrix {i} \
+                             differs"
+                        );
+                        compared += a.len();
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 100_000, "{compared}");
+}
+
 #[test]
 fn gemm_entry_points_agree() {
     let (n_out, k, m) = (70, 576, 3);
@@ -1509,8 +1568,9 @@ fn separate_and_together(
 }
 
 /// q, k and v (or gate and up) as one parallel region give exactly what separate
-/// calls give, for one row (split across threads as one region) and for several (run
-/// one after another), every dtype and kernel; a shape that does not fit is an error.
+/// calls give, for one row and a batched step's few (split across threads as one
+/// region) and a prompt's (run one after another), every dtype and kernel; a shape
+/// that does not fit is an error.
 #[test]
 fn dense_products_of_several_matrices_equal_separate_calls_bit_for_bit() {
     // Output widths below, at and above a task, with k as in a model.
@@ -1528,7 +1588,7 @@ fn dense_products_of_several_matrices_equal_separate_calls_bit_for_bit() {
                 .zip(shapes)
                 .map(|(o, (n, k))| DenseMatrix::new(o.data(), n, k).unwrap())
                 .collect();
-            for m in [1, 3, 9] {
+            for m in [1, 3, 9, 70] {
                 let x = Rng(70 + m as u64).vec(m * 576);
                 for threads in [1, 2, 3] {
                     let (separate, ys) = separate_and_together(kernel, &mats, &x, m, threads);

@@ -6,7 +6,7 @@ use std::ops::Range;
 use super::super::Kernel;
 use super::super::acts::{ActsView, Line, QuantizedActs};
 use super::super::blocks::BLOCK_ELEMS;
-use super::super::driver::{COL_ALIGN, split_many, split_rows_or_columns};
+use super::super::driver::{COL_ALIGN, ROW_SPLIT_MIN_ROWS, split_many, split_rows_or_columns};
 use super::super::error::{Error, Result};
 use super::{IntFormat, IntWeights, scalar};
 
@@ -301,10 +301,11 @@ fn int_acts<'a>(acts: &'a QuantizedActs, bufs: &'a PairBufs) -> IntActs<'a> {
     }
 }
 
-/// As [`run`] for several matrices in the same format over one activation row, as one
-/// parallel region with the activations rearranged once (see
-/// [`split_many`](super::super::driver::split_many)); other cases run each matrix with
-/// [`run`]. The results equal separate calls exactly.
+/// As [`run`] for several matrices in the same format over the same activation rows
+/// (one, or a batched decode step's few), as one parallel region with the activations
+/// rearranged once (see [`split_many`](super::super::driver::split_many)); other cases
+/// (a prompt, mixed formats) run each matrix with [`run`]. The results equal separate
+/// calls exactly.
 pub(super) fn run_many(
     kernel: Kernel,
     items: &mut [(&IntWeights, &mut [f32])],
@@ -314,7 +315,8 @@ pub(super) fn run_many(
     let same = items
         .iter()
         .all(|(w, _)| Some((w.format, w.panels)) == first);
-    let (Some((format, panels)), true, 1) = (first, same, acts.m()) else {
+    let m = acts.m();
+    let (Some((format, panels)), true, true) = (first, same, m < ROW_SPLIT_MIN_ROWS) else {
         for (w, y) in items.iter_mut() {
             run(kernel, w, acts, y)?;
         }
@@ -328,11 +330,9 @@ pub(super) fn run_many(
     let a = int_acts(acts, &bufs);
     split_many(
         items,
+        m,
         |w| (w.n_out, w.k, COL_ALIGN),
-        |w, cols, out| {
-            let n = out.len();
-            f(w, &a, cols, out, n)
-        },
+        |w, cols, out, ld| f(w, &a, cols, out, ld),
     );
     Ok(())
 }

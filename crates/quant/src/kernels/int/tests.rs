@@ -679,19 +679,21 @@ fn int8_panels_match_reference_and_each_row_alone() {
                 &what, &x, n_out, &mut acts, &refs, &scalar, run,
             );
             checked += n;
-            // The q/k/v path: several matrices over one row in one parallel region.
-            if m == 1 {
-                let mut y2 = vec![f32::NAN; n_out];
-                let mut y3 = vec![f32::NAN; n_out];
-                let mut items = [(&panels, &mut y2[..]), (&panels, &mut y3[..])];
-                crate::kernels::gemm_int_many(&mut items, &acts).unwrap();
-                assert!(
-                    y2.iter()
-                        .chain(&y3)
-                        .zip(y.iter().chain(&y))
-                        .all(|(a, b)| a.to_bits() == b.to_bits())
-                );
-            }
+            // The q/k/v path: several matrices over the same rows in one parallel
+            // region (a prompt's rows: one after another), on two threads.
+            let mut y2 = vec![f32::NAN; m * n_out];
+            let mut y3 = vec![f32::NAN; m * n_out];
+            let mut items = [(&panels, &mut y2[..]), (&panels, &mut y3[..])];
+            pool(2)
+                .install(|| crate::kernels::gemm_int_many(&mut items, &acts))
+                .unwrap();
+            assert!(
+                y2.iter()
+                    .chain(&y3)
+                    .zip(y.iter().chain(&y))
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: q/k/v in one call"
+            );
         }
     }
     // Extreme codes: -128 (only from_parts stores it) and 127 against activations at +-1.
