@@ -119,9 +119,9 @@ pub use blocks::{
 pub use coded::CodedPanels;
 pub use dense::{
     DENSE_BF16X6_MIN_ROWS, DENSE_GEMV_MAX_ROWS, DENSE_MANY_MAX_ROWS, DENSE_PANEL_ROWS,
-    DENSE_ROWS_STREAM_MAX_ROWS, DENSE_TILE_ROWS, DenseData, DenseMatrix, DensePanels, PanelCoding,
-    dense_gemm, dense_gemm_many, dense_gemm_many_with, dense_gemm_with, dense_packed_available,
-    dense_rows_run_bf16_tiles, dense_runs_bf16x6,
+    DENSE_PANELS_STREAM_MAX_ROWS, DENSE_ROWS_STREAM_MAX_ROWS, DENSE_TILE_ROWS, DenseData,
+    DenseMatrix, DensePanels, PanelCoding, dense_gemm, dense_gemm_many, dense_gemm_many_with,
+    dense_gemm_with, dense_packed_available, dense_rows_run_bf16_tiles, dense_runs_bf16x6,
 };
 pub use error::{Error, Result};
 pub use int::{
