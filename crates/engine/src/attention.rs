@@ -12,8 +12,9 @@
 //! visited (a key row before its transpose, the chunk's value rows into scratch; f16
 //! rows are widened in registers as the transpose and the accumulation load them,
 //! where the CPU has F16C: no scratch, 1.05-1.11x a batched step of 8 sequences over
-//! an f16 cache, 1.13-1.21x one sequence at 2,048 cached tokens), so the result is the
-//! one of the decoded rows in f32, bit for bit (tested). Query head `h` reads kv head
+//! an f16 cache, 1.13-1.21x one sequence at 2,048 cached tokens; Q8_0 blocks likewise
+//! dequantized with AVX2, 1.01-1.18x 8 sequences at 512), so the result is the one of
+//! the decoded rows in f32, bit for bit (tested). Query head `h` reads kv head
 //! `h / n_rep` (`n_rep = heads / kv_heads`, grouped-query attention). Query row `i`
 //! stands at key index `p = len - t + i` and sees key `j` iff `j <= p` and
 //! `p - j < window` (`usize::MAX`: no window). The scores are `(q . k) * s` with
@@ -592,6 +593,14 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// The Q8_0 rows of head `h` in place (`row_stride` bytes apart), for Q8_0 storage.
+    fn q8_head(&self, h: usize) -> Option<(&'a [u8], usize)> {
+        match self {
+            Rows::Q8_0(v) => Some((v.head(h), v.row_stride)),
+            _ => None,
+        }
+    }
+
     /// The bytes of one row of `head_dim` values in this format.
     fn row_bytes(&self, head_dim: usize) -> usize {
         match self {
@@ -955,8 +964,10 @@ fn run_task_in(
     if v.f32_head(g).is_none() {
         vdec.resize(KEY_CHUNK * hd, 0.0);
     }
-    // f16 values widened as the accumulation loads them, where it can.
+    // f16 values widened, Q8_0 ones dequantized, as the accumulation loads them,
+    // where it can.
     let v16 = v.f16_head(g).filter(|_| f16_values_direct(kernel, hd));
+    let v8 = v.q8_head(g).filter(|_| q8_values_direct(kernel, hd));
 
     let mut c0 = lo;
     while c0 < hi {
@@ -976,13 +987,20 @@ fn run_task_in(
             },
             None => None,
         };
+        let v8chunk = match v8 {
+            Some((vh, vrs)) => match vh.get(c0 * vrs..) {
+                Some(chunk) => Some((chunk, vrs)),
+                None => break, // Unreachable: `View::new` checked the layout.
+            },
+            None => None,
+        };
         let (vchunk, vrs) = match v.f32_head(g) {
             Some((vh, vrs)) => match vh.get(c0 * vrs..) {
                 Some(chunk) => (chunk, vrs),
                 None => break, // Unreachable: `View::new` checked the layout.
             },
             // Read in place below.
-            None if v16chunk.is_some() => (&vdec[..], hd),
+            None if v16chunk.is_some() || v8chunk.is_some() => (&vdec[..], hd),
             None => {
                 for (c, out) in vdec.chunks_exact_mut(hd).take(n).enumerate() {
                     v.decode(g, c0 + c, out);
@@ -1024,9 +1042,10 @@ fn run_task_in(
                 }
             }
             let ag = &mut acc[r0 * hd..(r0 + nr) * hd];
-            match v16chunk {
-                Some((vc, vrs16)) => accumulate_f16(kernel, s, vc, vrs16, ag, nr, hd, cols),
-                None => accumulate(kernel, s, vchunk, vrs, ag, nr, hd, cols),
+            match (v16chunk, v8chunk) {
+                (Some((vc, vrs16)), _) => accumulate_f16(kernel, s, vc, vrs16, ag, nr, hd, cols),
+                (_, Some((vc, vrs8))) => accumulate_q8(kernel, s, vc, vrs8, ag, nr, hd, cols),
+                _ => accumulate(kernel, s, vchunk, vrs, ag, nr, hd, cols),
             }
         }
         c0 += n;
@@ -1060,9 +1079,43 @@ fn transpose_keys(
             && hd.is_multiple_of(8)
             && kt.len() >= hd * KEY_CHUNK
     });
+    // Q8_0 keys dequantized as the transpose loads them.
+    #[cfg(target_arch = "x86_64")]
+    let q8_rows = k
+        .q8_head(g)
+        .filter(|_| kernel.has_avx2() && hd.is_multiple_of(32) && kt.len() >= hd * KEY_CHUNK);
     let mut c = 0;
     while c < n {
         let group = (n - c).min(8);
+        #[cfg(target_arch = "x86_64")]
+        if let Some((kh, krs)) = q8_rows
+            && group == 8
+            && c + 8 <= KEY_CHUNK
+        {
+            let width = stored_width(DType::U8, hd);
+            let rows: [Option<&[u8]>; 8] = std::array::from_fn(|j| {
+                let at = (c0 + c + j) * krs;
+                kh.get(at..at + width)
+            });
+            if let [
+                Some(r0),
+                Some(r1),
+                Some(r2),
+                Some(r3),
+                Some(r4),
+                Some(r5),
+                Some(r6),
+                Some(r7),
+            ] = rows
+            {
+                // SAFETY: the CPU has AVX2 (checked); every row holds `hd / 32` whole
+                // blocks, and `kt` holds `hd` rows of KEY_CHUNK with columns c..c + 8
+                // inside (checked).
+                unsafe { avx2::transpose_keys_q8(&[r0, r1, r2, r3, r4, r5, r6, r7], hd, kt, c) };
+                c += 8;
+                continue;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some((kh, krs)) = f16_rows
             && group == 8
@@ -1310,6 +1363,78 @@ fn accumulate_f16(
     }
 }
 
+/// Whether [`accumulate_q8`] reads Q8_0 value rows of `hd` elements (a multiple of
+/// 32: whole blocks) in place with `kernel`: AVX-512F, or AVX2.
+fn q8_values_direct(kernel: Kernel, hd: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        hd.is_multiple_of(32) && kernel.has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kernel, hd);
+        false
+    }
+}
+
+/// [`accumulate`] over Q8_0 value rows (`vrs` bytes apart), each block dequantized as
+/// it is loaded (`d * q` in f32, as [`afo_quant::kernels::dequantize_q8_0`] computes
+/// it): the same products as over the decoded rows, without writing them out first.
+/// Only where [`q8_values_direct`].
+#[allow(clippy::too_many_arguments)]
+fn accumulate_q8(
+    kernel: Kernel,
+    p: &[f32],
+    v: &[u8],
+    vrs: usize,
+    acc: &mut [f32],
+    nr: usize,
+    hd: usize,
+    cols: Range<usize>,
+) {
+    if cols.is_empty() {
+        return;
+    }
+    let width = stored_width(DType::U8, hd);
+    let fits = (1..=GROUP).contains(&nr)
+        && q8_values_direct(kernel, hd)
+        && p.len() >= nr * KEY_CHUNK
+        && acc.len() >= nr * hd
+        && cols.end <= KEY_CHUNK
+        && (cols.end - 1)
+            .checked_mul(vrs)
+            .and_then(|x| x.checked_add(width))
+            .is_some_and(|end| end <= v.len());
+    if !fits {
+        debug_assert!(false, "Q8_0 accumulate without its kernel or out of bounds");
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if kernel == Kernel::Avx512 && kernel.is_available() {
+            // SAFETY: AVX-512F is available and the bounds hold (both checked above).
+            unsafe {
+                match nr {
+                    1 => avx512::accumulate_q8::<1>(p, v, vrs, acc, hd, cols),
+                    2 => avx512::accumulate_q8::<2>(p, v, vrs, acc, hd, cols),
+                    3 => avx512::accumulate_q8::<3>(p, v, vrs, acc, hd, cols),
+                    _ => avx512::accumulate_q8::<4>(p, v, vrs, acc, hd, cols),
+                }
+            }
+        } else {
+            // SAFETY: AVX2 and FMA are available and the bounds hold (checked above).
+            unsafe {
+                match nr {
+                    1 => avx2::accumulate_q8::<1>(p, v, vrs, acc, hd, cols),
+                    2 => avx2::accumulate_q8::<2>(p, v, vrs, acc, hd, cols),
+                    3 => avx2::accumulate_q8::<3>(p, v, vrs, acc, hd, cols),
+                    _ => avx2::accumulate_q8::<4>(p, v, vrs, acc, hd, cols),
+                }
+            }
+        }
+    }
+}
+
 /// `acc[r] += sum over c in cols of p[r][c] * v[c]` for the `nr` rows of `acc`
 /// (`[nr, hd]`), where `p` is `[GROUP, KEY_CHUNK]` and value row `c` starts at
 /// `v[c * vrs]`.
@@ -1386,10 +1511,11 @@ mod avx2 {
     //! The micro-kernels in AVX2 + FMA intrinsics.
 
     use std::arch::x86_64::{
-        __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehl_ps,
-        _mm_shuffle_ps, _mm256_add_ps, _mm256_castps256_ps128, _mm256_cvtph_ps,
-        _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_ps,
-        _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm256_sub_ps,
+        __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadl_epi64, _mm_loadu_si128,
+        _mm_movehl_ps, _mm_shuffle_ps, _mm256_add_ps, _mm256_castps256_ps128, _mm256_cvtepi8_epi32,
+        _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_loadu_ps, _mm256_max_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps, _mm256_sub_ps,
     };
     use std::ops::Range;
 
@@ -1434,6 +1560,39 @@ mod avx2 {
             for (i, ti) in t.iter().enumerate() {
                 // SAFETY: (dd + i) * KEY_CHUNK + c + 8 <= hd * KEY_CHUNK.
                 unsafe { _mm256_storeu_ps(dst.add((dd + i) * KEY_CHUNK + c), *ti) };
+            }
+        }
+    }
+
+    /// [`transpose_keys`] for eight rows of `hd / 32` Q8_0 blocks each (`hd` a
+    /// multiple of 32): each block's quants times its scale (`d * q`, as the scalar
+    /// dequantization computes it) as the transpose loads them.
+    ///
+    /// # Safety
+    /// AVX2 is available; every row holds `hd / 32` blocks of 34 bytes; `kt` holds
+    /// `hd * KEY_CHUNK` floats and `c + 8 <= KEY_CHUNK`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn transpose_keys_q8(rows: &[&[u8]; 8], hd: usize, kt: &mut [f32], c: usize) {
+        let dst = kt.as_mut_ptr();
+        for b in 0..hd / 32 {
+            // SAFETY (whole block): block b's 34 bytes lie in every row.
+            let scales: [__m256; 8] = std::array::from_fn(|j| {
+                let h =
+                    unsafe { std::ptr::read_unaligned(rows[j].as_ptr().add(b * 34).cast::<u16>()) };
+                _mm256_set1_ps(half::f16::from_bits(u16::from_le(h)).to_f32())
+            });
+            for part in 0..4 {
+                let v: [__m256; 8] = std::array::from_fn(|j| unsafe {
+                    let q = rows[j].as_ptr().add(b * 34 + 2 + 8 * part);
+                    let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.cast())));
+                    _mm256_mul_ps(scales[j], q)
+                });
+                let t = afo_quant::kernels::transpose8_avx2(v);
+                let dd = b * 32 + 8 * part;
+                for (i, ti) in t.iter().enumerate() {
+                    // SAFETY: (dd + i) * KEY_CHUNK + c + 8 <= hd * KEY_CHUNK.
+                    unsafe { _mm256_storeu_ps(dst.add((dd + i) * KEY_CHUNK + c), *ti) };
+                }
             }
         }
     }
@@ -1654,6 +1813,56 @@ mod avx2 {
             d += 16;
         }
     }
+
+    /// [`super::accumulate`] over Q8_0 value rows (`vrs` bytes apart), each block's
+    /// quants times its scale as they are loaded; `hd` a multiple of 32.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; the bounds of [`super::accumulate_q8`] hold.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn accumulate_q8<const R: usize>(
+        p: &[f32],
+        v: &[u8],
+        vrs: usize,
+        acc: &mut [f32],
+        hd: usize,
+        cols: Range<usize>,
+    ) {
+        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        for b in 0..hd / 32 {
+            let d = b * 32;
+            // SAFETY: `r * hd + d + 32 <= R * hd` (in `acc`); block b of value row `c`
+            // lies at `c * vrs + 34 b` (in `v`); `r * KEY_CHUNK + c < R * KEY_CHUNK`.
+            unsafe {
+                let mut a: [[__m256; 4]; R] = [[_mm256_setzero_ps(); 4]; R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    for (j, x) in a.iter_mut().enumerate() {
+                        *x = _mm256_loadu_ps(ap.add(r * hd + d + 8 * j));
+                    }
+                }
+                for c in cols.clone() {
+                    let blk = vp.add(c * vrs + b * 34);
+                    let h = u16::from_le(std::ptr::read_unaligned(blk.cast::<u16>()));
+                    let scale = _mm256_set1_ps(half::f16::from_bits(h).to_f32());
+                    let vv: [__m256; 4] = std::array::from_fn(|j| {
+                        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * j).cast()));
+                        _mm256_mul_ps(scale, _mm256_cvtepi32_ps(q))
+                    });
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
+                        for (x, y) in a.iter_mut().zip(vv) {
+                            *x = _mm256_fmadd_ps(pb, y, *x);
+                        }
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    for (j, x) in a.iter().enumerate() {
+                        _mm256_storeu_ps(ap.add(r * hd + d + 8 * j), *x);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1662,9 +1871,10 @@ mod avx512 {
     //! the same products as the AVX2 ones in the same order per element.
 
     use std::arch::x86_64::{
-        __m512, _mm256_loadu_si256, _mm512_add_ps, _mm512_cvtph_ps, _mm512_fmadd_ps,
-        _mm512_loadu_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_reduce_add_ps, _mm512_reduce_max_ps,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps, _mm512_sub_ps,
+        __m512, _mm_loadu_si128, _mm256_loadu_si256, _mm512_add_ps, _mm512_cvtepi8_epi32,
+        _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_max_ps,
+        _mm512_mul_ps, _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_ps,
+        _mm512_setzero_ps, _mm512_storeu_ps, _mm512_sub_ps,
     };
     use std::ops::Range;
 
@@ -1902,6 +2112,55 @@ mod avx512 {
                 }
             }
             d += 64;
+        }
+    }
+
+    /// [`super::accumulate`] over Q8_0 value rows (`vrs` bytes apart), each block's
+    /// quants times its scale as they are loaded; `hd` a multiple of 32.
+    ///
+    /// # Safety
+    /// AVX-512F is available; the bounds of [`super::accumulate_q8`] hold.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn accumulate_q8<const R: usize>(
+        p: &[f32],
+        v: &[u8],
+        vrs: usize,
+        acc: &mut [f32],
+        hd: usize,
+        cols: Range<usize>,
+    ) {
+        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        for b in 0..hd / 32 {
+            let d = b * 32;
+            // SAFETY: as in the AVX2 kernel.
+            unsafe {
+                let mut a: [[__m512; 2]; R] = [[_mm512_setzero_ps(); 2]; R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    for (j, x) in a.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(ap.add(r * hd + d + 16 * j));
+                    }
+                }
+                for c in cols.clone() {
+                    let blk = vp.add(c * vrs + b * 34);
+                    let h = u16::from_le(std::ptr::read_unaligned(blk.cast::<u16>()));
+                    let scale = _mm512_set1_ps(half::f16::from_bits(h).to_f32());
+                    let vv: [__m512; 2] = std::array::from_fn(|j| {
+                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * j).cast()));
+                        _mm512_mul_ps(scale, _mm512_cvtepi32_ps(q))
+                    });
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let pb = _mm512_set1_ps(*pp.add(r * KEY_CHUNK + c));
+                        for (x, y) in a.iter_mut().zip(vv) {
+                            *x = _mm512_fmadd_ps(pb, y, *x);
+                        }
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    for (j, x) in a.iter().enumerate() {
+                        _mm512_storeu_ps(ap.add(r * hd + d + 16 * j), *x);
+                    }
+                }
+            }
         }
     }
 }
@@ -2268,7 +2527,7 @@ mod tests {
         use afo_kvcache::{KvCacheConfig, KvFormat};
         // Head sizes: a multiple of 64 (f16 values read in place by either kernel), of
         // 16 only (in place by AVX2's), of 8 only (decoded first; keys still widened in
-        // the transpose); Q8_0 rows need whole blocks of 32.
+        // the transpose); Q8_0 rows are whole blocks of 32, read in place by both.
         let cases = [(1, 150, usize::MAX), (70, 30, usize::MAX), (9, 80, 40)];
         for (format, hd) in [
             (KvFormat::F16, 64),
@@ -2277,6 +2536,7 @@ mod tests {
             (KvFormat::BF16, 64),
             (KvFormat::BF16, 40),
             (KvFormat::Q8_0, 64),
+            (KvFormat::Q8_0, 96),
         ] {
             for &(t, past, window) in &cases {
                 let c = Case {
