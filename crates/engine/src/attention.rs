@@ -1195,6 +1195,19 @@ fn transpose_keys(
     }
 }
 
+/// Calls `f::<R>(args)` for `R` = `nr` (1 to 3, or 4 for any other count): the
+/// micro-kernels' row count as a const generic.
+macro_rules! by_rows {
+    ($nr:expr, $($f:ident)::+($($arg:expr),* $(,)?)) => {
+        match $nr {
+            1 => $($f)::+::<1>($($arg),*),
+            2 => $($f)::+::<2>($($arg),*),
+            3 => $($f)::+::<3>($($arg),*),
+            _ => $($f)::+::<4>($($arg),*),
+        }
+    };
+}
+
 /// `s[r][c] = q[r] . kt[.][c]` for the `nr` rows of `q` (`[nr, hd]`) and the columns
 /// `cols` (multiples of [`COLS`]) of the transposed key chunk `kt` (`[hd, KEY_CHUNK]`);
 /// `s` is `[GROUP, KEY_CHUNK]`.
@@ -1223,14 +1236,7 @@ fn scores(
     if kernel == Kernel::Avx512 && kernel.is_available() {
         // SAFETY: the CPU has AVX-512F (checked), and the bounds hold (checked above),
         // as for the AVX2 kernel below.
-        unsafe {
-            match nr {
-                1 => avx512::scores::<1>(q, hd, kt, s, cols),
-                2 => avx512::scores::<2>(q, hd, kt, s, cols),
-                3 => avx512::scores::<3>(q, hd, kt, s, cols),
-                _ => avx512::scores::<4>(q, hd, kt, s, cols),
-            }
-        }
+        unsafe { by_rows!(nr, avx512::scores(q, hd, kt, s, cols)) }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1239,14 +1245,7 @@ fn scores(
         // above): every row `r < nr` of `q` has `hd` elements, every column
         // `c < cols.end <= KEY_CHUNK` of `kt` has `hd` rows, `s` has `nr` rows of
         // `KEY_CHUNK`.
-        unsafe {
-            match nr {
-                1 => avx2::scores::<1>(q, hd, kt, s, cols),
-                2 => avx2::scores::<2>(q, hd, kt, s, cols),
-                3 => avx2::scores::<3>(q, hd, kt, s, cols),
-                _ => avx2::scores::<4>(q, hd, kt, s, cols),
-            }
-        }
+        unsafe { by_rows!(nr, avx2::scores(q, hd, kt, s, cols)) }
         return;
     }
     let _ = kernel;
@@ -1290,6 +1289,59 @@ fn softmax_step(kernel: Kernel, x: &mut [f32], scale: f32, prev_max: f32) -> (f3
     (m, total)
 }
 
+/// The SIMD accumulations' last elements, `d..hd` of each row (fewer than a vector),
+/// one fused multiply-add each (as the vector lanes compute them).
+#[allow(clippy::too_many_arguments)]
+fn accumulate_tail(
+    p: &[f32],
+    v: &[f32],
+    vrs: usize,
+    acc: &mut [f32],
+    nr: usize,
+    hd: usize,
+    cols: Range<usize>,
+    d: usize,
+) {
+    if d >= hd {
+        return;
+    }
+    for (r, arow) in acc.chunks_exact_mut(hd).take(nr).enumerate() {
+        for c in cols.clone() {
+            let (Some(&pc), Some(vrow)) = (p.get(r * KEY_CHUNK + c), v.get(c * vrs..c * vrs + hd))
+            else {
+                continue;
+            };
+            for (a, &x) in arow[d..].iter_mut().zip(&vrow[d..]) {
+                *a = pc.mul_add(x, *a);
+            }
+        }
+    }
+}
+
+/// The bounds every accumulation relies on (`cols` not empty): `nr` rows (1 to
+/// [`GROUP`]) of `KEY_CHUNK` probabilities and of `hd` accumulators, and value rows
+/// `c < cols.end` of `row_len` elements from `c * vrs` inside the values; `lens` are the
+/// lengths of the probabilities, the accumulators and the values.
+fn accumulate_fits(
+    (p_len, acc_len, v_len): (usize, usize, usize),
+    nr: usize,
+    hd: usize,
+    cols: &Range<usize>,
+    vrs: usize,
+    row_len: usize,
+) -> bool {
+    (1..=GROUP).contains(&nr)
+        && p_len >= nr * KEY_CHUNK
+        && acc_len >= nr * hd
+        && cols.end <= KEY_CHUNK
+        && cols
+            .end
+            .checked_sub(1)
+            .and_then(|c| c.checked_mul(vrs))
+            .and_then(|x| x.checked_add(row_len))
+            .is_some_and(|end| end <= v_len)
+}
+
 /// Whether [`accumulate_f16`] reads f16 value rows of `hd` elements in place with
 /// `kernel`: AVX-512F for a multiple of 64, AVX2 with F16C for a multiple of 16.
 fn f16_values_direct(kernel: Kernel, hd: usize) -> bool {
@@ -1322,15 +1374,8 @@ fn accumulate_f16(
     if cols.is_empty() {
         return;
     }
-    let fits = (1..=GROUP).contains(&nr)
-        && f16_values_direct(kernel, hd)
-        && p.len() >= nr * KEY_CHUNK
-        && acc.len() >= nr * hd
-        && cols.end <= KEY_CHUNK
-        && (cols.end - 1)
-            .checked_mul(vrs)
-            .and_then(|x| x.checked_add(hd))
-            .is_some_and(|end| end <= v.len());
+    let fits = f16_values_direct(kernel, hd)
+        && accumulate_fits((p.len(), acc.len(), v.len()), nr, hd, &cols, vrs, hd);
     if !fits {
         debug_assert!(false, "f16 accumulate without its kernel or out of bounds");
         return;
@@ -1340,25 +1385,11 @@ fn accumulate_f16(
         let v: &[u16] = v.reinterpret_cast();
         if kernel == Kernel::Avx512 && hd.is_multiple_of(64) {
             // SAFETY: AVX-512F is available and the bounds hold (both checked above).
-            unsafe {
-                match nr {
-                    1 => avx512::accumulate_h::<1>(p, v, vrs, acc, hd, cols),
-                    2 => avx512::accumulate_h::<2>(p, v, vrs, acc, hd, cols),
-                    3 => avx512::accumulate_h::<3>(p, v, vrs, acc, hd, cols),
-                    _ => avx512::accumulate_h::<4>(p, v, vrs, acc, hd, cols),
-                }
-            }
+            unsafe { by_rows!(nr, avx512::accumulate_h(p, v, vrs, acc, hd, cols)) }
         } else {
             // SAFETY: AVX2, FMA and F16C are available, `hd` a multiple of 16, and the
             // bounds hold (all checked above).
-            unsafe {
-                match nr {
-                    1 => avx2::accumulate_h::<1>(p, v, vrs, acc, hd, cols),
-                    2 => avx2::accumulate_h::<2>(p, v, vrs, acc, hd, cols),
-                    3 => avx2::accumulate_h::<3>(p, v, vrs, acc, hd, cols),
-                    _ => avx2::accumulate_h::<4>(p, v, vrs, acc, hd, cols),
-                }
-            }
+            unsafe { by_rows!(nr, avx2::accumulate_h(p, v, vrs, acc, hd, cols)) }
         }
     }
 }
@@ -1396,15 +1427,8 @@ fn accumulate_q8(
         return;
     }
     let width = stored_width(DType::U8, hd);
-    let fits = (1..=GROUP).contains(&nr)
-        && q8_values_direct(kernel, hd)
-        && p.len() >= nr * KEY_CHUNK
-        && acc.len() >= nr * hd
-        && cols.end <= KEY_CHUNK
-        && (cols.end - 1)
-            .checked_mul(vrs)
-            .and_then(|x| x.checked_add(width))
-            .is_some_and(|end| end <= v.len());
+    let fits = q8_values_direct(kernel, hd)
+        && accumulate_fits((p.len(), acc.len(), v.len()), nr, hd, &cols, vrs, width);
     if !fits {
         debug_assert!(false, "Q8_0 accumulate without its kernel or out of bounds");
         return;
@@ -1413,24 +1437,10 @@ fn accumulate_q8(
     {
         if kernel == Kernel::Avx512 && kernel.is_available() {
             // SAFETY: AVX-512F is available and the bounds hold (both checked above).
-            unsafe {
-                match nr {
-                    1 => avx512::accumulate_q8::<1>(p, v, vrs, acc, hd, cols),
-                    2 => avx512::accumulate_q8::<2>(p, v, vrs, acc, hd, cols),
-                    3 => avx512::accumulate_q8::<3>(p, v, vrs, acc, hd, cols),
-                    _ => avx512::accumulate_q8::<4>(p, v, vrs, acc, hd, cols),
-                }
-            }
+            unsafe { by_rows!(nr, avx512::accumulate_q8(p, v, vrs, acc, hd, cols)) }
         } else {
             // SAFETY: AVX2 and FMA are available and the bounds hold (checked above).
-            unsafe {
-                match nr {
-                    1 => avx2::accumulate_q8::<1>(p, v, vrs, acc, hd, cols),
-                    2 => avx2::accumulate_q8::<2>(p, v, vrs, acc, hd, cols),
-                    3 => avx2::accumulate_q8::<3>(p, v, vrs, acc, hd, cols),
-                    _ => avx2::accumulate_q8::<4>(p, v, vrs, acc, hd, cols),
-                }
-            }
+            unsafe { by_rows!(nr, avx2::accumulate_q8(p, v, vrs, acc, hd, cols)) }
         }
     }
 }
@@ -1452,14 +1462,7 @@ fn accumulate(
     if cols.is_empty() {
         return;
     }
-    let fits = (1..=GROUP).contains(&nr)
-        && p.len() >= nr * KEY_CHUNK
-        && acc.len() >= nr * hd
-        && cols.end <= KEY_CHUNK
-        && (cols.end - 1)
-            .checked_mul(vrs)
-            .and_then(|x| x.checked_add(hd))
-            .is_some_and(|end| end <= v.len());
+    let fits = accumulate_fits((p.len(), acc.len(), v.len()), nr, hd, &cols, vrs, hd);
     if !fits {
         debug_assert!(false, "attention accumulate called out of bounds");
         return;
@@ -1468,14 +1471,7 @@ fn accumulate(
     if kernel == Kernel::Avx512 && kernel.is_available() {
         // SAFETY: the CPU has AVX-512F (checked), and the bounds hold (checked above),
         // as for the AVX2 kernel below.
-        unsafe {
-            match nr {
-                1 => avx512::accumulate::<1>(p, v, vrs, acc, hd, cols),
-                2 => avx512::accumulate::<2>(p, v, vrs, acc, hd, cols),
-                3 => avx512::accumulate::<3>(p, v, vrs, acc, hd, cols),
-                _ => avx512::accumulate::<4>(p, v, vrs, acc, hd, cols),
-            }
-        }
+        unsafe { by_rows!(nr, avx512::accumulate(p, v, vrs, acc, hd, cols)) }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1483,14 +1479,7 @@ fn accumulate(
         // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
         // above): value rows `c < cols.end` lie in `v`, `p` has `nr` rows of
         // `KEY_CHUNK`, `acc` has `nr` rows of `hd`.
-        unsafe {
-            match nr {
-                1 => avx2::accumulate::<1>(p, v, vrs, acc, hd, cols),
-                2 => avx2::accumulate::<2>(p, v, vrs, acc, hd, cols),
-                3 => avx2::accumulate::<3>(p, v, vrs, acc, hd, cols),
-                _ => avx2::accumulate::<4>(p, v, vrs, acc, hd, cols),
-            }
-        }
+        unsafe { by_rows!(nr, avx2::accumulate(p, v, vrs, acc, hd, cols)) }
         return;
     }
     let _ = kernel;
@@ -1693,6 +1682,55 @@ mod avx2 {
         _mm_cvtss_f32(x)
     }
 
+    /// The accumulation's loop over `8 V` elements at a time from element `d0`, while
+    /// they fit in `hd`: `load(c, d)` gives value row `c`'s elements `d..d + 8 V` as f32.
+    /// Returns the first element it did not reach.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `acc` holds `R * hd` floats and `p` `R * KEY_CHUNK`;
+    /// `load` reads only inside the values for `c` in `cols`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn accumulate_by<const R: usize, const V: usize>(
+        p: &[f32],
+        acc: &mut [f32],
+        hd: usize,
+        cols: Range<usize>,
+        d0: usize,
+        load: impl Fn(usize, usize) -> [__m256; V],
+    ) -> usize {
+        let (pp, ap) = (p.as_ptr(), acc.as_mut_ptr());
+        let mut d = d0;
+        while d + 8 * V <= hd {
+            // SAFETY: `r * hd + d + 8 V <= R * hd` (in `acc`); `r * KEY_CHUNK + c <
+            // R * KEY_CHUNK` (in `p`); `load` is the caller's.
+            unsafe {
+                let mut a: [[__m256; V]; R] = [[_mm256_setzero_ps(); V]; R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    for (j, x) in a.iter_mut().enumerate() {
+                        *x = _mm256_loadu_ps(ap.add(r * hd + d + 8 * j));
+                    }
+                }
+                for c in cols.clone() {
+                    let vv = load(c, d);
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
+                        for (x, y) in a.iter_mut().zip(vv) {
+                            *x = _mm256_fmadd_ps(pb, y, *x);
+                        }
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    for (j, x) in a.iter().enumerate() {
+                        _mm256_storeu_ps(ap.add(r * hd + d + 8 * j), *x);
+                    }
+                }
+            }
+            d += 8 * V;
+        }
+        d
+    }
+
     /// [`super::accumulate`] for `R` rows.
     ///
     /// # Safety
@@ -1708,67 +1746,18 @@ mod avx2 {
         hd: usize,
         cols: Range<usize>,
     ) {
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut d = 0;
-        while d + 16 <= hd {
-            // SAFETY: `r * hd + d + 16 <= R * hd` (in `acc`); value row `c` has `hd`
-            // elements from `c * vrs` (in `v`); `r * KEY_CHUNK + c < R * KEY_CHUNK`.
-            unsafe {
-                let mut a: [[__m256; 2]; R] = [[_mm256_setzero_ps(); 2]; R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    a[0] = _mm256_loadu_ps(ap.add(r * hd + d));
-                    a[1] = _mm256_loadu_ps(ap.add(r * hd + d + 8));
-                }
-                for c in cols.clone() {
-                    let v0 = _mm256_loadu_ps(vp.add(c * vrs + d));
-                    let v1 = _mm256_loadu_ps(vp.add(c * vrs + d + 8));
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        a[0] = _mm256_fmadd_ps(pb, v0, a[0]);
-                        a[1] = _mm256_fmadd_ps(pb, v1, a[1]);
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    _mm256_storeu_ps(ap.add(r * hd + d), a[0]);
-                    _mm256_storeu_ps(ap.add(r * hd + d + 8), a[1]);
-                }
-            }
-            d += 16;
-        }
-        if d + 8 <= hd {
-            // SAFETY: as above, with 8 elements.
-            unsafe {
-                let mut a: [__m256; R] = [_mm256_setzero_ps(); R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    *a = _mm256_loadu_ps(ap.add(r * hd + d));
-                }
-                for c in cols.clone() {
-                    let v0 = _mm256_loadu_ps(vp.add(c * vrs + d));
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        *a = _mm256_fmadd_ps(pb, v0, *a);
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    _mm256_storeu_ps(ap.add(r * hd + d), *a);
-                }
-            }
-            d += 8;
-        }
-        if d < hd {
-            for r in 0..R {
-                for c in cols.clone() {
-                    // SAFETY: as above, element by element.
-                    unsafe {
-                        let pc = *pp.add(r * KEY_CHUNK + c);
-                        for e in d..hd {
-                            let a = ap.add(r * hd + e);
-                            *a = pc.mul_add(*vp.add(c * vrs + e), *a);
-                        }
-                    }
-                }
-            }
-        }
+        let vp = v.as_ptr();
+        // SAFETY: the caller's bounds: value row `c` has `hd` elements from `c * vrs`.
+        let d = unsafe {
+            let d = accumulate_by::<R, 2>(p, acc, hd, cols.clone(), 0, |c, d| {
+                let row = vp.add(c * vrs + d);
+                [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))]
+            });
+            accumulate_by::<R, 1>(p, acc, hd, cols.clone(), d, |c, d| {
+                [_mm256_loadu_ps(vp.add(c * vrs + d))]
+            })
+        };
+        super::accumulate_tail(p, v, vrs, acc, R, hd, cols, d);
     }
 
     /// [`accumulate`] over f16 value rows (their bits), each widened in registers as
@@ -1785,32 +1774,13 @@ mod avx2 {
         hd: usize,
         cols: Range<usize>,
     ) {
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut d = 0;
-        while d + 16 <= hd {
-            // SAFETY: as in `accumulate`, value row `c`'s `hd` halves from `c * vrs`.
-            unsafe {
-                let mut a: [[__m256; 2]; R] = [[_mm256_setzero_ps(); 2]; R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    a[0] = _mm256_loadu_ps(ap.add(r * hd + d));
-                    a[1] = _mm256_loadu_ps(ap.add(r * hd + d + 8));
-                }
-                for c in cols.clone() {
-                    let row = vp.add(c * vrs + d);
-                    let v0 = _mm256_cvtph_ps(_mm_loadu_si128(row.cast()));
-                    let v1 = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8).cast()));
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        a[0] = _mm256_fmadd_ps(pb, v0, a[0]);
-                        a[1] = _mm256_fmadd_ps(pb, v1, a[1]);
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    _mm256_storeu_ps(ap.add(r * hd + d), a[0]);
-                    _mm256_storeu_ps(ap.add(r * hd + d + 8), a[1]);
-                }
-            }
-            d += 16;
+        let vp = v.as_ptr();
+        // SAFETY: value row `c`'s `hd` halves lie from `c * vrs` (the caller's).
+        unsafe {
+            accumulate_by::<R, 2>(p, acc, hd, cols, 0, |c, d| {
+                let row = vp.add(c * vrs + d);
+                std::array::from_fn(|j| _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * j).cast())))
+            });
         }
     }
 
@@ -1828,39 +1798,19 @@ mod avx2 {
         hd: usize,
         cols: Range<usize>,
     ) {
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        for b in 0..hd / 32 {
-            let d = b * 32;
-            // SAFETY: `r * hd + d + 32 <= R * hd` (in `acc`); block b of value row `c`
-            // lies at `c * vrs + 34 b` (in `v`); `r * KEY_CHUNK + c < R * KEY_CHUNK`.
-            unsafe {
-                let mut a: [[__m256; 4]; R] = [[_mm256_setzero_ps(); 4]; R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    for (j, x) in a.iter_mut().enumerate() {
-                        *x = _mm256_loadu_ps(ap.add(r * hd + d + 8 * j));
-                    }
-                }
-                for c in cols.clone() {
-                    let blk = vp.add(c * vrs + b * 34);
-                    let h = u16::from_le(std::ptr::read_unaligned(blk.cast::<u16>()));
-                    let scale = _mm256_set1_ps(half::f16::from_bits(h).to_f32());
-                    let vv: [__m256; 4] = std::array::from_fn(|j| {
-                        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * j).cast()));
-                        _mm256_mul_ps(scale, _mm256_cvtepi32_ps(q))
-                    });
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm256_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        for (x, y) in a.iter_mut().zip(vv) {
-                            *x = _mm256_fmadd_ps(pb, y, *x);
-                        }
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    for (j, x) in a.iter().enumerate() {
-                        _mm256_storeu_ps(ap.add(r * hd + d + 8 * j), *x);
-                    }
-                }
-            }
+        let vp = v.as_ptr();
+        // SAFETY: block `d / 32` of value row `c` lies at `c * vrs + 34 (d / 32)` (the
+        // caller's bounds).
+        unsafe {
+            accumulate_by::<R, 4>(p, acc, hd, cols, 0, |c, d| {
+                let blk = vp.add(c * vrs + d / 32 * 34);
+                let h = u16::from_le(std::ptr::read_unaligned(blk.cast::<u16>()));
+                let scale = _mm256_set1_ps(half::f16::from_bits(h).to_f32());
+                std::array::from_fn(|j| {
+                    let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * j).cast()));
+                    _mm256_mul_ps(scale, _mm256_cvtepi32_ps(q))
+                })
+            });
         }
     }
 }
@@ -1982,6 +1932,55 @@ mod avx512 {
         }
     }
 
+    /// The accumulation's loop over `16 V` elements at a time from element `d0`, while
+    /// they fit in `hd`: `load(c, d)` gives value row `c`'s elements `d..d + 16 V` as
+    /// f32. Returns the first element it did not reach.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `acc` holds `R * hd` floats and `p` `R * KEY_CHUNK`;
+    /// `load` reads only inside the values for `c` in `cols`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate_by<const R: usize, const V: usize>(
+        p: &[f32],
+        acc: &mut [f32],
+        hd: usize,
+        cols: Range<usize>,
+        d0: usize,
+        load: impl Fn(usize, usize) -> [__m512; V],
+    ) -> usize {
+        let (pp, ap) = (p.as_ptr(), acc.as_mut_ptr());
+        let mut d = d0;
+        while d + 16 * V <= hd {
+            // SAFETY: `r * hd + d + 16 V <= R * hd` (in `acc`); `r * KEY_CHUNK + c <
+            // R * KEY_CHUNK` (in `p`); `load` is the caller's.
+            unsafe {
+                let mut a: [[__m512; V]; R] = [[_mm512_setzero_ps(); V]; R];
+                for (r, a) in a.iter_mut().enumerate() {
+                    for (j, x) in a.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(ap.add(r * hd + d + 16 * j));
+                    }
+                }
+                for c in cols.clone() {
+                    let vv = load(c, d);
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let pb = _mm512_set1_ps(*pp.add(r * KEY_CHUNK + c));
+                        for (x, y) in a.iter_mut().zip(vv) {
+                            *x = _mm512_fmadd_ps(pb, y, *x);
+                        }
+                    }
+                }
+                for (r, a) in a.iter().enumerate() {
+                    for (j, x) in a.iter().enumerate() {
+                        _mm512_storeu_ps(ap.add(r * hd + d + 16 * j), *x);
+                    }
+                }
+            }
+            d += 16 * V;
+        }
+        d
+    }
+
     /// [`super::accumulate`] for `R` rows: 64 elements of each row per pass over the
     /// columns (four registers a row), then 16 at a time, then one by one.
     ///
@@ -1998,74 +1997,18 @@ mod avx512 {
         hd: usize,
         cols: Range<usize>,
     ) {
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut d = 0;
-        while d + 64 <= hd {
-            // SAFETY: `r * hd + d + 64 <= R * hd` (in `acc`); value row `c` has `hd`
-            // elements from `c * vrs` (in `v`); `r * KEY_CHUNK + c < R * KEY_CHUNK`.
-            unsafe {
-                let mut a: [[__m512; 4]; R] = [[_mm512_setzero_ps(); 4]; R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    for (j, x) in a.iter_mut().enumerate() {
-                        *x = _mm512_loadu_ps(ap.add(r * hd + d + 16 * j));
-                    }
-                }
-                for c in cols.clone() {
-                    let row = vp.add(c * vrs + d);
-                    let vv: [__m512; 4] = [
-                        _mm512_loadu_ps(row),
-                        _mm512_loadu_ps(row.add(16)),
-                        _mm512_loadu_ps(row.add(32)),
-                        _mm512_loadu_ps(row.add(48)),
-                    ];
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm512_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        for (x, y) in a.iter_mut().zip(vv) {
-                            *x = _mm512_fmadd_ps(pb, y, *x);
-                        }
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    for (j, x) in a.iter().enumerate() {
-                        _mm512_storeu_ps(ap.add(r * hd + d + 16 * j), *x);
-                    }
-                }
-            }
-            d += 64;
-        }
-        while d + 16 <= hd {
-            // SAFETY: as above, with 16 elements.
-            unsafe {
-                let mut a: [__m512; R] = [_mm512_setzero_ps(); R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(ap.add(r * hd + d));
-                }
-                for c in cols.clone() {
-                    let v0 = _mm512_loadu_ps(vp.add(c * vrs + d));
-                    for (r, a) in a.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(r * KEY_CHUNK + c)), v0, *a);
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    _mm512_storeu_ps(ap.add(r * hd + d), *a);
-                }
-            }
-            d += 16;
-        }
-        if d < hd {
-            for r in 0..R {
-                for c in cols.clone() {
-                    // SAFETY: as above, element by element.
-                    unsafe {
-                        let pc = *pp.add(r * KEY_CHUNK + c);
-                        for e in d..hd {
-                            let a = ap.add(r * hd + e);
-                            *a = pc.mul_add(*vp.add(c * vrs + e), *a);
-                        }
-                    }
-                }
-            }
-        }
+        let vp = v.as_ptr();
+        // SAFETY: the caller's bounds: value row `c` has `hd` elements from `c * vrs`.
+        let d = unsafe {
+            let d = accumulate_by::<R, 4>(p, acc, hd, cols.clone(), 0, |c, d| {
+                let row = vp.add(c * vrs + d);
+                std::array::from_fn(|j| _mm512_loadu_ps(row.add(16 * j)))
+            });
+            accumulate_by::<R, 1>(p, acc, hd, cols.clone(), d, |c, d| {
+                [_mm512_loadu_ps(vp.add(c * vrs + d))]
+            })
+        };
+        super::accumulate_tail(p, v, vrs, acc, R, hd, cols, d);
     }
 
     /// [`accumulate`] over f16 value rows (their bits), each widened in registers as
@@ -2082,36 +2025,13 @@ mod avx512 {
         hd: usize,
         cols: Range<usize>,
     ) {
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        let mut d = 0;
-        while d + 64 <= hd {
-            // SAFETY: as in `accumulate`, value row `c`'s `hd` halves from `c * vrs`.
-            unsafe {
-                let mut a: [[__m512; 4]; R] = [[_mm512_setzero_ps(); 4]; R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    for (j, x) in a.iter_mut().enumerate() {
-                        *x = _mm512_loadu_ps(ap.add(r * hd + d + 16 * j));
-                    }
-                }
-                for c in cols.clone() {
-                    let row = vp.add(c * vrs + d);
-                    let vv: [__m512; 4] = std::array::from_fn(|j| {
-                        _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * j).cast()))
-                    });
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm512_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        for (x, y) in a.iter_mut().zip(vv) {
-                            *x = _mm512_fmadd_ps(pb, y, *x);
-                        }
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    for (j, x) in a.iter().enumerate() {
-                        _mm512_storeu_ps(ap.add(r * hd + d + 16 * j), *x);
-                    }
-                }
-            }
-            d += 64;
+        let vp = v.as_ptr();
+        // SAFETY: value row `c`'s `hd` halves lie from `c * vrs` (the caller's).
+        unsafe {
+            accumulate_by::<R, 4>(p, acc, hd, cols, 0, |c, d| {
+                let row = vp.add(c * vrs + d);
+                std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * j).cast())))
+            });
         }
     }
 
@@ -2129,38 +2049,19 @@ mod avx512 {
         hd: usize,
         cols: Range<usize>,
     ) {
-        let (pp, vp, ap) = (p.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
-        for b in 0..hd / 32 {
-            let d = b * 32;
-            // SAFETY: as in the AVX2 kernel.
-            unsafe {
-                let mut a: [[__m512; 2]; R] = [[_mm512_setzero_ps(); 2]; R];
-                for (r, a) in a.iter_mut().enumerate() {
-                    for (j, x) in a.iter_mut().enumerate() {
-                        *x = _mm512_loadu_ps(ap.add(r * hd + d + 16 * j));
-                    }
-                }
-                for c in cols.clone() {
-                    let blk = vp.add(c * vrs + b * 34);
-                    let h = u16::from_le(std::ptr::read_unaligned(blk.cast::<u16>()));
-                    let scale = _mm512_set1_ps(half::f16::from_bits(h).to_f32());
-                    let vv: [__m512; 2] = std::array::from_fn(|j| {
-                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * j).cast()));
-                        _mm512_mul_ps(scale, _mm512_cvtepi32_ps(q))
-                    });
-                    for (r, a) in a.iter_mut().enumerate() {
-                        let pb = _mm512_set1_ps(*pp.add(r * KEY_CHUNK + c));
-                        for (x, y) in a.iter_mut().zip(vv) {
-                            *x = _mm512_fmadd_ps(pb, y, *x);
-                        }
-                    }
-                }
-                for (r, a) in a.iter().enumerate() {
-                    for (j, x) in a.iter().enumerate() {
-                        _mm512_storeu_ps(ap.add(r * hd + d + 16 * j), *x);
-                    }
-                }
-            }
+        let vp = v.as_ptr();
+        // SAFETY: block `d / 32` of value row `c` lies at `c * vrs + 34 (d / 32)` (the
+        // caller's bounds).
+        unsafe {
+            accumulate_by::<R, 2>(p, acc, hd, cols, 0, |c, d| {
+                let blk = vp.add(c * vrs + d / 32 * 34);
+                let h = u16::from_le(std::ptr::read_unaligned(blk.cast::<u16>()));
+                let scale = _mm512_set1_ps(half::f16::from_bits(h).to_f32());
+                std::array::from_fn(|j| {
+                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * j).cast()));
+                    _mm512_mul_ps(scale, _mm512_cvtepi32_ps(q))
+                })
+            });
         }
     }
 }
