@@ -242,7 +242,10 @@ impl fmt::Display for Estimate {
 ///   `layers x 2 x kv_heads x` the bytes of a head row in its [`KvFormat`]);
 /// - **activations** (one layer's working set in the largest forward pass, buffers
 ///   reused across layers): `B x C x (4 x hidden + 3 x intermediate + (heads + 2 x
-///   kv_heads) x head_dim) x 4` plus attention's own ([`AttentionMemory`]): for the
+///   kv_heads) x head_dim) x 4`, or for a decode step of the `B` sequences, whose gate
+///   and up products hold their outputs and the tiles they are computed in together,
+///   `B x (4 x hidden + 4 x intermediate + (heads + 2 x kv_heads) x head_dim) x 4` when
+///   that is more (a one-token chunk), plus attention's own ([`AttentionMemory`]): for the
 ///   fused kernel `2 x B x C x heads x head_dim x 4` (its accumulators and output),
 ///   for materialised scores `B x heads x C x T x 4` twice (the scores and their
 ///   softmax are alive together), plus `2 x B x kv_heads x T x head_dim x 4` when a
@@ -294,7 +297,10 @@ impl Estimator {
                 2 * b * s.heads * c * t.max(1) * 4 + decoded
             }
         };
-        let activations = b * c * per_token * 4 + attention;
+        // A prompt chunk's rows, or a decode step's (one a sequence; its gate and up
+        // tiles beside their outputs: one more intermediate row).
+        let rows = (c * per_token).max(per_token + s.intermediate);
+        let activations = b * rows * 4 + attention;
         let (logits, embeddings) = match plan.output {
             RunOutput::Logits => (b * s.vocab * 4 * 2, 0),
             RunOutput::Embeddings { vectors } => (0, vectors * s.hidden * 4 * 2),
@@ -384,6 +390,13 @@ mod tests {
             2 * 9 * 512 * 612 * 4
         );
         assert!(materialized(512, 8000) > 10 * fused(512, 8000));
+        // A one-token prompt: the decode step's live set, its gate and up tiles with
+        // their outputs.
+        assert_eq!(
+            fused(1, 100),
+            (per_token + 1536) * 4 + 2 * 9 * 64 * 4,
+            "decode step"
+        );
     }
 
     #[test]
