@@ -278,6 +278,9 @@ where
     S: Fn(&W) -> (usize, usize, usize),
     F: Fn(W, Range<usize>, &mut [f32], usize) + Sync,
 {
+    if m == 0 {
+        return; // No rows: nothing to compute (the callers' checks refuse it first).
+    }
     let threads = rayon::current_num_threads();
     let work: usize = items
         .iter()
