@@ -585,6 +585,22 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// The value rows of head `h` as [`accumulate`] reads them in place with `kernel`
+    /// (`row_stride` apart): f32 rows always, f16 rows and Q8_0 blocks where it widens
+    /// or dequantizes them as it loads them; `None` for rows to decode first.
+    fn values_in_place(&self, h: usize, kernel: Kernel, hd: usize) -> Option<(Values<'a>, usize)> {
+        match self {
+            Rows::F32(v) => Some((Values::F32(v.head(h)), v.row_stride)),
+            Rows::F16(v) if f16_values_direct(kernel, hd) => {
+                Some((Values::F16(v.head(h)), v.row_stride))
+            }
+            Rows::Q8_0(v) if q8_values_direct(kernel, hd) => {
+                Some((Values::Q8(v.head(h)), v.row_stride))
+            }
+            _ => None,
+        }
+    }
+
     /// The f16 rows of head `h` in place (`row_stride` apart), for f16 storage.
     fn f16_head(&self, h: usize) -> Option<(&'a [f16], usize)> {
         match self {
@@ -651,6 +667,26 @@ impl<'a> Rows<'a> {
                 }
             }
         }
+    }
+}
+
+/// Value rows [`accumulate`] reads in place, from a chunk's first key: f32 rows (held
+/// so, or decoded into scratch), f16 rows or Q8_0 blocks (`u8`).
+#[derive(Debug, Clone, Copy)]
+enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Q8(&'a [u8]),
+}
+
+impl<'a> Values<'a> {
+    /// The rows from element (byte, for Q8_0) `at` on.
+    fn from(self, at: usize) -> Option<Self> {
+        Some(match self {
+            Values::F32(v) => Values::F32(v.get(at..)?),
+            Values::F16(v) => Values::F16(v.get(at..)?),
+            Values::Q8(v) => Values::Q8(v.get(at..)?),
+        })
     }
 }
 
@@ -961,13 +997,10 @@ fn run_task_in(
     if k.f32_head(g).is_none() {
         kdec.resize(8 * hd, 0.0);
     }
-    if v.f32_head(g).is_none() {
+    let values = v.values_in_place(g, kernel, hd);
+    if values.is_none() {
         vdec.resize(KEY_CHUNK * hd, 0.0);
     }
-    // f16 values widened, Q8_0 ones dequantized, as the accumulation loads them,
-    // where it can.
-    let v16 = v.f16_head(g).filter(|_| f16_values_direct(kernel, hd));
-    let v8 = v.q8_head(g).filter(|_| q8_values_direct(kernel, hd));
 
     let mut c0 = lo;
     while c0 < hi {
@@ -980,32 +1013,16 @@ fn run_task_in(
         let next = c0 + ahead;
         prefetch_rows(k, v, g, next.min(hi)..(next + n).min(hi), hd);
         transpose_keys(kernel, k, g, c0, n, hd, kt, kdec);
-        let v16chunk = match v16 {
-            Some((vh, vrs)) => match vh.get(c0 * vrs..) {
-                Some(chunk) => Some((chunk, vrs)),
-                None => break, // Unreachable: `View::new` checked the layout.
-            },
-            None => None,
-        };
-        let v8chunk = match v8 {
-            Some((vh, vrs)) => match vh.get(c0 * vrs..) {
-                Some(chunk) => Some((chunk, vrs)),
-                None => break, // Unreachable: `View::new` checked the layout.
-            },
-            None => None,
-        };
-        let (vchunk, vrs) = match v.f32_head(g) {
-            Some((vh, vrs)) => match vh.get(c0 * vrs..) {
+        let (vchunk, vrs) = match values {
+            Some((vh, vrs)) => match vh.from(c0 * vrs) {
                 Some(chunk) => (chunk, vrs),
                 None => break, // Unreachable: `View::new` checked the layout.
             },
-            // Read in place below.
-            None if v16chunk.is_some() || v8chunk.is_some() => (&vdec[..], hd),
             None => {
                 for (c, out) in vdec.chunks_exact_mut(hd).take(n).enumerate() {
                     v.decode(g, c0 + c, out);
                 }
-                (&vdec[..], hd)
+                (Values::F32(&vdec[..]), hd)
             }
         };
         for r0 in (0..rows).step_by(GROUP) {
@@ -1042,11 +1059,7 @@ fn run_task_in(
                 }
             }
             let ag = &mut acc[r0 * hd..(r0 + nr) * hd];
-            match (v16chunk, v8chunk) {
-                (Some((vc, vrs16)), _) => accumulate_f16(kernel, s, vc, vrs16, ag, nr, hd, cols),
-                (_, Some((vc, vrs8))) => accumulate_q8(kernel, s, vc, vrs8, ag, nr, hd, cols),
-                _ => accumulate(kernel, s, vchunk, vrs, ag, nr, hd, cols),
-            }
+            accumulate(kernel, s, vchunk, vrs, ag, nr, hd, cols);
         }
         c0 += n;
     }
@@ -1091,60 +1104,28 @@ fn transpose_keys(
         if let Some((kh, krs)) = q8_rows
             && group == 8
             && c + 8 <= KEY_CHUNK
+            && let Some(rows) = eight_rows(kh, c0 + c, krs, stored_width(DType::U8, hd))
         {
-            let width = stored_width(DType::U8, hd);
-            let rows: [Option<&[u8]>; 8] = std::array::from_fn(|j| {
-                let at = (c0 + c + j) * krs;
-                kh.get(at..at + width)
-            });
-            if let [
-                Some(r0),
-                Some(r1),
-                Some(r2),
-                Some(r3),
-                Some(r4),
-                Some(r5),
-                Some(r6),
-                Some(r7),
-            ] = rows
-            {
-                // SAFETY: the CPU has AVX2 (checked); every row holds `hd / 32` whole
-                // blocks, and `kt` holds `hd` rows of KEY_CHUNK with columns c..c + 8
-                // inside (checked).
-                unsafe { avx2::transpose_keys_q8(&[r0, r1, r2, r3, r4, r5, r6, r7], hd, kt, c) };
-                c += 8;
-                continue;
-            }
+            // SAFETY: the CPU has AVX2 (checked); every row holds `hd / 32` whole
+            // blocks, and `kt` holds `hd` rows of KEY_CHUNK with columns c..c + 8
+            // inside (checked).
+            unsafe { avx2::transpose_keys_q8(&rows, hd, kt, c) };
+            c += 8;
+            continue;
         }
         #[cfg(target_arch = "x86_64")]
         if let Some((kh, krs)) = f16_rows
             && group == 8
             && c + 8 <= KEY_CHUNK
+            && let Some(rows) = eight_rows(kh, c0 + c, krs, hd)
         {
-            let rows: [Option<&[f16]>; 8] = std::array::from_fn(|j| {
-                let at = (c0 + c + j) * krs;
-                kh.get(at..at + hd)
-            });
-            if let [
-                Some(r0),
-                Some(r1),
-                Some(r2),
-                Some(r3),
-                Some(r4),
-                Some(r5),
-                Some(r6),
-                Some(r7),
-            ] = rows
-            {
-                let rows: [&[u16]; 8] =
-                    [r0, r1, r2, r3, r4, r5, r6, r7].map(|r| r.reinterpret_cast());
-                // SAFETY: the CPU has AVX2 and F16C (checked); every row holds `hd`
-                // halves, a multiple of 8, and `kt` holds `hd` rows of KEY_CHUNK with
-                // columns c..c + 8 inside (checked).
-                unsafe { avx2::transpose_keys_h(&rows, hd, kt, c) };
-                c += 8;
-                continue;
-            }
+            let rows: [&[u16]; 8] = rows.map(|r| r.reinterpret_cast());
+            // SAFETY: the CPU has AVX2 and F16C (checked); every row holds `hd` halves,
+            // a multiple of 8, and `kt` holds `hd` rows of KEY_CHUNK with columns
+            // c..c + 8 inside (checked).
+            unsafe { avx2::transpose_keys_h(&rows, hd, kt, c) };
+            c += 8;
+            continue;
         }
         // The group's rows: in place for f32, decoded otherwise.
         let mut rows: [&[f32]; 8] = [&[]; 8];
@@ -1193,6 +1174,18 @@ fn transpose_keys(
         }
         c += group;
     }
+}
+
+/// Rows `first..first + 8` of a head (`stride` elements apart, `len` each), or `None`
+/// when one lies outside it.
+fn eight_rows<T>(head: &[T], first: usize, stride: usize, len: usize) -> Option<[&[T]; 8]> {
+    let rows: [Option<&[T]>; 8] = std::array::from_fn(|j| {
+        let at = (first + j) * stride;
+        head.get(at..at + len)
+    });
+    rows.iter()
+        .all(Option::is_some)
+        .then(|| rows.map(Option::unwrap_or_default))
 }
 
 /// Calls `f::<R>(args)` for `R` = `nr` (1 to 3, or 4 for any other count): the
@@ -1342,7 +1335,7 @@ fn accumulate_fits(
             .is_some_and(|end| end <= v_len)
 }
 
-/// Whether [`accumulate_f16`] reads f16 value rows of `hd` elements in place with
+/// Whether [`accumulate`] reads f16 value rows of `hd` elements in place with
 /// `kernel`: AVX-512F for a multiple of 64, AVX2 with F16C for a multiple of 16.
 fn f16_values_direct(kernel: Kernel, hd: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1357,44 +1350,7 @@ fn f16_values_direct(kernel: Kernel, hd: usize) -> bool {
     }
 }
 
-/// [`accumulate`] over f16 value rows, each widened as it is loaded: exactly the
-/// products over the decoded rows, without writing them out first (8 sequences over
-/// an f16 cache, Zen 5: 1.04-1.09x a batched step). Only where [`f16_values_direct`].
-#[allow(clippy::too_many_arguments)]
-fn accumulate_f16(
-    kernel: Kernel,
-    p: &[f32],
-    v: &[f16],
-    vrs: usize,
-    acc: &mut [f32],
-    nr: usize,
-    hd: usize,
-    cols: Range<usize>,
-) {
-    if cols.is_empty() {
-        return;
-    }
-    let fits = f16_values_direct(kernel, hd)
-        && accumulate_fits((p.len(), acc.len(), v.len()), nr, hd, &cols, vrs, hd);
-    if !fits {
-        debug_assert!(false, "f16 accumulate without its kernel or out of bounds");
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let v: &[u16] = v.reinterpret_cast();
-        if kernel == Kernel::Avx512 && hd.is_multiple_of(64) {
-            // SAFETY: AVX-512F is available and the bounds hold (both checked above).
-            unsafe { by_rows!(nr, avx512::accumulate_h(p, v, vrs, acc, hd, cols)) }
-        } else {
-            // SAFETY: AVX2, FMA and F16C are available, `hd` a multiple of 16, and the
-            // bounds hold (all checked above).
-            unsafe { by_rows!(nr, avx2::accumulate_h(p, v, vrs, acc, hd, cols)) }
-        }
-    }
-}
-
-/// Whether [`accumulate_q8`] reads Q8_0 value rows of `hd` elements (a multiple of
+/// Whether [`accumulate`] reads Q8_0 value rows of `hd` elements (a multiple of
 /// 32: whole blocks) in place with `kernel`: AVX-512F, or AVX2.
 fn q8_values_direct(kernel: Kernel, hd: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1408,51 +1364,18 @@ fn q8_values_direct(kernel: Kernel, hd: usize) -> bool {
     }
 }
 
-/// [`accumulate`] over Q8_0 value rows (`vrs` bytes apart), each block dequantized as
-/// it is loaded (`d * q` in f32, as [`afo_quant::kernels::dequantize_q8_0`] computes
-/// it): the same products as over the decoded rows, without writing them out first.
-/// Only where [`q8_values_direct`].
-#[allow(clippy::too_many_arguments)]
-fn accumulate_q8(
-    kernel: Kernel,
-    p: &[f32],
-    v: &[u8],
-    vrs: usize,
-    acc: &mut [f32],
-    nr: usize,
-    hd: usize,
-    cols: Range<usize>,
-) {
-    if cols.is_empty() {
-        return;
-    }
-    let width = stored_width(DType::U8, hd);
-    let fits = q8_values_direct(kernel, hd)
-        && accumulate_fits((p.len(), acc.len(), v.len()), nr, hd, &cols, vrs, width);
-    if !fits {
-        debug_assert!(false, "Q8_0 accumulate without its kernel or out of bounds");
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        if kernel == Kernel::Avx512 && kernel.is_available() {
-            // SAFETY: AVX-512F is available and the bounds hold (both checked above).
-            unsafe { by_rows!(nr, avx512::accumulate_q8(p, v, vrs, acc, hd, cols)) }
-        } else {
-            // SAFETY: AVX2 and FMA are available and the bounds hold (checked above).
-            unsafe { by_rows!(nr, avx2::accumulate_q8(p, v, vrs, acc, hd, cols)) }
-        }
-    }
-}
-
 /// `acc[r] += sum over c in cols of p[r][c] * v[c]` for the `nr` rows of `acc`
-/// (`[nr, hd]`), where `p` is `[GROUP, KEY_CHUNK]` and value row `c` starts at
-/// `v[c * vrs]`.
+/// (`[nr, hd]`), where `p` is `[GROUP, KEY_CHUNK]` and value row `c` starts at element
+/// (byte, for Q8_0) `c * vrs` of `v`. f16 rows are widened and Q8_0 blocks dequantized
+/// (`d * q` in f32, as [`afo_quant::kernels::dequantize_q8_0`] computes it) as they are
+/// loaded, where [`f16_values_direct`] and [`q8_values_direct`] say so: exactly the
+/// products over the decoded rows, without writing them out first (8 sequences over an
+/// f16 cache, Zen 5: 1.04-1.09x a batched step).
 #[allow(clippy::too_many_arguments)]
 fn accumulate(
     kernel: Kernel,
     p: &[f32],
-    v: &[f32],
+    v: Values<'_>,
     vrs: usize,
     acc: &mut [f32],
     nr: usize,
@@ -1462,36 +1385,74 @@ fn accumulate(
     if cols.is_empty() {
         return;
     }
-    let fits = accumulate_fits((p.len(), acc.len(), v.len()), nr, hd, &cols, vrs, hd);
-    if !fits {
-        debug_assert!(false, "attention accumulate called out of bounds");
+    let (v_len, row_len, direct) = match v {
+        Values::F32(x) => (x.len(), hd, true),
+        Values::F16(x) => (x.len(), hd, f16_values_direct(kernel, hd)),
+        Values::Q8(x) => (
+            x.len(),
+            stored_width(DType::U8, hd),
+            q8_values_direct(kernel, hd),
+        ),
+    };
+    if !direct || !accumulate_fits((p.len(), acc.len(), v_len), nr, hd, &cols, vrs, row_len) {
+        debug_assert!(
+            false,
+            "attention accumulate without its kernel or out of bounds"
+        );
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 && kernel.is_available() {
-        // SAFETY: the CPU has AVX-512F (checked), and the bounds hold (checked above),
-        // as for the AVX2 kernel below.
-        unsafe { by_rows!(nr, avx512::accumulate(p, v, vrs, acc, hd, cols)) }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx2 && kernel.is_available() {
-        // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (checked
-        // above): value rows `c < cols.end` lie in `v`, `p` has `nr` rows of
-        // `KEY_CHUNK`, `acc` has `nr` rows of `hd`.
-        unsafe { by_rows!(nr, avx2::accumulate(p, v, vrs, acc, hd, cols)) }
-        return;
-    }
-    let _ = kernel;
-    for r in 0..nr {
-        let arow = &mut acc[r * hd..(r + 1) * hd];
-        for c in cols.clone() {
-            let pc = p[r * KEY_CHUNK + c];
-            let vrow = &v[c * vrs..c * vrs + hd];
-            for (a, &x) in arow.iter_mut().zip(vrow) {
-                *a += pc * x;
+    let avx512 = kernel == Kernel::Avx512 && kernel.is_available();
+    match v {
+        #[cfg(target_arch = "x86_64")]
+        Values::F32(v) if avx512 => {
+            // SAFETY: the CPU has AVX-512F (checked), and the bounds hold (checked
+            // above): value rows `c < cols.end` lie in `v`, `p` has `nr` rows of
+            // `KEY_CHUNK`, `acc` has `nr` rows of `hd`.
+            unsafe { by_rows!(nr, avx512::accumulate(p, v, vrs, acc, hd, cols)) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Values::F32(v) if kernel == Kernel::Avx2 && kernel.is_available() => {
+            // SAFETY: the CPU has AVX2 and FMA (checked), and the bounds hold (above).
+            unsafe { by_rows!(nr, avx2::accumulate(p, v, vrs, acc, hd, cols)) }
+        }
+        Values::F32(v) => {
+            for r in 0..nr {
+                let arow = &mut acc[r * hd..(r + 1) * hd];
+                for c in cols.clone() {
+                    let pc = p[r * KEY_CHUNK + c];
+                    let vrow = &v[c * vrs..c * vrs + hd];
+                    for (a, &x) in arow.iter_mut().zip(vrow) {
+                        *a += pc * x;
+                    }
+                }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        Values::F16(v) => {
+            let v: &[u16] = v.reinterpret_cast();
+            if avx512 && hd.is_multiple_of(64) {
+                // SAFETY: AVX-512F is available and the bounds hold (both checked).
+                unsafe { by_rows!(nr, avx512::accumulate_h(p, v, vrs, acc, hd, cols)) }
+            } else {
+                // SAFETY: AVX2, FMA and F16C are available, `hd` a multiple of 16
+                // (`f16_values_direct`), and the bounds hold (checked above).
+                unsafe { by_rows!(nr, avx2::accumulate_h(p, v, vrs, acc, hd, cols)) }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Values::Q8(v) => {
+            if avx512 {
+                // SAFETY: AVX-512F is available and the bounds hold (both checked).
+                unsafe { by_rows!(nr, avx512::accumulate_q8(p, v, vrs, acc, hd, cols)) }
+            } else {
+                // SAFETY: AVX2 and FMA are available (`q8_values_direct`), and the
+                // bounds hold (checked above).
+                unsafe { by_rows!(nr, avx2::accumulate_q8(p, v, vrs, acc, hd, cols)) }
+            }
+        }
+        // Not built here: `f16_values_direct` and `q8_values_direct` refuse them.
+        #[cfg(not(target_arch = "x86_64"))]
+        Values::F16(_) | Values::Q8(_) => {}
     }
 }
 
@@ -1764,7 +1725,7 @@ mod avx2 {
     /// it is loaded; `hd` a multiple of 16.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C are available; the bounds of [`super::accumulate_f16`] hold.
+    /// AVX2, FMA and F16C are available; the bounds of [`super::accumulate`] hold.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn accumulate_h<const R: usize>(
         p: &[f32],
@@ -1788,7 +1749,7 @@ mod avx2 {
     /// quants times its scale as they are loaded; `hd` a multiple of 32.
     ///
     /// # Safety
-    /// AVX2 and FMA are available; the bounds of [`super::accumulate_q8`] hold.
+    /// AVX2 and FMA are available; the bounds of [`super::accumulate`] hold.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn accumulate_q8<const R: usize>(
         p: &[f32],
@@ -2015,7 +1976,7 @@ mod avx512 {
     /// it is loaded; `hd` a multiple of 64.
     ///
     /// # Safety
-    /// AVX-512F is available; the bounds of [`super::accumulate_f16`] hold.
+    /// AVX-512F is available; the bounds of [`super::accumulate`] hold.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn accumulate_h<const R: usize>(
         p: &[f32],
@@ -2039,7 +2000,7 @@ mod avx512 {
     /// quants times its scale as they are loaded; `hd` a multiple of 32.
     ///
     /// # Safety
-    /// AVX-512F is available; the bounds of [`super::accumulate_q8`] hold.
+    /// AVX-512F is available; the bounds of [`super::accumulate`] hold.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn accumulate_q8<const R: usize>(
         p: &[f32],

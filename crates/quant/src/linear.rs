@@ -1000,8 +1000,7 @@ fn dense_gemv(
     n_out: usize,
     k: usize,
 ) -> Result<Option<Vec<f32>>> {
-    let rows_ok = m <= kernels::DENSE_GEMV_MAX_ROWS || kernels::dense_packed_available();
-    if !rows_ok || !x.device().is_cpu() {
+    if !dense_rows_ok(m) || !x.device().is_cpu() {
         return Ok(None);
     }
     let (storage, layout) = w.storage_and_layout();
@@ -1009,6 +1008,12 @@ fn dense_gemv(
         return Ok(None);
     };
     Ok(Some(dense_rows(DenseMatrix::new(data, n_out, k)?, x, m)?))
+}
+
+/// Whether afo's dense kernels take `m` rows: a few always, more where the packed
+/// GEMM runs ([`kernels::dense_packed_available`]; otherwise candle multiplies them).
+fn dense_rows_ok(m: usize) -> bool {
+    m <= kernels::DENSE_GEMV_MAX_ROWS || kernels::dense_packed_available()
 }
 
 /// `x · wᵀ` for `m` rows through [`kernels::dense_gemm`].
@@ -1047,8 +1052,7 @@ fn dense_many(
     k: usize,
     m: usize,
 ) -> Result<Option<Vec<Vec<f32>>>> {
-    let rows_ok = m <= kernels::DENSE_GEMV_MAX_ROWS || kernels::dense_packed_available();
-    if m == 0 || m > kernels::DENSE_MANY_MAX_ROWS || !rows_ok || !x.device().is_cpu() {
+    if m == 0 || m > kernels::DENSE_MANY_MAX_ROWS || !dense_rows_ok(m) || !x.device().is_cpu() {
         return Ok(None);
     }
     if layers.iter().any(|l| l.in_features != k) {

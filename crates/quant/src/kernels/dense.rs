@@ -577,11 +577,7 @@ pub fn dense_gemm_with(
     // row (or pair): on 64-byte lines, copied once per call and shared by the threads
     // (8 sequences over F16 with pairs of weight rows: 1.04x, the median of four
     // alternated pairs). One row (a decode step) is read once per weight row anyway.
-    let row_major = matches!(
-        w.data,
-        DenseData::F32(_) | DenseData::F16(_) | DenseData::BF16(_)
-    );
-    let lines = if m >= 2 && pass == Pass::Stream && row_major && kernel >= Kernel::Avx2 {
+    let lines = if reads_lines(kernel, &w, pass, m) {
         aligned_rows(x, m, k)
     } else {
         None
@@ -653,23 +649,13 @@ pub fn dense_gemm_many_with(
     // Each matrix's pass and activation rows as `dense_gemm_with` decides them; the
     // 64-byte lines copied once for every matrix that reads them.
     let passes: Vec<Pass> = items.iter().map(|(w, _)| Pass::of(kernel, w, m)).collect();
-    let wants_lines = |w: &DenseMatrix<'_>, pass: Pass| {
-        m >= 2
-            && pass == Pass::Stream
-            && kernel >= Kernel::Avx2
-            && matches!(
-                w.data,
-                DenseData::F32(_) | DenseData::F16(_) | DenseData::BF16(_)
-            )
-    };
-    let lines = if items
+    let lines = match items
         .iter()
         .zip(&passes)
-        .any(|((w, _), &p)| wants_lines(w, p))
+        .find(|((w, _), p)| reads_lines(kernel, w, **p, m))
     {
-        aligned_rows(x, m, w_k(items))
-    } else {
-        None
+        Some(((w, _), _)) => aligned_rows(x, m, w.k),
+        None => None,
     };
     let lined = lines.as_deref().map_or(x, |l| &floats(l)[..x.len()]);
     let mut with_pass: Vec<((DenseMatrix<'_>, Pass), &mut [f32])> = items
@@ -682,17 +668,29 @@ pub fn dense_gemm_many_with(
         m,
         |(w, _)| (w.n_out, w.k, w.col_align()),
         |(w, pass), cols, out, ld| {
-            let xs = if wants_lines(&w, pass) { lined } else { x };
+            let xs = if reads_lines(kernel, &w, pass, m) {
+                lined
+            } else {
+                x
+            };
             f(w, xs, m, cols, out, ld, pass)
         },
     );
     Ok(())
 }
 
-/// The inner dimension the matrices of a [`dense_gemm_many`] call share (their
-/// shapes were checked against one `x`).
-fn w_k(items: &[(DenseMatrix<'_>, &mut [f32])]) -> usize {
-    items.first().map_or(0, |(w, _)| w.k)
+/// Whether `m` activation rows through `w` on `pass` are read from 64-byte lines (a
+/// copy made once per call where they do not start on one): a batch streamed past
+/// row-major weights by the SIMD row kernels, which load each activation row once per
+/// weight row (or pair).
+fn reads_lines(kernel: Kernel, w: &DenseMatrix<'_>, pass: Pass, m: usize) -> bool {
+    m >= 2
+        && pass == Pass::Stream
+        && kernel >= Kernel::Avx2
+        && matches!(
+            w.data,
+            DenseData::F32(_) | DenseData::F16(_) | DenseData::BF16(_)
+        )
 }
 
 /// The shapes [`dense_gemm_with`] takes: `m` rows, `x` of `m * k` floats and `y` of
