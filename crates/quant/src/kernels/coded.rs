@@ -666,7 +666,7 @@ pub(crate) mod simd {
                         // SAFETY: kk < k, so the record is whole.
                         let mut b = unsafe { decode64(rec, tab) };
                         if kk == next_kk {
-                            next = patch_record(&mut b, escapes, next, kk);
+                            (b, next) = patch_record(b, escapes, next, kk);
                             next_kk = escapes.get(next).map_or(usize::MAX, |e| e.kk as usize);
                         }
                         for i in 0..MR {
@@ -699,17 +699,20 @@ pub(crate) mod simd {
     zmm_paths!(bw, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", spread_bw);
 
     /// Puts the exponents of the escapes of element `kk` (from `escapes[next]`) into
-    /// its decoded values; returns the index of the first escape after them. Rare
-    /// (about one record in seventy on SmolLM2), so kept out of the loop.
+    /// its decoded values `b`; returns them and the index of the first escape after
+    /// them. Rare (about one record in seventy on SmolLM2), so kept out of the loop.
+    /// It takes and returns the values: given a reference, the compiler kept them in
+    /// memory throughout the loop, every record's values stored and each row's FMAs
+    /// loading them again.
     #[cold]
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(crate) fn patch_record(
-        b: &mut [__m512; 4],
+        mut b: [__m512; 4],
         escapes: &[Escape],
         mut next: usize,
         kk: usize,
-    ) -> usize {
+    ) -> ([__m512; 4], usize) {
         let mut vals = [0.0f32; ROWS];
         for (g, v) in b.iter().enumerate() {
             // SAFETY: vals holds 64 floats.
@@ -725,6 +728,6 @@ pub(crate) mod simd {
             // SAFETY: vals holds 64 floats.
             *v = unsafe { _mm512_loadu_ps(vals.as_ptr().add(16 * g)) };
         }
-        next
+        (b, next)
     }
 }
