@@ -174,7 +174,9 @@ impl Model {
         })
     }
 
-    /// How this model's KV caches hold keys and values (default f32). Every cache it
+    /// How this model's KV caches hold keys and values: f32 as built, the exact
+    /// reference the other formats are measured against (the runtime and the CLI set
+    /// [`KvFormat::default`], f16, unless asked otherwise). Every cache it
     /// makes from now on, and every memory estimate of it ([`Model::kv_bytes_per_token`]),
     /// uses `format`.
     ///

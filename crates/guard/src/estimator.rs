@@ -37,10 +37,13 @@ impl ModelShape {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[allow(non_camel_case_types)]
 pub enum KvFormat {
-    /// 32-bit floats (the default).
-    #[default]
+    /// 32-bit floats.
     F32,
-    /// IEEE half floats.
+    /// IEEE half floats: the default. Half the bytes of f32 (so twice the tokens
+    /// under a cutline) and the attention's reads of the cache halved, for rounding
+    /// that perplexity does not see (SmolLM2 at ctx 512: see `docs/benchmarks.md`);
+    /// llama.cpp's default too.
+    #[default]
     F16,
     /// bfloat16.
     BF16,
@@ -165,7 +168,7 @@ pub enum AttentionMemory {
     /// A fused (flash-style) kernel: scores live a chunk of keys at a time in each
     /// thread's scratch (tens of KiB, under the base overhead); what grows is its
     /// per-query accumulators and its output, `2 x B x C x heads x head_dim x 4`,
-    /// whatever the context length. The engine's CPU attention over f32 caches.
+    /// whatever the context length. The engine's CPU attention over caches of every format.
     #[default]
     Fused,
     /// The score matrix and its softmax materialised, `2 x B x heads x C x T x 4`

@@ -19,8 +19,8 @@
 //!
 //! # Formats
 //!
-//! [`KvCacheConfig::format`] says how keys and values are held ([`KvFormat`]): f32
-//! (the default), f16, bf16, or GGML's Q8_0 blocks (per 32 elements one `f16` scale
+//! [`KvCacheConfig::format`] says how keys and values are held ([`KvFormat`]): f32,
+//! f16 (the default), bf16, or GGML's Q8_0 blocks (per 32 elements one `f16` scale
 //! and 32 `i8` quants, 8.5 bits per element: 26.6% of f32). [`KvCache::append`] takes
 //! keys and values in any float type and encodes them
 //! ([`KvCacheConfig::encode`]); it returns the held rows as the buffers store them

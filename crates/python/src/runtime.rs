@@ -157,8 +157,8 @@ fn request(
 ///   effect only before the first run of the process.
 /// - replica_id, node_id: written in every SSOT record (a Ray Serve replica, a node).
 /// - catalog: path of a model catalog (TOML or JSON) for `query`.
-/// - kv_cache: how every model's KV cache holds keys and values: "f32" (the default),
-///   "f16", "bf16" or "q8_0" (26.6% of the f32 bytes); estimates and reservations
+/// - kv_cache: how every model's KV cache holds keys and values: "f32", "f16" (the
+///   default), "bf16" or "q8_0" (26.6% of the f32 bytes); estimates and reservations
 ///   count the chosen format.
 ///
 /// Methods release the GIL while the runtime works, so Python threads can run
@@ -175,7 +175,7 @@ pub struct PyRuntime {
 impl PyRuntime {
     #[new]
     #[pyo3(
-        text_signature = "(cutline='8GiB', ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None, kv_cache='f32')"
+        text_signature = "(cutline='8GiB', ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None, kv_cache='f16')"
     )]
     #[pyo3(signature = (cutline=None, ssot_log=None, keep_alive=None, threads=None, replica_id=None, node_id=None, catalog=None, kv_cache=None))]
     #[allow(clippy::too_many_arguments)]

@@ -173,7 +173,7 @@ def test_a_q8_0_kv_cache_reserves_less_and_answers(model):
     # The same greedy request with f32 and with Q8_0 keys and values: the run's
     # reservation counts the cache's format (45 KiB against 11.95 KiB per position),
     # and the text stays an answer.
-    f32 = afo.Runtime(cutline="2GiB")
+    f32 = afo.Runtime(cutline="2GiB", kv_cache="f32")
     q8 = afo.Runtime(cutline="2GiB", kv_cache="q8_0")
     a = f32.generate(model, messages=HELLO, max_tokens=16)
     b = q8.generate(model, messages=HELLO, max_tokens=16)
@@ -378,7 +378,7 @@ def test_help_and_stubs_cover_the_api():
         assert getattr(afo.Runtime, name).__doc__, name
     assert "max_tokens=256" in afo.Runtime.generate.__text_signature__
     assert "cutline='8GiB'" in afo.Runtime.__text_signature__
-    assert "kv_cache='f32'" in afo.Runtime.__text_signature__
+    assert "kv_cache='f16'" in afo.Runtime.__text_signature__
 
     stubs = pathlib.Path(afo.__file__).with_name("__init__.pyi")
     assert pathlib.Path(afo.__file__).with_name("py.typed").is_file()

@@ -308,7 +308,7 @@ impl RuntimeBuilder {
         self
     }
 
-    /// How every model's KV caches hold keys and values: f32 (the default), f16, bf16
+    /// How every model's KV caches hold keys and values: f32, f16 (the default), bf16
     /// or Q8_0 blocks (26.6% of f32's bytes; see [`afo_kvcache::KvFormat`]). Every
     /// memory estimate and ledger reservation of a run counts the format's bytes. A
     /// model whose heads the format cannot hold fails to load with the reason.

@@ -162,8 +162,8 @@ pub fn estimate_bytes(
         prompt_tokens: context_tokens,
         max_new_tokens: 0,
         batch: 1,
-        // The engine's caches hold f32 keys and values by default.
-        kv_bytes_per_token: shape.kv_bytes_per_token(afo_guard::KvFormat::F32),
+        // The engine's caches hold keys and values in the default format.
+        kv_bytes_per_token: shape.kv_bytes_per_token(afo_guard::KvFormat::default()),
         prefill_chunk: 512,
         image_pixels: Vec::new(),
         vision_tokens: 0,

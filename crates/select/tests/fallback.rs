@@ -75,7 +75,7 @@ fn a_4b_that_does_not_fit_falls_back_to_2b() {
 #[test]
 fn int8_that_does_not_fit_falls_to_int4() {
     let cat = example();
-    let fb = fallback(&cat, "smollm2-135m-int8", ByteSize(250_000_000)).unwrap();
+    let fb = fallback(&cat, "smollm2-135m-int8", ByteSize(205_000_000)).unwrap();
     assert_eq!(fb.to, "smollm2-135m-int4");
     assert_eq!(fb.reason, FallbackReason::LowerPrecision);
     assert!(
@@ -85,7 +85,7 @@ fn int8_that_does_not_fit_falls_to_int4() {
     );
     assert!(
         fb.reason_text
-            .starts_with("`smollm2-135m-int8` needs 296.10 MiB but 238.42 MiB"),
+            .starts_with("`smollm2-135m-int8` needs 248.85 MiB but 195.50 MiB"),
         "{}",
         fb.reason_text
     );

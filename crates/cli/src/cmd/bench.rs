@@ -69,7 +69,7 @@ pub(crate) struct Args {
     #[arg(long, requires = "scheme")]
     embeddings: Option<afo_runtime::quant::QuantScheme>,
     /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value_t = afo_runtime::kvcache::KvFormat::default())]
     kv_cache: afo_runtime::kvcache::KvFormat,
     /// Tokens already in the KV cache when the decode steps are timed: in `speed`
     /// mode llama-bench's `-d` (decode at depth reads the cache as well as the

@@ -52,7 +52,7 @@ pub(crate) enum Command {
         #[arg(long)]
         kv_budget: Option<usize>,
         /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
-        #[arg(long, default_value = "f32")]
+        #[arg(long, default_value_t = KvFormat::default())]
         kv_cache: KvFormat,
     },
     /// Perplexity over one long context with the KV cache limited to a budget, for
@@ -78,7 +78,7 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 16)]
         chunk: usize,
         /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0.
-        #[arg(long, default_value = "f32")]
+        #[arg(long, default_value_t = KvFormat::default())]
         kv_cache: KvFormat,
         /// Write the result as JSON to this file (for `afo bench report --from`).
         #[arg(long)]

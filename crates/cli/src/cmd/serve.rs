@@ -31,7 +31,7 @@ pub(crate) struct Args {
     api_key: Option<String>,
     /// How the KV cache holds keys and values: f32, f16, bf16 or q8_0 (8.5 bits per
     /// element, 26.6% of f32; memory estimates count the format's bytes).
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value_t = afo_runtime::kvcache::KvFormat::default())]
     kv_cache: afo_runtime::kvcache::KvFormat,
     /// The memory cutline, e.g. 8GiB.
     #[arg(long, default_value = "20GiB")]

@@ -166,9 +166,9 @@ class Runtime:
         replica_id: Optional[str] = None,
         node_id: Optional[str] = None,
         catalog: Optional[_Path] = None,
-        kv_cache: Optional[str] = "f32",
+        kv_cache: Optional[str] = "f16",
     ) -> None:
-        """cutline: bytes or "8GiB" (default 8 GiB); keep_alive in seconds; threads before the first run; kv_cache "f32", "f16", "bf16" or "q8_0"."""
+        """cutline: bytes or "8GiB" (default 8 GiB); keep_alive in seconds; threads before the first run; kv_cache "f32", "f16" (the default), "bf16" or "q8_0"."""
     def generate(
         self,
         model: _Path,
