@@ -1,5 +1,6 @@
 //! A Q8_0 KV cache on the real SmolLM2 model: reserved and reported in its own bytes,
-//! and a run that fits under a cutline an f32 cache does not. The cutline is tight and
+//! and a run that fits under a cutline an f32 cache does not; the default (f16) at
+//! half of f32's bytes. The cutline is tight and
 //! the runtime's own share is the process's resident memory when it is built, so this
 //! test has a process of its own (other tests' models would count against it).
 
@@ -34,6 +35,18 @@ fn a_q8_0_kv_cache_is_reserved_and_reported_in_its_bytes() {
     // The same capacity, 34 bytes per 32 elements instead of 128.
     assert!(f32_run.kv_cache_bytes > 0);
     assert_eq!(q8_run.kv_cache_bytes * 128, f32_run.kv_cache_bytes * 34);
+    // A runtime that is not told holds f16 keys and values: half of f32's bytes.
+    let default_run = {
+        let runtime = Runtime::builder()
+            .cutline("8GiB".parse::<ByteSize>().unwrap())
+            .build()
+            .unwrap();
+        let mut req = request(24);
+        req.options.stop = vec![".".into()];
+        runtime.generate(&req).unwrap()
+    };
+    assert!(default_run.text.contains("Paris"), "{:?}", default_run.text);
+    assert_eq!(default_run.kv_cache_bytes * 2, f32_run.kv_cache_bytes);
     // The reservation counts the format's bytes: 30 layers x 2 x 3 heads x (256 - 68)
     // bytes less per position of the run (at least its 30 positions).
     let saved = 30 * 2 * 3 * (256 - 68) * 30;
