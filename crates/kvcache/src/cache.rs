@@ -6,6 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::policy::PrunePolicy;
 
+/// The largest finite f16, where [`KvCacheConfig::encode`] saturates f16 rows.
+const F16_MAX: f32 = 65_504.0;
+
 /// The shape and limits of a cache.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KvCacheConfig {
@@ -72,12 +75,30 @@ impl KvCacheConfig {
     }
 
     /// Encodes keys or values (`[1, kv_heads, t, head_dim]`, any float type) into the
-    /// buffers' layout ([`KvCacheConfig::storage`]).
+    /// buffers' layout ([`KvCacheConfig::storage`]). f16 saturates at its largest
+    /// finite value (65,504) instead of rounding past it to infinity, which would make
+    /// every score of a key (or every output of a value) that reads it NaN; NaN stays
+    /// NaN.
     ///
     /// # Errors
     /// [`Error::Format`] for a head size the format cannot hold; tensor errors.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         let (dtype, width) = self.storage();
+        if self.format == KvFormat::F16 {
+            // Rows in range (all but always) convert as they are; f32 rows in place
+            // are checked without a copy.
+            let past = |v: &[f32]| v.iter().any(|x| x.abs() > F16_MAX);
+            let clamp = match afo_quant::in_place(x, past) {
+                Ok(past) => past,
+                Err(past) => past(&x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            };
+            let x = if clamp {
+                x.to_dtype(DType::F32)?.clamp(-F16_MAX, F16_MAX)?
+            } else {
+                x.clone()
+            };
+            return Ok(x.to_dtype(dtype)?.contiguous()?);
+        }
         if self.format != KvFormat::Q8_0 {
             return Ok(x.to_dtype(dtype)?.contiguous()?);
         }
@@ -584,6 +605,33 @@ mod tests {
     fn tok(t: usize, base: f32) -> Tensor {
         let data: Vec<f32> = (0..2 * t * 4).map(|i| base + i as f32).collect();
         Tensor::from_vec(data, (1, 2, t, 4), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn f16_rows_saturate_instead_of_overflowing() {
+        let c = KvCacheConfig {
+            format: KvFormat::F16,
+            ..config(8)
+        };
+        let x = Tensor::from_vec(
+            vec![1e6f32, -1e6, 65_504.0, 1.5, -70_000.0, 0.0, 3e38, -2.25],
+            (1, 2, 1, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let back: Vec<f32> = c
+            .decode(&c.encode(&x).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            back,
+            [
+                65_504.0, -65_504.0, 65_504.0, 1.5, -65_504.0, 0.0, 65_504.0, -2.25
+            ]
+        );
     }
 
     #[test]
