@@ -42,7 +42,8 @@ pub enum KvFormat {
     /// IEEE half floats: the default. Half the bytes of f32 (so twice the tokens
     /// under a cutline) and the attention's reads of the cache halved, for a rounding
     /// that moves SmolLM2's perplexity by +0.05% at ctx 512 and +0.26% at ctx 2048
-    /// (`docs/benchmarks.md`); llama.cpp's default too.
+    /// (`docs/benchmarks.md`); llama.cpp's default too. Values past f16's range are
+    /// held at its largest finite value, 65,504 (`afo_kvcache` saturates them).
     #[default]
     F16,
     /// bfloat16.
