@@ -87,11 +87,7 @@ impl KvCacheConfig {
         if self.format == KvFormat::F16 {
             // Rows in range (all but always) convert as they are; f32 rows in place
             // are checked without a copy.
-            let past = |v: &[f32]| v.iter().any(|x| x.abs() > F16_MAX);
-            let clamp = match afo_quant::in_place(x, past) {
-                Ok(past) => past,
-                Err(past) => past(&x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            };
+            let clamp = afo_quant::read_f32(x, |v| v.iter().any(|x| x.abs() > F16_MAX))?;
             let x = if clamp {
                 x.to_dtype(DType::F32)?.clamp(-F16_MAX, F16_MAX)?
             } else {

@@ -43,6 +43,6 @@ mod policy;
 mod scheme;
 
 pub use error::{Error, Result};
-pub use linear::{KernelChoice, QLinear, WeightData, has_fast_kernel, in_place};
+pub use linear::{KernelChoice, QLinear, WeightData, has_fast_kernel, in_place, read_f32};
 pub use policy::{QuantPolicy, TensorRole};
 pub use scheme::QuantScheme;

@@ -1094,11 +1094,22 @@ fn dense_many(
 /// Runs `f` over all of `x`'s elements as one f32 slice: read in place when `x` is a
 /// contiguous f32 CPU tensor (a layer's input, most of the time), otherwise through a
 /// converted copy.
-fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+///
+/// # Errors
+/// The conversion's, for a tensor not read in place.
+pub fn read_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     match in_place(x, f) {
-        Ok(r) => r,
-        Err(f) => f(&x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        Ok(r) => Ok(r),
+        Err(f) => Ok(f(&x
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)),
     }
+}
+
+/// [`read_f32`] for an `f` that can fail.
+fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    read_f32(x, f)?
 }
 
 /// Runs `f` over all of `x`'s elements in place, as one slice of `T`, when `x` is a
