@@ -626,15 +626,20 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// Asks the CPU to bring row `j` of head `h` (`head_dim` values in this format)
-    /// into its caches: a hint, with no effect on any result; nothing for a row out of
-    /// range.
-    fn prefetch_row(&self, h: usize, j: usize, head_dim: usize) {
+    /// Where rows `keys` of head `h` (`head_dim` values each, in this format) lie, in
+    /// bytes: the first row's address, the bytes from one row to the next and a row's
+    /// bytes; `None` when one of them lies outside the head.
+    fn byte_rows(
+        &self,
+        h: usize,
+        keys: Range<usize>,
+        head_dim: usize,
+    ) -> Option<(*const u8, usize, usize)> {
         match self {
-            Rows::F32(v) => v.prefetch_row(h, j, head_dim),
-            Rows::F16(v) => v.prefetch_row(h, j, head_dim),
-            Rows::Bf16(v) => v.prefetch_row(h, j, head_dim),
-            Rows::Q8_0(v) => v.prefetch_row(h, j, stored_width(DType::U8, head_dim)),
+            Rows::F32(v) => v.byte_rows(h, keys, head_dim),
+            Rows::F16(v) => v.byte_rows(h, keys, head_dim),
+            Rows::Bf16(v) => v.byte_rows(h, keys, head_dim),
+            Rows::Q8_0(v) => v.byte_rows(h, keys, stored_width(DType::U8, head_dim)),
         }
     }
 
@@ -742,12 +747,19 @@ impl<'a, T> View<'a, T> {
         }
     }
 
-    /// [`Rows::prefetch_row`] for row `j` of head `h`, `width` elements.
-    fn prefetch_row(&self, h: usize, j: usize, width: usize) {
-        let at = j * self.row_stride;
-        if let Some(row) = self.head(h).get(at..at + width) {
-            prefetch_bytes(row.as_ptr().cast(), std::mem::size_of_val(row));
-        }
+    /// [`Rows::byte_rows`] for rows `keys` of head `h`, `width` elements each.
+    fn byte_rows(
+        &self,
+        h: usize,
+        keys: Range<usize>,
+        width: usize,
+    ) -> Option<(*const u8, usize, usize)> {
+        let head = self.head(h);
+        let last = keys.end.checked_sub(1)? * self.row_stride;
+        head.get(last..last + width)?;
+        let first = head.get(keys.start * self.row_stride..)?;
+        let size = std::mem::size_of::<T>();
+        Some((first.as_ptr().cast(), self.row_stride * size, width * size))
     }
 
     /// The elements from head `h`'s first row on (rows `row_stride` apart).
@@ -776,12 +788,23 @@ fn prefetch_bytes(p: *const u8, len: usize) {
     let _ = (p, len);
 }
 
-/// [`Rows::prefetch_row`] for the key and the value rows of `keys` of kv head `g`, a key's
-/// two rows one after the other (the order the task reads them in, chunk by chunk).
+/// Asks the CPU to fetch the key and the value rows of `keys` of kv head `g`
+/// ([`prefetch_bytes`]), a key's two rows one after the other (the order the task
+/// reads them in, chunk by chunk); the rows' addresses are found once for the range.
 fn prefetch_rows(k: &Rows<'_>, v: &Rows<'_>, g: usize, keys: Range<usize>, head_dim: usize) {
-    for j in keys {
-        k.prefetch_row(g, j, head_dim);
-        v.prefetch_row(g, j, head_dim);
+    let n = keys.len();
+    if n == 0 {
+        return;
+    }
+    let (Some((kp, ks, kb)), Some((vp, vs, vb))) = (
+        k.byte_rows(g, keys.clone(), head_dim),
+        v.byte_rows(g, keys, head_dim),
+    ) else {
+        return;
+    };
+    for i in 0..n {
+        prefetch_bytes(kp.wrapping_add(i * ks), kb);
+        prefetch_bytes(vp.wrapping_add(i * vs), vb);
     }
 }
 

@@ -83,32 +83,110 @@ impl KvCacheConfig {
     /// # Errors
     /// [`Error::Format`] for a head size the format cannot hold; tensor errors.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        let (dtype, width) = self.storage();
-        if self.format == KvFormat::F16 {
-            // Rows in range (all but always) convert as they are; f32 rows in place
-            // are checked without a copy.
-            let clamp = afo_quant::read_f32(x, |v| v.iter().any(|x| x.abs() > F16_MAX))?;
-            let x = if clamp {
-                x.to_dtype(DType::F32)?.clamp(-F16_MAX, F16_MAX)?
-            } else {
-                x.clone()
-            };
-            return Ok(x.to_dtype(dtype)?.contiguous()?);
-        }
-        if self.format != KvFormat::Q8_0 {
-            return Ok(x.to_dtype(dtype)?.contiguous()?);
-        }
         self.validate()?;
         let (b, h, t, d) = x.dims4()?;
-        let values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut bytes = vec![0u8; b * h * t * width];
-        for (row, out) in values.chunks_exact(d).zip(bytes.chunks_exact_mut(width)) {
-            afo_quant::kernels::quantize_q8_0(row, out).map_err(|e| Error::Format {
-                format: self.format,
-                reason: e.to_string(),
-            })?;
+        if d != self.head_dim {
+            return Err(Error::Shape {
+                got: x.dims().to_vec(),
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
+            });
         }
-        Ok(Tensor::from_vec(bytes, (b, h, t, width), x.device())?)
+        let (_, width) = self.storage();
+        let rows = b * h * t;
+        let shape = (b, h, t, width);
+        let dev = x.device();
+        afo_quant::read_f32(x, |src| -> Result<Tensor> {
+            Ok(match self.format {
+                KvFormat::F32 => Tensor::from_vec(src.to_vec(), shape, dev)?,
+                KvFormat::F16 => {
+                    let mut out = vec![half::f16::ZERO; rows * width];
+                    self.encode_rows(src, RowsMut::F16(&mut out))?;
+                    Tensor::from_vec(out, shape, dev)?
+                }
+                KvFormat::BF16 => {
+                    let mut out = vec![half::bf16::ZERO; rows * width];
+                    self.encode_rows(src, RowsMut::Bf16(&mut out))?;
+                    Tensor::from_vec(out, shape, dev)?
+                }
+                KvFormat::Q8_0 => {
+                    let mut out = vec![0u8; rows * width];
+                    self.encode_rows(src, RowsMut::Q8_0(&mut out))?;
+                    Tensor::from_vec(out, shape, dev)?
+                }
+            })
+        })?
+    }
+
+    /// Encodes whole rows of `head_dim` f32 values (`src`) into the same rows in the
+    /// buffers' layout (`dst`, of [`KvCacheConfig::storage`]'s type and width): the
+    /// one encoding of the cache, which [`KvCacheConfig::encode`] and
+    /// [`KvCache::append`] (straight into its buffers) both use. f16 saturates at
+    /// 65,504; f16 and bf16 round to nearest even.
+    ///
+    /// # Errors
+    /// [`Error::Format`] when `src` is not whole rows or `dst` not as many rows of the
+    /// storage's width (or a head size Q8_0 cannot hold).
+    fn encode_rows(&self, src: &[f32], dst: RowsMut<'_>) -> Result<()> {
+        use half::slice::HalfFloatSliceExt;
+        let (_, width) = self.storage();
+        let d = self.head_dim;
+        let rows = src.len() / d.max(1);
+        let fits = d > 0 && src.len() == rows * d && dst.len() == rows * width;
+        if !fits {
+            return Err(Error::Format {
+                format: self.format,
+                reason: format!(
+                    "{} values and {} stored elements are not whole rows of {d} and {width}",
+                    src.len(),
+                    dst.len()
+                ),
+            });
+        }
+        let matches = matches!(
+            (self.format, &dst),
+            (KvFormat::F32, RowsMut::F32(_))
+                | (KvFormat::F16, RowsMut::F16(_))
+                | (KvFormat::BF16, RowsMut::Bf16(_))
+                | (KvFormat::Q8_0, RowsMut::Q8_0(_))
+        );
+        if !matches {
+            return Err(Error::Format {
+                format: self.format,
+                reason: "rows of another format to encode into".to_string(),
+            });
+        }
+        match dst {
+            RowsMut::F32(out) => out.copy_from_slice(src),
+            RowsMut::F16(out) => {
+                // Rows in range (all but always) convert as they are; a chunk with a
+                // value past f16's range is clamped first (NaN stays NaN).
+                const CHUNK: usize = 64;
+                let mut clamped = [0.0f32; CHUNK];
+                for (x, o) in src.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
+                    if x.iter().any(|v| v.abs() > F16_MAX) {
+                        let buf = &mut clamped[..x.len()];
+                        for (b, v) in buf.iter_mut().zip(x) {
+                            *b = v.clamp(-F16_MAX, F16_MAX);
+                        }
+                        o.convert_from_f32_slice(buf);
+                    } else {
+                        o.convert_from_f32_slice(x);
+                    }
+                }
+            }
+            RowsMut::Bf16(out) => out.convert_from_f32_slice(src),
+            RowsMut::Q8_0(out) => {
+                self.validate()?;
+                for (row, o) in src.chunks_exact(d).zip(out.chunks_exact_mut(width)) {
+                    afo_quant::kernels::quantize_q8_0(row, o).map_err(|e| Error::Format {
+                        format: self.format,
+                        reason: e.to_string(),
+                    })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Decodes rows held in the buffers' layout (`[1, kv_heads, n, width]`, as
@@ -139,6 +217,88 @@ impl KvCacheConfig {
             Err(decode) => decode(&stored.flatten_all()?.to_vec1::<u8>()?),
         }?;
         Ok(Tensor::from_vec(values, (b, h, n, d), stored.device())?)
+    }
+}
+
+/// Writes `t` tokens' rows (contiguous f32, `[1, kv_heads, t, head_dim]`) into a
+/// layer's buffer (`[1, kv_heads, capacity, width]`) from slot `at`, encoded by
+/// [`KvCacheConfig::encode_rows`]: candle's way to write into a tensor's storage (it
+/// refuses rows that share the buffer's storage).
+struct EncodeAt {
+    config: KvCacheConfig,
+    at: usize,
+    t: usize,
+}
+
+impl candle_core::InplaceOp2 for EncodeAt {
+    fn name(&self) -> &'static str {
+        "kv-cache-encode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+        rows: &candle_core::CpuStorage,
+        rows_layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as S;
+        let c = &self.config;
+        let (_, width) = c.storage();
+        let d = c.head_dim;
+        let (heads, cap) = match *layout.dims() {
+            [1, h, cap, w] if h == c.kv_heads && w == width && layout.is_contiguous() => (h, cap),
+            _ => candle_core::bail!("a KV buffer of layout {layout:?} for {c:?}"),
+        };
+        let src = match (rows, rows_layout.contiguous_offsets()) {
+            (S::F32(x), Some((lo, hi))) => x.get(lo..hi).unwrap_or_default(),
+            _ => candle_core::bail!("KV rows to encode are not contiguous f32"),
+        };
+        if self.at + self.t > cap || src.len() != heads * self.t * d {
+            candle_core::bail!(
+                "{} values for {} tokens at slot {} of {cap}",
+                src.len(),
+                self.t,
+                self.at
+            );
+        }
+        let start = layout.start_offset();
+        for (h, src) in src.chunks_exact(self.t * d).enumerate() {
+            let lo = start + (h * cap + self.at) * width;
+            let range = lo..lo + self.t * width;
+            let dst = match storage {
+                S::F32(x) => x.get_mut(range).map(RowsMut::F32),
+                S::F16(x) => x.get_mut(range).map(RowsMut::F16),
+                S::BF16(x) => x.get_mut(range).map(RowsMut::Bf16),
+                S::U8(x) => x.get_mut(range).map(RowsMut::Q8_0),
+                _ => None,
+            };
+            let Some(dst) = dst else {
+                candle_core::bail!("a KV buffer that does not hold {c:?}'s rows");
+            };
+            c.encode_rows(src, dst)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Rows in the buffers' layout, to encode into ([`KvCacheConfig::encode_rows`]).
+enum RowsMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [half::f16]),
+    Bf16(&'a mut [half::bf16]),
+    Q8_0(&'a mut [u8]),
+}
+
+impl RowsMut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            RowsMut::F32(x) => x.len(),
+            RowsMut::F16(x) => x.len(),
+            RowsMut::Bf16(x) => x.len(),
+            RowsMut::Q8_0(x) => x.len(),
+        }
     }
 }
 
@@ -409,8 +569,24 @@ impl KvCache {
         if b != 1 || h != c.kv_heads || d != c.head_dim || v.dims() != k.dims() {
             return Err(self.shape_err(if v.dims() != k.dims() { v } else { k }));
         }
-        let (k, v) = (c.encode(k)?, c.encode(v)?);
-        self.write_stored_at(layer, offset, &k, &v)
+        let t = k.dim(2)?;
+        if !self.device.is_cpu() {
+            let (k, v) = (c.encode(k)?, c.encode(v)?);
+            return self.write_stored_at(layer, offset, &k, &v);
+        }
+        // On the CPU the rows are encoded straight into the buffers: no encoded copy
+        // in between (a decode step's append was two small tensors, an allocation
+        // and a copy each, for two rows a head).
+        let (at, buffers) = self.prepare_write(layer, offset, t)?;
+        for (buffer, x) in [(&buffers.k, k), (&buffers.v, v)] {
+            let x = if x.dtype() == DType::F32 && x.is_contiguous() {
+                x.clone()
+            } else {
+                x.to_dtype(DType::F32)?.contiguous()?
+            };
+            buffer.inplace_op2(&x, &EncodeAt { config: c, at, t })?;
+        }
+        Ok(at + t)
     }
 
     /// [`KvCache::write_at`] for rows already in the buffers' layout
@@ -434,6 +610,18 @@ impl KvCache {
         {
             return Err(self.shape_err(if v.dims() != k.dims() { v } else { k }));
         }
+        let (at, buffers) = self.prepare_write(layer, offset, t)?;
+        buffers.k.slice_set(&k.contiguous()?, 2, at)?;
+        buffers.v.slice_set(&v.contiguous()?, 2, at)?;
+        Ok(at + t)
+    }
+
+    /// Checks a write of `t` rows for `layer` at `offset` slots after the tokens held,
+    /// grows the buffers as needed (and makes the layer's on its first write), and
+    /// returns the first slot to write and the layer's buffers.
+    fn prepare_write(&mut self, layer: usize, offset: usize, t: usize) -> Result<(usize, &Layer)> {
+        let c = self.config;
+        let (dtype, width) = c.storage();
         if layer >= c.layers {
             return Err(Error::Layer {
                 layer,
@@ -462,9 +650,7 @@ impl KvCache {
                 v: Tensor::zeros((1, c.kv_heads, self.capacity, width), dtype, &self.device)?,
             }),
         };
-        buffers.k.slice_set(&k.contiguous()?, 2, at)?;
-        buffers.v.slice_set(&v.contiguous()?, 2, at)?;
-        Ok(end)
+        Ok((at, buffers))
     }
 
     /// Makes room for `t` tokens after the ones held without growing again (growing
@@ -628,6 +814,85 @@ mod tests {
                 65_504.0, -65_504.0, 65_504.0, 1.5, -65_504.0, 0.0, 65_504.0, -2.25
             ]
         );
+    }
+
+    #[test]
+    fn appends_hold_the_encoded_rows_in_every_format() {
+        // Rows written straight into the buffers are the bits `encode` gives, for
+        // every format, whatever the input's layout and type (a transposed view, f16
+        // values), and f16 saturates in the buffers too.
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..2 * 3 * 32)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37)
+            .collect();
+        let mut values2 = values.clone();
+        values2[5] = 1e6;
+        values2[70] = -3e5;
+        for format in [KvFormat::F32, KvFormat::F16, KvFormat::BF16, KvFormat::Q8_0] {
+            let c = KvCacheConfig {
+                layers: 1,
+                kv_heads: 2,
+                head_dim: 32,
+                max_tokens: 64,
+                block_tokens: 4,
+                format,
+                budget_tokens: None,
+                policy: PrunePolicy::None,
+            };
+            let a = Tensor::from_vec(values.clone(), (1, 2, 3, 32), &dev).unwrap();
+            // The same logical values through a transposed (non-contiguous) view.
+            let b = Tensor::from_vec(values2.clone(), (1, 3, 2, 32), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let f16_in = a.to_dtype(DType::F16).unwrap();
+            let mut cache = KvCache::new(c, &dev);
+            cache.append(0, &a, &b).unwrap();
+            cache.commit(3).unwrap();
+            let (k, v) = cache.append(0, &f16_in, &a).unwrap();
+            let bytes = |t: &Tensor| -> Vec<f32> {
+                c.decode(&t.contiguous().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let want_k =
+                Tensor::cat(&[c.encode(&a).unwrap(), c.encode(&f16_in).unwrap()], 2).unwrap();
+            let want_v = Tensor::cat(&[c.encode(&b).unwrap(), c.encode(&a).unwrap()], 2).unwrap();
+            assert_eq!(bytes(&k), bytes(&want_k), "{format}: keys");
+            assert_eq!(bytes(&v), bytes(&want_v), "{format}: values");
+            // And they are the input's values, to the format's precision.
+            let held = bytes(&k.narrow(2, 0, 3).unwrap());
+            let tol = match format {
+                KvFormat::F32 => 0.0,
+                KvFormat::F16 => 2f32.powi(-11),
+                KvFormat::BF16 => 2f32.powi(-8),
+                KvFormat::Q8_0 => 1.0 / 127.0,
+            };
+            for (got, want) in held.iter().zip(&values) {
+                assert!(
+                    (got - want).abs() <= tol * 18.5,
+                    "{format}: {got} for {want}"
+                );
+            }
+            if format == KvFormat::F16 {
+                let held = bytes(&v.narrow(2, 0, 3).unwrap());
+                let max = held.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert_eq!(max, 65_504.0, "saturated, not infinite");
+            }
+            if format == KvFormat::F32 {
+                let got: Vec<f32> = k
+                    .narrow(2, 0, 3)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got, values, "f32 rows are copied as they are");
+            }
+        }
     }
 
     #[test]
