@@ -112,8 +112,10 @@ const RMS_GROUP: usize = 8;
 ///
 /// A row's sum is a chain of dependent additions, so one row at a time waits on each
 /// addition's latency: here the rows of a group of eight run their chains side by side
-/// (a batched step's rows, a prompt's rows), each still in its own order; groups of a
-/// prompt are split among the threads.
+/// (a batched step's rows, a prompt's rows), each still in its own order (with AVX2,
+/// the eight sums in one register, the rows' columns transposed eight at a time, and
+/// the divisions eight lanes at a time); groups of a prompt are split among the
+/// threads.
 ///
 /// # Errors
 /// A weight whose length is not the rows', and candle's errors.
@@ -148,6 +150,18 @@ pub(crate) fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
 fn rms_rows(src: &[f32], dst: &mut [f32], alpha: &[f32], eps: f32) {
     let n = alpha.len();
     let rows = (src.len() / n).min(RMS_GROUP);
+    #[cfg(target_arch = "x86_64")]
+    if rows == RMS_GROUP
+        && n >= 8
+        && src.len() >= RMS_GROUP * n
+        && dst.len() >= RMS_GROUP * n
+        && Kernel::Avx2.is_available()
+    {
+        // SAFETY: AVX2 is available (checked); eight whole rows of `n` in `src` and
+        // `dst` (checked).
+        unsafe { x86::rms_rows8(src, dst, alpha, eps) };
+        return;
+    }
     let mut sums = [0.0f32; RMS_GROUP];
     for i in 0..n {
         for (r, sum) in sums.iter_mut().enumerate().take(rows) {
@@ -273,18 +287,68 @@ pub(crate) use x86::{exp8, exp16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! `exp` in eight and sixteen lanes (Cephes' single-precision polynomial), and the
-    //! SwiGLU pass on top of it.
+    //! `exp` in eight and sixteen lanes (Cephes' single-precision polynomial), the
+    //! SwiGLU pass on top of it, and RMS norm's groups of eight rows.
 
     use std::arch::x86_64::{
         __m256, __m512, _mm256_add_epi32, _mm256_add_ps, _mm256_castsi256_ps, _mm256_cvttps_epi32,
         _mm256_div_ps, _mm256_floor_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_loadu_ps,
         _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_set1_epi32, _mm256_set1_ps,
-        _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps, _mm512_add_epi32, _mm512_add_ps,
-        _mm512_castsi512_ps, _mm512_cvttps_epi32, _mm512_div_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps,
-        _mm512_loadu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_roundscale_ps,
-        _mm512_set1_epi32, _mm512_set1_ps, _mm512_slli_epi32, _mm512_storeu_ps, _mm512_sub_ps,
+        _mm256_setzero_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps, _mm512_add_epi32,
+        _mm512_add_ps, _mm512_castsi512_ps, _mm512_cvttps_epi32, _mm512_div_ps, _mm512_fmadd_ps,
+        _mm512_fnmadd_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
+        _mm512_roundscale_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_slli_epi32,
+        _mm512_storeu_ps, _mm512_sub_ps,
     };
+
+    /// [`super::rms_rows`] for eight rows with AVX2, the same bits: the eight sums
+    /// side by side in one register (eight columns of the rows transposed at a time,
+    /// each square then added in the rows' own order, never fused), then each row's
+    /// elements divided by its root and multiplied by the weight eight at a time.
+    ///
+    /// # Safety
+    /// AVX2 is available; `src` and `dst` hold eight rows of `alpha.len()` (at least 8).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rms_rows8(src: &[f32], dst: &mut [f32], alpha: &[f32], eps: f32) {
+        let n = alpha.len();
+        let body = n / 8 * 8;
+        let (sp, dp, ap) = (src.as_ptr(), dst.as_mut_ptr(), alpha.as_ptr());
+        let mut sums = _mm256_setzero_ps();
+        for i in (0..body).step_by(8) {
+            // SAFETY: `r * n + i + 8 <= 8 n`, inside `src` (the caller's).
+            let v: [__m256; 8] =
+                std::array::from_fn(|r| unsafe { _mm256_loadu_ps(sp.add(r * n + i)) });
+            for c in afo_quant::kernels::transpose8_avx2(v) {
+                sums = _mm256_add_ps(sums, _mm256_mul_ps(c, c));
+            }
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: eight floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sums) };
+        for (r, sum) in lanes.iter_mut().enumerate() {
+            for &v in src.get(r * n + body..(r + 1) * n).unwrap_or_default() {
+                *sum += v * v;
+            }
+            #[allow(clippy::cast_precision_loss)] // rows are far below 2^24 elements
+            let m = (*sum / n as f32 + eps).sqrt();
+            let vm = _mm256_set1_ps(m);
+            for i in (0..body).step_by(8) {
+                // SAFETY: `r * n + i + 8 <= 8 n` (inside `src` and `dst`), `i + 8 <= n`
+                // (inside `alpha`).
+                unsafe {
+                    let x = _mm256_loadu_ps(sp.add(r * n + i));
+                    let y = _mm256_mul_ps(_mm256_div_ps(x, vm), _mm256_loadu_ps(ap.add(i)));
+                    _mm256_storeu_ps(dp.add(r * n + i), y);
+                }
+            }
+            let tail = (r * n + body..(r + 1) * n).zip(body..n);
+            for (at, i) in tail {
+                if let (Some(d), Some(x), Some(a)) = (dst.get_mut(at), src.get(at), alpha.get(i)) {
+                    *d = *x / m * *a;
+                }
+            }
+        }
+    }
 
     /// The bound past which `exp` of an f32 overflows (or flushes to 0 below `-EXP_HI`).
     const EXP_HI: f32 = 88.376_26;
