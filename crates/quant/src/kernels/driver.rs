@@ -310,47 +310,108 @@ where
             }
         })
         .collect();
-    let mut scratch: Vec<Vec<f32>> = if m == 1 {
-        Vec::new()
-    } else {
-        items.iter().map(|(_, y)| vec![0.0f32; y.len()]).collect()
-    };
-    let mut tasks: Vec<(W, usize, &mut [f32])> = Vec::new();
     if m == 1 {
+        let mut tasks: Vec<(W, usize, &mut [f32])> = Vec::new();
         for ((w, y), &chunk) in items.iter_mut().zip(&chunks) {
             for (t, yc) in y.chunks_mut(chunk).enumerate() {
                 tasks.push((*w, t * chunk, yc));
             }
         }
-    } else {
-        for (((w, _), &chunk), buf) in items.iter().zip(&chunks).zip(scratch.iter_mut()) {
-            for (t, tile) in buf.chunks_mut(chunk * m).enumerate() {
-                tasks.push((*w, t * chunk, tile));
-            }
+        tasks.into_par_iter().for_each(|(w, c0, out)| {
+            let ncols = out.len();
+            f(w, c0..c0 + ncols, out, ncols)
+        });
+        return;
+    }
+    // More rows: each task computes an `m x ncols` tile in its thread's buffer and
+    // writes it into its columns of every output row.
+    let mut tasks: Vec<(W, Range<usize>, Columns)> = Vec::new();
+    for ((w, y), &chunk) in items.iter_mut().zip(&chunks) {
+        let n_out = shape(w).0;
+        let Some(out) = Columns::new(y, m, n_out) else {
+            continue; // Unreachable: the callers' checks sized `y`.
+        };
+        for c0 in (0..n_out).step_by(chunk.max(1)) {
+            tasks.push((*w, c0..(c0 + chunk).min(n_out), out));
         }
     }
-    tasks.into_par_iter().for_each(|(w, c0, out)| {
-        let ncols = out.len() / m;
-        f(w, c0..c0 + ncols, out, ncols)
+    tasks.into_par_iter().for_each(|(w, cols, out)| {
+        with_tile(m * cols.len(), |tile| {
+            f(w, cols.clone(), tile, cols.len());
+            // SAFETY: the tasks' column ranges of one output are disjoint (chunks of
+            // its columns), inside it, and nothing else touches it during the region.
+            unsafe { out.put(cols, tile) };
+        })
     });
-    for (((w, y), &chunk), buf) in items.iter_mut().zip(&chunks).zip(&scratch) {
-        let n_out = shape(w).0;
-        copy_tiles(buf, m, n_out, chunk, y);
+}
+
+/// A row-major `m x n` output whose column ranges parallel tasks fill ([`split_many`],
+/// [`split_columns`]): each task computes a tile in a buffer of its thread and writes
+/// it into its columns of every row, instead of tiles of a shared scratch copied into
+/// the rows on one thread after the region.
+#[derive(Clone, Copy)]
+struct Columns {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: `Columns` is a pointer to an output that the region's tasks write in
+// disjoint column ranges (see `put`), while its owner does not touch it.
+unsafe impl Send for Columns {}
+// SAFETY: as above.
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// The output `y` (`m x n`); `None` when it does not hold `m * n` floats.
+    fn new(y: &mut [f32], m: usize, n: usize) -> Option<Self> {
+        (y.len() == m.checked_mul(n)?).then(|| Self {
+            ptr: y.as_mut_ptr(),
+            m,
+            n,
+        })
+    }
+
+    /// Writes `tile` (`m x cols.len()`, row-major) into columns `cols` of every row.
+    ///
+    /// # Safety
+    /// No other thread reads or writes these columns of the output meanwhile, and the
+    /// output outlives the call.
+    unsafe fn put(&self, cols: Range<usize>, tile: &[f32]) {
+        let nc = cols.len();
+        if cols.end > self.n || tile.len() < self.m * nc {
+            return; // Unreachable: the tasks' ranges lie inside the output.
+        }
+        for (r, row) in tile.chunks_exact(nc.max(1)).take(self.m).enumerate() {
+            // SAFETY: `r < m` and `cols.end <= n`, so the `nc` floats from
+            // `r * n + cols.start` lie inside the `m x n` output (the caller's).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    row.as_ptr(),
+                    self.ptr.add(r * self.n + cols.start),
+                    nc,
+                );
+            }
+        }
     }
 }
 
-/// Copies the column tiles of `scratch` (each `m x ncols`, `chunk` columns but the
-/// last) into the rows of the row-major `m x n_out` output `y`.
-fn copy_tiles(scratch: &[f32], m: usize, n_out: usize, chunk: usize, y: &mut [f32]) {
-    for (t, tile) in scratch.chunks(chunk * m).enumerate() {
-        let c0 = t * chunk;
-        let ncols = tile.len() / m;
-        for (yr, tr) in y.chunks_exact_mut(n_out).zip(tile.chunks_exact(ncols)) {
-            if let Some(dst) = yr.get_mut(c0..c0 + ncols) {
-                dst.copy_from_slice(tr);
-            }
-        }
+/// Runs `f` on a buffer of `len` floats kept by the calling thread from one call to
+/// the next (a tile that `f` fills before anything reads it).
+fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    TILE.with(|tile| match tile.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // Unreachable (a tile's work starts no other), but a fresh buffer is as good.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Runs `f(cols, out, ld)`, which fills `out[r * ld + (c - cols.start)]` for every
@@ -382,18 +443,20 @@ pub(super) fn split_columns<F>(
         });
         return;
     }
-    // Each task fills an `m x ncols` tile of a scratch buffer; the tiles are then copied
-    // into `y`'s rows.
-    let mut scratch = vec![0.0f32; m * n_out];
-    scratch
-        .par_chunks_mut(chunk * m)
-        .enumerate()
-        .for_each(|(t, tile)| {
-            let c0 = t * chunk;
-            let ncols = tile.len() / m;
-            f(c0..c0 + ncols, tile, ncols);
+    // Each task computes an `m x ncols` tile in its thread's buffer and writes it into
+    // its columns of `y`'s rows.
+    let Some(out) = Columns::new(y, m, n_out) else {
+        return; // Unreachable: the callers' checks sized `y`.
+    };
+    (0..n_out.div_ceil(chunk)).into_par_iter().for_each(|t| {
+        let cols = t * chunk..((t + 1) * chunk).min(n_out);
+        with_tile(m * cols.len(), |tile| {
+            f(cols.clone(), tile, cols.len());
+            // SAFETY: the tasks' column ranges are disjoint chunks of `y`'s
+            // columns, and nothing else touches `y` during the region.
+            unsafe { out.put(cols, tile) };
         });
-    copy_tiles(&scratch, m, n_out, chunk, y);
+    });
 }
 
 /// Writes an `MR x NR` tile of results at row `r`, tile column `cc` of `out`.
