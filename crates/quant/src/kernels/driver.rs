@@ -365,7 +365,10 @@ unsafe impl Sync for Columns {}
 impl Columns {
     /// The output `y` (`m x n`); `None` when it does not hold `m * n` floats.
     fn new(y: &mut [f32], m: usize, n: usize) -> Option<Self> {
-        (y.len() == m.checked_mul(n)?).then(|| Self {
+        if y.len() != m.checked_mul(n)? {
+            return None;
+        }
+        Some(Self {
             ptr: y.as_mut_ptr(),
             m,
             n,
