@@ -405,8 +405,8 @@ fn vnni_panels_equal_avx2_panels_bit_for_bit() {
 }
 
 /// q, k and v (or gate and up) in one call give exactly what separate calls give:
-/// one row, a batched step's few rows (one parallel region, each task a tile of a
-/// scratch buffer copied into the outputs) and a prompt's (one matrix after another),
+/// one row, a batched step's few rows (one parallel region, each task writing its
+/// tile into its columns of the outputs) and a prompt's (one matrix after another),
 /// rows independent or not, on one to three threads, in every GGML format.
 #[test]
 fn ggml_products_of_several_matrices_equal_separate_calls_bit_for_bit() {
