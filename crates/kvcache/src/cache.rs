@@ -98,7 +98,8 @@ impl KvCacheConfig {
         let dev = x.device();
         afo_quant::read_f32(x, |src| -> Result<Tensor> {
             Ok(match self.format {
-                KvFormat::F32 => Tensor::from_vec(src.to_vec(), shape, dev)?,
+                // Held as they are: no copy of a contiguous f32 tensor.
+                KvFormat::F32 => x.to_dtype(DType::F32)?.contiguous()?,
                 KvFormat::F16 => {
                     let mut out = vec![half::f16::ZERO; rows * width];
                     self.encode_rows(src, RowsMut::F16(&mut out))?;
