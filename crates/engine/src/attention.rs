@@ -113,7 +113,6 @@ use std::ops::Range;
 
 use candle_core::{DType, Layout, Storage, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
-use rayon::prelude::*;
 
 pub(crate) use crate::activation::Kernel;
 use crate::error::{Error, Result};
@@ -401,6 +400,7 @@ fn attention_calls_on(
                         b,
                         reps: 0..d.n_rep,
                         keys,
+                        then: None,
                     })
                 };
                 if split {
@@ -432,6 +432,16 @@ fn attention_calls_on(
         // are that kv head's query heads, side by side in the call's one output row.
         // Each task divides its state by the sums straight into them (the merge below
         // would take the one state as it is: the same bits).
+        if !parallel {
+            // One thread runs the tasks in order: each one's last chunks ask for the
+            // first rows of the next kv head of its call, so that the reads of the
+            // cache do not stop and start again at every head.
+            for i in 1..tasks.len() {
+                if tasks[i].call == tasks[i - 1].call {
+                    tasks[i - 1].then = Some(tasks[i].g);
+                }
+            }
+        }
         let mut heads = outs
             .iter_mut()
             .zip(&prepared)
@@ -456,7 +466,7 @@ fn attention_calls_on(
             }
         };
         if parallel {
-            jobs.into_par_iter().for_each(run);
+            afo_quant::team::for_each_mut(&mut jobs, |(task, out)| run((task, out)));
         } else {
             jobs.into_iter().for_each(run);
         }
@@ -466,7 +476,10 @@ fn attention_calls_on(
             None => State::empty(0, 0), // Unreachable: tasks index `prepared`.
         };
         let results: Vec<State> = if parallel {
-            tasks.par_iter().map(run).collect()
+            let mut slots: Vec<(&Task, State)> =
+                tasks.iter().map(|t| (t, State::default())).collect();
+            afo_quant::team::for_each_mut(&mut slots, |(task, state)| *state = run(task));
+            slots.into_iter().map(|(_, state)| state).collect()
         } else {
             tasks.iter().map(run).collect()
         };
@@ -818,6 +831,9 @@ struct Task {
     b: usize,
     reps: Range<usize>,
     keys: Range<usize>,
+    /// The kv head of the task that runs next on the same thread over the same call's
+    /// cache, when known: its first rows are asked for as this task ends.
+    then: Option<usize>,
 }
 
 /// The online softmax's state of a task's rows: running maxima, sums, and the
@@ -1035,6 +1051,14 @@ fn run_task_in(
         let n = (hi - c0).min(KEY_CHUNK);
         let next = c0 + ahead;
         prefetch_rows(k, v, g, next.min(hi)..(next + n).min(hi), hd);
+        if let Some(g2) = task.then
+            && next + n > hi
+        {
+            // The next task's keys are this one's (a decode step's kv heads see the
+            // same positions): its first `ahead`, as this task's first were asked for.
+            let (a, b, end) = (next.max(hi) - hi, next + n - hi, ahead.min(hi - lo));
+            prefetch_rows(k, v, g2, lo + a.min(end)..lo + b.min(end), hd);
+        }
         transpose_keys(kernel, k, g, c0, n, hd, kt, kdec);
         let (vchunk, vrs) = match values {
             Some((vh, vrs)) => match vh.from(c0 * vrs) {

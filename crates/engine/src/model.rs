@@ -29,7 +29,6 @@ use std::sync::RwLock;
 use afo_kvcache::{KvCache, KvCacheConfig, KvFormat, PrunePolicy};
 use afo_quant::QLinear;
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::activation::add;
 use crate::config::{ModelConfig, RopeScaling};
@@ -411,6 +410,12 @@ impl Model {
         // starts from inside the pool instead of parking the calling thread once per
         // matrix (two context switches per layer and matrix, measured at a third of
         // decode time).
+        if tokens.len() == 1 {
+            // A decode step: ~120 short regions, on a team (see `afo_quant::team`).
+            return rayon::scope(|_| {
+                afo_quant::team::run(|| self.forward_in_pool(tokens, cache, logits))
+            });
+        }
         rayon::scope(|_| self.forward_in_pool(tokens, cache, logits))
     }
 
@@ -570,7 +575,9 @@ impl Model {
         if tokens.is_empty() || tokens.len() != caches.len() {
             return Err(Error::EmptyPrompt);
         }
-        rayon::scope(|_| self.forward_batch_in_pool(tokens, caches))
+        // On a team of the pool's threads: a step is ~150 short regions (see
+        // `afo_quant::team`).
+        rayon::scope(|_| afo_quant::team::run(|| self.forward_batch_in_pool(tokens, caches)))
     }
 
     fn forward_batch_in_pool(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
@@ -588,12 +595,20 @@ impl Model {
             let [q, k, v] = QLinear::forward_many_sequences([&layer.q, &layer.k, &layer.v], &h)?;
             // Each sequence's heads, RoPE, cache append and attention, one job per
             // sequence on the pool's threads (its attention on the job's thread).
-            let rows = caches
-                .par_iter_mut()
-                .zip(steps.par_iter_mut())
+            let mut jobs: Vec<(
+                usize,
+                &mut &mut KvCache,
+                &mut SeqStep,
+                Option<Result<Tensor>>,
+            )> = caches
+                .iter_mut()
+                .zip(steps.iter_mut())
                 .enumerate()
-                .map(|(s, (cache, step))| {
-                    let row = |t: &Tensor| t.narrow(0, s, 1);
+                .map(|(s, (cache, step))| (s, cache, step, None))
+                .collect();
+            afo_quant::team::for_each_mut(&mut jobs, |(s, cache, step, out)| {
+                let row = |t: &Tensor| t.narrow(0, *s, 1);
+                let mut run = || -> Result<Tensor> {
                     match self.attend_inputs(
                         i,
                         layer,
@@ -608,7 +623,12 @@ impl Model {
                             crate::attention::causal_attention_here(&q, &k, &v, window)
                         }
                     }
-                })
+                };
+                *out = Some(run());
+            });
+            let rows = jobs
+                .into_iter()
+                .map(|(_, _, _, out)| out.unwrap_or(Err(Error::EmptyPrompt)))
                 .collect::<Result<Vec<_>>>()?;
             let attn = crate::activation::cat_rows(&rows)?;
             x = add(&x, &layer.o.forward_sequences(&attn)?)?;

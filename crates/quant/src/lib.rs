@@ -41,6 +41,7 @@ pub mod kernels;
 mod linear;
 mod policy;
 mod scheme;
+pub mod team;
 
 pub use error::{Error, Result};
 pub use linear::{KernelChoice, QLinear, WeightData, has_fast_kernel, in_place, read_f32};

@@ -232,7 +232,8 @@ fn row_blocks(m: usize, parts: usize) -> Vec<Range<usize>> {
 }
 
 /// `ys[i] = x · W_iᵀ` for several matrices that read the same activation rows (q, k
-/// and v; gate and up), split across the current rayon pool as one parallel region
+/// and v; gate and up), split across the threads as one parallel region (on the
+/// [`team`](crate::team) when one runs, otherwise the current rayon pool)
 /// instead of one per matrix, for one row or a batched decode step's few; a prompt
 /// (at least [`ROW_SPLIT_MIN_ROWS`] rows) runs each matrix with [`run`]. Each column is
 /// computed by the same code as in [`run`], so the results equal separate calls
@@ -318,9 +319,9 @@ where
                 tasks.push((*w, t * chunk, yc));
             }
         }
-        tasks.into_par_iter().for_each(|(w, c0, out)| {
+        crate::team::for_each_mut(&mut tasks, |(w, c0, out)| {
             let ncols = out.len();
-            f(w, c0..c0 + ncols, out, ncols)
+            f(*w, *c0..*c0 + ncols, out, ncols)
         });
         return;
     }
@@ -336,7 +337,8 @@ where
             tasks.push((*w, c0..(c0 + chunk).min(n_out), out));
         }
     }
-    tasks.into_par_iter().for_each(|(w, cols, out)| {
+    crate::team::for_each_mut(&mut tasks, |(w, cols, out)| {
+        let (w, cols, out) = (*w, cols.clone(), *out);
         with_tile(m * cols.len(), |tile| {
             f(w, cols.clone(), tile, cols.len());
             // SAFETY: the tasks' column ranges of one output are disjoint (chunks of
@@ -426,7 +428,8 @@ fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// Runs `f(cols, out, ld)`, which fills `out[r * ld + (c - cols.start)]` for every
 /// activation row `r < m` and column `c` in `cols`, over all `n_out` columns of the
 /// row-major `m x n_out` output `y`: in one call when the work (`m * n_out * k`) is
-/// small, otherwise in chunks of columns across the current rayon pool.
+/// small, otherwise in chunks of columns across the threads (the
+/// [`team`](crate::team) when one runs, otherwise the current rayon pool).
 ///
 /// Every column is computed by the same code whatever the split (chunks start at
 /// multiples of 8), so the result does not depend on the thread count.
@@ -446,8 +449,9 @@ pub(super) fn split_columns<F>(
     }
     let chunk = cols_per_task(n_out, threads, align);
     if m == 1 {
-        y.par_chunks_mut(chunk).enumerate().for_each(|(t, yc)| {
-            let c0 = t * chunk;
+        let mut parts: Vec<(usize, &mut [f32])> = y.chunks_mut(chunk).enumerate().collect();
+        crate::team::for_each_mut(&mut parts, |(t, yc)| {
+            let c0 = *t * chunk;
             f(c0..c0 + yc.len(), yc, yc.len());
         });
         return;
@@ -457,7 +461,7 @@ pub(super) fn split_columns<F>(
     let Some(out) = Columns::new(y, m, n_out) else {
         return; // Unreachable: the callers' checks sized `y`.
     };
-    (0..n_out.div_ceil(chunk)).into_par_iter().for_each(|t| {
+    crate::team::for_each_index(n_out.div_ceil(chunk), |t| {
         let cols = t * chunk..((t + 1) * chunk).min(n_out);
         with_tile(m * cols.len(), |tile| {
             f(cols.clone(), tile, cols.len());
