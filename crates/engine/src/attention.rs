@@ -783,26 +783,8 @@ impl<'a, T> View<'a, T> {
     }
 }
 
-/// Asks the CPU to bring the `len` bytes from `p` into its first-level cache, line by
-/// line (x86-64; nothing elsewhere). A hint: it never faults and changes no result.
-fn prefetch_bytes(p: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let first = p.wrapping_sub(p as usize % 64);
-        let lines = (p as usize % 64 + len).div_ceil(64);
-        for i in 0..lines {
-            // SAFETY: a prefetch reads nothing the program sees and does not fault on
-            // any address; SSE is part of x86-64.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(i * 64).cast()) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
-}
-
 /// Asks the CPU to fetch the key and the value rows of `keys` of kv head `g`
-/// ([`prefetch_bytes`]), a key's two rows one after the other (the order the task
+/// ([`afo_quant::kernels::prefetch_bytes`]), a key's two rows one after the other (the order the task
 /// reads them in, chunk by chunk); the rows' addresses are found once for the range.
 fn prefetch_rows(k: &Rows<'_>, v: &Rows<'_>, g: usize, keys: Range<usize>, head_dim: usize) {
     let n = keys.len();
@@ -816,8 +798,8 @@ fn prefetch_rows(k: &Rows<'_>, v: &Rows<'_>, g: usize, keys: Range<usize>, head_
         return;
     };
     for i in 0..n {
-        prefetch_bytes(kp.wrapping_add(i * ks), kb);
-        prefetch_bytes(vp.wrapping_add(i * vs), vb);
+        afo_quant::kernels::prefetch_bytes(kp.wrapping_add(i * ks), kb);
+        afo_quant::kernels::prefetch_bytes(vp.wrapping_add(i * vs), vb);
     }
 }
 

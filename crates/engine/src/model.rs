@@ -709,6 +709,17 @@ impl Model {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
+        if t <= PREFETCH_MAX_ROWS {
+            // While the heads and RoPE run: the slots the append writes, and the first
+            // rows of the first kv head that the attention reads (its own prefetches
+            // then run ahead of it from there; all heads' rows at once were 2-3%
+            // slower than the first head's, measured in one process).
+            let len = cache.len();
+            let row_bytes = 2 * cache.config().format.row_bytes(c.head_dim as u64) as usize;
+            let first = PREFETCH_FIRST_BYTES / row_bytes.max(1);
+            cache.prefetch(i, 0..c.num_kv_heads, len..len + t);
+            cache.prefetch(i, 0..1, 0..len.min(first));
+        }
         let v = heads(v, c.num_kv_heads)?;
         let norms = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
         let roped = match norms {
@@ -776,6 +787,16 @@ impl Model {
         ))
     }
 }
+
+/// Rows of a step from which the cache is not prefetched ahead of the attention (a
+/// prompt's chunk writes many lines in order, which the hardware's own prefetcher
+/// follows, and computes long before it reads).
+const PREFETCH_MAX_ROWS: usize = 4;
+
+/// Bytes of the first kv head's keys and values asked for as a decode step's
+/// attention inputs are prepared: 256 rows of an f16 cache (against 64 and 128 rows,
+/// 3% and 1.5-2% faster a batched step, measured in one process).
+const PREFETCH_FIRST_BYTES: usize = 64 << 10;
 
 /// One sequence's attention, done or ready for the fused kernel.
 enum Attended {

@@ -1,5 +1,7 @@
 //! The per-sequence KV cache.
 
+use std::ops::Range;
+
 use afo_guard::KvFormat;
 use candle_core::{DType, Device, Tensor};
 
@@ -654,6 +656,45 @@ impl KvCache {
         Ok((at, buffers))
     }
 
+    /// Asks the CPU to bring into its caches the rows `rows` of kv heads `heads` of
+    /// `layer`, keys and values ([`afo_quant::kernels::prefetch_bytes`]): the slots a
+    /// decode step's append is about to write (`len..len + t`: lines nothing has
+    /// touched since the buffers were allocated, each write otherwise waiting for its
+    /// line from memory), or the first rows its attention reads. A hint: it changes
+    /// nothing, and asks for nothing outside the buffers (before the layer's first
+    /// write, or rows past the capacity).
+    pub fn prefetch(&self, layer: usize, heads: Range<usize>, rows: Range<usize>) {
+        let Some(Some(buffers)) = self.layers.get(layer) else {
+            return;
+        };
+        let rows = rows.start..rows.end.min(self.capacity);
+        let heads = heads.start..heads.end.min(self.config.kv_heads);
+        if rows.is_empty() {
+            return;
+        }
+        let (_, width) = self.config.storage();
+        for buffer in [&buffers.k, &buffers.v] {
+            let (storage, layout) = buffer.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                continue;
+            };
+            let (base, size) = match cpu {
+                candle_core::CpuStorage::F32(v) => (v.as_ptr().cast::<u8>(), 4),
+                candle_core::CpuStorage::F16(v) => (v.as_ptr().cast::<u8>(), 2),
+                candle_core::CpuStorage::BF16(v) => (v.as_ptr().cast::<u8>(), 2),
+                candle_core::CpuStorage::U8(v) => (v.as_ptr(), 1),
+                _ => continue,
+            };
+            for h in heads.clone() {
+                let at = layout.start_offset() + (h * self.capacity + rows.start) * width;
+                afo_quant::kernels::prefetch_bytes(
+                    base.wrapping_add(at * size),
+                    rows.len() * width * size,
+                );
+            }
+        }
+    }
+
     /// Makes room for `t` tokens after the ones held without growing again (growing
     /// keeps only the committed tokens: reserve before writing at offsets).
     pub(crate) fn reserve(&mut self, t: usize) -> Result<()> {
@@ -1033,6 +1074,67 @@ mod tests {
             cache.make_room(5),
             Err(Error::BudgetTooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn prefetching_any_rows_changes_nothing() {
+        for format in [KvFormat::F32, KvFormat::F16, KvFormat::BF16, KvFormat::Q8_0] {
+            let mut c = config(64);
+            c.head_dim = 32;
+            c.format = format;
+            let mut cache = KvCache::new(c, &Device::Cpu);
+            // Before any buffer exists, and for a layer that does not exist.
+            cache.prefetch(0, 0..2, 0..8);
+            cache.prefetch(99, 0..2, 0..8);
+            let rows =
+                |p: usize| Tensor::full(p as f32 + 0.5, (1, 2, 1, 32), &Device::Cpu).unwrap();
+            for p in 0..5 {
+                for layer in 0..c.layers {
+                    cache.prefetch(layer, 0..2, cache.len()..cache.len() + 1);
+                    cache.append(layer, &rows(p), &rows(p)).unwrap();
+                }
+                cache.commit(1).unwrap();
+            }
+            let before: Vec<Vec<f32>> = (0..c.layers)
+                .map(|l| {
+                    let (k, _) = cache.held(l).unwrap().unwrap();
+                    c.decode(&k)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            // Inside, past the capacity, past the heads, empty and reversed ranges.
+            for (heads, range) in [
+                (0..2, 0..5),
+                (0..9, 0..10_000),
+                (1..2, 3..usize::MAX),
+                (0..2, 4..4),
+                #[allow(clippy::reversed_empty_ranges)] // On purpose: empty both ways.
+                (2..0, 5..1),
+            ] {
+                for layer in 0..c.layers {
+                    cache.prefetch(layer, heads.clone(), range.clone());
+                }
+            }
+            for (l, want) in before.iter().enumerate() {
+                let (k, _) = cache.held(l).unwrap().unwrap();
+                let got: Vec<f32> = c
+                    .decode(&k)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(&got, want, "{format:?} layer {l}");
+                assert_eq!(got.len(), 5 * 2 * 32);
+            }
+            // The cache still takes rows where they belong.
+            cache.append(0, &rows(9), &rows(9)).unwrap();
+            assert_eq!(cache.len(), 5);
+        }
     }
 
     #[test]
