@@ -373,6 +373,33 @@ mod simd {
     /// How far ahead of its loads the kernel prefetches weight bytes.
     const PREFETCH: usize = 8192;
 
+    /// Runs `$body` once for each row `$i` in `0..$n` (`$n` a const of at most
+    /// [`MR`]): unrolled when `$unroll` (a constant), so that `$i` is a constant in
+    /// each copy and arrays indexed by it stay in registers, otherwise as a loop.
+    /// Measured one thread, hot, 1536 x 576: unrolled Q4_0 at 8 rows 21.1 -> 16.9 us
+    /// and Q4_1 24.5 -> 18.6 us (as a loop the accumulators lived on the stack, loaded,
+    /// added to and stored back per row and block), but Q8_0 at 8 rows 23 -> 25 us
+    /// (its eight weight vectors and eight accumulators crowd the registers) and one
+    /// row 2-4% slower: those keep the loop.
+    macro_rules! rows {
+        ($unroll:expr, $n:expr, $i:ident => $body:block) => {
+            const { assert!($n <= MR) };
+            if $unroll {
+                rows!(@each $n, $i, $body, 0 1 2 3 4 5 6 7)
+            } else {
+                for $i in 0..$n $body
+            }
+        };
+        (@each $n:expr, $i:ident, $body:block, $($k:literal)*) => {{
+            $(
+                if $k < $n {
+                    let $i: usize = $k;
+                    $body
+                }
+            )*
+        }};
+    }
+
     /// Rows of activations that share each weight vector loaded.
     const MR: usize = 8;
 
@@ -545,6 +572,7 @@ mod simd {
         let chunk = PANEL_ROWS * wt.block_bytes();
         let hb = header_bytes(wt);
         let low = _mm512_set1_epi8(0x0F);
+        let unroll = (F == F_Q4_0 || F == F_Q4_1) && N > 1;
         let mut acc = [_mm512_setzero_ps(); N];
         let mut accm = [_mm512_setzero_ps(); N];
         for b in 0..nb {
@@ -588,7 +616,7 @@ mod simd {
                     wv[g + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
                 }
             }
-            for i in 0..N {
+            rows!(unroll, N, i => {
                 let idx = (r0 + i) * a.stride + b;
                 // Block b of row r0 + i exists (caller's contract); its 32 quants are
                 // eight 4-byte groups.
@@ -619,12 +647,12 @@ mod simd {
                     _mm512_mul_ps(d, _mm512_set1_ps(dx))
                 };
                 acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[i]);
-            }
+            });
         }
         if F == F_Q4_1 {
-            for i in 0..N {
+            rows!(unroll, N, i => {
                 acc[i] = _mm512_add_ps(acc[i], accm[i]);
-            }
+            });
         }
         acc
     }
