@@ -628,6 +628,8 @@ impl Model {
             });
             let rows = jobs
                 .into_iter()
+                // Every job runs (`for_each_mut` visits each item once): none is left
+                // without its output; were one, its sequence would be refused.
                 .map(|(_, _, _, out)| out.unwrap_or(Err(Error::EmptyPrompt)))
                 .collect::<Result<Vec<_>>>()?;
             let attn = crate::activation::cat_rows(&rows)?;

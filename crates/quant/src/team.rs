@@ -326,13 +326,7 @@ unsafe impl<T: Send> Sync for Items<T> {}
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pool(threads: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-    }
+    use crate::kernels::tests::pool;
 
     #[test]
     fn every_item_runs_once_in_every_region() {

@@ -100,7 +100,7 @@ mod roofline;
 mod scalar;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::str::FromStr;

@@ -68,7 +68,8 @@ fn reference(wd: &[f32], x: &[f32], m: usize, n_out: usize, k: usize) -> Vec<(f6
     out
 }
 
-fn pool(threads: usize) -> rayon::ThreadPool {
+/// A rayon pool of `threads` threads (also the team's tests').
+pub(crate) fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
